@@ -1,0 +1,3230 @@
+"""bigmachine.py: self-managing serverless computing in one file of standard-library Python.
+
+A *driver* process forms an ad-hoc cluster of *machines* -- threads of the driver itself
+(`TestSystem`), processes on this host (`Local`), EC2 instances or hosts reached over SSH --
+installs *services* on each (plain Python objects, pickled) and calls their methods remotely:
+driver to machine and machine to machine. This module re-creates grailbio/bigmachine, the Go
+toolkit, for Python; its sections mirror the Go packages so that a reader of one finds the other.
+
+    import bigmachine
+
+    class Square:
+        def of(self, x):
+            return x * x
+
+    if __name__ == "__main__":
+        with bigmachine.start() as b:
+            m, = b.start(1, {"Square": Square()})
+            print(m.call("Square.of", 7))               # 49, computed in another process
+
+The design, in the order of the sections below:
+
+Errors
+    Every error the library raises derives from `Error` and says whether retrying can help
+    (`temporary`), the way Go's errors carry a severity. A service's own exception comes back
+    to the caller as itself, with the remote traceback as its `__cause__`.
+
+Certificates (Go: internal/authority)
+    Each session makes its own certificate authority in pure Python (Ed25519) and issues every
+    process a certificate. The CA's private key never leaves the driver. Both sides of every
+    connection check the other's certificate against the session CA: the servers are
+    authenticated too, which the Go original does not do.
+
+Wire (Go: rpc)
+    A connection is TLS with client certificates required on both sides. Its first exchange is
+    an HTTP request (`GET /bigrpc` with `Upgrade: bigrpc/1`, which also compares versions); the
+    connection then carries length-prefixed frames: one call at a time, with pickle protocol 5
+    and its out-of-band buffers, so that large arrays are sent without copies. A calling thread
+    takes an idle connection from its peer's pool, sends, and reads its own reply: no thread
+    handoff on either side, which is what makes a call cost little more than a TLS round trip.
+    Plain `POST /bigrpc/Service.method` works too, for curl and for people. Nothing is unpickled
+    before the peer's certificate has been verified: the TLS handshake comes first.
+
+Services and the Supervisor (Go: supervisor.go)
+    A service's public methods are callable as "Name.method". Every machine runs the
+    `Supervisor` service: ping, info, register, keepalive, stacks, shutdown... and a watchdog
+    that ends the machine when the driver's keepalives stop: machines never outlive their driver.
+
+Machine (Go: machine.go)
+    The driver's handle on one machine: its state (UNSTARTED < STARTING < RUNNING < STOPPED),
+    calls, futures whose `cancel()` reaches the machine, deadlines, retries, and the keepalive
+    loop that notices a machine that stopped answering.
+
+B (Go: bigmachine.go, driver)
+    One cluster session: starts machines, dials them, shuts everything down in bounded time.
+
+Systems (Go: system.go, local.go, testsystem)
+    Where machines come from. `TestSystem` runs them inside the driver's process, each with its
+    own TLS server, for fast tests. `Local` runs each one as a child process, loaded the way
+    `multiprocessing`'s spawn method loads `__main__`.
+
+Command line
+    `python bigmachine.py selftest` checks the whole system on the machine at hand.
+"""
+
+import atexit
+import base64
+import collections
+import collections.abc
+import concurrent.futures
+import contextlib
+import datetime
+import enum
+import functools
+import hashlib
+import http.server
+import io
+import itertools
+import json
+import logging
+import os
+import pickle
+import queue
+import random
+import secrets
+import select
+import signal
+import socket
+import ssl
+import struct
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import traceback
+import typing
+import urllib.parse
+import weakref
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "start", "B", "Machine", "State", "UNSTARTED", "STARTING", "RUNNING", "STOPPED",
+    "System", "Local", "TestSystem", "Supervisor", "current_call", "CallContext",
+    "Error", "NetworkError", "MachineStopped", "NotFound", "Timeout", "RemoteError",
+    "SerializationError", "AuthenticationError", "VersionMismatch", "Cancelled",
+    "CertificateAuthority", "Credentials", "Backoff",
+]
+
+log = logging.getLogger("bigmachine")
+
+#: The wire protocol's version. Peers that differ refuse each other with `VersionMismatch`.
+PROTOCOL = 1
+
+#: Python's major.minor: pickles are exchanged only between interpreters that agree on it.
+PYTHON = "%d.%d" % sys.version_info[:2]
+
+
+# ======================================================================================
+# Errors
+# ======================================================================================
+#
+# Go's bigmachine classifies errors by kind (Net, Remote, Timeout...) and severity (Fatal,
+# Temporary...). Here the kind is the class and the severity is one attribute, `temporary`:
+# true where trying again can help. `Machine.retry_call` retries exactly those.
+#
+# A service method's own exception is sent back pickled and raised on the caller as the same
+# type, with the remote traceback as its `__cause__`, the way ProcessPoolExecutor does. An
+# exception that cannot make the trip becomes a `RemoteError` that keeps its type name, message
+# and traceback.
+
+class Error(Exception):
+    """Base class of every error raised by bigmachine."""
+
+    temporary = False
+
+
+class NetworkError(Error):
+    """The connection to a machine failed. Temporary: a retry may reach it."""
+
+    temporary = True
+
+
+class MachineStopped(Error):
+    """The machine is STOPPED; `__cause__` is the machine's `err`."""
+
+
+class NotFound(Error):
+    """No such service or method; the message names it."""
+
+
+class Timeout(Error, TimeoutError):
+    """A deadline passed. The call was cancelled on the machine."""
+
+    temporary = True
+
+
+class Cancelled(Error, concurrent.futures.CancelledError):
+    """The call was cancelled by its caller."""
+
+
+class RemoteError(Error):
+    """A remote exception that could not be rebuilt here (its class or state did not pickle).
+
+    Keeps what can always travel: `type_name`, `message` and the remote `traceback` text.
+    """
+
+    def __init__(self, type_name, message, traceback_text=""):
+        super().__init__(type_name, message, traceback_text)
+        self.type_name, self.message, self.traceback = type_name, message, traceback_text
+
+    def __str__(self):
+        text = "%s: %s" % (self.type_name, self.message)
+        if self.traceback:
+            text += "\n\nRemote traceback:\n" + self.traceback.rstrip()
+        return text
+
+
+class SerializationError(Error):
+    """An argument, result, service or exception cannot be pickled or unpickled."""
+
+
+class AuthenticationError(Error):
+    """The peer failed mutual TLS against this session's certificate authority."""
+
+
+class VersionMismatch(Error):
+    """Driver and machine run incompatible Python or protocol versions."""
+
+
+class _RemoteTraceback(Exception):
+    """Carries a remote traceback as the `__cause__` of a re-raised remote exception."""
+
+    def __init__(self, text):
+        super().__init__(text)
+        self.text = text
+
+    def __str__(self):
+        return self.text
+
+
+class _Interrupt(BaseException):
+    """Raised inside a service method's thread when its call is cancelled or times out.
+
+    A BaseException, like KeyboardInterrupt, so that `except Exception:` in user code does not
+    swallow it while `finally:` blocks still run.
+    """
+
+
+# ======================================================================================
+# Certificates (Go: internal/authority)
+# ======================================================================================
+#
+# Every connection between a driver and its machines, or between two machines, is mutual
+# TLS. This section makes the certificates for it from the standard library alone, because
+# bigmachine.py must run on a freshly booted instance where nothing can be pip-installed.
+# Python's ssl module can use certificates but cannot make them, so we write the little
+# that is needed ourselves: Ed25519 signatures (RFC 8032), a DER encoder for the handful of
+# ASN.1 types an X.509 certificate uses, and the certificate profiles.
+#
+# Why Ed25519. It is the smallest correct signature scheme to write: no nonce to get wrong
+# (a repeated ECDSA nonce leaks the key; Ed25519 derives its nonce from the key and the
+# message), a fixed 64-byte signature with no DER inside it, a 32-byte key with one
+# standard private key encoding, and no curve parameters to carry. OpenSSL has accepted it
+# in TLS 1.2 and 1.3 since 1.1.1, and it gives 128-bit security, which OpenSSL's default
+# security level accepts.
+#
+# Why a CA per session. The Go original kept one CA, private key included, in
+# /tmp/bigmachine.pem and shipped that file to every instance, so any machine could mint
+# certificates and every cluster built from that file trusted every other. Here each
+# session makes a fresh CA, and that CA is the only trust anchor its contexts accept (the
+# system's default roots are never loaded). Two sessions therefore cannot talk to each
+# other, and a certificate leaked from a finished session is worthless to the next one.
+#
+# Why the CA key never leaves the driver. Machines receive an issued certificate, its key
+# and the CA certificate: enough to prove membership and to check others', never enough to
+# admit a newcomer. The key lives only in the driver's memory; a CertificateAuthority
+# refuses to be pickled so that it cannot be shipped to a machine by accident.
+#
+# Why certificates are long-lived. A session may run for days, and nothing here renews
+# certificates, so a leaf that expired mid-session would silently kill the cluster. The
+# lifetime of a certificate does not limit its damage anyway: the CA dies with the driver
+# process, and nothing will trust its certificates after that. Leaves default to ten
+# years, the CA to twenty so that it outlives every leaf it signs. notBefore is backdated
+# an hour because a fresh instance's clock may run behind the driver's.
+#
+# Why CA pinning instead of hostname checking. Machines' addresses are not known when
+# their certificates are made (an EC2 instance's address exists only after launch), and
+# they change. What we need to know about a peer is "it holds a key certified by this
+# session's CA", and a context that trusts only that CA and requires a certificate from
+# the peer establishes exactly that. Hostname checking would add nothing, so it is off;
+# subjectAltNames can still be put in a certificate for tools that want them.
+#
+# Not constant time. Python's big integers take time that depends on their values, so the
+# scalar multiplications below leak timing information about the secret scalar. That
+# matters when an attacker can make a process sign many messages of its choosing and time
+# each one. Here keys are made, and certificates signed, a few times per session inside
+# the driver or just before a machine starts, never in response to network input; the TLS
+# handshakes, which do sign attacker-influenced data, are done by OpenSSL. Randomness
+# comes from the secrets module (the OS's CSPRNG).
+#
+# All certificates pass OpenSSL's strict mode (VERIFY_X509_STRICT, openssl verify
+# -x509_strict), which Python 3.13's ssl.create_default_context() turns on. Details that
+# strict checkers insist on, each easy to get wrong and silently accepted elsewhere: DER
+# integers are minimal and padded with 0x00 when the high bit is set; serial numbers are
+# positive and at most 20 octets; AlgorithmIdentifiers for Ed25519 have no parameters (not
+# even NULL); DEFAULT values (cA FALSE, critical FALSE) are omitted, never encoded; the CA's
+# basicConstraints is critical and it has a keyUsage with keyCertSign; leaves carry an
+# authorityKeyIdentifier; times are UTCTime before 2050 and GeneralizedTime from then on,
+# both with seconds and "Z".
+
+
+# --------------------------------------------------------------------------------------
+# Ed25519 (RFC 8032, section 5.1)
+# --------------------------------------------------------------------------------------
+#
+# The curve is the twisted Edwards curve -x^2 + y^2 = 1 + d x^2 y^2 over the field of
+# integers modulo p = 2^255 - 19. Points are kept in extended homogeneous coordinates
+# (X, Y, Z, T) with x = X/Z, y = Y/Z and x*y = T/Z, which make addition and doubling free of
+# field inversions; one inversion is paid when a point is encoded.
+
+_ED25519_P = 2 ** 255 - 19
+# The order of the base point, a prime; scalars and the S half of signatures live mod L.
+_ED25519_L = 2 ** 252 + 27742317777372353535851937790883648493
+
+
+def _field_inverse(x: int) -> int:
+    # Fermat's little theorem: x^(p-2) = x^-1 mod p.
+    return pow(x, _ED25519_P - 2, _ED25519_P)
+
+
+# A handful of modular exponentiations at import (tens of microseconds): cheap, and
+# deriving the constants shows where they come from.
+_ED25519_D = -121665 * _field_inverse(121666) % _ED25519_P
+_ED25519_D2 = 2 * _ED25519_D % _ED25519_P
+_ED25519_NEUTRAL = (0, 1, 1, 0)
+
+
+def _ed25519_base_point() -> typing.Tuple[int, int, int, int]:
+    # B has y = 4/5 and the even ("positive") x that solves the curve equation:
+    # x^2 = (y^2 - 1) / (d y^2 + 1). p = 5 mod 8, so a square root of u is u^((p+3)/8),
+    # possibly times sqrt(-1) = 2^((p-1)/4).
+    p = _ED25519_P
+    y = 4 * _field_inverse(5) % p
+    x2 = (y * y - 1) * _field_inverse(_ED25519_D * y * y + 1) % p
+    x = pow(x2, (p + 3) // 8, p)
+    if (x * x - x2) % p:
+        x = x * pow(2, (p - 1) // 4, p) % p
+    if x & 1:
+        x = p - x
+    return (x, y, 1, x * y % p)
+
+
+_ED25519_BASE = _ed25519_base_point()
+
+
+def _ed25519_add(P, Q):
+    # RFC 8032 5.1.4, "add-2008-hwcd-3" for a = -1.
+    p = _ED25519_P
+    x1, y1, z1, t1 = P
+    x2, y2, z2, t2 = Q
+    a = (y1 - x1) * (y2 - x2) % p
+    b = (y1 + x1) * (y2 + x2) % p
+    c = t1 * _ED25519_D2 * t2 % p
+    d = z1 * 2 * z2 % p
+    e, f, g, h = b - a, d - c, d + c, b + a
+    return (e * f % p, g * h % p, f * g % p, e * h % p)
+
+
+# k*B is needed for every key and every signature, always with the same B, so it pays to
+# write k in base 16, k = sum k_i 16^i, and add up k_i (16^i B) from a table: 64 additions
+# instead of about 255 doublings and 128 additions. The table (64 rows of 16 points, ~300
+# KB) costs about three plain multiplications (a few ms) to build, so it is built on first
+# use rather than at import. Two threads racing to build it both get a correct table.
+_ed25519_base_table: typing.Optional[typing.List[typing.List[tuple]]] = None
+
+
+def _ed25519_build_base_table() -> typing.List[typing.List[tuple]]:
+    rows = []
+    point = _ED25519_BASE  # 16^i B for row i
+    for _ in range(64):
+        row = [_ED25519_NEUTRAL, point]
+        for _ in range(14):
+            row.append(_ed25519_add(row[-1], point))
+        rows.append(row)
+        point = _ed25519_add(row[-1], point)
+    return rows
+
+
+def _ed25519_multiply_base(k: int):
+    # Which table entries are added depends on k: this is the timing leak discussed in the
+    # section's introduction.
+    global _ed25519_base_table
+    table = _ed25519_base_table
+    if table is None:
+        table = _ed25519_base_table = _ed25519_build_base_table()
+    result = _ED25519_NEUTRAL
+    for row in table:
+        digit = k & 15
+        if digit:
+            result = _ed25519_add(result, row[digit])
+        k >>= 4
+    return result
+
+
+def _ed25519_encode(P) -> bytes:
+    # 32 bytes, little-endian y, with the low bit of x in the top bit (RFC 8032 5.1.2).
+    x, y, z, _ = P
+    z_inverse = _field_inverse(z)
+    x = x * z_inverse % _ED25519_P
+    y = y * z_inverse % _ED25519_P
+    return (y | (x & 1) << 255).to_bytes(32, "little")
+
+
+def _sha512_int(*parts: bytes) -> int:
+    return int.from_bytes(hashlib.sha512(b"".join(parts)).digest(), "little")
+
+
+class _Ed25519Key:
+    """An Ed25519 private key: the 32-byte seed, and what RFC 8032 expands it into."""
+
+    __slots__ = ("seed", "public", "_scalar", "_prefix")
+
+    def __init__(self, seed: typing.Optional[bytes] = None):
+        self.seed = secrets.token_bytes(32) if seed is None else bytes(seed)
+        if len(self.seed) != 32:
+            raise ValueError("an Ed25519 seed is 32 bytes")
+        digest = hashlib.sha512(self.seed).digest()
+        # "Clamping" (RFC 8032 5.1.5): clear the low three bits so that the scalar is a
+        # multiple of the cofactor 8, clear bit 255 and set bit 254.
+        scalar = int.from_bytes(digest[:32], "little")
+        self._scalar = scalar & ((1 << 254) - 8) | (1 << 254)
+        self._prefix = digest[32:]
+        self.public = _ed25519_encode(_ed25519_multiply_base(self._scalar))
+
+    def sign(self, message: bytes) -> bytes:
+        # RFC 8032 5.1.6. The nonce r is a hash of secret key material and the message, so
+        # it never repeats for different messages and needs no random number generator.
+        r = _sha512_int(self._prefix, message) % _ED25519_L
+        R = _ed25519_encode(_ed25519_multiply_base(r))
+        k = _sha512_int(R, self.public, message) % _ED25519_L
+        S = (r + k * self._scalar) % _ED25519_L
+        return R + S.to_bytes(32, "little")
+
+
+# --------------------------------------------------------------------------------------
+# DER (X.690), just the types that certificates and keys need
+# --------------------------------------------------------------------------------------
+
+def _der(tag: int, content: bytes) -> bytes:
+    # Definite-length encoding: short form below 128, else 0x80|count then the length.
+    n = len(content)
+    if n < 0x80:
+        return bytes([tag, n]) + content
+    length = n.to_bytes((n.bit_length() + 7) // 8, "big")
+    return bytes([tag, 0x80 | len(length)]) + length + content
+
+
+def _der_sequence(*items: bytes) -> bytes:
+    return _der(0x30, b"".join(items))
+
+
+def _der_set(*items: bytes) -> bytes:
+    # DER orders the elements of a SET OF by their encodings.
+    return _der(0x31, b"".join(sorted(items)))
+
+
+def _der_integer(value: int) -> bytes:
+    # Minimal two's complement: for value >= 0 this adds the 0x00 pad exactly when the
+    # high bit of the first byte would otherwise be set (and read as a negative number).
+    if value < 0:
+        raise ValueError("only non-negative DER integers are needed")
+    return _der(0x02, value.to_bytes(value.bit_length() // 8 + 1, "big"))
+
+
+def _der_boolean_true() -> bytes:
+    # Only TRUE is ever encoded: DER forbids encoding a DEFAULT FALSE.
+    return _der(0x01, b"\xff")
+
+
+def _der_oid(dotted: str) -> bytes:
+    arcs = [int(arc) for arc in dotted.split(".")]
+    body = bytearray()
+    for arc in [40 * arcs[0] + arcs[1]] + arcs[2:]:
+        # Base 128, most significant group first, continuation bit on all but the last.
+        groups = [arc & 0x7F]
+        arc >>= 7
+        while arc:
+            groups.append(0x80 | arc & 0x7F)
+            arc >>= 7
+        body.extend(reversed(groups))
+    return _der(0x06, bytes(body))
+
+
+def _der_bit_string(data: bytes, unused_bits: int = 0) -> bytes:
+    return _der(0x03, bytes([unused_bits]) + data)
+
+
+def _der_named_bits(*bits: int) -> bytes:
+    # A NamedBitList BIT STRING (like keyUsage): bit 0 is the most significant bit of the
+    # first byte, and DER drops trailing zero bits, recording how many in the first octet.
+    data = bytearray(max(bits) // 8 + 1)
+    for bit in bits:
+        data[bit // 8] |= 0x80 >> bit % 8
+    unused = 7 - max(bits) % 8
+    return _der_bit_string(bytes(data), unused)
+
+
+def _der_octet_string(data: bytes) -> bytes:
+    return _der(0x04, data)
+
+
+def _der_utf8_string(text: str) -> bytes:
+    return _der(0x0C, text.encode("utf-8"))
+
+
+def _der_explicit(number: int, content: bytes) -> bytes:
+    # [number] EXPLICIT: a constructed context-specific tag around the complete encoding.
+    return _der(0xA0 | number, content)
+
+
+def _as_utc(moment: datetime.datetime) -> datetime.datetime:
+    # Naive datetimes are taken to be UTC already, aware ones are converted.
+    if moment.tzinfo is None:
+        moment = moment.replace(tzinfo=datetime.timezone.utc)
+    return moment.astimezone(datetime.timezone.utc).replace(microsecond=0)
+
+
+def _der_time(moment: datetime.datetime) -> bytes:
+    # RFC 5280 4.1.2.5: UTCTime for 1950..2049, GeneralizedTime otherwise; both in UTC,
+    # with seconds, ending in "Z", and without fractions.
+    m = _as_utc(moment)
+    clock = f"{m.month:02d}{m.day:02d}{m.hour:02d}{m.minute:02d}{m.second:02d}Z"
+    if 1950 <= m.year < 2050:
+        return _der(0x17, f"{m.year % 100:02d}{clock}".encode("ascii"))
+    return _der(0x18, f"{m.year:04d}{clock}".encode("ascii"))
+
+
+def _pem(label: str, der: bytes) -> str:
+    # RFC 7468: base64 in lines of 64 characters between BEGIN and END lines.
+    text = base64.b64encode(der).decode("ascii")
+    lines = [text[i:i + 64] for i in range(0, len(text), 64)]
+    return "\n".join([f"-----BEGIN {label}-----"] + lines + [f"-----END {label}-----"]) + "\n"
+
+
+# --------------------------------------------------------------------------------------
+# Certificates (RFC 5280) and keys (RFC 8410)
+# --------------------------------------------------------------------------------------
+
+_OID_ED25519 = "1.3.101.112"
+_OID_COMMON_NAME = "2.5.4.3"
+_OID_SUBJECT_KEY_ID = "2.5.29.14"
+_OID_KEY_USAGE = "2.5.29.15"
+_OID_SUBJECT_ALT_NAME = "2.5.29.17"
+_OID_BASIC_CONSTRAINTS = "2.5.29.19"
+_OID_AUTHORITY_KEY_ID = "2.5.29.35"
+_OID_EXT_KEY_USAGE = "2.5.29.37"
+_OID_SERVER_AUTH = "1.3.6.1.5.5.7.3.1"
+_OID_CLIENT_AUTH = "1.3.6.1.5.5.7.3.2"
+
+# keyUsage bit numbers (RFC 5280 4.2.1.3).
+_KEY_USAGE_DIGITAL_SIGNATURE = 0
+_KEY_USAGE_KEY_CERT_SIGN = 5
+_KEY_USAGE_CRL_SIGN = 6
+
+_CLOCK_SKEW = datetime.timedelta(hours=1)
+_LEAF_LIFETIME = datetime.timedelta(days=3653)
+_CA_LIFETIME = datetime.timedelta(days=2 * 3653)
+
+
+def _ed25519_algorithm() -> bytes:
+    # RFC 8410 3: the parameters must be absent (not NULL).
+    return _der_sequence(_der_oid(_OID_ED25519))
+
+
+def _public_key_info(key: _Ed25519Key) -> bytes:
+    return _der_sequence(_ed25519_algorithm(), _der_bit_string(key.public))
+
+
+def _key_id(key: _Ed25519Key) -> bytes:
+    # RFC 7093 method 1: the leftmost 160 bits of SHA-256 of the public key bits. (SHA-1,
+    # RFC 5280's example, would do as well but is unavailable on some FIPS builds.)
+    return hashlib.sha256(key.public).digest()[:20]
+
+
+def _private_key_pem(key: _Ed25519Key) -> str:
+    # PKCS#8 OneAsymmetricKey, version 0. For Ed25519 the privateKey OCTET STRING contains
+    # a CurvePrivateKey, which is itself an OCTET STRING holding the seed: a double wrap.
+    der = _der_sequence(
+        _der_integer(0),
+        _ed25519_algorithm(),
+        _der_octet_string(_der_octet_string(key.seed)),
+    )
+    return _pem("PRIVATE KEY", der)
+
+
+def _name(common_name: str) -> bytes:
+    # A Name with a single RDN holding the commonName; the leaf's issuer field reuses the
+    # CA's subject bytes verbatim, since strict checkers compare them byte for byte.
+    if not isinstance(common_name, str) or not 1 <= len(common_name) <= 64:
+        raise ValueError(f"common name must be 1 to 64 characters: {common_name!r}")
+    attribute = _der_sequence(_der_oid(_OID_COMMON_NAME), _der_utf8_string(common_name))
+    return _der_sequence(_der_set(attribute))
+
+
+def _extension(oid: str, value: bytes, critical: bool = False) -> bytes:
+    flag = _der_boolean_true() if critical else b""
+    return _der_sequence(_der_oid(oid), flag, _der_octet_string(value))
+
+
+def _name_list(names):
+    # A bare string is a mistake: iterating it would turn "localhost" into nine names.
+    if isinstance(names, (str, bytes)):
+        raise TypeError("dns_names and ip_addresses are collections of names, not a name")
+    return list(names)
+
+
+def _alt_names(dns_names, ip_addresses) -> bytes:
+    # GeneralNames: dNSName is [2] IMPLICIT IA5String, iPAddress is [7] IMPLICIT OCTET
+    # STRING holding the 4 or 16 address bytes.
+    general_names = []
+    for name in dns_names:
+        try:
+            encoded = name.encode("ascii")
+        except (AttributeError, UnicodeEncodeError):
+            raise ValueError(f"DNS names must be ASCII strings: {name!r}") from None
+        if not encoded or b" " in encoded:
+            raise ValueError(f"invalid DNS name: {name!r}")
+        general_names.append(_der(0x82, encoded))
+    for address in ip_addresses:
+        general_names.append(_der(0x87, _ip_address_bytes(str(address))))
+    return _der_sequence(*general_names)
+
+
+def _ip_address_bytes(address: str) -> bytes:
+    for family in (socket.AF_INET, socket.AF_INET6):
+        try:
+            return socket.inet_pton(family, address)
+        except (OSError, ValueError):
+            pass
+    raise ValueError(f"not an IP address: {address!r}")
+
+
+def _certificate(
+    *,
+    subject_key: _Ed25519Key,
+    subject: bytes,
+    issuer_key: _Ed25519Key,
+    issuer: bytes,
+    not_before: datetime.datetime,
+    not_after: datetime.datetime,
+    extensions: typing.List[bytes],
+) -> str:
+    if _as_utc(not_after) <= _as_utc(not_before):
+        raise ValueError("not_after must be later than not_before")
+    # A random serial: positive, and below 2^159 so that it fits in 20 octets even with
+    # the sign pad (RFC 5280 4.1.2.2). Random serials also make every certificate unique.
+    serial = secrets.randbelow((1 << 159) - 1) + 1
+    tbs = _der_sequence(
+        _der_explicit(0, _der_integer(2)),  # version: v3, needed for extensions
+        _der_integer(serial),
+        _ed25519_algorithm(),
+        issuer,
+        _der_sequence(_der_time(not_before), _der_time(not_after)),
+        subject,
+        _public_key_info(subject_key),
+        _der_explicit(3, _der_sequence(*extensions)),
+    )
+    signature = issuer_key.sign(tbs)
+    der = _der_sequence(tbs, _ed25519_algorithm(), _der_bit_string(signature))
+    return _pem("CERTIFICATE", der)
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view):]
+
+
+class Credentials(typing.NamedTuple):
+    """What one participant needs for mutual TLS: its certificate, key and the session CA."""
+
+    cert_pem: str  # this holder's certificate (PEM)
+    key_pem: str  # its private key, PKCS#8 PEM
+    ca_pem: str  # the session CA's certificate (PEM), the only trust anchor
+
+    def __repr__(self) -> str:
+        # Credentials end up in log lines and tracebacks; the key must not.
+        return "Credentials(cert_pem=..., key_pem=<redacted>, ca_pem=...)"
+
+    def load_into(self, context: ssl.SSLContext) -> None:
+        """Load this certificate and key into context, never writing the key to disk if
+        the platform allows it (SSLContext.load_cert_chain accepts only file names)."""
+        pem = (self.cert_pem + self.key_pem).encode("ascii")
+        # Linux: an anonymous in-memory file, opened by name through /proc.
+        fd = None
+        if hasattr(os, "memfd_create"):
+            try:
+                # CLOEXEC: processes we start (machines, say) must not inherit the key.
+                fd = os.memfd_create("bigmachine-credentials", os.MFD_CLOEXEC)
+            except OSError:  # e.g. a seccomp filter or an old kernel
+                fd = None
+        if fd is not None:
+            try:
+                _write_all(fd, pem)
+                path = f"/proc/self/fd/{fd}"
+                if os.path.exists(path):
+                    context.load_cert_chain(path)
+                    return
+            finally:
+                os.close(fd)
+        # Elsewhere: a private (0600) file in the temporary directory, removed as soon as
+        # OpenSSL has read it. mkstemp honours TMPDIR, so an unwritable HOME is no problem.
+        fd, path = tempfile.mkstemp(prefix="bigmachine-", suffix=".pem")
+        try:
+            try:
+                _write_all(fd, pem)
+            finally:
+                os.close(fd)
+            context.load_cert_chain(path)
+        finally:
+            os.unlink(path)
+
+
+class CertificateAuthority:
+    """A session's certificate authority: a fresh Ed25519 key and a self-signed CA certificate."""
+
+    def __init__(self, common_name: str = "bigmachine session CA"):
+        self._key = _Ed25519Key()
+        self._key_id = _key_id(self._key)
+        self._name = _name(common_name)
+        now = datetime.datetime.now(datetime.timezone.utc)
+        # RFC 5280 lets a self-signed CA omit the authorityKeyIdentifier.
+        extensions = [
+            _extension(_OID_BASIC_CONSTRAINTS, _der_sequence(_der_boolean_true()), critical=True),
+            _extension(
+                _OID_KEY_USAGE,
+                _der_named_bits(_KEY_USAGE_KEY_CERT_SIGN, _KEY_USAGE_CRL_SIGN),
+                critical=True,
+            ),
+            _extension(_OID_SUBJECT_KEY_ID, _der_octet_string(self._key_id)),
+        ]
+        self.cert_pem = _certificate(
+            subject_key=self._key,
+            subject=self._name,
+            issuer_key=self._key,
+            issuer=self._name,
+            not_before=now - _CLOCK_SKEW,
+            not_after=now + _CA_LIFETIME,
+            extensions=extensions,
+        )
+
+    def __reduce__(self):
+        raise TypeError("a CertificateAuthority's key never leaves the driver; send Credentials")
+
+    def issue(
+        self,
+        common_name: str,
+        *,
+        server: bool = True,
+        client: bool = True,
+        dns_names: typing.Iterable[str] = (),
+        ip_addresses: typing.Iterable[str] = (),
+        not_before: typing.Optional[datetime.datetime] = None,
+        not_after: typing.Optional[datetime.datetime] = None,
+    ) -> Credentials:
+        """Make a new key and a certificate for it signed by this CA.
+
+        server and client select the extended key usages (serverAuth, clientAuth); a driver
+        needs client only, machines need both. dns_names and ip_addresses, if any, go into
+        a subjectAltName. not_before and not_after are datetimes in UTC (aware, or naive
+        meaning UTC), by default an hour ago and ten years from now."""
+        if not (server or client):
+            raise ValueError("a certificate must allow server use, client use, or both")
+        subject = _name(common_name)
+        if subject == self._name:
+            # The leaf would look self-issued, which confuses path building.
+            raise ValueError("a certificate cannot share the CA's common name")
+        now = datetime.datetime.now(datetime.timezone.utc)
+        key = _Ed25519Key()
+        usages = [_der_oid(oid) for oid, wanted in
+                  ((_OID_SERVER_AUTH, server), (_OID_CLIENT_AUTH, client)) if wanted]
+        dns_names, ip_addresses = _name_list(dns_names), _name_list(ip_addresses)
+        extensions = [
+            _extension(_OID_BASIC_CONSTRAINTS, _der_sequence(), critical=True),
+            _extension(
+                _OID_KEY_USAGE, _der_named_bits(_KEY_USAGE_DIGITAL_SIGNATURE), critical=True
+            ),
+            _extension(_OID_EXT_KEY_USAGE, _der_sequence(*usages)),
+            _extension(_OID_SUBJECT_KEY_ID, _der_octet_string(_key_id(key))),
+            _extension(_OID_AUTHORITY_KEY_ID, _der_sequence(_der(0x80, self._key_id))),
+        ]
+        if dns_names or ip_addresses:
+            extensions.append(
+                _extension(_OID_SUBJECT_ALT_NAME, _alt_names(dns_names, ip_addresses))
+            )
+        cert_pem = _certificate(
+            subject_key=key,
+            subject=subject,
+            issuer_key=self._key,
+            issuer=self._name,
+            not_before=now - _CLOCK_SKEW if not_before is None else not_before,
+            not_after=now + _LEAF_LIFETIME if not_after is None else not_after,
+            extensions=extensions,
+        )
+        return Credentials(cert_pem, _private_key_pem(key), self.cert_pem)
+
+
+# --------------------------------------------------------------------------------------
+# TLS contexts
+# --------------------------------------------------------------------------------------
+
+def _tls_context(protocol: int, credentials: Credentials) -> ssl.SSLContext:
+    context = ssl.SSLContext(protocol)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    if protocol == ssl.PROTOCOL_TLS_CLIENT:
+        # CA pinning instead of names (see the introduction).
+        context.check_hostname = False
+    context.verify_mode = ssl.CERT_REQUIRED
+    # The same strictness on every Python version as 3.13's create_default_context().
+    context.verify_flags |= ssl.VERIFY_X509_STRICT
+    # The session CA is the only trust anchor: never load_default_certs().
+    context.load_verify_locations(cadata=credentials.ca_pem)
+    credentials.load_into(context)
+    return context
+
+
+def server_context(credentials: Credentials) -> ssl.SSLContext:
+    """A context for accepting connections: it presents credentials' certificate and
+    requires the client to present one issued by the same session CA."""
+    return _tls_context(ssl.PROTOCOL_TLS_SERVER, credentials)
+
+
+def client_context(credentials: Credentials) -> ssl.SSLContext:
+    """A context for connecting: it presents credentials' certificate and requires the
+    server's to be issued by the same session CA, whatever its name."""
+    return _tls_context(ssl.PROTOCOL_TLS_CLIENT, credentials)
+
+
+# ======================================================================================
+# Pickling
+# ======================================================================================
+#
+# Everything that crosses the wire is pickled with protocol 5. Objects that expose their
+# memory (bytearray, memoryview, NumPy arrays...) travel out of band: pickle hands us a view of
+# their buffer, the wire sends it straight from that memory, and the receiver reads it straight
+# into the memory of the new object.
+#
+# When pickling fails, "cannot pickle '_thread.lock' object" alone rarely tells the user where
+# the lock was. `_find_unpicklable` walks the object graph to name the path to it, e.g.
+# `service.client._sock (socket.socket)`.
+
+_PICKLE_PROTOCOL = 5
+
+
+def _dumps(obj, what):
+    """Pickle obj for the wire: (body, out-of-band buffers). `what` names obj in errors."""
+    buffers = []
+    try:
+        body = pickle.dumps(obj, _PICKLE_PROTOCOL, buffer_callback=buffers.append)
+    except Exception as e:
+        raise SerializationError(_describe_pickling_failure(obj, what, e)) from e
+    return body, buffers
+
+
+def _loads(body, buffers, what):
+    try:
+        return pickle.loads(body, buffers=buffers)
+    except Exception as e:
+        raise SerializationError(
+            "cannot unpickle %s: %s: %s. Classes must be defined at the top level of a module "
+            "that every machine can import: the driver's main script or a module on its "
+            "sys.path (not inside a function, and not in an interactive session)"
+            % (what, type(e).__name__, e)) from e
+
+
+def _describe_pickling_failure(obj, what, error):
+    path, culprit = _find_unpicklable(obj, what)
+    return "cannot pickle %s: %s is %s (%s: %s)" % (
+        what, path, _type_name(culprit), type(error).__name__, error)
+
+
+def _type_name(obj):
+    t = type(obj)
+    return t.__qualname__ if t.__module__ == "builtins" else "%s.%s" % (t.__module__, t.__qualname__)
+
+
+def _picklable(obj):
+    try:
+        pickle.dumps(obj, _PICKLE_PROTOCOL, buffer_callback=lambda b: None)
+        return True
+    except Exception:
+        return False
+
+
+def _find_unpicklable(obj, path, depth=0):
+    """Descend from obj to the innermost part that does not pickle: (path, that object)."""
+    if depth > 32:
+        return path, obj
+    if isinstance(obj, dict):
+        children = [("%s[%r]" % (path, k), v) for k, v in obj.items()]
+        children += [("%s key %r" % (path, k), k) for k in obj]
+    elif isinstance(obj, (list, tuple, set, frozenset)):
+        children = [("%s[%d]" % (path, i), v) for i, v in enumerate(obj)]
+    else:
+        state = getattr(obj, "__dict__", None)
+        children = [("%s.%s" % (path, k), v) for k, v in state.items()] if isinstance(state, dict) else []
+        for cls in type(obj).__mro__:
+            for name in getattr(cls, "__slots__", ()):
+                if hasattr(obj, name) and name != "__dict__":
+                    children.append(("%s.%s" % (path, name), getattr(obj, name)))
+    for child_path, child in children:
+        if not _picklable(child):
+            return _find_unpicklable(child, child_path, depth + 1)
+    return path, obj
+
+
+def _error_payload(exc, where):
+    """Pickle an exception for the trip back: (the exception itself, if it pickles;
+    type name, message and traceback text, which always do)."""
+    tb = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
+    try:
+        exc_pickle = pickle.dumps(exc, _PICKLE_PROTOCOL)
+    except Exception:
+        exc_pickle = None
+    try:
+        message = str(exc)
+    except Exception:
+        message = repr(exc)
+    return pickle.dumps((exc_pickle, _type_name(exc), message, tb, where), _PICKLE_PROTOCOL)
+
+
+def _rebuild_error(payload):
+    """The exception to raise on the caller for an error payload from a machine."""
+    exc_pickle, type_name, message, tb, where = pickle.loads(payload)
+    cause = _RemoteTraceback('\n"""\nRemote traceback (%s):\n%s"""' % (where, tb))
+    if exc_pickle is not None:
+        try:
+            exc = pickle.loads(exc_pickle)
+        except Exception:
+            pass
+        else:
+            if isinstance(exc, BaseException):
+                exc.__cause__ = cause
+                return exc
+    return RemoteError(type_name, message, tb)
+
+
+# ======================================================================================
+# Wire (Go: rpc)
+# ======================================================================================
+#
+# A connection begins as HTTP over mutual TLS. `POST /bigrpc/Service.method` with a pickled
+# `(args, kwargs)` body makes one call per request: simple, and curl-able. The library itself
+# sends `GET /bigrpc` with `Upgrade: bigrpc/1`; after `101 Switching Protocols` the connection
+# carries frames:
+#
+#     header   kind u8 | flags u8 | buffers u16 | meta length u32 | call id u64 | body length u64
+#     meta     CALL: the method name, UTF-8
+#     lengths  one u64 per out-of-band buffer
+#     body     the pickle (or, in DATA frames, raw stream bytes)
+#     buffers  the out-of-band buffers, back to back
+#
+# One call is in flight on a connection at a time, and the thread that makes a call does its
+# own sending and receiving: no thread handoff. Concurrency comes from a pool of connections per
+# peer (what multiprocessing.managers does too); on the machine each connection has its thread,
+# which runs the method inline. A CANCEL frame names a call by id and can arrive on any
+# connection from the same process, since the call's own connection is busy.
+#
+# Streams: a reply that is a file or an iterator of bytes is sent as REPLY(streamed), DATA...,
+# END (or STREAM_ERROR, which the reader raises when it reads past the data that arrived). An
+# argument that is a readable binary file is sent the same way right after the CALL frame, by a
+# separate thread, so that an echo of a large stream cannot deadlock on full socket buffers.
+
+_HEADER = struct.Struct("!BBHIQQ")
+_LENGTH = struct.Struct("!Q")
+CALL, REPLY, ERROR, CANCEL, DATA, END, STREAM_ERROR = range(1, 8)
+_STREAMED = 1                 # flag: REPLY is followed by a stream; CALL carries a stream argument
+_MAX_META = 4096
+_SMALL = 1 << 16              # frames below this size go out in one write
+_CHUNK = 1 << 20              # stream chunk size
+_HANDSHAKE_TIMEOUT = 10.0     # seconds an unauthenticated connection may take to identify itself
+_MAX_CONNECTIONS = 4096       # connections one server keeps open at once
+
+_UPGRADE = "bigrpc/1"
+
+
+def _send_frame(sock, kind, call_id, meta=b"", body=b"", buffers=(), flags=0):
+    header = _HEADER.pack(kind, flags, len(buffers), len(meta), call_id, len(body))
+    if not buffers and len(body) < _SMALL:
+        sock.sendall(header + meta + body)
+        return
+    views = [b.raw() if isinstance(b, pickle.PickleBuffer) else memoryview(b).cast("B")
+             for b in buffers]
+    sock.sendall(header + meta + b"".join(_LENGTH.pack(v.nbytes) for v in views))
+    sock.sendall(body)
+    for view in views:
+        sock.sendall(view)
+
+
+def _read_exact(rfile, n):
+    data = rfile.read(n)
+    if len(data) != n:
+        raise EOFError("connection closed by peer")
+    return data
+
+
+def _read_header(rfile):
+    """Read one frame header: (kind, flags, buffer count, meta, call id, body length)."""
+    head = rfile.read(_HEADER.size)
+    if len(head) != _HEADER.size:
+        raise EOFError("connection closed by peer")
+    kind, flags, nbuffers, meta_len, call_id, body_len = _HEADER.unpack(head)
+    if meta_len > _MAX_META:
+        raise _ProtocolError("frame metadata of %d bytes" % meta_len)
+    meta = _read_exact(rfile, meta_len) if meta_len else b""
+    return kind, flags, nbuffers, meta, call_id, body_len
+
+
+def _read_body(rfile, nbuffers, body_len):
+    """Read a frame's pickle and its out-of-band buffers, each straight into its own memory."""
+    lengths = [_LENGTH.unpack(_read_exact(rfile, 8))[0] for _ in range(nbuffers)]
+    body = _read_exact(rfile, body_len) if body_len else b""
+    buffers = []
+    for n in lengths:
+        buf = bytearray(n)
+        if n and rfile.readinto(buf) != n:
+            raise EOFError("connection closed by peer")
+        buffers.append(buf)
+    return body, buffers
+
+
+def _skip(rfile, n):
+    while n:
+        got = len(rfile.read(min(n, _CHUNK)))
+        if not got:
+            raise EOFError("connection closed by peer")
+        n -= got
+
+
+class _ProtocolError(Exception):
+    """A peer sent something that is not a frame of this protocol."""
+
+
+def _is_binary_file(obj):
+    return isinstance(obj, io.IOBase) and not isinstance(obj, io.TextIOBase) or (
+        hasattr(obj, "read") and hasattr(obj, "close") and not isinstance(obj, (str, bytes)))
+
+
+class _StreamPlaceholder:
+    """Stands in the pickled arguments for the one argument that is streamed after them."""
+
+    def __reduce__(self):
+        return (_StreamPlaceholder, ())
+
+
+def _split_stream_argument(args, kwargs):
+    """Find the one readable binary file among the arguments and replace it by a placeholder."""
+    found = None
+    for i, a in enumerate(args):
+        if _is_binary_file(a):
+            if found is not None:
+                raise ValueError("at most one argument of a call can be a stream")
+            args = args[:i] + (_StreamPlaceholder(),) + args[i + 1:]
+            found = a
+    for k, v in kwargs.items():
+        if _is_binary_file(v):
+            if found is not None:
+                raise ValueError("at most one argument of a call can be a stream")
+            kwargs = dict(kwargs)
+            kwargs[k] = _StreamPlaceholder()
+            found = v
+    return found, args, kwargs
+
+
+def _send_stream(sock, call_id, source):
+    """Send source (a binary file or an iterator of bytes) as DATA frames, then END.
+
+    An exception while reading the source is sent as STREAM_ERROR for the reader to raise.
+    Errors writing the socket propagate: the connection is broken and will be discarded."""
+    try:
+        if hasattr(source, "readinto"):
+            chunk = bytearray(_CHUNK)
+            view = memoryview(chunk)
+            while True:
+                n = source.readinto(chunk)
+                if not n:
+                    break
+                _send_frame(sock, DATA, call_id, body=view[:n])
+        elif hasattr(source, "read"):
+            while True:
+                data = source.read(_CHUNK)
+                if not data:
+                    break
+                if isinstance(data, str):
+                    raise TypeError("a streamed file must be opened in binary mode")
+                _send_frame(sock, DATA, call_id, body=data)
+        else:
+            for data in source:
+                if not isinstance(data, (bytes, bytearray, memoryview)):
+                    raise TypeError("a streamed iterator must yield bytes, not %s"
+                                    % type(data).__name__)
+                if len(data):
+                    _send_frame(sock, DATA, call_id, body=data)
+    except OSError as e:
+        if _is_socket_error(e, sock):
+            raise
+        _send_frame(sock, STREAM_ERROR, call_id, body=_error_payload(e, "stream"))
+    except Exception as e:
+        _send_frame(sock, STREAM_ERROR, call_id, body=_error_payload(e, "stream"))
+    else:
+        _send_frame(sock, END, call_id)
+    finally:
+        close = getattr(source, "close", None)
+        if close is not None:
+            with contextlib.suppress(Exception):
+                close()
+
+
+def _is_socket_error(e, sock):
+    """Did this OSError come from the socket (and not from reading the user's file)?"""
+    return isinstance(e, (ssl.SSLError, ConnectionError, socket.timeout)) or sock.fileno() < 0
+
+
+class _StreamReader(io.RawIOBase):
+    """The receiving end of a stream of DATA frames, as a raw binary file.
+
+    Bytes are read straight from the connection into the reader's buffer. On the caller, when
+    the stream ends the connection goes back to its pool (`on_end`); closing the reader before
+    the end discards the connection, since it is in the middle of a message (`on_abort`)."""
+
+    def __init__(self, rfile, call_id, on_end=None, on_abort=None):
+        super().__init__()
+        self._rfile, self._call_id = rfile, call_id
+        self._left = 0          # bytes of the current DATA frame not yet read
+        self._done = False
+        self._on_end, self._on_abort = on_end, on_abort
+
+    def readable(self):
+        return True
+
+    def readinto(self, b):
+        while not self._left:
+            if self._done:
+                return 0
+            kind, _flags, nbuffers, _meta, _call_id, body_len = _read_header(self._rfile)
+            if kind == DATA:
+                self._left = body_len
+            elif kind == END:
+                self._finish()
+                return 0
+            elif kind == STREAM_ERROR:
+                body, _ = _read_body(self._rfile, nbuffers, body_len)
+                self._finish()
+                raise _rebuild_error(body)
+            else:
+                raise _ProtocolError("frame kind %d inside a stream" % kind)
+        view = memoryview(b).cast("B")
+        n = self._rfile.readinto(view[:min(len(view), self._left)])
+        if not n:
+            raise EOFError("connection closed in the middle of a stream")
+        self._left -= n
+        return n
+
+    def _finish(self):
+        self._done = True
+        on_end, self._on_end, self._on_abort = self._on_end, None, None
+        if on_end is not None:
+            on_end()
+
+    def drain(self):
+        """Read and drop the rest of the stream (so the connection can carry the next call)."""
+        while not self._done:
+            if self._left:
+                _skip(self._rfile, self._left)
+                self._left = 0
+            try:
+                self.readinto(bytearray(0))
+            except _ProtocolError:
+                raise
+            except Exception:
+                if not self._done:
+                    raise
+
+    def close(self):
+        if not self.closed and not self._done:
+            on_abort, self._on_end, self._on_abort = self._on_abort, None, None
+            self._done = True
+            if on_abort is not None:
+                on_abort()
+        super().close()
+
+
+def _parse_addr(addr):
+    """'https://host:port/prefix/' -> (host, port, '/prefix/')."""
+    url = urllib.parse.urlsplit(addr)
+    if url.scheme != "https" or not url.hostname:
+        raise ValueError("not a machine address (want https://host:port/): %r" % addr)
+    path = url.path or "/"
+    if not path.endswith("/"):
+        path += "/"
+    return url.hostname, url.port or 443, path
+
+
+def _classify_connect_error(e, addr):
+    if isinstance(e, ssl.SSLError) and not isinstance(e, (ssl.SSLEOFError, ssl.SSLZeroReturnError)):
+        reason = getattr(e, "reason", None) or str(e)
+        return AuthenticationError(
+            "mutual TLS with %s failed: %s (the peer does not hold a certificate of this "
+            "session's authority, or refused ours)" % (addr, reason))
+    return NetworkError("cannot connect to %s: %s" % (addr, e))
+
+
+class _Connection:
+    """One upgraded connection to a peer, owned by one call at a time."""
+
+    __slots__ = ("sock", "rfile", "last_used", "timeout")
+
+    def __init__(self, sock):
+        self.sock = sock
+        self.rfile = sock.makefile("rb")
+        self.last_used = time.monotonic()
+        self.timeout = None
+
+    def settimeout(self, timeout):
+        if timeout != self.timeout:
+            self.sock.settimeout(timeout)
+            self.timeout = timeout
+
+    def close(self):
+        with contextlib.suppress(OSError):
+            self.sock.shutdown(socket.SHUT_RDWR)
+        with contextlib.suppress(OSError):
+            self.rfile.close()
+        with contextlib.suppress(OSError):
+            self.sock.close()
+
+    def interrupt(self):
+        """Wake a thread blocked on this connection; it will find the connection broken."""
+        with contextlib.suppress(OSError):
+            self.sock.shutdown(socket.SHUT_RDWR)
+
+
+class _InFlight:
+    """A call in progress, as seen by whoever may cancel it (a future, a stopping machine)."""
+
+    __slots__ = ("lock", "peer", "conn", "call_id", "cancelled")
+
+    def __init__(self):
+        self.lock = threading.Lock()
+        self.peer = self.conn = self.call_id = None
+        self.cancelled = False
+
+    def attach(self, peer, conn, call_id):
+        with self.lock:
+            if self.cancelled:
+                return False
+            self.peer, self.conn, self.call_id = peer, conn, call_id
+            return True
+
+    def detach(self):
+        with self.lock:
+            self.conn = None
+
+    def cancel(self):
+        with self.lock:
+            if self.cancelled:
+                return
+            self.cancelled = True
+            peer, conn, call_id = self.peer, self.conn, self.call_id
+        if conn is not None:
+            conn.interrupt()
+            peer.cancel_remote(call_id)
+
+
+class _Peer:
+    """Connections to one machine address: a pool of idle ones, and the calls made over them."""
+
+    _STALE_CHECK = 1.0    # an idle connection older than this is checked for EOF before use
+
+    def __init__(self, client, addr):
+        self.client, self.addr = client, addr
+        self.host, self.port, self.prefix = _parse_addr(addr)
+        self._idle = []
+        self._busy = set()
+        self._lock = threading.Lock()
+        self._closed = False
+
+    # -- connections --------------------------------------------------------------------
+
+    def _dial(self, deadline):
+        timeout = _HANDSHAKE_TIMEOUT if deadline is None else max(0.001, deadline - time.monotonic())
+        try:
+            raw = socket.create_connection((self.host, self.port), timeout=timeout)
+        except OSError as e:
+            raise NetworkError("cannot connect to %s: %s" % (self.addr, e)) from e
+        try:
+            raw.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            raw.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+            sock = self.client.context.wrap_socket(raw)
+        except OSError as e:
+            raw.close()
+            raise _classify_connect_error(e, self.addr) from e
+        conn = _Connection(sock)
+        conn.timeout = timeout
+        try:
+            request = (
+                "GET %sbigrpc HTTP/1.1\r\nHost: %s:%d\r\nConnection: Upgrade\r\n"
+                "Upgrade: %s\r\nBigmachine-Python: %s\r\nBigmachine-Protocol: %d\r\n"
+                "Bigmachine-Version: %s\r\n\r\n"
+                % (self.prefix, self.host, self.port, _UPGRADE, PYTHON, PROTOCOL, __version__))
+            sock.sendall(request.encode("ascii"))
+            status, headers, body = _read_http_response(conn.rfile)
+        except socket.timeout as e:
+            conn.close()
+            raise NetworkError("%s did not answer the connection upgrade in %.1fs"
+                               % (self.addr, timeout)) from e
+        except (OSError, EOFError, ValueError) as e:
+            conn.close()
+            raise _classify_connect_error(e, self.addr) from e
+        if status != 101:
+            conn.close()
+            if status == 409:
+                raise VersionMismatch(
+                    "this process runs Python %s with bigmachine.py %s (protocol %d); machine %s "
+                    "runs Python %s with bigmachine.py %s (protocol %s): %s" % (
+                        PYTHON, __version__, PROTOCOL, self.addr,
+                        headers.get("bigmachine-python", "?"),
+                        headers.get("bigmachine-version", "?"),
+                        headers.get("bigmachine-protocol", "?"), body.strip()))
+            raise NetworkError("%s refused the connection: HTTP %d %s"
+                               % (self.addr, status, body.strip()[:200]))
+        return conn
+
+    def checkout(self, deadline):
+        with self._lock:
+            if self._closed:
+                raise NetworkError("connections to %s are closed" % self.addr)
+            while self._idle:
+                conn = self._idle.pop()
+                if time.monotonic() - conn.last_used > self._STALE_CHECK and _is_stale(conn):
+                    conn.close()
+                    continue
+                self._busy.add(conn)
+                return conn
+        conn = self._dial(deadline)
+        with self._lock:
+            if self._closed:
+                conn.close()
+                raise NetworkError("connections to %s are closed" % self.addr)
+            self._busy.add(conn)
+        return conn
+
+    def checkin(self, conn):
+        conn.last_used = time.monotonic()
+        with self._lock:
+            self._busy.discard(conn)
+            if not self._closed:
+                self._idle.append(conn)
+                return
+        conn.close()
+
+    def discard(self, conn):
+        with self._lock:
+            self._busy.discard(conn)
+        conn.close()
+
+    def close(self):
+        """Close every connection, interrupting the calls in flight on them."""
+        with self._lock:
+            self._closed = True
+            conns = self._idle + list(self._busy)
+            self._idle, self._busy = [], set()
+        for conn in conns:
+            conn.close()
+
+    def reset(self):
+        """Close every connection but keep the peer usable (a machine restarted, say)."""
+        with self._lock:
+            conns, self._idle = self._idle, []
+        for conn in conns:
+            conn.close()
+
+    # -- calls --------------------------------------------------------------------------
+
+    def call(self, method, args, kwargs, deadline=None, inflight=None):
+        """Call method on the peer and return its result; raises what the method raised."""
+        stream, args, kwargs = _split_stream_argument(args, kwargs) if args or kwargs else (None, args, kwargs)
+        timeout = None if deadline is None else deadline - time.monotonic()
+        if timeout is not None and timeout <= 0:
+            raise Timeout("deadline passed before calling %s on %s" % (method, self.addr))
+        body, buffers = _dumps((args, kwargs, timeout), "the arguments of %s" % method)
+        call_id = self.client.next_call_id()
+        conn = self.checkout(deadline)
+        if inflight is not None and not inflight.attach(self, conn, call_id):
+            self.checkin(conn)
+            raise Cancelled("call %s on %s was cancelled" % (method, self.addr))
+        sender = None
+        try:
+            conn.settimeout(timeout)
+            _send_frame(conn.sock, CALL, call_id, method.encode(), body, buffers,
+                        _STREAMED if stream is not None else 0)
+            if stream is not None:
+                sender = threading.Thread(target=_send_stream, args=(conn.sock, call_id, stream),
+                                          name="bigmachine-stream-send", daemon=True)
+                sender.start()
+            if deadline is not None:
+                conn.settimeout(max(0.001, deadline - time.monotonic()))
+            kind, flags, nbuffers, _meta, _id, body_len = _read_header(conn.rfile)
+            if kind == REPLY and flags & _STREAMED:
+                if sender is not None:
+                    sender.join()
+                conn.settimeout(None)
+                return io.BufferedReader(_StreamReader(
+                    conn.rfile, call_id,
+                    on_end=functools.partial(self._end_stream, conn, inflight),
+                    on_abort=functools.partial(self._abort_stream, conn, call_id, inflight)),
+                    _CHUNK)
+            reply, reply_buffers = _read_body(conn.rfile, nbuffers, body_len)
+            if sender is not None:
+                sender.join()
+        except socket.timeout:
+            self.discard(conn)
+            self.cancel_remote(call_id)
+            raise Timeout("call %s on %s timed out after %.3gs"
+                          % (method, self.addr, timeout)) from None
+        except (OSError, EOFError, _ProtocolError) as e:
+            self.discard(conn)
+            if inflight is not None and inflight.cancelled:
+                raise Cancelled("call %s on %s was cancelled" % (method, self.addr)) from None
+            raise NetworkError("call %s on %s failed: %s"
+                               % (method, self.addr, e or type(e).__name__)) from e
+        except BaseException:
+            # KeyboardInterrupt and the like: the connection is in the middle of a message.
+            self.discard(conn)
+            self.cancel_remote(call_id)
+            raise
+        finally:
+            if inflight is not None:
+                inflight.detach()
+        self.checkin(conn)
+        if kind == REPLY:
+            return _loads(reply, reply_buffers, "the result of %s from %s" % (method, self.addr))
+        if kind == ERROR:
+            raise _rebuild_error(reply)
+        raise NetworkError("%s answered %s with a frame of kind %d" % (self.addr, method, kind))
+
+    def _end_stream(self, conn, inflight):
+        if inflight is not None:
+            inflight.detach()
+        self.checkin(conn)
+
+    def _abort_stream(self, conn, call_id, inflight):
+        if inflight is not None:
+            inflight.detach()
+        self.discard(conn)
+        self.cancel_remote(call_id)
+
+    def cancel_remote(self, call_id):
+        """Ask the peer to cancel a call, from another thread and connection (best effort)."""
+        if not self._closed:
+            _background(self._send_cancel, call_id)
+
+    def _send_cancel(self, call_id):
+        try:
+            conn = self.checkout(time.monotonic() + _HANDSHAKE_TIMEOUT)
+        except Error:
+            return
+        try:
+            conn.settimeout(_HANDSHAKE_TIMEOUT)
+            _send_frame(conn.sock, CANCEL, call_id)
+        except OSError:
+            self.discard(conn)
+        else:
+            self.checkin(conn)
+
+
+def _is_stale(conn):
+    """An idle connection that is readable has been closed by the peer (or is corrupt)."""
+    try:
+        readable, _, _ = select.select([conn.sock], [], [], 0)
+    except (OSError, ValueError):
+        return True
+    return bool(readable)
+
+
+def _read_http_response(rfile):
+    """Read an HTTP/1.1 response: (status, lower-cased headers, body text)."""
+    line = rfile.readline(65537)
+    if not line:
+        raise EOFError("connection closed by peer")
+    parts = line.decode("latin-1").split(None, 2)
+    if len(parts) < 2 or not parts[0].startswith("HTTP/"):
+        raise ValueError("not an HTTP response: %r" % line[:80])
+    status = int(parts[1])
+    headers = {}
+    while True:
+        line = rfile.readline(65537)
+        if line in (b"\r\n", b"\n", b""):
+            break
+        name, _, value = line.decode("latin-1").partition(":")
+        headers[name.strip().lower()] = value.strip()
+    body = b""
+    length = int(headers.get("content-length", "0") or 0)
+    if length and status != 101:
+        body = rfile.read(min(length, 65536))
+    return status, headers, body.decode("utf-8", "replace")
+
+
+class _Client:
+    """A process's RPC client: its TLS context and one `_Peer` per machine address."""
+
+    def __init__(self, credentials):
+        self.context = client_context(credentials)
+        self._peers = {}
+        self._lock = threading.Lock()
+        self._ids = itertools.count(1)
+        # Call ids are unique per client; the server keys in-flight calls by (client, id).
+        self.next_call_id = functools.partial(next, self._ids)
+
+    def peer(self, addr):
+        peer = self._peers.get(addr)
+        if peer is None:
+            with self._lock:
+                peer = self._peers.get(addr)
+                if peer is None:
+                    peer = self._peers[addr] = _Peer(self, addr)
+        return peer
+
+    def forget(self, addr):
+        with self._lock:
+            peer = self._peers.pop(addr, None)
+        if peer is not None:
+            peer.close()
+
+    def close(self):
+        with self._lock:
+            peers, self._peers = list(self._peers.values()), {}
+        for peer in peers:
+            peer.close()
+
+
+class _Server:
+    """A machine's RPC server: mutual TLS, HTTP for the first exchange, then frames.
+
+    Each connection gets a thread, which first completes the TLS handshake under a deadline
+    (so that idle or half-open connections cannot hold threads) and then serves calls inline.
+    The number of open connections is bounded."""
+
+    def __init__(self, credentials, dispatcher, sock=None, host="127.0.0.1", port=0, prefix="/"):
+        self.context = server_context(credentials)
+        self.dispatcher = dispatcher
+        self.prefix = prefix
+        if sock is None:
+            sock = socket.create_server((host, port), backlog=512)
+        self.sock = sock
+        self.host, self.port = sock.getsockname()[:2]
+        self._conns = set()
+        self._lock = threading.Lock()
+        self._closed = False
+        self._thread = threading.Thread(target=self._accept_loop, name="bigmachine-accept",
+                                        daemon=True)
+
+    def start(self):
+        self._thread.start()
+        return self
+
+    def _accept_loop(self):
+        while not self._closed:
+            try:
+                raw, peer_addr = self.sock.accept()
+            except OSError:
+                if self._closed:
+                    return
+                time.sleep(0.01)   # EMFILE and the like: let connections close, then go on
+                continue
+            with self._lock:
+                if self._closed or len(self._conns) >= _MAX_CONNECTIONS:
+                    raw.close()
+                    continue
+                self._conns.add(raw)
+            threading.Thread(target=self._serve_connection, args=(raw, peer_addr),
+                             name="bigmachine-conn", daemon=True).start()
+
+    def _serve_connection(self, raw, peer_addr):
+        sock = None
+        try:
+            raw.settimeout(_HANDSHAKE_TIMEOUT)
+            raw.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            raw.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+            try:
+                sock = self.context.wrap_socket(raw, server_side=True)
+            except (OSError, ValueError) as e:
+                log.debug("refused a connection from %s: %s", peer_addr, e)
+                return
+            with self._lock:
+                self._conns.discard(raw)
+                self._conns.add(sock)
+            if self._closed:
+                return
+            _ConnectionHandler(sock, peer_addr, self)
+        except Exception:
+            log.debug("connection from %s failed", peer_addr, exc_info=True)
+        finally:
+            with self._lock:
+                self._conns.discard(raw)
+                self._conns.discard(sock)
+            for s in (sock, raw):
+                if s is not None:
+                    with contextlib.suppress(OSError):
+                        s.close()
+
+    def close(self):
+        """Stop accepting, and break every open connection (calls in progress fail)."""
+        with self._lock:
+            self._closed = True
+            conns, self._conns = list(self._conns), set()
+        with contextlib.suppress(OSError):
+            self.sock.close()
+        for s in conns:
+            with contextlib.suppress(OSError):
+                s.shutdown(socket.SHUT_RDWR)
+            with contextlib.suppress(OSError):
+                s.close()
+
+
+class _ConnectionHandler(http.server.BaseHTTPRequestHandler):
+    """Serves one authenticated connection: an HTTP request, and after an upgrade, frames."""
+
+    protocol_version = "HTTP/1.1"
+    server_version = "bigmachine/" + __version__
+    timeout = _HANDSHAKE_TIMEOUT
+    rbufsize = 1 << 16
+
+    def log_message(self, format, *args):
+        log.debug("%s: " + format, self.address_string(), *args)
+
+    def do_GET(self):
+        if self.path != self.server.prefix + "bigrpc":
+            self.send_error(404, "no such page: %s" % self.path)
+            return
+        if self.headers.get("Upgrade", "").lower() != _UPGRADE:
+            self.send_error(426, "upgrade to %s, or POST to %sbigrpc/Service.method"
+                            % (_UPGRADE, self.server.prefix))
+            return
+        python = self.headers.get("Bigmachine-Python", "")
+        protocol = self.headers.get("Bigmachine-Protocol", "")
+        if python != PYTHON or protocol != str(PROTOCOL):
+            body = ("peer runs Python %s (protocol %s); this machine runs Python %s "
+                    "(protocol %d)\n" % (python or "?", protocol or "?", PYTHON, PROTOCOL)).encode()
+            self.send_response(409)
+            self._version_headers()
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+            return
+        self.send_response(101)
+        self.send_header("Connection", "Upgrade")
+        self.send_header("Upgrade", _UPGRADE)
+        self._version_headers()
+        self.end_headers()
+        self.close_connection = True
+        self.connection.settimeout(None)
+        _serve_frames(self.connection, self.rfile, self.server.dispatcher)
+
+    def _version_headers(self):
+        self.send_header("Bigmachine-Python", PYTHON)
+        self.send_header("Bigmachine-Protocol", str(PROTOCOL))
+        self.send_header("Bigmachine-Version", __version__)
+
+    def do_POST(self):
+        """One call per request: body pickle((args, kwargs)); reply 200 pickle(result), or
+        590 with an error payload, like the Go original's method error status."""
+        prefix = self.server.prefix + "bigrpc/"
+        if not self.path.startswith(prefix):
+            self.send_error(404, "no such page: %s" % self.path)
+            return
+        method = self.path[len(prefix):]
+        dispatcher = self.server.dispatcher
+        try:
+            length = int(self.headers.get("Content-Length", ""))
+        except ValueError:
+            self.send_error(411, "Content-Length required")
+            return
+        body = _read_exact(self.rfile, length)
+        try:
+            fn = dispatcher.lookup(method)
+            args, kwargs = _loads(body, (), "the arguments of %s" % method)[:2]
+            result = fn(*args, **kwargs)
+            status, reply = 200, pickle.dumps(result, _PICKLE_PROTOCOL)
+        except Exception as e:
+            status, reply = 590, _error_payload(e, dispatcher.where)
+        self.send_response(status)
+        self.send_header("Content-Type", "application/x-python-pickle")
+        self.send_header("Content-Length", str(len(reply)))
+        self.end_headers()
+        self.wfile.write(reply)
+
+
+def _serve_frames(sock, rfile, dispatcher):
+    """The machine side of an upgraded connection: read a call, run it, reply; repeat."""
+    while True:
+        try:
+            kind, flags, nbuffers, meta, call_id, body_len = _read_header(rfile)
+        except (OSError, EOFError, _ProtocolError):
+            return
+        if kind == CALL:
+            try:
+                body, buffers = _read_body(rfile, nbuffers, body_len)
+                if not dispatcher.serve_call(sock, rfile, meta, call_id, body, buffers, flags):
+                    return
+            except (OSError, EOFError, _ProtocolError) as e:
+                log.debug("connection broken during call %d: %s", call_id, e)
+                return
+        elif kind == CANCEL:
+            dispatcher.cancel(call_id)
+            if body_len:
+                return
+        else:
+            log.debug("unexpected frame kind %d; closing the connection", kind)
+            return
+
+
+# A small pool of threads for background work off the calling thread: futures, remote cancels.
+# It grows when all of its threads are busy (calls block for as long as a machine takes), and
+# threads that stay idle for a while go away.
+
+class _ThreadPool:
+    _IDLE = 30.0
+
+    def __init__(self):
+        self._queue = queue.SimpleQueue()
+        self._idle = 0
+        self._lock = threading.Lock()
+
+    def submit(self, fn, *args):
+        with self._lock:
+            if self._idle:
+                self._idle -= 1
+            else:
+                threading.Thread(target=self._work, name="bigmachine-worker", daemon=True).start()
+        self._queue.put((fn, args))
+
+    def _work(self):
+        while True:
+            try:
+                fn, args = self._queue.get(timeout=self._IDLE)
+            except queue.Empty:
+                with self._lock:
+                    # A submit may have counted on this thread just now: look once more.
+                    if self._idle:
+                        self._idle -= 1
+                        return
+                continue
+            try:
+                fn(*args)
+            except BaseException:
+                log.exception("bigmachine: background task failed")
+            finally:
+                del fn, args
+            with self._lock:
+                self._idle += 1
+
+
+_threads = _ThreadPool()
+_background = _threads.submit
+
+
+# ======================================================================================
+# Services and the Supervisor (Go: supervisor.go, rpc/server.go)
+# ======================================================================================
+#
+# A service is any object; its public methods (names not starting with "_") are callable as
+# "Name.method". A method runs in the thread of the connection that carried the call, with a
+# `CallContext` describing the call: its deadline, and whether it was cancelled. Cancellation
+# reaches the method two ways. Cooperatively, through `current_call().cancelled` and
+# `current_call().wait(seconds)`, which wakes early on cancellation. And, because most code does
+# not check, by raising an interrupt in the method's thread (the way Ctrl-C interrupts a
+# program): pure-Python code stops at its next bytecode; a blocking C call finishes first.
+
+class CallContext:
+    """The call a service method is serving: see `current_call()`."""
+
+    def __init__(self, method, call_id, timeout):
+        self.method = method
+        self.call_id = call_id
+        self.deadline = None if timeout is None else time.monotonic() + timeout
+        self._event = threading.Event()
+        self._lock = threading.Lock()
+        self._thread_id = None      # set while the user's method runs: it may be interrupted
+        self._interrupted = False
+        self.reason = None
+
+    @property
+    def cancelled(self):
+        """True once the caller cancelled the call or its deadline passed."""
+        return self._event.is_set()
+
+    def wait(self, timeout=None):
+        """Sleep up to timeout seconds, waking early if the call is cancelled (or its deadline
+        passes). Returns `cancelled`."""
+        return self._event.wait(timeout)
+
+    def check(self):
+        """Raise `Cancelled` if the call was cancelled."""
+        if self._event.is_set():
+            raise Cancelled("call %s was %s" % (self.method, self.reason or "cancelled"))
+
+    def cancel(self, reason="cancelled"):
+        with self._lock:
+            if self._event.is_set():
+                return
+            self.reason = reason
+            self._event.set()
+            if self._thread_id is not None and not self._interrupted:
+                self._interrupted = _interrupt_thread(self._thread_id)
+
+    def _run(self, fn, args, kwargs):
+        with self._lock:
+            self._thread_id = threading.get_ident()
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            self._leave()
+
+    def _leave(self):
+        with self._lock:
+            self._thread_id = None
+            if self._interrupted:
+                # Withdraw the interrupt if it has not fired yet.
+                _interrupt_thread(threading.get_ident(), withdraw=True)
+
+
+_calls = threading.local()
+
+
+def current_call():
+    """The `CallContext` of the service call this thread is serving, or None."""
+    return getattr(_calls, "context", None)
+
+
+def _interrupt_thread(thread_id, withdraw=False):
+    """Raise `_Interrupt` asynchronously in a thread (or withdraw a pending one)."""
+    try:
+        import ctypes
+    except ImportError:          # some locked-down builds lack ctypes: cooperative only
+        return False
+    exc = ctypes.py_object(_Interrupt) if not withdraw else None
+    return ctypes.pythonapi.PyThreadState_SetAsyncExc(ctypes.c_ulong(thread_id), exc) == 1
+
+
+class _Dispatcher:
+    """The services of one machine, and the calls they are serving."""
+
+    def __init__(self, where):
+        self.where = where                   # names this machine in remote tracebacks
+        self.services = {}
+        self._methods = {}                   # "Name.method" -> bound method (a cache)
+        self._calls = {}                     # call id -> CallContext, for CANCEL
+        self._lock = threading.Lock()
+
+    def register(self, name, service):
+        if not isinstance(name, str) or not name or "." in name or name.startswith("_"):
+            raise ValueError("service names are non-empty strings without dots or a leading "
+                             "underscore, not %r" % (name,))
+        with self._lock:
+            if name in self.services:
+                raise ValueError("service %r is already registered on %s" % (name, self.where))
+            self.services[name] = service
+
+    def lookup(self, method):
+        fn = self._methods.get(method)
+        if fn is not None:
+            return fn
+        name, _, attr = method.partition(".")
+        service = self.services.get(name)
+        if service is None:
+            raise NotFound("no service %r on %s (it has: %s)" % (
+                name, self.where, ", ".join(sorted(self.services)) or "none"))
+        fn = getattr(service, attr, None) if attr and not attr.startswith("_") else None
+        if fn is None or not callable(fn) or attr == "init":
+            raise NotFound("service %r on %s has no public method %r (it has: %s)" % (
+                name, self.where, attr, ", ".join(_public_methods(service)) or "none"))
+        self._methods[method] = fn
+        return fn
+
+    def cancel(self, call_id, reason="cancelled"):
+        context = self._calls.get(call_id)
+        if context is not None:
+            context.cancel(reason)
+
+    def serve_call(self, sock, rfile, meta, call_id, body, buffers, flags):
+        """Run one call that arrived on a connection and send its reply. Returns False if the
+        connection can no longer be used."""
+        method = meta.decode("utf-8", "replace")
+        stream_in = None
+        context = None
+        try:
+            try:
+                if flags & _STREAMED:
+                    # Created first: whatever happens below, the stream is drained at the end.
+                    stream_in = _StreamReader(rfile, call_id)
+                fn = self.lookup(method)
+                args, kwargs, timeout = _loads(body, buffers, "the arguments of %s" % method)
+                if stream_in is not None:
+                    reader = io.BufferedReader(stream_in, _CHUNK)
+                    args = tuple(reader if isinstance(a, _StreamPlaceholder) else a for a in args)
+                    kwargs = {k: reader if isinstance(v, _StreamPlaceholder) else v
+                              for k, v in kwargs.items()}
+                context = CallContext(method, call_id, timeout)
+                self._calls[call_id] = context
+                if timeout is not None:
+                    timer = threading.Timer(timeout, context.cancel, ("timed out",))
+                    timer.daemon = True
+                    timer.start()
+                _calls.context = context
+                try:
+                    result = context._run(fn, args, kwargs)
+                finally:
+                    _calls.context = None
+                    if timeout is not None:
+                        timer.cancel()
+            finally:
+                if context is not None:
+                    self._calls.pop(call_id, None)
+                if stream_in is not None:
+                    stream_in.drain()
+        except _Interrupt as e:
+            if context is not None:
+                context._leave()
+            reason = getattr(context, "reason", None) or "cancelled"
+            error = (Timeout if reason == "timed out" else Cancelled)(
+                "call %s on %s was %s" % (method, self.where, reason))
+            _send_frame(sock, ERROR, call_id, body=_error_payload(error, self.where))
+            return True
+        except Exception as e:
+            _send_frame(sock, ERROR, call_id, body=_error_payload(e, self.where))
+            return True
+        if _is_binary_file(result) or isinstance(result, collections.abc.Iterator):
+            _send_frame(sock, REPLY, call_id, flags=_STREAMED)
+            _send_stream(sock, call_id, result)
+            return True
+        try:
+            reply, reply_buffers = _dumps(result, "the result of %s" % method)
+        except SerializationError as e:
+            _send_frame(sock, ERROR, call_id, body=_error_payload(e, self.where))
+            return True
+        _send_frame(sock, REPLY, call_id, body=reply, buffers=reply_buffers)
+        return True
+
+
+def _public_methods(service):
+    return sorted(n for n in dir(service)
+                  if not n.startswith("_") and n != "init" and callable(getattr(service, n, None)))
+
+
+class Supervisor:
+    """The service every machine runs (Go: supervisor.go).
+
+    It answers the driver's pings and keepalives, installs the user's services, reports on the
+    machine, and runs the watchdog: when no keepalive has renewed the machine's lease in time,
+    the machine exits, so machines never outlive their driver."""
+
+    _HEALTH_LIMIT = 95.0                     # percent of memory in use that makes a machine unhealthy
+
+    def __init__(self, machine):
+        self._machine = machine              # the _MachineProcess this supervisor watches over
+        self._deadline = time.monotonic() + machine.lease
+        self._lock = threading.Lock()
+        self._started = time.time()
+
+    # -- liveness ---------------------------------------------------------------------
+
+    def ping(self, seq=0):
+        """Echo seq: proof that the machine is up and serving."""
+        return seq
+
+    def keepalive(self, next_seconds):
+        """Renew the machine's lease for next_seconds; returns the lease granted and health."""
+        with self._lock:
+            self._deadline = time.monotonic() + float(next_seconds)
+        return {"next": float(next_seconds), "healthy": self._healthy()}
+
+    def watchdog_left(self):
+        """Seconds left before the watchdog ends this machine."""
+        return self._deadline - time.monotonic()
+
+    def _watch(self):
+        tick = self._machine.watchdog_tick
+        while not self._machine.exited.wait(tick):
+            if time.monotonic() > self._deadline:
+                log.error("watchdog expired: no keepalive from the driver for %.1fs; exiting",
+                          self._machine.lease)
+                self._machine.exit(1)
+                return
+
+    def _healthy(self):
+        used = _memory_used_percent()
+        return used is None or used <= self._HEALTH_LIMIT
+
+    # -- services ---------------------------------------------------------------------
+
+    def register(self, services_pickle):
+        """Install services (a pickled {name: service}) and run their `init(b)` hooks."""
+        services = _loads(services_pickle, (), "the services")
+        for name, service in services.items():
+            self._machine.dispatcher.register(name, service)
+        for name, service in services.items():
+            init = getattr(service, "init", None)
+            if callable(init):
+                init(self._machine.b)
+        return sorted(services)
+
+    def services(self):
+        """The names of the services installed on this machine."""
+        return sorted(self._machine.dispatcher.services)
+
+    # -- facts --------------------------------------------------------------------------
+
+    def getpid(self):
+        return os.getpid()
+
+    def info(self):
+        """Python and library versions, pid, processors and the like."""
+        return {
+            "python": PYTHON,
+            "python_version": sys.version.split()[0],
+            "implementation": sys.implementation.name,
+            "version": __version__,
+            "protocol": PROTOCOL,
+            "pid": os.getpid(),
+            "cpus": os.cpu_count() or 1,
+            "platform": sys.platform,
+            "hostname": socket.gethostname(),
+            "started": self._started,
+            "addr": self._machine.addr,
+        }
+
+    def stacks(self):
+        """Every thread's stack, as text: the first thing to read when a cluster hangs."""
+        return _format_stacks()
+
+    # -- ending -------------------------------------------------------------------------
+
+    def shutdown(self, delay=0.0, code=0):
+        """Exit the machine after delay seconds (after this call has replied)."""
+        threading.Timer(max(0.0, float(delay)) + 0.01, self._machine.exit, (code,)).start()
+        return True
+
+
+def _format_stacks():
+    names = {t.ident: t.name for t in threading.enumerate()}
+    out = []
+    for ident, frame in sorted(sys._current_frames().items()):
+        out.append("thread %s (%s):\n" % (ident, names.get(ident, "?")))
+        out.extend(traceback.format_stack(frame))
+        out.append("\n")
+    return "".join(out)
+
+
+def _memory_used_percent():
+    try:
+        with open("/proc/meminfo") as f:
+            info = {line.split(":")[0]: int(line.split()[1]) for line in f}
+        return 100.0 * (1 - info["MemAvailable"] / info["MemTotal"])
+    except (OSError, KeyError, ValueError, ZeroDivisionError):
+        return None
+
+
+class _MachineProcess:
+    """The machine side of one machine: its server, services, supervisor and watchdog.
+
+    In a Local machine there is one per process; the TestSystem runs several in the driver's
+    process. `exit` ends the machine: for a process, the process; in the TestSystem, its server."""
+
+    def __init__(self, b, credentials, addr, lease, watchdog_tick, exit, sock=None,
+                 host="127.0.0.1", port=0, prefix="/"):
+        self.b = b
+        self.addr = addr
+        self.lease = lease
+        self.watchdog_tick = watchdog_tick
+        self.exited = threading.Event()
+        self._exit = exit
+        self.dispatcher = _Dispatcher(addr or "machine")
+        self.supervisor = Supervisor(self)
+        self.dispatcher.register("Supervisor", self.supervisor)
+        self.server = _Server(credentials, self.dispatcher, sock=sock, host=host, port=port,
+                              prefix=prefix)
+        if not addr:
+            self.addr = self.dispatcher.where = "https://%s:%d%s" % (host, self.server.port, prefix)
+
+    def start(self):
+        self.server.start()
+        threading.Thread(target=self.supervisor._watch, name="bigmachine-watchdog",
+                         daemon=True).start()
+        return self
+
+    def exit(self, code=0):
+        if self.exited.is_set():
+            return
+        self.exited.set()
+        self._exit(code)
+
+
+# ======================================================================================
+# Machine (Go: machine.go)
+# ======================================================================================
+#
+# A `Machine` is the driver's handle on one machine (or, from `B.dial`, anyone's handle on any
+# machine). Its state only moves forward: UNSTARTED < STARTING < RUNNING < STOPPED. Calls made
+# while it is STARTING wait for RUNNING; calls in flight when it stops fail at once with
+# `MachineStopped`, whose `__cause__` is the machine's `err`.
+#
+# The machine is watched the way Go watches it: an owned machine's lease is renewed with
+# `Supervisor.keepalive` every `min(lease granted, keepalive_period) / 2`; each renewal is
+# retried with backoff for up to `keepalive_timeout`, each attempt bounded by
+# `keepalive_rpc_timeout`; a machine that cannot be renewed in that budget is STOPPED with the
+# reason. A dialed machine is watched the same way with pings, which renew nothing.
+
+class State(enum.IntEnum):
+    """A machine's state. States only move forward."""
+
+    UNSTARTED = 0
+    STARTING = 1
+    RUNNING = 2
+    STOPPED = 3
+
+    def __str__(self):
+        return self.name
+
+
+UNSTARTED, STARTING, RUNNING, STOPPED = State.UNSTARTED, State.STARTING, State.RUNNING, State.STOPPED
+
+
+class Backoff(typing.NamedTuple):
+    """Waits between retries: initial, then times factor each time, at most maximum (Go's
+    retry.Backoff(1s, 5s, 1.5))."""
+
+    initial: float = 1.0
+    maximum: float = 5.0
+    factor: float = 1.5
+
+    def waits(self):
+        wait = self.initial
+        while True:
+            yield wait
+            wait = min(wait * self.factor, self.maximum)
+
+
+_RETRY = Backoff()
+_FINISHED_STATES = (concurrent.futures._base.CANCELLED,
+                    concurrent.futures._base.CANCELLED_AND_NOTIFIED,
+                    concurrent.futures._base.FINISHED)
+
+
+class _CallFuture(concurrent.futures.Future):
+    """A `Future` whose `cancel()` also works while the call runs: it cancels it on the machine."""
+
+    _inflight = None
+
+    def cancel(self):
+        with self._condition:
+            running = self._state == concurrent.futures._base.RUNNING
+            if running:
+                self._state = concurrent.futures._base.CANCELLED_AND_NOTIFIED
+                for waiter in self._waiters:
+                    waiter.add_cancelled(self)
+                self._condition.notify_all()
+        if not running:
+            return super().cancel()
+        self._inflight.cancel()
+        self._invoke_callbacks()
+        return True
+
+    def _settle(self, result=None, error=None):
+        with self._condition:
+            if self._state in _FINISHED_STATES:
+                return
+        try:
+            if error is not None:
+                self.set_exception(error)
+            else:
+                self.set_result(result)
+        except concurrent.futures.InvalidStateError:
+            pass                     # cancelled in between
+
+
+class _Calls:
+    """The calling methods of a Machine, with the options of a view (`Machine.options`)."""
+
+    def _options(self):
+        raise NotImplementedError
+
+    def call(self, method, *args, **kwargs):
+        """Call "Service.method" with these arguments on the machine and return its result."""
+        timeout, _ = self._options()
+        deadline = None if timeout is None else time.monotonic() + timeout
+        return self._machine._call(method, args, kwargs, deadline, None)
+
+    def call_async(self, method, *args, **kwargs):
+        """`call`, as a `concurrent.futures.Future`; its `cancel()` reaches the machine."""
+        timeout, _ = self._options()
+        deadline = None if timeout is None else time.monotonic() + timeout
+        future = _CallFuture()
+        future._inflight = _InFlight()
+        _background(self._machine._run_future, future, method, args, kwargs, deadline)
+        return future
+
+    def retry_call(self, method, *args, **kwargs):
+        """`call`, repeated with backoff while the error is temporary (`err.temporary`).
+
+        With a timeout (see `options`), the timeout bounds all the attempts together."""
+        timeout, backoff = self._options()
+        deadline = None if timeout is None else time.monotonic() + timeout
+        machine = self._machine
+        waits = (backoff or _RETRY).waits()
+        while True:
+            try:
+                return machine._call(method, args, kwargs, deadline, None)
+            except Exception as e:
+                if not getattr(e, "temporary", False) or machine._state is STOPPED:
+                    raise
+                wait = next(waits)
+                if deadline is not None and time.monotonic() + wait >= deadline:
+                    raise
+                log.debug("%s: %s failed (%s); retrying in %.2gs", machine.addr, method, e, wait)
+                machine._stopped.wait(wait)
+
+
+class _MachineView(_Calls):
+    """A Machine's calls with a deadline and retry policy: see `Machine.options`."""
+
+    def __init__(self, machine, timeout, backoff):
+        self._machine, self._timeout, self._backoff = machine, timeout, backoff
+
+    def _options(self):
+        return self._timeout, self._backoff
+
+    def __repr__(self):
+        return "<%r with timeout=%s>" % (self._machine, self._timeout)
+
+
+class Machine(_Calls):
+    """One machine of a session. See the module docstring and API.md."""
+
+    def __init__(self, b, addr, *, owned, maxprocs=1):
+        self.addr = addr
+        self.maxprocs = maxprocs
+        self.owned = owned
+        self.hostname = urllib.parse.urlsplit(addr).hostname or "unknown"
+        self.err = None
+        self.keepalive_replies = collections.deque(maxlen=10)   # latencies, newest last
+        self.next_keepalive = None                               # time.time() the lease ends
+        self._b = b
+        self._peer = b._client.peer(addr)
+        self._state = UNSTARTED
+        self._cond = threading.Condition()
+        self._stopped = threading.Event()
+        self._machine = self
+
+    def _options(self):
+        return None, None
+
+    def __repr__(self):
+        return "<Machine %s %s>" % (self.addr, self._state.name)
+
+    @property
+    def state(self):
+        """The machine's current `State`."""
+        return self._state
+
+    def wait(self, state=RUNNING, timeout=None):
+        """Block until the state is at least state (so waiting for RUNNING also returns when
+        the machine stops) or timeout seconds pass; returns the state reached."""
+        with self._cond:
+            self._cond.wait_for(lambda: self._state >= state, timeout)
+            return self._state
+
+    def options(self, timeout=None, backoff=None):
+        """A view of this machine whose calls carry a deadline of timeout seconds (past it they
+        raise `Timeout` and are cancelled on the machine), and whose `retry_call` waits by
+        backoff (a `Backoff`)."""
+        if timeout is not None and timeout <= 0:
+            raise ValueError("timeout must be positive, not %r" % (timeout,))
+        return _MachineView(self, timeout, backoff)
+
+    def cancel(self):
+        """Stop the machine (Go's Cancel): calls fail, and an owned machine is ended."""
+        self._stop(Cancelled("machine %s was cancelled" % self.addr))
+
+    # -- state ------------------------------------------------------------------------
+
+    def _set_state(self, state):
+        with self._cond:
+            if state <= self._state:
+                return False
+            self._state = state
+            self._cond.notify_all()
+        log.debug("%s: %s", self.addr, state.name)
+        return True
+
+    def _stop(self, err):
+        """Move to STOPPED because of err; in-flight calls fail at once."""
+        with self._cond:
+            if self._state is STOPPED:
+                return False
+            self.err = err
+            self._state = STOPPED
+            self._cond.notify_all()
+        self._stopped.set()
+        self._peer.close()
+        self._b._machine_stopped(self)
+        return True
+
+    def _stopped_error(self, method):
+        error = MachineStopped("machine %s is stopped (%s); cannot call %s"
+                               % (self.addr, self.err, method))
+        error.__cause__ = self.err
+        return error
+
+    # -- calls --------------------------------------------------------------------------
+
+    def _call(self, method, args, kwargs, deadline, inflight):
+        if self._state is not RUNNING:
+            self._await_running(method, deadline)
+        try:
+            return self._peer.call(method, args, kwargs, deadline, inflight)
+        except (NetworkError, Cancelled) as e:
+            if self._state is STOPPED:
+                raise self._stopped_error(method) from None
+            raise
+
+    def _await_running(self, method, deadline):
+        with self._cond:
+            while self._state < RUNNING:
+                left = None if deadline is None else deadline - time.monotonic()
+                if left is not None and left <= 0:
+                    raise Timeout("machine %s was still %s when the deadline of %s passed"
+                                  % (self.addr, self._state.name, method))
+                self._cond.wait(left)
+        if self._state is STOPPED:
+            raise self._stopped_error(method)
+
+    def _run_future(self, future, method, args, kwargs, deadline):
+        if not future.set_running_or_notify_cancel():
+            return
+        try:
+            result = self._call(method, args, kwargs, deadline, future._inflight)
+        except BaseException as e:
+            future._settle(error=e)
+        else:
+            future._settle(result)
+
+    def _boot_call(self, method, *args, timeout):
+        """A call made while booting (the state is not RUNNING yet)."""
+        try:
+            return self._peer.call(method, args, {}, time.monotonic() + timeout)
+        except NetworkError:
+            if self._state is STOPPED:
+                raise self._stopped_error(method) from None
+            raise
+
+    # -- watching -----------------------------------------------------------------------
+
+    def _watch(self, system, method, *args):
+        """Keep the machine alive (owned: keepalive) or watched (dialed: ping) until it stops."""
+        period, timeout, rpc_timeout = (system.keepalive_period, system.keepalive_timeout,
+                                        system.keepalive_rpc_timeout)
+        backoff = Backoff(min(1.0, timeout / 10), min(5.0, max(timeout / 4, 0.01)), 1.5)
+        while self._state is not STOPPED:
+            began = time.monotonic()
+            waits = backoff.waits()
+            while True:
+                sent = time.monotonic()
+                try:
+                    reply = self._peer.call(method, args, {}, sent + rpc_timeout)
+                    break
+                except Exception as e:
+                    if self._state is STOPPED:
+                        return
+                    system.keepalive_failed(self, e)
+                    wait = next(waits)
+                    if not getattr(e, "temporary", False) or time.monotonic() + wait > began + timeout:
+                        self._stop(Error(
+                            "%s failed after %.1fs (timeout=%gs, rpc timeout=%gs): %s"
+                            % ("keepalive" if self.owned else "ping", time.monotonic() - began,
+                               timeout, rpc_timeout, e)))
+                        return
+                    if self._stopped.wait(wait):
+                        return
+            self.keepalive_replies.append(time.monotonic() - sent)
+            lease = reply["next"] if isinstance(reply, dict) else period
+            if isinstance(reply, dict):
+                self.next_keepalive = time.time() + lease
+            if self._stopped.wait(min(lease, period) / 2):
+                return
+
+
+# ======================================================================================
+# B: one cluster session (Go: bigmachine.go, driver)
+# ======================================================================================
+#
+# The driver's B owns the session's certificate authority and the machines it starts. Starting
+# returns at once: each machine boots in a thread of its own (launch the process, ping, install
+# the services, RUNNING) and then keeps its lease renewed. Shutting down asks every machine to
+# exit, waits a bounded time, and ends whatever is left by force.
+#
+# A machine has a B of its own, handed to its services' `init(b)`: it can `dial` other machines
+# and call them with the machine's own certificate. It cannot start machines.
+
+_machine_bootstrapping = False       # true while a machine process imports the driver's main
+_sessions = weakref.WeakSet()        # live driver Bs, shut down at exit if the user did not
+
+
+class B:
+    """One bigmachine session: see `start()`."""
+
+    _SHUTDOWN_TIMEOUT = 20.0
+
+    def __init__(self, system, *, _credentials=None):
+        self.system = system
+        self._machines = {}
+        self._lock = threading.Lock()
+        self._closed = False
+        self._is_driver = _credentials is None
+        if self._is_driver:
+            self._authority = CertificateAuthority()
+            _credentials = self._authority.issue("bigmachine driver", server=False, client=True)
+        else:
+            self._authority = None
+        self._credentials = _credentials
+        self._client = _Client(_credentials)
+        if self._is_driver:
+            system.init(self)
+            _sessions.add(self)
+
+    def __repr__(self):
+        return "<B %s, %d machines>" % (self.system.name, len(self._machines))
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.shutdown()
+
+    # -- machines -----------------------------------------------------------------------
+
+    def start(self, n, services, *, env=None, **params):
+        """Start up to n machines, each with services ({name: object}) installed; returns at
+        once, with the machines STARTING. env adds environment variables on the machines."""
+        if not self._is_driver:
+            raise Error("a machine cannot start machines; start them from the driver")
+        if self._closed:
+            raise Error("this session is shut down; start a new one with bigmachine.start()")
+        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+            raise ValueError("the number of machines must be a positive integer, not %r" % (n,))
+        if not isinstance(services, collections.abc.Mapping) or not services:
+            raise ValueError("services must be a non-empty mapping of names to service objects, "
+                             "such as {'PI': CirclePI()}, not %r" % (services,))
+        for name in services:
+            if not isinstance(name, str) or not name or "." in name or name.startswith("_"):
+                raise ValueError("service names are non-empty strings without dots or a leading "
+                                 "underscore, not %r" % (name,))
+            if name == "Supervisor":
+                raise ValueError("the name 'Supervisor' is taken by bigmachine's own service")
+        if env is not None and (not isinstance(env, collections.abc.Mapping) or not all(
+                isinstance(k, str) and isinstance(v, str) for k, v in env.items())):
+            raise ValueError("env must map names to strings, not %r" % (env,))
+        if params:
+            raise TypeError("unknown parameters for B.start: %s" % ", ".join(sorted(params)))
+        if "__main__" in sys.modules:
+            sys.modules.setdefault("__mp_main__", sys.modules["__main__"])
+        blob = _dumps(dict(services), "the services")[0]
+        machines = self.system.start(self, n, env=dict(env or {}))
+        if not machines:
+            raise Error("the %s system started no machines" % self.system.name)
+        with self._lock:
+            for m in machines:
+                self._machines[m.addr] = m
+        for m in machines:
+            m._set_state(STARTING)
+            threading.Thread(target=self._boot, args=(m, blob), name="bigmachine-boot",
+                             daemon=True).start()
+        return machines
+
+    def _boot(self, m, services_blob):
+        system = self.system
+        try:
+            system.launch(self, m)
+            waits = Backoff(0.005, 0.5, 2).waits()
+            deadline = time.monotonic() + system.boot_timeout
+            while True:
+                try:
+                    info = m._boot_call("Supervisor.info", timeout=system.keepalive_rpc_timeout)
+                    break
+                except NetworkError as e:
+                    if time.monotonic() > deadline or m._state is STOPPED:
+                        raise Error("machine %s did not come up in %.0fs: %s"
+                                    % (m.addr, system.boot_timeout, e)) from e
+                    m._stopped.wait(next(waits))
+            if info["python"] != PYTHON:
+                raise VersionMismatch("the driver runs Python %s; machine %s runs Python %s"
+                                      % (PYTHON, m.addr, info["python"]))
+            if m.maxprocs is None:
+                m.maxprocs = info["cpus"]
+            m._boot_call("Supervisor.register", services_blob, timeout=system.boot_timeout)
+        except BaseException as e:
+            m._stop(e)
+            return
+        if m._set_state(RUNNING):
+            log.debug("%s: RUNNING", m.addr)
+            m._watch(system, "Supervisor.keepalive", system.lease)
+
+    def machines(self):
+        """The machines this session knows: started and dialed, not yet stopped."""
+        with self._lock:
+            return list(self._machines.values())
+
+    def dial(self, addr):
+        """A Machine for the machine at addr, for calls to it (from a service, say)."""
+        _parse_addr(addr)
+        with self._lock:
+            m = self._machines.get(addr)
+            if m is not None:
+                return m
+            if self._closed:
+                raise Error("this session is shut down")
+            m = self._machines[addr] = Machine(self, addr, owned=False)
+        m._set_state(STARTING)
+        threading.Thread(target=self._watch_dialed, args=(m,), name="bigmachine-dial",
+                         daemon=True).start()
+        return m
+
+    def _watch_dialed(self, m):
+        try:
+            m._boot_call("Supervisor.ping", 0, timeout=self.system.keepalive_rpc_timeout)
+        except BaseException as e:
+            m._stop(e)
+            return
+        if m._set_state(RUNNING):
+            m._watch(self.system, "Supervisor.ping", 0)
+
+    def _machine_stopped(self, m):
+        with self._lock:
+            if self._machines.get(m.addr) is m:
+                del self._machines[m.addr]
+        self._client.forget(m.addr)
+        if m.owned and not self._closed:
+            log.warning("%s: machine stopped: %s", m.addr, m.err)
+            _background(self.system.terminate, m, time.monotonic() + 5.0)
+
+    # -- ending ---------------------------------------------------------------------------
+
+    def shutdown(self, timeout=None):
+        """Stop every machine this session started and release the system. Bounded in time
+        (timeout seconds, 20 by default) and idempotent."""
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+            machines = list(self._machines.values())
+        deadline = time.monotonic() + (self._SHUTDOWN_TIMEOUT if timeout is None else timeout)
+        threads = []
+        for m in machines:
+            if m.owned:
+                t = threading.Thread(target=self._shutdown_machine, args=(m, deadline),
+                                     name="bigmachine-shutdown", daemon=True)
+                t.start()
+                threads.append(t)
+        for t in threads:
+            t.join(max(0.0, deadline - time.monotonic()))
+        for m in machines:
+            m._stop(Error("the session was shut down"))
+        if self._is_driver:
+            self.system.shutdown()
+        self._client.close()
+        _sessions.discard(self)
+
+    def _shutdown_machine(self, m, deadline):
+        if m._state is RUNNING:
+            try:
+                m._peer.call("Supervisor.shutdown", (), {},
+                             min(deadline, time.monotonic() + 2.0))
+            except Exception as e:
+                log.debug("%s: Supervisor.shutdown: %s", m.addr, e)
+        self.system.terminate(m, deadline)
+
+
+def _shutdown_sessions():
+    """At exit, end the machines of sessions the program did not shut down itself."""
+    for b in list(_sessions):
+        with contextlib.suppress(Exception):
+            b.shutdown(timeout=5.0)
+
+
+atexit.register(_shutdown_sessions)
+
+
+# ======================================================================================
+# Systems (Go: system.go, testsystem, local.go)
+# ======================================================================================
+#
+# A System is where machines come from. `start` makes `Machine`s whose addresses are known at
+# once; `launch` (in each machine's boot thread) brings the machine's process up; `terminate`
+# makes sure it is gone. Keepalive settings are the system's, with Go's defaults per system.
+
+class System:
+    """Base class of machine systems (Go's System interface)."""
+
+    name = "system"
+    #: Go's defaults: (keepalive period, keepalive timeout, keepalive rpc timeout, lease).
+    defaults = (60.0, 120.0, 10.0, 300.0)
+    boot_timeout = 540.0            # Go: ping for up to 9 minutes
+
+    def __init__(self, *, keepalive_period=None, keepalive_timeout=None,
+                 keepalive_rpc_timeout=None, lease=None, boot_timeout=None):
+        values = (keepalive_period, keepalive_timeout, keepalive_rpc_timeout, lease)
+        for name, value in zip(("keepalive_period", "keepalive_timeout",
+                                "keepalive_rpc_timeout", "lease"), values):
+            if value is not None and (not isinstance(value, (int, float)) or value <= 0):
+                raise ValueError("%s must be a positive number of seconds, not %r"
+                                 % (name, value))
+        (self.keepalive_period, self.keepalive_timeout, self.keepalive_rpc_timeout,
+         self.lease) = (float(d if v is None else v) for v, d in zip(values, self.defaults))
+        if boot_timeout is not None:
+            self.boot_timeout = float(boot_timeout)
+
+    def __repr__(self):
+        return "<%s system>" % self.name
+
+    @property
+    def watchdog_tick(self):
+        """How often a machine's watchdog looks at its lease (Go: 30s)."""
+        return min(30.0, self.lease / 4)
+
+    def init(self, b):
+        """Called once by the driver's B, before any machine starts."""
+
+    def start(self, b, n, env):
+        """Make up to n Machines (owned, addresses known); their processes start in launch."""
+        raise NotImplementedError
+
+    def launch(self, b, machine):
+        """Bring machine's process up (runs in the machine's boot thread)."""
+        raise NotImplementedError
+
+    def terminate(self, machine, deadline):
+        """Make sure machine's process is gone by deadline (a time.monotonic() value)."""
+
+    def keepalive_failed(self, machine, error):
+        """A keepalive attempt on machine failed (Go: KeepaliveFailed; EC2 looks deeper)."""
+
+    def maxprocs(self):
+        return 1
+
+    def shutdown(self):
+        """Release the system's resources; machines were already terminated."""
+
+
+class TestSystem(System):
+    """Machines inside the driver's process, each with its own TLS server (Go: testsystem).
+
+    Everything but the process boundary is real: certificates, connections, pickling of the
+    services and of every call. `kill(machine)` ends a machine the way a crash would: its
+    server and connections close, and calls fail with `NetworkError` until the keepalive gives
+    up on it."""
+
+    name = "test"
+
+    def __init__(self, *, maxprocs=1, **keepalive):
+        super().__init__(**keepalive)
+        self._maxprocs = maxprocs
+        self._lock = threading.Lock()
+        self._live = {}                   # addr -> (Machine, _MachineProcess)
+        self.exited = False               # a machine's watchdog (or shutdown) ended it
+
+    def maxprocs(self):
+        return self._maxprocs
+
+    def start(self, b, n, env):
+        machines = []
+        for _ in range(n):
+            credentials = b._authority.issue("bigmachine test machine", server=True, client=True,
+                                             ip_addresses=["127.0.0.1"])
+            process = _MachineProcess(b, credentials, None, self.lease, self.watchdog_tick,
+                                      exit=None)
+            process._exit = functools.partial(self._exited, process)
+            m = Machine(b, process.addr, owned=True, maxprocs=self._maxprocs)
+            with self._lock:
+                self._live[m.addr] = (m, process)
+            machines.append(m)
+        return machines
+
+    def launch(self, b, machine):
+        with self._lock:
+            entry = self._live.get(machine.addr)
+        if entry is None:
+            raise Error("machine %s was killed before it started" % machine.addr)
+        entry[1].start()
+
+    def _exited(self, process, code):
+        self.exited = True
+        process.server.close()
+        with self._lock:
+            self._live.pop(process.addr, None)
+
+    def machines(self):
+        """The machines that are alive."""
+        with self._lock:
+            return [m for m, _ in self._live.values()]
+
+    @property
+    def n(self):
+        with self._lock:
+            return len(self._live)
+
+    def kill(self, machine=None):
+        """End machine (a random live one if None) as a crash would. Returns False if there
+        was nothing to kill."""
+        with self._lock:
+            if machine is None:
+                if not self._live:
+                    return False
+                machine = random.choice([m for m, _ in self._live.values()])
+            entry = self._live.pop(machine.addr, None)
+        if entry is None:
+            return False
+        entry[1].exited.set()
+        entry[1].server.close()
+        return True
+
+    def terminate(self, machine, deadline):
+        with self._lock:
+            entry = self._live.pop(machine.addr, None)
+        if entry is not None:
+            entry[1].exit(0)
+
+    def shutdown(self):
+        for m in self.machines():
+            self.terminate(m, 0)
+
+
+class Local(System):
+    """Each machine a separate Python process on this host (Go: local.go).
+
+    The driver binds each machine's listening socket itself and hands it to the child, so the
+    address is known at once and no other process can take the port in between. The child
+    reads its bootstrap (its certificate and key, the session CA, how to load the driver's
+    `__main__`) from a pipe on its standard input, loads the main module the way
+    `multiprocessing`'s spawn method does (as `__mp_main__`), and serves. It runs in a session of
+    its own, so the terminal's Ctrl-C reaches the driver only; the driver's bounded shutdown
+    ends it. When the driver goes away its standard input reaches EOF and it exits at once; its
+    watchdog would end it within the lease anyway. Its stdout and stderr go to the driver's
+    stderr, each line prefixed with the machine's address. Its exit is noticed at once."""
+
+    name = "local"
+
+    def __init__(self, *, python=None, maxprocs=1, **keepalive):
+        super().__init__(**keepalive)
+        self.python = python or sys.executable
+        if not self.python:
+            raise Error("cannot find the Python interpreter to run machines; pass "
+                        "Local(python='/path/to/python3')")
+        self._maxprocs = maxprocs
+        self._lock = threading.Lock()
+        self._procs = {}                # addr -> _LocalProcess
+        self._sockets = {}              # addr -> listening socket, until launch hands it over
+
+    def maxprocs(self):
+        return self._maxprocs
+
+    def start(self, b, n, env):
+        machines = []
+        for _ in range(n):
+            sock = socket.create_server(("127.0.0.1", 0), backlog=512)
+            m = Machine(b, "https://127.0.0.1:%d/" % sock.getsockname()[1], owned=True,
+                        maxprocs=self._maxprocs)
+            with self._lock:
+                self._sockets[m.addr] = (sock, env)
+            machines.append(m)
+        return machines
+
+    def launch(self, b, machine):
+        with self._lock:
+            sock, env = self._sockets.pop(machine.addr)
+        try:
+            credentials = b._authority.issue("bigmachine local machine", server=True, client=True,
+                                             ip_addresses=["127.0.0.1"], dns_names=["localhost"])
+            process = _LocalProcess(self, b, machine, sock, credentials, env)
+            with self._lock:
+                self._procs[machine.addr] = process
+            process.start()
+        finally:
+            sock.close()               # the child has its own copy now
+
+    def terminate(self, machine, deadline):
+        with self._lock:
+            entry = self._sockets.pop(machine.addr, None)
+            process = self._procs.get(machine.addr)
+        if entry is not None:
+            entry[0].close()
+        if process is not None:
+            process.terminate(deadline)
+
+    def shutdown(self):
+        with self._lock:
+            procs, self._procs = list(self._procs.values()), {}
+            sockets, self._sockets = list(self._sockets.values()), {}
+        for sock, _ in sockets:
+            sock.close()
+        for process in procs:
+            process.terminate(time.monotonic() + 1.0)
+
+    def bootstrap(self, b, machine, credentials, fd):
+        """The JSON a machine process reads from its stdin before anything else."""
+        return {
+            "python": PYTHON,
+            "protocol": PROTOCOL,
+            "addr": machine.addr,
+            "fd": fd,
+            "credentials": credentials._asdict(),
+            "lease": self.lease,
+            "watchdog_tick": self.watchdog_tick,
+            "log_level": logging.getLogger().getEffectiveLevel(),
+            "main": _main_preparation(),
+        }
+
+
+_EXIT_VERSION_MISMATCH = 3
+
+
+class _LocalProcess:
+    """A Local machine's child process, as the driver sees it."""
+
+    _TAIL = 20                        # lines of output kept to explain an early exit
+
+    def __init__(self, system, b, machine, sock, credentials, env):
+        self.machine = machine
+        fd = sock.fileno()
+        child_env = dict(os.environ)
+        child_env.update(env)
+        child_env["BIGMACHINE_MODE"] = "machine"
+        child_env["BIGMACHINE_SYSTEM"] = system.name
+        here = os.path.dirname(os.path.abspath(__file__))
+        code = ("import sys; sys.path.insert(0, %r); import bigmachine; "
+                "bigmachine._machine_main()" % here)
+        args = [system.python] + _interpreter_flags(system.python) + ["-u", "-c", code]
+        self.proc = subprocess.Popen(
+            args, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+            pass_fds=[fd], start_new_session=True, env=child_env, close_fds=True)
+        self.tail = collections.deque(maxlen=self._TAIL)
+        self.expected_exit = False
+        self._forwarders = [
+            threading.Thread(target=self._forward, args=(self.proc.stdout,),
+                             name="bigmachine-stdout", daemon=True),
+            threading.Thread(target=self._forward, args=(self.proc.stderr,),
+                             name="bigmachine-stderr", daemon=True),
+        ]
+        bootstrap = system.bootstrap(b, machine, credentials, fd)
+        self._stdin_data = (json.dumps(bootstrap) + "\n").encode()
+
+    def start(self):
+        for t in self._forwarders:
+            t.start()
+        try:
+            self.proc.stdin.write(self._stdin_data)
+            self.proc.stdin.flush()
+        except OSError:
+            pass                       # the child died already: the waiter will say why
+        threading.Thread(target=self._wait, name="bigmachine-wait", daemon=True).start()
+
+    def _forward(self, pipe):
+        prefix = self.machine.addr + ": "
+        for line in iter(pipe.readline, b""):
+            text = line.decode("utf-8", "replace")
+            self.tail.append(text)
+            _write_stderr(prefix + text if text.endswith("\n") else prefix + text + "\n")
+        pipe.close()
+
+    def _wait(self):
+        code = self.proc.wait()
+        for t in self._forwarders:
+            t.join(2.0)                # print what it said before saying it stopped
+        with contextlib.suppress(OSError):
+            self.proc.stdin.close()
+        if code < 0:
+            try:
+                why = "killed by signal %s" % signal.Signals(-code).name
+            except ValueError:
+                why = "killed by signal %d" % -code
+        else:
+            why = "exited with code %d" % code
+        output = "".join(self.tail).rstrip()
+        if code == _EXIT_VERSION_MISMATCH and "VersionMismatch" in output:
+            err = VersionMismatch(output.splitlines()[-1].partition("VersionMismatch: ")[2])
+        elif self.expected_exit and code == 0:
+            err = Error("machine %s was shut down" % self.machine.addr)
+        else:
+            err = Error("machine %s (pid %d) %s%s" % (
+                self.machine.addr, self.proc.pid, why,
+                "; its last output:\n" + output if output and
+                self.machine.state < RUNNING else ""))
+        err.exit_code = code
+        self.machine._stop(err)
+
+    def terminate(self, deadline):
+        """End the process by deadline: it may have been asked to exit already; then its
+        stdin is closed (it exits when its driver goes away); last, it is killed."""
+        self.expected_exit = True
+        for step in ("wait", "eof", "kill"):
+            if step == "eof":
+                with contextlib.suppress(OSError):
+                    self.proc.stdin.close()
+            elif step == "kill":
+                with contextlib.suppress(OSError):
+                    os.killpg(self.proc.pid, signal.SIGKILL)
+            left = deadline - time.monotonic()
+            try:
+                self.proc.wait(5.0 if step == "kill" else max(0.0, min(1.0, left) if step ==
+                                                                "wait" else left))
+                break
+            except subprocess.TimeoutExpired:
+                continue
+        for t in self._forwarders:
+            t.join(max(0.1, deadline - time.monotonic()))
+
+
+_stderr_lock = threading.Lock()
+
+
+def _write_stderr(text):
+    with _stderr_lock:
+        try:
+            sys.stderr.write(text)
+            sys.stderr.flush()
+        except (OSError, ValueError, AttributeError):
+            pass
+
+
+def _interpreter_flags(python):
+    """The interpreter flags (-I, -W..., -X...) of this process, for a child on the same
+    interpreter."""
+    if os.path.realpath(python) != os.path.realpath(sys.executable or ""):
+        return ["-I"] if sys.flags.isolated else []
+    return subprocess._args_from_interpreter_flags()
+
+
+def _main_preparation():
+    """How a machine loads the driver's __main__: multiprocessing's spawn preparation data,
+    without the parts that would change this process (it fixes no start method)."""
+    import multiprocessing.process
+    main = sys.modules.get("__main__")
+    data = {"sys_path": [p or multiprocessing.process.ORIGINAL_DIR for p in sys.path],
+            "sys_argv": sys.argv, "dir": os.getcwd(),
+            "orig_dir": multiprocessing.process.ORIGINAL_DIR}
+    name = getattr(getattr(main, "__spec__", None), "name", None)
+    if name is not None:
+        data["init_main_from_name"] = name
+    elif getattr(main, "__file__", None) is not None:
+        path = main.__file__
+        if not os.path.isabs(path) and multiprocessing.process.ORIGINAL_DIR is not None:
+            path = os.path.join(multiprocessing.process.ORIGINAL_DIR, path)
+        data["init_main_from_path"] = os.path.normpath(path)
+    return data
+
+
+def _machine_main():
+    """The life of a Local machine process; never returns."""
+    config = json.loads(sys.stdin.readline() or "null")
+    if not isinstance(config, dict):
+        sys.stderr.write("bigmachine: this process is a machine: it expects its bootstrap "
+                         "from the driver on its standard input\n")
+        os._exit(2)
+    if config["python"] != PYTHON or config["protocol"] != PROTOCOL:
+        sys.stderr.write(
+            "bigmachine: VersionMismatch: the driver runs Python %s (protocol %s); machine %s "
+            "runs Python %s (protocol %d, %s)\n" % (
+                config["python"], config["protocol"], config["addr"], PYTHON, PROTOCOL,
+                sys.executable))
+        sys.stderr.flush()
+        os._exit(_EXIT_VERSION_MISMATCH)
+    logging.basicConfig(level=config["log_level"], stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    credentials = Credentials(**config["credentials"])
+    system = Local(lease=config["lease"])
+    b = B(system, _credentials=credentials)
+    sock = socket.socket(fileno=config["fd"])
+    exit_code = []
+
+    def exit(code):
+        exit_code.append(code)
+
+    process = _MachineProcess(b, credentials, config["addr"], config["lease"],
+                              config["watchdog_tick"], exit, sock=sock)
+    threading.Thread(target=_watch_stdin, args=(process,), name="bigmachine-stdin",
+                     daemon=True).start()
+    threading.Thread(target=process.supervisor._watch, name="bigmachine-watchdog",
+                     daemon=True).start()
+    _load_main(config["main"])
+    process.server.start()
+    process.exited.wait()
+    with contextlib.suppress(Exception):
+        logging.shutdown()
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(Exception):
+            stream.flush()
+    os._exit(exit_code[0] if exit_code else 0)
+
+
+def _load_main(preparation):
+    global _machine_bootstrapping
+    import multiprocessing.spawn
+    _machine_bootstrapping = True
+    try:
+        multiprocessing.spawn.prepare(preparation)
+    finally:
+        _machine_bootstrapping = False
+
+
+def _watch_stdin(process):
+    """The driver holds our stdin open for as long as it lives: EOF means it went away."""
+    while sys.stdin.buffer.read(65536):
+        pass
+    if not process.exited.is_set():
+        log.info("the driver went away (its pipe closed); exiting")
+        process.exit(1)
+
+
+# ======================================================================================
+# Starting a session (Go: driver)
+# ======================================================================================
+
+_SYSTEMS = {"local": Local, "test": TestSystem, "testsystem": TestSystem}
+
+
+def start(system=None, **options):
+    """Start a session (Go's driver.Start) and return its `B`.
+
+    system is a `System`, or a name ("local", "test"); None reads `--bigm.system=NAME` from
+    sys.argv, then the BIGMACHINE_SYSTEM environment variable, then uses "local". options go to
+    the system's constructor when system is a name."""
+    if _machine_bootstrapping or os.environ.get("BIGMACHINE_MODE") == "machine":
+        raise Error(
+            "bigmachine.start() was called while a machine was loading the driver's main module. "
+            "Machines import the main module the way multiprocessing does, so the driver's code "
+            "must be guarded with `if __name__ == \"__main__\":`")
+    if system is None:
+        system = _system_from_command_line(sys.argv) or os.environ.get("BIGMACHINE_SYSTEM") or "local"
+    if isinstance(system, str):
+        cls = _SYSTEMS.get(system)
+        if cls is None:
+            raise ValueError("unknown bigmachine system %r; known systems: %s"
+                             % (system, ", ".join(sorted(_SYSTEMS))))
+        system = cls(**options)
+    elif options:
+        raise TypeError("options are for a system given by name; configure the %s instance "
+                        "itself" % type(system).__name__)
+    if not isinstance(system, System):
+        raise TypeError("system must be a bigmachine.System or a name, not %r" % (system,))
+    return B(system)
+
+
+def _system_from_command_line(argv):
+    for i, arg in enumerate(argv[1:], 1):
+        for flag in ("--bigm.system", "-bigm.system"):
+            if arg.startswith(flag + "="):
+                return arg.split("=", 1)[1]
+            if arg == flag and i + 1 < len(argv):
+                return argv[i + 1]
+    return None
+
+
+# ======================================================================================
+# Command line: python bigmachine.py selftest
+# ======================================================================================
+#
+# The selftest is what a user runs after copying this file somewhere new: it checks, with the
+# standard library alone, that everything works on the machine at hand, one line per check.
+
+class _SelftestService:
+    """The service the selftest installs."""
+
+    def __init__(self, greeting):
+        self.greeting = greeting
+
+    def hello(self, name):
+        return "%s, %s" % (self.greeting, name)
+
+    def fail(self, message):
+        raise KeyError(message)
+
+    def chunks(self, n, size):
+        for _ in range(n):
+            yield b"x" * size
+
+    def count(self, stream):
+        return len(stream.read())
+
+    def sleep(self, seconds):
+        context = current_call()
+        return context.wait(seconds) if context else time.sleep(seconds)
+
+    def whoami(self):
+        return os.getpid()
+
+
+def _selftest(out=sys.stdout):
+    """Run every check; print one line each; return the number that failed."""
+    failures = []
+
+    def check(name):
+        def run(fn):
+            began = time.perf_counter()
+            try:
+                detail = fn()
+            except BaseException as e:
+                if isinstance(e, KeyboardInterrupt):
+                    raise
+                failures.append(name)
+                out.write("FAIL %-44s %s: %s\n" % (name, type(e).__name__, e))
+            else:
+                out.write("ok   %-44s %6.1f ms  %s\n" % (
+                    name, 1000 * (time.perf_counter() - began), detail or ""))
+            out.flush()
+            return fn
+        return run
+
+    out.write("bigmachine.py %s selftest on Python %s (%s), %s\n" % (
+        __version__, sys.version.split()[0], sys.executable, ssl.OPENSSL_VERSION))
+
+    @check("certificates: CA and leaf")
+    def _():
+        ca = CertificateAuthority()
+        creds = ca.issue("selftest", ip_addresses=["127.0.0.1"])
+        server_context(creds)
+        client_context(creds)
+        return "Ed25519"
+
+    @check("mutual TLS: strangers are refused both ways")
+    def _():
+        with B(TestSystem()) as b, B(TestSystem()) as other:
+            m, = b.start(1, {"Self": _SelftestService("hello")})
+            impostor, = other.start(1, {"Self": _SelftestService("hello")})
+            for machine in (m, impostor):
+                if machine.wait(RUNNING, timeout=30) is not RUNNING:
+                    raise machine.err or Error("machine did not start")
+            stranger = _Client(CertificateAuthority().issue("stranger"))
+            try:
+                for client, addr, who in ((stranger, m.addr, "a client of another session"),
+                                          (b._client, impostor.addr, "a server of another session")):
+                    try:
+                        client.peer(addr).call("Supervisor.ping", (1,), {}, time.monotonic() + 10)
+                    except AuthenticationError:
+                        pass
+                    else:
+                        raise AssertionError("%s was let in" % who)
+            finally:
+                stranger.close()
+
+    for name in ("test", "local"):
+        _selftest_system(name, check)
+    return len(failures)
+
+
+def _selftest_system(name, check):
+    system = (TestSystem if name == "test" else Local)(
+        keepalive_period=2.0, keepalive_timeout=4.0, keepalive_rpc_timeout=2.0, lease=10.0)
+    state = {}
+
+    @check("%s: start 2 machines" % name)
+    def _():
+        state["b"] = b = B(system)
+        state["ms"] = ms = b.start(2, {"Self": _SelftestService("hello")})
+        for m in ms:
+            if m.wait(RUNNING, timeout=60) is not RUNNING:
+                raise m.err or Error("machine %s did not start" % m.addr)
+        return ", ".join(m.addr for m in ms)
+    if "ms" not in state:
+        state.get("b") and state["b"].shutdown()
+        return
+    b, (m1, m2) = state["b"], state["ms"]
+    try:
+        @check("%s: call" % name)
+        def _():
+            assert m1.call("Self.hello", "world") == "hello, world"
+
+        @check("%s: remote exception" % name)
+        def _():
+            try:
+                m1.call("Self.fail", "boom")
+            except KeyError as e:
+                assert isinstance(e.__cause__, _RemoteTraceback)
+            else:
+                raise AssertionError("no exception")
+
+        @check("%s: unknown method" % name)
+        def _():
+            try:
+                m1.call("Self.nosuch")
+            except NotFound:
+                pass
+            else:
+                raise AssertionError("no NotFound")
+
+        @check("%s: streams both ways" % name)
+        def _():
+            with m1.call("Self.chunks", 8, 100000) as f:
+                data = f.read()
+            assert len(data) == 800000
+            assert m2.call("Self.count", io.BytesIO(data)) == 800000
+
+        @check("%s: deadline" % name)
+        def _():
+            try:
+                m1.options(timeout=0.2).call("Self.sleep", 30)
+            except Timeout:
+                pass
+            else:
+                raise AssertionError("no Timeout")
+            assert m1.call("Self.hello", "again") == "hello, again"
+
+        @check("%s: concurrent calls" % name)
+        def _():
+            futures = [m.call_async("Self.hello", i) for i in range(50) for m in (m1, m2)]
+            assert [f.result(30) for f in futures] == [
+                "hello, %d" % i for i in range(50) for _ in (1, 2)]
+
+        if name == "local":
+            @check("local: a killed machine is noticed")
+            def _():
+                pid = m2.call("Supervisor.getpid")
+                os.kill(pid, signal.SIGKILL)
+                if m2.wait(STOPPED, timeout=10) is not STOPPED:
+                    raise AssertionError("machine still %s" % m2.state)
+                try:
+                    m2.call("Self.hello", "ghost")
+                except MachineStopped:
+                    pass
+                return str(m2.err)
+    finally:
+        @check("%s: shutdown" % name)
+        def _():
+            b.shutdown()
+            assert all(m.state is STOPPED for m in (m1, m2))
+
+
+def _main(argv):
+    import argparse
+    parser = argparse.ArgumentParser(prog="bigmachine.py", description=__doc__.split("\n")[0])
+    commands = parser.add_subparsers(dest="command")
+    commands.add_parser("selftest", help="check that everything works on this machine")
+    commands.add_parser("version", help="print the library version")
+    args = parser.parse_args(argv)
+    if args.command == "selftest":
+        failed = _selftest()
+        print("selftest: %s" % ("all checks passed" if not failed else "%d checks FAILED" % failed))
+        return 1 if failed else 0
+    if args.command == "version":
+        print(__version__)
+        return 0
+    parser.print_help()
+    return 2
+
+
+if __name__ == "__main__":
+    # Run as a script, this file is __main__; the library proper is the module `bigmachine`,
+    # whose classes the machines know by that name. Import it as such and run from there.
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    import bigmachine
+    sys.exit(bigmachine._main(sys.argv[1:]))
