@@ -1101,26 +1101,32 @@ class _StreamReader(io.RawIOBase):
 
     def readinto(self, b):
         while not self._left:
-            if self._done:
+            if self._done or not self._next_frame():
                 return 0
-            kind, _flags, nbuffers, _meta, _call_id, body_len = _read_header(self._rfile)
-            if kind == DATA:
-                self._left = body_len
-            elif kind == END:
-                self._finish()
-                return 0
-            elif kind == STREAM_ERROR:
-                body, _ = _read_body(self._rfile, nbuffers, body_len)
-                self._finish()
-                raise _rebuild_error(body)
-            else:
-                raise _ProtocolError("frame kind %d inside a stream" % kind)
         view = memoryview(b).cast("B")
+        if not len(view):
+            return 0
         n = self._rfile.readinto(view[:min(len(view), self._left)])
         if not n:
             raise EOFError("connection closed in the middle of a stream")
         self._left -= n
         return n
+
+    def _next_frame(self):
+        """Read the next frame of the stream: True for data, False at its end; raises the
+        error that ended it."""
+        kind, _flags, nbuffers, _meta, _call_id, body_len = _read_header(self._rfile)
+        if kind == DATA:
+            self._left = body_len
+            return True
+        if kind == END:
+            self._finish()
+            return False
+        if kind == STREAM_ERROR:
+            body, _ = _read_body(self._rfile, nbuffers, body_len)
+            self._finish()
+            raise _rebuild_error(body)
+        raise _ProtocolError("frame kind %d inside a stream" % kind)
 
     def _finish(self):
         self._done = True
@@ -1129,18 +1135,18 @@ class _StreamReader(io.RawIOBase):
             on_end()
 
     def drain(self):
-        """Read and drop the rest of the stream (so the connection can carry the next call)."""
+        """Read and drop the rest of the stream (so the connection can carry the next call).
+        An error that ended the stream is of no interest any more."""
         while not self._done:
             if self._left:
                 _skip(self._rfile, self._left)
                 self._left = 0
             try:
-                self.readinto(bytearray(0))
-            except _ProtocolError:
+                self._next_frame()
+            except (OSError, EOFError, _ProtocolError):
                 raise
             except Exception:
-                if not self._done:
-                    raise
+                pass
 
     def close(self):
         if not self.closed and not self._done:
@@ -1667,8 +1673,7 @@ def _serve_frames(sock, rfile, dispatcher):
         if kind == CALL:
             try:
                 body, buffers = _read_body(rfile, nbuffers, body_len)
-                if not dispatcher.serve_call(sock, rfile, meta, call_id, body, buffers, flags):
-                    return
+                dispatcher.serve_call(sock, rfile, meta, call_id, body, buffers, flags)
             except (OSError, EOFError, _ProtocolError) as e:
                 log.debug("connection broken during call %d: %s", call_id, e)
                 return
@@ -1850,63 +1855,64 @@ class _Dispatcher:
             context.cancel(reason)
 
     def serve_call(self, sock, rfile, meta, call_id, body, buffers, flags):
-        """Run one call that arrived on a connection and send its reply. Returns False if the
-        connection can no longer be used."""
+        """Run one call that arrived on a connection and send its reply."""
         method = meta.decode("utf-8", "replace")
-        stream_in = None
-        context = None
+        # A streamed argument follows the call on the connection: whatever happens, it is
+        # read to its end before the connection carries anything else.
+        stream_in = _StreamReader(rfile, call_id) if flags & _STREAMED else None
         try:
-            try:
-                if flags & _STREAMED:
-                    # Created first: whatever happens below, the stream is drained at the end.
-                    stream_in = _StreamReader(rfile, call_id)
-                fn = self.lookup(method)
-                args, kwargs, timeout = _loads(body, buffers, "the arguments of %s" % method)
-                if stream_in is not None:
-                    reader = io.BufferedReader(stream_in, _CHUNK)
-                    args = tuple(reader if isinstance(a, _StreamPlaceholder) else a for a in args)
-                    kwargs = {k: reader if isinstance(v, _StreamPlaceholder) else v
-                              for k, v in kwargs.items()}
-                context = CallContext(method, call_id, timeout)
-                self._calls[call_id] = context
-                if timeout is not None:
-                    timer = threading.Timer(timeout, context.cancel, ("timed out",))
-                    timer.daemon = True
-                    timer.start()
-                _calls.context = context
-                try:
-                    result = context._run(fn, args, kwargs)
-                finally:
-                    _calls.context = None
-                    if timeout is not None:
-                        timer.cancel()
-            finally:
-                if context is not None:
-                    self._calls.pop(call_id, None)
-                if stream_in is not None:
-                    stream_in.drain()
-        except _Interrupt as e:
-            if context is not None:
-                context._leave()
-            reason = getattr(context, "reason", None) or "cancelled"
-            error = (Timeout if reason == "timed out" else Cancelled)(
-                "call %s on %s was %s" % (method, self.where, reason))
-            _send_frame(sock, ERROR, call_id, body=_error_payload(error, self.where))
-            return True
-        except Exception as e:
+            result = self._run(method, call_id, body, buffers, stream_in)
+        except BaseException as e:
+            if stream_in is not None:
+                stream_in.drain()
+            if not isinstance(e, Exception):
+                raise
             _send_frame(sock, ERROR, call_id, body=_error_payload(e, self.where))
-            return True
+            return
         if _is_binary_file(result) or isinstance(result, collections.abc.Iterator):
+            # Streamed before the argument is drained: the reply may be reading from it.
             _send_frame(sock, REPLY, call_id, flags=_STREAMED)
             _send_stream(sock, call_id, result)
-            return True
+            if stream_in is not None:
+                stream_in.drain()
+            return
+        if stream_in is not None:
+            stream_in.drain()
         try:
             reply, reply_buffers = _dumps(result, "the result of %s" % method)
         except SerializationError as e:
             _send_frame(sock, ERROR, call_id, body=_error_payload(e, self.where))
-            return True
+            return
         _send_frame(sock, REPLY, call_id, body=reply, buffers=reply_buffers)
-        return True
+
+    def _run(self, method, call_id, body, buffers, stream_in):
+        """Find the method, unpickle its arguments and run it in a CallContext."""
+        fn = self.lookup(method)
+        args, kwargs, timeout = _loads(body, buffers, "the arguments of %s" % method)
+        if stream_in is not None:
+            reader = io.BufferedReader(stream_in, _CHUNK)
+            args = tuple(reader if isinstance(a, _StreamPlaceholder) else a for a in args)
+            kwargs = {k: reader if isinstance(v, _StreamPlaceholder) else v
+                      for k, v in kwargs.items()}
+        context = CallContext(method, call_id, timeout)
+        self._calls[call_id] = context
+        timer = None
+        if timeout is not None:
+            timer = threading.Timer(timeout, context.cancel, ("timed out",))
+            timer.daemon = True
+            timer.start()
+        _calls.context = context
+        try:
+            return context._run(fn, args, kwargs)
+        except _Interrupt:
+            context._leave()
+            raise (Timeout if context.reason == "timed out" else Cancelled)(
+                "call %s on %s was %s" % (method, self.where, context.reason or "cancelled"))
+        finally:
+            _calls.context = None
+            self._calls.pop(call_id, None)
+            if timer is not None:
+                timer.cancel()
 
 
 def _public_methods(service):
@@ -2285,9 +2291,13 @@ class Machine(_Calls):
             self._await_running(method, deadline)
         try:
             return self._peer.call(method, args, kwargs, deadline, inflight)
-        except (NetworkError, Cancelled) as e:
+        except (NetworkError, Cancelled):
+            if self._state is not STOPPED and (self._b._closed or self._b.system.lost(self)):
+                # The connection broke because the machine is going away, which the driver
+                # is about to notice: report that, not a network error worth retrying.
+                self.wait(STOPPED, timeout=5.0)
             if self._state is STOPPED:
-                raise self._stopped_error(method) from None
+                raise self._stopped_error(method) from self.err
             raise
 
     def _await_running(self, method, deadline):
@@ -2299,7 +2309,7 @@ class Machine(_Calls):
                                   % (self.addr, self._state.name, method))
                 self._cond.wait(left)
         if self._state is STOPPED:
-            raise self._stopped_error(method)
+            raise self._stopped_error(method) from self.err
 
     def _run_future(self, future, method, args, kwargs, deadline):
         if not future.set_running_or_notify_cancel():
@@ -2317,7 +2327,7 @@ class Machine(_Calls):
             return self._peer.call(method, args, {}, time.monotonic() + timeout)
         except NetworkError:
             if self._state is STOPPED:
-                raise self._stopped_error(method) from None
+                raise self._stopped_error(method) from self.err
             raise
 
     # -- watching -----------------------------------------------------------------------
@@ -2610,6 +2620,10 @@ class System:
     def keepalive_failed(self, machine, error):
         """A keepalive attempt on machine failed (Go: KeepaliveFailed; EC2 looks deeper)."""
 
+    def lost(self, machine):
+        """Is machine known to be gone (its process exited, say), though not yet STOPPED?"""
+        return False
+
     def maxprocs(self):
         return 1
 
@@ -2753,6 +2767,19 @@ class Local(System):
         finally:
             sock.close()               # the child has its own copy now
 
+    def lost(self, machine):
+        # A dying process's sockets close a moment before it can be waited for; on loopback a
+        # broken connection almost always means that, so give the exit a moment to show.
+        process = self._procs.get(machine.addr)
+        if process is None:
+            return False
+        deadline = time.monotonic() + 0.25
+        while not process.exited():
+            if time.monotonic() > deadline:
+                return False
+            time.sleep(0.005)
+        return True
+
     def terminate(self, machine, deadline):
         with self._lock:
             entry = self._sockets.pop(machine.addr, None)
@@ -2862,6 +2889,19 @@ class _LocalProcess:
                 self.machine.state < RUNNING else ""))
         err.exit_code = code
         self.machine._stop(err)
+
+    def exited(self):
+        """Has the child exited? Asked without reaping it (the waiter thread does that), so it
+        can be asked while the waiter blocks in wait()."""
+        if self.proc.returncode is not None:
+            return True
+        if not hasattr(os, "waitid"):
+            return True          # cannot tell: let the caller wait for the waiter to say
+        try:
+            return os.waitid(os.P_PID, self.proc.pid,
+                             os.WEXITED | os.WNOHANG | os.WNOWAIT) is not None
+        except ChildProcessError:
+            return True
 
     def terminate(self, deadline):
         """End the process by deadline: it may have been asked to exit already; then its

@@ -1,0 +1,1565 @@
+"""Tests of bigmachine.py, against the real transport: real TLS, real sockets, real processes.
+
+Sections follow the module's: the session (B, Machine, services) on the in-process TestSystem,
+where timing is not the point; then the Local system with real processes and signals; then
+the command line and the example; last, the certificates, checked by openssl and, when
+installed, by the cryptography package (used as an independent oracle, never by the library).
+"""
+
+import collections
+import concurrent.futures
+import datetime
+import hashlib
+import http.client
+import io
+import os
+import pickle
+import secrets
+import shutil
+import signal
+import socket
+import ssl
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+
+import pytest
+
+import bigmachine
+from bigmachine import RUNNING, STARTING, STOPPED, UNSTARTED
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+PYENV = os.path.join(os.environ.get("PYENV_ROOT", os.path.expanduser("~/.pyenv")), "versions")
+
+# Short keepalive settings: tests are about behaviour, not Go's minutes.
+FAST = dict(keepalive_period=0.5, keepalive_timeout=2.0, keepalive_rpc_timeout=0.5, lease=5.0)
+
+
+# ======================================================================================
+# Services used by the tests (top level, so that machine processes can import them)
+# ======================================================================================
+
+class Flaky(bigmachine.Error):
+    temporary = True
+
+
+class CustomError(Exception):
+    def __init__(self, code, text):
+        super().__init__(code, text)
+        self.code, self.text = code, text
+
+
+class Unrebuildable(Exception):
+    """Pickles, but cannot be unpickled: __init__ wants two arguments, args holds one."""
+
+    def __init__(self, a, b):
+        super().__init__("%s/%s" % (a, b))
+
+
+class Echo:
+    def __init__(self, tag="echo"):
+        self.tag = tag
+        self.events = []
+        self.attempts = collections.Counter()
+        self.b = None
+
+    def init(self, b):
+        self.b = b
+        self.events.append("init")
+
+    def echo(self, *args, **kwargs):
+        return args[0] if len(args) == 1 and not kwargs else (args, kwargs)
+
+    def get_tag(self):
+        return self.tag
+
+    def inited(self):
+        return self.events[:1] == ["init"] and self.b is not None
+
+    def pid(self):
+        return os.getpid()
+
+    def environ(self, name):
+        return os.environ.get(name)
+
+    def fail(self, message):
+        raise ValueError(message)
+
+    def fail_custom(self, code):
+        raise CustomError(code, "custom %d" % code)
+
+    def fail_unrebuildable(self):
+        raise Unrebuildable("a", "b")
+
+    def unpicklable_result(self):
+        return {"ok": 1, "lock": threading.Lock()}
+
+    def flaky(self, key, failures):
+        self.attempts[key] += 1
+        if self.attempts[key] <= failures:
+            raise Flaky("attempt %d of %s" % (self.attempts[key], key))
+        return self.attempts[key]
+
+    def fatal(self, key):
+        self.attempts[key] += 1
+        raise ValueError("not temporary")
+
+    def sleep(self, seconds):
+        context = bigmachine.current_call()
+        return context.wait(seconds)
+
+    def spin(self, key):
+        """Busy in pure Python until interrupted; records how it ended."""
+        self.events.append(("start", key))
+        try:
+            while True:
+                time.sleep(0.001)
+        except BaseException as e:
+            self.events.append(("interrupted", key, type(e).__name__))
+            raise
+
+    def get_events(self):
+        return list(self.events)
+
+    def dial_and_call(self, addr, method, *args):
+        return self.b.dial(addr).call(method, *args)
+
+    def print_lines(self, *lines):
+        for line in lines:
+            print(line)
+        sys.stdout.flush()
+        return len(lines)
+
+    # streams
+    def chunks(self, n, size):
+        for i in range(n):
+            yield bytes([i % 256]) * size
+
+    def file_of(self, data):
+        return io.BytesIO(data)
+
+    def chunks_then_fail(self, n):
+        for _ in range(n):
+            yield b"z" * 1000
+        raise CustomError(7, "broke mid-stream")
+
+    def digest(self, f):
+        h = hashlib.sha256()
+        for block in iter(lambda: f.read(1 << 16), b""):
+            h.update(block)
+        return h.hexdigest()
+
+    def echo_stream(self, f):
+        return f
+
+    def zeros(self, n):
+        return bytearray(n)
+
+    def size(self, blob):
+        return len(blob)
+
+    def _private(self):
+        return "secret"
+
+
+class Unpicklable:
+    def __init__(self):
+        self.client = Holder()
+
+
+class Holder:
+    def __init__(self):
+        self._sock = socket.socket()
+
+    def __del__(self):
+        self._sock.close()
+
+
+class InitFails:
+    def init(self, b):
+        raise CustomError(3, "init refused")
+
+    def echo(self, x):
+        return x
+
+
+# ======================================================================================
+# Fixtures: sessions that always end, and no process left behind
+# ======================================================================================
+
+def _children():
+    me = os.getpid()
+    pids = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open("/proc/%s/stat" % entry) as f:
+                    fields = f.read().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            if int(fields[1]) == me and fields[0] != "Z":
+                pids.append(int(entry))
+    return pids
+
+
+@pytest.fixture(autouse=True)
+def no_process_left_behind():
+    before = set(_children())
+    yield
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        left = set(_children()) - before
+        if not left:
+            return
+        time.sleep(0.05)
+    for pid in left:
+        os.kill(pid, signal.SIGKILL)
+    pytest.fail("processes left behind: %s" % sorted(left))
+
+
+@pytest.fixture
+def tb():
+    """A session on the in-process TestSystem."""
+    b = bigmachine.start(bigmachine.TestSystem(**FAST))
+    yield b
+    b.shutdown()
+
+
+@pytest.fixture
+def lb():
+    """A session on the Local system: real processes."""
+    b = bigmachine.start(bigmachine.Local(**FAST))
+    yield b
+    b.shutdown()
+
+
+def running(b, n=1, services=None, **kw):
+    machines = b.start(n, services or {"Echo": Echo()}, **kw)
+    for m in machines:
+        assert m.wait(RUNNING, timeout=60) is RUNNING, m.err
+    return machines
+
+
+def eventually(predicate, timeout=10.0, what="condition"):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        time.sleep(0.01)
+    raise AssertionError("timed out waiting for %s" % what)
+
+
+def run_script(tmp_path, code, *args, timeout=120, env=None):
+    path = tmp_path / "driver.py"
+    path.write_text(textwrap.dedent(code))
+    full_env = dict(os.environ, PYTHONPATH=HERE)
+    full_env.update(env or {})
+    return subprocess.run([sys.executable, str(path)] + list(args), capture_output=True,
+                          text=True, timeout=timeout, env=full_env, cwd=str(tmp_path))
+
+
+# ======================================================================================
+# Machines and their states (Go: machine_test.go, testsystem_test.go)
+# ======================================================================================
+
+def test_machine_boot_states_and_services(tb):
+    machines = tb.start(2, {"Echo": Echo("tagged")})
+    assert all(m.state in (STARTING, RUNNING) for m in machines)
+    assert [m.owned for m in machines] == [True, True]
+    for m in machines:
+        assert m.wait(RUNNING, timeout=30) is RUNNING
+        assert m.err is None
+        assert m.addr.startswith("https://127.0.0.1:") and m.hostname == "127.0.0.1"
+        assert m.maxprocs == 1
+        assert m.call("Echo.get_tag") == "tagged"          # the service's state travelled
+        assert m.call("Echo.inited") is True                # init(b) ran before RUNNING
+    assert len({m.addr for m in machines}) == 2
+    assert set(tb.machines()) == set(machines)
+    assert bigmachine.State.UNSTARTED < STARTING < RUNNING < STOPPED
+    assert str(RUNNING) == "RUNNING"
+
+
+def test_wait_is_at_least(tb):
+    m, = running(tb)
+    assert m.wait(STARTING) is RUNNING                      # already past STARTING
+    assert m.wait(STOPPED, timeout=0.05) is RUNNING         # timed out: the state reached
+    m.cancel()
+    assert m.wait(RUNNING) is STOPPED                       # "at least RUNNING" includes STOPPED
+    assert isinstance(m.err, bigmachine.Cancelled)
+
+
+def test_calls_block_while_starting(tb):
+    m, = tb.start(1, {"Echo": Echo()})
+    assert m.call("Echo.echo", 41) == 41                    # waited for RUNNING
+
+
+def test_call_arguments_and_results(tb):
+    m, = running(tb)
+    assert m.call("Echo.echo", 1, 2, k=3) == ((1, 2), {"k": 3})
+    big = {"list": list(range(1000)), "bytes": b"\x00" * 100000, "nested": {"a": (1, [2])}}
+    assert m.call("Echo.echo", big) == big
+    assert len(m.call("Echo.zeros", 10 << 20)) == 10 << 20     # out-of-band buffers
+    assert m.call("Echo.size", bytearray(5 << 20)) == 5 << 20
+
+
+def test_remote_exception_same_type_with_traceback(tb):
+    m, = running(tb)
+    with pytest.raises(ValueError, match="boom") as info:
+        m.call("Echo.fail", "boom")
+    cause = info.value.__cause__
+    assert "Remote traceback" in str(cause) and "in fail" in str(cause)
+    with pytest.raises(CustomError) as info:
+        m.call("Echo.fail_custom", 42)
+    assert (info.value.code, info.value.text) == (42, "custom 42")
+
+
+def test_exception_that_cannot_be_rebuilt_is_remote_error(tb):
+    m, = running(tb)
+    with pytest.raises(bigmachine.RemoteError) as info:
+        m.call("Echo.fail_unrebuildable")
+    e = info.value
+    assert e.type_name.endswith("Unrebuildable") and "a/b" in e.message
+    assert "fail_unrebuildable" in e.traceback
+    assert m.call("Echo.echo", 1) == 1                       # the machine still serves
+
+
+def test_not_found(tb):
+    m, = running(tb)
+    with pytest.raises(bigmachine.NotFound, match="no service 'Nope'.*it has: Echo, Supervisor"):
+        m.call("Nope.echo", 1)
+    with pytest.raises(bigmachine.NotFound, match="no public method 'nosuch'"):
+        m.call("Echo.nosuch")
+    with pytest.raises(bigmachine.NotFound, match="no public method '_private'"):
+        m.call("Echo._private")
+    with pytest.raises(bigmachine.NotFound):
+        m.call("Echo.init", None)                            # init is not callable remotely
+    with pytest.raises(TypeError):                           # wrong arguments: itself
+        m.call("Echo.fail")
+    assert not bigmachine.NotFound("x").temporary
+
+
+def test_unpicklable_arguments_and_results(tb):
+    m, = running(tb)
+    with pytest.raises(bigmachine.SerializationError, match=r"arguments of Echo.echo.*lock"):
+        m.call("Echo.echo", {"x": threading.Lock()})
+    with pytest.raises(bigmachine.SerializationError, match=r"result of Echo.unpicklable_result"):
+        m.call("Echo.unpicklable_result")
+    assert m.call("Echo.echo", 2) == 2
+
+
+def test_start_rejects_bad_input_before_launching(tb):
+    with pytest.raises(bigmachine.SerializationError,
+                       match=r"the services\['Bad'\]\.client\._sock is socket\.socket"):
+        tb.start(1, {"Bad": Unpicklable()})
+    with pytest.raises(ValueError, match="positive integer"):
+        tb.start(0, {"Echo": Echo()})
+    with pytest.raises(ValueError, match="non-empty mapping"):
+        tb.start(1, {})
+    with pytest.raises(ValueError, match="non-empty mapping"):
+        tb.start(1, [Echo()])
+    with pytest.raises(ValueError, match="service names"):
+        tb.start(1, {"a.b": Echo()})
+    with pytest.raises(ValueError, match="Supervisor"):
+        tb.start(1, {"Supervisor": Echo()})
+    with pytest.raises(TypeError, match="unknown parameters"):
+        tb.start(1, {"Echo": Echo()}, colour="red")
+    assert tb.machines() == [] and tb.system.n == 0          # nothing was launched
+
+
+def test_init_raising_stops_machine_fast(tb):
+    began = time.monotonic()
+    m, = tb.start(1, {"Bad": InitFails()})
+    assert m.wait(RUNNING, timeout=30) is STOPPED
+    assert time.monotonic() - began < 10
+    assert isinstance(m.err, CustomError) and m.err.code == 3
+    with pytest.raises(bigmachine.MachineStopped) as info:
+        m.call("Bad.echo", 1)
+    assert info.value.__cause__ is m.err
+
+
+def test_call_timeout_cancels_on_machine(tb):
+    m, = running(tb)
+    view = m.options(timeout=0.3)
+    began = time.monotonic()
+    with pytest.raises(bigmachine.Timeout) as info:
+        view.call("Echo.spin", "t1")
+    assert isinstance(info.value, TimeoutError)
+    assert 0.25 < time.monotonic() - began < 5
+    eventually(lambda: ("interrupted", "t1", "_Interrupt") in m.call("Echo.get_events"),
+               what="the call to be interrupted on the machine")
+    assert m.call("Echo.echo", 3) == 3                       # the pool is not poisoned
+    with pytest.raises(ValueError):
+        m.options(timeout=0)
+
+
+def test_future_cancel_reaches_machine(tb):
+    m, = running(tb)
+    future = m.call_async("Echo.spin", "f1")
+    assert isinstance(future, concurrent.futures.Future)
+    eventually(lambda: ("start", "f1") in m.call("Echo.get_events"), what="the call to start")
+    assert future.running()
+    assert future.cancel() is True
+    assert future.cancelled()
+    with pytest.raises(concurrent.futures.CancelledError):
+        future.result(5)
+    eventually(lambda: ("interrupted", "f1", "_Interrupt") in m.call("Echo.get_events"),
+               what="the cancel to reach the machine")
+    assert m.call("Echo.echo", 4) == 4
+    done, _ = concurrent.futures.wait([m.call_async("Echo.echo", 5)], timeout=10)
+    assert [f.result() for f in done] == [5]
+
+
+def test_cooperative_cancellation(tb):
+    m, = running(tb)
+    with pytest.raises(bigmachine.Timeout):
+        m.options(timeout=0.2).call("Echo.sleep", 30)
+    assert m.call("Echo.sleep", 0.01) is False               # not cancelled: slept the time
+
+
+def test_in_flight_calls_fail_when_machine_stops(tb):
+    m, = running(tb)
+    futures = [m.call_async("Echo.sleep", 30) for _ in range(4)]
+    eventually(lambda: all(f.running() for f in futures), what="calls to be in flight")
+    time.sleep(0.1)
+    began = time.monotonic()
+    m.cancel()
+    for f in futures:
+        with pytest.raises(bigmachine.MachineStopped) as info:
+            f.result(5)
+        assert info.value.__cause__ is m.err
+    assert time.monotonic() - began < 3
+    with pytest.raises(bigmachine.MachineStopped):
+        m.call("Echo.echo", 1)
+    assert m not in tb.machines()
+
+
+def test_retry_call_retries_temporary_errors_only(tb):
+    m, = running(tb)
+    fast = m.options(backoff=bigmachine.Backoff(0.01, 0.05, 2))
+    assert fast.retry_call("Echo.flaky", "a", 3) == 4        # three temporary failures, then ok
+    with pytest.raises(ValueError):
+        fast.retry_call("Echo.fatal", "b")
+    assert m.call("Echo.get_events")                          # machine fine
+    bounded = m.options(timeout=0.3, backoff=bigmachine.Backoff(0.05, 0.05, 1))
+    with pytest.raises(Flaky):
+        bounded.retry_call("Echo.flaky", "c", 1000)           # the timeout bounds all attempts
+    waits = bigmachine.Backoff().waits()
+    assert [next(waits) for _ in range(6)] == [1.0, 1.5, 2.25, 3.375, 5.0, 5.0]   # Go's policy
+
+
+def test_concurrent_calls(tb):
+    m1, m2 = running(tb, 2)
+    futures = [(i, m.call_async("Echo.echo", i)) for i in range(200) for m in (m1, m2)]
+    assert all(f.result(30) == i for i, f in futures)
+    results = []
+
+    def worker(k):
+        for i in range(50):
+            results.append(m1.call("Echo.echo", (k, i)) == (k, i))
+    threads = [threading.Thread(target=worker, args=(k,)) for k in range(16)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(results) == 800 and all(results)
+
+
+# ======================================================================================
+# Streams (Go: rpc/server_test.go TestStream)
+# ======================================================================================
+
+def test_stream_reply_from_iterator_and_file(tb):
+    m, = running(tb)
+    with m.call("Echo.chunks", 5, 1000) as f:
+        assert f.read() == b"".join(bytes([i]) * 1000 for i in range(5))
+    data = os.urandom(1024)
+    with m.call("Echo.file_of", data) as f:
+        assert f.read() == data
+    with m.call("Echo.chunks", 0, 10) as f:                  # empty stream (Go: teststream)
+        assert f.read() == b""
+    assert m.call("Echo.echo", 1) == 1                        # the connection went back
+
+
+def test_stream_error_reaches_reader_past_the_data(tb):
+    m, = running(tb)
+    f = m.call("Echo.chunks_then_fail", 3)
+    assert f.read(3000) == b"z" * 3000
+    with pytest.raises(CustomError, match="broke mid-stream"):
+        f.read()
+    f.close()
+    assert m.call("Echo.echo", 1) == 1
+
+
+def test_stream_argument_and_echo(tb):
+    m, = running(tb)
+    data = os.urandom(3 << 20)
+    assert m.call("Echo.digest", io.BytesIO(data)) == hashlib.sha256(data).hexdigest()
+    with m.call("Echo.echo_stream", io.BytesIO(data)) as f:  # both ways at once: no deadlock
+        assert f.read() == data
+    with pytest.raises(ValueError, match="at most one"):
+        m.call("Echo.echo", io.BytesIO(b"a"), io.BytesIO(b"b"))
+
+
+def test_large_streamed_reply_and_early_close(tb):
+    m, = running(tb)
+    total = 0
+    with m.call("Echo.chunks", 32, 1 << 20) as f:            # 32 MiB (Go: Gimme)
+        for block in iter(lambda: f.read(1 << 20), b""):
+            total += len(block)
+    assert total == 32 << 20
+    f = m.call("Echo.chunks", 1000, 1 << 20)
+    f.read(10)
+    f.close()                                                 # abandon it mid-stream
+    assert m.call("Echo.echo", 9) == 9
+
+
+# ======================================================================================
+# Supervisor, keepalive and the watchdog (Go: supervisor.go)
+# ======================================================================================
+
+def test_supervisor_methods(tb):
+    m, = running(tb)
+    assert m.call("Supervisor.ping", 7) == 7
+    info = m.call("Supervisor.info")
+    assert info["python"] == "%d.%d" % sys.version_info[:2]
+    assert info["version"] == bigmachine.__version__ and info["pid"] == os.getpid()
+    assert info["cpus"] >= 1
+    assert m.call("Supervisor.getpid") == os.getpid()
+    assert "test_supervisor_methods" in m.call("Supervisor.stacks")
+    reply = m.call("Supervisor.keepalive", 10.0)
+    assert reply["next"] == 10.0 and reply["healthy"] in (True, False)
+    assert m.call("Supervisor.services") == ["Echo", "Supervisor"]
+
+
+def test_keepalive_renews_lease(tb):
+    m, = running(tb)
+    eventually(lambda: len(m.keepalive_replies) >= 2, what="two keepalives")
+    assert m.next_keepalive > time.time()
+    assert all(0 <= t < 1 for t in m.keepalive_replies)
+
+
+def test_watchdog_ends_machine_without_keepalives():
+    ca = bigmachine.CertificateAuthority()
+    exited = []
+    process = bigmachine._MachineProcess(None, ca.issue("m"), None, lease=0.3,
+                                         watchdog_tick=0.05, exit=exited.append).start()
+    try:
+        eventually(lambda: exited == [1], timeout=5, what="the watchdog")
+    finally:
+        process.server.close()
+
+
+def test_killed_test_machine_fails_calls_then_stops(tb):
+    m1, m2 = running(tb, 2)
+    assert tb.system.n == 2
+    assert tb.system.kill(m1) is True
+    assert tb.system.kill(m1) is False
+    assert tb.system.n == 1
+    with pytest.raises((bigmachine.NetworkError, bigmachine.MachineStopped)):
+        m1.call("Echo.echo", 1)
+    assert m1.wait(STOPPED, timeout=10) is STOPPED            # the keepalive gave up
+    assert "keepalive failed" in str(m1.err)
+    assert m2.call("Echo.echo", 2) == 2                       # the other machine still serves
+    assert tb.system.kill() is True and tb.system.n == 0     # kill(None): a random one
+    assert tb.system.kill() is False
+
+
+# ======================================================================================
+# B: dial, shutdown, start
+# ======================================================================================
+
+def test_dial_and_machine_to_machine(tb):
+    m1, m2 = running(tb, 2)
+    d = tb.dial(m2.addr)
+    assert d is m2                                            # known address: the same Machine
+    assert m1.call("Echo.dial_and_call", m2.addr, "Echo.echo", "hi") == "hi"
+    other = bigmachine.start(bigmachine.TestSystem(**FAST))
+    try:
+        m3, = running(other)
+        dialed = tb.dial(m3.addr)
+        assert not dialed.owned and dialed.wait(RUNNING, timeout=10) is STOPPED  # other CA
+        assert isinstance(dialed.err, bigmachine.AuthenticationError)
+    finally:
+        other.shutdown()
+
+
+def test_shutdown_is_bounded_idempotent_and_final():
+    with bigmachine.start(bigmachine.TestSystem(**FAST)) as b:
+        machines = running(b, 3)
+        busy = machines[0].call_async("Echo.sleep", 60)
+        eventually(busy.running)
+    assert all(m.state is STOPPED for m in machines)
+    with pytest.raises(bigmachine.MachineStopped):
+        busy.result(5)
+    began = time.monotonic()
+    b.shutdown()
+    b.shutdown()
+    assert time.monotonic() - began < 1
+    with pytest.raises(bigmachine.MachineStopped):
+        machines[1].call("Echo.echo", 1)
+    with pytest.raises(bigmachine.Error, match="shut down"):
+        b.start(1, {"Echo": Echo()})
+
+
+def test_start_chooses_system(monkeypatch):
+    system = bigmachine.TestSystem()
+    b = bigmachine.start(system)
+    assert b.system is system
+    b.shutdown()
+    monkeypatch.setattr(sys, "argv", ["prog", "--bigm.system=test"])
+    b = bigmachine.start()
+    assert isinstance(b.system, bigmachine.TestSystem)
+    b.shutdown()
+    monkeypatch.setattr(sys, "argv", ["prog"])
+    monkeypatch.setenv("BIGMACHINE_SYSTEM", "test")
+    b = bigmachine.start(maxprocs=3)
+    assert isinstance(b.system, bigmachine.TestSystem) and b.system.maxprocs() == 3
+    b.shutdown()
+    monkeypatch.delenv("BIGMACHINE_SYSTEM")
+    b = bigmachine.start()
+    assert isinstance(b.system, bigmachine.Local)            # the default
+    b.shutdown()
+    with pytest.raises(ValueError, match="unknown bigmachine system 'nope'.*local"):
+        bigmachine.start("nope")
+    with pytest.raises(ValueError, match="keepalive_period"):
+        bigmachine.TestSystem(keepalive_period=-1)
+
+
+def test_errors_taxonomy():
+    for name in ("NetworkError", "MachineStopped", "NotFound", "Timeout", "RemoteError",
+                 "SerializationError", "AuthenticationError", "VersionMismatch", "Cancelled"):
+        assert issubclass(getattr(bigmachine, name), bigmachine.Error)
+    assert bigmachine.NetworkError.temporary and bigmachine.Timeout.temporary
+    assert not bigmachine.MachineStopped.temporary and not bigmachine.Error.temporary
+    assert issubclass(bigmachine.Timeout, TimeoutError)
+    e = pickle.loads(pickle.dumps(bigmachine.RemoteError("T", "m", "tb")))
+    assert (e.type_name, e.message, e.traceback) == ("T", "m", "tb")
+
+
+# ======================================================================================
+# The wire: authentication first, then frames; plain HTTP too
+# ======================================================================================
+
+def test_strangers_are_refused_and_nothing_is_unpickled(tb, tmp_path):
+    m, = running(tb)
+    host, port = "127.0.0.1", int(m.addr.rsplit(":", 1)[1].strip("/"))
+    marker = tmp_path / "pwned"
+
+    class Payload:
+        def __reduce__(self):
+            return (open, (str(marker), "w"))
+    bomb = pickle.dumps(((Payload(),), {}, None))
+    frame = bigmachine._HEADER.pack(bigmachine.CALL, 0, 0, 9, 1, len(bomb)) + b"Echo.echo" + bomb
+    upgrade = (b"GET /bigrpc HTTP/1.1\r\nHost: x\r\nConnection: Upgrade\r\nUpgrade: bigrpc/1\r\n"
+               b"Bigmachine-Python: %s\r\nBigmachine-Protocol: 1\r\n\r\n" % bigmachine.PYTHON.encode())
+    post = b"POST /bigrpc/Echo.echo HTTP/1.1\r\nContent-Length: %d\r\n\r\n%s" % (len(bomb), bomb)
+    stranger = bigmachine.CertificateAuthority().issue("stranger")
+    contexts = {"another CA": bigmachine.client_context(stranger)}
+    no_cert = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    no_cert.check_hostname, no_cert.verify_mode = False, ssl.CERT_NONE
+    contexts["no certificate"] = no_cert
+    for what, context in contexts.items():
+        for request in (upgrade + frame, post):
+            with socket.create_connection((host, port), timeout=5) as raw:
+                try:
+                    with context.wrap_socket(raw) as s:
+                        s.sendall(request)
+                        assert s.recv(100) == b"", what
+                except (ssl.SSLError, ConnectionError):
+                    pass
+    for junk in (post, upgrade + frame, os.urandom(4096)):    # plain TCP, no TLS at all
+        with socket.create_connection((host, port), timeout=5) as raw:
+            raw.sendall(junk)
+            with pytest.raises((ConnectionError, socket.timeout)) if False else _nothing():
+                raw.settimeout(5)
+                try:
+                    raw.recv(100)
+                except (ConnectionError, socket.timeout):
+                    pass
+    assert not marker.exists()
+    client = bigmachine._Client(stranger)
+    try:
+        with pytest.raises(bigmachine.AuthenticationError, match="mutual TLS"):
+            client.peer(m.addr).call("Echo.echo", (1,), {}, time.monotonic() + 10)
+    finally:
+        client.close()
+    assert m.call("Echo.echo", 5) == 5                        # still serving its own
+
+
+class _nothing:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+def test_plain_http_post(tb):
+    m, = running(tb)
+    creds = tb._authority.issue("curl-like client", server=False)
+    context = bigmachine.client_context(creds)
+    host, port, _ = bigmachine._parse_addr(m.addr)
+    conn = http.client.HTTPSConnection(host, port, context=context, timeout=10)
+    conn.request("POST", "/bigrpc/Echo.echo", body=pickle.dumps(((21,), {})))
+    reply = conn.getresponse()
+    assert reply.status == 200 and pickle.loads(reply.read()) == 21
+    conn.request("POST", "/bigrpc/Echo.fail", body=pickle.dumps((("bad",), {})))
+    reply = conn.getresponse()
+    assert reply.status == 590
+    assert isinstance(bigmachine._rebuild_error(reply.read()), ValueError)
+    conn.request("GET", "/bigrpc")
+    assert conn.getresponse().status == 426
+    conn.close()
+
+
+def test_version_mismatch_is_refused(tb):
+    m, = running(tb)
+    context = bigmachine.client_context(tb._authority.issue("old driver", server=False))
+    host, port, _ = bigmachine._parse_addr(m.addr)
+    with socket.create_connection((host, port), timeout=10) as raw:
+        with context.wrap_socket(raw) as s:
+            s.sendall(b"GET /bigrpc HTTP/1.1\r\nHost: x\r\nConnection: Upgrade\r\n"
+                      b"Upgrade: bigrpc/1\r\nBigmachine-Python: 2.7\r\n"
+                      b"Bigmachine-Protocol: 1\r\n\r\n")
+            status, headers, body = bigmachine._read_http_response(s.makefile("rb"))
+    assert status == 409
+    assert headers["bigmachine-python"] == bigmachine.PYTHON
+    assert "peer runs Python 2.7" in body and bigmachine.PYTHON in body
+
+
+def test_stale_connection_reconnects(tb):
+    m, = running(tb)
+    assert m.call("Echo.echo", 1) == 1
+    peer = m._peer
+    for conn in list(peer._idle):
+        conn.sock.shutdown(socket.SHUT_RDWR)                   # the peer "restarted"
+        conn.last_used -= 10
+    assert m.call("Echo.echo", 2) == 2
+
+
+# ======================================================================================
+# Local: real processes
+# ======================================================================================
+
+def test_local_machines_are_processes(lb):
+    m1, m2 = running(lb, 2, env={"BIGMACHINE_TEST_VAR": "yes"})
+    pids = {m1.call("Echo.pid"), m2.call("Echo.pid")}
+    assert len(pids) == 2 and os.getpid() not in pids
+    assert m1.call("Echo.environ", "BIGMACHINE_TEST_VAR") == "yes"
+    for pid in pids:
+        assert os.getsid(pid) != os.getsid(0)                 # own session: no terminal Ctrl-C
+    assert m1.call("Echo.inited") is True
+    with pytest.raises(ValueError, match="x"):
+        m1.call("Echo.fail", "x")
+    assert m1.call("Echo.dial_and_call", m2.addr, "Echo.pid") == m2.call("Echo.pid")
+
+
+def test_local_child_exit_noticed_at_once(lb):
+    m1, m2 = running(lb, 2)
+    future = m1.call_async("Echo.sleep", 60)
+    eventually(future.running)
+    time.sleep(0.1)
+    began = time.monotonic()
+    os.kill(m1.call("Echo.pid"), signal.SIGKILL)
+    with pytest.raises(bigmachine.MachineStopped):
+        future.result(10)
+    assert m1.wait(STOPPED, timeout=10) is STOPPED
+    assert time.monotonic() - began < 3
+    assert "SIGKILL" in str(m1.err)
+    assert m2.call("Echo.echo", 1) == 1
+
+
+def test_local_cancel_and_timeout(lb):
+    m, = running(lb)
+    with pytest.raises(bigmachine.Timeout):
+        m.options(timeout=0.3).call("Echo.spin", "lt")
+    future = m.call_async("Echo.spin", "lf")
+    eventually(lambda: ("start", "lf") in m.call("Echo.get_events"))
+    future.cancel()
+    eventually(lambda: {("interrupted", "lt", "_Interrupt"), ("interrupted", "lf", "_Interrupt")}
+               <= set(m.call("Echo.get_events")), what="both calls interrupted on the machine")
+
+
+def test_local_streams(lb):
+    m, = running(lb)
+    data = os.urandom(5 << 20)
+    with m.call("Echo.echo_stream", io.BytesIO(data)) as f:
+        assert hashlib.sha256(f.read()).digest() == hashlib.sha256(data).digest()
+
+
+def test_local_output_reaches_driver_prefixed(tmp_path):
+    result = run_script(tmp_path, """
+        import bigmachine
+        class Talk:
+            def say(self, text):
+                print(text)
+                import sys; print("err " + text, file=sys.stderr)
+                return True
+        if __name__ == "__main__":
+            with bigmachine.start("local") as b:
+                m, = b.start(1, {"Talk": Talk()})
+                m.wait()
+                m.call("Talk.say", "hello from the machine")
+                print("addr", m.addr)
+    """)
+    assert result.returncode == 0, result.stderr
+    addr = result.stdout.split("addr ")[1].strip()
+    assert "%s: hello from the machine\n" % addr in result.stderr
+    assert "%s: err hello from the machine\n" % addr in result.stderr
+
+
+def test_local_unguarded_main_is_explained(tmp_path):
+    result = run_script(tmp_path, """
+        import bigmachine
+        class S:
+            def f(self):
+                return 1
+        b = bigmachine.start("local")
+        m, = b.start(1, {"S": S()})
+        print("state", m.wait())
+        print("err", m.err)
+        b.shutdown()
+    """)
+    assert "state STOPPED" in result.stdout, result.stderr
+    assert 'if __name__ == "__main__":' in result.stdout
+
+
+def test_driver_killed_machines_exit(tmp_path):
+    script = tmp_path / "driver.py"
+    script.write_text(textwrap.dedent("""
+        import sys, time, bigmachine
+        class S:
+            def pid(self):
+                import os; return os.getpid()
+        if __name__ == "__main__":
+            b = bigmachine.start(bigmachine.Local(keepalive_period=0.5, lease=2.0))
+            ms = b.start(2, {"S": S()})
+            for m in ms:
+                m.wait()
+            print(" ".join(str(m.call("S.pid")) for m in ms), flush=True)
+            time.sleep(600)
+    """))
+    for how in ("SIGSTOP", "SIGKILL"):
+        # SIGSTOP: the driver is alive but silent (its pipes stay open): the watchdog ends
+        # the machines within their lease. SIGKILL: the pipes close, and they exit at once.
+        driver = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE,
+                                  env=dict(os.environ, PYTHONPATH=HERE), text=True)
+        try:
+            pids = [int(p) for p in driver.stdout.readline().split()]
+            assert len(pids) == 2
+            os.kill(driver.pid, getattr(signal, how))
+            began = time.monotonic()
+            eventually(lambda: not any(_alive(p) for p in pids), timeout=10,
+                       what="machines to exit after %s" % how)
+            took = time.monotonic() - began
+            assert took < (5 if how == "SIGSTOP" else 2), took
+            if how == "SIGSTOP":
+                assert took > 1.0                              # it was the lease, not a pipe
+        finally:
+            driver.kill()
+            driver.wait()
+
+
+def _alive(pid):
+    try:
+        with open("/proc/%d/stat" % pid) as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def _other_python():
+    mine = "%d.%d" % sys.version_info[:2]
+    for version in sorted(os.listdir(PYENV)) if os.path.isdir(PYENV) else ():
+        if version.count(".") == 2 and version.rsplit(".", 1)[0] != mine and \
+                (3, 8) <= tuple(map(int, version.split(".")[:2])) <= (3, 13):
+            path = os.path.join(PYENV, version, "bin", "python3")
+            if os.path.exists(path):
+                return path
+    return None
+
+
+@pytest.mark.skipif(_other_python() is None, reason="no other CPython 3.8-3.13 installed")
+def test_local_version_mismatch():
+    other = _other_python()
+    with bigmachine.start(bigmachine.Local(python=other, **FAST)) as b:
+        m, = b.start(1, {"Echo": Echo()})
+        assert m.wait(RUNNING, timeout=60) is STOPPED
+        assert isinstance(m.err, bigmachine.VersionMismatch)
+        assert bigmachine.PYTHON in str(m.err)
+        assert other in str(m.err)
+
+
+# ======================================================================================
+# Command line and the example
+# ======================================================================================
+
+def test_selftest_passes():
+    result = subprocess.run([sys.executable, os.path.join(HERE, "bigmachine.py"), "selftest"],
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "all checks passed" in result.stdout
+
+
+def test_bigpi_example():
+    result = subprocess.run([sys.executable, os.path.join(HERE, "examples", "bigpi.py"),
+                             "-n", "2000000", "-nmach", "2"],
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    pi = result.stdout.strip().split("π = ")[1]
+    assert len(pi.split(".")[1]) == 6                          # log10(2e6) digits
+    assert abs(float(pi) - 3.14159) < 0.01
+    assert result.stderr.count(" RUNNING") == 2 and "all machines are ready" in result.stderr
+
+
+# ======================================================================================
+# Certificates (Go: internal/authority_test.go), checked by openssl and cryptography
+# ======================================================================================
+
+certs = bigmachine
+OPENSSL = shutil.which("openssl")
+UTC = datetime.timezone.utc
+# OpenSSL 3 says "unsuitable certificate purpose", older versions "unsupported ...".
+BAD_PURPOSE = "certificate purpose"
+needs_openssl = pytest.mark.skipif(OPENSSL is None, reason="openssl command not found")
+
+# --------------------------------------------------------------------------------------
+# helpers
+# --------------------------------------------------------------------------------------
+
+def openssl(*args, input=None):
+    return subprocess.run([OPENSSL, *args], input=input, capture_output=True, text=True)
+
+
+def write(directory, name, text):
+    path = os.path.join(str(directory), name)
+    with open(path, "w") as f:
+        f.write(text)
+    return path
+
+
+def recv_exact(sock, n):
+    data = b""
+    while len(data) < n:
+        chunk = sock.recv(n - len(data))
+        if not chunk:
+            raise ConnectionError("connection closed")
+        data += chunk
+    return data
+
+
+def handshake(server_ctx, client_ctx, timeout=10.0):
+    """One ping/pong over loopback. Returns (client outcome, server outcome): b"pong" /
+    the server's view of the peer, or the exception raised on that side. A request and its
+    reply are needed because with TLS 1.3 a client learns that the server refused its
+    certificate only on its first read."""
+    listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(1)
+    listener.settimeout(timeout)
+    server = {}
+
+    def serve():
+        try:
+            conn, _ = listener.accept()
+            conn.settimeout(timeout)
+            with server_ctx.wrap_socket(conn, server_side=True) as tls:
+                if recv_exact(tls, 4) != b"ping":
+                    raise AssertionError("bad request")
+                tls.sendall(b"pong")
+                server["peer"] = tls.getpeercert()
+                server["version"] = tls.version()
+        except Exception as e:  # reported to the test
+            server["error"] = e
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    try:
+        with socket.create_connection(listener.getsockname(), timeout=timeout) as raw:
+            with client_ctx.wrap_socket(raw) as tls:
+                tls.sendall(b"ping")
+                client = recv_exact(tls, 4)
+    except Exception as e:
+        client = e
+    thread.join(timeout)
+    listener.close()
+    assert not thread.is_alive()
+    return client, server.get("error", server)
+
+
+@pytest.fixture(scope="module")
+def ca():
+    return certs.CertificateAuthority()
+
+
+@pytest.fixture(scope="module")
+def other_ca():
+    return certs.CertificateAuthority("some other session CA")
+
+
+# --------------------------------------------------------------------------------------
+# Ed25519
+# --------------------------------------------------------------------------------------
+
+RFC8032_VECTORS = [
+    # (secret key, public key, message, signature) from RFC 8032 section 7.1
+    (
+        "9d61b19deffd5a60ba844af492ec2cc44449c5697b326919703bac031cae7f60",
+        "d75a980182b10ab7d54bfed3c964073a0ee172f3daa62325af021a68f707511a",
+        "",
+        "e5564300c360ac729086e2cc806e828a84877f1eb8e5d974d873e06522490155"
+        "5fb8821590a33bacc61e39701cf9b46bd25bf5f0595bbe24655141438e7a100b",
+    ),
+    (
+        "4ccd089b28ff96da9db6c346ec114e0f5b8a319f35aba624da8cf6ed4fb8a6fb",
+        "3d4017c3e843895a92b70aa74d1b7ebc9c982ccf2ec4968cc0cd55f12af4660c",
+        "72",
+        "92a009a9f0d4cab8720e820b5f642540a2b27b5416503f8fb3762223ebdb69da"
+        "085ac1e43e15996e458f3613d0f11d8c387b2eaeb4302aeeb00d291612bb0c00",
+    ),
+    (
+        "c5aa8df43f9f837bedb7442f31dcb7b166d38535076f094b85ce3a2e0b4458f7",
+        "fc51cd8e6218a1a38da47ed00230f0580816ed13ba3303ac5deb911548908025",
+        "af82",
+        "6291d657deec24024827e69c3abe01a30ce548a284743a445e3680d7db5ac3ac"
+        "18ff9b538d16f290ae67f760984dc6594a7c15e9716ed28dc027beceea1ec40a",
+    ),
+]
+
+
+@pytest.mark.parametrize("secret,public,message,signature", RFC8032_VECTORS)
+def test_rfc8032_vectors(secret, public, message, signature):
+    key = certs._Ed25519Key(bytes.fromhex(secret))
+    assert key.public.hex() == public
+    assert key.sign(bytes.fromhex(message)).hex() == signature
+
+
+def test_curve_constants():
+    p, d = certs._ED25519_P, certs._ED25519_D
+    assert d == 37095705934669439343138083508754565189542113879843219016388785533085940283555
+    x, y, z, t = certs._ED25519_BASE
+    assert z == 1 and t == x * y % p and x % 2 == 0
+    assert (-x * x + y * y - 1 - d * x * x * y * y) % p == 0
+    # B has order L: L*B is the neutral element.
+    assert certs._ed25519_encode(certs._ed25519_multiply_base(certs._ED25519_L)) == (
+        certs._ed25519_encode(certs._ED25519_NEUTRAL)
+    )
+
+
+def test_import_is_cheap():
+    # The base-point table is built on first use, never at import.
+    code = "import bigmachine as c; assert c._ed25519_base_table is None; print('ok')"
+    out = subprocess.run([sys.executable, "-c", code], cwd=HERE, capture_output=True, text=True)
+    assert out.stdout.strip() == "ok", out.stderr
+
+
+def test_seed_length():
+    with pytest.raises(ValueError):
+        certs._Ed25519Key(b"\x00" * 31)
+
+
+def test_ed25519_against_cryptography():
+    ed = pytest.importorskip("cryptography.hazmat.primitives.asymmetric.ed25519")
+    from cryptography.hazmat.primitives import serialization
+
+    raw = serialization.Encoding.Raw, serialization.PublicFormat.Raw
+    for i in range(100):
+        seed = secrets.token_bytes(32)
+        message = secrets.token_bytes(i * 7)
+        ours = certs._Ed25519Key(seed)
+        theirs = ed.Ed25519PrivateKey.from_private_bytes(seed)
+        assert ours.public == theirs.public_key().public_bytes(*raw)
+        assert ours.sign(message) == theirs.sign(message)
+
+
+# --------------------------------------------------------------------------------------
+# DER
+# --------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize(
+    "value,encoding",
+    [
+        (0, "020100"),
+        (1, "020101"),
+        (127, "02017f"),
+        (128, "02020080"),
+        (255, "020200ff"),
+        (256, "02020100"),
+        (0x8000, "0203008000"),
+        ((1 << 159) - 1, "0214" + "7f" + "ff" * 19),
+        ((1 << 159), "0215" + "008" + "0" * 39),
+    ],
+)
+def test_der_integer_is_minimal(value, encoding):
+    assert certs._der_integer(value).hex() == encoding
+
+
+def test_der_pieces():
+    assert certs._der_oid("1.3.101.112").hex() == "06032b6570"
+    assert certs._der_oid("1.2.840.113549").hex() == "06062a864886f70d"
+    assert certs._der(0x04, b"x" * 200)[:3].hex() == "0481c8"
+    assert certs._der(0x04, b"x" * 300)[:4].hex() == "0482012c"
+    # keyUsage digitalSignature: 1 byte, 7 unused bits; keyCertSign+cRLSign: 0x06, 1 unused.
+    assert certs._der_named_bits(0).hex() == "03020780"
+    assert certs._der_named_bits(5, 6).hex() == "03020106"
+    assert certs._der_set(b"\x02\x01\x05", b"\x02\x01\x01").hex() == "3106020101020105"
+
+
+def test_der_times():
+    assert certs._der_time(datetime.datetime(2049, 12, 31, 23, 59, 59)) == b"\x17\x0d491231235959Z"
+    assert certs._der_time(datetime.datetime(2050, 1, 1)) == b"\x18\x0f20500101000000Z"
+    # Aware datetimes are converted to UTC; microseconds are dropped.
+    eastern = datetime.timezone(datetime.timedelta(hours=-5))
+    moment = datetime.datetime(2030, 6, 1, 19, 30, 0, 999999, tzinfo=eastern)
+    assert certs._der_time(moment) == b"\x17\x0d300602003000Z"
+
+
+def test_private_key_is_rfc8410_pkcs8():
+    key = certs._Ed25519Key(bytes(range(32)))
+    pem = certs._private_key_pem(key)
+    assert pem.startswith("-----BEGIN PRIVATE KEY-----\n")
+    body = "".join(pem.strip().splitlines()[1:-1])
+    der = __import__("base64").b64decode(body)
+    assert der.hex() == "302e020100300506032b657004220420" + bytes(range(32)).hex()
+
+
+# --------------------------------------------------------------------------------------
+# Certificates, checked by openssl and cryptography
+# --------------------------------------------------------------------------------------
+
+ROLES = {"both": (True, True), "server": (True, False), "client": (False, True)}
+
+
+@pytest.fixture(scope="module")
+def leaves(ca, tmp_path_factory):
+    """200 leaves with mixed roles and SANs, written to files: [(role, path, credentials)]."""
+    directory = tmp_path_factory.mktemp("leaves")
+    out = []
+    for i in range(200):
+        role = ("both", "server", "client")[i % 3]
+        server, client = ROLES[role]
+        sans = {}
+        if i % 4 == 1:
+            sans = {"dns_names": ["localhost", f"m{i}.example.com"]}
+        elif i % 4 == 2:
+            sans = {"ip_addresses": ["127.0.0.1", "::1"]}
+        elif i % 4 == 3:
+            sans = {"dns_names": ["localhost"], "ip_addresses": ["127.0.0.1", "::1"]}
+        creds = ca.issue(f"machine-{i}", server=server, client=client, **sans)
+        out.append((role, write(directory, f"leaf{i}.pem", creds.cert_pem), creds))
+    return out
+
+
+def verify_lines(ca_path, purpose, paths):
+    result = openssl("verify", "-x509_strict", "-purpose", purpose, "-CAfile", ca_path, *paths)
+    return result, result.stdout + result.stderr
+
+
+@needs_openssl
+def test_openssl_verifies_200_leaves_strictly(ca, leaves, tmp_path):
+    ca_path = write(tmp_path, "ca.pem", ca.cert_pem)
+    result = openssl("verify", "-x509_strict", "-CAfile", ca_path, ca_path)
+    assert result.returncode == 0, result.stdout + result.stderr
+    for purpose, roles in (("sslserver", ("both", "server")), ("sslclient", ("both", "client"))):
+        paths = [path for role, path, _ in leaves if role in roles]
+        result, output = verify_lines(ca_path, purpose, paths)
+        assert result.returncode == 0, output
+        assert result.stdout.count(": OK") == len(paths), output
+        wrong = [path for role, path, _ in leaves if role not in roles]
+        for path in wrong[:5]:
+            result, output = verify_lines(ca_path, purpose, [path])
+            assert result.returncode != 0 and BAD_PURPOSE in output, output
+
+
+@needs_openssl
+def test_leaves_do_not_verify_against_another_ca(other_ca, leaves, tmp_path):
+    ca_path = write(tmp_path, "other.pem", other_ca.cert_pem)
+    result = openssl("verify", "-CAfile", ca_path, leaves[0][1])
+    assert result.returncode != 0
+
+
+@needs_openssl
+def test_openssl_text_shows_the_profile(ca, leaves, tmp_path):
+    ca_text = openssl("x509", "-noout", "-text", input=ca.cert_pem).stdout
+    assert "Signature Algorithm: ED25519" in ca_text
+    assert "X509v3 Basic Constraints: critical\n                CA:TRUE" in ca_text
+    assert "Certificate Sign, CRL Sign" in ca_text
+    role, _, creds = leaves[3]  # "both", with DNS and IP SANs
+    text = openssl("x509", "-noout", "-text", input=creds.cert_pem).stdout
+    assert "Version: 3 (0x2)" in text
+    assert "CA:FALSE" in text and "Digital Signature" in text
+    assert "TLS Web Server Authentication, TLS Web Client Authentication" in text
+    assert "DNS:localhost, IP Address:127.0.0.1, IP Address:0:0:0:0:0:0:0:1" in text
+    assert "X509v3 Authority Key Identifier" in text
+    no_san = openssl("x509", "-noout", "-text", input=leaves[0][2].cert_pem).stdout
+    assert "Subject Alternative Name" not in no_san
+
+
+@needs_openssl
+def test_keys_match_certificates_and_are_valid(leaves):
+    for _, _, creds in leaves[:20]:
+        from_cert = openssl("x509", "-noout", "-pubkey", input=creds.cert_pem)
+        from_key = openssl("pkey", "-pubout", input=creds.key_pem)
+        assert from_cert.returncode == 0 and from_key.returncode == 0
+        assert from_cert.stdout == from_key.stdout
+        check = openssl("pkey", "-check", "-noout", input=creds.key_pem)
+        assert check.returncode == 0 and "Key is valid" in check.stdout + check.stderr
+
+
+@needs_openssl
+def test_far_future_dates_use_generalized_time(ca, tmp_path):
+    creds = ca.issue(
+        "far",
+        not_before=datetime.datetime(2049, 12, 31, 23, 0, 0),
+        not_after=datetime.datetime(2051, 1, 1, tzinfo=UTC),
+    )
+    text = openssl("x509", "-noout", "-dates", input=creds.cert_pem).stdout
+    assert "notBefore=Dec 31 23:00:00 2049 GMT" in text
+    assert "notAfter=Jan  1 00:00:00 2051 GMT" in text
+    # Not yet valid now, but well formed: checking at a time inside the window passes.
+    ca_path = write(tmp_path, "ca.pem", ca.cert_pem)
+    leaf = write(tmp_path, "far.pem", creds.cert_pem)
+    at = str(int(datetime.datetime(2030, 1, 1, tzinfo=UTC).timestamp()))
+    ok = openssl("verify", "-x509_strict", "-attime", at, "-CAfile", ca_path, leaf)
+    assert "not yet valid" in ok.stdout + ok.stderr  # 2030 is before notBefore (2049)...
+    at = str(int(datetime.datetime(2050, 6, 1, tzinfo=UTC).timestamp()))
+    late = openssl("verify", "-x509_strict", "-attime", at, "-CAfile", ca_path, leaf)
+    # ...and in 2050 the leaf is valid but the (20-year) CA has expired.
+    assert "certificate has expired" in late.stdout + late.stderr
+
+
+def test_cryptography_accepts_everything(ca, leaves):
+    x509 = pytest.importorskip("cryptography.x509")
+    from cryptography.hazmat.primitives import serialization
+
+    ca_cert = x509.load_pem_x509_certificate(ca.cert_pem.encode())
+    ca_cert.public_key().verify(ca_cert.signature, ca_cert.tbs_certificate_bytes)
+    assert ca_cert.extensions.get_extension_for_class(x509.BasicConstraints).critical
+    assert ca_cert.extensions.get_extension_for_class(x509.BasicConstraints).value.ca
+    usage = ca_cert.extensions.get_extension_for_class(x509.KeyUsage)
+    assert usage.critical and usage.value.key_cert_sign and usage.value.crl_sign
+    ca_skid = ca_cert.extensions.get_extension_for_class(x509.SubjectKeyIdentifier).value
+    serials = set()
+    for role, _, creds in leaves:
+        cert = x509.load_pem_x509_certificate(creds.cert_pem.encode())
+        ca_cert.public_key().verify(cert.signature, cert.tbs_certificate_bytes)
+        assert cert.version == x509.Version.v3
+        assert 0 < cert.serial_number < 1 << 159
+        serials.add(cert.serial_number)
+        assert cert.issuer == ca_cert.subject
+        basic = cert.extensions.get_extension_for_class(x509.BasicConstraints)
+        assert basic.critical and not basic.value.ca
+        usage = cert.extensions.get_extension_for_class(x509.KeyUsage)
+        assert usage.critical and usage.value.digital_signature
+        akid = cert.extensions.get_extension_for_class(x509.AuthorityKeyIdentifier).value
+        assert akid.key_identifier == ca_skid.digest
+        eku = set(cert.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value)
+        server, client = ROLES[role]
+        assert (x509.ExtendedKeyUsageOID.SERVER_AUTH in eku) == server
+        assert (x509.ExtendedKeyUsageOID.CLIENT_AUTH in eku) == client
+        key = serialization.load_pem_private_key(creds.key_pem.encode(), password=None)
+        raw = serialization.Encoding.Raw, serialization.PublicFormat.Raw
+        assert key.public_key().public_bytes(*raw) == cert.public_key().public_bytes(*raw)
+    assert len(serials) == len(leaves)
+
+
+def test_cryptography_sees_san_values(ca):
+    x509 = pytest.importorskip("cryptography.x509")
+    import ipaddress
+
+    creds = ca.issue("m", dns_names=["localhost"], ip_addresses=["127.0.0.1", "::1"])
+    cert = x509.load_pem_x509_certificate(creds.cert_pem.encode())
+    san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    assert san.get_values_for_type(x509.DNSName) == ["localhost"]
+    assert san.get_values_for_type(x509.IPAddress) == [
+        ipaddress.ip_address("127.0.0.1"),
+        ipaddress.ip_address("::1"),
+    ]
+
+
+def test_issue_argument_checks(ca):
+    with pytest.raises(ValueError):
+        ca.issue("nobody", server=False, client=False)
+    with pytest.raises(TypeError):
+        ca.issue("m", dns_names="localhost")
+    with pytest.raises(ValueError):
+        ca.issue("m", ip_addresses=["not-an-ip"])
+    with pytest.raises(ValueError):
+        ca.issue("m", dns_names=["bad name"])
+    with pytest.raises(ValueError):
+        ca.issue("x" * 65)
+    with pytest.raises(ValueError):
+        ca.issue("bigmachine session CA")
+    now = datetime.datetime.now(UTC)
+    with pytest.raises(ValueError):
+        ca.issue("m", not_before=now, not_after=now - datetime.timedelta(seconds=1))
+
+
+def test_secrets_stay_put(ca):
+    creds = ca.issue("m")
+    assert "PRIVATE" not in repr(creds) and creds.key_pem not in repr(creds)
+    with pytest.raises(TypeError):
+        pickle.dumps(ca)
+    # Credentials travel to machines, so they must pickle.
+    assert pickle.loads(pickle.dumps(creds)) == creds
+
+
+def test_default_validity(ca):
+    x509 = pytest.importorskip("cryptography.x509")
+    before = datetime.datetime.now(UTC)
+    cert = x509.load_pem_x509_certificate(ca.issue("m").cert_pem.encode())
+    if hasattr(cert, "not_valid_before_utc"):  # cryptography >= 42
+        not_before, not_after = cert.not_valid_before_utc, cert.not_valid_after_utc
+    else:
+        not_before = cert.not_valid_before.replace(tzinfo=UTC)
+        not_after = cert.not_valid_after.replace(tzinfo=UTC)
+    hour, year = datetime.timedelta(hours=1), datetime.timedelta(days=365)
+    assert before - hour - datetime.timedelta(seconds=2) <= not_before <= before - hour
+    assert 9.9 * year < not_after - before < 10.1 * year
+
+
+# --------------------------------------------------------------------------------------
+# Loading keys without leaving them on disk
+# --------------------------------------------------------------------------------------
+
+class RecordingContext:
+    """Stands in for an SSLContext to see what load_into hands to OpenSSL."""
+
+    def __init__(self):
+        self.real = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        self.paths = []
+
+    def load_cert_chain(self, path):
+        self.paths.append((path, os.stat(path).st_mode & 0o777))
+        self.real.load_cert_chain(path)
+
+
+@pytest.mark.skipif(not hasattr(os, "memfd_create"), reason="no memfd_create")
+def test_load_into_uses_memfd(ca, tmp_path, monkeypatch):
+    monkeypatch.setattr("tempfile.tempdir", str(tmp_path))
+    context = RecordingContext()
+    ca.issue("m").load_into(context)
+    [(path, _)] = context.paths
+    assert path.startswith("/proc/self/fd/")
+    assert os.listdir(str(tmp_path)) == []
+
+
+def test_load_into_falls_back_to_private_temp_file(ca, tmp_path, monkeypatch):
+    monkeypatch.delattr(os, "memfd_create", raising=False)
+    monkeypatch.setattr("tempfile.tempdir", str(tmp_path))
+    context = RecordingContext()
+    ca.issue("m").load_into(context)
+    [(path, mode)] = context.paths
+    assert os.path.dirname(path) == str(tmp_path) and mode == 0o600
+    assert os.listdir(str(tmp_path)) == []
+
+
+def test_load_into_removes_temp_file_on_error(ca, tmp_path, monkeypatch):
+    monkeypatch.delattr(os, "memfd_create", raising=False)
+    monkeypatch.setattr("tempfile.tempdir", str(tmp_path))
+    good = ca.issue("m")
+    broken = good._replace(key_pem=ca.issue("other").key_pem)  # key doesn't match cert
+    with pytest.raises(ssl.SSLError):
+        broken.load_into(ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER))
+    assert os.listdir(str(tmp_path)) == []
+
+
+# --------------------------------------------------------------------------------------
+# Mutual TLS
+# --------------------------------------------------------------------------------------
+
+def test_context_settings(ca):
+    creds = ca.issue("m")
+    for context, protocol in (
+        (certs.server_context(creds), ssl.PROTOCOL_TLS_SERVER),
+        (certs.client_context(creds), ssl.PROTOCOL_TLS_CLIENT),
+    ):
+        assert context.protocol == protocol
+        assert context.minimum_version == ssl.TLSVersion.TLSv1_2
+        assert context.verify_mode == ssl.CERT_REQUIRED
+        assert not context.check_hostname
+        assert context.verify_flags & ssl.VERIFY_X509_STRICT
+        [anchor] = context.get_ca_certs()  # the session CA and nothing else
+        assert anchor["subject"] == ((("commonName", "bigmachine session CA"),),)
+
+
+def test_mutual_tls(ca):
+    machine = ca.issue("machine-1")
+    driver = ca.issue("driver", server=False)
+    client, server = handshake(certs.server_context(machine), certs.client_context(driver))
+    assert client == b"pong", client
+    assert server["peer"]["subject"] == ((("commonName", "driver"),),)
+    # Machines talk to each other too.
+    client, server = handshake(
+        certs.server_context(machine), certs.client_context(ca.issue("machine-2"))
+    )
+    assert client == b"pong", client
+
+
+@pytest.mark.parametrize("version", [ssl.TLSVersion.TLSv1_2, ssl.TLSVersion.TLSv1_3])
+def test_mutual_tls_each_version(ca, version):
+    server_ctx = certs.server_context(ca.issue("machine"))
+    client_ctx = certs.client_context(ca.issue("driver", server=False))
+    client_ctx.minimum_version = client_ctx.maximum_version = version
+    client, server = handshake(server_ctx, client_ctx)
+    assert client == b"pong", client
+    assert server["version"] == {"TLSv1_2": "TLSv1.2", "TLSv1_3": "TLSv1.3"}[version.name]
+
+
+def assert_refused(client, server, server_reason=None, client_reason=None):
+    assert isinstance(client, OSError), f"client unexpectedly succeeded: {client!r}"
+    assert isinstance(server, Exception), f"server unexpectedly succeeded: {server!r}"
+    if server_reason:
+        assert server_reason in str(server), server
+    if client_reason:
+        assert client_reason in str(client), client
+
+
+@pytest.mark.parametrize("version", [ssl.TLSVersion.TLSv1_2, ssl.TLSVersion.TLSv1_3])
+def test_client_from_another_ca_is_refused(ca, other_ca, version):
+    client_ctx = certs.client_context(other_ca.issue("intruder")._replace(ca_pem=ca.cert_pem))
+    client_ctx.maximum_version = version
+    client, server = handshake(certs.server_context(ca.issue("machine")), client_ctx)
+    assert_refused(client, server, server_reason="certificate verify failed")
+
+
+@pytest.mark.parametrize("version", [ssl.TLSVersion.TLSv1_2, ssl.TLSVersion.TLSv1_3])
+def test_client_without_certificate_is_refused(ca, version):
+    client_ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    client_ctx.check_hostname = False
+    client_ctx.load_verify_locations(cadata=ca.cert_pem)
+    client_ctx.maximum_version = version
+    client, server = handshake(certs.server_context(ca.issue("machine")), client_ctx)
+    assert_refused(client, server, server_reason="PEER_DID_NOT_RETURN_A_CERTIFICATE")
+
+
+def test_server_from_another_ca_is_refused(ca, other_ca):
+    impostor = other_ca.issue("impostor")
+    client, server = handshake(
+        certs.server_context(impostor), certs.client_context(ca.issue("driver", server=False))
+    )
+    assert_refused(client, server, client_reason="certificate verify failed")
+    assert isinstance(client, ssl.SSLCertVerificationError)
+
+
+def test_expired_client_is_refused(ca):
+    now = datetime.datetime.now(UTC)
+    expired = ca.issue(
+        "old-driver",
+        server=False,
+        not_before=now - datetime.timedelta(days=2),
+        not_after=now - datetime.timedelta(days=1),
+    )
+    client, server = handshake(
+        certs.server_context(ca.issue("machine")), certs.client_context(expired)
+    )
+    assert_refused(client, server, server_reason="certificate has expired")
+
+
+def test_client_only_certificate_cannot_serve(ca):
+    driver = ca.issue("driver", server=False)
+    client, server = handshake(
+        certs.server_context(driver), certs.client_context(ca.issue("machine"))
+    )
+    assert_refused(client, server, client_reason=BAD_PURPOSE)
+
+
+def test_server_only_certificate_cannot_be_a_client(ca):
+    client, server = handshake(
+        certs.server_context(ca.issue("machine")),
+        certs.client_context(ca.issue("server-only", client=False)),
+    )
+    assert_refused(client, server, server_reason=BAD_PURPOSE)
+
+
+# --------------------------------------------------------------------------------------
+# Other Python versions, strict default contexts, isolated mode, unwritable HOME
+# --------------------------------------------------------------------------------------
+
+SUBPROCESS_SCRIPT = textwrap.dedent(
+    """
+    import os, socket, ssl, sys, threading
+    sys.path.insert(0, sys.argv[1])
+    if sys.argv[2] == "no-memfd" and hasattr(os, "memfd_create"):
+        del os.memfd_create
+    import bigmachine as certs
+
+    def run(server_ctx, client_ctx, hostname=None):
+        listener = socket.socket()
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(1)
+        errors = []
+        def serve():
+            try:
+                conn, _ = listener.accept()
+                with server_ctx.wrap_socket(conn, server_side=True) as tls:
+                    tls.sendall(tls.recv(4)[::-1])
+            except Exception as e:
+                errors.append(e)
+        t = threading.Thread(target=serve)
+        t.start()
+        with socket.create_connection(listener.getsockname(), timeout=10) as raw:
+            with client_ctx.wrap_socket(raw, server_hostname=hostname) as tls:
+                tls.sendall(b"ping")
+                assert tls.recv(4) == b"gnip"
+        t.join()
+        listener.close()
+        assert not errors, errors
+
+    ca = certs.CertificateAuthority()
+    machine, driver = ca.issue("machine"), ca.issue("driver", server=False)
+    run(certs.server_context(machine), certs.client_context(driver))
+
+    # What Python 3.13's create_default_context() does, made explicit for older versions.
+    server_ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH, cadata=ca.cert_pem)
+    server_ctx.verify_mode = ssl.CERT_REQUIRED
+    client_ctx = ssl.create_default_context(cadata=ca.cert_pem)
+    client_ctx.check_hostname = False
+    for ctx in (server_ctx, client_ctx):
+        if sys.version_info >= (3, 13):
+            assert ctx.verify_flags & ssl.VERIFY_X509_STRICT
+        ctx.verify_flags |= ssl.VERIFY_X509_STRICT
+    machine.load_into(server_ctx)
+    driver.load_into(client_ctx)
+    run(server_ctx, client_ctx)
+
+    # Hostname checking also works when SANs are given.
+    named = ca.issue("named", dns_names=["localhost"], ip_addresses=["127.0.0.1"])
+    client_ctx = ssl.create_default_context(cadata=ca.cert_pem)
+    client_ctx.verify_flags |= ssl.VERIFY_X509_STRICT
+    driver.load_into(client_ctx)
+    run(certs.server_context(named), client_ctx, hostname="localhost")
+    run(certs.server_context(named), client_ctx, hostname="127.0.0.1")
+    print("OK", sys.version.split()[0], ssl.OPENSSL_VERSION)
+    """
+)
+
+
+def interpreters():
+    found = []
+    for version in ("3.8.18", "3.13.0"):
+        path = os.path.join(PYENV, version, "bin", "python")
+        if os.path.exists(path):
+            found.append(path)
+    return found or [sys.executable]
+
+
+@pytest.mark.parametrize("python", interpreters())
+@pytest.mark.parametrize("memfd", ["memfd", "no-memfd"])
+def test_other_pythons_isolated_with_unwritable_home(python, memfd, tmp_path):
+    script = write(tmp_path, "script.py", SUBPROCESS_SCRIPT)
+    tmpdir = tmp_path / "tmp"
+    tmpdir.mkdir()
+    env = {"PATH": os.environ.get("PATH", ""), "HOME": "/proc", "TMPDIR": str(tmpdir)}
+    result = subprocess.run(
+        [python, "-I", script, HERE, memfd],
+        env=env,
+        cwd=str(tmp_path),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 0 and result.stdout.startswith("OK"), result.stderr
+    assert os.listdir(str(tmpdir)) == []
