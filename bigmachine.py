@@ -1014,8 +1014,17 @@ class _StreamPlaceholder:
         return (_StreamPlaceholder, ())
 
 
+# Values of these types are never streams: checking them against io.IOBase (an ABC) costs
+# more than the rest of a small call's bookkeeping.
+_PLAIN_TYPES = frozenset([int, float, str, bytes, bool, type(None), tuple, list, dict, set,
+                          bytearray, complex])
+
+
 def _split_stream_argument(args, kwargs):
     """Find the one readable binary file among the arguments and replace it by a placeholder."""
+    if all(type(a) in _PLAIN_TYPES for a in args) and (
+            not kwargs or all(type(v) in _PLAIN_TYPES for v in kwargs.values())):
+        return None, args, kwargs
     found = None
     for i, a in enumerate(args):
         if _is_binary_file(a):
@@ -1351,7 +1360,7 @@ class _Peer:
 
     def call(self, method, args, kwargs, deadline=None, inflight=None):
         """Call method on the peer and return its result; raises what the method raised."""
-        stream, args, kwargs = _split_stream_argument(args, kwargs) if args or kwargs else (None, args, kwargs)
+        stream, args, kwargs = _split_stream_argument(args, kwargs)
         timeout = None if deadline is None else deadline - time.monotonic()
         if timeout is not None and timeout <= 0:
             raise Timeout("deadline passed before calling %s on %s" % (method, self.addr))
@@ -1746,42 +1755,58 @@ _background = _threads.submit
 class CallContext:
     """The call a service method is serving: see `current_call()`."""
 
+    # Made for every call, so it is kept small: the Event a method may wait on is made only
+    # if it waits (an Event costs more than the rest of a small call's dispatch).
+    __slots__ = ("method", "call_id", "deadline", "reason", "_cancelled", "_event", "_lock",
+                 "_thread_id", "_interrupted")
+
     def __init__(self, method, call_id, timeout):
         self.method = method
         self.call_id = call_id
         self.deadline = None if timeout is None else time.monotonic() + timeout
-        self._event = threading.Event()
+        self.reason = None
+        self._cancelled = False
+        self._event = None
         self._lock = threading.Lock()
         self._thread_id = None      # set while the user's method runs: it may be interrupted
         self._interrupted = False
-        self.reason = None
 
     @property
     def cancelled(self):
         """True once the caller cancelled the call or its deadline passed."""
-        return self._event.is_set()
+        return self._cancelled
 
     def wait(self, timeout=None):
         """Sleep up to timeout seconds, waking early if the call is cancelled (or its deadline
         passes). Returns `cancelled`."""
-        return self._event.wait(timeout)
+        with self._lock:
+            if self._cancelled:
+                return True
+            if self._event is None:
+                self._event = threading.Event()
+            event = self._event
+        return event.wait(timeout)
 
     def check(self):
         """Raise `Cancelled` if the call was cancelled."""
-        if self._event.is_set():
+        if self._cancelled:
             raise Cancelled("call %s was %s" % (self.method, self.reason or "cancelled"))
 
     def cancel(self, reason="cancelled"):
         with self._lock:
-            if self._event.is_set():
+            if self._cancelled:
                 return
             self.reason = reason
-            self._event.set()
+            self._cancelled = True
+            if self._event is not None:
+                self._event.set()
             if self._thread_id is not None and not self._interrupted:
                 self._interrupted = _interrupt_thread(self._thread_id)
 
     def _run(self, fn, args, kwargs):
         with self._lock:
+            if self._cancelled:                    # cancelled before it could start
+                raise _Interrupt()
             self._thread_id = threading.get_ident()
         try:
             return fn(*args, **kwargs)
@@ -1869,7 +1894,8 @@ class _Dispatcher:
                 raise
             _send_frame(sock, ERROR, call_id, body=_error_payload(e, self.where))
             return
-        if _is_binary_file(result) or isinstance(result, collections.abc.Iterator):
+        if type(result) not in _PLAIN_TYPES and (
+                _is_binary_file(result) or isinstance(result, collections.abc.Iterator)):
             # Streamed before the argument is drained: the reply may be reading from it.
             _send_frame(sock, REPLY, call_id, flags=_STREAMED)
             _send_stream(sock, call_id, result)
