@@ -2768,17 +2768,9 @@ class Local(System):
             sock.close()               # the child has its own copy now
 
     def lost(self, machine):
-        # A dying process's sockets close a moment before it can be waited for; on loopback a
-        # broken connection almost always means that, so give the exit a moment to show.
+        # On loopback a broken connection almost always means the process is dying.
         process = self._procs.get(machine.addr)
-        if process is None:
-            return False
-        deadline = time.monotonic() + 0.25
-        while not process.exited():
-            if time.monotonic() > deadline:
-                return False
-            time.sleep(0.005)
-        return True
+        return process is not None and process.gone()
 
     def terminate(self, machine, deadline):
         with self._lock:
@@ -2816,53 +2808,49 @@ class Local(System):
 _EXIT_VERSION_MISMATCH = 3
 
 
-class _LocalProcess:
-    """A Local machine's child process, as the driver sees it."""
+class _ChildProcess:
+    """A child process of the driver that stands for one machine: the machine itself (Local),
+    or the ssh client connected to it (SSHSystem). It runs in a session of its own, so that the
+    terminal's Ctrl-C reaches the driver only. Its output reaches the driver's stderr line by
+    line, prefixed with the machine's address; its exit stops the machine with the reason and,
+    when it exits early, its last lines of output."""
 
     _TAIL = 20                        # lines of output kept to explain an early exit
 
-    def __init__(self, system, b, machine, sock, credentials, env):
+    def __init__(self, machine, args, **popen):
         self.machine = machine
-        fd = sock.fileno()
-        child_env = dict(os.environ)
-        child_env.update(env)
-        child_env["BIGMACHINE_MODE"] = "machine"
-        child_env["BIGMACHINE_SYSTEM"] = system.name
-        here = os.path.dirname(os.path.abspath(__file__))
-        code = ("import sys; sys.path.insert(0, %r); import bigmachine; "
-                "bigmachine._machine_main()" % here)
-        args = [system.python] + _interpreter_flags(system.python) + ["-u", "-c", code]
         self.proc = subprocess.Popen(
             args, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-            pass_fds=[fd], start_new_session=True, env=child_env, close_fds=True)
+            start_new_session=True, close_fds=True, **popen)
         self.tail = collections.deque(maxlen=self._TAIL)
         self.expected_exit = False
-        self._forwarders = [
-            threading.Thread(target=self._forward, args=(self.proc.stdout,),
-                             name="bigmachine-stdout", daemon=True),
-            threading.Thread(target=self._forward, args=(self.proc.stderr,),
-                             name="bigmachine-stderr", daemon=True),
-        ]
-        bootstrap = system.bootstrap(b, machine, credentials, fd)
-        self._stdin_data = (json.dumps(bootstrap) + "\n").encode()
+        self._forwarders = []
 
-    def start(self):
-        for t in self._forwarders:
-            t.start()
-        try:
-            self.proc.stdin.write(self._stdin_data)
-            self.proc.stdin.flush()
-        except OSError:
-            pass                       # the child died already: the waiter will say why
+    def prefix(self):
+        """What the lines of its output are prefixed with."""
+        return self.machine.addr + ": "
+
+    def forward(self, readline, close):
+        """Copy lines from readline() to the driver's stderr until it returns b"" (EOF)."""
+        t = threading.Thread(target=self._forward, args=(readline, close),
+                             name="bigmachine-output", daemon=True)
+        self._forwarders.append(t)
+        t.start()
+
+    def _forward(self, readline, close):
+        for line in iter(readline, b""):
+            self.output(line)
+        close()
+
+    def output(self, line):
+        text = line.decode("utf-8", "replace")
+        self.tail.append(text)
+        prefix = self.prefix()
+        _write_stderr(prefix + text if text.endswith("\n") else prefix + text + "\n")
+
+    def watch(self):
+        """Stop the machine when the process exits."""
         threading.Thread(target=self._wait, name="bigmachine-wait", daemon=True).start()
-
-    def _forward(self, pipe):
-        prefix = self.machine.addr + ": "
-        for line in iter(pipe.readline, b""):
-            text = line.decode("utf-8", "replace")
-            self.tail.append(text)
-            _write_stderr(prefix + text if text.endswith("\n") else prefix + text + "\n")
-        pipe.close()
 
     def _wait(self):
         code = self.proc.wait()
@@ -2870,25 +2858,20 @@ class _LocalProcess:
             t.join(2.0)                # print what it said before saying it stopped
         with contextlib.suppress(OSError):
             self.proc.stdin.close()
-        if code < 0:
-            try:
-                why = "killed by signal %s" % signal.Signals(-code).name
-            except ValueError:
-                why = "killed by signal %d" % -code
-        else:
-            why = "exited with code %d" % code
-        output = "".join(self.tail).rstrip()
-        if code == _EXIT_VERSION_MISMATCH and "VersionMismatch" in output:
-            err = VersionMismatch(output.splitlines()[-1].partition("VersionMismatch: ")[2])
-        elif self.expected_exit and code == 0:
-            err = Error("machine %s was shut down" % self.machine.addr)
-        else:
-            err = Error("machine %s (pid %d) %s%s" % (
-                self.machine.addr, self.proc.pid, why,
-                "; its last output:\n" + output if output and
-                self.machine.state < RUNNING else ""))
+        err = self.exit_error(code, _exit_reason(code), "".join(self.tail).rstrip())
         err.exit_code = code
         self.machine._stop(err)
+
+    def exit_error(self, code, why, output):
+        """The machine's err, for an exit of the process (code, described by why) that left
+        output as its last lines."""
+        if code == _EXIT_VERSION_MISMATCH and "VersionMismatch" in output:
+            return VersionMismatch(output.splitlines()[-1].partition("VersionMismatch: ")[2])
+        if self.expected_exit and code == 0:
+            return Error("machine %s was shut down" % self.machine.addr)
+        return Error("machine %s (pid %d) %s%s" % (
+            self.machine.addr, self.proc.pid, why,
+            "; its last output:\n" + output if output and self.machine.state < RUNNING else ""))
 
     def exited(self):
         """Has the child exited? Asked without reaping it (the waiter thread does that), so it
@@ -2902,6 +2885,16 @@ class _LocalProcess:
                              os.WEXITED | os.WNOHANG | os.WNOWAIT) is not None
         except ChildProcessError:
             return True
+
+    def gone(self, grace=0.25):
+        """Has the child exited, or does it within grace seconds? A dying process's sockets
+        close a moment before it can be waited for, so a broken connection is worth a look."""
+        deadline = time.monotonic() + grace
+        while not self.exited():
+            if time.monotonic() > deadline:
+                return False
+            time.sleep(0.005)
+        return True
 
     def terminate(self, deadline):
         """End the process by deadline: it may have been asked to exit already; then its
@@ -2923,6 +2916,46 @@ class _LocalProcess:
                 continue
         for t in self._forwarders:
             t.join(max(0.1, deadline - time.monotonic()))
+
+
+def _exit_reason(code):
+    """'exited with code 1', 'killed by signal SIGKILL': a Popen returncode in words."""
+    if code is None:
+        return "did not exit"
+    if code < 0:
+        try:
+            return "killed by signal %s" % signal.Signals(-code).name
+        except ValueError:
+            return "killed by signal %d" % -code
+    return "exited with code %d" % code
+
+
+class _LocalProcess(_ChildProcess):
+    """A Local machine's child process, as the driver sees it."""
+
+    def __init__(self, system, b, machine, sock, credentials, env):
+        fd = sock.fileno()
+        child_env = dict(os.environ)
+        child_env.update(env)
+        child_env["BIGMACHINE_MODE"] = "machine"
+        child_env["BIGMACHINE_SYSTEM"] = system.name
+        here = os.path.dirname(os.path.abspath(__file__))
+        code = ("import sys; sys.path.insert(0, %r); import bigmachine; "
+                "bigmachine._machine_main()" % here)
+        args = [system.python] + _interpreter_flags(system.python) + ["-u", "-c", code]
+        super().__init__(machine, args, pass_fds=[fd], env=child_env)
+        bootstrap = system.bootstrap(b, machine, credentials, fd)
+        self._stdin_data = (json.dumps(bootstrap) + "\n").encode()
+
+    def start(self):
+        for pipe in (self.proc.stdout, self.proc.stderr):
+            self.forward(pipe.readline, pipe.close)
+        try:
+            self.proc.stdin.write(self._stdin_data)
+            self.proc.stdin.flush()
+        except OSError:
+            pass                       # the child died already: the waiter will say why
+        self.watch()
 
 
 _stderr_lock = threading.Lock()
