@@ -3059,6 +3059,254 @@ def _watch_stdin(process):
         process.exit(1)
 
 
+# --------------------------------------------------------------------------------------
+# Code bundles: the driver's code, for machines that do not share its disk
+# --------------------------------------------------------------------------------------
+#
+# A Local machine reads the driver's code where the driver does. A machine on another host
+# (SSH, EC2) gets it as a *bundle*: one zip file holding bigmachine.py, the driver's main
+# module, and the modules of the program's own code that the driver has imported -- whole
+# packages, so that a submodule imported only on machines is there too -- but not the standard
+# library, site- or dist-packages, or the virtual environment: those the host has (or lacks)
+# itself, as it has its own Python. The zip is built the same way every time from the same
+# files (sorted, with fixed dates), and named by its SHA-256: a host keeps the bundles it has
+# received in <tmp>/bigmachine-<uid>/bundles/<sha256>.zip, in a directory only its user may
+# enter, and a driver whose bundle a host has already is not asked to send it again. A cached
+# bundle is hashed again before each use, so a damaged or tampered one is fetched anew.
+#
+# The machine unpacks the bundle in a directory of its own, <tmp>/bigmachine-<uid>/machine-
+# <pid>-*/code, puts that first on sys.path and loads the driver's __main__ from it the way
+# Local does (multiprocessing's spawn preparation, relocated by `_bundle_preparation`). The
+# directory is the machine's working and temporary directory too, and it is removed when the
+# machine exits; one left by a machine that was killed outright is removed by the next machine
+# to start on that host.
+#
+# How the bundle travels is the system's business; these functions are shared by all. The
+# host-side ones (`_bundle_root`, `_bundle_install`, `_bundle_unpack`, `_machine_workdir`)
+# run before bigmachine.py is on the host, so each is self-contained -- standard library
+# imports inside, no module globals -- and a system ships their source (inspect.getsource):
+# SSH sends it over the ssh channel, EC2 can put it in user data and fetch the bundle over
+# mutual TLS.
+
+class _Bundle(typing.NamedTuple):
+    """The driver's code as one zip file: see `_make_bundle`."""
+
+    data: bytes                       # the zip file
+    sha256: str                       # its hash (hex): its name in a host's cache
+    main: dict                        # how to load __main__: see `_bundle_preparation`
+    library: str                      # the name the machine imports bigmachine by
+    files: typing.Dict[str, str]      # archive name -> the file it holds
+
+
+def _make_bundle():
+    """Bundle the driver's code: bigmachine.py, the main module, and the modules of the
+    program's own code that it has imported (their whole top-level regular package, if any)."""
+    shared = _shared_code_dirs()
+    library = __name__
+    files = {library.replace(".", "/") + ".py": os.path.abspath(__file__)}
+    packages = set()
+    for name, module in list(sys.modules.items()):
+        path = getattr(module, "__file__", None)
+        if name not in ("__main__", "__mp_main__", library) and isinstance(path, str) and \
+                not _is_shared_code(path, shared):
+            _bundle_module(files, packages, name, path)
+    main = {"sys_argv": list(sys.argv)}
+    module = sys.modules.get("__main__")
+    spec_name = getattr(getattr(module, "__spec__", None), "name", None)
+    path = getattr(module, "__file__", None)
+    if spec_name is not None:
+        # python -m NAME: the machine imports NAME, from the bundle if it is the program's own.
+        main["init_main_from_name"] = spec_name
+        if isinstance(path, str) and not _is_shared_code(path, shared):
+            _bundle_module(files, packages, spec_name, path)
+    elif isinstance(path, str):
+        # A script: at the top of the bundle, as its directory was first on the driver's
+        # sys.path (unless that name is taken by another file).
+        path = _absolute_path(path)
+        name = os.path.basename(path)
+        if files.get(name, path) != path:
+            name = "__main__/" + name
+        files[name] = path
+        main["init_main_from_path"] = name
+    data = _zip_files(files)
+    return _Bundle(data, hashlib.sha256(data).hexdigest(), main, library, files)
+
+
+def _absolute_path(path):
+    if os.path.isabs(path):
+        return os.path.normpath(path)
+    import multiprocessing.process
+    return os.path.normpath(os.path.join(multiprocessing.process.ORIGINAL_DIR or os.getcwd(),
+                                         path))
+
+
+def _shared_code_dirs():
+    """Where this interpreter's standard library and installed packages live (each ending in
+    a separator): code that a machine's host provides for itself."""
+    import site
+    import sysconfig
+    dirs = {os.path.dirname(os.__file__)}
+    paths = sysconfig.get_paths()
+    dirs.update(paths[key] for key in ("stdlib", "platstdlib", "purelib", "platlib")
+                if key in paths)
+    with contextlib.suppress(Exception):
+        dirs.update(site.getsitepackages())
+    with contextlib.suppress(Exception):
+        dirs.add(site.getusersitepackages())
+    if sys.prefix != sys.base_prefix:
+        dirs.add(sys.prefix)          # a virtual environment: all of it
+    return tuple(sorted({os.path.join(os.path.realpath(d), "") for d in dirs if d}))
+
+
+def _is_shared_code(path, shared):
+    real = os.path.realpath(_absolute_path(path))
+    parts = real.split(os.sep)
+    return "site-packages" in parts or "dist-packages" in parts or real.startswith(shared)
+
+
+def _bundle_module(files, packages, name, path):
+    """Add module name, whose file is path, to files: the outermost regular package it is in,
+    whole; else the module alone. Archive names are the paths below the sys.path entry the
+    module was found in, which its name gives."""
+    path = _absolute_path(path)
+    parts = name.split(".")
+    stem = os.path.basename(path).split(".")[0]       # "mod" of mod.cpython-311-x86_64.so too
+    is_package = stem == "__init__"
+    if not is_package and stem != parts[-1]:
+        return                        # not a file its name can be found by: leave it be
+    depth = len(parts) if is_package else len(parts) - 1
+    root = os.path.dirname(path)
+    for part in reversed(parts[:depth]):
+        if os.path.basename(root) != part:
+            return
+        root = os.path.dirname(root)
+    for i in range(1, depth + 1):
+        package = os.path.join(root, *parts[:i])
+        if os.path.isfile(os.path.join(package, "__init__.py")):
+            if package not in packages:
+                packages.add(package)
+                _bundle_tree(files, root, package)
+            return
+    files.setdefault(os.path.relpath(path, root).replace(os.sep, "/"), path)
+
+
+def _bundle_tree(files, root, package):
+    import importlib.machinery
+    suffixes = tuple(importlib.machinery.SOURCE_SUFFIXES + importlib.machinery.EXTENSION_SUFFIXES)
+    for directory, subdirectories, names in os.walk(package):
+        # Only directories that can be subpackages; never caches of compiled code.
+        subdirectories[:] = sorted(d for d in subdirectories
+                                   if d.isidentifier() and d != "__pycache__")
+        for name in names:
+            if name.endswith(suffixes):
+                path = os.path.join(directory, name)
+                files.setdefault(os.path.relpath(path, root).replace(os.sep, "/"), path)
+
+
+def _zip_files(files):
+    """A zip of files ({archive name: path}) that depends on their names and contents only."""
+    import zipfile
+    out = io.BytesIO()
+    with zipfile.ZipFile(out, "w", zipfile.ZIP_DEFLATED) as archive:
+        for name in sorted(files):
+            with open(files[name], "rb") as f:
+                data = f.read()
+            info = zipfile.ZipInfo(name, date_time=(1980, 1, 1, 0, 0, 0))
+            info.compress_type = zipfile.ZIP_DEFLATED
+            info.external_attr = 0o644 << 16
+            archive.writestr(info, data)
+    return out.getvalue()
+
+
+def _bundle_preparation(main, code, workdir):
+    """multiprocessing's spawn preparation for a machine running from a bundle unpacked at
+    code: main (the bundle's) names the main module, or its path inside the bundle; sys.path
+    is the bundle, then this host's own entries; the working directory is the machine's."""
+    preparation = dict(main)
+    if "init_main_from_path" in preparation:
+        preparation["init_main_from_path"] = os.path.join(code, preparation["init_main_from_path"])
+    cwd = os.getcwd()
+    preparation["sys_path"] = [code] + [p for p in sys.path if p and p not in (code, cwd)]
+    if workdir:
+        preparation["dir"] = preparation["orig_dir"] = workdir
+    return preparation
+
+
+def _bundle_root(tmp=None):
+    """This user's bigmachine directory on this host, <tmp>/bigmachine-<uid>: made private
+    (0700) if new, refused if it is not a directory of this user's. Self-contained."""
+    import os
+    import stat
+    import tempfile
+    uid = os.getuid()
+    root = os.path.join(tmp or tempfile.gettempdir(), "bigmachine-%d" % uid)
+    try:
+        os.mkdir(root, 0o700)
+    except FileExistsError:
+        pass
+    info = os.lstat(root)
+    if not stat.S_ISDIR(info.st_mode) or info.st_uid != uid:
+        raise PermissionError("%s is not a directory of user %d: refusing to use it" % (root, uid))
+    if info.st_mode & 0o077:
+        os.chmod(root, 0o700)
+    return root
+
+
+def _bundle_install(root, sha256, fetch):
+    """The path of bundle sha256 in root's cache, after calling fetch() for its bytes if the
+    cache lacks it (or holds a copy that does not hash right). Self-contained."""
+    import hashlib
+    import os
+    if len(sha256) != 64 or set(sha256) - set("0123456789abcdef"):
+        raise ValueError("not a SHA-256: %r" % (sha256,))
+    cache = os.path.join(root, "bundles")
+    os.makedirs(cache, mode=0o700, exist_ok=True)
+    path = os.path.join(cache, sha256 + ".zip")
+    try:
+        with open(path, "rb") as f:
+            if hashlib.sha256(f.read()).hexdigest() == sha256:
+                return path
+    except OSError:
+        pass
+    data = fetch()
+    if hashlib.sha256(data).hexdigest() != sha256:
+        raise ValueError("the code bundle arrived damaged (%d bytes): its SHA-256 is not %s"
+                         % (len(data), sha256))
+    partial = "%s.%d.part" % (path, os.getpid())
+    fd = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "wb") as f:
+        f.write(data)
+    os.replace(partial, path)           # whole or not at all, even with machines racing
+    return path
+
+
+def _bundle_unpack(path, directory):
+    """Unpack bundle path into directory. Self-contained."""
+    import zipfile
+    with zipfile.ZipFile(path) as archive:
+        archive.extractall(directory)
+    return directory
+
+
+def _machine_workdir(root):
+    """A new private directory for this machine process in root, named after its pid; first,
+    the directories of machines whose process is gone (killed before it could clean up) go.
+    Self-contained."""
+    import os
+    import shutil
+    import tempfile
+    for name in os.listdir(root):
+        pid = name.split("-")[1] if name.startswith("machine-") else ""
+        if pid.isdigit():
+            try:
+                os.kill(int(pid), 0)
+            except ProcessLookupError:
+                shutil.rmtree(os.path.join(root, name), ignore_errors=True)
+            except OSError:
+                pass
+    return tempfile.mkdtemp(prefix="machine-%d-" % os.getpid(), dir=root)
+
+
 # ======================================================================================
 # Starting a session (Go: driver)
 # ======================================================================================
