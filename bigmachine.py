@@ -2792,17 +2792,24 @@ class Local(System):
 
     def bootstrap(self, b, machine, credentials, fd):
         """The JSON a machine process reads from its stdin before anything else."""
-        return {
-            "python": PYTHON,
-            "protocol": PROTOCOL,
-            "addr": machine.addr,
-            "fd": fd,
-            "credentials": credentials._asdict(),
-            "lease": self.lease,
-            "watchdog_tick": self.watchdog_tick,
-            "log_level": logging.getLogger().getEffectiveLevel(),
-            "main": _main_preparation(),
-        }
+        return _machine_bootstrap(self, credentials, _main_preparation(), addr=machine.addr,
+                                  fd=fd)
+
+
+def _machine_bootstrap(system, credentials, main, **more):
+    """What a machine process needs to know before anything else, as JSON, whichever system
+    started it: see `_machine_main`. main says how to load the driver's __main__."""
+    config = {
+        "python": PYTHON,
+        "protocol": PROTOCOL,
+        "credentials": credentials._asdict(),
+        "lease": system.lease,
+        "watchdog_tick": system.watchdog_tick,
+        "log_level": logging.getLogger().getEffectiveLevel(),
+        "main": main,
+    }
+    config.update(more)
+    return config
 
 
 _EXIT_VERSION_MISMATCH = 3
@@ -2997,47 +3004,106 @@ def _main_preparation():
     return data
 
 
-def _machine_main():
-    """The life of a Local machine process; never returns."""
-    config = json.loads(sys.stdin.readline() or "null")
+def _machine_main(**here):
+    """The life of a machine process, whichever system started it; never returns.
+
+    Its bootstrap (see `_machine_bootstrap`) is the first line of its standard input, as JSON:
+    its credentials, lease, how to load the driver's __main__, and where to serve: on the
+    socket the driver bound (`fd`, Local) or on one of its own (`bind`, `port`), whose port it
+    then `announce`s on stdout, with the driver's host name for it (`host`) when `addr` is not
+    given. `env` adds environment variables. here adds what only the machine knows: `code`,
+    the directory where the driver's code bundle was unpacked (then main is relocated into it),
+    and `workdir`, the machine's private directory, which goes when the machine does."""
+    config = json.loads(sys.stdin.buffer.readline() or b"null")
     if not isinstance(config, dict):
         sys.stderr.write("bigmachine: this process is a machine: it expects its bootstrap "
                          "from the driver on its standard input\n")
         os._exit(2)
-    if config["python"] != PYTHON or config["protocol"] != PROTOCOL:
-        sys.stderr.write(
-            "bigmachine: VersionMismatch: the driver runs Python %s (protocol %s); machine %s "
-            "runs Python %s (protocol %d, %s)\n" % (
-                config["python"], config["protocol"], config["addr"], PYTHON, PROTOCOL,
-                sys.executable))
-        sys.stderr.flush()
-        os._exit(_EXIT_VERSION_MISMATCH)
+    config.update(here)
+    workdir = config.get("workdir")
+    try:
+        if config["python"] != PYTHON or config["protocol"] != PROTOCOL:
+            sys.stderr.write(
+                "bigmachine: VersionMismatch: the driver runs Python %s (protocol %s); machine %s "
+                "runs Python %s (protocol %d, %s)\n" % (
+                    config["python"], config["protocol"], config.get("addr") or "here", PYTHON,
+                    PROTOCOL, sys.executable))
+            code = _EXIT_VERSION_MISMATCH
+        else:
+            code = _run_machine(config)
+        with contextlib.suppress(Exception):
+            logging.shutdown()
+        for stream in (sys.stdout, sys.stderr):
+            with contextlib.suppress(Exception):
+                stream.flush()
+    finally:
+        if workdir:
+            import shutil
+            shutil.rmtree(workdir, ignore_errors=True)
+    os._exit(code)
+
+
+def _run_machine(config):
+    """Serve as a machine until it exits; returns the exit code."""
+    workdir = config.get("workdir")
+    if workdir:
+        # Temporary files of the machine's code go where the machine's files go.
+        os.environ["TMPDIR"] = tempfile.tempdir = workdir
+    os.environ.update(config.get("env") or {})
     logging.basicConfig(level=config["log_level"], stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     credentials = Credentials(**config["credentials"])
     system = Local(lease=config["lease"])
     b = B(system, _credentials=credentials)
-    sock = socket.socket(fileno=config["fd"])
+    if config.get("fd") is not None:
+        sock = socket.socket(fileno=config["fd"])
+    else:
+        sock = _listen(config.get("bind"), config.get("port") or 0)
+    port = sock.getsockname()[1]
+    addr = config.get("addr") or "https://%s:%d/" % (
+        _url_host(config.get("host") or socket.gethostname()), port)
     exit_code = []
-
-    def exit(code):
-        exit_code.append(code)
-
-    process = _MachineProcess(b, credentials, config["addr"], config["lease"],
-                              config["watchdog_tick"], exit, sock=sock)
+    process = _MachineProcess(b, credentials, addr, config["lease"], config["watchdog_tick"],
+                              exit_code.append, sock=sock)
+    if config.get("announce"):
+        _announce("listening", port)
     threading.Thread(target=_watch_stdin, args=(process,), name="bigmachine-stdin",
                      daemon=True).start()
     threading.Thread(target=process.supervisor._watch, name="bigmachine-watchdog",
                      daemon=True).start()
-    _load_main(config["main"])
+    preparation = config["main"]
+    if config.get("code"):
+        preparation = _bundle_preparation(preparation, config["code"], workdir)
+    _load_main(preparation)
     process.server.start()
     process.exited.wait()
-    with contextlib.suppress(Exception):
-        logging.shutdown()
-    for stream in (sys.stdout, sys.stderr):
-        with contextlib.suppress(Exception):
-            stream.flush()
-    os._exit(exit_code[0] if exit_code else 0)
+    return exit_code[0] if exit_code else 0
+
+
+def _listen(host, port):
+    """A listening socket of the machine's own. host None means the address of this host that
+    the SSH connection which started the process came in on (so that the machine is reachable
+    where its host was, and nowhere else), else every interface."""
+    if host is None:
+        host = (os.environ.get("SSH_CONNECTION") or "").split()[2:3]
+        host = host[0] if host else ""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    return socket.create_server((host, port), family=family, backlog=512)
+
+
+def _url_host(host):
+    """host as the host part of a URL: IPv6 addresses go in brackets."""
+    return "[%s]" % host if ":" in host and not host.startswith("[") else host
+
+
+# A line on a machine's stdout that starts with this mark is for its driver, not its log.
+_MARK = "@bigmachine@"
+
+
+def _announce(*words):
+    sys.stdout.flush()
+    sys.stdout.buffer.write((" ".join([_MARK] + [str(w) for w in words]) + "\n").encode())
+    sys.stdout.buffer.flush()
 
 
 def _load_main(preparation):
