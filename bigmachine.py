@@ -2481,6 +2481,24 @@ class B:
             log.debug("%s: RUNNING", m.addr)
             m._watch(system, "Supervisor.keepalive", system.lease)
 
+    def _readdress(self, m, addr):
+        """Give m the address it turned out to have. A system that learns a machine's address
+        only as the machine comes up (SSH: the port the machine bound) makes the Machine with a
+        provisional one and calls this from launch, before the machine is pinged."""
+        _parse_addr(addr)
+        with m._cond:
+            if m._state is STOPPED:
+                raise MachineStopped("machine %s stopped while it started" % m.addr) from m.err
+            old = m.addr
+            with self._lock:
+                if self._machines.get(old) is m:
+                    del self._machines[old]
+                    self._machines[addr] = m
+            m.addr, m.hostname = addr, urllib.parse.urlsplit(addr).hostname or "unknown"
+            m._peer = self._client.peer(addr)
+        self._client.forget(old)
+        log.debug("%s is %s", old, addr)
+
     def machines(self):
         """The machines this session knows: started and dialed, not yet stopped."""
         with self._lock:
@@ -2629,6 +2647,12 @@ class System:
 
     def shutdown(self):
         """Release the system's resources; machines were already terminated."""
+
+    @classmethod
+    def _command_line_options(cls, argv, environ):
+        """Options for this system from --bigm.* flags in argv and BIGMACHINE_* variables in
+        environ, for `start()` given the system by name (options given to start() win)."""
+        return {}
 
 
 class TestSystem(System):
@@ -3385,7 +3409,8 @@ def start(system=None, **options):
 
     system is a `System`, or a name ("local", "test"); None reads `--bigm.system=NAME` from
     sys.argv, then the BIGMACHINE_SYSTEM environment variable, then uses "local". options go to
-    the system's constructor when system is a name."""
+    the system's constructor when system is a name, after the system's own flags and variables
+    (`System._command_line_options`)."""
     if _machine_bootstrapping or os.environ.get("BIGMACHINE_MODE") == "machine":
         raise Error(
             "bigmachine.start() was called while a machine was loading the driver's main module. "
@@ -3398,7 +3423,7 @@ def start(system=None, **options):
         if cls is None:
             raise ValueError("unknown bigmachine system %r; known systems: %s"
                              % (system, ", ".join(sorted(_SYSTEMS))))
-        system = cls(**options)
+        system = cls(**dict(cls._command_line_options(sys.argv, os.environ), **options))
     elif options:
         raise TypeError("options are for a system given by name; configure the %s instance "
                         "itself" % type(system).__name__)
@@ -3408,13 +3433,32 @@ def start(system=None, **options):
 
 
 def _system_from_command_line(argv):
+    return _flag(argv, "bigm.system")
+
+
+def _flag(argv, name, boolean=False):
+    """The value of the first --NAME=VALUE or --NAME VALUE in argv[1:] (one dash will do, as
+    with Go's flags), or None. A boolean flag may also stand alone, meaning "true"."""
     for i, arg in enumerate(argv[1:], 1):
-        for flag in ("--bigm.system", "-bigm.system"):
+        for flag in ("--" + name, "-" + name):
             if arg.startswith(flag + "="):
                 return arg.split("=", 1)[1]
-            if arg == flag and i + 1 < len(argv):
-                return argv[i + 1]
+            if arg == flag:
+                if boolean:
+                    return "true"
+                if i + 1 < len(argv):
+                    return argv[i + 1]
     return None
+
+
+def _truth(value):
+    """A boolean flag's or variable's value."""
+    text = str(value).strip().lower()
+    if text in ("1", "true", "yes", "on"):
+        return True
+    if text in ("0", "false", "no", "off", ""):
+        return False
+    raise ValueError("not a boolean: %r (want true or false)" % (value,))
 
 
 # ======================================================================================
