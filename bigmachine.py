@@ -3262,8 +3262,11 @@ def _bundle_module(files, packages, name, path):
     parts = name.split(".")
     stem = os.path.basename(path).split(".")[0]       # "mod" of mod.cpython-311-x86_64.so too
     is_package = stem == "__init__"
-    if not is_package and stem != parts[-1]:
-        return                        # not a file its name can be found by: leave it be
+    if not is_package and stem != parts[-1] or not os.path.isfile(path):
+        # Not a file its name can be found by (an alias in sys.modules, a module imported
+        # from a zip file...): leave it to the host.
+        log.debug("not bundling module %s (%s)", name, path)
+        return
     depth = len(parts) if is_package else len(parts) - 1
     root = os.path.dirname(path)
     for part in reversed(parts[:depth]):
