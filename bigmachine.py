@@ -56,7 +56,8 @@ B (Go: bigmachine.go, driver)
 Systems (Go: system.go, local.go, testsystem)
     Where machines come from. `TestSystem` runs them inside the driver's process, each with its
     own TLS server, for fast tests. `Local` runs each one as a child process, loaded the way
-    `multiprocessing`'s spawn method loads `__main__`.
+    `multiprocessing`'s spawn method loads `__main__`. `SSHSystem` runs them on hosts reached
+    over ssh, with the driver's code shipped as a content-addressed bundle.
 
 Command line
     `python bigmachine.py selftest` checks the whole system on the machine at hand.
@@ -101,7 +102,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "start", "B", "Machine", "State", "UNSTARTED", "STARTING", "RUNNING", "STOPPED",
-    "System", "Local", "TestSystem", "Supervisor", "current_call", "CallContext",
+    "System", "Local", "TestSystem", "SSHSystem", "Supervisor", "current_call", "CallContext",
     "Error", "NetworkError", "MachineStopped", "NotFound", "Timeout", "RemoteError",
     "SerializationError", "AuthenticationError", "VersionMismatch", "Cancelled",
     "CertificateAuthority", "Credentials", "Backoff",
@@ -3400,20 +3401,526 @@ def _machine_workdir(root):
     return tempfile.mkdtemp(prefix="machine-%d-" % os.getpid(), dir=root)
 
 
+# --------------------------------------------------------------------------------------
+# SSH: machines on any host the user can ssh into
+# --------------------------------------------------------------------------------------
+#
+# The driver runs each machine through an ssh client of its own (OpenSSH's, as the user has it
+# configured), and the host needs nothing but a Python of the driver's major.minor. Over the
+# ssh channel, which is authenticated and encrypted, the machine starts in three stages:
+#
+# 0. The remote command is `exec PYTHON -u -c STAGE0`. Stage 0 says which Python it is, and
+#    goes on only if that is the driver's major.minor (it parses even on Python 2, so that a
+#    host whose python3 is something else gets a clear VersionMismatch, not a syntax error).
+# 1. It runs the next line of its input: the source of `_ssh_stage1` and the self-contained
+#    bundle functions it calls. Stage 1 answers "have" if the host's cache holds the driver's
+#    code bundle, else "need" and reads it (the driver sends the bundle to one machine of a
+#    host at a time, so a host is sent it once); then it unpacks it in the machine's private
+#    directory and imports bigmachine from there.
+# 2. `_machine_main` reads its bootstrap (the credentials among it), binds a port of its own --
+#    by default on the address the ssh connection came in on -- and announces it. The
+#    machine's address is https://HOST:PORT/, HOST as the driver named it. `B.start` returned
+#    the machine with a provisional address (port 0); launch gives it the real one before the
+#    machine is pinged.
+#
+# From then on the ssh client carries the machine's stdout and stderr, prefixed with the
+# machine's address as for Local. The machine exits when its lease lapses and when the ssh
+# connection ends (EOF on its stdin), whichever comes first: killing the driver, even with
+# SIGKILL, closes the pipe to the ssh client, which passes the EOF on. Its directory goes with
+# it.
+#
+# With tunnel=True the machine listens on the host's loopback only, and the driver reaches it
+# through `ssh -L` from a local port, a second ssh client whose remote end is a Python waiting
+# for EOF, so that the tunnel, too, ends with the driver. Machines then have loopback
+# addresses that only the driver can use: machine-to-machine calls (b.dial) need hosts whose
+# ports the machines can reach, that is tunnel=False.
+
+_SSH_STAGE0 = (
+    'import sys;v="%d.%d"%sys.version_info[:2];'
+    'sys.stdout.write("@bigmachine@ python %s %s\\n"%(v,sys.executable));sys.stdout.flush();'
+    'v=="{version}" or sys.exit();exec(sys.stdin.buffer.readline())')
+
+# The remote end of a tunnel: it says it is there, then waits for the driver to go away.
+_SSH_LIFELINE = ('import sys;sys.stdout.write("@bigmachine@ tunnel\\n");sys.stdout.flush();'
+                 'sys.stdin.buffer.read()')
+
+
+class SSHSystem(System):
+    """Machines on hosts reached over SSH, with nothing installed there but Python.
+
+    hosts are ["host", "user@host", "user@host:port", "[v6addr]:port", ...]; machines are
+    spread over them round-robin, at most per_host on each; each machine offers its host's
+    processors (maxprocs). python is the interpreter to run on the hosts (same major.minor as
+    the driver's); ssh the client; ssh_options go to every ssh call, before the system's own
+    (-T, BatchMode=yes, ConnectTimeout=30), which they can therefore override. bind is where
+    machines listen on their hosts: by default the address the ssh connection came in on, or
+    loopback with tunnel=True, which reaches machines through `ssh -L` port forwards for hosts
+    whose ports are firewalled. See the section's introduction."""
+
+    name = "ssh"
+
+    def __init__(self, hosts=None, *, python="python3", ssh="ssh", ssh_options=(), per_host=1,
+                 tunnel=False, bind=None, **keepalive):
+        super().__init__(**keepalive)
+        if isinstance(hosts, str):
+            hosts = hosts.replace(",", " ").split()
+        if not hosts:
+            raise ValueError("SSHSystem needs hosts: SSHSystem(['host', 'user@host:port', ...]), "
+                             "or --bigm.ssh.hosts=a,b (BIGMACHINE_SSH_HOSTS) on the command line")
+        self.hosts = [_SSHHost.parse(h) for h in hosts]
+        specs = [h.spec for h in self.hosts]
+        for spec in specs:
+            if specs.count(spec) > 1:
+                raise ValueError("host %r is listed twice; per_host sets how many machines a "
+                                 "host runs" % spec)
+        if isinstance(per_host, bool) or not isinstance(per_host, int) or per_host < 1:
+            raise ValueError("per_host must be a positive integer, not %r" % (per_host,))
+        if isinstance(ssh_options, str):
+            import shlex
+            ssh_options = shlex.split(ssh_options)
+        self.python = python
+        self.ssh = ssh
+        self.ssh_options = tuple(str(option) for option in ssh_options)
+        self.per_host = per_host
+        self.tunnel = bool(tunnel)
+        self.bind = bind if bind is not None or not self.tunnel else "127.0.0.1"
+        self.bundles_sent = 0             # bundles sent to hosts that did not have them
+        self._lock = threading.Lock()
+        self._host_locks = {h.spec: threading.Lock() for h in self.hosts}
+        self._load = {h.spec: 0 for h in self.hosts}   # machines on each host
+        self._hosts = {}                  # Machine -> _SSHHost, until terminated
+        self._pending = {}                # Machine -> (env, bundle), until launched
+        self._procs = {}                  # Machine -> _SSHProcess
+        self._serial = itertools.count(1)
+
+    def __repr__(self):
+        return "<ssh system: %s>" % ", ".join(h.spec for h in self.hosts)
+
+    @classmethod
+    def _command_line_options(cls, argv, environ):
+        options = {}
+
+        def value(flag, variable, boolean=False):
+            given = _flag(argv, "bigm.ssh." + flag, boolean)
+            return environ.get(variable) if given is None else given
+
+        hosts = value("hosts", "BIGMACHINE_SSH_HOSTS")
+        if hosts:
+            options["hosts"] = hosts
+        ssh_options = value("options", "BIGMACHINE_SSH_OPTIONS")
+        if ssh_options:
+            import shlex
+            options["ssh_options"] = shlex.split(ssh_options)
+        python = value("python", "BIGMACHINE_SSH_PYTHON")
+        if python:
+            options["python"] = python
+        per_host = value("per_host", "BIGMACHINE_SSH_PER_HOST")
+        if per_host:
+            options["per_host"] = int(per_host)
+        tunnel = value("tunnel", "BIGMACHINE_SSH_TUNNEL", boolean=True)
+        if tunnel:
+            options["tunnel"] = _truth(tunnel)
+        return options
+
+    def start(self, b, n, env):
+        bundle = _make_bundle()
+        machines = []
+        with self._lock:
+            for _ in range(n):
+                host = min(self.hosts, key=lambda h: self._load[h.spec])   # the first least busy
+                if self._load[host.spec] >= self.per_host:
+                    break
+                self._load[host.spec] += 1
+                addr = "https://%s:0/ssh-%d/" % (_url_host(host.host), next(self._serial))
+                m = Machine(b, addr, owned=True, maxprocs=None)   # the host's processors
+                self._hosts[m] = host
+                self._pending[m] = (env, bundle)
+                machines.append(m)
+        if not machines:
+            raise Error("every host runs %d machine%s already (per_host=%d): %s" % (
+                self.per_host, "s" if self.per_host > 1 else "", self.per_host,
+                ", ".join(h.spec for h in self.hosts)))
+        return machines
+
+    def launch(self, b, machine):
+        with self._lock:
+            host = self._hosts.get(machine)
+            env, bundle = self._pending.pop(machine, (None, None))
+        if host is None or bundle is None:
+            raise Error("machine %s was stopped before it started" % machine.addr)
+        names = {}
+        with contextlib.suppress(ValueError):
+            _ip_address_bytes(host.host)
+            names["ip_addresses"] = [host.host]
+        if not names and host.host.replace("-", "").replace(".", "").isalnum():
+            names["dns_names"] = [host.host]
+        credentials = b._authority.issue("bigmachine ssh machine", server=True, client=True,
+                                         **names)
+        env = dict(env, BIGMACHINE_MODE="machine", BIGMACHINE_SYSTEM=self.name)
+        config = _machine_bootstrap(self, credentials, bundle.main, host=host.host,
+                                    bind=self.bind, port=0, announce=True, env=env)
+        deadline = time.monotonic() + self.boot_timeout
+        process = _SSHProcess(self, machine, host)
+        with self._lock:
+            live = machine in self._hosts
+            if live:
+                self._procs[machine] = process
+        if not live:                      # terminated while the ssh client started
+            process.terminate(time.monotonic())
+            raise Error("machine %s was stopped before it started" % machine.addr)
+        port = process.handshake(bundle, config, deadline)
+        process.serve()
+        if self.tunnel:
+            target = self.bind if self.bind not in ("", "0.0.0.0", "::") else "127.0.0.1"
+            process.tunnel = _SSHTunnel(self, host, target, port, deadline)
+            addr = "https://127.0.0.1:%d/" % process.tunnel.port
+        else:
+            addr = "https://%s:%d/" % (_url_host(host.host), port)
+        b._readdress(machine, addr)
+        process.addressed = True
+
+    def _host_lock(self, host):
+        return self._host_locks[host.spec]
+
+    def _bundle_sent(self, host, bundle):
+        with self._lock:
+            self.bundles_sent += 1
+        log.debug("sent the code bundle %s (%d files, %d bytes) to %s", bundle.sha256[:12],
+                  len(bundle.files), len(bundle.data), host.spec)
+
+    def _ssh_args(self, host, command, *options):
+        """The ssh command line that runs command (a shell command) on host."""
+        args = [self.ssh] + list(self.ssh_options)
+        args += ["-T", "-o", "BatchMode=yes", "-o", "ConnectTimeout=30"] + list(options)
+        if host.port is not None:
+            args += ["-p", str(host.port)]
+        if host.user is not None:
+            args += ["-l", host.user]
+        return args + [host.host, command]
+
+    def lost(self, machine):
+        process = self._procs.get(machine)
+        return process is not None and process.gone()
+
+    def terminate(self, machine, deadline):
+        with self._lock:
+            host = self._hosts.pop(machine, None)
+            if host is not None:
+                self._load[host.spec] -= 1
+            self._pending.pop(machine, None)
+            process = self._procs.pop(machine, None)
+        if process is not None:
+            process.terminate(deadline)
+
+    def shutdown(self):
+        with self._lock:
+            procs, self._procs = list(self._procs.values()), {}
+            self._hosts.clear()
+            self._pending.clear()
+            self._load = dict.fromkeys(self._load, 0)
+        for process in procs:
+            process.terminate(time.monotonic() + 1.0)
+
+
+class _SSHHost(typing.NamedTuple):
+    """A host as SSHSystem's hosts name it: [user@]host[:port], an IPv6 address in brackets
+    when a port follows."""
+
+    spec: str
+    user: typing.Optional[str]
+    host: str
+    port: typing.Optional[int]
+
+    @classmethod
+    def parse(cls, spec):
+        if not isinstance(spec, str) or not spec.strip():
+            raise ValueError("a host is a string like 'host', 'user@host:2222', not %r" % (spec,))
+        spec = spec.strip()
+        user, at, rest = spec.rpartition("@")
+        host, port = rest, None
+        if rest.startswith("["):
+            host, bracket, after = rest[1:].partition("]")
+            if not bracket or after and not after.startswith(":"):
+                raise ValueError("bad host %r: want [address]:port" % spec)
+            port = after[1:] or None
+        elif rest.count(":") == 1:
+            host, port = rest.split(":")
+        if port is not None:
+            if not port.isdigit() or not 0 < int(port) < 65536:
+                raise ValueError("bad port in host %r" % spec)
+            port = int(port)
+        if not host or host.startswith("-") or any(c.isspace() for c in host) or \
+                at and (not user or user.startswith("-")):
+            raise ValueError("bad host %r: want host, user@host or user@host:port" % spec)
+        return cls(spec, user if at else None, host, port)
+
+
+class _Lines:
+    """Lines from a pipe, each read by a deadline if need be: the driver's end of a
+    handshake on a child's stdout. Reading goes on from the same buffer after it."""
+
+    def __init__(self, pipe):
+        self._pipe = pipe
+        self._fd = pipe.fileno()
+        self._buffer = b""
+
+    def readline(self, deadline=None):
+        """The next line, with its newline; b"" at EOF. Raises TimeoutError at the deadline."""
+        while True:
+            end = self._buffer.find(b"\n") + 1
+            if end:
+                line, self._buffer = self._buffer[:end], self._buffer[end:]
+                return line
+            if deadline is not None:
+                left = deadline - time.monotonic()
+                if left <= 0 or not select.select([self._fd], [], [], left)[0]:
+                    raise TimeoutError("no line in time")
+            try:
+                data = os.read(self._fd, 65536)
+            except OSError:
+                data = b""
+            if not data:
+                line, self._buffer = self._buffer, b""
+                return line
+            self._buffer += data
+
+    def close(self):
+        with contextlib.suppress(OSError):
+            self._pipe.close()
+
+
+_ssh_stage1_functions = None
+
+
+def _ssh_stage1_line(bundle):
+    """Stage 1 as the line of Python source that stage 0 runs."""
+    global _ssh_stage1_functions
+    if _ssh_stage1_functions is None:
+        import inspect
+        _ssh_stage1_functions = "".join(inspect.getsource(f) + "\n" for f in (
+            _bundle_root, _bundle_install, _bundle_unpack, _machine_workdir, _ssh_stage1))
+    source = _ssh_stage1_functions + "_ssh_stage1(%r, %d, %r)\n" % (
+        bundle.sha256, len(bundle.data), bundle.library)
+    return ("exec(%r)\n" % source).encode("utf-8")
+
+
+def _ssh_stage1(sha256, size, library):
+    """Stage 1 of an SSH machine, on its host: make sure the host has bundle sha256 ("need": the
+    driver then sends its size bytes; "have"), unpack it in the machine's own directory and run
+    the machine from there. Self-contained: it runs before bigmachine.py is on the host."""
+    import importlib
+    import os
+    import shutil
+    import sys
+    out, into = sys.stdout.buffer, sys.stdin.buffer
+
+    def say(word):
+        out.write(b"@bigmachine@ " + word + b"\n")
+        out.flush()
+
+    def fetch():
+        say(b"need")
+        return into.read(size)
+
+    root = _bundle_root()
+    bundle = _bundle_install(root, sha256, fetch)
+    say(b"have")
+    workdir = _machine_workdir(root)
+    try:
+        code = _bundle_unpack(bundle, os.path.join(workdir, "code"))
+        sys.path.insert(0, code)
+        importlib.import_module(library)._machine_main(code=code, workdir=workdir)
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
+class _SSHProcess(_ChildProcess):
+    """The ssh client that runs one machine on its host, as the driver sees it."""
+
+    def __init__(self, system, machine, host):
+        import shlex
+        self.system, self.host = system, host
+        self.tunnel = None
+        self.addressed = False           # the machine's real address is known
+        stage0 = _SSH_STAGE0.replace("{version}", PYTHON)
+        command = "exec %s -u -c %s" % (shlex.quote(system.python), shlex.quote(stage0))
+        super().__init__(machine, system._ssh_args(host, command))
+        self._lines = _Lines(self.proc.stdout)
+        self.forward(self.proc.stderr.readline, self.proc.stderr.close)
+
+    def prefix(self):
+        return (self.machine.addr if self.addressed else "ssh " + self.host.spec) + ": "
+
+    def handshake(self, bundle, config, deadline):
+        """Start the machine through stages 0 to 2 (see the section's introduction); returns
+        the port it listens on."""
+        words = self._next(deadline, "python")
+        if words[:1] != ["python"] or len(words) < 2:
+            raise Error("host %s: unexpected answer from %s: %s"
+                        % (self.host.spec, self.system.python, " ".join(words)))
+        if words[1] != PYTHON:
+            python, executable = self.system.python, " ".join(words[2:])
+            if executable and executable != python:
+                python += " (%s)" % executable
+            raise VersionMismatch(
+                "the driver runs Python %s (%s); on host %s, %s is Python %s: give "
+                "SSHSystem(python=...) a Python %s there" % (
+                    PYTHON, sys.executable, self.host.spec, python, words[1], PYTHON))
+        with self.system._host_lock(self.host):
+            self._send(_ssh_stage1_line(bundle))
+            while True:
+                words = self._next(deadline, "the code bundle")
+                if words == ["need"]:
+                    self._send(bundle.data)
+                    self.system._bundle_sent(self.host, bundle)
+                elif words == ["have"]:
+                    break
+                else:
+                    raise Error("host %s: unexpected answer: %s" % (self.host.spec, words))
+        self._send((json.dumps(config) + "\n").encode())
+        words = self._next(deadline, "the machine's port")
+        if words[:1] != ["listening"] or len(words) != 2 or not words[1].isdigit():
+            raise Error("host %s: unexpected answer: %s" % (self.host.spec, words))
+        return int(words[1])
+
+    def _send(self, data):
+        try:
+            self.proc.stdin.write(data)
+            self.proc.stdin.flush()
+        except OSError:
+            pass                          # it went away: reading its answer says why
+
+    def _next(self, deadline, what):
+        """The words of the next line for the driver (marked); other lines are output."""
+        while True:
+            try:
+                line = self._lines.readline(deadline)
+            except TimeoutError:
+                raise Error("host %s: no answer about %s in %.0fs" % (
+                    self.host.spec, what, self.system.boot_timeout)) from None
+            if not line:
+                raise self._failure(what)
+            if line.startswith(_MARK.encode() + b" "):
+                return line.decode("utf-8", "replace").split()[1:]
+            self.output(line)
+
+    def _failure(self, what):
+        """Why the ssh client ended its output before the machine was up."""
+        try:
+            code = self.proc.wait(5.0)
+        except subprocess.TimeoutExpired:
+            code = None
+        for t in self._forwarders:
+            t.join(1.0)
+        output = "".join(self.tail).strip()
+        detail = (": " + output) if output else ""
+        if code == 255:
+            return Error("cannot ssh to host %s (ssh exited with code 255)%s"
+                         % (self.host.spec, detail))
+        if what == "python":
+            return Error("host %s cannot run %s (it %s)%s" % (
+                self.host.spec, self.system.python, _exit_reason(code), detail))
+        return Error("the machine on host %s %s before it served (at %s)%s" % (
+            self.host.spec, _exit_reason(code), what, detail))
+
+    def serve(self):
+        """The machine is up: forward its output and notice when it ends."""
+        self.forward(self._lines.readline, self._lines.close)
+        self.watch()
+
+    def exit_error(self, code, why, output):
+        if self.expected_exit and code == 0:
+            return Error("machine %s was shut down" % self.machine.addr)
+        return Error("machine %s on host %s: ssh %s%s%s" % (
+            self.machine.addr, self.host.spec, why,
+            " (the connection failed or was cut)" if code == 255 else "",
+            "; its last output:\n" + output if output and self.machine.state < RUNNING else ""))
+
+    def gone(self, grace=0.25):
+        # Without its tunnel, a machine is as good as gone to the driver.
+        tunnel_closed = self.tunnel is not None and self.tunnel.proc.poll() is not None
+        return tunnel_closed or super().gone(grace)
+
+    def terminate(self, deadline):
+        super().terminate(deadline)
+        if self.tunnel is not None:
+            self.tunnel.terminate(deadline)
+
+
+class _SSHTunnel:
+    """A local port forwarded to a machine's port on its host, by `ssh -L`. The remote end
+    of the ssh session is a Python that waits for EOF, so that the tunnel ends when the
+    driver does, however it ends. ssh's own messages go to the debug log."""
+
+    _ATTEMPTS = 5                         # local ports tried: another process may take one
+
+    def __init__(self, system, host, target, port, deadline):
+        import shlex
+        command = "exec %s -c %s" % (shlex.quote(system.python), shlex.quote(_SSH_LIFELINE))
+        for attempt in range(self._ATTEMPTS):
+            self.port = _free_port()
+            forward = "127.0.0.1:%d:%s:%d" % (self.port, _url_host(target), port)
+            self.proc = subprocess.Popen(
+                system._ssh_args(host, command, "-o", "ExitOnForwardFailure=yes", "-L", forward),
+                stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                start_new_session=True, close_fds=True)
+            try:
+                line = _Lines(self.proc.stdout).readline(deadline)
+            except TimeoutError:
+                line = b""
+            if line.startswith(_MARK.encode() + b" tunnel"):
+                # ssh binds the local port before it runs the remote command: it is open.
+                self._logger = threading.Thread(target=self._log, args=(host,),
+                                                name="bigmachine-tunnel", daemon=True)
+                self._logger.start()
+                return
+            self.terminate(time.monotonic())
+            with self.proc.stderr:
+                error = self.proc.stderr.read().decode("utf-8", "replace").strip()
+            if "already in use" not in error or attempt + 1 == self._ATTEMPTS:
+                raise Error("cannot open an ssh tunnel to port %d of host %s: %s"
+                            % (port, host.spec, error or _exit_reason(self.proc.returncode)))
+
+    def _log(self, host):
+        for line in iter(self.proc.stderr.readline, b""):
+            log.debug("ssh tunnel to %s: %s", host.spec, line.decode("utf-8", "replace").rstrip())
+        self.proc.stderr.close()
+
+    def terminate(self, deadline):
+        """Close the tunnel: EOF to its remote end, and kill it if it will not go."""
+        with contextlib.suppress(OSError):
+            self.proc.stdin.close()
+        try:
+            self.proc.wait(max(0.1, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            with contextlib.suppress(OSError):
+                os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait()
+        with contextlib.suppress(OSError):
+            self.proc.stdout.close()
+
+
+def _free_port():
+    """A TCP port on loopback that is free now (someone may take it before it is used)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 # ======================================================================================
 # Starting a session (Go: driver)
 # ======================================================================================
 
-_SYSTEMS = {"local": Local, "test": TestSystem, "testsystem": TestSystem}
+_SYSTEMS = {"local": Local, "test": TestSystem, "testsystem": TestSystem, "ssh": SSHSystem}
 
 
 def start(system=None, **options):
     """Start a session (Go's driver.Start) and return its `B`.
 
-    system is a `System`, or a name ("local", "test"); None reads `--bigm.system=NAME` from
-    sys.argv, then the BIGMACHINE_SYSTEM environment variable, then uses "local". options go to
-    the system's constructor when system is a name, after the system's own flags and variables
-    (`System._command_line_options`)."""
+    system is a `System`, or a name ("local", "test", "ssh"); None reads `--bigm.system=NAME`
+    from sys.argv, then the BIGMACHINE_SYSTEM environment variable, then uses "local". options go
+    to the system's constructor when system is a name, after the system's own flags and
+    variables (for "ssh": --bigm.ssh.hosts=a,b and the like, see `SSHSystem`)."""
     if _machine_bootstrapping or os.environ.get("BIGMACHINE_MODE") == "machine":
         raise Error(
             "bigmachine.start() was called while a machine was loading the driver's main module. "
