@@ -3039,15 +3039,14 @@ def _machine_main(**here):
     given. `env` adds environment variables. here adds what only the machine knows: `code`,
     the directory where the driver's code bundle was unpacked (then main is relocated into it),
     and `workdir`, the machine's private directory, which goes when the machine does."""
-    config = json.loads(sys.stdin.buffer.readline() or b"null")
-    if not isinstance(config, dict):
-        sys.stderr.write("bigmachine: this process is a machine: it expects its bootstrap "
-                         "from the driver on its standard input\n")
-        os._exit(2)
-    config.update(here)
-    workdir = config.get("workdir")
+    workdir = here.get("workdir")
     try:
-        if config["python"] != PYTHON or config["protocol"] != PROTOCOL:
+        config = json.loads(sys.stdin.buffer.readline() or b"null")
+        if not isinstance(config, dict):
+            sys.stderr.write("bigmachine: this process is a machine: it expects its bootstrap "
+                             "from the driver on its standard input\n")
+            code = 2
+        elif config["python"] != PYTHON or config["protocol"] != PROTOCOL:
             sys.stderr.write(
                 "bigmachine: VersionMismatch: the driver runs Python %s (protocol %s); machine %s "
                 "runs Python %s (protocol %d, %s)\n" % (
@@ -3055,6 +3054,7 @@ def _machine_main(**here):
                     PROTOCOL, sys.executable))
             code = _EXIT_VERSION_MISMATCH
         else:
+            config.update(here)
             code = _run_machine(config)
         with contextlib.suppress(Exception):
             logging.shutdown()

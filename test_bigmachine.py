@@ -1068,6 +1068,19 @@ def test_ssh_connection_drop_ends_machine(sshd):
                    what="the machine to exit and remove its directory")
 
 
+def test_ssh_shutdown_while_starting_leaves_nothing(sshd):
+    # Shut down at once, and a little later: the machines are somewhere in their three
+    # stages, or not yet launched, and whatever was started must go.
+    for delay in (0.0, 0.1, 0.3):
+        b = bigmachine.start(ssh_system(sshd, per_host=2))
+        machines = b.start(2, {"Echo": Echo()})
+        time.sleep(delay)
+        b.shutdown()
+        assert all(m.state is STOPPED for m in machines)
+        eventually(lambda: ssh_clients(sshd) == [] and machine_dirs(sshd) == [], timeout=10,
+                   what="ssh clients and machine directories to go")
+
+
 def test_ssh_bigpi(sshd):
     env = dict(os.environ, BIGMACHINE_SSH_OPTIONS=" ".join(map(shlex.quote, sshd.options)))
     env.pop("BIGMACHINE_SYSTEM", None)
@@ -1304,6 +1317,17 @@ def test_machine_workdir_removes_dead_machines_dirs(tmp_path):
     assert os.path.basename(workdir).startswith("machine-%d-" % os.getpid())
     assert sorted(os.listdir(root)) == sorted(
         ["machine-%d-def" % os.getpid(), "bundles", os.path.basename(workdir)])
+
+
+def test_machine_without_bootstrap_removes_its_workdir(tmp_path):
+    # Its ssh connection cut before the bootstrap arrived: the machine leaves nothing.
+    workdir = tmp_path / "machine-1-x"
+    (workdir / "code").mkdir(parents=True)
+    code = "import bigmachine; bigmachine._machine_main(workdir=%r)" % str(workdir)
+    result = subprocess.run([sys.executable, "-c", code], stdin=subprocess.DEVNULL, cwd=HERE,
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2 and "expects its bootstrap" in result.stderr
+    assert not workdir.exists()
 
 
 @pytest.mark.parametrize("spec, parsed", [
