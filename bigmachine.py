@@ -3029,19 +3029,22 @@ def _main_preparation():
     return data
 
 
-def _machine_main(**here):
+def _machine_main(bootstrap=None, **here):
     """The life of a machine process, whichever system started it; never returns.
 
-    Its bootstrap (see `_machine_bootstrap`) is the first line of its standard input, as JSON:
-    its credentials, lease, how to load the driver's __main__, and where to serve: on the
-    socket the driver bound (`fd`, Local) or on one of its own (`bind`, `port`), whose port it
-    then `announce`s on stdout, with the driver's host name for it (`host`) when `addr` is not
-    given. `env` adds environment variables. here adds what only the machine knows: `code`,
-    the directory where the driver's code bundle was unpacked (then main is relocated into it),
-    and `workdir`, the machine's private directory, which goes when the machine does."""
+    Its bootstrap (see `_machine_bootstrap`) is the dict bootstrap, or by default the first line
+    of its standard input, as JSON: its credentials, lease, how to load the driver's __main__,
+    and where to serve: on the socket the driver bound (`fd`, Local) or on one of its own
+    (`bind`, `port`), whose port it then `announce`s on stdout, at `addr` (whose path, if any,
+    prefixes its URLs), else at https://`host`:port/. `env` adds environment variables. Unless
+    `watch_stdin` is false, EOF on stdin means the driver went away and ends the machine. here
+    adds what only the machine knows: `code`, the directory where the driver's code bundle was
+    unpacked (then main is relocated into it), and `workdir`, the machine's private directory,
+    which goes when the machine does."""
     workdir = here.get("workdir")
     try:
-        config = json.loads(sys.stdin.buffer.readline() or b"null")
+        config = bootstrap if bootstrap is not None else json.loads(
+            sys.stdin.buffer.readline() or b"null")
         if not isinstance(config, dict):
             sys.stderr.write("bigmachine: this process is a machine: it expects its bootstrap "
                              "from the driver on its standard input\n")
@@ -3089,11 +3092,12 @@ def _run_machine(config):
         _url_host(config.get("host") or socket.gethostname()), port)
     exit_code = []
     process = _MachineProcess(b, credentials, addr, config["lease"], config["watchdog_tick"],
-                              exit_code.append, sock=sock)
+                              exit_code.append, sock=sock, prefix=_parse_addr(addr)[2])
     if config.get("announce"):
         _announce("listening", port)
-    threading.Thread(target=_watch_stdin, args=(process,), name="bigmachine-stdin",
-                     daemon=True).start()
+    if config.get("watch_stdin", True):
+        threading.Thread(target=_watch_stdin, args=(process,), name="bigmachine-stdin",
+                         daemon=True).start()
     threading.Thread(target=process.supervisor._watch, name="bigmachine-watchdog",
                      daemon=True).start()
     preparation = config["main"]

@@ -1330,6 +1330,43 @@ def test_machine_without_bootstrap_removes_its_workdir(tmp_path):
     assert not workdir.exists()
 
 
+def test_machine_bootstrap_given_directly_with_an_address_path(tmp_path):
+    # How a system whose machines get their bootstrap some other way (EC2: user data, then
+    # over mutual TLS) runs one: _machine_main(bootstrap), stdin not watched, at an address
+    # with a path, in a workdir that goes with it.
+    port = bigmachine._free_port()
+    addr = "https://127.0.0.1:%d/i-0123456789/" % port
+    workdir = tmp_path / "machine-2-y"
+    workdir.mkdir()
+    with bigmachine.start(bigmachine.TestSystem(**FAST)) as b:
+        credentials = b._authority.issue("bigmachine machine", ip_addresses=["127.0.0.1"])
+        bootstrap = bigmachine._machine_bootstrap(
+            b.system, credentials, {"sys_argv": ["prog"]}, addr=addr, bind="127.0.0.1",
+            port=port, watch_stdin=False, env={"BIGMACHINE_TEST_VAR": "direct"})
+        code = "import bigmachine, json, sys; bigmachine._machine_main(json.loads(sys.argv[1]), " \
+            "workdir=sys.argv[2])"
+        machine = subprocess.Popen([sys.executable, "-c", code, json.dumps(bootstrap),
+                                    str(workdir)], stdin=subprocess.DEVNULL, cwd=HERE)
+        try:
+            def listening():
+                with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port)):
+                    return True
+            eventually(listening, timeout=30, what="the machine to listen")
+            m = b.dial(addr)
+            assert m.wait(RUNNING, timeout=30) is RUNNING, m.err
+            info = m.call("Supervisor.info")
+            assert info["addr"] == addr and info["pid"] == machine.pid
+            m.call("Supervisor.register", pickle.dumps({"Echo": Echo()}))
+            assert m.call("Echo.environ", "BIGMACHINE_TEST_VAR") == "direct"
+            assert m.call("Echo.environ", "TMPDIR") == str(workdir)
+            assert m.call("Supervisor.shutdown")
+            assert machine.wait(30) == 0
+        finally:
+            machine.kill()
+            machine.wait()
+    assert not workdir.exists()
+
+
 @pytest.mark.parametrize("spec, parsed", [
     ("node1", (None, "node1", None)),
     ("alice@node1", ("alice", "node1", None)),
