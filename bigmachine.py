@@ -3420,7 +3420,9 @@ def _machine_workdir(root):
 #    bundle functions it calls. Stage 1 answers "have" if the host's cache holds the driver's
 #    code bundle, else "need" and reads it (the driver sends the bundle to one machine of a
 #    host at a time, so a host is sent it once); then it unpacks it in the machine's private
-#    directory and imports bigmachine from there.
+#    directory and forks: the child imports bigmachine from there and becomes the machine,
+#    the parent waits for it, so that however the machine ends (the OOM killer's SIGKILL
+#    included) its directory goes and the driver is told how it ended.
 # 2. `_machine_main` reads its bootstrap (the credentials among it), binds a port of its own --
 #    by default on the address the ssh connection came in on -- and announces it. The
 #    machine's address is https://HOST:PORT/, HOST as the driver named it. `B.start` returned
@@ -3711,11 +3713,15 @@ def _ssh_stage1_line(bundle):
 def _ssh_stage1(sha256, size, library):
     """Stage 1 of an SSH machine, on its host: make sure the host has bundle sha256 ("need": the
     driver then sends its size bytes; "have"), unpack it in the machine's own directory and run
-    the machine from there. Self-contained: it runs before bigmachine.py is on the host."""
+    the machine from there, in a child process. This process stays to wait for it: however the
+    machine ends, killed by the OOM killer included, its directory goes and the driver learns
+    how it ended ("exited CODE", CODE negative for a signal). Self-contained: it runs before
+    bigmachine.py is on the host."""
     import importlib
     import os
     import shutil
     import sys
+    import traceback
     out, into = sys.stdout.buffer, sys.stdin.buffer
 
     def say(word):
@@ -3732,10 +3738,31 @@ def _ssh_stage1(sha256, size, library):
     workdir = _machine_workdir(root)
     try:
         code = _bundle_unpack(bundle, os.path.join(workdir, "code"))
-        sys.path.insert(0, code)
-        importlib.import_module(library)._machine_main(code=code, workdir=workdir)
-    finally:
+        pid = os.fork()               # no threads yet: forking is safe
+    except BaseException:
         shutil.rmtree(workdir, ignore_errors=True)
+        raise
+    if pid == 0:
+        status = 1
+        try:
+            sys.path.insert(0, code)
+            importlib.import_module(library)._machine_main(code=code, workdir=workdir)
+        except SystemExit as e:
+            status = e.code if isinstance(e.code, int) else 1
+        except BaseException:
+            traceback.print_exc()
+        finally:
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(status)
+    _, status = os.waitpid(pid, 0)
+    shutil.rmtree(workdir, ignore_errors=True)
+    status = -os.WTERMSIG(status) if os.WIFSIGNALED(status) else os.WEXITSTATUS(status)
+    try:
+        say(b"exited %d" % status)
+    except OSError:
+        pass                          # the driver has gone
+    os._exit(status if status >= 0 else 128 - status)
 
 
 class _SSHProcess(_ChildProcess):
@@ -3746,6 +3773,7 @@ class _SSHProcess(_ChildProcess):
         self.system, self.host = system, host
         self.tunnel = None
         self.addressed = False           # the machine's real address is known
+        self.machine_exit = None         # how the machine process ended, as stage 1 saw it
         stage0 = _SSH_STAGE0.replace("{version}", PYTHON)
         command = "exec %s -u -c %s" % (shlex.quote(system.python), shlex.quote(stage0))
         super().__init__(machine, system._ssh_args(host, command))
@@ -3805,8 +3833,19 @@ class _SSHProcess(_ChildProcess):
             if not line:
                 raise self._failure(what)
             if line.startswith(_MARK.encode() + b" "):
-                return line.decode("utf-8", "replace").split()[1:]
+                words = line.decode("utf-8", "replace").split()[1:]
+                if words[:1] != ["exited"]:
+                    return words
+                self.output(line)
+                raise self._failure(what)
             self.output(line)
+
+    def output(self, line):
+        if line.startswith(_MARK.encode() + b" exited "):
+            with contextlib.suppress(ValueError):
+                self.machine_exit = int(line.split()[2])
+            return
+        super().output(line)
 
     def _failure(self, what):
         """Why the ssh client ended its output before the machine was up."""
@@ -3818,13 +3857,16 @@ class _SSHProcess(_ChildProcess):
             t.join(1.0)
         output = "".join(self.tail).strip()
         detail = (": " + output) if output else ""
+        if self.machine_exit is not None:
+            return Error("the machine on host %s %s before it served (at %s)%s" % (
+                self.host.spec, _exit_reason(self.machine_exit), what, detail))
         if code == 255:
             return Error("cannot ssh to host %s (ssh exited with code 255)%s"
                          % (self.host.spec, detail))
         if what == "python":
             return Error("host %s cannot run %s (it %s)%s" % (
                 self.host.spec, self.system.python, _exit_reason(code), detail))
-        return Error("the machine on host %s %s before it served (at %s)%s" % (
+        return Error("the machine on host %s: ssh %s before the machine served (at %s)%s" % (
             self.host.spec, _exit_reason(code), what, detail))
 
     def serve(self):
@@ -3835,9 +3877,14 @@ class _SSHProcess(_ChildProcess):
     def exit_error(self, code, why, output):
         if self.expected_exit and code == 0:
             return Error("machine %s was shut down" % self.machine.addr)
-        return Error("machine %s on host %s: ssh %s%s%s" % (
+        if self.machine_exit is not None:
+            why = _exit_reason(self.machine_exit)                  # the machine's own end
+        elif code == 255:
+            why = "lost: ssh exited with code 255 (the connection failed or was cut)"
+        else:
+            why = "lost: ssh " + why
+        return Error("machine %s on host %s %s%s" % (
             self.machine.addr, self.host.spec, why,
-            " (the connection failed or was cut)" if code == 255 else "",
             "; its last output:\n" + output if output and self.machine.state < RUNNING else ""))
 
     def gone(self, grace=0.25):

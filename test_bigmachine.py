@@ -1063,9 +1063,20 @@ def test_ssh_connection_drop_ends_machine(sshd):
         client = system._procs[m].proc.pid
         os.kill(client, signal.SIGKILL)                        # the connection drops
         assert m.wait(STOPPED, timeout=10) is STOPPED
-        assert "SIGKILL" in str(m.err) and sshd.host in str(m.err)
+        assert "lost: ssh killed by signal SIGKILL" in str(m.err) and sshd.host in str(m.err)
         eventually(lambda: not _alive(pid) and not os.path.exists(workdir), timeout=10,
                    what="the machine to exit and remove its directory")
+
+
+def test_ssh_machine_killed_on_its_host(sshd):
+    # The OOM killer, say: the driver learns how the machine ended, and its directory goes.
+    with bigmachine.start(ssh_system(sshd)) as b:
+        m, = running(b)
+        pid, workdir = m.call("Echo.pid"), m.call("Echo.environ", "TMPDIR")
+        os.kill(pid, signal.SIGKILL)
+        assert m.wait(STOPPED, timeout=10) is STOPPED
+        assert str(m.err) == "machine %s on host %s killed by signal SIGKILL" % (m.addr, sshd.host)
+        eventually(lambda: not os.path.exists(workdir), timeout=10, what="its directory to go")
 
 
 def test_ssh_shutdown_while_starting_leaves_nothing(sshd):
