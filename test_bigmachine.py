@@ -1084,9 +1084,11 @@ def test_ssh_shutdown_while_starting_leaves_nothing(sshd):
     # stages, or not yet launched, and whatever was started must go.
     for delay in (0.0, 0.1, 0.3):
         b = bigmachine.start(ssh_system(sshd, per_host=2))
-        machines = b.start(2, {"Echo": Echo()})
-        time.sleep(delay)
-        b.shutdown()
+        try:
+            machines = b.start(2, {"Echo": Echo()})
+            time.sleep(delay)
+        finally:
+            b.shutdown()
         assert all(m.state is STOPPED for m in machines)
         eventually(lambda: ssh_clients(sshd) == [] and machine_dirs(sshd) == [], timeout=10,
                    what="ssh clients and machine directories to go")
