@@ -3578,8 +3578,15 @@ class SSHSystem(System):
         process.serve()
         if self.tunnel:
             target = self.bind if self.bind not in ("", "0.0.0.0", "::") else "127.0.0.1"
-            process.tunnel = _SSHTunnel(self, host, target, port, deadline)
-            addr = "https://127.0.0.1:%d/" % process.tunnel.port
+            tunnel = _SSHTunnel(self, host, target, port, deadline)
+            with self._lock:
+                live = machine in self._hosts
+                if live:
+                    process.tunnel = tunnel
+            if not live:                  # terminated while the tunnel opened
+                tunnel.terminate(time.monotonic())
+                raise Error("machine %s was stopped while it started" % machine.addr)
+            addr = "https://127.0.0.1:%d/" % tunnel.port
         else:
             addr = "https://%s:%d/" % (_url_host(host.host), port)
         b._readdress(machine, addr)
