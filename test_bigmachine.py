@@ -1082,8 +1082,8 @@ def test_ssh_machine_killed_on_its_host(sshd):
 def test_ssh_shutdown_while_starting_leaves_nothing(sshd):
     # Shut down at once, and a little later: the machines are somewhere in their three
     # stages, or not yet launched, and whatever was started must go.
-    for delay in (0.0, 0.1, 0.3):
-        b = bigmachine.start(ssh_system(sshd, per_host=2))
+    for delay, tunnel in ((0.0, False), (0.1, False), (0.3, False), (0.6, True)):
+        b = bigmachine.start(ssh_system(sshd, per_host=2, tunnel=tunnel))
         try:
             machines = b.start(2, {"Echo": Echo()})
             time.sleep(delay)
