@@ -56,7 +56,8 @@ B (Go: bigmachine.go, driver)
 Systems (Go: system.go, local.go, testsystem)
     Where machines come from. `TestSystem` runs them inside the driver's process, each with its
     own TLS server, for fast tests. `Local` runs each one as a child process, loaded the way
-    `multiprocessing`'s spawn method loads `__main__`.
+    `multiprocessing`'s spawn method loads `__main__`. `SSHSystem` runs them on hosts reached
+    over ssh, with the driver's code shipped as a content-addressed bundle.
 
 Command line
     `python bigmachine.py selftest` checks the whole system on the machine at hand.
@@ -101,7 +102,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "start", "B", "Machine", "State", "UNSTARTED", "STARTING", "RUNNING", "STOPPED",
-    "System", "Local", "TestSystem", "Supervisor", "current_call", "CallContext",
+    "System", "Local", "TestSystem", "SSHSystem", "Supervisor", "current_call", "CallContext",
     "Error", "NetworkError", "MachineStopped", "NotFound", "Timeout", "RemoteError",
     "SerializationError", "AuthenticationError", "VersionMismatch", "Cancelled",
     "CertificateAuthority", "Credentials", "Backoff",
@@ -2507,6 +2508,24 @@ class B:
             log.debug("%s: RUNNING", m.addr)
             m._watch(system, "Supervisor.keepalive", system.lease)
 
+    def _readdress(self, m, addr):
+        """Give m the address it turned out to have. A system that learns a machine's address
+        only as the machine comes up (SSH: the port the machine bound) makes the Machine with a
+        provisional one and calls this from launch, before the machine is pinged."""
+        _parse_addr(addr)
+        with m._cond:
+            if m._state is STOPPED:
+                raise MachineStopped("machine %s stopped while it started" % m.addr) from m.err
+            old = m.addr
+            with self._lock:
+                if self._machines.get(old) is m:
+                    del self._machines[old]
+                    self._machines[addr] = m
+            m.addr, m.hostname = addr, urllib.parse.urlsplit(addr).hostname or "unknown"
+            m._peer = self._client.peer(addr)
+        self._client.forget(old)
+        log.debug("%s is %s", old, addr)
+
     def machines(self):
         """The machines this session knows: started and dialed, not yet stopped."""
         with self._lock:
@@ -2656,6 +2675,12 @@ class System:
     def shutdown(self):
         """Release the system's resources; machines were already terminated."""
 
+    @classmethod
+    def _command_line_options(cls, argv, environ):
+        """Options for this system from --bigm.* flags in argv and BIGMACHINE_* variables in
+        environ, for `start()` given the system by name (options given to start() win)."""
+        return {}
+
 
 class TestSystem(System):
     """Machines inside the driver's process, each with its own TLS server (Go: testsystem).
@@ -2794,17 +2819,9 @@ class Local(System):
             sock.close()               # the child has its own copy now
 
     def lost(self, machine):
-        # A dying process's sockets close a moment before it can be waited for; on loopback a
-        # broken connection almost always means that, so give the exit a moment to show.
+        # On loopback a broken connection almost always means the process is dying.
         process = self._procs.get(machine.addr)
-        if process is None:
-            return False
-        deadline = time.monotonic() + 0.25
-        while not process.exited():
-            if time.monotonic() > deadline:
-                return False
-            time.sleep(0.005)
-        return True
+        return process is not None and process.gone()
 
     def terminate(self, machine, deadline):
         with self._lock:
@@ -2826,69 +2843,72 @@ class Local(System):
 
     def bootstrap(self, b, machine, credentials, fd):
         """The JSON a machine process reads from its stdin before anything else."""
-        return {
-            "python": PYTHON,
-            "protocol": PROTOCOL,
-            "addr": machine.addr,
-            "fd": fd,
-            "credentials": credentials._asdict(),
-            "lease": self.lease,
-            "watchdog_tick": self.watchdog_tick,
-            "log_level": logging.getLogger().getEffectiveLevel(),
-            "main": _main_preparation(),
-        }
+        return _machine_bootstrap(self, credentials, _main_preparation(), addr=machine.addr,
+                                  fd=fd)
+
+
+def _machine_bootstrap(system, credentials, main, **more):
+    """What a machine process needs to know before anything else, as JSON, whichever system
+    started it: see `_machine_main`. main says how to load the driver's __main__."""
+    config = {
+        "python": PYTHON,
+        "protocol": PROTOCOL,
+        "credentials": credentials._asdict(),
+        "lease": system.lease,
+        "watchdog_tick": system.watchdog_tick,
+        "log_level": logging.getLogger().getEffectiveLevel(),
+        "main": main,
+    }
+    config.update(more)
+    return config
 
 
 _EXIT_VERSION_MISMATCH = 3
 
 
-class _LocalProcess:
-    """A Local machine's child process, as the driver sees it."""
+class _ChildProcess:
+    """A child process of the driver that stands for one machine: the machine itself (Local),
+    or the ssh client connected to it (SSHSystem). It runs in a session of its own, so that the
+    terminal's Ctrl-C reaches the driver only. Its output reaches the driver's stderr line by
+    line, prefixed with the machine's address; its exit stops the machine with the reason and,
+    when it exits early, its last lines of output."""
 
     _TAIL = 20                        # lines of output kept to explain an early exit
 
-    def __init__(self, system, b, machine, sock, credentials, env):
+    def __init__(self, machine, args, **popen):
         self.machine = machine
-        fd = sock.fileno()
-        child_env = dict(os.environ)
-        child_env.update(env)
-        child_env["BIGMACHINE_MODE"] = "machine"
-        child_env["BIGMACHINE_SYSTEM"] = system.name
-        here = os.path.dirname(os.path.abspath(__file__))
-        code = ("import sys; sys.path.insert(0, %r); import bigmachine; "
-                "bigmachine._machine_main()" % here)
-        args = [system.python] + _interpreter_flags(system.python) + ["-u", "-c", code]
         self.proc = subprocess.Popen(
             args, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-            pass_fds=[fd], start_new_session=True, env=child_env, close_fds=True)
+            start_new_session=True, close_fds=True, **popen)
         self.tail = collections.deque(maxlen=self._TAIL)
         self.expected_exit = False
-        self._forwarders = [
-            threading.Thread(target=self._forward, args=(self.proc.stdout,),
-                             name="bigmachine-stdout", daemon=True),
-            threading.Thread(target=self._forward, args=(self.proc.stderr,),
-                             name="bigmachine-stderr", daemon=True),
-        ]
-        bootstrap = system.bootstrap(b, machine, credentials, fd)
-        self._stdin_data = (json.dumps(bootstrap) + "\n").encode()
+        self._forwarders = []
 
-    def start(self):
-        for t in self._forwarders:
-            t.start()
-        try:
-            self.proc.stdin.write(self._stdin_data)
-            self.proc.stdin.flush()
-        except OSError:
-            pass                       # the child died already: the waiter will say why
+    def prefix(self):
+        """What the lines of its output are prefixed with."""
+        return self.machine.addr + ": "
+
+    def forward(self, readline, close):
+        """Copy lines from readline() to the driver's stderr until it returns b"" (EOF)."""
+        t = threading.Thread(target=self._forward, args=(readline, close),
+                             name="bigmachine-output", daemon=True)
+        self._forwarders.append(t)
+        t.start()
+
+    def _forward(self, readline, close):
+        for line in iter(readline, b""):
+            self.output(line)
+        close()
+
+    def output(self, line):
+        text = line.decode("utf-8", "replace")
+        self.tail.append(text)
+        prefix = self.prefix()
+        _write_stderr(prefix + text if text.endswith("\n") else prefix + text + "\n")
+
+    def watch(self):
+        """Stop the machine when the process exits."""
         threading.Thread(target=self._wait, name="bigmachine-wait", daemon=True).start()
-
-    def _forward(self, pipe):
-        prefix = self.machine.addr + ": "
-        for line in iter(pipe.readline, b""):
-            text = line.decode("utf-8", "replace")
-            self.tail.append(text)
-            _write_stderr(prefix + text if text.endswith("\n") else prefix + text + "\n")
-        pipe.close()
 
     def _wait(self):
         code = self.proc.wait()
@@ -2896,25 +2916,20 @@ class _LocalProcess:
             t.join(2.0)                # print what it said before saying it stopped
         with contextlib.suppress(OSError):
             self.proc.stdin.close()
-        if code < 0:
-            try:
-                why = "killed by signal %s" % signal.Signals(-code).name
-            except ValueError:
-                why = "killed by signal %d" % -code
-        else:
-            why = "exited with code %d" % code
-        output = "".join(self.tail).rstrip()
-        if code == _EXIT_VERSION_MISMATCH and "VersionMismatch" in output:
-            err = VersionMismatch(output.splitlines()[-1].partition("VersionMismatch: ")[2])
-        elif self.expected_exit and code == 0:
-            err = Error("machine %s was shut down" % self.machine.addr)
-        else:
-            err = Error("machine %s (pid %d) %s%s" % (
-                self.machine.addr, self.proc.pid, why,
-                "; its last output:\n" + output if output and
-                self.machine.state < RUNNING else ""))
+        err = self.exit_error(code, _exit_reason(code), "".join(self.tail).rstrip())
         err.exit_code = code
         self.machine._stop(err)
+
+    def exit_error(self, code, why, output):
+        """The machine's err, for an exit of the process (code, described by why) that left
+        output as its last lines."""
+        if code == _EXIT_VERSION_MISMATCH and "VersionMismatch" in output:
+            return VersionMismatch(output.splitlines()[-1].partition("VersionMismatch: ")[2])
+        if self.expected_exit and code == 0:
+            return Error("machine %s was shut down" % self.machine.addr)
+        return Error("machine %s (pid %d) %s%s" % (
+            self.machine.addr, self.proc.pid, why,
+            "; its last output:\n" + output if output and self.machine.state < RUNNING else ""))
 
     def exited(self):
         """Has the child exited? Asked without reaping it (the waiter thread does that), so it
@@ -2928,6 +2943,16 @@ class _LocalProcess:
                              os.WEXITED | os.WNOHANG | os.WNOWAIT) is not None
         except ChildProcessError:
             return True
+
+    def gone(self, grace=0.25):
+        """Has the child exited, or does it within grace seconds? A dying process's sockets
+        close a moment before it can be waited for, so a broken connection is worth a look."""
+        deadline = time.monotonic() + grace
+        while not self.exited():
+            if time.monotonic() > deadline:
+                return False
+            time.sleep(0.005)
+        return True
 
     def terminate(self, deadline):
         """End the process by deadline: it may have been asked to exit already; then its
@@ -2949,6 +2974,46 @@ class _LocalProcess:
                 continue
         for t in self._forwarders:
             t.join(max(0.1, deadline - time.monotonic()))
+
+
+def _exit_reason(code):
+    """'exited with code 1', 'killed by signal SIGKILL': a Popen returncode in words."""
+    if code is None:
+        return "did not exit"
+    if code < 0:
+        try:
+            return "killed by signal %s" % signal.Signals(-code).name
+        except ValueError:
+            return "killed by signal %d" % -code
+    return "exited with code %d" % code
+
+
+class _LocalProcess(_ChildProcess):
+    """A Local machine's child process, as the driver sees it."""
+
+    def __init__(self, system, b, machine, sock, credentials, env):
+        fd = sock.fileno()
+        child_env = dict(os.environ)
+        child_env.update(env)
+        child_env["BIGMACHINE_MODE"] = "machine"
+        child_env["BIGMACHINE_SYSTEM"] = system.name
+        here = os.path.dirname(os.path.abspath(__file__))
+        code = ("import sys; sys.path.insert(0, %r); import bigmachine; "
+                "bigmachine._machine_main()" % here)
+        args = [system.python] + _interpreter_flags(system.python) + ["-u", "-c", code]
+        super().__init__(machine, args, pass_fds=[fd], env=child_env)
+        bootstrap = system.bootstrap(b, machine, credentials, fd)
+        self._stdin_data = (json.dumps(bootstrap) + "\n").encode()
+
+    def start(self):
+        for pipe in (self.proc.stdout, self.proc.stderr):
+            self.forward(pipe.readline, pipe.close)
+        try:
+            self.proc.stdin.write(self._stdin_data)
+            self.proc.stdin.flush()
+        except OSError:
+            pass                       # the child died already: the waiter will say why
+        self.watch()
 
 
 _stderr_lock = threading.Lock()
@@ -2990,47 +3055,110 @@ def _main_preparation():
     return data
 
 
-def _machine_main():
-    """The life of a Local machine process; never returns."""
-    config = json.loads(sys.stdin.readline() or "null")
-    if not isinstance(config, dict):
-        sys.stderr.write("bigmachine: this process is a machine: it expects its bootstrap "
-                         "from the driver on its standard input\n")
-        os._exit(2)
-    if config["python"] != PYTHON or config["protocol"] != PROTOCOL:
-        sys.stderr.write(
-            "bigmachine: VersionMismatch: the driver runs Python %s (protocol %s); machine %s "
-            "runs Python %s (protocol %d, %s)\n" % (
-                config["python"], config["protocol"], config["addr"], PYTHON, PROTOCOL,
-                sys.executable))
-        sys.stderr.flush()
-        os._exit(_EXIT_VERSION_MISMATCH)
+def _machine_main(bootstrap=None, **here):
+    """The life of a machine process, whichever system started it; never returns.
+
+    Its bootstrap (see `_machine_bootstrap`) is the dict bootstrap, or by default the first line
+    of its standard input, as JSON: its credentials, lease, how to load the driver's __main__,
+    and where to serve: on the socket the driver bound (`fd`, Local) or on one of its own
+    (`bind`, `port`), whose port it then `announce`s on stdout, at `addr` (whose path, if any,
+    prefixes its URLs), else at https://`host`:port/. `env` adds environment variables. Unless
+    `watch_stdin` is false, EOF on stdin means the driver went away and ends the machine. here
+    adds what only the machine knows: `code`, the directory where the driver's code bundle was
+    unpacked (then main is relocated into it), and `workdir`, the machine's private directory,
+    which goes when the machine does."""
+    workdir = here.get("workdir")
+    try:
+        config = bootstrap if bootstrap is not None else json.loads(
+            sys.stdin.buffer.readline() or b"null")
+        if not isinstance(config, dict):
+            sys.stderr.write("bigmachine: this process is a machine: it expects its bootstrap "
+                             "from the driver on its standard input\n")
+            code = 2
+        elif config["python"] != PYTHON or config["protocol"] != PROTOCOL:
+            sys.stderr.write(
+                "bigmachine: VersionMismatch: the driver runs Python %s (protocol %s); machine %s "
+                "runs Python %s (protocol %d, %s)\n" % (
+                    config["python"], config["protocol"], config.get("addr") or "here", PYTHON,
+                    PROTOCOL, sys.executable))
+            code = _EXIT_VERSION_MISMATCH
+        else:
+            config.update(here)
+            code = _run_machine(config)
+        with contextlib.suppress(Exception):
+            logging.shutdown()
+        for stream in (sys.stdout, sys.stderr):
+            with contextlib.suppress(Exception):
+                stream.flush()
+    finally:
+        if workdir:
+            import shutil
+            shutil.rmtree(workdir, ignore_errors=True)
+    os._exit(code)
+
+
+def _run_machine(config):
+    """Serve as a machine until it exits; returns the exit code."""
+    workdir = config.get("workdir")
+    if workdir:
+        # Temporary files of the machine's code go where the machine's files go.
+        os.environ["TMPDIR"] = tempfile.tempdir = workdir
+    os.environ.update(config.get("env") or {})
     logging.basicConfig(level=config["log_level"], stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     credentials = Credentials(**config["credentials"])
     system = Local(lease=config["lease"])
     b = B(system, _credentials=credentials)
-    sock = socket.socket(fileno=config["fd"])
+    if config.get("fd") is not None:
+        sock = socket.socket(fileno=config["fd"])
+    else:
+        sock = _listen(config.get("bind"), config.get("port") or 0)
+    port = sock.getsockname()[1]
+    addr = config.get("addr") or "https://%s:%d/" % (
+        _url_host(config.get("host") or socket.gethostname()), port)
     exit_code = []
-
-    def exit(code):
-        exit_code.append(code)
-
-    process = _MachineProcess(b, credentials, config["addr"], config["lease"],
-                              config["watchdog_tick"], exit, sock=sock)
-    threading.Thread(target=_watch_stdin, args=(process,), name="bigmachine-stdin",
-                     daemon=True).start()
+    process = _MachineProcess(b, credentials, addr, config["lease"], config["watchdog_tick"],
+                              exit_code.append, sock=sock, prefix=_parse_addr(addr)[2])
+    if config.get("announce"):
+        _announce("listening", port)
+    if config.get("watch_stdin", True):
+        threading.Thread(target=_watch_stdin, args=(process,), name="bigmachine-stdin",
+                         daemon=True).start()
     threading.Thread(target=process.supervisor._watch, name="bigmachine-watchdog",
                      daemon=True).start()
-    _load_main(config["main"])
+    preparation = config["main"]
+    if config.get("code"):
+        preparation = _bundle_preparation(preparation, config["code"], workdir)
+    _load_main(preparation)
     process.server.start()
     process.exited.wait()
-    with contextlib.suppress(Exception):
-        logging.shutdown()
-    for stream in (sys.stdout, sys.stderr):
-        with contextlib.suppress(Exception):
-            stream.flush()
-    os._exit(exit_code[0] if exit_code else 0)
+    return exit_code[0] if exit_code else 0
+
+
+def _listen(host, port):
+    """A listening socket of the machine's own. host None means the address of this host that
+    the SSH connection which started the process came in on (so that the machine is reachable
+    where its host was, and nowhere else), else every interface."""
+    if host is None:
+        host = (os.environ.get("SSH_CONNECTION") or "").split()[2:3]
+        host = host[0] if host else ""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    return socket.create_server((host, port), family=family, backlog=512)
+
+
+def _url_host(host):
+    """host as the host part of a URL: IPv6 addresses go in brackets."""
+    return "[%s]" % host if ":" in host and not host.startswith("[") else host
+
+
+# A line on a machine's stdout that starts with this mark is for its driver, not its log.
+_MARK = "@bigmachine@"
+
+
+def _announce(*words):
+    sys.stdout.flush()
+    sys.stdout.buffer.write((" ".join([_MARK] + [str(w) for w in words]) + "\n").encode())
+    sys.stdout.buffer.flush()
 
 
 def _load_main(preparation):
@@ -3052,19 +3180,831 @@ def _watch_stdin(process):
         process.exit(1)
 
 
+# --------------------------------------------------------------------------------------
+# Code bundles: the driver's code, for machines that do not share its disk
+# --------------------------------------------------------------------------------------
+#
+# A Local machine reads the driver's code where the driver does. A machine on another host
+# (SSH, EC2) gets it as a *bundle*: one zip file holding bigmachine.py, the driver's main
+# module, and the modules of the program's own code that the driver has imported -- whole
+# packages, so that a submodule imported only on machines is there too -- but not the standard
+# library, site- or dist-packages, or the virtual environment: those the host has (or lacks)
+# itself, as it has its own Python. The zip is built the same way every time from the same
+# files (sorted, with fixed dates), and named by its SHA-256: a host keeps the bundles it has
+# received in <tmp>/bigmachine-<uid>/bundles/<sha256>.zip, in a directory only its user may
+# enter, and a driver whose bundle a host has already is not asked to send it again. A cached
+# bundle is hashed again before each use, so a damaged or tampered one is fetched anew.
+#
+# The machine unpacks the bundle in a directory of its own, <tmp>/bigmachine-<uid>/machine-
+# <pid>-*/code, puts that first on sys.path and loads the driver's __main__ from it the way
+# Local does (multiprocessing's spawn preparation, relocated by `_bundle_preparation`). The
+# directory is the machine's working and temporary directory too, and it is removed when the
+# machine exits; one left by a machine that was killed outright is removed by the next machine
+# to start on that host.
+#
+# How the bundle travels is the system's business; these functions are shared by all. The
+# host-side ones (`_bundle_root`, `_bundle_install`, `_bundle_unpack`, `_machine_workdir`)
+# run before bigmachine.py is on the host, so each is self-contained -- standard library
+# imports inside, no module globals -- and a system ships their source (inspect.getsource):
+# SSH sends it over the ssh channel, EC2 can put it in user data and fetch the bundle over
+# mutual TLS.
+
+class _Bundle(typing.NamedTuple):
+    """The driver's code as one zip file: see `_make_bundle`."""
+
+    data: bytes                       # the zip file
+    sha256: str                       # its hash (hex): its name in a host's cache
+    main: dict                        # how to load __main__: see `_bundle_preparation`
+    library: str                      # the name the machine imports bigmachine by
+    files: typing.Dict[str, str]      # archive name -> the file it holds
+
+
+def _make_bundle():
+    """Bundle the driver's code: bigmachine.py, the main module, and the modules of the
+    program's own code that it has imported (their whole top-level regular package, if any)."""
+    shared = _shared_code_dirs()
+    library = __name__
+    files = {library.replace(".", "/") + ".py": os.path.abspath(__file__)}
+    packages = set()
+    for name, module in list(sys.modules.items()):
+        path = getattr(module, "__file__", None)
+        if name not in ("__main__", "__mp_main__", library) and isinstance(path, str) and \
+                not _is_shared_code(path, shared):
+            _bundle_module(files, packages, name, path)
+    main = {"sys_argv": list(sys.argv)}
+    module = sys.modules.get("__main__")
+    spec_name = getattr(getattr(module, "__spec__", None), "name", None)
+    path = getattr(module, "__file__", None)
+    if spec_name is not None:
+        # python -m NAME: the machine imports NAME, from the bundle if it is the program's own.
+        main["init_main_from_name"] = spec_name
+        if isinstance(path, str) and not _is_shared_code(path, shared):
+            _bundle_module(files, packages, spec_name, path)
+    elif isinstance(path, str):
+        # A script: at the top of the bundle, as its directory was first on the driver's
+        # sys.path (unless that name is taken by another file).
+        path = _absolute_path(path)
+        name = os.path.basename(path)
+        if files.get(name, path) != path:
+            name = "__main__/" + name
+        files[name] = path
+        main["init_main_from_path"] = name
+    data = _zip_files(files)
+    return _Bundle(data, hashlib.sha256(data).hexdigest(), main, library, files)
+
+
+def _absolute_path(path):
+    if os.path.isabs(path):
+        return os.path.normpath(path)
+    import multiprocessing.process
+    return os.path.normpath(os.path.join(multiprocessing.process.ORIGINAL_DIR or os.getcwd(),
+                                         path))
+
+
+def _shared_code_dirs():
+    """Where this interpreter's standard library and installed packages live (each ending in
+    a separator): code that a machine's host provides for itself."""
+    import site
+    import sysconfig
+    dirs = {os.path.dirname(os.__file__)}
+    paths = sysconfig.get_paths()
+    dirs.update(paths[key] for key in ("stdlib", "platstdlib", "purelib", "platlib")
+                if key in paths)
+    with contextlib.suppress(Exception):
+        dirs.update(site.getsitepackages())
+    with contextlib.suppress(Exception):
+        dirs.add(site.getusersitepackages())
+    if sys.prefix != sys.base_prefix:
+        dirs.add(sys.prefix)          # a virtual environment: all of it
+    return tuple(sorted({os.path.join(os.path.realpath(d), "") for d in dirs if d}))
+
+
+def _is_shared_code(path, shared):
+    real = os.path.realpath(_absolute_path(path))
+    parts = real.split(os.sep)
+    return "site-packages" in parts or "dist-packages" in parts or real.startswith(shared)
+
+
+def _bundle_module(files, packages, name, path):
+    """Add module name, whose file is path, to files: the outermost regular package it is in,
+    whole; else the module alone. Archive names are the paths below the sys.path entry the
+    module was found in, which its name gives."""
+    path = _absolute_path(path)
+    parts = name.split(".")
+    stem = os.path.basename(path).split(".")[0]       # "mod" of mod.cpython-311-x86_64.so too
+    is_package = stem == "__init__"
+    if not is_package and stem != parts[-1] or not os.path.isfile(path):
+        # Not a file its name can be found by (an alias in sys.modules, a module imported
+        # from a zip file...): leave it to the host.
+        log.debug("not bundling module %s (%s)", name, path)
+        return
+    depth = len(parts) if is_package else len(parts) - 1
+    root = os.path.dirname(path)
+    for part in reversed(parts[:depth]):
+        if os.path.basename(root) != part:
+            return
+        root = os.path.dirname(root)
+    for i in range(1, depth + 1):
+        package = os.path.join(root, *parts[:i])
+        if os.path.isfile(os.path.join(package, "__init__.py")):
+            if package not in packages:
+                packages.add(package)
+                _bundle_tree(files, root, package)
+            return
+    files.setdefault(os.path.relpath(path, root).replace(os.sep, "/"), path)
+
+
+def _bundle_tree(files, root, package):
+    import importlib.machinery
+    suffixes = tuple(importlib.machinery.SOURCE_SUFFIXES + importlib.machinery.EXTENSION_SUFFIXES)
+    for directory, subdirectories, names in os.walk(package):
+        # Only directories that can be subpackages; never caches of compiled code.
+        subdirectories[:] = sorted(d for d in subdirectories
+                                   if d.isidentifier() and d != "__pycache__")
+        for name in names:
+            if name.endswith(suffixes):
+                path = os.path.join(directory, name)
+                files.setdefault(os.path.relpath(path, root).replace(os.sep, "/"), path)
+
+
+def _zip_files(files):
+    """A zip of files ({archive name: path}) that depends on their names and contents only."""
+    import zipfile
+    out = io.BytesIO()
+    with zipfile.ZipFile(out, "w", zipfile.ZIP_DEFLATED) as archive:
+        for name in sorted(files):
+            with open(files[name], "rb") as f:
+                data = f.read()
+            info = zipfile.ZipInfo(name, date_time=(1980, 1, 1, 0, 0, 0))
+            info.compress_type = zipfile.ZIP_DEFLATED
+            info.external_attr = 0o644 << 16
+            archive.writestr(info, data)
+    return out.getvalue()
+
+
+def _bundle_preparation(main, code, workdir):
+    """multiprocessing's spawn preparation for a machine running from a bundle unpacked at
+    code: main (the bundle's) names the main module, or its path inside the bundle; sys.path
+    is the bundle, then this host's own entries; the working directory is the machine's."""
+    preparation = dict(main)
+    if "init_main_from_path" in preparation:
+        preparation["init_main_from_path"] = os.path.join(code, preparation["init_main_from_path"])
+    cwd = os.getcwd()
+    preparation["sys_path"] = [code] + [p for p in sys.path if p and p not in (code, cwd)]
+    if workdir:
+        preparation["dir"] = preparation["orig_dir"] = workdir
+    return preparation
+
+
+def _bundle_root(tmp=None):
+    """This user's bigmachine directory on this host, <tmp>/bigmachine-<uid>: made private
+    (0700) if new, refused if it is not a directory of this user's. Self-contained."""
+    import os
+    import stat
+    import tempfile
+    uid = os.getuid()
+    root = os.path.join(tmp or tempfile.gettempdir(), "bigmachine-%d" % uid)
+    try:
+        os.mkdir(root, 0o700)
+    except FileExistsError:
+        pass
+    info = os.lstat(root)
+    if not stat.S_ISDIR(info.st_mode) or info.st_uid != uid:
+        raise PermissionError("%s is not a directory of user %d: refusing to use it" % (root, uid))
+    if info.st_mode & 0o077:
+        os.chmod(root, 0o700)
+    return root
+
+
+def _bundle_install(root, sha256, fetch):
+    """The path of bundle sha256 in root's cache, after calling fetch() for its bytes if the
+    cache lacks it (or holds a copy that does not hash right). Self-contained."""
+    import hashlib
+    import os
+    if len(sha256) != 64 or set(sha256) - set("0123456789abcdef"):
+        raise ValueError("not a SHA-256: %r" % (sha256,))
+    cache = os.path.join(root, "bundles")
+    os.makedirs(cache, mode=0o700, exist_ok=True)
+    path = os.path.join(cache, sha256 + ".zip")
+    try:
+        with open(path, "rb") as f:
+            if hashlib.sha256(f.read()).hexdigest() == sha256:
+                return path
+    except OSError:
+        pass
+    data = fetch()
+    if hashlib.sha256(data).hexdigest() != sha256:
+        raise ValueError("the code bundle arrived damaged (%d bytes): its SHA-256 is not %s"
+                         % (len(data), sha256))
+    partial = "%s.%d.part" % (path, os.getpid())
+    fd = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "wb") as f:
+        f.write(data)
+    os.replace(partial, path)           # whole or not at all, even with machines racing
+    return path
+
+
+def _bundle_unpack(path, directory):
+    """Unpack bundle path into directory. Self-contained."""
+    import zipfile
+    with zipfile.ZipFile(path) as archive:
+        archive.extractall(directory)
+    return directory
+
+
+def _machine_workdir(root):
+    """A new private directory for this machine process in root, named after its pid; first,
+    the directories of machines whose process is gone (killed before it could clean up) go.
+    Self-contained."""
+    import os
+    import shutil
+    import tempfile
+    for name in os.listdir(root):
+        pid = name.split("-")[1] if name.startswith("machine-") else ""
+        if pid.isdigit():
+            try:
+                os.kill(int(pid), 0)
+            except ProcessLookupError:
+                shutil.rmtree(os.path.join(root, name), ignore_errors=True)
+            except OSError:
+                pass
+    return tempfile.mkdtemp(prefix="machine-%d-" % os.getpid(), dir=root)
+
+
+# --------------------------------------------------------------------------------------
+# SSH: machines on any host the user can ssh into
+# --------------------------------------------------------------------------------------
+#
+# The driver runs each machine through an ssh client of its own (OpenSSH's, as the user has it
+# configured), and the host needs nothing but a Python of the driver's major.minor. Over the
+# ssh channel, which is authenticated and encrypted, the machine starts in three stages:
+#
+# 0. The remote command is `exec PYTHON -u -c STAGE0`. Stage 0 says which Python it is, and
+#    goes on only if that is the driver's major.minor (it parses even on Python 2, so that a
+#    host whose python3 is something else gets a clear VersionMismatch, not a syntax error).
+# 1. It runs the next line of its input: the source of `_ssh_stage1` and the self-contained
+#    bundle functions it calls. Stage 1 answers "have" if the host's cache holds the driver's
+#    code bundle, else "need" and reads it (the driver sends the bundle to one machine of a
+#    host at a time, so a host is sent it once); then it unpacks it in the machine's private
+#    directory and forks: the child imports bigmachine from there and becomes the machine,
+#    the parent waits for it, so that however the machine ends (the OOM killer's SIGKILL
+#    included) its directory goes and the driver is told how it ended.
+# 2. `_machine_main` reads its bootstrap (the credentials among it), binds a port of its own --
+#    by default on the address the ssh connection came in on -- and announces it. The
+#    machine's address is https://HOST:PORT/, HOST as the driver named it. `B.start` returned
+#    the machine with a provisional address (port 0); launch gives it the real one before the
+#    machine is pinged.
+#
+# From then on the ssh client carries the machine's stdout and stderr, prefixed with the
+# machine's address as for Local. The machine exits when its lease lapses and when the ssh
+# connection ends (EOF on its stdin), whichever comes first: killing the driver, even with
+# SIGKILL, closes the pipe to the ssh client, which passes the EOF on. Its directory goes with
+# it.
+#
+# With tunnel=True the machine listens on the host's loopback only, and the driver reaches it
+# through `ssh -L` from a local port, a second ssh client whose remote end is a Python waiting
+# for EOF, so that the tunnel, too, ends with the driver. Machines then have loopback
+# addresses that only the driver can use: machine-to-machine calls (b.dial) need hosts whose
+# ports the machines can reach, that is tunnel=False.
+
+_SSH_STAGE0 = (
+    'import sys;v="%d.%d"%sys.version_info[:2];'
+    'sys.stdout.write("@bigmachine@ python %s %s\\n"%(v,sys.executable));sys.stdout.flush();'
+    'v=="{version}" or sys.exit();exec(sys.stdin.buffer.readline())')
+
+# The remote end of a tunnel: it says it is there, then waits for the driver to go away.
+_SSH_LIFELINE = ('import sys;sys.stdout.write("@bigmachine@ tunnel\\n");sys.stdout.flush();'
+                 'sys.stdin.buffer.read()')
+
+
+class SSHSystem(System):
+    """Machines on hosts reached over SSH, with nothing installed there but Python.
+
+    hosts are ["host", "user@host", "user@host:port", "[v6addr]:port", ...]; machines are
+    spread over them round-robin, at most per_host on each; each machine offers its host's
+    processors (maxprocs). python is the interpreter to run on the hosts (same major.minor as
+    the driver's); ssh the client; ssh_options go to every ssh call, before the system's own
+    (-T, BatchMode=yes, ConnectTimeout=30), which they can therefore override. bind is where
+    machines listen on their hosts: by default the address the ssh connection came in on, or
+    loopback with tunnel=True, which reaches machines through `ssh -L` port forwards for hosts
+    whose ports are firewalled. See the section's introduction."""
+
+    name = "ssh"
+
+    def __init__(self, hosts=None, *, python="python3", ssh="ssh", ssh_options=(), per_host=1,
+                 tunnel=False, bind=None, **keepalive):
+        super().__init__(**keepalive)
+        if isinstance(hosts, str):
+            hosts = hosts.replace(",", " ").split()
+        if not hosts:
+            raise ValueError("SSHSystem needs hosts: SSHSystem(['host', 'user@host:port', ...]), "
+                             "or --bigm.ssh.hosts=a,b (BIGMACHINE_SSH_HOSTS) on the command line")
+        self.hosts = [_SSHHost.parse(h) for h in hosts]
+        specs = [h.spec for h in self.hosts]
+        for spec in specs:
+            if specs.count(spec) > 1:
+                raise ValueError("host %r is listed twice; per_host sets how many machines a "
+                                 "host runs" % spec)
+        if isinstance(per_host, bool) or not isinstance(per_host, int) or per_host < 1:
+            raise ValueError("per_host must be a positive integer, not %r" % (per_host,))
+        if isinstance(ssh_options, str):
+            import shlex
+            ssh_options = shlex.split(ssh_options)
+        self.python = python
+        self.ssh = ssh
+        self.ssh_options = tuple(str(option) for option in ssh_options)
+        self.per_host = per_host
+        self.tunnel = bool(tunnel)
+        self.bind = bind if bind is not None or not self.tunnel else "127.0.0.1"
+        self.bundles_sent = 0             # bundles sent to hosts that did not have them
+        self._lock = threading.Lock()
+        self._host_locks = {h.spec: threading.Lock() for h in self.hosts}
+        self._load = {h.spec: 0 for h in self.hosts}   # machines on each host
+        self._hosts = {}                  # Machine -> _SSHHost, until terminated
+        self._pending = {}                # Machine -> (env, bundle), until launched
+        self._procs = {}                  # Machine -> _SSHProcess
+        self._serial = itertools.count(1)
+
+    def __repr__(self):
+        return "<ssh system: %s>" % ", ".join(h.spec for h in self.hosts)
+
+    @classmethod
+    def _command_line_options(cls, argv, environ):
+        options = {}
+
+        def value(flag, variable, boolean=False):
+            given = _flag(argv, "bigm.ssh." + flag, boolean)
+            return environ.get(variable) if given is None else given
+
+        hosts = value("hosts", "BIGMACHINE_SSH_HOSTS")
+        if hosts:
+            options["hosts"] = hosts
+        ssh_options = value("options", "BIGMACHINE_SSH_OPTIONS")
+        if ssh_options:
+            import shlex
+            options["ssh_options"] = shlex.split(ssh_options)
+        python = value("python", "BIGMACHINE_SSH_PYTHON")
+        if python:
+            options["python"] = python
+        per_host = value("per_host", "BIGMACHINE_SSH_PER_HOST")
+        if per_host:
+            options["per_host"] = int(per_host)
+        tunnel = value("tunnel", "BIGMACHINE_SSH_TUNNEL", boolean=True)
+        if tunnel:
+            options["tunnel"] = _truth(tunnel)
+        return options
+
+    def start(self, b, n, env):
+        bundle = _make_bundle()
+        machines = []
+        with self._lock:
+            for _ in range(n):
+                host = min(self.hosts, key=lambda h: self._load[h.spec])   # the first least busy
+                if self._load[host.spec] >= self.per_host:
+                    break
+                self._load[host.spec] += 1
+                addr = "https://%s:0/ssh-%d/" % (_url_host(host.host), next(self._serial))
+                m = Machine(b, addr, owned=True, maxprocs=None)   # the host's processors
+                self._hosts[m] = host
+                self._pending[m] = (env, bundle)
+                machines.append(m)
+        if not machines:
+            raise Error("every host runs %d machine%s already (per_host=%d): %s" % (
+                self.per_host, "s" if self.per_host > 1 else "", self.per_host,
+                ", ".join(h.spec for h in self.hosts)))
+        return machines
+
+    def launch(self, b, machine):
+        with self._lock:
+            host = self._hosts.get(machine)
+            env, bundle = self._pending.pop(machine, (None, None))
+        if host is None or bundle is None:
+            raise Error("machine %s was stopped before it started" % machine.addr)
+        names = {}
+        with contextlib.suppress(ValueError):
+            _ip_address_bytes(host.host)
+            names["ip_addresses"] = [host.host]
+        if not names and host.host.replace("-", "").replace(".", "").isalnum():
+            names["dns_names"] = [host.host]
+        credentials = b._authority.issue("bigmachine ssh machine", server=True, client=True,
+                                         **names)
+        env = dict(env, BIGMACHINE_MODE="machine", BIGMACHINE_SYSTEM=self.name)
+        config = _machine_bootstrap(self, credentials, bundle.main, host=host.host,
+                                    bind=self.bind, port=0, announce=True, env=env)
+        deadline = time.monotonic() + self.boot_timeout
+        process = _SSHProcess(self, machine, host)
+        with self._lock:
+            live = machine in self._hosts
+            if live:
+                self._procs[machine] = process
+        if not live:                      # terminated while the ssh client started
+            process.terminate(time.monotonic())
+            raise Error("machine %s was stopped before it started" % machine.addr)
+        port = process.handshake(bundle, config, deadline)
+        process.serve()
+        if self.tunnel:
+            target = self.bind if self.bind not in ("", "0.0.0.0", "::") else "127.0.0.1"
+            tunnel = _SSHTunnel(self, host, target, port, deadline)
+            with self._lock:
+                live = machine in self._hosts
+                if live:
+                    process.tunnel = tunnel
+            if not live:                  # terminated while the tunnel opened
+                tunnel.terminate(time.monotonic())
+                raise Error("machine %s was stopped while it started" % machine.addr)
+            addr = "https://127.0.0.1:%d/" % tunnel.port
+        else:
+            addr = "https://%s:%d/" % (_url_host(host.host), port)
+        b._readdress(machine, addr)
+        process.addressed = True
+
+    def _host_lock(self, host):
+        return self._host_locks[host.spec]
+
+    def _bundle_sent(self, host, bundle):
+        with self._lock:
+            self.bundles_sent += 1
+        log.debug("sent the code bundle %s (%d files, %d bytes) to %s", bundle.sha256[:12],
+                  len(bundle.files), len(bundle.data), host.spec)
+
+    def _ssh_args(self, host, command, *options):
+        """The ssh command line that runs command (a shell command) on host."""
+        args = [self.ssh] + list(self.ssh_options)
+        args += ["-T", "-o", "BatchMode=yes", "-o", "ConnectTimeout=30"] + list(options)
+        if host.port is not None:
+            args += ["-p", str(host.port)]
+        if host.user is not None:
+            args += ["-l", host.user]
+        return args + [host.host, command]
+
+    def lost(self, machine):
+        process = self._procs.get(machine)
+        return process is not None and process.gone()
+
+    def terminate(self, machine, deadline):
+        with self._lock:
+            host = self._hosts.pop(machine, None)
+            if host is not None:
+                self._load[host.spec] -= 1
+            self._pending.pop(machine, None)
+            process = self._procs.pop(machine, None)
+        if process is not None:
+            process.terminate(deadline)
+
+    def shutdown(self):
+        with self._lock:
+            procs, self._procs = list(self._procs.values()), {}
+            self._hosts.clear()
+            self._pending.clear()
+            self._load = dict.fromkeys(self._load, 0)
+        for process in procs:
+            process.terminate(time.monotonic() + 1.0)
+
+
+class _SSHHost(typing.NamedTuple):
+    """A host as SSHSystem's hosts name it: [user@]host[:port], an IPv6 address in brackets
+    when a port follows."""
+
+    spec: str
+    user: typing.Optional[str]
+    host: str
+    port: typing.Optional[int]
+
+    @classmethod
+    def parse(cls, spec):
+        if not isinstance(spec, str) or not spec.strip():
+            raise ValueError("a host is a string like 'host', 'user@host:2222', not %r" % (spec,))
+        spec = spec.strip()
+        user, at, rest = spec.rpartition("@")
+        host, port = rest, None
+        if rest.startswith("["):
+            host, bracket, after = rest[1:].partition("]")
+            if not bracket or after and not after.startswith(":"):
+                raise ValueError("bad host %r: want [address]:port" % spec)
+            port = after[1:] or None
+        elif rest.count(":") == 1:
+            host, port = rest.split(":")
+        if port is not None:
+            if not port.isdigit() or not 0 < int(port) < 65536:
+                raise ValueError("bad port in host %r" % spec)
+            port = int(port)
+        if not host or host.startswith("-") or any(c.isspace() for c in host) or \
+                at and (not user or user.startswith("-")):
+            raise ValueError("bad host %r: want host, user@host or user@host:port" % spec)
+        return cls(spec, user if at else None, host, port)
+
+
+class _Lines:
+    """Lines from a pipe, each read by a deadline if need be: the driver's end of a
+    handshake on a child's stdout. Reading goes on from the same buffer after it."""
+
+    def __init__(self, pipe):
+        self._pipe = pipe
+        self._fd = pipe.fileno()
+        self._buffer = b""
+
+    def readline(self, deadline=None):
+        """The next line, with its newline; b"" at EOF. Raises TimeoutError at the deadline."""
+        while True:
+            end = self._buffer.find(b"\n") + 1
+            if end:
+                line, self._buffer = self._buffer[:end], self._buffer[end:]
+                return line
+            if deadline is not None:
+                left = deadline - time.monotonic()
+                if left <= 0 or not select.select([self._fd], [], [], left)[0]:
+                    raise TimeoutError("no line in time")
+            try:
+                data = os.read(self._fd, 65536)
+            except OSError:
+                data = b""
+            if not data:
+                line, self._buffer = self._buffer, b""
+                return line
+            self._buffer += data
+
+    def close(self):
+        with contextlib.suppress(OSError):
+            self._pipe.close()
+
+
+_ssh_stage1_functions = None
+
+
+def _ssh_stage1_line(bundle):
+    """Stage 1 as the line of Python source that stage 0 runs."""
+    global _ssh_stage1_functions
+    if _ssh_stage1_functions is None:
+        import inspect
+        _ssh_stage1_functions = "".join(inspect.getsource(f) + "\n" for f in (
+            _bundle_root, _bundle_install, _bundle_unpack, _machine_workdir, _ssh_stage1))
+    source = _ssh_stage1_functions + "_ssh_stage1(%r, %d, %r)\n" % (
+        bundle.sha256, len(bundle.data), bundle.library)
+    return ("exec(%r)\n" % source).encode("utf-8")
+
+
+def _ssh_stage1(sha256, size, library):
+    """Stage 1 of an SSH machine, on its host: make sure the host has bundle sha256 ("need": the
+    driver then sends its size bytes; "have"), unpack it in the machine's own directory and run
+    the machine from there, in a child process. This process stays to wait for it: however the
+    machine ends, killed by the OOM killer included, its directory goes and the driver learns
+    how it ended ("exited CODE", CODE negative for a signal). Self-contained: it runs before
+    bigmachine.py is on the host."""
+    import importlib
+    import os
+    import shutil
+    import sys
+    import traceback
+    out, into = sys.stdout.buffer, sys.stdin.buffer
+
+    def say(word):
+        out.write(b"@bigmachine@ " + word + b"\n")
+        out.flush()
+
+    def fetch():
+        say(b"need")
+        return into.read(size)
+
+    root = _bundle_root()
+    bundle = _bundle_install(root, sha256, fetch)
+    say(b"have")
+    workdir = _machine_workdir(root)
+    try:
+        code = _bundle_unpack(bundle, os.path.join(workdir, "code"))
+        pid = os.fork()               # no threads yet: forking is safe
+    except BaseException:
+        shutil.rmtree(workdir, ignore_errors=True)
+        raise
+    if pid == 0:
+        status = 1
+        try:
+            sys.path.insert(0, code)
+            importlib.import_module(library)._machine_main(code=code, workdir=workdir)
+        except SystemExit as e:
+            status = e.code if isinstance(e.code, int) else 1
+        except BaseException:
+            traceback.print_exc()
+        finally:
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(status)
+    _, status = os.waitpid(pid, 0)
+    shutil.rmtree(workdir, ignore_errors=True)
+    status = -os.WTERMSIG(status) if os.WIFSIGNALED(status) else os.WEXITSTATUS(status)
+    try:
+        say(b"exited %d" % status)
+    except OSError:
+        pass                          # the driver has gone
+    os._exit(status if status >= 0 else 128 - status)
+
+
+class _SSHProcess(_ChildProcess):
+    """The ssh client that runs one machine on its host, as the driver sees it."""
+
+    def __init__(self, system, machine, host):
+        import shlex
+        self.system, self.host = system, host
+        self.tunnel = None
+        self.addressed = False           # the machine's real address is known
+        self.machine_exit = None         # how the machine process ended, as stage 1 saw it
+        stage0 = _SSH_STAGE0.replace("{version}", PYTHON)
+        command = "exec %s -u -c %s" % (shlex.quote(system.python), shlex.quote(stage0))
+        super().__init__(machine, system._ssh_args(host, command))
+        self._lines = _Lines(self.proc.stdout)
+        self.forward(self.proc.stderr.readline, self.proc.stderr.close)
+
+    def prefix(self):
+        return (self.machine.addr if self.addressed else "ssh " + self.host.spec) + ": "
+
+    def handshake(self, bundle, config, deadline):
+        """Start the machine through stages 0 to 2 (see the section's introduction); returns
+        the port it listens on."""
+        words = self._next(deadline, "python")
+        if words[:1] != ["python"] or len(words) < 2:
+            raise Error("host %s: unexpected answer from %s: %s"
+                        % (self.host.spec, self.system.python, " ".join(words)))
+        if words[1] != PYTHON:
+            python, executable = self.system.python, " ".join(words[2:])
+            if executable and executable != python:
+                python += " (%s)" % executable
+            raise VersionMismatch(
+                "the driver runs Python %s (%s); on host %s, %s is Python %s: give "
+                "SSHSystem(python=...) a Python %s there" % (
+                    PYTHON, sys.executable, self.host.spec, python, words[1], PYTHON))
+        with self.system._host_lock(self.host):
+            self._send(_ssh_stage1_line(bundle))
+            while True:
+                words = self._next(deadline, "the code bundle")
+                if words == ["need"]:
+                    self._send(bundle.data)
+                    self.system._bundle_sent(self.host, bundle)
+                elif words == ["have"]:
+                    break
+                else:
+                    raise Error("host %s: unexpected answer: %s" % (self.host.spec, words))
+        self._send((json.dumps(config) + "\n").encode())
+        words = self._next(deadline, "the machine's port")
+        if words[:1] != ["listening"] or len(words) != 2 or not words[1].isdigit():
+            raise Error("host %s: unexpected answer: %s" % (self.host.spec, words))
+        return int(words[1])
+
+    def _send(self, data):
+        try:
+            self.proc.stdin.write(data)
+            self.proc.stdin.flush()
+        except OSError:
+            pass                          # it went away: reading its answer says why
+
+    def _next(self, deadline, what):
+        """The words of the next line for the driver (marked); other lines are output."""
+        while True:
+            try:
+                line = self._lines.readline(deadline)
+            except TimeoutError:
+                raise Error("host %s: no answer about %s in %.0fs" % (
+                    self.host.spec, what, self.system.boot_timeout)) from None
+            if not line:
+                raise self._failure(what)
+            if line.startswith(_MARK.encode() + b" "):
+                words = line.decode("utf-8", "replace").split()[1:]
+                if words[:1] != ["exited"]:
+                    return words
+                self.output(line)
+                raise self._failure(what)
+            self.output(line)
+
+    def output(self, line):
+        if line.startswith(_MARK.encode() + b" exited "):
+            with contextlib.suppress(ValueError):
+                self.machine_exit = int(line.split()[2])
+            return
+        super().output(line)
+
+    def _failure(self, what):
+        """Why the ssh client ended its output before the machine was up."""
+        try:
+            code = self.proc.wait(5.0)
+        except subprocess.TimeoutExpired:
+            code = None
+        for t in self._forwarders:
+            t.join(1.0)
+        output = "".join(self.tail).strip()
+        detail = (": " + output) if output else ""
+        if self.machine_exit is not None:
+            return Error("the machine on host %s %s before it served (at %s)%s" % (
+                self.host.spec, _exit_reason(self.machine_exit), what, detail))
+        if code == 255:
+            return Error("cannot ssh to host %s (ssh exited with code 255)%s"
+                         % (self.host.spec, detail))
+        if what == "python":
+            return Error("host %s cannot run %s (it %s)%s" % (
+                self.host.spec, self.system.python, _exit_reason(code), detail))
+        return Error("the machine on host %s: ssh %s before the machine served (at %s)%s" % (
+            self.host.spec, _exit_reason(code), what, detail))
+
+    def serve(self):
+        """The machine is up: forward its output and notice when it ends."""
+        self.forward(self._lines.readline, self._lines.close)
+        self.watch()
+
+    def exit_error(self, code, why, output):
+        if self.expected_exit and code == 0:
+            return Error("machine %s was shut down" % self.machine.addr)
+        if self.machine_exit is not None:
+            why = _exit_reason(self.machine_exit)                  # the machine's own end
+        elif code == 255:
+            why = "lost: ssh exited with code 255 (the connection failed or was cut)"
+        else:
+            why = "lost: ssh " + why
+        return Error("machine %s on host %s %s%s" % (
+            self.machine.addr, self.host.spec, why,
+            "; its last output:\n" + output if output and self.machine.state < RUNNING else ""))
+
+    def gone(self, grace=0.25):
+        # Without its tunnel, a machine is as good as gone to the driver.
+        tunnel_closed = self.tunnel is not None and self.tunnel.proc.poll() is not None
+        return tunnel_closed or super().gone(grace)
+
+    def terminate(self, deadline):
+        super().terminate(deadline)
+        if self.tunnel is not None:
+            self.tunnel.terminate(deadline)
+
+
+class _SSHTunnel:
+    """A local port forwarded to a machine's port on its host, by `ssh -L`. The remote end
+    of the ssh session is a Python that waits for EOF, so that the tunnel ends when the
+    driver does, however it ends. ssh's own messages go to the debug log."""
+
+    _ATTEMPTS = 5                         # local ports tried: another process may take one
+
+    def __init__(self, system, host, target, port, deadline):
+        import shlex
+        command = "exec %s -c %s" % (shlex.quote(system.python), shlex.quote(_SSH_LIFELINE))
+        for attempt in range(self._ATTEMPTS):
+            self.port = _free_port()
+            forward = "127.0.0.1:%d:%s:%d" % (self.port, _url_host(target), port)
+            self.proc = subprocess.Popen(
+                system._ssh_args(host, command, "-o", "ExitOnForwardFailure=yes", "-L", forward),
+                stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                start_new_session=True, close_fds=True)
+            try:
+                line = _Lines(self.proc.stdout).readline(deadline)
+            except TimeoutError:
+                line = b""
+            if line.startswith(_MARK.encode() + b" tunnel"):
+                # ssh binds the local port before it runs the remote command: it is open.
+                self._logger = threading.Thread(target=self._log, args=(host,),
+                                                name="bigmachine-tunnel", daemon=True)
+                self._logger.start()
+                return
+            self.terminate(time.monotonic())
+            with self.proc.stderr:
+                error = self.proc.stderr.read().decode("utf-8", "replace").strip()
+            if "already in use" not in error or attempt + 1 == self._ATTEMPTS:
+                raise Error("cannot open an ssh tunnel to port %d of host %s: %s"
+                            % (port, host.spec, error or _exit_reason(self.proc.returncode)))
+
+    def _log(self, host):
+        for line in iter(self.proc.stderr.readline, b""):
+            log.debug("ssh tunnel to %s: %s", host.spec, line.decode("utf-8", "replace").rstrip())
+        self.proc.stderr.close()
+
+    def terminate(self, deadline):
+        """Close the tunnel: EOF to its remote end, and kill it if it will not go."""
+        with contextlib.suppress(OSError):
+            self.proc.stdin.close()
+        try:
+            self.proc.wait(max(0.1, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            with contextlib.suppress(OSError):
+                os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait()
+        with contextlib.suppress(OSError):
+            self.proc.stdout.close()
+
+
+def _free_port():
+    """A TCP port on loopback that is free now (someone may take it before it is used)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 # ======================================================================================
 # Starting a session (Go: driver)
 # ======================================================================================
 
-_SYSTEMS = {"local": Local, "test": TestSystem, "testsystem": TestSystem}
+_SYSTEMS = {"local": Local, "test": TestSystem, "testsystem": TestSystem, "ssh": SSHSystem}
 
 
 def start(system=None, **options):
     """Start a session (Go's driver.Start) and return its `B`.
 
-    system is a `System`, or a name ("local", "test"); None reads `--bigm.system=NAME` from
-    sys.argv, then the BIGMACHINE_SYSTEM environment variable, then uses "local". options go to
-    the system's constructor when system is a name."""
+    system is a `System`, or a name ("local", "test", "ssh"); None reads `--bigm.system=NAME`
+    from sys.argv, then the BIGMACHINE_SYSTEM environment variable, then uses "local". options go
+    to the system's constructor when system is a name, after the system's own flags and
+    variables (for "ssh": --bigm.ssh.hosts=a,b and the like, see `SSHSystem`)."""
     if _machine_bootstrapping or os.environ.get("BIGMACHINE_MODE") == "machine":
         raise Error(
             "bigmachine.start() was called while a machine was loading the driver's main module. "
@@ -3077,7 +4017,7 @@ def start(system=None, **options):
         if cls is None:
             raise ValueError("unknown bigmachine system %r; known systems: %s"
                              % (system, ", ".join(sorted(_SYSTEMS))))
-        system = cls(**options)
+        system = cls(**dict(cls._command_line_options(sys.argv, os.environ), **options))
     elif options:
         raise TypeError("options are for a system given by name; configure the %s instance "
                         "itself" % type(system).__name__)
@@ -3087,13 +4027,32 @@ def start(system=None, **options):
 
 
 def _system_from_command_line(argv):
+    return _flag(argv, "bigm.system")
+
+
+def _flag(argv, name, boolean=False):
+    """The value of the first --NAME=VALUE or --NAME VALUE in argv[1:] (one dash will do, as
+    with Go's flags), or None. A boolean flag may also stand alone, meaning "true"."""
     for i, arg in enumerate(argv[1:], 1):
-        for flag in ("--bigm.system", "-bigm.system"):
+        for flag in ("--" + name, "-" + name):
             if arg.startswith(flag + "="):
                 return arg.split("=", 1)[1]
-            if arg == flag and i + 1 < len(argv):
-                return argv[i + 1]
+            if arg == flag:
+                if boolean:
+                    return "true"
+                if i + 1 < len(argv):
+                    return argv[i + 1]
     return None
+
+
+def _truth(value):
+    """A boolean flag's or variable's value."""
+    text = str(value).strip().lower()
+    if text in ("1", "true", "yes", "on"):
+        return True
+    if text in ("0", "false", "no", "off", ""):
+        return False
+    raise ValueError("not a boolean: %r (want true or false)" % (value,))
 
 
 # ======================================================================================

@@ -8,13 +8,18 @@ installed, by the cryptography package (used as an independent oracle, never by 
 
 import collections
 import concurrent.futures
+import contextlib
 import datetime
 import hashlib
 import http.client
+import importlib
 import io
+import json
 import os
 import pickle
+import pwd
 import secrets
+import shlex
 import shutil
 import signal
 import socket
@@ -24,6 +29,9 @@ import sys
 import textwrap
 import threading
 import time
+import typing
+import urllib.parse
+import zipfile
 
 import pytest
 
@@ -890,6 +898,543 @@ def test_local_version_mismatch():
         assert isinstance(m.err, bigmachine.VersionMismatch)
         assert bigmachine.PYTHON in str(m.err)
         assert other in str(m.err)
+
+
+# ======================================================================================
+# SSH: machines on hosts reached over real OpenSSH (a private sshd on loopback)
+# ======================================================================================
+
+SSHD = shutil.which("sshd") or next(
+    (p for p in ("/usr/sbin/sshd", "/usr/local/sbin/sshd") if os.access(p, os.X_OK)), None)
+UID = os.getuid()
+
+
+class Sshd(typing.NamedTuple):
+    port: int
+    user: str
+    host: str                 # user@127.0.0.1:port
+    options: list             # ssh options that log in with the authorized key
+    stranger: list            # the same with a key that is not authorized
+    tmp: str                  # the hosts' TMPDIR: bundle caches and machine directories
+    dir: str
+
+
+@pytest.fixture(scope="module")
+def sshd(tmp_path_factory):
+    """An sshd of the tests' own on 127.0.0.1: its own config, host key, authorized key and
+    TMPDIR for the sessions it runs, all in a temporary directory; stopped by pid."""
+    missing = [name for name, path in (("sshd", SSHD), ("ssh", shutil.which("ssh")),
+                                       ("ssh-keygen", shutil.which("ssh-keygen"))) if not path]
+    if missing:
+        pytest.skip("OpenSSH's %s not found (apt-get install openssh-server openssh-client)"
+                    % " and ".join(missing))
+    d = tmp_path_factory.mktemp("sshd")
+    for key in ("host_key", "client_key", "stranger_key"):
+        subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", key,
+                        "-f", str(d / key)], check=True)
+    shutil.copy(str(d / "client_key.pub"), str(d / "authorized_keys"))
+    remote_tmp = d / "remote-tmp"
+    remote_tmp.mkdir()
+    if os.geteuid() == 0 and not os.path.isdir("/run/sshd"):
+        # sshd started as root insists on its privilege separation directory, which the
+        # service would make at boot (it is empty: nothing of the system's sshd is touched).
+        os.makedirs("/run/sshd", 0o755, exist_ok=True)
+    user = pwd.getpwuid(UID).pw_name
+    log = open(str(d / "sshd.log"), "w")
+    for _ in range(5):
+        port = bigmachine._free_port()
+        (d / "sshd_config").write_text(textwrap.dedent("""\
+            ListenAddress 127.0.0.1
+            Port %d
+            HostKey %s
+            PidFile %s
+            AuthorizedKeysFile %s
+            PermitRootLogin prohibit-password
+            PasswordAuthentication no
+            KbdInteractiveAuthentication no
+            UsePAM no
+            StrictModes no
+            AllowTcpForwarding yes
+            X11Forwarding no
+            PrintMotd no
+            MaxStartups 100
+            SetEnv TMPDIR=%s
+            """ % (port, d / "host_key", d / "sshd.pid", d / "authorized_keys", remote_tmp)))
+        proc = subprocess.Popen([SSHD, "-D", "-e", "-f", str(d / "sshd_config")],
+                                stdin=subprocess.DEVNULL, stdout=log, stderr=log)
+        deadline = time.monotonic() + 10
+        while proc.poll() is None and time.monotonic() < deadline:
+            with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), 1) as s:
+                if s.recv(8).startswith(b"SSH-"):
+                    break
+            time.sleep(0.02)
+        if proc.poll() is None:
+            break
+    else:
+        pytest.fail("sshd did not start: %s" % (d / "sshd.log").read_text())
+    common = ["-F", "/dev/null", "-o", "UserKnownHostsFile=%s" % (d / "known_hosts"),
+              "-o", "StrictHostKeyChecking=no", "-o", "BatchMode=yes",
+              "-o", "IdentitiesOnly=yes", "-o", "LogLevel=ERROR"]
+    try:
+        yield Sshd(port, user, "%s@127.0.0.1:%d" % (user, port),
+                   common + ["-i", str(d / "client_key")],
+                   common + ["-i", str(d / "stranger_key")], str(remote_tmp), str(d))
+    finally:
+        proc.terminate()
+        proc.wait()
+        log.close()
+
+
+def ssh_system(sshd, **options):
+    settings = dict(FAST, python=sys.executable, ssh_options=sshd.options)
+    settings.update(options)
+    return bigmachine.SSHSystem([sshd.host], **settings)
+
+
+def host_dir(sshd):
+    """This user's bigmachine directory on the test host."""
+    return os.path.join(sshd.tmp, "bigmachine-%d" % UID)
+
+
+def machine_dirs(sshd):
+    root = host_dir(sshd)
+    return sorted(n for n in os.listdir(root) if n.startswith("machine-")) \
+        if os.path.isdir(root) else []
+
+
+def ssh_clients(sshd):
+    """Live ssh client processes logged in with the tests' key (whoever their parent)."""
+    found = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit() and _alive(int(entry)):
+            with contextlib.suppress(OSError):
+                with open("/proc/%s/cmdline" % entry, "rb") as f:
+                    argv = f.read().decode(errors="replace").split("\0")
+                if os.path.basename(argv[0]) == "ssh" and sshd.options[-1] in argv:
+                    found.append(int(entry))
+    return found
+
+
+def test_ssh_cluster_serves_calls(sshd, capsys):
+    system = ssh_system(sshd, per_host=2)
+    with bigmachine.start(system) as b:
+        machines = b.start(3, {"Echo": Echo("ssh")}, env={"BIGMACHINE_TEST_VAR": "over ssh"})
+        assert len(machines) == 2                              # per_host=2, one host
+        for m in machines:
+            assert m.wait(RUNNING, timeout=60) is RUNNING, m.err
+        m1, m2 = machines
+        for m in machines:
+            url = urllib.parse.urlsplit(m.addr)
+            assert (url.scheme, url.hostname, m.hostname) == ("https", "127.0.0.1", "127.0.0.1")
+            assert url.port > 0 and m.call("Supervisor.info")["addr"] == m.addr
+            assert m.maxprocs == os.cpu_count()                # the host's processors
+        assert sorted(m.addr for m in b.machines()) == sorted(m.addr for m in machines)
+        pids = [m.call("Echo.pid") for m in machines]
+        workdirs = [m.call("Echo.environ", "TMPDIR") for m in machines]
+        assert len(set(pids)) == 2 and os.getpid() not in pids
+        assert sorted(os.path.basename(w) for w in workdirs) == machine_dirs(sshd)
+        assert m1.call("Echo.environ", "BIGMACHINE_TEST_VAR") == "over ssh"
+        assert m1.call("Echo.environ", "BIGMACHINE_MODE") == "machine"
+        assert m1.call("Echo.inited") and m1.call("Echo.get_tag") == "ssh"
+        with pytest.raises(ValueError, match="from afar"):
+            m1.call("Echo.fail", "from afar")
+        assert m1.call("Echo.dial_and_call", m2.addr, "Echo.pid") == pids[1]
+        data = os.urandom(3 << 20)
+        with m2.call("Echo.echo_stream", io.BytesIO(data)) as f:
+            assert f.read() == data
+        with pytest.raises(bigmachine.Error, match="per_host=2"):
+            b.start(1, {"Echo": Echo()})
+        assert m1.call("Echo.print_lines", "hello over ssh") == 1
+        seen = []
+        eventually(lambda: seen.append(capsys.readouterr().err) or
+                   "%s: hello over ssh\n" % m1.addr in "".join(seen), what="forwarded output")
+    # Shut down: nothing left on the host.
+    assert all(m.state is STOPPED for m in machines)
+    assert not any(_alive(pid) for pid in pids)
+    assert machine_dirs(sshd) == [] and not any(os.path.exists(w) for w in workdirs)
+    assert ssh_clients(sshd) == []
+
+
+def test_ssh_connection_drop_ends_machine(sshd):
+    system = ssh_system(sshd)
+    with bigmachine.start(system) as b:
+        m, = running(b)
+        pid, workdir = m.call("Echo.pid"), m.call("Echo.environ", "TMPDIR")
+        client = system._procs[m].proc.pid
+        os.kill(client, signal.SIGKILL)                        # the connection drops
+        assert m.wait(STOPPED, timeout=10) is STOPPED
+        assert "lost: ssh killed by signal SIGKILL" in str(m.err) and sshd.host in str(m.err)
+        eventually(lambda: not _alive(pid) and not os.path.exists(workdir), timeout=10,
+                   what="the machine to exit and remove its directory")
+
+
+def test_ssh_machine_killed_on_its_host(sshd):
+    # The OOM killer, say: the driver learns how the machine ended, and its directory goes.
+    with bigmachine.start(ssh_system(sshd)) as b:
+        m, = running(b)
+        pid, workdir = m.call("Echo.pid"), m.call("Echo.environ", "TMPDIR")
+        os.kill(pid, signal.SIGKILL)
+        assert m.wait(STOPPED, timeout=10) is STOPPED
+        assert str(m.err) == "machine %s on host %s killed by signal SIGKILL" % (m.addr, sshd.host)
+        eventually(lambda: not os.path.exists(workdir), timeout=10, what="its directory to go")
+
+
+def test_ssh_shutdown_while_starting_leaves_nothing(sshd):
+    # Shut down at once, and a little later: the machines are somewhere in their three
+    # stages, or not yet launched, and whatever was started must go.
+    for delay, tunnel in ((0.0, False), (0.1, False), (0.3, False), (0.6, True)):
+        b = bigmachine.start(ssh_system(sshd, per_host=2, tunnel=tunnel))
+        try:
+            machines = b.start(2, {"Echo": Echo()})
+            time.sleep(delay)
+        finally:
+            b.shutdown()
+        assert all(m.state is STOPPED for m in machines)
+        eventually(lambda: ssh_clients(sshd) == [] and machine_dirs(sshd) == [], timeout=10,
+                   what="ssh clients and machine directories to go")
+
+
+def test_ssh_bigpi(sshd):
+    env = dict(os.environ, BIGMACHINE_SSH_OPTIONS=" ".join(map(shlex.quote, sshd.options)))
+    env.pop("BIGMACHINE_SYSTEM", None)
+    result = subprocess.run(
+        [sys.executable, os.path.join(HERE, "examples", "bigpi.py"), "-n", "2000000",
+         "-nmach", "2", "--bigm.system=ssh", "--bigm.ssh.hosts=" + sshd.host,
+         "--bigm.ssh.per_host", "2", "--bigm.ssh.python=" + sys.executable],
+        capture_output=True, text=True, timeout=300, env=env)
+    assert result.returncode == 0, result.stderr
+    pi = result.stdout.strip().split("π = ")[1]
+    assert abs(float(pi) - 3.14159) < 0.01
+    running_at = [line.split()[-2] for line in result.stderr.splitlines()
+                  if line.endswith(" RUNNING")]
+    assert len(running_at) == 2, result.stderr
+    assert all(urllib.parse.urlsplit(addr).port > 0 for addr in running_at)   # real ports
+    assert machine_dirs(sshd) == []
+
+
+def test_ssh_driver_killed_machines_exit(sshd, tmp_path):
+    script = tmp_path / "driver.py"
+    script.write_text(textwrap.dedent("""
+        import os, shlex, sys, time, bigmachine
+        class S:
+            def where(self):
+                return "%d:%s" % (os.getpid(), os.getcwd())
+        if __name__ == "__main__":
+            system = bigmachine.SSHSystem([sys.argv[1]], python=sys.executable, per_host=2,
+                                          ssh_options=shlex.split(sys.argv[2]),
+                                          tunnel=sys.argv[3] == "tunnel",
+                                          keepalive_period=0.5, lease=2.0)
+            b = bigmachine.start(system)
+            ms = b.start(2, {"S": S()})
+            for m in ms:
+                m.wait()
+            print(" ".join(m.call("S.where") for m in ms), flush=True)
+            time.sleep(600)
+    """))
+    for how, tunnel in (("SIGKILL", ""), ("SIGKILL", "tunnel"), ("SIGSTOP", "")):
+        # SIGKILL: the driver's pipes to its ssh clients close, they pass the EOF on, and the
+        # machines exit at once. SIGSTOP: the driver is alive but silent, the ssh connections
+        # stay up, and the machines' watchdogs end them within their lease.
+        driver = subprocess.Popen(
+            [sys.executable, str(script), sshd.host, " ".join(map(shlex.quote, sshd.options)),
+             tunnel], stdout=subprocess.PIPE, env=dict(os.environ, PYTHONPATH=HERE), text=True)
+        try:
+            where = [w.split(":", 1) for w in driver.stdout.readline().split()]
+            assert len(where) == 2, "the driver did not start its machines"
+            pids, workdirs = [int(p) for p, _ in where], [w for _, w in where]
+            assert all(os.path.isdir(w) for w in workdirs)
+            os.kill(driver.pid, getattr(signal, how))
+            began = time.monotonic()
+            eventually(lambda: not any(_alive(p) for p in pids), timeout=15,
+                       what="machines to exit after %s" % how)
+            took = time.monotonic() - began
+            assert not any(os.path.exists(w) for w in workdirs)
+            if how == "SIGSTOP":
+                assert 1.0 < took < 10                         # it was the lease (2s)
+            else:
+                eventually(lambda: ssh_clients(sshd) == [], timeout=10,
+                           what="the orphaned ssh clients to exit")
+        finally:
+            driver.kill()
+            driver.wait()
+        eventually(lambda: ssh_clients(sshd) == [], timeout=10, what="ssh clients to exit")
+    assert machine_dirs(sshd) == []
+
+
+def test_ssh_refused_key_names_the_host(sshd):
+    with bigmachine.start(ssh_system(sshd, ssh_options=sshd.stranger)) as b:
+        m, = b.start(1, {"Echo": Echo()})
+        assert m.wait(RUNNING, timeout=60) is STOPPED
+        assert "cannot ssh to host %s" % sshd.host in str(m.err)
+        assert "Permission denied" in str(m.err)
+
+
+def test_ssh_missing_python_names_the_host(sshd):
+    with bigmachine.start(ssh_system(sshd, python="/nonexistent/python3")) as b:
+        m, = b.start(1, {"Echo": Echo()})
+        assert m.wait(RUNNING, timeout=60) is STOPPED
+        assert not isinstance(m.err, bigmachine.VersionMismatch)
+        assert "host %s cannot run /nonexistent/python3" % sshd.host in str(m.err)
+    assert machine_dirs(sshd) == []
+
+
+@pytest.mark.skipif(_other_python() is None, reason="no other CPython 3.8-3.13 installed")
+def test_ssh_version_mismatch(sshd):
+    other = _other_python()
+    with bigmachine.start(ssh_system(sshd, python=other)) as b:
+        m, = b.start(1, {"Echo": Echo()})
+        assert m.wait(RUNNING, timeout=60) is STOPPED
+        assert isinstance(m.err, bigmachine.VersionMismatch), m.err
+        text = str(m.err)
+        assert sshd.host in text and other in text and bigmachine.PYTHON in text
+        assert "Python %d.%d" % tuple(map(int, os.path.basename(
+            os.path.dirname(os.path.dirname(other))).split(".")[:2])) in text
+
+
+def test_ssh_tunnel(sshd):
+    system = ssh_system(sshd, tunnel=True)
+    with bigmachine.start(system) as b:
+        m, = running(b)
+        # The driver reaches the machine at a local port that ssh forwards to its real one.
+        local, remote = (urllib.parse.urlsplit(a).port
+                         for a in (m.addr, m.call("Supervisor.info")["addr"]))
+        assert local != remote and m.addr == "https://127.0.0.1:%d/" % local
+        assert m.call("Echo.echo", "through the tunnel") == "through the tunnel"
+        with m.call("Echo.chunks", 4, 100000) as f:
+            assert len(f.read()) == 400000
+        tunnel = system._procs[m].tunnel.proc
+        assert tunnel.poll() is None
+        pid = m.call("Echo.pid")
+    assert tunnel.poll() is not None and not _alive(pid) and machine_dirs(sshd) == []
+
+
+def test_ssh_bundle_is_sent_once_per_host(sshd):
+    shutil.rmtree(os.path.join(host_dir(sshd), "bundles"), ignore_errors=True)
+    sent = []
+    for _ in range(2):
+        system = ssh_system(sshd, per_host=2)
+        with bigmachine.start(system) as b:
+            running(b, 2)
+        sent.append(system.bundles_sent)
+    # Two machines started at once on a host that lacked it: sent to one of them; then cached.
+    assert sent == [1, 0]
+    cache = os.path.join(host_dir(sshd), "bundles")
+    assert os.stat(host_dir(sshd)).st_mode & 0o777 == 0o700
+    assert os.stat(cache).st_mode & 0o777 == 0o700
+    cached, = os.listdir(cache)
+    with open(os.path.join(cache, cached), "rb") as f:
+        assert cached == hashlib.sha256(f.read()).hexdigest() + ".zip"
+
+
+# --------------------------------------------------------------------------------------
+# SSH pieces that need no sshd: bundles, host names, flags
+# --------------------------------------------------------------------------------------
+
+def test_bundle_holds_the_programs_own_code_only(tmp_path, monkeypatch):
+    package = tmp_path / "src" / "bundled_pkg"
+    (package / "sub").mkdir(parents=True)
+    (package / "__pycache__").mkdir()
+    for name in ("__init__.py", "used.py", "sub/__init__.py", "sub/lazy.py", "data.txt",
+                 "__pycache__/used.cpython-311.pyc"):
+        (package / name).write_text("VALUE = %r\n" % name)
+    (tmp_path / "src" / "bundled_single.py").write_text("X = 1\n")
+    (tmp_path / "src" / "not_imported.py").write_text("X = 1\n")
+    installed = tmp_path / "lib" / "site-packages"
+    installed.mkdir(parents=True)
+    (installed / "bundled_installed.py").write_text("X = 1\n")
+    monkeypatch.syspath_prepend(str(installed))
+    monkeypatch.syspath_prepend(str(tmp_path / "src"))
+    for name in ("bundled_pkg", "bundled_pkg.used", "bundled_single", "bundled_installed"):
+        monkeypatch.delitem(sys.modules, name, raising=False)
+    importlib.import_module("bundled_pkg.used")
+    importlib.import_module("bundled_single")
+    importlib.import_module("bundled_installed")
+    bundle = bigmachine._make_bundle()
+    names = set(bundle.files)
+    assert {"bigmachine.py", "test_bigmachine.py", "bundled_single.py", "bundled_pkg/__init__.py",
+            "bundled_pkg/used.py", "bundled_pkg/sub/__init__.py", "bundled_pkg/sub/lazy.py"} <= names
+    assert not any(n.endswith((".txt", ".pyc")) or "__pycache__" in n for n in names)
+    assert "not_imported.py" not in names and "bundled_installed.py" not in names
+    assert not any(n.split("/")[0] in ("json", "pytest", "_pytest", "os.py", "ssl.py")
+                   for n in names), names                       # stdlib, site-packages
+    assert bigmachine._make_bundle().sha256 == bundle.sha256   # the same files, the same zip
+    assert hashlib.sha256(bundle.data).hexdigest() == bundle.sha256
+    with zipfile.ZipFile(io.BytesIO(bundle.data)) as z:
+        assert sorted(z.namelist()) == sorted(names)
+        assert z.read("bundled_pkg/sub/lazy.py") == b"VALUE = 'sub/lazy.py'\n"
+
+
+def test_bundle_main_script_and_relocation(tmp_path):
+    # A script's main goes at the top of the bundle; the machine loads it from there.
+    script = tmp_path / "prog.py"
+    script.write_text(textwrap.dedent("""
+        import json, sys, bigmachine
+        if __name__ == "__main__":
+            bundle = bigmachine._make_bundle()
+            code, host_tmp = sys.argv[1:]
+            bigmachine._bundle_unpack(bigmachine._bundle_install(
+                bigmachine._bundle_root(host_tmp), bundle.sha256, lambda: bundle.data), code)
+            prep = bigmachine._bundle_preparation(bundle.main, code, code)
+            print(json.dumps([bundle.main, sorted(bundle.files), prep]))
+    """))
+    result = run_script(tmp_path, script.read_text(), str(tmp_path / "code"), str(tmp_path))
+    assert result.returncode == 0, result.stderr
+    main, names, prep = json.loads(result.stdout)
+    assert main["init_main_from_path"] == "driver.py" and "driver.py" in names
+    assert prep["init_main_from_path"] == str(tmp_path / "code" / "driver.py")
+    assert prep["sys_path"][0] == str(tmp_path / "code") and prep["dir"] == str(tmp_path / "code")
+    assert (tmp_path / "code" / "driver.py").read_text() == script.read_text()
+
+
+def test_bundle_install_checks_hashes(tmp_path):
+    data = b"not really a zip"
+    sha = hashlib.sha256(data).hexdigest()
+    root = bigmachine._bundle_root(str(tmp_path))
+    assert root == str(tmp_path / ("bigmachine-%d" % UID))
+    fetched = []
+
+    def fetch(payload):
+        return lambda: fetched.append(1) or payload
+
+    with pytest.raises(ValueError, match="damaged"):
+        bigmachine._bundle_install(root, sha, fetch(b"something else"))
+    path = bigmachine._bundle_install(root, sha, fetch(data))
+    assert bigmachine._bundle_install(root, sha, fetch(data)) == path and len(fetched) == 2
+    with open(path, "wb") as f:
+        f.write(b"tampered")
+    assert bigmachine._bundle_install(root, sha, fetch(data)) == path and len(fetched) == 3
+    with open(path, "rb") as f:
+        assert f.read() == data
+    with pytest.raises(ValueError, match="SHA-256"):
+        bigmachine._bundle_install(root, "../../etc/passwd", fetch(data))
+
+
+def test_bundle_root_is_private(tmp_path):
+    os.mkdir(str(tmp_path / ("bigmachine-%d" % UID)), 0o755)
+    root = bigmachine._bundle_root(str(tmp_path))
+    assert os.stat(root).st_mode & 0o777 == 0o700
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    (elsewhere / ("bigmachine-%d" % UID)).symlink_to(tmp_path)
+    with pytest.raises(PermissionError, match="refusing"):
+        bigmachine._bundle_root(str(elsewhere))
+
+
+def test_machine_workdir_removes_dead_machines_dirs(tmp_path):
+    root = bigmachine._bundle_root(str(tmp_path))
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                          capture_output=True, text=True).stdout.strip()
+    for name in ("machine-%s-abc" % dead, "machine-%d-def" % os.getpid(), "bundles"):
+        os.mkdir(os.path.join(root, name))
+    workdir = bigmachine._machine_workdir(root)
+    assert os.path.basename(workdir).startswith("machine-%d-" % os.getpid())
+    assert sorted(os.listdir(root)) == sorted(
+        ["machine-%d-def" % os.getpid(), "bundles", os.path.basename(workdir)])
+
+
+def test_machine_without_bootstrap_removes_its_workdir(tmp_path):
+    # Its ssh connection cut before the bootstrap arrived: the machine leaves nothing.
+    workdir = tmp_path / "machine-1-x"
+    (workdir / "code").mkdir(parents=True)
+    code = "import bigmachine; bigmachine._machine_main(workdir=%r)" % str(workdir)
+    result = subprocess.run([sys.executable, "-c", code], stdin=subprocess.DEVNULL, cwd=HERE,
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2 and "expects its bootstrap" in result.stderr
+    assert not workdir.exists()
+
+
+def test_machine_bootstrap_given_directly_with_an_address_path(tmp_path):
+    # How a system whose machines get their bootstrap some other way (EC2: user data, then
+    # over mutual TLS) runs one: _machine_main(bootstrap), stdin not watched, at an address
+    # with a path, in a workdir that goes with it.
+    port = bigmachine._free_port()
+    addr = "https://127.0.0.1:%d/i-0123456789/" % port
+    workdir = tmp_path / "machine-2-y"
+    workdir.mkdir()
+    with bigmachine.start(bigmachine.TestSystem(**FAST)) as b:
+        credentials = b._authority.issue("bigmachine machine", ip_addresses=["127.0.0.1"])
+        bootstrap = bigmachine._machine_bootstrap(
+            b.system, credentials, {"sys_argv": ["prog"]}, addr=addr, bind="127.0.0.1",
+            port=port, watch_stdin=False, env={"BIGMACHINE_TEST_VAR": "direct"})
+        code = "import bigmachine, json, sys; bigmachine._machine_main(json.loads(sys.argv[1]), " \
+            "workdir=sys.argv[2])"
+        machine = subprocess.Popen([sys.executable, "-c", code, json.dumps(bootstrap),
+                                    str(workdir)], stdin=subprocess.DEVNULL, cwd=HERE)
+        try:
+            def listening():
+                with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port)):
+                    return True
+            eventually(listening, timeout=30, what="the machine to listen")
+            m = b.dial(addr)
+            assert m.wait(RUNNING, timeout=30) is RUNNING, m.err
+            info = m.call("Supervisor.info")
+            assert info["addr"] == addr and info["pid"] == machine.pid
+            m.call("Supervisor.register", pickle.dumps({"Echo": Echo()}))
+            assert m.call("Echo.environ", "BIGMACHINE_TEST_VAR") == "direct"
+            assert m.call("Echo.environ", "TMPDIR") == str(workdir)
+            assert m.call("Supervisor.shutdown")
+            assert machine.wait(30) == 0
+        finally:
+            machine.kill()
+            machine.wait()
+    assert not workdir.exists()
+
+
+@pytest.mark.parametrize("spec, parsed", [
+    ("node1", (None, "node1", None)),
+    ("alice@node1", ("alice", "node1", None)),
+    ("alice@node1:2222", ("alice", "node1", 2222)),
+    ("10.0.0.5:22", (None, "10.0.0.5", 22)),
+    ("[::1]:2222", (None, "::1", 2222)),
+    ("bob@[fe80::1]", ("bob", "fe80::1", None)),
+    ("::1", (None, "::1", None)),
+])
+def test_ssh_host_specs(spec, parsed):
+    assert tuple(bigmachine._SSHHost.parse(spec))[1:] == parsed
+
+
+@pytest.mark.parametrize("spec", ["", "-oProxyCommand=x", "@node", "node:0", "node:99999",
+                                  "node:ssh", "[::1", "a b", "-l@node"])
+def test_ssh_bad_host_specs(spec):
+    with pytest.raises(ValueError):
+        bigmachine._SSHHost.parse(spec)
+
+
+def test_ssh_system_options_and_flags(monkeypatch):
+    with pytest.raises(ValueError, match="--bigm.ssh.hosts"):
+        bigmachine.SSHSystem()
+    with pytest.raises(ValueError, match="listed twice"):
+        bigmachine.SSHSystem(["a", "a"])
+    with pytest.raises(ValueError, match="per_host"):
+        bigmachine.SSHSystem(["a"], per_host=0)
+    system = bigmachine.SSHSystem("a, b:2222", ssh_options="-i '/my key'")
+    assert [h.spec for h in system.hosts] == ["a", "b:2222"]
+    assert system.ssh_options == ("-i", "/my key") and system.bind is None
+    assert bigmachine.SSHSystem(["a"], tunnel=True).bind == "127.0.0.1"
+    args = system._ssh_args(system.hosts[1], "true")
+    assert args[:3] == ["ssh", "-i", "/my key"] and args[-4:] == ["-p", "2222", "b", "true"]
+    options = bigmachine.SSHSystem._command_line_options(
+        ["prog", "--bigm.ssh.hosts=x,y@z:2", "-bigm.ssh.options", "-i k -o A=b",
+         "--bigm.ssh.python=/py", "--bigm.ssh.per_host=3", "--bigm.ssh.tunnel"],
+        {"BIGMACHINE_SSH_HOSTS": "ignored", "BIGMACHINE_SSH_PYTHON": "ignored too"})
+    assert options == {"hosts": "x,y@z:2", "ssh_options": ["-i", "k", "-o", "A=b"],
+                       "python": "/py", "per_host": 3, "tunnel": True}
+    assert bigmachine.SSHSystem._command_line_options(
+        ["prog", "--bigm.ssh.tunnel=false"], {"BIGMACHINE_SSH_HOSTS": "h1 h2",
+                                               "BIGMACHINE_SSH_OPTIONS": "-v"}) == {
+        "hosts": "h1 h2", "ssh_options": ["-v"], "tunnel": False}
+    monkeypatch.setattr(sys, "argv", ["prog", "--bigm.system=ssh", "--bigm.ssh.hosts=h1,h2"])
+    b = bigmachine.start(per_host=2)            # options given in code go with the flags
+    try:
+        assert isinstance(b.system, bigmachine.SSHSystem) and b.system.per_host == 2
+        assert [h.host for h in b.system.hosts] == ["h1", "h2"]
+    finally:
+        b.shutdown()
+    monkeypatch.setattr(sys, "argv", ["prog", "--bigm.system", "ssh"])
+    monkeypatch.delenv("BIGMACHINE_SSH_HOSTS", raising=False)
+    with pytest.raises(ValueError, match="needs hosts"):
+        bigmachine.start()
+
 
 
 # ======================================================================================
