@@ -946,6 +946,66 @@ _MAX_CONNECTIONS = 4096       # connections one server keeps open at once
 _UPGRADE = "bigrpc/1"
 
 
+class _TLSReader(io.RawIOBase):
+    """The plaintext of a TLS connection, as a raw file for a BufferedReader.
+
+    `socket.makefile()` reads through three Python layers (SocketIO.readinto,
+    SSLSocket.recv_into, SSLSocket.read) before reaching OpenSSL; this reads with the
+    SSLSocket's own TLS object, which keeps the socket's timeout semantics. Where that object
+    is not there (a Python that changed it), it falls back to the SSLSocket's public read."""
+
+    _MAX = 1 << 30               # OpenSSL takes C ints: read at most this much at once
+
+    def __init__(self, sock):
+        super().__init__()
+        sslobj = getattr(sock, "_sslobj", None)
+        self._read = sslobj.read if sslobj is not None and hasattr(sslobj, "read") else sock.read
+
+    def readable(self):
+        return True
+
+    def readinto(self, b):
+        n = len(b)
+        try:
+            return self._read(n, b) if n <= self._MAX else self._read(self._MAX, b[:self._MAX])
+        except ssl.SSLError as e:
+            if e.args[0] == ssl.SSL_ERROR_EOF:    # the peer went away without close_notify
+                return 0
+            raise
+
+
+class _TLSWriter:
+    """`sendall` for a TLS connection, writing with the SSLSocket's own TLS object (see
+    _TLSReader), in pieces OpenSSL can take."""
+
+    __slots__ = ("sock", "_write")
+    _MAX = 1 << 28
+
+    def __init__(self, sock):
+        self.sock = sock
+        sslobj = getattr(sock, "_sslobj", None)
+        self._write = sslobj.write if sslobj is not None and hasattr(sslobj, "write") else None
+
+    def sendall(self, data):
+        write = self._write
+        if write is None:
+            self.sock.sendall(data)
+            return
+        n = len(data)
+        if n <= self._MAX:
+            done = write(data)
+            if done == n:
+                return
+        else:
+            done = 0
+        view = memoryview(data).cast("B")
+        while done < n:
+            done += write(view[done:done + self._MAX])
+
+    def fileno(self):
+        return self.sock.fileno()
+
+
 def _send_frame(sock, kind, call_id, meta=b"", body=b"", buffers=(), flags=0):
     header = _HEADER.pack(kind, flags, len(buffers), len(meta), call_id, len(body))
     if not buffers and len(body) < _SMALL:
@@ -1190,11 +1250,12 @@ def _classify_connect_error(e, addr):
 class _Connection:
     """One upgraded connection to a peer, owned by one call at a time."""
 
-    __slots__ = ("sock", "rfile", "last_used", "timeout")
+    __slots__ = ("sock", "writer", "rfile", "last_used", "timeout")
 
     def __init__(self, sock):
         self.sock = sock
-        self.rfile = sock.makefile("rb")
+        self.writer = _TLSWriter(sock)
+        self.rfile = io.BufferedReader(_TLSReader(sock), 1 << 16)
         self.last_used = time.monotonic()
         self.timeout = None
 
@@ -1360,7 +1421,82 @@ class _Peer:
     # -- calls --------------------------------------------------------------------------
 
     def call(self, method, args, kwargs, deadline=None, inflight=None):
-        """Call method on the peer and return its result; raises what the method raised."""
+        """Call method on the peer and return its result; raises what the method raised.
+
+        Most calls take the fast path below: no deadline, nobody who may cancel them, plain
+        positional arguments and an idle connection to reuse. It does in one function what
+        `_call` does in several, because on the hot path every Python call counts (see
+        `_serve_frames`). Everything else, and every failure, goes through `_call`."""
+        if deadline is not None or inflight is not None or kwargs or not self._idle:
+            return self._call(method, args, kwargs, deadline, inflight)
+        for a in args:
+            if type(a) not in _PLAIN_TYPES:
+                return self._call(method, args, kwargs, deadline, inflight)
+        buffers = []
+        try:
+            body = pickle.dumps((args, kwargs, None), _PICKLE_PROTOCOL,
+                                buffer_callback=buffers.append)
+            conn = self._idle.pop()
+        except Exception:        # unpicklable (say so, with the path), or no idle connection
+            return self._call(method, args, kwargs, deadline, inflight)
+        if conn.timeout is not None or (time.monotonic() - conn.last_used > self._STALE_CHECK
+                                        and _is_stale(conn)):
+            self._idle.append(conn)
+            return self._call(method, args, kwargs, deadline, inflight)
+        self._busy.add(conn)
+        if self._closed:                          # closed in between: close() missed it
+            self.discard(conn)
+            raise NetworkError("connections to %s are closed" % self.addr)
+        call_id = next(self.client._ids)
+        try:
+            meta = method.encode()
+            if buffers or len(body) >= _SMALL:
+                _send_frame(conn.writer, CALL, call_id, meta, body, buffers)
+            else:
+                conn.writer.sendall(_HEADER.pack(CALL, 0, 0, len(meta), call_id, len(body))
+                                    + meta + body)
+            head = conn.rfile.read(_HEADER.size)
+            if len(head) != _HEADER.size:
+                raise EOFError("connection closed by peer")
+            kind, flags, nbuffers, meta_len, _id, body_len = _HEADER.unpack(head)
+            if meta_len:
+                raise _ProtocolError("unexpected reply frame")
+            if flags & _STREAMED and kind == REPLY:
+                return self._stream_reply(conn, call_id, None)
+            if nbuffers:
+                reply, reply_buffers = _read_body(conn.rfile, nbuffers, body_len)
+            else:
+                reply, reply_buffers = conn.rfile.read(body_len), ()
+                if len(reply) != body_len:
+                    raise EOFError("connection closed by peer")
+        except BaseException as e:
+            self.discard(conn)
+            if not isinstance(e, (OSError, EOFError, _ProtocolError)):
+                self.cancel_remote(call_id)      # KeyboardInterrupt, say: mid-message
+                raise
+            raise NetworkError("call %s on %s failed: %s"
+                               % (method, self.addr, e or type(e).__name__)) from e
+        conn.last_used = time.monotonic()
+        self._busy.discard(conn)
+        self._idle.append(conn)
+        if self._closed:
+            self.reset()
+        if kind == REPLY:
+            try:
+                return pickle.loads(reply, buffers=reply_buffers)
+            except Exception:
+                pass                              # _loads says what went wrong
+        return self._result(method, kind, reply, reply_buffers)
+
+    def _result(self, method, kind, reply, reply_buffers):
+        if kind == REPLY:
+            return _loads(reply, reply_buffers, "the result of %s from %s" % (method, self.addr))
+        if kind == ERROR:
+            raise _rebuild_error(reply)
+        raise NetworkError("%s answered %s with a frame of kind %d" % (self.addr, method, kind))
+
+    def _call(self, method, args, kwargs, deadline=None, inflight=None):
+        """The general path of `call`: deadlines, cancellation, streams, first connections."""
         stream, args, kwargs = _split_stream_argument(args, kwargs)
         timeout = None if deadline is None else deadline - time.monotonic()
         if timeout is not None and timeout <= 0:
@@ -1374,10 +1510,10 @@ class _Peer:
         sender = None
         try:
             conn.settimeout(timeout)
-            _send_frame(conn.sock, CALL, call_id, method.encode(), body, buffers,
+            _send_frame(conn.writer, CALL, call_id, method.encode(), body, buffers,
                         _STREAMED if stream is not None else 0)
             if stream is not None:
-                sender = threading.Thread(target=_send_stream, args=(conn.sock, call_id, stream),
+                sender = threading.Thread(target=_send_stream, args=(conn.writer, call_id, stream),
                                           name="bigmachine-stream-send", daemon=True)
                 sender.start()
             if deadline is not None:
@@ -1387,14 +1523,11 @@ class _Peer:
                 if sender is not None:
                     sender.join()
                 conn.settimeout(None)
-                return io.BufferedReader(_StreamReader(
-                    conn.rfile, call_id,
-                    on_end=functools.partial(self._end_stream, conn, inflight),
-                    on_abort=functools.partial(self._abort_stream, conn, call_id, inflight)),
-                    _CHUNK)
+                return self._stream_reply(conn, call_id, inflight)
             reply, reply_buffers = _read_body(conn.rfile, nbuffers, body_len)
             if sender is not None:
                 sender.join()
+            conn.settimeout(None)
         except socket.timeout:
             self.discard(conn)
             self.cancel_remote(call_id)
@@ -1415,11 +1548,14 @@ class _Peer:
             if inflight is not None:
                 inflight.detach()
         self.checkin(conn)
-        if kind == REPLY:
-            return _loads(reply, reply_buffers, "the result of %s from %s" % (method, self.addr))
-        if kind == ERROR:
-            raise _rebuild_error(reply)
-        raise NetworkError("%s answered %s with a frame of kind %d" % (self.addr, method, kind))
+        return self._result(method, kind, reply, reply_buffers)
+
+    def _stream_reply(self, conn, call_id, inflight):
+        """The caller's end of a streamed reply: the connection is its until the end."""
+        return io.BufferedReader(_StreamReader(
+            conn.rfile, call_id,
+            on_end=functools.partial(self._end_stream, conn, inflight),
+            on_abort=functools.partial(self._abort_stream, conn, call_id, inflight)), _CHUNK)
 
     def _end_stream(self, conn, inflight):
         if inflight is not None:
@@ -1444,7 +1580,7 @@ class _Peer:
             return
         try:
             conn.settimeout(_HANDSHAKE_TIMEOUT)
-            _send_frame(conn.sock, CANCEL, call_id)
+            _send_frame(conn.writer, CANCEL, call_id)
         except OSError:
             self.discard(conn)
         else:
@@ -1637,7 +1773,11 @@ class _ConnectionHandler(http.server.BaseHTTPRequestHandler):
         self.end_headers()
         self.close_connection = True
         self.connection.settimeout(None)
-        _serve_frames(self.connection, self.rfile, self.server.dispatcher)
+        # The client sends nothing more until it has read the 101, so nothing is buffered in
+        # self.rfile yet: frames are read without the layers of socket.makefile.
+        _serve_frames(_TLSWriter(self.connection),
+                      io.BufferedReader(_TLSReader(self.connection), 1 << 16),
+                      self.server.dispatcher)
 
     def _version_headers(self):
         self.send_header("Bigmachine-Python", PYTHON)
@@ -1674,25 +1814,38 @@ class _ConnectionHandler(http.server.BaseHTTPRequestHandler):
 
 
 def _serve_frames(sock, rfile, dispatcher):
-    """The machine side of an upgraded connection: read a call, run it, reply; repeat."""
+    """The machine side of an upgraded connection: read a call, run it, reply; repeat.
+
+    This loop and `_Dispatcher.serve_call` are the hot path of every call on a machine, and
+    code that runs right after a blocking read runs cold: each Python call here costs several
+    times what a benchmark of it alone says. So they are written flat, with local names."""
+    read = rfile.read
+    unpack = _HEADER.unpack
+    serve_call = dispatcher.serve_call
     while True:
         try:
-            kind, flags, nbuffers, meta, call_id, body_len = _read_header(rfile)
-        except (OSError, EOFError, _ProtocolError):
-            return
-        if kind == CALL:
-            try:
-                body, buffers = _read_body(rfile, nbuffers, body_len)
-                dispatcher.serve_call(sock, rfile, meta, call_id, body, buffers, flags)
-            except (OSError, EOFError, _ProtocolError) as e:
-                log.debug("connection broken during call %d: %s", call_id, e)
+            head = read(_HEADER.size)
+            if len(head) != _HEADER.size:
                 return
-        elif kind == CANCEL:
-            dispatcher.cancel(call_id)
-            if body_len:
+            kind, flags, nbuffers, meta_len, call_id, body_len = unpack(head)
+            if meta_len > _MAX_META:
+                raise _ProtocolError("frame metadata of %d bytes" % meta_len)
+            meta = read(meta_len)
+            if kind == CALL:
+                if nbuffers:
+                    body, buffers = _read_body(rfile, nbuffers, body_len)
+                else:
+                    body, buffers = read(body_len), ()
+                if len(meta) != meta_len or len(body) != body_len:
+                    return
+                serve_call(sock, rfile, meta, call_id, body, buffers, flags)
+            elif kind == CANCEL and not body_len:
+                dispatcher.cancel(call_id)
+            else:
+                log.debug("unexpected frame kind %d; closing the connection", kind)
                 return
-        else:
-            log.debug("unexpected frame kind %d; closing the connection", kind)
+        except (OSError, EOFError, _ProtocolError) as e:
+            log.debug("connection closed: %s", e)
             return
 
 
@@ -1756,9 +1909,10 @@ _background = _threads.submit
 class CallContext:
     """The call a service method is serving: see `current_call()`."""
 
-    # Made for every call, so it is kept small: the Event a method may wait on is made only
-    # if it waits (an Event costs more than the rest of a small call's dispatch).
-    __slots__ = ("method", "call_id", "deadline", "reason", "_cancelled", "_event", "_lock",
+    # One is made for every call, on the hot path, so it is kept small: the Event a method
+    # may wait on is made only if it waits, and all contexts share one lock, which only
+    # cancellation and the end of a call take.
+    __slots__ = ("method", "call_id", "deadline", "reason", "_cancelled", "_event",
                  "_thread_id", "_interrupted")
 
     def __init__(self, method, call_id, timeout):
@@ -1768,8 +1922,9 @@ class CallContext:
         self.reason = None
         self._cancelled = False
         self._event = None
-        self._lock = threading.Lock()
-        self._thread_id = None      # set while the user's method runs: it may be interrupted
+        # The thread serving the call, which a cancel interrupts: known from the start, so a
+        # cancel that arrives before the method runs interrupts it before it starts.
+        self._thread_id = threading.get_ident()
         self._interrupted = False
 
     @property
@@ -1780,7 +1935,7 @@ class CallContext:
     def wait(self, timeout=None):
         """Sleep up to timeout seconds, waking early if the call is cancelled (or its deadline
         passes). Returns `cancelled`."""
-        with self._lock:
+        with _contexts_lock:
             if self._cancelled:
                 return True
             if self._event is None:
@@ -1794,7 +1949,7 @@ class CallContext:
             raise Cancelled("call %s was %s" % (self.method, self.reason or "cancelled"))
 
     def cancel(self, reason="cancelled"):
-        with self._lock:
+        with _contexts_lock:
             if self._cancelled:
                 return
             self.reason = reason
@@ -1804,24 +1959,16 @@ class CallContext:
             if self._thread_id is not None and not self._interrupted:
                 self._interrupted = _interrupt_thread(self._thread_id)
 
-    def _run(self, fn, args, kwargs):
-        with self._lock:
-            if self._cancelled:                    # cancelled before it could start
-                raise _Interrupt()
-            self._thread_id = threading.get_ident()
-        try:
-            return fn(*args, **kwargs)
-        finally:
-            self._leave()
-
     def _leave(self):
-        with self._lock:
+        """The call is over: no interrupt may reach its thread any more."""
+        with _contexts_lock:
             self._thread_id = None
             if self._interrupted:
                 # Withdraw the interrupt if it has not fired yet.
                 _interrupt_thread(threading.get_ident(), withdraw=True)
 
 
+_contexts_lock = threading.Lock()
 _calls = threading.local()
 
 
@@ -1886,9 +2033,37 @@ class _Dispatcher:
         # A streamed argument follows the call on the connection: whatever happens, it is
         # read to its end before the connection carries anything else.
         stream_in = _StreamReader(rfile, call_id) if flags & _STREAMED else None
+        context = None
         try:
-            result = self._run(method, call_id, body, buffers, stream_in)
+            fn = self._methods.get(method) or self.lookup(method)
+            try:
+                args, kwargs, timeout = pickle.loads(body, buffers=buffers)
+            except Exception:
+                args, kwargs, timeout = _loads(body, buffers, "the arguments of %s" % method)
+            if stream_in is not None:
+                reader = io.BufferedReader(stream_in, _CHUNK)
+                args = tuple(reader if isinstance(a, _StreamPlaceholder) else a for a in args)
+                kwargs = {k: reader if isinstance(v, _StreamPlaceholder) else v
+                          for k, v in kwargs.items()}
+            context = _calls.context = self._calls[call_id] = CallContext(method, call_id, timeout)
+            timer = None
+            if timeout is not None:
+                timer = threading.Timer(timeout, context.cancel, ("timed out",))
+                timer.daemon = True
+                timer.start()
+            try:
+                result = fn(*args, **kwargs)
+            finally:
+                _calls.context = None
+                del self._calls[call_id]
+                context._leave()
+                if timer is not None:
+                    timer.cancel()
         except BaseException as e:
+            if isinstance(e, _Interrupt):
+                context._leave()          # it may have fired before the finally above did
+                e = (Timeout if context.reason == "timed out" else Cancelled)(
+                    "call %s on %s was %s" % (method, self.where, context.reason or "cancelled"))
             if stream_in is not None:
                 stream_in.drain()
             if not isinstance(e, Exception):
@@ -1905,41 +2080,20 @@ class _Dispatcher:
             return
         if stream_in is not None:
             stream_in.drain()
+        reply_buffers = []
         try:
-            reply, reply_buffers = _dumps(result, "the result of %s" % method)
-        except SerializationError as e:
-            _send_frame(sock, ERROR, call_id, body=_error_payload(e, self.where))
-            return
-        _send_frame(sock, REPLY, call_id, body=reply, buffers=reply_buffers)
-
-    def _run(self, method, call_id, body, buffers, stream_in):
-        """Find the method, unpickle its arguments and run it in a CallContext."""
-        fn = self.lookup(method)
-        args, kwargs, timeout = _loads(body, buffers, "the arguments of %s" % method)
-        if stream_in is not None:
-            reader = io.BufferedReader(stream_in, _CHUNK)
-            args = tuple(reader if isinstance(a, _StreamPlaceholder) else a for a in args)
-            kwargs = {k: reader if isinstance(v, _StreamPlaceholder) else v
-                      for k, v in kwargs.items()}
-        context = CallContext(method, call_id, timeout)
-        self._calls[call_id] = context
-        timer = None
-        if timeout is not None:
-            timer = threading.Timer(timeout, context.cancel, ("timed out",))
-            timer.daemon = True
-            timer.start()
-        _calls.context = context
-        try:
-            return context._run(fn, args, kwargs)
-        except _Interrupt:
-            context._leave()
-            raise (Timeout if context.reason == "timed out" else Cancelled)(
-                "call %s on %s was %s" % (method, self.where, context.reason or "cancelled"))
-        finally:
-            _calls.context = None
-            self._calls.pop(call_id, None)
-            if timer is not None:
-                timer.cancel()
+            reply = pickle.dumps(result, _PICKLE_PROTOCOL, buffer_callback=reply_buffers.append)
+        except Exception:
+            try:
+                _dumps(result, "the result of %s" % method)
+            except SerializationError as e:
+                _send_frame(sock, ERROR, call_id, body=_error_payload(e, self.where))
+                return
+            raise
+        if reply_buffers or len(reply) >= _SMALL:
+            _send_frame(sock, REPLY, call_id, body=reply, buffers=reply_buffers)
+        else:
+            sock.sendall(_HEADER.pack(REPLY, 0, 0, 0, call_id, len(reply)) + reply)
 
 
 def _public_methods(service):
@@ -2313,19 +2467,33 @@ class Machine(_Calls):
 
     # -- calls --------------------------------------------------------------------------
 
+    def call(self, method, *args, **kwargs):
+        """Call "Service.method" with these arguments on the machine and return its result."""
+        if self._state is RUNNING:                  # the hot path: straight to the wire
+            try:
+                return self._peer.call(method, args, kwargs)
+            except (NetworkError, Cancelled):
+                self._check_stopped(method)
+                raise
+        return self._call(method, args, kwargs, None, None)
+
     def _call(self, method, args, kwargs, deadline, inflight):
         if self._state is not RUNNING:
             self._await_running(method, deadline)
         try:
             return self._peer.call(method, args, kwargs, deadline, inflight)
         except (NetworkError, Cancelled):
-            if self._state is not STOPPED and (self._b._closed or self._b.system.lost(self)):
-                # The connection broke because the machine is going away, which the driver
-                # is about to notice: report that, not a network error worth retrying.
-                self.wait(STOPPED, timeout=5.0)
-            if self._state is STOPPED:
-                raise self._stopped_error(method) from self.err
+            self._check_stopped(method)
             raise
+
+    def _check_stopped(self, method):
+        """A call failed: if that is because the machine stopped, raise MachineStopped."""
+        if self._state is not STOPPED and (self._b._closed or self._b.system.lost(self)):
+            # The connection broke because the machine is going away, which the driver is
+            # about to notice: report that, not a network error worth retrying.
+            self.wait(STOPPED, timeout=5.0)
+        if self._state is STOPPED:
+            raise self._stopped_error(method) from self.err
 
     def _await_running(self, method, deadline):
         with self._cond:
