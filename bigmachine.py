@@ -73,7 +73,6 @@ import datetime
 import enum
 import functools
 import hashlib
-import http.server
 import io
 import itertools
 import json
@@ -90,7 +89,6 @@ import ssl
 import struct
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 import traceback
@@ -672,6 +670,7 @@ class Credentials(typing.NamedTuple):
                 os.close(fd)
         # Elsewhere: a private (0600) file in the temporary directory, removed as soon as
         # OpenSSL has read it. mkstemp honours TMPDIR, so an unwritable HOME is no problem.
+        import tempfile                    # rarely needed: kept out of import time
         fd, path = tempfile.mkstemp(prefix="bigmachine-", suffix=".pem")
         try:
             try:
@@ -825,8 +824,18 @@ def _dumps(obj, what):
 
 
 def _loads(body, buffers, what):
+    """Unpickle a frame's body (bytes, or a `_PendingPickle` still on the connection)."""
     try:
-        return pickle.loads(body, buffers=buffers)
+        if type(body) is not _PendingPickle:
+            return pickle.loads(body, buffers=buffers)
+        try:
+            obj = pickle.Unpickler(body, buffers=buffers).load()
+        finally:
+            if body.left:                 # malformed or failed: keep the connection in step
+                body.discard()
+        return obj
+    except OSError:
+        raise                             # the connection, not the pickle
     except Exception as e:
         raise SerializationError(
             "cannot unpickle %s: %s: %s. Classes must be defined at the top level of a module "
@@ -919,8 +928,11 @@ def _rebuild_error(payload):
 #     header   kind u8 | flags u8 | buffers u16 | meta length u32 | call id u64 | body length u64
 #     meta     CALL: the method name, UTF-8
 #     lengths  one u64 per out-of-band buffer
-#     body     the pickle (or, in DATA frames, raw stream bytes)
 #     buffers  the out-of-band buffers, back to back
+#     body     the pickle (or, in DATA frames, raw stream bytes)
+#
+# The buffers come first so that a large pickle can be unpickled straight from the
+# connection: then a large `bytes` is read into its own memory with no copy of the body.
 #
 # One call is in flight on a connection at a time, and the thread that makes a call does its
 # own sending and receiving: no thread handoff. Concurrency comes from a pool of connections per
@@ -936,6 +948,7 @@ def _rebuild_error(payload):
 _HEADER = struct.Struct("!BBHIQQ")
 _LENGTH = struct.Struct("!Q")
 CALL, REPLY, ERROR, CANCEL, DATA, END, STREAM_ERROR = range(1, 8)
+_UNPICKLED = -1               # not a frame kind: a reply already unpickled from the connection
 _STREAMED = 1                 # flag: REPLY is followed by a stream; CALL carries a stream argument
 _MAX_META = 4096
 _SMALL = 1 << 16              # frames below this size go out in one write
@@ -1014,9 +1027,9 @@ def _send_frame(sock, kind, call_id, meta=b"", body=b"", buffers=(), flags=0):
     views = [b.raw() if isinstance(b, pickle.PickleBuffer) else memoryview(b).cast("B")
              for b in buffers]
     sock.sendall(header + meta + b"".join(_LENGTH.pack(v.nbytes) for v in views))
-    sock.sendall(body)
     for view in views:
         sock.sendall(view)
+    sock.sendall(body)
 
 
 def _read_exact(rfile, n):
@@ -1038,17 +1051,68 @@ def _read_header(rfile):
     return kind, flags, nbuffers, meta, call_id, body_len
 
 
+_LARGE = 1 << 20              # pickles from this size on are unpickled from the connection
+
+
 def _read_body(rfile, nbuffers, body_len):
-    """Read a frame's pickle and its out-of-band buffers, each straight into its own memory."""
+    """Read a frame's out-of-band buffers, each straight into its own memory, and its pickle:
+    (body, buffers). A large body is left on the connection, as a `_PendingPickle` for
+    `_loads` to unpickle from there; whoever gets one must consume it before anything else is
+    read from the connection (`_loads`, or `_discard`)."""
     lengths = [_LENGTH.unpack(_read_exact(rfile, 8))[0] for _ in range(nbuffers)]
-    body = _read_exact(rfile, body_len) if body_len else b""
     buffers = []
     for n in lengths:
         buf = bytearray(n)
         if n and rfile.readinto(buf) != n:
             raise EOFError("connection closed by peer")
         buffers.append(buf)
-    return body, buffers
+    if body_len >= _LARGE:
+        return _PendingPickle(rfile, body_len), buffers
+    return (_read_exact(rfile, body_len) if body_len else b""), buffers
+
+
+class _PendingPickle:
+    """A pickle still on the connection, read only up to its end (a file for pickle's
+    Unpickler, which then reads large objects straight into their own memory)."""
+
+    __slots__ = ("_rfile", "left")
+
+    def __init__(self, rfile, length):
+        self._rfile, self.left = rfile, length
+
+    def read(self, n=-1):
+        n = self.left if n is None or n < 0 else min(n, self.left)
+        data = self._rfile.read(n)
+        if len(data) != n:
+            raise ConnectionResetError("connection closed in the middle of a pickle")
+        self.left -= n
+        return data
+
+    def readinto(self, b):
+        view = memoryview(b).cast("B")[:self.left]
+        n = self._rfile.readinto(view) if len(view) else 0
+        if n != len(view):
+            raise ConnectionResetError("connection closed in the middle of a pickle")
+        self.left -= n
+        return n
+
+    def readline(self):
+        data = self._rfile.readline(self.left)
+        self.left -= len(data)
+        return data
+
+    def peek(self, n=0):
+        return self._rfile.peek(n)[:self.left]
+
+    def discard(self):
+        _skip(self._rfile, self.left)
+        self.left = 0
+
+
+def _discard(body):
+    """Drop a body that will not be unpickled, reading it off the connection if need be."""
+    if type(body) is _PendingPickle:
+        body.discard()
 
 
 def _skip(rfile, n):
@@ -1463,8 +1527,12 @@ class _Peer:
                 raise _ProtocolError("unexpected reply frame")
             if flags & _STREAMED and kind == REPLY:
                 return self._stream_reply(conn, call_id, None)
-            if nbuffers:
+            if nbuffers or body_len >= _LARGE:
                 reply, reply_buffers = _read_body(conn.rfile, nbuffers, body_len)
+                if type(reply) is _PendingPickle:         # read it before the next call
+                    reply = (_loads(reply, reply_buffers, "the result of %s from %s"
+                                    % (method, self.addr)),)
+                    kind = _UNPICKLED
             else:
                 reply, reply_buffers = conn.rfile.read(body_len), ()
                 if len(reply) != body_len:
@@ -1489,6 +1557,8 @@ class _Peer:
         return self._result(method, kind, reply, reply_buffers)
 
     def _result(self, method, kind, reply, reply_buffers):
+        if kind == _UNPICKLED:
+            return reply[0]
         if kind == REPLY:
             return _loads(reply, reply_buffers, "the result of %s from %s" % (method, self.addr))
         if kind == ERROR:
@@ -1525,6 +1595,14 @@ class _Peer:
                 conn.settimeout(None)
                 return self._stream_reply(conn, call_id, inflight)
             reply, reply_buffers = _read_body(conn.rfile, nbuffers, body_len)
+            if type(reply) is _PendingPickle:
+                if kind == REPLY:
+                    reply = (_loads(reply, reply_buffers, "the result of %s from %s"
+                                    % (method, self.addr)),)
+                    kind = _UNPICKLED
+                else:
+                    _discard(reply)
+                    raise _ProtocolError("a %d-byte error frame" % body_len)
             if sender is not None:
                 sender.join()
             conn.settimeout(None)
@@ -1710,7 +1788,7 @@ class _Server:
                 self._conns.add(sock)
             if self._closed:
                 return
-            _ConnectionHandler(sock, peer_addr, self)
+            self._serve_http(sock)
         except Exception:
             log.debug("connection from %s failed", peer_addr, exc_info=True)
         finally:
@@ -1736,69 +1814,69 @@ class _Server:
                 s.close()
 
 
-class _ConnectionHandler(http.server.BaseHTTPRequestHandler):
-    """Serves one authenticated connection: an HTTP request, and after an upgrade, frames."""
+    # -- HTTP ------------------------------------------------------------------------------
+    #
+    # The endpoint speaks the small part of HTTP/1.1 it needs, itself: http.server would be
+    # the largest import of every machine process, for the parsing of one request line and a
+    # few headers. Requests: `GET <prefix>bigrpc` with `Upgrade: bigrpc/1` (the library's
+    # connections), `POST <prefix>bigrpc/Service.method` (one call per request, for curl and
+    # people), anything else 404. Until a connection is upgraded it must keep to the handshake
+    # deadline, request by request.
 
-    protocol_version = "HTTP/1.1"
-    server_version = "bigmachine/" + __version__
-    timeout = _HANDSHAKE_TIMEOUT
-    rbufsize = 1 << 16
+    _MAX_HEADERS = 64
 
-    def log_message(self, format, *args):
-        log.debug("%s: " + format, self.address_string(), *args)
+    def _serve_http(self, sock):
+        rfile = io.BufferedReader(_TLSReader(sock), 1 << 16)
+        writer = _TLSWriter(sock)
+        while not self._closed:
+            try:
+                request = _read_http_request(rfile, self._MAX_HEADERS)
+            except ValueError as e:
+                _http_reply(writer, 400, str(e).encode(), close=True)
+                return
+            if request is None:
+                return
+            method, path, headers = request
+            if path == self.prefix + "bigrpc" and method == "GET":
+                if self._upgrade(writer, headers):
+                    sock.settimeout(None)
+                    _serve_frames(writer, rfile, self.dispatcher)
+                    return
+            elif path.startswith(self.prefix + "bigrpc/") and method == "POST":
+                self._post(writer, rfile, path[len(self.prefix + "bigrpc/"):], headers)
+            else:
+                _http_reply(writer, 404, b"no such page: " + path.encode("utf-8", "replace"))
 
-    def do_GET(self):
-        if self.path != self.server.prefix + "bigrpc":
-            self.send_error(404, "no such page: %s" % self.path)
-            return
-        if self.headers.get("Upgrade", "").lower() != _UPGRADE:
-            self.send_error(426, "upgrade to %s, or POST to %sbigrpc/Service.method"
-                            % (_UPGRADE, self.server.prefix))
-            return
-        python = self.headers.get("Bigmachine-Python", "")
-        protocol = self.headers.get("Bigmachine-Protocol", "")
+    def _upgrade(self, writer, headers):
+        """Answer an upgrade request: True if the connection now carries frames."""
+        versions = {"Bigmachine-Python": PYTHON, "Bigmachine-Protocol": str(PROTOCOL),
+                    "Bigmachine-Version": __version__}
+        if headers.get("upgrade", "").lower() != _UPGRADE:
+            _http_reply(writer, 426, ("upgrade to %s, or POST to %sbigrpc/Service.method\n"
+                                      % (_UPGRADE, self.prefix)).encode())
+            return False
+        python = headers.get("bigmachine-python", "")
+        protocol = headers.get("bigmachine-protocol", "")
         if python != PYTHON or protocol != str(PROTOCOL):
-            body = ("peer runs Python %s (protocol %s); this machine runs Python %s "
-                    "(protocol %d)\n" % (python or "?", protocol or "?", PYTHON, PROTOCOL)).encode()
-            self.send_response(409)
-            self._version_headers()
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
-            return
-        self.send_response(101)
-        self.send_header("Connection", "Upgrade")
-        self.send_header("Upgrade", _UPGRADE)
-        self._version_headers()
-        self.end_headers()
-        self.close_connection = True
-        self.connection.settimeout(None)
-        # The client sends nothing more until it has read the 101, so nothing is buffered in
-        # self.rfile yet: frames are read without the layers of socket.makefile.
-        _serve_frames(_TLSWriter(self.connection),
-                      io.BufferedReader(_TLSReader(self.connection), 1 << 16),
-                      self.server.dispatcher)
+            _http_reply(writer, 409, ("peer runs Python %s (protocol %s); this machine runs "
+                                      "Python %s (protocol %d)\n" % (
+                                          python or "?", protocol or "?", PYTHON,
+                                          PROTOCOL)).encode(), headers=versions)
+            return False
+        _http_reply(writer, 101, None, headers=dict(versions, Connection="Upgrade",
+                                                    Upgrade=_UPGRADE))
+        return True
 
-    def _version_headers(self):
-        self.send_header("Bigmachine-Python", PYTHON)
-        self.send_header("Bigmachine-Protocol", str(PROTOCOL))
-        self.send_header("Bigmachine-Version", __version__)
-
-    def do_POST(self):
+    def _post(self, writer, rfile, method, headers):
         """One call per request: body pickle((args, kwargs)); reply 200 pickle(result), or
         590 with an error payload, like the Go original's method error status."""
-        prefix = self.server.prefix + "bigrpc/"
-        if not self.path.startswith(prefix):
-            self.send_error(404, "no such page: %s" % self.path)
-            return
-        method = self.path[len(prefix):]
-        dispatcher = self.server.dispatcher
         try:
-            length = int(self.headers.get("Content-Length", ""))
+            length = int(headers.get("content-length", ""))
         except ValueError:
-            self.send_error(411, "Content-Length required")
-            return
-        body = _read_exact(self.rfile, length)
+            _http_reply(writer, 411, b"Content-Length required\n", close=True)
+            raise EOFError("no Content-Length")
+        body = _read_exact(rfile, length)
+        dispatcher = self.dispatcher
         try:
             fn = dispatcher.lookup(method)
             args, kwargs = _loads(body, (), "the arguments of %s" % method)[:2]
@@ -1806,11 +1884,48 @@ class _ConnectionHandler(http.server.BaseHTTPRequestHandler):
             status, reply = 200, pickle.dumps(result, _PICKLE_PROTOCOL)
         except Exception as e:
             status, reply = 590, _error_payload(e, dispatcher.where)
-        self.send_response(status)
-        self.send_header("Content-Type", "application/x-python-pickle")
-        self.send_header("Content-Length", str(len(reply)))
-        self.end_headers()
-        self.wfile.write(reply)
+        _http_reply(writer, status, reply,
+                    headers={"Content-Type": "application/x-python-pickle"})
+
+
+_HTTP_REASONS = {101: "Switching Protocols", 200: "OK", 400: "Bad Request",
+                 404: "Not Found", 409: "Conflict", 411: "Length Required",
+                 426: "Upgrade Required", 590: "Method Error"}
+
+
+def _read_http_request(rfile, max_headers):
+    """Read a request line and its headers: (method, path, {lower-case name: value}), or None
+    if the connection ended before a request. Malformed requests raise ValueError."""
+    line = rfile.readline(8193)
+    if not line:
+        return None
+    if len(line) > 8192 or not line.endswith(b"\n"):
+        raise ValueError("request line too long")
+    parts = line.decode("latin-1").split()
+    if len(parts) != 3 or not parts[2].startswith("HTTP/1."):
+        raise ValueError("not an HTTP/1.x request")
+    headers = {}
+    for _ in range(max_headers + 1):
+        line = rfile.readline(8193)
+        if line in (b"\r\n", b"\n"):
+            return parts[0], parts[1], headers
+        if not line.endswith(b"\n") or b":" not in line:
+            raise ValueError("malformed header")
+        name, _, value = line.decode("latin-1").partition(":")
+        headers[name.strip().lower()] = value.strip()
+    raise ValueError("too many headers")
+
+
+def _http_reply(writer, status, body, headers=None, close=False):
+    lines = ["HTTP/1.1 %d %s" % (status, _HTTP_REASONS.get(status, "Error")),
+             "Server: bigmachine/" + __version__]
+    for name, value in (headers or {}).items():
+        lines.append("%s: %s" % (name, value))
+    if body is not None:
+        lines.append("Content-Length: %d" % len(body))
+    if close:
+        lines.append("Connection: close")
+    writer.sendall(("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + (body or b""))
 
 
 def _serve_frames(sock, rfile, dispatcher):
@@ -1832,11 +1947,13 @@ def _serve_frames(sock, rfile, dispatcher):
                 raise _ProtocolError("frame metadata of %d bytes" % meta_len)
             meta = read(meta_len)
             if kind == CALL:
-                if nbuffers:
+                if nbuffers or body_len >= _LARGE:
                     body, buffers = _read_body(rfile, nbuffers, body_len)
                 else:
                     body, buffers = read(body_len), ()
-                if len(meta) != meta_len or len(body) != body_len:
+                    if len(body) != body_len:
+                        return
+                if len(meta) != meta_len:
                     return
                 serve_call(sock, rfile, meta, call_id, body, buffers, flags)
             elif kind == CANCEL and not body_len:
@@ -1960,12 +2077,18 @@ class CallContext:
                 self._interrupted = _interrupt_thread(self._thread_id)
 
     def _leave(self):
-        """The call is over: no interrupt may reach its thread any more."""
-        with _contexts_lock:
-            self._thread_id = None
-            if self._interrupted:
-                # Withdraw the interrupt if it has not fired yet.
-                _interrupt_thread(threading.get_ident(), withdraw=True)
+        """The call is over: no interrupt may reach its thread any more.
+
+        Every call ends here, so the shared lock is taken only if a cancel has begun. That is
+        safe: cancel() sets _cancelled before it reads _thread_id, and this clears _thread_id
+        before it reads _cancelled, so a cancel that finds no _cancelled here will find no
+        thread to interrupt. One that has begun is waited for, and its interrupt withdrawn."""
+        self._thread_id = None
+        if self._cancelled:
+            with _contexts_lock:
+                if self._interrupted:
+                    # Withdraw the interrupt if it has not fired yet.
+                    _interrupt_thread(threading.get_ident(), withdraw=True)
 
 
 _contexts_lock = threading.Lock()
@@ -2035,7 +2158,13 @@ class _Dispatcher:
         stream_in = _StreamReader(rfile, call_id) if flags & _STREAMED else None
         context = None
         try:
-            fn = self._methods.get(method) or self.lookup(method)
+            fn = self._methods.get(method)
+            if fn is None:
+                try:
+                    fn = self.lookup(method)
+                except NotFound:
+                    _discard(body)
+                    raise
             try:
                 args, kwargs, timeout = pickle.loads(body, buffers=buffers)
             except Exception:
@@ -3270,6 +3399,7 @@ def _run_machine(config):
     workdir = config.get("workdir")
     if workdir:
         # Temporary files of the machine's code go where the machine's files go.
+        import tempfile
         os.environ["TMPDIR"] = tempfile.tempdir = workdir
     os.environ.update(config.get("env") or {})
     logging.basicConfig(level=config["log_level"], stream=sys.stderr,
