@@ -63,6 +63,8 @@ Command line
     `python bigmachine.py selftest` checks the whole system on the machine at hand.
 """
 
+from __future__ import annotations
+
 import atexit
 import base64
 import collections
@@ -2095,7 +2097,7 @@ _contexts_lock = threading.Lock()
 _calls = threading.local()
 
 
-def current_call():
+def current_call() -> typing.Optional[CallContext]:
     """The `CallContext` of the service call this thread is serving, or None."""
     return getattr(_calls, "context", None)
 
@@ -2467,13 +2469,14 @@ class _Calls:
     def _options(self):
         raise NotImplementedError
 
-    def call(self, method, *args, **kwargs):
+    def call(self, method: str, *args: typing.Any, **kwargs: typing.Any) -> typing.Any:
         """Call "Service.method" with these arguments on the machine and return its result."""
         timeout, _ = self._options()
         deadline = None if timeout is None else time.monotonic() + timeout
         return self._machine._call(method, args, kwargs, deadline, None)
 
-    def call_async(self, method, *args, **kwargs):
+    def call_async(self, method: str, *args: typing.Any,
+                   **kwargs: typing.Any) -> concurrent.futures.Future:
         """`call`, as a `concurrent.futures.Future`; its `cancel()` reaches the machine."""
         timeout, _ = self._options()
         deadline = None if timeout is None else time.monotonic() + timeout
@@ -2482,7 +2485,7 @@ class _Calls:
         _background(self._machine._run_future, future, method, args, kwargs, deadline)
         return future
 
-    def retry_call(self, method, *args, **kwargs):
+    def retry_call(self, method: str, *args: typing.Any, **kwargs: typing.Any) -> typing.Any:
         """`call`, repeated with backoff while the error is temporary (`err.temporary`).
 
         With a timeout (see `options`), the timeout bounds all the attempts together."""
@@ -2519,7 +2522,7 @@ class _MachineView(_Calls):
 class Machine(_Calls):
     """One machine of a session. See the module docstring and API.md."""
 
-    def __init__(self, b, addr, *, owned, maxprocs=1):
+    def __init__(self, b: B, addr: str, *, owned: bool, maxprocs: typing.Optional[int] = 1):
         self.addr = addr
         self.maxprocs = maxprocs
         self.owned = owned
@@ -2541,18 +2544,19 @@ class Machine(_Calls):
         return "<Machine %s %s>" % (self.addr, self._state.name)
 
     @property
-    def state(self):
+    def state(self) -> State:
         """The machine's current `State`."""
         return self._state
 
-    def wait(self, state=RUNNING, timeout=None):
+    def wait(self, state: State = RUNNING, timeout: typing.Optional[float] = None) -> State:
         """Block until the state is at least state (so waiting for RUNNING also returns when
         the machine stops) or timeout seconds pass; returns the state reached."""
         with self._cond:
             self._cond.wait_for(lambda: self._state >= state, timeout)
             return self._state
 
-    def options(self, timeout=None, backoff=None):
+    def options(self, timeout: typing.Optional[float] = None,
+                backoff: typing.Optional[Backoff] = None) -> _MachineView:
         """A view of this machine whose calls carry a deadline of timeout seconds (past it they
         raise `Timeout` and are cancelled on the machine), and whose `retry_call` waits by
         backoff (a `Backoff`)."""
@@ -2560,7 +2564,7 @@ class Machine(_Calls):
             raise ValueError("timeout must be positive, not %r" % (timeout,))
         return _MachineView(self, timeout, backoff)
 
-    def cancel(self):
+    def cancel(self) -> None:
         """Stop the machine (Go's Cancel): calls fail, and an owned machine is ended."""
         self._stop(Cancelled("machine %s was cancelled" % self.addr))
 
@@ -2596,7 +2600,7 @@ class Machine(_Calls):
 
     # -- calls --------------------------------------------------------------------------
 
-    def call(self, method, *args, **kwargs):
+    def call(self, method: str, *args: typing.Any, **kwargs: typing.Any) -> typing.Any:
         """Call "Service.method" with these arguments on the machine and return its result."""
         if self._state is RUNNING:                  # the hot path: straight to the wire
             try:
@@ -2739,7 +2743,9 @@ class B:
 
     # -- machines -----------------------------------------------------------------------
 
-    def start(self, n, services, *, env=None, **params):
+    def start(self, n: int, services: typing.Mapping[str, object], *,
+              env: typing.Optional[typing.Mapping[str, str]] = None,
+              **params: typing.Any) -> typing.List[Machine]:
         """Start up to n machines, each with services ({name: object}) installed; returns at
         once, with the machines STARTING. env adds environment variables on the machines."""
         if not self._is_driver:
@@ -2823,12 +2829,12 @@ class B:
         self._client.forget(old)
         log.debug("%s is %s", old, addr)
 
-    def machines(self):
+    def machines(self) -> typing.List[Machine]:
         """The machines this session knows: started and dialed, not yet stopped."""
         with self._lock:
             return list(self._machines.values())
 
-    def dial(self, addr):
+    def dial(self, addr: str) -> Machine:
         """A Machine for the machine at addr, for calls to it (from a service, say)."""
         _parse_addr(addr)
         with self._lock:
@@ -2863,7 +2869,7 @@ class B:
 
     # -- ending ---------------------------------------------------------------------------
 
-    def shutdown(self, timeout=None):
+    def shutdown(self, timeout: typing.Optional[float] = None) -> None:
         """Stop every machine this session started and release the system. Bounded in time
         (timeout seconds, 20 by default) and idempotent."""
         with self._lock:
@@ -4296,7 +4302,7 @@ def _free_port():
 _SYSTEMS = {"local": Local, "test": TestSystem, "testsystem": TestSystem, "ssh": SSHSystem}
 
 
-def start(system=None, **options):
+def start(system: typing.Union[System, str, None] = None, **options: typing.Any) -> B:
     """Start a session (Go's driver.Start) and return its `B`.
 
     system is a `System`, or a name ("local", "test", "ssh"); None reads `--bigm.system=NAME`
