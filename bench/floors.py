@@ -1,0 +1,320 @@
+"""Floors: what the hardware, the kernel, OpenSSL and pickle allow on this machine.
+
+    python bench/floors.py [--quick] [--json] [--only tcp,tls,pickle]
+
+Columns "raw TCP" and "raw TLS 1.3" run the same measures as bigmachine and
+the peers (small call, 32 threads, 64 MiB argument / reply, 2 workers ready),
+against a minimal threaded server in a separate process on 127.0.0.1:
+
+  * wire format: 9-byte header (op, u64), then payload; one connection per
+    client thread; TCP_NODELAY; the server reads a big argument into one
+    buffer of its size and answers from a prepared buffer.
+  * TLS: TLS 1.3 only, mutual (client certificate required), contexts from
+    bigmachine.server_context / client_context when bigmachine.py has them,
+    else an equivalent stdlib context; certificates from
+    bigmachine.CertificateAuthority, else a throwaway CA made with `openssl`.
+  * "2 workers ready": two fresh interpreters started in parallel, each
+    serving and answering one call (with a TLS handshake for TLS).
+
+"pickle" gives dumps/loads cost of a small int tuple (µs) and of 64 MiB of
+bytes (MB/s), the serialization share of any pickle-based RPC.
+"""
+
+import os
+import pickle
+import socket
+import statistics
+import struct
+import sys
+import threading
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import _common as C  # noqa: E402
+
+HDR = struct.Struct("!cQ")
+U64 = struct.Struct("!Q")
+
+
+def recv_into_exact(sock, view):
+    got, n = 0, len(view)
+    while got < n:
+        k = sock.recv_into(view[got:], min(n - got, 1 << 20))
+        if k == 0:
+            return False
+        got += k
+    return True
+
+
+# ----------------------------------------------------------------------------
+# Server (runs in its own process).
+
+def serve(kind, certdir):
+    C.die_with_stdin()
+    # stdlib context here: importing bigmachine would add its import time to
+    # the "2 workers ready" floor (same certificates, same TLS 1.3 suite).
+    ctx = C.tls_context(certdir, server=True, use_bigmachine=False)[0] \
+        if kind == "tls" else None
+    ls = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    ls.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    ls.bind(("127.0.0.1", 0))
+    ls.listen(128)
+    C.announce("127.0.0.1", ls.getsockname()[1])
+    while True:
+        c, _ = ls.accept()
+        threading.Thread(target=handle, args=(c, ctx), daemon=True).start()
+
+
+def handle(c, ctx):
+    try:
+        c.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        if ctx is not None:
+            c = ctx.wrap_socket(c, server_side=True)
+        hdr = bytearray(HDR.size)
+        hv = memoryview(hdr)
+        while recv_into_exact(c, hv):
+            op, n = HDR.unpack(hdr)
+            if op == b"p":
+                c.sendall(U64.pack(n + 1))
+            elif op == b"u":
+                buf = bytearray(n)
+                if not recv_into_exact(c, memoryview(buf)):
+                    return
+                c.sendall(U64.pack(len(buf)))
+                del buf
+            elif op == b"g":
+                C.payload(n)
+                c.sendall(U64.pack(0))
+            elif op == b"d":
+                p = C.payload(n)
+                c.sendall(U64.pack(n))
+                c.sendall(p)
+            elif op == b"i":
+                c.sendall(U64.pack(os.getpid()))
+            else:
+                return
+    except (OSError, EOFError):
+        pass
+    finally:
+        try:
+            c.close()
+        except OSError:
+            pass
+
+
+# ----------------------------------------------------------------------------
+# Client side adaptor (see _common's docstring).
+
+class RawConn:
+    def __init__(self, addr, ctx, hostname):
+        s = socket.create_connection(addr)
+        s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        if ctx is not None:
+            s = ctx.wrap_socket(s, server_hostname=hostname)
+        self.s = s
+        self.b8 = bytearray(8)
+        self.v8 = memoryview(self.b8)
+
+    def op(self, op, n, body=None):
+        if body is None:
+            self.s.sendall(HDR.pack(op, n))
+        else:
+            self.s.sendall(HDR.pack(op, n))
+            self.s.sendall(body)
+        if not recv_into_exact(self.s, self.v8):
+            raise EOFError("server closed")
+        return U64.unpack(self.b8)[0]
+
+    def close(self):
+        self.s.close()
+
+
+class RawWorker:
+    def __init__(self, peer, addr):
+        self.peer = peer
+        self.addr = addr
+        self.conn = peer.connect(addr)
+
+    def inc(self, x):
+        return self.conn.op(b"p", x)
+
+    def per_thread(self):
+        c = self.peer.connect(self.addr)
+        return (lambda x: c.op(b"p", x)), c.close
+
+    def prep(self, n):
+        self.conn.op(b"g", n)
+
+    def take(self, b):
+        return self.conn.op(b"u", len(b), b)
+
+    def blob(self, n):
+        c = self.conn
+        c.s.sendall(HDR.pack(b"d", n))
+        if not recv_into_exact(c.s, c.v8):
+            raise EOFError("server closed")
+        m = U64.unpack(c.b8)[0]
+        buf = bytearray(m)
+        if not recv_into_exact(c.s, memoryview(buf)):
+            raise EOFError("server closed")
+        return buf
+
+    def pid(self):
+        return self.conn.op(b"i", 0)
+
+    def close(self):
+        self.conn.close()
+
+
+class RawPeer:
+    def __init__(self, kind, certs):
+        self.kind = kind
+        self.name = "raw TCP" if kind == "tcp" else "raw TLS 1.3"
+        self.certs = certs
+        self.ctx = None
+        if kind == "tls":
+            self.ctx, self.ctx_source = C.tls_context(certs.dir, server=False)
+        self.children = []
+        self.workers = []
+
+    def connect(self, addr):
+        return RawConn(addr, self.ctx, self.certs.hostname)
+
+    def start(self, n):
+        args = [sys.executable, os.path.abspath(__file__), "--serve", self.kind,
+                "--certdir", self.certs.dir]
+        self.children = [C.Child(args) for _ in range(n)]
+        for ch in self.children:
+            ch.ready()
+        self.workers = [RawWorker(self, ch.addr) for ch in self.children]
+        for w in self.workers:
+            w.inc(0)
+        s = self.workers[0].conn.s
+        if hasattr(s, "version"):
+            self.negotiated = "%s, %s" % (s.version(), s.cipher()[0])
+        return self.workers
+
+    def stop(self):
+        for w in self.workers:
+            w.close()
+        for ch in self.children:
+            ch.close()
+        self.workers, self.children = [], []
+
+
+# ----------------------------------------------------------------------------
+# pickle.
+
+def per_op_us(fn, duration, batch=2000):
+    best = float("inf")
+    deadline = time.perf_counter() + duration
+    while True:
+        t0 = time.perf_counter()
+        for _ in range(batch):
+            fn()
+        dt = (time.perf_counter() - t0) / batch
+        best = min(best, dt)
+        if time.perf_counter() > deadline:
+            return best * 1e6
+
+
+def pickle_floor(opts):
+    proto = pickle.HIGHEST_PROTOCOL
+    small = (1, 2, 3)
+    small_p = pickle.dumps(small, proto)
+    d = max(0.1, opts.duration / 4)
+    res = {
+        "protocol": proto,
+        "small_dumps_us": per_op_us(lambda: pickle.dumps(small, proto), d),
+        "small_loads_us": per_op_us(lambda: pickle.loads(small_p), d),
+    }
+    data = C.payload(opts.bulk)
+    dumps_rates, loads_rates = [], []
+    for _ in range(opts.bulk_reps):
+        t0 = time.perf_counter()
+        p = pickle.dumps(data, proto)
+        t1 = time.perf_counter()
+        back = pickle.loads(p)
+        t2 = time.perf_counter()
+        assert len(back) == len(data)
+        del p, back
+        dumps_rates.append(len(data) / (t1 - t0) / 1e6)
+        loads_rates.append(len(data) / (t2 - t1) / 1e6)
+    res["bulk_dumps_MBps"] = max(dumps_rates)
+    res["bulk_loads_MBps"] = max(loads_rates)
+    res["note"] = ("bulk dumps/loads are in-band (one copy each way); "
+                   "small = %r" % (small,))
+    return res
+
+
+# ----------------------------------------------------------------------------
+# Process start: the part of "2 workers ready" no RPC library can avoid.
+
+def process_floor(opts):
+    import subprocess
+    reps = 3 if opts.quick else 7
+
+    def wall(code):
+        ts = []
+        for _ in range(reps):
+            t0 = time.perf_counter()
+            subprocess.run([sys.executable, "-c", code], check=True, cwd=C.HERE)
+            ts.append((time.perf_counter() - t0) * 1e3)
+        return statistics.median(ts)
+
+    res = {"python_c_pass_ms": wall("pass"),
+           "python_import_ssl_ms": wall("import ssl, socket, threading, pickle")}
+    root = os.path.dirname(C.HERE)
+    if os.path.exists(os.path.join(root, "bigmachine.py")):
+        res["python_import_bigmachine_ms"] = wall(
+            "import sys; sys.path.insert(0, %r); import bigmachine" % root)
+    return res
+
+
+# ----------------------------------------------------------------------------
+
+def main(argv=None):
+    ap = C.options(description="floors: raw TCP, raw TLS 1.3, pickle")
+    ap.add_argument("--only", default="tcp,tls,pickle,process",
+                    help="comma list among tcp,tls,pickle,process")
+    ap.add_argument("--serve", choices=["tcp", "tls"], help=argparse_hidden())
+    ap.add_argument("--certdir", help=argparse_hidden())
+    opts = C.finish_options(ap.parse_args(argv))
+    if opts.serve:
+        serve(opts.serve, opts.certdir)
+        return
+    only = set(opts.only.split(","))
+    results = {}
+    certs = C.CertFiles() if "tls" in only else None
+    try:
+        for kind in ("tcp", "tls"):
+            if kind not in only:
+                continue
+            peer = RawPeer(kind, certs)
+            C.log("[%s] measuring" % peer.name)
+            r = C.run_suite(peer, opts)
+            if kind == "tls":
+                r["notes"].append("certificates: %s; client context: %s, server: stdlib "
+                                  "equivalent; negotiated: %s"
+                                  % (certs.source, peer.ctx_source,
+                                     getattr(peer, "negotiated", "?")))
+            results[peer.name] = r
+        if "pickle" in only:
+            C.log("[pickle] measuring")
+            results["pickle"] = pickle_floor(opts)
+        if "process" in only:
+            C.log("[process] measuring")
+            results["process"] = process_floor(opts)
+    finally:
+        if certs is not None:
+            certs.cleanup()
+    C.emit(results, opts, "floors")
+
+
+def argparse_hidden():
+    import argparse
+    return argparse.SUPPRESS
+
+
+if __name__ == "__main__":
+    main()

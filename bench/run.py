@@ -1,0 +1,335 @@
+"""One command for the whole benchmark: floors, bigmachine, peers -> one markdown table.
+
+    python bench/run.py [--quick] [--peers mp,execnet,rpyc,pyro5,ray,dask|none]
+                        [--python /tmp/bench-venv/bin/python] [--json-out FILE]
+
+Each part runs in its own process, one after the other (never concurrently: the
+machine has 2 cores). Every part runs on ONE interpreter, --python (default:
+$BENCH_PYTHON, else /tmp/bench-venv/bin/python when it exists, else this
+interpreter), so interpreter start-up costs are the same for every column
+(bigmachine is stdlib-only, so it runs in the peers' venv as well). Ray and Dask run inside `unshare -n` (a
+network namespace with only loopback) because they probe cloud metadata and
+public DNS by themselves; without root or unshare they are skipped with a note.
+"""
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
+import _common as C  # noqa: E402
+
+PEERS = ["mp", "execnet", "rpyc", "pyro5", "ray", "dask"]
+NETNS_PEERS = {"ray", "dask"}
+COLUMNS = ["raw TCP", "raw TLS 1.3", "bigmachine", "mp.managers", "execnet",
+           "RPyC", "Pyro5", "Ray", "Dask"]
+TITLES = {"mp": "mp.managers", "execnet": "execnet", "rpyc": "RPyC",
+          "pyro5": "Pyro5", "ray": "Ray", "dask": "Dask"}
+DEFAULT_VENV_PY = "/tmp/bench-venv/bin/python"
+PYC_PREFIX = "/tmp/bench-pycache"
+
+# Targets for bigmachine: (key, label, reference column, goal, higher is better)
+TARGETS = [
+    ("small_us", "small call <= 1.5x raw TLS round trip", "raw TLS 1.3", 1.5, False),
+    ("threads_cps", "32 threads >= 0.8x mp.managers calls/s", "mp.managers", 0.8, True),
+    ("arg_MBps", "64 MiB argument >= 70% of raw TLS", "raw TLS 1.3", 0.7, True),
+    ("reply_MBps", "64 MiB reply >= 70% of raw TLS", "raw TLS 1.3", 0.7, True),
+    ("startup_ms", "2 machines RUNNING <= 100 ms", None, 1.0, False),
+]
+
+
+def log(*a):
+    print(*a, file=sys.stderr, flush=True)
+
+
+def run_part(label, cmd, timeout):
+    """Run one part; return its parsed JSON results, or {} and a note."""
+    log("== %s: %s" % (label, " ".join(cmd)))
+    t0 = time.perf_counter()
+    try:
+        p = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=None, cwd=HERE,
+                           timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return {}, "%s: timed out after %d s" % (label, timeout)
+    except OSError as e:
+        return {}, "%s: could not run: %s" % (label, e)
+    log("== %s: %.1f s, exit %d" % (label, time.perf_counter() - t0, p.returncode))
+    for line in p.stdout.decode(errors="replace").splitlines():
+        if line.startswith(C.JSON_TAG):
+            return json.loads(line[len(C.JSON_TAG):]), None
+    return {}, "%s: exit %d, no results" % (label, p.returncode)
+
+
+def _loadavg():
+    try:
+        return "%.2f" % os.getloadavg()[0]
+    except OSError:
+        return "?"
+
+
+def _py_version(py):
+    try:
+        return subprocess.run([py, "-c", "import platform; print(platform.python_version())"],
+                              capture_output=True, text=True, timeout=60).stdout.strip()
+    except Exception:
+        return "?"
+
+
+def only_loopback():
+    """True when this network namespace has no interface but lo."""
+    try:
+        with open("/proc/net/dev") as f:
+            names = [l.split(":")[0].strip() for l in f.readlines()[2:]]
+        return names == ["lo"]
+    except OSError:
+        return False
+
+
+def netns_wrap(cmd):
+    """cmd to run inside a fresh network namespace with only loopback, or None."""
+    if only_loopback():
+        return cmd
+    if os.geteuid() != 0 or not shutil.which("unshare") or not shutil.which("ip"):
+        return None
+    return ["unshare", "-n", "sh", "-c", 'ip link set lo up && exec "$0" "$@"'] + cmd
+
+
+# ----------------------------------------------------------------------------
+# Formatting.
+
+def fmt(v, kind):
+    if v is None:
+        return "n/a"
+    if kind == "int":
+        return "{:,.0f}".format(v)
+    if kind == "ratio":
+        return "%.2fx" % v
+    if v >= 100:
+        return "%.0f" % v
+    if v >= 10:
+        return "%.1f" % v
+    return "%.2f" % v
+
+
+def table(header, rows):
+    out = ["| " + " | ".join(header) + " |",
+           "|" + "|".join("---" if i == 0 else "---:" for i in range(len(header))) + "|"]
+    for r in rows:
+        out.append("| " + " | ".join(r) + " |")
+    return "\n".join(out)
+
+
+ROWS = [
+    ("small call int->int, median µs", "small_us", "num"),
+    ("32 client threads, calls/s", "threads_cps", "int"),
+    ("64 MiB argument, MB/s", "arg_MBps", "num"),
+    ("  receiver peak RSS over baseline, MiB", "arg_rss_delta_MiB", "num"),
+    ("64 MiB reply, MB/s", "reply_MBps", "num"),
+    ("  receiver peak RSS over baseline, MiB", "reply_rss_delta_MiB", "num"),
+    ("2 workers ready, ms", "startup_ms", "num"),
+]
+
+RATIO_ROWS = [
+    ("small call / raw TLS (lower is better)", "small_us", "raw TLS 1.3"),
+    ("32 threads / mp.managers", "threads_cps", "mp.managers"),
+    ("64 MiB argument / raw TLS", "arg_MBps", "raw TLS 1.3"),
+    ("64 MiB reply / raw TLS", "reply_MBps", "raw TLS 1.3"),
+    ("2 workers ready / 100 ms (lower is better)", "startup_ms", None),
+]
+
+
+def get(results, col, key):
+    r = results.get(col) or {}
+    v = r.get(key)
+    return v if isinstance(v, (int, float)) else None
+
+
+def ratio(results, col, key, ref):
+    v = get(results, col, key)
+    base = 100.0 if ref is None else get(results, ref, key)
+    if v is None or not base:
+        return None
+    return v / base
+
+
+def report(results, notes, opts, cols):
+    lines = []
+    now = datetime.datetime.now().strftime("%Y-%m-%d %H:%M")
+    lines.append("# bigmachine.py benchmark (%s%s)" % (now, ", --quick" if opts.quick else ""))
+    lines.append("")
+    lines.append("Python %s on %s, %d cores; loopback only. MB/s = 10^6 bytes/s; "
+                 "64 MiB = 67,108,864 incompressible bytes."
+                 % (platform.python_version(), platform.machine(), os.cpu_count() or 0))
+    lines.append("")
+    lines.append("## Absolute numbers")
+    lines.append("")
+    rows = []
+    for label, key, kind in ROWS:
+        rows.append([label] + [fmt(get(results, c, key), kind) for c in cols])
+    lines.append(table(["measure"] + cols, rows))
+    lines.append("")
+    lines.append("## Ratios (reference: raw TLS for call latency and 64 MiB, "
+                 "mp.managers for 32 threads, 100 ms for startup)")
+    lines.append("")
+    rows = []
+    for label, key, ref in RATIO_ROWS:
+        rows.append([label] + [fmt(ratio(results, c, key, ref), "ratio") for c in cols])
+    lines.append(table(["ratio"] + cols, rows))
+    lines.append("")
+    lines.append("## bigmachine targets")
+    lines.append("")
+    rows = []
+    for key, label, ref, goal, higher in TARGETS:
+        v = get(results, "bigmachine", key)
+        r = ratio(results, "bigmachine", key, ref)
+        if r is None:
+            met = "n/a"
+        else:
+            met = "met" if (r >= goal if higher else r <= goal) else "NOT met"
+        refv = 100.0 if ref is None else get(results, ref, key)
+        rows.append([label, fmt(v, "num"), "%s %s" % (ref or "limit", fmt(refv, "num")),
+                     fmt(r, "ratio"), met])
+    lines.append(table(["target", "bigmachine", "reference", "ratio", "result"], rows))
+    pk = results.get("pickle")
+    if pk:
+        lines.append("")
+        lines.append("## pickle floor (protocol %s)" % pk.get("protocol"))
+        lines.append("")
+        lines.append("small int tuple: dumps %.2f µs, loads %.2f µs; 64 MiB bytes: "
+                     "dumps %.0f MB/s, loads %.0f MB/s (in-band, one copy each)."
+                     % (pk.get("small_dumps_us", 0), pk.get("small_loads_us", 0),
+                        pk.get("bulk_dumps_MBps", 0), pk.get("bulk_loads_MBps", 0)))
+    pr = results.get("process")
+    if pr:
+        lines.append("")
+        bits = ["`python -c pass` %s ms" % fmt(pr.get("python_c_pass_ms"), "num"),
+                "importing ssl/socket/threading/pickle %s ms"
+                % fmt(pr.get("python_import_ssl_ms"), "num")]
+        if "python_import_bigmachine_ms" in pr:
+            bits.append("importing bigmachine %s ms"
+                        % fmt(pr.get("python_import_bigmachine_ms"), "num"))
+        lines.append("Process start floor (wall time of a fresh interpreter, one at a "
+                     "time): " + "; ".join(bits) + ".")
+    extra = []
+    bmr = results.get("bigmachine") or {}
+    for k, label, kind in (
+            ("session_ms", "bigmachine.start() session, ms", "num"),
+            ("shutdown_ms", "b.shutdown(), ms", "num"),
+            ("async_cps", "call_async with 64 in flight, calls/s", "int"),
+            ("bytearray_arg_MBps", "64 MiB bytearray argument, MB/s", "num"),
+            ("bytearray_arg_rss_delta_MiB", "its receiver peak RSS +MiB", "num"),
+            ("bytearray_reply_MBps", "64 MiB bytearray reply, MB/s", "num"),
+            ("bytearray_reply_rss_delta_MiB", "its receiver peak RSS +MiB", "num")):
+        if isinstance(bmr.get(k), (int, float)):
+            extra.append("%s: %s" % (label, fmt(bmr[k], kind)))
+    if extra:
+        lines.append("")
+        lines.append("bigmachine extras: " + "; ".join(extra) + ".")
+    lines.append("")
+    lines.append("## Notes")
+    lines.append("")
+    for c in cols:
+        r = results.get(c) or {}
+        bits = []
+        if r.get("version"):
+            bits.append("version %s" % r["version"])
+        if r.get("error"):
+            bits.append("n/a: " + r["error"])
+        bits += r.get("notes", [])
+        if bits:
+            lines.append("- %s: %s" % (c, "; ".join(str(b) for b in bits)))
+    for n in notes:
+        lines.append("- " + n)
+    return "\n".join(lines) + "\n"
+
+
+# ----------------------------------------------------------------------------
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description="run every benchmark part, print one table")
+    ap.add_argument("--quick", action="store_true", help="short durations (smoke run)")
+    ap.add_argument("--peers", default=",".join(PEERS),
+                    help="comma list among %s, or none (mp always runs: it is the "
+                    "reference of the 32-thread target)" % ",".join(PEERS))
+    ap.add_argument("--python", default=None,
+                    help="interpreter with the optional peers installed (a venv)")
+    ap.add_argument("--no-floors", action="store_true")
+    ap.add_argument("--no-bigmachine", action="store_true")
+    ap.add_argument("--json-out", default=None, help="also write all results as JSON here")
+    ap.add_argument("--keep-env", action="store_true",
+                    help="do not touch PYTHONDONTWRITEBYTECODE / PYTHONPYCACHEPREFIX")
+    opts = ap.parse_args(argv)
+
+    peers = [] if opts.peers.strip().lower() == "none" else \
+        [p.strip().lower() for p in opts.peers.split(",") if p.strip()]
+    unknown = [p for p in peers if p not in PEERS]
+    if unknown:
+        ap.error("unknown peers: %s" % ", ".join(unknown))
+    if "mp" not in peers:  # stdlib, and the reference of the 32-thread target
+        peers.insert(0, "mp")
+    py = opts.python or os.environ.get("BENCH_PYTHON") or \
+        (DEFAULT_VENV_PY if os.path.exists(DEFAULT_VENV_PY) else sys.executable)
+    common = ["--json"] + (["--quick"] if opts.quick else [])
+    timeout = 600 if opts.quick else 1800
+
+    results, notes = {}, []
+    load0 = _loadavg()
+    if not opts.keep_env:
+        # Users' interpreters cache bytecode; without it every machine process
+        # compiles bigmachine.py again (~30 ms). Cache outside the work tree.
+        if os.environ.pop("PYTHONDONTWRITEBYTECODE", None) is not None:
+            notes.append("PYTHONDONTWRITEBYTECODE was set; unset for the run, bytecode "
+                         "cached under %s (--keep-env to keep it)" % PYC_PREFIX)
+        os.environ.setdefault("PYTHONPYCACHEPREFIX", PYC_PREFIX)
+        root = os.path.dirname(HERE)
+        subprocess.run([py, "-c", "import sys; sys.path[:0] = [%r, %r]; import _common, "
+                        "bigmachine" % (HERE, root)], cwd=HERE, capture_output=True,
+                       timeout=120)
+
+    def part(label, cmd):
+        r, note = run_part(label, cmd, timeout)
+        results.update(r)
+        if note:
+            notes.append(note)
+
+    if not opts.no_floors:
+        part("floors", [py, "floors.py"] + common)
+    if not opts.no_bigmachine:
+        part("bigmachine", [py, "bigmachine_bench.py"] + common)
+    plain = [p for p in peers if p not in NETNS_PEERS]
+    isolated = [p for p in peers if p in NETNS_PEERS]
+    if plain:
+        part("peers", [py, "peers.py", "--peers", ",".join(plain)] + common)
+    if isolated:
+        cmd = netns_wrap([py, os.path.join(HERE, "peers.py"), "--peers",
+                          ",".join(isolated)] + common)
+        if cmd is None:
+            for p in isolated:
+                results[TITLES[p]] = {"error": "skipped: needs a loopback-only network "
+                                      "namespace (run as root with unshare)", "notes": []}
+        else:
+            part("peers in netns", cmd)
+    notes.append("every part ran on %s (Python %s)" % (py, _py_version(py)))
+    notes.append("load average (1 min) before the run %s, after %s; on 2 cores "
+                 "anything else running makes the numbers noisy" % (load0, _loadavg()))
+
+    cols = [c for c in COLUMNS
+            if (c in ("raw TCP", "raw TLS 1.3") and not opts.no_floors)
+            or (c == "bigmachine" and not opts.no_bigmachine)
+            or c in [TITLES[p] for p in peers]]
+    sys.stdout.write(report(results, notes, opts, cols))
+    sys.stdout.flush()
+    if opts.json_out:
+        with open(opts.json_out, "w") as f:
+            json.dump({"results": results, "notes": notes}, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
