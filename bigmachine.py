@@ -632,12 +632,6 @@ def _certificate(
     return _pem("CERTIFICATE", der)
 
 
-def _write_all(fd: int, data: bytes) -> None:
-    view = memoryview(data)
-    while view:
-        view = view[os.write(fd, view):]
-
-
 class Credentials(typing.NamedTuple):
     """What one participant needs for mutual TLS: its certificate, key and the session CA."""
 
@@ -652,36 +646,49 @@ class Credentials(typing.NamedTuple):
     def load_into(self, context: ssl.SSLContext) -> None:
         """Load this certificate and key into context, never writing the key to disk if
         the platform allows it (SSLContext.load_cert_chain accepts only file names)."""
-        pem = (self.cert_pem + self.key_pem).encode("ascii")
-        # Linux: an anonymous in-memory file, opened by name through /proc.
-        fd = None
-        if hasattr(os, "memfd_create"):
-            try:
-                # CLOEXEC: processes we start (machines, say) must not inherit the key.
-                fd = os.memfd_create("bigmachine-credentials", os.MFD_CLOEXEC)
-            except OSError:  # e.g. a seccomp filter or an old kernel
-                fd = None
-        if fd is not None:
-            try:
-                _write_all(fd, pem)
-                path = f"/proc/self/fd/{fd}"
-                if os.path.exists(path):
-                    context.load_cert_chain(path)
-                    return
-            finally:
-                os.close(fd)
-        # Elsewhere: a private (0600) file in the temporary directory, removed as soon as
-        # OpenSSL has read it. mkstemp honours TMPDIR, so an unwritable HOME is no problem.
-        import tempfile                    # rarely needed: kept out of import time
-        fd, path = tempfile.mkstemp(prefix="bigmachine-", suffix=".pem")
+        _load_pem_chain(context, self.cert_pem + self.key_pem)
+
+
+def _load_pem_chain(context, pem):
+    """Load a certificate and its key, both PEM in the one string pem, into an SSLContext
+    without leaving the key on disk. Self-contained: the EC2 bootstrap ships its source."""
+    import os
+    data = pem.encode("ascii")
+
+    def write_all(fd):
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view):]
+
+    # Linux: an anonymous in-memory file, opened by name through /proc.
+    fd = None
+    if hasattr(os, "memfd_create"):
         try:
-            try:
-                _write_all(fd, pem)
-            finally:
-                os.close(fd)
-            context.load_cert_chain(path)
+            # CLOEXEC: processes we start (machines, say) must not inherit the key.
+            fd = os.memfd_create("bigmachine-credentials", os.MFD_CLOEXEC)
+        except OSError:  # e.g. a seccomp filter or an old kernel
+            fd = None
+    if fd is not None:
+        try:
+            write_all(fd)
+            path = "/proc/self/fd/%d" % fd
+            if os.path.exists(path):
+                context.load_cert_chain(path)
+                return
         finally:
-            os.unlink(path)
+            os.close(fd)
+    # Elsewhere: a private (0600) file in the temporary directory, removed as soon as
+    # OpenSSL has read it. mkstemp honours TMPDIR, so an unwritable HOME is no problem.
+    import tempfile                    # rarely needed: kept out of import time
+    fd, path = tempfile.mkstemp(prefix="bigmachine-", suffix=".pem")
+    try:
+        try:
+            write_all(fd)
+        finally:
+            os.close(fd)
+        context.load_cert_chain(path)
+    finally:
+        os.unlink(path)
 
 
 class CertificateAuthority:
@@ -773,17 +780,25 @@ class CertificateAuthority:
 # --------------------------------------------------------------------------------------
 
 def _tls_context(protocol: int, credentials: Credentials) -> ssl.SSLContext:
-    context = ssl.SSLContext(protocol)
+    return _pinned_context(protocol == ssl.PROTOCOL_TLS_SERVER,
+                           credentials.cert_pem + credentials.key_pem, credentials.ca_pem)
+
+
+def _pinned_context(server_side, chain_pem, ca_pem):
+    """A mutual-TLS context that presents chain_pem (a certificate and its key) and trusts the
+    CA of ca_pem alone. Self-contained: the EC2 bootstrap ships its source."""
+    import ssl
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER if server_side else ssl.PROTOCOL_TLS_CLIENT)
     context.minimum_version = ssl.TLSVersion.TLSv1_2
-    if protocol == ssl.PROTOCOL_TLS_CLIENT:
+    if not server_side:
         # CA pinning instead of names (see the introduction).
         context.check_hostname = False
     context.verify_mode = ssl.CERT_REQUIRED
     # The same strictness on every Python version as 3.13's create_default_context().
     context.verify_flags |= ssl.VERIFY_X509_STRICT
     # The session CA is the only trust anchor: never load_default_certs().
-    context.load_verify_locations(cadata=credentials.ca_pem)
-    credentials.load_into(context)
+    context.load_verify_locations(cadata=ca_pem)
+    _load_pem_chain(context, chain_pem)
     return context
 
 
@@ -3152,16 +3167,18 @@ class Local(System):
 
 def _machine_bootstrap(system, credentials, main, **more):
     """What a machine process needs to know before anything else, as JSON, whichever system
-    started it: see `_machine_main`. main says how to load the driver's __main__."""
+    started it: see `_machine_main`. main says how to load the driver's __main__. credentials
+    None leaves them out, for a system whose machines have them already (EC2: from user data)."""
     config = {
         "python": PYTHON,
         "protocol": PROTOCOL,
-        "credentials": credentials._asdict(),
         "lease": system.lease,
         "watchdog_tick": system.watchdog_tick,
         "log_level": logging.getLogger().getEffectiveLevel(),
         "main": main,
     }
+    if credentials is not None:
+        config["credentials"] = credentials._asdict()
     config.update(more)
     return config
 
