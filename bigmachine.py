@@ -102,7 +102,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "start", "B", "Machine", "State", "UNSTARTED", "STARTING", "RUNNING", "STOPPED",
-    "System", "Local", "TestSystem", "SSHSystem", "Supervisor", "current_call", "CallContext",
+    "System", "Local", "TestSystem", "SSHSystem", "EC2System", "Supervisor", "current_call", "CallContext",
     "Error", "NetworkError", "MachineStopped", "NotFound", "Timeout", "RemoteError",
     "SerializationError", "AuthenticationError", "VersionMismatch", "Cancelled",
     "CertificateAuthority", "Credentials", "Backoff",
@@ -2808,7 +2808,8 @@ class B:
                 try:
                     info = m._boot_call("Supervisor.info", timeout=system.keepalive_rpc_timeout)
                     break
-                except NetworkError as e:
+                except (NetworkError, Timeout) as e:
+                    # Timeout too: a machine still loading the driver's main answers late.
                     if time.monotonic() > deadline or m._state is STOPPED:
                         raise Error("machine %s did not come up in %.0fs: %s"
                                     % (m.addr, system.boot_timeout, e)) from e
@@ -4312,11 +4313,1099 @@ def _free_port():
         return s.getsockname()[1]
 
 
+# --------------------------------------------------------------------------------------
+# EC2: a machine per instance, launched by the driver (Go: ec2system)
+# --------------------------------------------------------------------------------------
+#
+# Each machine is an EC2 instance of its own, launched with boto3, which is imported here only,
+# when an EC2System is made. By default the instance boots the newest Amazon Linux 2023 image
+# of the region (named by AWS's public SSM parameter) for the instance type's architecture. Its
+# user data is a short shell script (_EC2_USER_DATA): it makes poweroff the default boot
+# target (a reboot then ends the instance too), finds a Python of the driver's major.minor --
+# installing the image's python3.X package if need be -- runs the *bootstrap* with it, and powers
+# the instance off when the bootstrap returns, however it returns. Instances are launched with
+# InstanceInitiatedShutdownBehavior=terminate, so powering off terminates them.
+#
+# What user data holds. Any process on the instance can read user data (from the metadata
+# service), and so can any AWS principal allowed ec2:DescribeInstanceAttribute. So it holds only
+# what this one machine needs: its own certificate and key, issued by the session CA for this
+# instance alone; the CA's certificate; the SHA-256 of the driver's certificate; and the
+# bootstrap's source (`_ec2_boot` and the self-contained functions it calls). Never the CA's key,
+# which the Go original shipped to every instance: whoever reads user data can pass for that one
+# machine, to that one session, while its driver lives -- and cannot admit anyone else. It holds
+# no code of the program either, and stays under EC2's 16 KB (checked before launching).
+#
+# The bootstrap serves the driver alone: mutual TLS against the session CA, and then only the
+# client whose certificate has the driver's hash; the session's other machines are refused too.
+# It reads HTTP and JSON, never a pickle. The driver
+#   1. GETs /<instance-id>/bigmachine/boot for the instance's Python, which must be the driver's
+#      major.minor (else VersionMismatch, naming both);
+#   2. PUTs the code bundle (see Code bundles) to /<instance-id>/bigmachine/bundle/<sha256>; the
+#      bootstrap keeps it only if it hashes right;
+#   3. POSTs the machine's bootstrap configuration (`_machine_bootstrap`, less the credentials,
+#      which the bootstrap adds from its user data) to /<instance-id>/bigmachine/start. The
+#      bootstrap stops accepting connections, unpacks the bundle in the machine's own directory
+#      and runs `_machine_main` in a child process that inherits the listening socket: the machine
+#      serves at the same address, behind mutual TLS of its own. The reply to the POST is the
+#      machine's stdout and stderr, line by line, for as long as it runs, and then how it ended:
+#      the driver prints the lines prefixed with the machine's address, as for local machines.
+# A bootstrap that hears nothing from the driver for a lease gives up, and the instance goes.
+#
+# A machine's address is https://HOST:PORT/<instance-id>/, HOST the first of the instance's
+# public DNS name, public IP and private IP; the instance id keeps addresses unique when AWS
+# recycles a name. `EC2System(address=f)` maps an instance, as describe_instances gives it, to
+# the host and port to use instead (a private subnet reached through a tunnel; the tests).
+#
+# Launching. Machines have credentials of their own, hence user data of their own, so each
+# instance is a RunInstances call of its own, made in the machine's boot thread: `b.start`
+# returns at once, having checked what would fail for every machine alike -- the instance type,
+# the image, the security group, and a dry run of the launch for permissions. Spot first, by
+# default; when a spot launch fails (no capacity, a quota...), that machine and the rest of its
+# `b.start` are launched on demand instead. spot_only never falls back; on_demand never tries
+# spot. Without security_groups, the system uses one of its own per VPC and port, created once
+# (tagged bigmachine=true) and kept, which admits TCP to the port from anywhere: mutual TLS
+# guards it.
+#
+# Watching (Go's monitor). One thread describes the system's instances, in batches, at most
+# once every poll_interval seconds, when someone needs to know: the boot threads of machines
+# whose instance is starting, and machines whose keepalive failed or whose output stream broke.
+# A machine whose instance is found shutting down, terminated, stopping or stopped (a reclaimed
+# spot instance, say) stops at once with the instance's state reason, rather than after the
+# keepalive budget (10 minutes: Go's).
+#
+# Every instance is tagged bigmachine=true, bigmachine:session, bigmachine:user and
+# bigmachine:program; `python bigmachine.py ec2 list` and `ec2 kill` find leftovers by them.
+# Normally there are none: b.shutdown() terminates its instances, and a machine that loses its
+# driver ends within a lease, and its instance with it.
+#
+# The tests run all of this against moto, which does not run user data; a harness runs it as a
+# local process with BIGMACHINE_FAKE_EC2=1. In that mode the script changes nothing on the host
+# (no package installs, no systemd, no poweroff: it exits where an instance would power off); in
+# any mode the bootstrap binds BIGMACHINE_BIND (default: every interface, 127.0.0.1 in that
+# mode) on BIGMACHINE_PORT (default: the system's port) and asks the metadata service at
+# BIGMACHINE_IMDS (default: EC2's).
+
+_EC2_USER_DATA = """#!/bin/sh
+# bigmachine.py: the first boot of a machine of session @SESSION@ (see bigmachine.py's EC2
+# section). With BIGMACHINE_FAKE_EC2=1 it changes nothing on the host and exits where an
+# instance would power off.
+want=python@PYTHON@
+if [ "$BIGMACHINE_FAKE_EC2" != 1 ]; then
+    systemctl set-default poweroff.target >/dev/null 2>&1    # a reboot ends the instance too
+    command -v $want >/dev/null 2>&1 || dnf install -y -q $want || yum install -y -q $want
+fi
+python=$(command -v $want || command -v python3)
+umask 077
+"${python:-python3}" -u - <<'BIGMACHINE_BOOTSTRAP'
+@BOOTSTRAP@BIGMACHINE_BOOTSTRAP
+status=$?
+if [ "$BIGMACHINE_FAKE_EC2" != 1 ]; then
+    shutdown -h now || systemctl poweroff || poweroff -f
+fi
+exit $status
+"""
+
+_EC2_USER_DATA_LIMIT = 16384          # bytes: EC2's limit, before base64
+_EC2_DEAD = ("shutting-down", "terminated", "stopping", "stopped")
+_EC2_LIVE = ("pending", "running", "stopping", "stopped")       # what `ec2 kill` ends
+_EC2_AMI_PARAMETER = "/aws/service/ami-amazon-linux-latest/al2023-ami-kernel-default-%s"
+
+
+def _ec2_boot(settings):
+    """An EC2 machine's bootstrap, on its instance (see the section's introduction): serve the
+    driver, and nobody else, over mutual TLS until it has sent the code bundle and the machine's
+    configuration; then run the machine in a child process on the same listening socket, stream
+    its output to the driver, and return its exit status when it ends. Returns 1 if the driver
+    stays silent for settings["wait"] seconds before that. Self-contained: it runs before
+    bigmachine.py is on the instance, on whatever Python the instance has (3.8 or newer)."""
+    import hashlib
+    import http.server
+    import json
+    import os
+    import select
+    import socket
+    import subprocess
+    import sys
+    import threading
+    import time
+    import traceback
+    import urllib.request
+
+    fake = os.environ.get("BIGMACHINE_FAKE_EC2") == "1"
+    port = int(os.environ.get("BIGMACHINE_PORT") or settings["port"])
+    bind = os.environ.get("BIGMACHINE_BIND", "127.0.0.1" if fake else "")
+    imds = (os.environ.get("BIGMACHINE_IMDS") or "http://169.254.169.254").rstrip("/")
+
+    def say(text):
+        sys.stderr.write("bigmachine bootstrap: %s\n" % text)
+        sys.stderr.flush()
+
+    # The instance id, from the metadata service, the IMDSv2 way (the only one the instance
+    # allows): a token from a PUT first, then the token with the request. Never via a proxy.
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+    for attempt in range(60):
+        try:
+            token = opener.open(urllib.request.Request(
+                imds + "/latest/api/token", method="PUT",
+                headers={"X-aws-ec2-metadata-token-ttl-seconds": "60"}), timeout=5).read()
+            instance = opener.open(urllib.request.Request(
+                imds + "/latest/meta-data/instance-id",
+                headers={"X-aws-ec2-metadata-token": token.decode()}), timeout=5).read().decode()
+            break
+        except OSError as e:
+            if attempt == 59:
+                say("cannot read the instance id from %s: %s" % (imds, e))
+                return 1
+            time.sleep(1)
+    prefix = "/%s/bigmachine/" % instance
+    context = _pinned_context(True, settings["cert"] + settings["key"], settings["ca"])
+    listener = socket.create_server((bind, port), backlog=128,
+                                    family=socket.AF_INET6 if ":" in bind else socket.AF_INET)
+    root = _bundle_root()
+    say("instance %s, Python %s, port %d" % (instance, sys.version.split()[0], port))
+
+    lock = threading.Lock()
+    bundles = {}                      # sha256 -> its path in the cache, as the driver sent them
+    heard = [time.monotonic(), 0]     # when the driver was last heard, its connections open
+    starting = threading.Event()      # a start request came: stop accepting connections
+    stopped = threading.Event()       # accepting stopped: the listening socket can go
+    ended = []                        # the exit status, when it is time to return it
+    done = threading.Event()
+    slots = threading.BoundedSemaphore(64)
+
+    def finish(status):
+        ended.append(status)
+        done.set()
+
+    def run_machine(request):
+        library = request["library"]
+        if not all(part.isidentifier() for part in library.split(".")):
+            raise ValueError("not a module name: %r" % (library,))
+        workdir = _machine_workdir(root)
+        code = _bundle_unpack(bundles[request["bundle"]], os.path.join(workdir, "code"))
+        config = dict(request["config"], fd=listener.fileno(), credentials={
+            "cert_pem": settings["cert"], "key_pem": settings["key"], "ca_pem": settings["ca"]})
+        launcher = ("import sys; sys.path.insert(0, %r); import %s as library; "
+                    "library._machine_main(code=%r, workdir=%r)" % (code, library, code, workdir))
+        listener.setblocking(True)
+        child = subprocess.Popen([sys.executable, "-u", "-c", launcher], cwd=workdir,
+                                 stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                 stderr=subprocess.STDOUT, pass_fds=[listener.fileno()])
+        listener.close()              # the machine's now
+        # The machine reads its configuration from its stdin, which stays open: EOF would mean
+        # that this process died, and the machine would exit.
+        child.stdin.write(json.dumps(config).encode() + b"\n")
+        child.stdin.flush()
+        return child
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+        timeout = 120
+
+        def log_message(self, format, *args):
+            pass
+
+        def reply(self, status, body=b"", kind="text/plain; charset=utf-8"):
+            self.send_response(status)
+            self.send_header("Content-Type", kind)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def body(self):
+            return self.rfile.read(int(self.headers.get("Content-Length") or 0))
+
+        def do_GET(self):
+            if self.path != prefix + "boot":
+                return self.reply(404, b"no such page\n")
+            self.reply(200, json.dumps({
+                "python": "%d.%d" % sys.version_info[:2], "executable": sys.executable,
+                "instance": instance}).encode(), "application/json")
+
+        def do_PUT(self):
+            data = self.body()
+            if not self.path.startswith(prefix + "bundle/"):
+                return self.reply(404, b"no such page\n")
+            sha256 = self.path[len(prefix + "bundle/"):]
+            try:
+                path = _bundle_install(root, sha256, lambda: data)
+            except ValueError as e:
+                return self.reply(400, ("%s\n" % e).encode())
+            with lock:
+                bundles[sha256] = path
+            self.reply(200, b"installed\n")
+
+        def do_POST(self):
+            data = self.body()
+            if self.path != prefix + "start":
+                return self.reply(404, b"no such page\n")
+            try:
+                request = json.loads(data.decode())
+            except ValueError:
+                return self.reply(400, b"not JSON\n")
+            with lock:
+                if starting.is_set():
+                    return self.reply(409, b"the machine was started already\n")
+                if request.get("bundle") not in bundles:
+                    return self.reply(409, b"no such bundle: PUT it first\n")
+                starting.set()
+            stopped.wait()
+            try:
+                child = run_machine(request)
+            except Exception:
+                self.reply(500, traceback.format_exc().encode())
+                return finish(1)
+            self.send_response(200)
+            self.send_header("Content-Type", "text/plain; charset=utf-8")
+            self.send_header("Connection", "close")
+            self.end_headers()
+            self.close_connection = True
+            stream = [self.wfile]
+            self.connection.settimeout(None)
+            # Keep the stream alive through NATs and notice a driver that vanished.
+            for option, value in (("SO_KEEPALIVE", 1), ("TCP_KEEPIDLE", 60),
+                                  ("TCP_KEEPINTVL", 20), ("TCP_KEEPCNT", 6)):
+                if hasattr(socket, option):
+                    level = socket.SOL_SOCKET if option == "SO_KEEPALIVE" else socket.IPPROTO_TCP
+                    try:
+                        self.connection.setsockopt(level, getattr(socket, option), value)
+                    except OSError:
+                        pass
+
+            def send(line):
+                sys.stdout.buffer.write(line)         # the instance's own log, too
+                sys.stdout.buffer.flush()
+                if stream:
+                    try:
+                        stream[0].write(line)
+                    except OSError:
+                        del stream[:]                   # the driver went: keep the log only
+
+            send(b"@bigmachine@ started %d\n" % child.pid)
+            for line in iter(child.stdout.readline, b""):
+                send(line)
+            status = child.wait()
+            send(b"@bigmachine@ exited %d\n" % status)
+            finish(status if status >= 0 else 128 - status)
+
+    def serve(raw, peer):
+        try:
+            raw.settimeout(10)
+            try:
+                conn = context.wrap_socket(raw, server_side=True)
+            except (OSError, ValueError) as e:
+                say("refused %s: %s" % (peer[0], e))
+                return
+            with conn:
+                if hashlib.sha256(conn.getpeercert(True)).hexdigest() != settings["driver"]:
+                    say("refused %s: a certificate of the session, but not its driver's" % peer[0])
+                    return
+                with lock:
+                    heard[:] = [time.monotonic(), heard[1] + 1]
+                try:
+                    Handler(conn, peer, None)
+                finally:
+                    with lock:
+                        heard[:] = [time.monotonic(), heard[1] - 1]
+        except Exception as e:
+            say("connection from %s failed: %s" % (peer[0], e))
+        finally:
+            raw.close()
+            slots.release()
+
+    while not starting.is_set():
+        with lock:
+            silent = not heard[1] and time.monotonic() - heard[0] > settings["wait"]
+        if silent:
+            say("no word from the driver for %ds: giving up" % settings["wait"])
+            listener.close()
+            return 1
+        if not select.select([listener], [], [], 0.2)[0] or starting.is_set():
+            continue
+        try:
+            raw, peer = listener.accept()
+        except OSError:
+            continue
+        if not slots.acquire(False):
+            raw.close()
+            continue
+        threading.Thread(target=serve, args=(raw, peer), daemon=True).start()
+    stopped.set()
+    done.wait()
+    return ended[0]
+
+
+_ec2_boot_functions = None
+
+
+def _ec2_user_data(session, port, wait, driver_pem, credentials):
+    """The user data of an EC2 machine: the script of the section's introduction, around the
+    bootstrap and the settings it runs with (this machine's credentials among them)."""
+    global _ec2_boot_functions
+    if _ec2_boot_functions is None:
+        # The functions' source, compressed: as text it would not leave room under the limit.
+        import inspect
+        import zlib
+        source = "".join(inspect.getsource(f) + "\n" for f in (
+            _load_pem_chain, _pinned_context, _bundle_root, _bundle_install, _bundle_unpack,
+            _machine_workdir, _ec2_boot))
+        _ec2_boot_functions = base64.encodebytes(zlib.compress(source.encode(), 9)).decode()
+    settings = {
+        "session": session, "port": port, "wait": wait,
+        "driver": hashlib.sha256(ssl.PEM_cert_to_DER_cert(driver_pem)).hexdigest(),
+        "cert": credentials.cert_pem, "key": credentials.key_pem, "ca": credentials.ca_pem,
+    }
+    bootstrap = ('import base64, sys, zlib\nexec(zlib.decompress(base64.b64decode("""\n%s""")))\n'
+                 'sys.exit(_ec2_boot(%r))\n' % (_ec2_boot_functions, settings))
+    text = (_EC2_USER_DATA.replace("@SESSION@", session).replace("@PYTHON@", PYTHON)
+            .replace("@BOOTSTRAP@", bootstrap))
+    size = len(text.encode("utf-8"))
+    if size > _EC2_USER_DATA_LIMIT:
+        raise Error("the user data of an EC2 machine would be %d bytes, over EC2's limit of %d"
+                    % (size, _EC2_USER_DATA_LIMIT))
+    return text
+
+
+def _import_boto3():
+    """boto3 and botocore, imported when first needed: only the EC2 system uses them."""
+    try:
+        import boto3
+        import botocore.config
+        import botocore.exceptions
+    except ImportError as e:
+        raise Error("the EC2 system needs boto3, which this Python cannot import (%s): "
+                    "pip install boto3 (or pip install 'bigmachine[ec2]')" % e) from None
+    return boto3, botocore
+
+
+def _ec2_session(region=None):
+    """A boto3 session for region (None: the AWS configuration's) and an EC2 client of it.
+    AWS_ENDPOINT_URL and the rest of boto3's configuration apply as usual."""
+    boto3, botocore = _import_boto3()
+    config = botocore.config.Config(retries={"mode": "standard", "max_attempts": 8},
+                                    user_agent_extra="bigmachine.py/" + __version__)
+    session = boto3.session.Session(region_name=region)
+    try:
+        return session, session.client("ec2", config=config)
+    except botocore.exceptions.NoRegionError:
+        raise Error("no AWS region is configured: give EC2System(region=...) or --bigm.ec2region, "
+                    "or set AWS_REGION, or a region in ~/.aws/config") from None
+
+
+def _aws_error(e):
+    """An AWS error in a few words: 'Code: message'."""
+    error = getattr(e, "response", {}).get("Error", {})
+    if error.get("Code"):
+        return "%s: %s" % (error["Code"], error.get("Message", ""))
+    return "%s: %s" % (type(e).__name__, e)
+
+
+def _aws_error_code(e):
+    return getattr(e, "response", {}).get("Error", {}).get("Code", "")
+
+
+def _ec2_user():
+    try:
+        import getpass
+        return getpass.getuser()
+    except Exception:
+        return "unknown"
+
+
+def _ec2_tags(instance):
+    return {t["Key"]: t["Value"] for t in instance.get("Tags") or ()}
+
+
+class EC2System(System):
+    """Machines on EC2 instances, one instance each (Go: ec2system). Needs boto3.
+
+    instance_type is any EC2 instance type offered in the region; each machine offers its
+    vCPUs (maxprocs). Spot instances first, on demand for whatever spot cannot supply, unless
+    spot_only (no fallback) or on_demand (no spot). ami is an image id, or an SSM parameter
+    naming one (default: the newest Amazon Linux 2023 for the type's architecture); the image
+    needs a Python of the driver's major.minor, or a package python3.X that dnf or yum can
+    install. region defaults to the AWS configuration's. instance_profile (a name or an ARN),
+    security_groups (ids or names; default: one of the system's own that admits TCP to port),
+    subnet, key_name, tags (more instance tags) and disk_gib (the root volume, gp3) go into each
+    launch. Machines listen on port. address=f maps an instance (as describe_instances gives it)
+    to the (host, port) to reach it at, or None while that is not known; it may be given as
+    "module:function". See the section's introduction and the README for the rest."""
+
+    name = "ec2"
+    #: Go's ec2system: keepalives every minute, 10 minutes to give up, 2 per attempt; 5 min lease.
+    defaults = (60.0, 600.0, 120.0, 300.0)
+    #: seconds between two descriptions of the system's instances, at the most
+    poll_interval = 1.0
+
+    _types = {}                       # (region, instance type) -> describe_instance_types entry
+    _types_lock = threading.Lock()
+
+    def __init__(self, instance_type="m5.large", *, on_demand=False, spot_only=False, ami=None,
+                 region=None, instance_profile=None, security_groups=None, subnet=None,
+                 key_name=None, disk_gib=50, tags=None, port=443, address=None, **keepalive):
+        super().__init__(**keepalive)
+        if not isinstance(instance_type, str) or not instance_type.strip():
+            raise ValueError("instance_type is an EC2 instance type such as 'm5.large', not %r"
+                             % (instance_type,))
+        if isinstance(port, bool) or not isinstance(port, int) or not 0 < port < 65536:
+            raise ValueError("port must be a TCP port number, not %r" % (port,))
+        if isinstance(disk_gib, bool) or not isinstance(disk_gib, int) or disk_gib < 1:
+            raise ValueError("disk_gib must be a positive whole number of GiB, not %r" % (disk_gib,))
+        if isinstance(security_groups, str):
+            security_groups = security_groups.replace(",", " ").split()
+        tags = dict(tags or {})
+        for key, value in tags.items():
+            if not isinstance(key, str) or not isinstance(value, str) or \
+                    key.lower().startswith("aws:") or key == "bigmachine" or \
+                    key.startswith("bigmachine:"):
+                raise ValueError("tags map names to strings, and names starting with aws: or "
+                                 "bigmachine are reserved: %r: %r" % (key, value))
+        if address is not None and not callable(address) and not (
+                isinstance(address, str) and address.count(":") == 1):
+            raise ValueError("address is a function, or 'module:function', not %r" % (address,))
+        self.instance_type = instance_type.strip()
+        self.spot_only = bool(spot_only)
+        self.on_demand = bool(on_demand) and not self.spot_only
+        self.ami = ami
+        self.instance_profile = instance_profile
+        self.security_groups = list(security_groups or ())
+        self.subnet = subnet
+        self.key_name = key_name
+        self.disk_gib = disk_gib
+        self.tags = tags
+        self.port = port
+        self.address = address
+        self._session, self.ec2 = _ec2_session(region)     # `ec2`: boto3's client, public
+        self._botocore = sys.modules["botocore"]
+        self.region = self.ec2.meta.region_name
+        self.session = None               # this session's id, from init
+        self._prepare_lock = threading.Lock()
+        self._spec = None                 # what every launch has in common, once checked
+        self.vcpus = None
+        self._cond = threading.Condition()
+        self._serial = itertools.count(1)
+        self._reset()
+
+    def _reset(self):
+        self._closed = False
+        self._pending = {}                # Machine -> (env, bundle, batch), until launched
+        self._ids = {}                    # Machine -> instance id
+        self._machines = {}               # instance id -> Machine
+        self._stopping = set()            # Machines terminated (their launch may be under way)
+        self._boots = {}                  # Machine -> _EC2Boot, while its output streams
+        self._terminated = set()          # instance ids we terminated
+        self._seen = {}                   # instance id -> its latest description
+        self._wanted = set()              # instance ids to describe in the next round
+        self._fresh = {}                  # instance id -> the round that last described it
+        self._round = 0
+        self._monitor = None
+
+    def __repr__(self):
+        return "<ec2 system: %s in %s>" % (self.instance_type, self.region)
+
+    @property
+    def _errors(self):
+        return (self._botocore.exceptions.ClientError, self._botocore.exceptions.BotoCoreError)
+
+    @classmethod
+    def _command_line_options(cls, argv, environ):
+        options = {}
+
+        def value(flag, variable, boolean=False):
+            given = _flag(argv, "bigm." + flag, boolean)
+            return environ.get(variable) if given is None else given
+
+        for flag, option in (("ec2type", "instance_type"), ("ec2region", "region"),
+                             ("ec2ami", "ami"), ("ec2address", "address")):
+            given = value(flag, "BIGMACHINE_" + flag.upper())
+            if given:
+                options[option] = given
+        for flag, option in (("ec2ondemand", "on_demand"), ("ec2spotonly", "spot_only")):
+            given = value(flag, "BIGMACHINE_" + flag.upper(), boolean=True)
+            if given:
+                options[option] = _truth(given)
+        port = value("ec2port", "BIGMACHINE_EC2PORT")
+        if port:
+            options["port"] = int(port)
+        return options
+
+    # -- what every launch has in common ------------------------------------------------
+
+    def init(self, b):
+        with self._cond:
+            self._reset()
+        self.session = secrets.token_hex(6)
+
+    def _instance_type(self):
+        """The instance type's description (cached): a clear error for one that does not exist
+        or is not offered in the region."""
+        key = (self.region, self.instance_type)
+        with self._types_lock:
+            info = self._types.get(key)
+        if info is not None:
+            return info
+        try:
+            found = self.ec2.describe_instance_types(InstanceTypes=[self.instance_type])
+        except self._errors as e:
+            if _aws_error_code(e).startswith("InvalidInstanceType"):
+                raise Error("there is no EC2 instance type %r (%s)" % (self.instance_type,
+                                                                       _aws_error(e))) from None
+            raise Error("cannot describe EC2 instance type %s: %s"
+                        % (self.instance_type, _aws_error(e))) from e
+        offered = self.ec2.describe_instance_type_offerings(LocationType="region", Filters=[
+            {"Name": "location", "Values": [self.region]},
+            {"Name": "instance-type", "Values": [self.instance_type]}])
+        if not found["InstanceTypes"] or not offered["InstanceTypeOfferings"]:
+            raise Error("EC2 instance type %s is not offered in region %s"
+                        % (self.instance_type, self.region))
+        info = found["InstanceTypes"][0]
+        with self._types_lock:
+            self._types[key] = info
+        return info
+
+    def _image(self, architecture):
+        """The image to boot, and its description."""
+        ami = self.ami or _EC2_AMI_PARAMETER % architecture
+        if ami.startswith("resolve:ssm:"):
+            ami = ami[len("resolve:ssm:"):]
+        if ami.startswith("/"):
+            try:
+                ami = self._session.client("ssm", region_name=self.region).get_parameter(
+                    Name=ami)["Parameter"]["Value"]
+            except self._errors as e:
+                raise Error("cannot find the image named by SSM parameter %s in %s: %s"
+                            % (ami, self.region, _aws_error(e))) from e
+        try:
+            images = self.ec2.describe_images(ImageIds=[ami])["Images"]
+        except self._errors as e:
+            images, why = [], _aws_error(e)
+        else:
+            why = "no such image"
+        if not images:
+            raise Error("cannot use image %s in region %s: %s" % (ami, self.region, why))
+        return ami, images[0]
+
+    def _vpc(self):
+        if self.subnet:
+            subnets = self.ec2.describe_subnets(SubnetIds=[self.subnet])["Subnets"]
+            return subnets[0]["VpcId"]
+        vpcs = self.ec2.describe_vpcs(Filters=[{"Name": "isDefault", "Values": ["true"]}])["Vpcs"]
+        if not vpcs:
+            raise Error("region %s has no default VPC: give EC2System a subnet (and "
+                        "security_groups) to launch into" % self.region)
+        return vpcs[0]["VpcId"]
+
+    def _security_group_ids(self):
+        named = [g for g in self.security_groups if not g.startswith("sg-")]
+        ids = [g for g in self.security_groups if g.startswith("sg-")]
+        if named:
+            groups = self.ec2.describe_security_groups(Filters=[
+                {"Name": "group-name", "Values": named},
+                {"Name": "vpc-id", "Values": [self._vpc()]}])["SecurityGroups"]
+            missing = set(named) - {g["GroupName"] for g in groups}
+            if missing:
+                raise Error("no security group named %s in the VPC" % ", ".join(sorted(missing)))
+            ids += [g["GroupId"] for g in groups]
+        if ids:
+            return ids
+        # The system's own group for this VPC and port: made once, kept for later sessions.
+        vpc, name = self._vpc(), "bigmachine-%d" % self.port
+        where = [{"Name": "group-name", "Values": [name]}, {"Name": "vpc-id", "Values": [vpc]}]
+        groups = self.ec2.describe_security_groups(Filters=where)["SecurityGroups"]
+        if groups:
+            group = groups[0]["GroupId"]
+        else:
+            try:
+                group = self.ec2.create_security_group(
+                    GroupName=name, VpcId=vpc,
+                    Description="bigmachine.py machines: TCP %d, guarded by mutual TLS" % self.port,
+                    TagSpecifications=[{"ResourceType": "security-group",
+                                        "Tags": [{"Key": "bigmachine", "Value": "true"}]}])["GroupId"]
+            except self._errors as e:
+                if _aws_error_code(e) != "InvalidGroup.Duplicate":     # another driver made it
+                    raise
+                group = self.ec2.describe_security_groups(Filters=where)["SecurityGroups"][0]["GroupId"]
+            log.info("made security group %s (%s) in %s, open to TCP port %d",
+                     name, group, vpc, self.port)
+        try:
+            self.ec2.authorize_security_group_ingress(GroupId=group, IpPermissions=[{
+                "IpProtocol": "tcp", "FromPort": self.port, "ToPort": self.port,
+                "IpRanges": [{"CidrIp": "0.0.0.0/0", "Description": "bigmachine.py"}],
+                "Ipv6Ranges": [{"CidrIpv6": "::/0", "Description": "bigmachine.py"}]}])
+        except self._errors as e:
+            if _aws_error_code(e) != "InvalidPermission.Duplicate":
+                raise
+        return [group]
+
+    def _prepare(self):
+        """What every launch has in common, checked once: the instance type, the image, the
+        security groups, and a dry run of a launch (permissions). Raises a clear Error before
+        anything is launched."""
+        with self._prepare_lock:
+            if self._spec is not None:
+                return self._spec
+            info = self._instance_type()
+            architectures = info.get("ProcessorInfo", {}).get("SupportedArchitectures") or []
+            architecture = "arm64" if "arm64" in architectures and \
+                "x86_64" not in architectures else "x86_64"
+            try:
+                ami, image = self._image(architecture)
+                root_size = max([m["Ebs"].get("VolumeSize", 1) for m in image.get(
+                    "BlockDeviceMappings", ()) if m.get("DeviceName") == image.get(
+                        "RootDeviceName") and "Ebs" in m] or [1])
+                if self.disk_gib < root_size:
+                    raise Error("disk_gib=%d is smaller than image %s's root volume (%d GiB)"
+                                % (self.disk_gib, ami, root_size))
+                spec = {
+                    "ImageId": ami, "InstanceType": self.instance_type,
+                    "MinCount": 1, "MaxCount": 1,
+                    "InstanceInitiatedShutdownBehavior": "terminate",
+                    "MetadataOptions": {"HttpTokens": "required", "HttpEndpoint": "enabled",
+                                        "HttpPutResponseHopLimit": 1},
+                    "BlockDeviceMappings": [{
+                        "DeviceName": image.get("RootDeviceName") or "/dev/xvda",
+                        "Ebs": {"VolumeSize": self.disk_gib, "VolumeType": "gp3",
+                                "DeleteOnTermination": True}}],
+                    "SecurityGroupIds": self._security_group_ids(),
+                }
+                if self.subnet:
+                    spec["SubnetId"] = self.subnet
+                if self.key_name:
+                    spec["KeyName"] = self.key_name
+                if self.instance_profile:
+                    spec["IamInstanceProfile"] = {
+                        "Arn" if self.instance_profile.startswith("arn:") else "Name":
+                            self.instance_profile}
+                try:
+                    self.ec2.run_instances(DryRun=True, UserData="#!/bin/sh\n",
+                                           TagSpecifications=self._tag_specifications(),
+                                           **self._market(spec, "spot" if self.spot_only else
+                                                          "on-demand"))
+                except self._errors as e:
+                    if _aws_error_code(e) != "DryRunOperation":
+                        raise Error("EC2 would not launch %s instances in %s: %s%s" % (
+                            self.instance_type, self.region, _aws_error(e),
+                            " (the README's EC2 section lists the permissions needed)"
+                            if "Unauthorized" in _aws_error_code(e) else "")) from None
+            except self._errors as e:
+                raise Error("cannot prepare EC2 launches in %s: %s"
+                            % (self.region, _aws_error(e))) from e
+            self.vcpus = info["VCpuInfo"]["DefaultVCpus"]
+            self._spec = spec
+            return spec
+
+    def _tag_specifications(self):
+        program = os.path.basename(sys.argv[0] if sys.argv and sys.argv[0] else "python")
+        tags = dict(self.tags)
+        tags.update({
+            "Name": ("bigmachine %s %s" % (program, self.session))[:255],
+            "bigmachine": "true",
+            "bigmachine:session": self.session,
+            "bigmachine:user": _ec2_user()[:255],
+            "bigmachine:program": program[:255] or "python",
+        })
+        tags = [{"Key": k, "Value": v} for k, v in sorted(tags.items())]
+        return [{"ResourceType": kind, "Tags": tags} for kind in ("instance", "volume")]
+
+    @staticmethod
+    def _market(spec, market):
+        if market != "spot":
+            return spec
+        return dict(spec, InstanceMarketOptions={"MarketType": "spot", "SpotOptions": {
+            "SpotInstanceType": "one-time", "InstanceInterruptionBehavior": "terminate"}})
+
+    # -- machines ---------------------------------------------------------------------------
+
+    def start(self, b, n, env):
+        self._prepare()
+        bundle = _make_bundle()
+        batch = {}                        # what the machines of this b.start share: spot failed?
+        machines = []
+        with self._cond:
+            for _ in range(n):
+                serial = next(self._serial)
+                # A placeholder until the instance has an address: launch gives the real one.
+                m = Machine(b, "https://ec2-%d.pending:%d/%s-%d/" % (
+                    serial, self.port, self.session, serial), owned=True, maxprocs=self.vcpus)
+                self._pending[m] = (env, bundle, batch)
+                machines.append(m)
+        return machines
+
+    def launch(self, b, machine):
+        with self._cond:
+            env, bundle, batch = self._pending.pop(machine, (None, None, None))
+        if bundle is None:
+            raise Error("machine %s was stopped before it started" % machine.addr)
+        deadline = time.monotonic() + self.boot_timeout
+        credentials = b._authority.issue("bigmachine ec2 machine", server=True, client=True)
+        user_data = _ec2_user_data(self.session, self.port, self.lease,
+                                   b._credentials.cert_pem, credentials)
+        instance_id = self._run_instance(user_data, batch)
+        with self._cond:
+            self._ids[machine] = instance_id
+            self._machines[instance_id] = machine
+            gone = self._closed or machine in self._stopping
+        if gone:
+            self._terminate([instance_id])
+            raise Error("machine %s was stopped while instance %s launched"
+                        % (machine.addr, instance_id))
+        host, port = self._await_address(machine, instance_id, deadline)
+        b._readdress(machine, "https://%s:%d/%s/" % (_url_host(host), port, instance_id))
+        boot = _EC2Boot(self, machine, instance_id, host, port, b._client.context)
+        with self._cond:
+            self._boots[machine] = boot
+        env = dict(env, BIGMACHINE_MODE="machine", BIGMACHINE_SYSTEM=self.name)
+        config = _machine_bootstrap(self, None, bundle.main, addr=machine.addr, env=env)
+        boot.run(bundle, config, deadline)
+
+    def _run_instance(self, user_data, batch):
+        """Launch one instance (spot, then on demand, as configured); returns its id."""
+        if self.spot_only:
+            markets = ["spot"]
+        elif self.on_demand or batch.get("spot failed"):
+            markets = ["on-demand"]
+        else:
+            markets = ["spot", "on-demand"]
+        failures = []
+        for market in markets:
+            request = self._market(dict(self._spec, UserData=user_data,
+                                        TagSpecifications=self._tag_specifications()), market)
+            try:
+                reply = self.ec2.run_instances(**request)
+            except self._errors as e:
+                failures.append("%s: %s" % (market, _aws_error(e)))
+                if market == "spot" and len(markets) > 1:
+                    with self._cond:
+                        first, batch["spot failed"] = not batch.get("spot failed"), True
+                    if first:
+                        log.warning("no spot instances of type %s in %s (%s): launching on "
+                                    "demand instead", self.instance_type, self.region,
+                                    _aws_error(e))
+                continue
+            instance = reply["Instances"][0]
+            log.debug("launched %s instance %s", market, instance["InstanceId"])
+            return instance["InstanceId"]
+        raise Error("cannot launch an EC2 instance of type %s in %s: %s"
+                    % (self.instance_type, self.region, "; ".join(failures)))
+
+    def _await_address(self, machine, instance_id, deadline):
+        """Wait until the instance runs and has an address: (host, port)."""
+        while True:
+            instance = self._describe_soon(instance_id, max(0.1, deadline - time.monotonic()))
+            if machine.state is STOPPED:
+                raise Error("machine %s was stopped while instance %s started"
+                            % (machine.addr, instance_id))
+            state = instance["State"]["Name"] if instance else "unknown"
+            if state in _EC2_DEAD:
+                raise Error(self._dead(instance))
+            if state == "running":
+                where = self._address(instance)
+                if where:
+                    return where
+            if time.monotonic() > deadline:
+                raise Error("instance %s was still %s, with no address, after %.0fs"
+                            % (instance_id, state, self.boot_timeout))
+
+    def _address(self, instance):
+        address = self.address
+        if isinstance(address, str):
+            import importlib
+            module, _, function = address.partition(":")
+            address = self.address = getattr(importlib.import_module(module), function)
+        if address is not None:
+            where = address(instance)
+            return (str(where[0]), int(where[1])) if where else None
+        host = instance.get("PublicDnsName") or instance.get("PublicIpAddress") or \
+            instance.get("PrivateIpAddress")
+        return (host, self.port) if host else None
+
+    @staticmethod
+    def _dead(instance):
+        reason = (instance.get("StateReason") or {}).get("Message") or \
+            instance.get("StateTransitionReason") or "no reason given"
+        return "instance %s is %s: %s" % (instance["InstanceId"], instance["State"]["Name"], reason)
+
+    # -- watching (Go's monitor) --------------------------------------------------------------
+
+    def _describe_soon(self, instance_id, timeout):
+        """The instance's description from the next round of the monitor (None if it has none)."""
+        with self._cond:
+            self._want(instance_id)
+            asked = self._round
+            self._cond.wait_for(lambda: self._closed or self._fresh.get(instance_id, -1) > asked,
+                                timeout)
+            return self._seen.get(instance_id)
+
+    def _want(self, instance_id):
+        # Called with self._cond held.
+        if self._closed:
+            return
+        self._wanted.add(instance_id)
+        if self._monitor is None:
+            self._monitor = threading.Thread(target=self._watch_instances, daemon=True,
+                                             name="bigmachine-ec2-monitor")
+            self._monitor.start()
+        self._cond.notify_all()
+
+    def _watch_instances(self):
+        while True:
+            with self._cond:
+                self._cond.wait_for(lambda: self._wanted or self._closed)
+                if self._closed:
+                    return
+                self._round += 1
+                round_, ids = self._round, sorted(self._wanted)
+                self._wanted.clear()
+            found = {}
+            try:
+                for i in range(0, len(ids), 200):
+                    pages = self.ec2.get_paginator("describe_instances").paginate(
+                        Filters=[{"Name": "instance-id", "Values": ids[i:i + 200]}])
+                    for page in pages:
+                        for reservation in page["Reservations"]:
+                            for instance in reservation["Instances"]:
+                                found[instance["InstanceId"]] = instance
+            except self._errors as e:
+                log.debug("describing instances %s: %s", ", ".join(ids), _aws_error(e))
+            with self._cond:
+                self._seen.update(found)
+                for instance_id in ids:
+                    self._fresh[instance_id] = round_
+                self._cond.notify_all()
+                gone = [(self._machines.get(i), instance) for i, instance in found.items()
+                        if instance["State"]["Name"] in _EC2_DEAD]
+            for machine, instance in gone:
+                if machine is not None and machine.state is not STOPPED:
+                    log.debug("%s: %s", machine.addr, self._dead(instance))
+                    machine._stop(Error(self._dead(instance)))
+            with self._cond:
+                self._cond.wait_for(lambda: self._closed, self.poll_interval)
+
+    def keepalive_failed(self, machine, error):
+        # Go's monitor: a machine that does not answer may be an instance that is gone.
+        with self._cond:
+            instance_id = self._ids.get(machine)
+            if instance_id is not None:
+                self._want(instance_id)
+
+    def lost(self, machine):
+        with self._cond:
+            instance_id = self._ids.get(machine)
+            if instance_id is None:
+                return False
+            self._want(instance_id)
+            state = (self._seen.get(instance_id) or {}).get("State", {}).get("Name")
+        return state in _EC2_DEAD
+
+    def _output(self, machine, line):
+        text = line.decode("utf-8", "replace")
+        _write_stderr(machine.addr + ": " + (text if text.endswith("\n") else text + "\n"))
+
+    def _machine_ended(self, machine, instance_id, status):
+        """The output stream of machine ended: with its exit status, or broken (None)."""
+        with self._cond:
+            self._boots.pop(machine, None)
+            expected = machine in self._stopping or self._closed or machine._b._closed
+        if status is None:
+            if not expected:
+                self.keepalive_failed(machine, None)      # is the instance still there?
+            return
+        if expected and status == 0:
+            err = Error("machine %s was shut down" % machine.addr)
+        else:
+            err = Error("machine %s (instance %s) %s" % (machine.addr, instance_id,
+                                                          _exit_reason(status)))
+        err.exit_code = status
+        machine._stop(err)
+
+    # -- ending ---------------------------------------------------------------------------
+
+    def terminate(self, machine, deadline):
+        with self._cond:
+            self._pending.pop(machine, None)
+            self._stopping.add(machine)
+            instance_id = self._ids.get(machine)
+        if instance_id is not None:
+            self._terminate([instance_id])
+
+    def _terminate(self, ids):
+        ids = sorted(set(ids))
+        try:
+            self.ec2.terminate_instances(InstanceIds=ids)
+        except self._errors as e:
+            if _aws_error_code(e) == "InvalidInstanceID.NotFound" and len(ids) > 1:
+                for instance_id in ids:             # one that AWS does not know yet, or any more
+                    self._terminate([instance_id])
+                return
+            log.warning("could not terminate EC2 instance%s %s: %s; to end what this session "
+                        "left: python bigmachine.py ec2 kill --session %s",
+                        "s" if len(ids) > 1 else "", ", ".join(ids), _aws_error(e), self.session)
+            return
+        with self._cond:
+            self._terminated.update(ids)
+
+    def shutdown(self):
+        with self._cond:
+            self._closed = True
+            self._cond.notify_all()
+            ids = [i for i in self._machines if i not in self._terminated]
+            boots = list(self._boots.values())
+        if ids:
+            self._terminate(ids)
+        # Anything else of this session's (a launch the driver did not hear back from, say).
+        try:
+            pages = self.ec2.get_paginator("describe_instances").paginate(Filters=[
+                {"Name": "tag:bigmachine:session", "Values": [self.session]},
+                {"Name": "instance-state-name", "Values": list(_EC2_LIVE)}])
+            left = [i["InstanceId"] for page in pages for r in page["Reservations"]
+                    for i in r["Instances"] if i["InstanceId"] not in self._terminated]
+        except self._errors as e:
+            log.debug("listing the instances of session %s: %s", self.session, _aws_error(e))
+            left = []
+        if left:
+            self._terminate(left)
+        for boot in boots:
+            boot.close()
+
+
+class _EC2Boot:
+    """The driver's end of an EC2 machine's bootstrap: the version check, the upload, the
+    start; then the machine's output stream (see the section's introduction)."""
+
+    def __init__(self, system, machine, instance_id, host, port, context):
+        self.system, self.machine, self.instance_id = system, machine, instance_id
+        self.host, self.port, self.context = host, port, context
+        self.prefix = "/%s/bigmachine/" % instance_id
+        self._sock = None
+        self._closed = False
+
+    def _request(self, method, what, body=b"", timeout=60.0):
+        """One request on a connection of its own: (status, body text, the socket, its reader)."""
+        raw = socket.create_connection((self.host, self.port), timeout=timeout)
+        try:
+            sock = self.context.wrap_socket(raw)
+        except BaseException:
+            raw.close()
+            raise
+        try:
+            sock.sendall(("%s %s%s HTTP/1.1\r\nHost: %s:%d\r\nContent-Length: %d\r\n"
+                          "Connection: close\r\nBigmachine-Python: %s\r\n\r\n" % (
+                              method, self.prefix, what, self.host, self.port, len(body),
+                              PYTHON)).encode("ascii"))
+            if body:
+                sock.sendall(body)
+            rfile = sock.makefile("rb")
+            status, _, text = _read_http_response(rfile)
+        except BaseException:
+            sock.close()
+            raise
+        return status, text, sock, rfile
+
+    def _call(self, method, what, body=b"", timeout=60.0):
+        status, text, sock, rfile = self._request(method, what, body, timeout)
+        rfile.close()
+        sock.close()
+        if status != 200:
+            raise Error("the bootstrap of instance %s (%s:%d) answered %s %s with HTTP %d: %s" % (
+                self.instance_id, self.host, self.port, method, what, status, text.strip()))
+        return text
+
+    def _hello(self, deadline):
+        """Ask the bootstrap which Python it runs, waiting for it to come up."""
+        waits = Backoff(0.05, 2.0, 1.5).waits()
+        while True:
+            if self.machine.state is STOPPED:
+                raise Error("machine %s was stopped while it started" % self.machine.addr)
+            try:
+                return json.loads(self._call("GET", "boot", timeout=10.0))
+            except ssl.SSLCertVerificationError as e:
+                why = AuthenticationError("%s:%d is not a machine of this session: %s"
+                                          % (self.host, self.port, e))
+            except (OSError, EOFError, ValueError) as e:
+                why = e
+            instance = self.system._describe_soon(self.instance_id, 0)
+            if instance is not None and instance["State"]["Name"] in _EC2_DEAD:
+                raise Error("%s, before its bootstrap answered (its console output may say why: "
+                            "aws ec2 get-console-output --instance-id %s)"
+                            % (self.system._dead(instance), self.instance_id))
+            wait = next(waits)
+            if time.monotonic() + wait > deadline:
+                if isinstance(why, Error):
+                    raise why
+                raise Error("the bootstrap of instance %s did not answer at %s:%d in %.0fs: %s" % (
+                    self.instance_id, self.host, self.port, self.system.boot_timeout, why))
+            self.machine._stopped.wait(wait)
+
+    def run(self, bundle, config, deadline):
+        info = self._hello(deadline)
+        if info.get("python") != PYTHON:
+            raise VersionMismatch(
+                "the driver runs Python %s (%s); instance %s runs Python %s (%s): its image has no "
+                "python%s and could not install it. Give EC2System an ami with Python %s, or run "
+                "the driver on Python %s" % (PYTHON, sys.executable, self.instance_id,
+                                             info.get("python"), info.get("executable"), PYTHON,
+                                             PYTHON, info.get("python")))
+        self._call("PUT", "bundle/" + bundle.sha256, bundle.data,
+                   timeout=max(60.0, deadline - time.monotonic()))
+        log.debug("sent the code bundle %s (%d files, %d bytes) to instance %s",
+                  bundle.sha256[:12], len(bundle.files), len(bundle.data), self.instance_id)
+        body = json.dumps({"bundle": bundle.sha256, "library": bundle.library,
+                           "config": config}).encode()
+        status, text, sock, rfile = self._request("POST", "start", body)
+        line = rfile.readline() if status == 200 else b""
+        if not line.startswith(_MARK.encode() + b" started "):
+            rfile.close()
+            sock.close()
+            raise Error("the bootstrap of instance %s did not start the machine: HTTP %d %s"
+                        % (self.instance_id, status, (text or line.decode("utf-8", "replace"))
+                           .strip()))
+        # The stream lasts as long as the machine: no timeout, but TCP keepalives.
+        sock.settimeout(None)
+        for option, value in (("SO_KEEPALIVE", 1), ("TCP_KEEPIDLE", 60), ("TCP_KEEPINTVL", 20),
+                              ("TCP_KEEPCNT", 6)):
+            if hasattr(socket, option):
+                level = socket.SOL_SOCKET if option == "SO_KEEPALIVE" else socket.IPPROTO_TCP
+                with contextlib.suppress(OSError):
+                    sock.setsockopt(level, getattr(socket, option), value)
+        self._sock = sock
+        if self._closed:
+            self.close()
+        threading.Thread(target=self._forward, args=(rfile,), name="bigmachine-ec2-output",
+                         daemon=True).start()
+
+    def _forward(self, rfile):
+        status = None
+        try:
+            for line in iter(rfile.readline, b""):
+                if line.startswith(_MARK.encode() + b" exited "):
+                    with contextlib.suppress(ValueError, IndexError):
+                        status = int(line.split()[2])
+                else:
+                    self.system._output(self.machine, line)
+        except (OSError, ValueError) as e:
+            log.debug("%s: the output stream broke: %s", self.machine.addr, e)
+        finally:
+            with contextlib.suppress(OSError):
+                rfile.close()
+            self.close()
+        self.system._machine_ended(self.machine, self.instance_id, status)
+
+    def close(self):
+        self._closed = True
+        sock = self._sock
+        if sock is not None:
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
+            with contextlib.suppress(OSError):
+                sock.close()
+
+
 # ======================================================================================
 # Starting a session (Go: driver)
 # ======================================================================================
 
-_SYSTEMS = {"local": Local, "test": TestSystem, "testsystem": TestSystem, "ssh": SSHSystem}
+_SYSTEMS = {"local": Local, "test": TestSystem, "testsystem": TestSystem, "ssh": SSHSystem,
+            "ec2": EC2System}
 
 
 def start(system: typing.Union[System, str, None] = None, **options: typing.Any) -> B:
@@ -4550,13 +5639,90 @@ def _selftest_system(name, check):
             assert all(m.state is STOPPED for m in (m1, m2))
 
 
+def _ec2_command(args):
+    """`ec2 list` and `ec2 kill`: the instances of bigmachine sessions in a region, found by
+    their tags wherever their drivers ran -- what a driver could not terminate itself."""
+    try:
+        session, ec2 = _ec2_session(args.region)
+    except Error as e:
+        print("bigmachine: %s" % e, file=sys.stderr)
+        return 1
+    botocore = sys.modules["botocore"]
+    states = list(_EC2_LIVE) + (["shutting-down"] if args.ec2_command == "list" else [])
+    filters = [{"Name": "tag:bigmachine", "Values": ["true"]},
+               {"Name": "instance-state-name", "Values": states}]
+    if args.session:
+        filters.append({"Name": "tag:bigmachine:session", "Values": [args.session]})
+    try:
+        pages = ec2.get_paginator("describe_instances").paginate(Filters=filters)
+        instances = [i for page in pages for r in page["Reservations"] for i in r["Instances"]]
+    except (botocore.exceptions.ClientError, botocore.exceptions.BotoCoreError) as e:
+        print("bigmachine: cannot list the instances in %s: %s" % (ec2.meta.region_name,
+                                                                   _aws_error(e)), file=sys.stderr)
+        return 1
+    instances.sort(key=lambda i: (_ec2_tags(i).get("bigmachine:session", ""),
+                                  str(i.get("LaunchTime", "")), i["InstanceId"]))
+    region = ec2.meta.region_name
+    if args.ec2_command == "list":
+        rows = [("INSTANCE", "STATE", "TYPE", "MARKET", "LAUNCHED", "SESSION", "USER", "PROGRAM",
+                 "ADDRESS")]
+        for i in instances:
+            tags = _ec2_tags(i)
+            launched = i.get("LaunchTime")
+            rows.append((
+                i["InstanceId"], i["State"]["Name"], i.get("InstanceType", "?"),
+                i.get("InstanceLifecycle") or "on-demand",
+                launched.strftime("%Y-%m-%d %H:%M") if hasattr(launched, "strftime") else "?",
+                tags.get("bigmachine:session", "?"), tags.get("bigmachine:user", "?"),
+                tags.get("bigmachine:program", "?"),
+                i.get("PublicDnsName") or i.get("PublicIpAddress") or
+                i.get("PrivateIpAddress") or "-"))
+        widths = [max(len(row[k]) for row in rows) for k in range(len(rows[0]))]
+        for row in rows:
+            print("  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip())
+        print("%d instance%s of bigmachine sessions in %s" % (
+            len(instances), "" if len(instances) == 1 else "s", region))
+        return 0
+    ids = [i["InstanceId"] for i in instances]
+    try:
+        for k in range(0, len(ids), 500):
+            ec2.terminate_instances(InstanceIds=ids[k:k + 500])
+    except (botocore.exceptions.ClientError, botocore.exceptions.BotoCoreError) as e:
+        print("bigmachine: cannot terminate instances in %s: %s" % (region, _aws_error(e)),
+              file=sys.stderr)
+        return 1
+    for i in instances:
+        print("terminated %s (session %s)" % (i["InstanceId"],
+                                              _ec2_tags(i).get("bigmachine:session", "?")))
+    print("%d instance%s terminated in %s" % (len(ids), "" if len(ids) == 1 else "s", region))
+    return 0
+
+
 def _main(argv):
     import argparse
     parser = argparse.ArgumentParser(prog="bigmachine.py", description=__doc__.split("\n")[0])
     commands = parser.add_subparsers(dest="command")
     commands.add_parser("selftest", help="check that everything works on this machine")
     commands.add_parser("version", help="print the library version")
+    ec2 = commands.add_parser("ec2", help="list or terminate the EC2 instances of bigmachine "
+                                          "sessions (those their drivers left)")
+    ec2_commands = ec2.add_subparsers(dest="ec2_command")
+    ec2_list = ec2_commands.add_parser("list", help="list the instances of bigmachine sessions")
+    ec2_list.add_argument("--session", help="only those of this session")
+    ec2_kill = ec2_commands.add_parser("kill", help="terminate the instances of bigmachine "
+                                                    "sessions")
+    which = ec2_kill.add_mutually_exclusive_group(required=True)
+    which.add_argument("--session", help="those of this session")
+    which.add_argument("--all", action="store_true", help="those of every session")
+    for command in (ec2_list, ec2_kill):
+        command.add_argument("--region", help="the AWS region (default: the AWS configuration's; "
+                                              "AWS_ENDPOINT_URL and the like apply too)")
     args = parser.parse_args(argv)
+    if args.command == "ec2":
+        if args.ec2_command is None:
+            ec2.print_help()
+            return 2
+        return _ec2_command(args)
     if args.command == "selftest":
         failed = _selftest()
         print("selftest: %s" % ("all checks passed" if not failed else "%d checks FAILED" % failed))

@@ -6,18 +6,22 @@ the command line and the example; last, the certificates, checked by openssl and
 installed, by the cryptography package (used as an independent oracle, never by the library).
 """
 
+import base64
 import collections
 import concurrent.futures
 import contextlib
 import datetime
 import hashlib
 import http.client
+import http.server
 import importlib
+import importlib.util
 import io
 import json
 import os
 import pickle
 import pwd
+import re
 import secrets
 import shlex
 import shutil
@@ -29,9 +33,11 @@ import sys
 import textwrap
 import threading
 import time
+import traceback
 import typing
 import urllib.parse
 import zipfile
+import zlib
 
 import pytest
 
@@ -1435,6 +1441,679 @@ def test_ssh_system_options_and_flags(monkeypatch):
     with pytest.raises(ValueError, match="needs hosts"):
         bigmachine.start()
 
+
+# ======================================================================================
+# EC2: the system against a real moto server on loopback, whose instances a harness runs
+# ======================================================================================
+#
+# moto keeps EC2's books but runs nothing, so FakeEC2 plays the hypervisor: it polls moto for
+# instances tagged bigmachine=true, runs each one's user data as a local process (in a process
+# group of its own, with BIGMACHINE_FAKE_EC2=1, BIGMACHINE_PORT, BIGMACHINE_BIND=127.0.0.1 and
+# BIGMACHINE_IMDS pointing at a metadata service of its own that wants IMDSv2 tokens as EC2's
+# does), and mirrors the two ways an instance ends: its process exits -> the instance's shutdown
+# behaviour in moto (terminate); the instance is terminated or stopped in moto -> the process
+# group is killed. It tags each instance with the port it gave it (bigmachine-test:port), which
+# `fake_ec2_address` hands to EC2System(address=...) in place of moto's fake public names.
+#
+# Spot capacity is never short in moto: tests that need it short make the system's boto3 client
+# refuse spot launches (`refuse_spot`, a botocore event handler), which is how EC2 answers when
+# it has none.
+#
+# Nothing here talks to AWS: boto3 is pointed at moto with AWS_ENDPOINT_URL and dummy
+# credentials, and AWS's configuration files are set aside.
+
+def _importable(*names):
+    try:
+        return all(importlib.util.find_spec(name) is not None for name in names)
+    except (ImportError, ValueError):
+        return False
+
+
+# Looked for, not imported: machines import this module too, and moto is slow to import.
+EC2_TOOLS = _importable("boto3", "moto", "flask", "flask_cors")
+
+AMI_PARAMETER = "/aws/service/ami-amazon-linux-latest/al2023-ami-kernel-default-x86_64"
+
+
+class FakeIMDS(http.server.ThreadingHTTPServer):
+    """The instance metadata service of every fake instance, at /<instance id>/latest/...:
+    IMDSv2 only (a token from a PUT first)."""
+
+    daemon_threads = True
+
+    def __init__(self):
+        super().__init__(("127.0.0.1", 0), FakeIMDSHandler)
+        self.tokens = {}
+        self.thread = threading.Thread(target=self.serve_forever, daemon=True)
+        self.thread.start()
+
+    def url(self, instance_id):
+        return "http://127.0.0.1:%d/%s" % (self.server_address[1], instance_id)
+
+    def close(self):
+        self.shutdown()
+        self.server_close()
+
+
+class FakeIMDSHandler(http.server.BaseHTTPRequestHandler):
+    def log_message(self, *args):
+        pass
+
+    def reply(self, status, text):
+        body = text.encode()
+        self.send_response(status)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def do_PUT(self):
+        instance_id, _, path = self.path.lstrip("/").partition("/")
+        if path != "latest/api/token" or not self.headers.get(
+                "X-aws-ec2-metadata-token-ttl-seconds"):
+            return self.reply(400, "bad token request")
+        token = secrets.token_urlsafe(16)
+        self.server.tokens[token] = instance_id
+        self.reply(200, token)
+
+    def do_GET(self):
+        instance_id, _, path = self.path.lstrip("/").partition("/")
+        if self.server.tokens.get(self.headers.get("X-aws-ec2-metadata-token")) != instance_id:
+            return self.reply(401, "IMDSv2: no valid token")
+        if path == "latest/meta-data/instance-id":
+            return self.reply(200, instance_id)
+        self.reply(404, "not found")
+
+
+class FakeEC2:
+    """Runs the instances of a moto server on this host: see the section's introduction."""
+
+    def __init__(self, endpoint, directory):
+        import boto3
+        self.endpoint = endpoint
+        self.ec2 = boto3.client("ec2", endpoint_url=endpoint, region_name="us-east-1",
+                                aws_access_key_id="testing", aws_secret_access_key="testing")
+        self.dir = directory
+        self.imds = FakeIMDS()
+        # The interpreter instances find, under the name the user data looks for.
+        self.bin = directory / "bin"
+        self.bin.mkdir()
+        (self.bin / ("python" + bigmachine.PYTHON)).symlink_to(sys.executable)
+        self.instances = {}           # instance id -> {proc, port, dir, ended}
+        self.errors = []
+        self.lock = threading.Lock()
+        self.armed = threading.Event()
+        self.closing = threading.Event()
+        self.thread = threading.Thread(target=self._run, name="fake-ec2", daemon=True)
+        self.thread.start()
+
+    def _run(self):
+        while not self.closing.is_set():
+            if self.armed.is_set():
+                try:
+                    self.poll()
+                except Exception:
+                    self.errors.append(traceback.format_exc())
+            self.closing.wait(0.1)
+
+    def described(self, *filters):
+        pages = self.ec2.get_paginator("describe_instances").paginate(Filters=[
+            {"Name": "tag:bigmachine", "Values": ["true"]}] + list(filters))
+        return [i for page in pages for r in page["Reservations"] for i in r["Instances"]]
+
+    def session(self, session):
+        return self.described({"Name": "tag:bigmachine:session", "Values": [session]})
+
+    def poll(self):
+        with self.lock:
+            states = {}
+            for instance in self.described():
+                instance_id, state = instance["InstanceId"], instance["State"]["Name"]
+                states[instance_id] = state
+                known = self.instances.get(instance_id)
+                if known is None:
+                    if state in ("pending", "running"):
+                        self.boot(instance)
+                elif state not in ("pending", "running") and not known["ended"]:
+                    self.kill(known)              # terminated behind its back: it goes at once
+            for instance_id, known in self.instances.items():
+                if not known["ended"] and known["proc"].poll() is not None:
+                    known["ended"] = True
+                    if states.get(instance_id) in ("pending", "running"):
+                        # It powered itself off: what EC2 does then is the instance's to say.
+                        behaviour = self.ec2.describe_instance_attribute(
+                            InstanceId=instance_id, Attribute="instanceInitiatedShutdownBehavior"
+                        )["InstanceInitiatedShutdownBehavior"]["Value"]
+                        if behaviour == "terminate":
+                            self.ec2.terminate_instances(InstanceIds=[instance_id])
+                        else:
+                            self.ec2.stop_instances(InstanceIds=[instance_id])
+
+    def boot(self, instance):
+        instance_id = instance["InstanceId"]
+        value = self.ec2.describe_instance_attribute(
+            InstanceId=instance_id, Attribute="userData")["UserData"].get("Value", "")
+        port = bigmachine._free_port()
+        self.ec2.create_tags(Resources=[instance_id],
+                             Tags=[{"Key": "bigmachine-test:port", "Value": str(port)}])
+        directory = self.dir / instance_id
+        (directory / "tmp").mkdir(parents=True)
+        script = directory / "user-data"
+        script.write_bytes(base64.b64decode(value))
+        script.chmod(0o700)
+        path = self.bin
+        python = bigmachine._ec2_tags(instance).get("bigmachine-test:python")
+        if python:                    # an image with another Python, and not the driver's
+            path = directory / "bin"
+            path.mkdir()
+            (path / "python3").symlink_to(python)
+        env = {"PATH": str(path), "HOME": str(directory), "TMPDIR": str(directory / "tmp"),
+               "LANG": "C.UTF-8", "BIGMACHINE_FAKE_EC2": "1", "BIGMACHINE_PORT": str(port),
+               "BIGMACHINE_BIND": "127.0.0.1", "BIGMACHINE_IMDS": self.imds.url(instance_id)}
+        with open(str(directory / "log"), "wb") as log:
+            proc = subprocess.Popen([str(script)], env=env, cwd=str(directory),
+                                    stdin=subprocess.DEVNULL, stdout=log,
+                                    stderr=subprocess.STDOUT, start_new_session=True)
+        self.instances[instance_id] = {"proc": proc, "port": port, "dir": directory,
+                                       "ended": False}
+
+    def kill(self, known):
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(known["proc"].pid, signal.SIGKILL)
+        known["proc"].wait()
+        known["ended"] = True
+
+    def log(self, instance_id):
+        with contextlib.suppress(OSError):
+            return (self.instances[instance_id]["dir"] / "log").read_text(errors="replace")
+        return ""
+
+    def alive(self):
+        """Instances whose processes run."""
+        with self.lock:
+            return sorted(i for i, known in self.instances.items() if known["proc"].poll() is None)
+
+    def clean(self):
+        """Terminate every instance still up, and see that their processes are gone."""
+        live = [i["InstanceId"] for i in self.described(
+            {"Name": "instance-state-name", "Values": ["pending", "running", "stopping",
+                                                      "stopped"]})]
+        if live:
+            self.ec2.terminate_instances(InstanceIds=live)
+        deadline = time.monotonic() + 10
+        while self.alive() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        with self.lock:
+            for known in self.instances.values():
+                if not known["ended"]:
+                    self.kill(known)
+        return live
+
+    def close(self):
+        self.closing.set()
+        self.thread.join()
+        with self.lock:
+            for known in self.instances.values():
+                if not known["ended"]:
+                    self.kill(known)
+        self.imds.close()
+
+
+def fake_ec2_address(instance):
+    """Where the harness's instance listens: EC2System(address=...) in the tests."""
+    port = bigmachine._ec2_tags(instance).get("bigmachine-test:port")
+    return ("127.0.0.1", int(port)) if port else None
+
+
+def aws_environment(endpoint):
+    return {"AWS_ENDPOINT_URL": endpoint, "AWS_ACCESS_KEY_ID": "testing",
+            "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1",
+            "AWS_REGION": "us-east-1", "AWS_EC2_METADATA_DISABLED": "true",
+            "AWS_CONFIG_FILE": os.devnull, "AWS_SHARED_CREDENTIALS_FILE": os.devnull}
+
+
+@pytest.fixture(scope="module")
+def moto_ec2(tmp_path_factory):
+    """A moto server on 127.0.0.1, and the harness that runs its instances; stopped by pid."""
+    if not EC2_TOOLS:
+        pytest.skip("moto[server] and boto3 are not installed (pip install 'moto[server]' boto3)")
+    d = tmp_path_factory.mktemp("ec2")
+    env = dict(os.environ, MOTO_EC2_ENABLE_INSTANCE_TYPE_VALIDATION="true",
+               MOTO_ENABLE_AMI_VALIDATION="true")
+    log = open(str(d / "moto.log"), "w")
+    for _ in range(5):
+        port = bigmachine._free_port()
+        proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p",
+                                 str(port)], stdin=subprocess.DEVNULL, stdout=log, stderr=log,
+                                env=env)
+        deadline = time.monotonic() + 30
+        up = False
+        while proc.poll() is None and time.monotonic() < deadline and not up:
+            with contextlib.suppress(OSError):
+                socket.create_connection(("127.0.0.1", port), 1).close()
+                up = True
+            time.sleep(0.05)
+        if up:
+            break
+        proc.kill()
+        proc.wait()
+    else:
+        log.close()
+        pytest.fail("moto did not start: %s" % (d / "moto.log").read_text())
+    harness = None
+    try:
+        harness = FakeEC2("http://127.0.0.1:%d" % port, d)
+        yield harness
+    finally:
+        if harness is not None:
+            harness.close()
+        proc.terminate()
+        proc.wait()
+        log.close()
+
+
+@pytest.fixture
+def ec2(moto_ec2, monkeypatch):
+    """The harness, running instances, with boto3 pointed at its moto; every instance is
+    terminated and its processes gone afterwards."""
+    for name in ("AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_ENDPOINT_URL_EC2",
+                 "AWS_ENDPOINT_URL_SSM", "BIGMACHINE_SYSTEM"):
+        monkeypatch.delenv(name, raising=False)
+    for name, value in aws_environment(moto_ec2.endpoint).items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.setattr(bigmachine.EC2System, "poll_interval", 0.2)
+    del moto_ec2.errors[:]
+    moto_ec2.armed.set()
+    try:
+        yield moto_ec2
+    finally:
+        moto_ec2.clean()
+        moto_ec2.armed.clear()
+    assert not moto_ec2.errors, moto_ec2.errors[0]
+
+
+def ec2_system(**options):
+    settings = dict(FAST, address=fake_ec2_address)
+    settings.update(options)
+    return bigmachine.EC2System(**settings)
+
+
+def refuse_spot(params, **kwargs):
+    """A botocore handler for RunInstances: no spot capacity (dry runs pass)."""
+    import botocore.exceptions
+    if "InstanceMarketOptions" in params and not params.get("DryRun"):
+        raise botocore.exceptions.ClientError({"Error": {
+            "Code": "InsufficientInstanceCapacity",
+            "Message": "There is no Spot capacity available that matches your request."}},
+            "RunInstances")
+
+
+def ssm_parameter(name):
+    import boto3
+    return boto3.client("ssm").get_parameter(Name=name)["Parameter"]["Value"]
+
+
+def instance_id_of(m):
+    return urllib.parse.urlsplit(m.addr).path.strip("/")
+
+
+def all_terminated(ec2, session):
+    return all(i["State"]["Name"] == "terminated" for i in ec2.session(session))
+
+
+def test_ec2_cluster_serves_calls(ec2, capsys):
+    system = ec2_system()
+    with bigmachine.start(system) as b:
+        machines = b.start(3, {"Echo": Echo("ec2")}, env={"BIGMACHINE_TEST_VAR": "on ec2"})
+        for m in machines:
+            assert m.wait(RUNNING, timeout=60) is RUNNING, m.err
+        instances = {i["InstanceId"]: i for i in ec2.session(system.session)}
+        assert sorted(instances) == sorted(instance_id_of(m) for m in machines)
+        ami = ssm_parameter(AMI_PARAMETER)
+        ca_key = bigmachine._private_key_pem(b._authority._key)
+        for m in machines:
+            instance_id = instance_id_of(m)
+            url = urllib.parse.urlsplit(m.addr)
+            assert m.addr == "https://127.0.0.1:%d/%s/" % (ec2.instances[instance_id]["port"],
+                                                          instance_id)
+            assert url.hostname == m.hostname == "127.0.0.1"
+            assert m.maxprocs == 2                                  # an m5.large's vCPUs
+            assert m.call("Supervisor.info")["addr"] == m.addr
+            instance = instances[instance_id]
+            tags = bigmachine._ec2_tags(instance)
+            assert tags["bigmachine"] == "true" and tags["bigmachine:session"] == system.session
+            assert tags["bigmachine:user"] == bigmachine._ec2_user()
+            assert tags["bigmachine:program"] == os.path.basename(sys.argv[0])
+            assert instance["InstanceLifecycle"] == "spot" and instance["ImageId"] == ami
+            assert instance["InstanceType"] == "m5.large"
+            assert instance["MetadataOptions"]["HttpTokens"] == "required"
+            assert ec2.ec2.describe_instance_attribute(
+                InstanceId=instance_id, Attribute="instanceInitiatedShutdownBehavior"
+            )["InstanceInitiatedShutdownBehavior"]["Value"] == "terminate"
+            user_data = base64.b64decode(ec2.ec2.describe_instance_attribute(
+                InstanceId=instance_id, Attribute="userData")["UserData"]["Value"])
+            assert len(user_data) < 16384 and ca_key.encode() not in user_data
+        [group] = ec2.ec2.describe_security_groups(Filters=[
+            {"Name": "group-name", "Values": ["bigmachine-443"]}])["SecurityGroups"]
+        assert [(p["FromPort"], p["ToPort"]) for p in group["IpPermissions"]] == [(443, 443)]
+        assert all(i["SecurityGroups"][0]["GroupId"] == group["GroupId"]
+                   for i in instances.values())
+        m1, m2, m3 = machines
+        pids = [m.call("Echo.pid") for m in machines]
+        assert len(set(pids)) == 3 and os.getpid() not in pids
+        assert m1.call("Echo.environ", "BIGMACHINE_TEST_VAR") == "on ec2"
+        assert m1.call("Echo.environ", "BIGMACHINE_SYSTEM") == "ec2"
+        assert m1.call("Echo.inited") and m1.call("Echo.get_tag") == "ec2"
+        with pytest.raises(ValueError, match="in the cloud"):
+            m1.call("Echo.fail", "in the cloud")
+        assert m1.call("Echo.dial_and_call", m2.addr, "Echo.pid") == pids[1]
+        data = os.urandom(3 << 20)
+        with m3.call("Echo.echo_stream", io.BytesIO(data)) as f:
+            assert f.read() == data
+        assert m2.call("Echo.print_lines", "hello from ec2") == 1
+        seen = []
+        eventually(lambda: seen.append(capsys.readouterr().err) or
+                   "%s: hello from ec2\n" % m2.addr in "".join(seen), what="forwarded output")
+    # b.shutdown() leaves every instance terminated, and nothing of theirs running.
+    assert all(m.state is STOPPED for m in machines)
+    eventually(lambda: all_terminated(ec2, system.session) and not ec2.alive(),
+               what="instances to be terminated and their processes to end")
+    assert not any(_alive(pid) for pid in pids)
+
+
+def test_ec2_spot_falls_back_on_demand_unless_spot_only(ec2):
+    markets = []
+
+    def record(params, **kwargs):
+        if not params.get("DryRun"):
+            markets.append(params.get("InstanceMarketOptions", {}).get("MarketType", "on-demand"))
+
+    # No spot capacity: the machines run on demand, and spot is tried no more in that b.start.
+    system = ec2_system()
+    system.ec2.meta.events.register("before-parameter-build.ec2.RunInstances", record)
+    system.ec2.meta.events.register("before-parameter-build.ec2.RunInstances", refuse_spot)
+    with bigmachine.start(system) as b:
+        machines = running(b, 2)
+        assert all(m.call("Echo.echo", 1) == 1 for m in machines)
+        assert [i.get("InstanceLifecycle") for i in ec2.session(system.session)] == [None, None]
+    assert markets.count("on-demand") == 2 and 1 <= markets.count("spot") <= 2
+    # spot_only: no fallback; the machine stops with EC2's reason and nothing is launched.
+    system = ec2_system(spot_only=True)
+    system.ec2.meta.events.register("before-parameter-build.ec2.RunInstances", refuse_spot)
+    with bigmachine.start(system) as b:
+        m, = b.start(1, {"Echo": Echo()})
+        assert m.wait(RUNNING, timeout=30) is STOPPED
+        assert "spot: InsufficientInstanceCapacity" in str(m.err) and "on-demand" not in str(m.err)
+    assert ec2.session(system.session) == []
+    # on_demand: spot is not tried.
+    del markets[:]
+    system = ec2_system(on_demand=True)
+    system.ec2.meta.events.register("before-parameter-build.ec2.RunInstances", record)
+    with bigmachine.start(system) as b:
+        running(b, 1)
+        assert [i.get("InstanceLifecycle") for i in ec2.session(system.session)] == [None]
+    assert markets == ["on-demand"]
+
+
+def test_ec2_instance_terminated_behind_our_back_is_noticed_fast(ec2):
+    # A keepalive budget of a minute: the monitor must not need it.
+    system = ec2_system(keepalive_period=0.5, keepalive_timeout=60, keepalive_rpc_timeout=5,
+                        lease=30)
+    with bigmachine.start(system) as b:
+        m, = running(b)
+        instance_id = instance_id_of(m)
+        began = time.monotonic()
+        ec2.ec2.terminate_instances(InstanceIds=[instance_id])     # a spot reclaim, say
+        assert m.wait(STOPPED, timeout=30) is STOPPED
+        took = time.monotonic() - began
+        assert took < 5, took
+        assert "instance %s is terminated" % instance_id in str(m.err), m.err
+        with pytest.raises(bigmachine.MachineStopped):
+            m.call("Echo.echo", 1)
+
+
+def test_ec2_driver_killed_instances_terminate_themselves(ec2, tmp_path):
+    script = tmp_path / "driver.py"
+    script.write_text(textwrap.dedent("""
+        import time, bigmachine
+        class S:
+            def ok(self):
+                return True
+        if __name__ == "__main__":
+            system = bigmachine.EC2System(address="test_bigmachine:fake_ec2_address",
+                                          keepalive_period=0.5, lease=3.0)
+            b = bigmachine.start(system)
+            ms = b.start(2, {"S": S()})
+            for m in ms:
+                m.wait()
+                assert m.call("S.ok")
+            print(system.session, flush=True)
+            time.sleep(600)
+    """))
+    driver = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, text=True,
+                              env=dict(os.environ, PYTHONPATH=HERE), cwd=str(tmp_path))
+    try:
+        session = driver.stdout.readline().strip()
+        assert session, "the driver did not start its machines"
+        assert len(ec2.session(session)) == 2 and len(ec2.alive()) == 2
+        driver.kill()                                              # SIGKILL: nothing at exit
+        began = time.monotonic()
+        eventually(lambda: all_terminated(ec2, session) and not ec2.alive(), timeout=20,
+                   what="the instances to terminate themselves")
+        took = time.monotonic() - began
+        assert 1.0 < took < 3.0 + 3, took                          # within the lease
+        for instance in ec2.session(session):
+            assert "watchdog expired" in ec2.log(instance["InstanceId"])
+    finally:
+        driver.kill()
+        driver.wait()
+        driver.stdout.close()
+
+
+def test_ec2_instances_refuse_strangers(ec2, tmp_path):
+    # A machine: a client of another CA is refused; so is one of its own session that is not
+    # the driver, by the bootstrap.
+    with bigmachine.start(ec2_system()) as b:
+        m, = running(b)
+        stranger = bigmachine._Client(bigmachine.CertificateAuthority().issue("stranger"))
+        try:
+            with pytest.raises(bigmachine.AuthenticationError):
+                stranger.peer(m.addr).call("Supervisor.ping", (1,), {}, time.monotonic() + 10)
+        finally:
+            stranger.close()
+        assert m.call("Supervisor.ping", 2) == 2
+    # A bootstrap that the driver never reaches: run by hand as the harness would.
+    with bigmachine.start(bigmachine.TestSystem(**FAST)) as b:
+        credentials = b._authority.issue("bigmachine ec2 machine")
+        script = tmp_path / "user-data"
+        script.write_text(bigmachine._ec2_user_data("s", 443, 3, b._credentials.cert_pem,
+                                                    credentials))
+        script.chmod(0o700)
+        port = bigmachine._free_port()
+        (tmp_path / "tmp").mkdir()
+        env = {"PATH": str(ec2.bin), "TMPDIR": str(tmp_path / "tmp"), "BIGMACHINE_FAKE_EC2": "1",
+               "BIGMACHINE_PORT": str(port), "BIGMACHINE_IMDS": ec2.imds.url("i-0byhand")}
+        proc = subprocess.Popen([str(script)], env=env, stdin=subprocess.DEVNULL,
+                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                start_new_session=True)
+        try:
+            def ask(credentials):
+                context = bigmachine.client_context(credentials)
+                with socket.create_connection(("127.0.0.1", port), 5) as raw:
+                    with context.wrap_socket(raw) as sock:
+                        sock.sendall(b"GET /i-0byhand/bigmachine/boot HTTP/1.1\r\nHost: x\r\n"
+                                     b"Connection: close\r\n\r\n")
+                        return sock.makefile("rb").read()
+
+            def listening():
+                with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port)):
+                    return True
+            eventually(listening, timeout=30, what="the bootstrap to listen")
+            with pytest.raises(ssl.SSLError):
+                ask(bigmachine.CertificateAuthority().issue("stranger"))
+            assert ask(b._authority.issue("a machine of the session")) == b""
+            answer = ask(b._credentials)
+            assert answer.startswith(b"HTTP/1.1 200 ") and b'"python": "%s"' % (
+                bigmachine.PYTHON.encode()) in answer
+            assert proc.wait(30) == 1                           # no word from the driver
+            log = proc.stdout.read().decode()
+        finally:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+            proc.stdout.close()
+    assert "refused 127.0.0.1: a certificate of the session, but not its driver's" in log
+    assert "no word from the driver for 3s" in log
+
+
+def test_ec2_user_data_is_small_and_holds_no_ca_key(monkeypatch):
+    with bigmachine.start(bigmachine.TestSystem(**FAST)) as b:
+        credentials = b._authority.issue("bigmachine ec2 machine")
+        text = bigmachine._ec2_user_data("0123abcd", 443, 300, b._credentials.cert_pem,
+                                         credentials)
+        assert len(text.encode()) < 16384 and text.startswith("#!/bin/sh\n")
+        code = text.split('b64decode("""')[1].split('""")')[0]
+        source = zlib.decompress(base64.b64decode(code)).decode()
+        assert "def _ec2_boot(settings):" in source
+        for where in (text, source):
+            assert bigmachine._private_key_pem(b._authority._key) not in where
+        # This machine's key and no other, the CA's certificate, the driver's certificate's hash.
+        assert text.count("PRIVATE KEY-----") == 2 and repr(credentials.key_pem)[1:-1] in text
+        assert repr(credentials.cert_pem)[1:-1] in text and repr(credentials.ca_pem)[1:-1] in text
+        assert hashlib.sha256(ssl.PEM_cert_to_DER_cert(b._credentials.cert_pem)).hexdigest() in text
+        monkeypatch.setattr(bigmachine, "_EC2_USER_DATA_LIMIT", 4096)
+        with pytest.raises(bigmachine.Error, match="over EC2's limit of 4096"):
+            bigmachine._ec2_user_data("0123abcd", 443, 300, b._credentials.cert_pem, credentials)
+
+
+def test_ec2_unknown_instance_type_fails_before_launching(ec2):
+    before = ec2.described()
+    for instance_type, message in (("m5.bogus", "there is no EC2 instance type 'm5.bogus'"),):
+        with bigmachine.start(ec2_system(instance_type=instance_type)) as b:
+            with pytest.raises(bigmachine.Error, match=message):
+                b.start(2, {"Echo": Echo()})
+            assert b.machines() == []
+    assert ec2.described() == before
+    with bigmachine.start(ec2_system(ami="ami-00000000000000000")) as b:
+        with pytest.raises(bigmachine.Error, match="cannot use image ami-00000000000000000"):
+            b.start(1, {"Echo": Echo()})
+    assert ec2.described() == before
+
+
+@pytest.mark.skipif(_other_python() is None, reason="no other CPython 3.8-3.13 installed")
+def test_ec2_version_mismatch_names_both(ec2):
+    other = _other_python()
+    system = ec2_system(tags={"bigmachine-test:python": other})
+    with bigmachine.start(system) as b:
+        m, = b.start(1, {"Echo": Echo()})
+        assert m.wait(RUNNING, timeout=60) is STOPPED
+        assert isinstance(m.err, bigmachine.VersionMismatch), m.err
+        text = str(m.err)
+        version = subprocess.run([other, "-c", "import sys; print('%d.%d' % sys.version_info[:2])"],
+                                 capture_output=True, text=True).stdout.strip()
+        assert "the driver runs Python %s" % bigmachine.PYTHON in text
+        assert "instance %s runs Python %s (" % (instance_id_of(m), version) in text
+    eventually(lambda: all_terminated(ec2, system.session), what="the instance to be terminated")
+
+
+def test_ec2_list_and_kill_leftovers(ec2):
+    ami = ssm_parameter(AMI_PARAMETER)
+
+    def launch(tags):
+        return ec2.ec2.run_instances(
+            ImageId=ami, MinCount=1, MaxCount=1, InstanceType="m5.large",
+            UserData="#!/bin/sh\nexec /bin/sleep 600\n", TagSpecifications=[{
+                "ResourceType": "instance",
+                "Tags": [{"Key": k, "Value": v} for k, v in tags.items()]}]
+        )["Instances"][0]["InstanceId"]
+
+    # What two dead drivers left, and an instance that is none of bigmachine's business (the
+    # harness does not run it either: it has no bigmachine tag).
+    left = {session: [launch({"bigmachine": "true", "bigmachine:session": session,
+                              "bigmachine:user": "alice", "bigmachine:program": "bigpi.py"})
+                      for _ in range(n)] for session, n in (("aaaa1111", 2), ("bbbb2222", 1))}
+    other = launch({"Name": "not ours"})
+    eventually(lambda: len(ec2.alive()) == 3, what="the leftovers to run")
+
+    def command(*args):
+        result = subprocess.run([sys.executable, os.path.join(HERE, "bigmachine.py"), "ec2"] +
+                                list(args), capture_output=True, text=True, timeout=60)
+        return result.returncode, result.stdout, result.stderr
+
+    code, out, err = command("list")
+    assert code == 0, err
+    lines = out.splitlines()
+    assert lines[0].split() == ["INSTANCE", "STATE", "TYPE", "MARKET", "LAUNCHED", "SESSION",
+                                "USER", "PROGRAM", "ADDRESS"]
+    assert sorted(line.split()[0] for line in lines[1:-1]) == sorted(
+        left["aaaa1111"] + left["bbbb2222"])
+    assert all(" alice " in line and " bigpi.py " in line for line in lines[1:-1])
+    assert lines[-1] == "3 instances of bigmachine sessions in us-east-1" and other not in out
+    assert command("kill")[0] == 2                              # --session or --all
+    code, out, err = command("kill", "--session", "aaaa1111")
+    assert code == 0 and sorted(out.split()[1::4][:2]) == sorted(left["aaaa1111"]), out + err
+    code, out, err = command("list", "--region", "us-east-1")
+    live = [line for line in out.splitlines()[1:-1] if "shutting-down" not in line and
+            "terminated" not in line]
+    assert [line.split()[0] for line in live] == left["bbbb2222"]
+    code, out, err = command("kill", "--all")
+    assert code == 0 and "1 instance terminated in us-east-1" in out, out + err
+    eventually(lambda: ec2.alive() == [], what="the leftovers to go")
+    state = ec2.ec2.describe_instances(InstanceIds=[other])["Reservations"][0]["Instances"][0]
+    assert state["State"]["Name"] == "running"                  # not ours: untouched
+    ec2.ec2.terminate_instances(InstanceIds=[other])
+
+
+def test_ec2_bigpi(ec2):
+    result = subprocess.run(
+        [sys.executable, os.path.join(HERE, "examples", "bigpi.py"), "-n", "2000000",
+         "-nmach", "2", "--bigm.system=ec2", "--bigm.ec2address=test_bigmachine:fake_ec2_address",
+         "--bigm.ec2type=m5.large"],
+        capture_output=True, text=True, timeout=300, env=dict(os.environ, PYTHONPATH=HERE))
+    assert result.returncode == 0, result.stderr
+    pi = result.stdout.strip().split("π = ")[1]
+    assert abs(float(pi) - 3.14159) < 0.01
+    running_at = [line.split()[-2] for line in result.stderr.splitlines()
+                  if line.endswith(" RUNNING")]
+    assert len(running_at) == 2 and all(
+        re.match(r"https://127\.0\.0\.1:\d+/i-[0-9a-f]+/$", addr) for addr in running_at)
+    assert "distributing work among 4 cores" in result.stderr          # 2 vCPUs each
+    eventually(lambda: not ec2.alive(), what="the instances to go")
+    assert all(i["State"]["Name"] == "terminated" for i in ec2.described())
+
+
+def test_ec2_options_and_flags(ec2, monkeypatch):
+    options = bigmachine.EC2System._command_line_options(
+        ["prog", "--bigm.ec2type=c5.xlarge", "-bigm.ec2ondemand", "--bigm.ec2region", "eu-west-1",
+         "--bigm.ec2port=8443"], {"BIGMACHINE_EC2TYPE": "ignored", "BIGMACHINE_EC2SPOTONLY": "1"})
+    assert options == {"instance_type": "c5.xlarge", "on_demand": True, "spot_only": True,
+                       "region": "eu-west-1", "port": 8443}
+    monkeypatch.setattr(sys, "argv", ["prog", "--bigm.system=ec2", "--bigm.ec2type=c5.xlarge",
+                                      "--bigm.ec2ondemand"])
+    with bigmachine.start(**FAST) as b:
+        assert isinstance(b.system, bigmachine.EC2System) and b.system.region == "us-east-1"
+        assert (b.system.instance_type, b.system.on_demand, b.system.spot_only) == (
+            "c5.xlarge", True, False)
+        assert b.system.keepalive_timeout == 2.0
+    assert bigmachine.EC2System.defaults == (60.0, 600.0, 120.0, 300.0)   # Go's ec2system
+    assert bigmachine.EC2System(spot_only=True, on_demand=True).on_demand is False
+    for bad in (dict(port=0), dict(disk_gib=0), dict(tags={"bigmachine:session": "x"}),
+                dict(instance_type=""), dict(address="nocolon")):
+        with pytest.raises(ValueError):
+            bigmachine.EC2System(**bad)
+    monkeypatch.delenv("AWS_REGION")
+    monkeypatch.delenv("AWS_DEFAULT_REGION")
+    with pytest.raises(bigmachine.Error, match="no AWS region"):
+        bigmachine.EC2System()
+
+
+def test_ec2_without_boto3_says_how_to_get_it(monkeypatch):
+    monkeypatch.setitem(sys.modules, "boto3", None)                 # import boto3 fails
+    with pytest.raises(bigmachine.Error, match=r"pip install boto3 \(or pip install "
+                                               r"'bigmachine\[ec2\]'\)"):
+        bigmachine.EC2System()
+    monkeypatch.setattr(sys, "argv", ["prog", "--bigm.system=ec2"])
+    with pytest.raises(bigmachine.Error, match="needs boto3"):
+        bigmachine.start()
 
 
 # ======================================================================================
