@@ -57,7 +57,9 @@ Systems (Go: system.go, local.go, testsystem)
     Where machines come from. `TestSystem` runs them inside the driver's process, each with its
     own TLS server, for fast tests. `Local` runs each one as a child process, loaded the way
     `multiprocessing`'s spawn method loads `__main__`. `SSHSystem` runs them on hosts reached
-    over ssh, with the driver's code shipped as a content-addressed bundle.
+    over ssh, with the driver's code shipped as a content-addressed bundle. `EC2System` launches
+    an EC2 instance per machine, whose user data holds only that machine's credentials and a
+    small bootstrap, to which the driver sends the same bundle over mutual TLS.
 
 Command line
     `python bigmachine.py selftest` checks the whole system on the machine at hand.
@@ -4729,7 +4731,10 @@ class EC2System(System):
     subnet, key_name, tags (more instance tags) and disk_gib (the root volume, gp3) go into each
     launch. Machines listen on port. address=f maps an instance (as describe_instances gives it)
     to the (host, port) to reach it at, or None while that is not known; it may be given as
-    "module:function". See the section's introduction and the README for the rest."""
+    "module:function". On the command line: --bigm.system=ec2, with --bigm.ec2type=TYPE,
+    --bigm.ec2ondemand, --bigm.ec2spotonly, --bigm.ec2region=REGION, --bigm.ec2ami=AMI,
+    --bigm.ec2port=PORT and --bigm.ec2address=MODULE:FUNCTION (or the variables
+    BIGMACHINE_EC2TYPE and so on). See the section's introduction and the README for the rest."""
 
     name = "ec2"
     #: Go's ec2system: keepalives every minute, 10 minutes to give up, 2 per attempt; 5 min lease.
@@ -4784,9 +4789,11 @@ class EC2System(System):
         self.vcpus = None
         self._cond = threading.Condition()
         self._serial = itertools.count(1)
+        self._generation = 0              # one per session: a monitor serves one session
         self._reset()
 
     def _reset(self):
+        self._generation += 1
         self._closed = False
         self._pending = {}                # Machine -> (env, bundle, batch), until launched
         self._ids = {}                    # Machine -> instance id
@@ -5092,7 +5099,7 @@ class EC2System(System):
         """Wait until the instance runs and has an address: (host, port)."""
         while True:
             instance = self._describe_soon(instance_id, max(0.1, deadline - time.monotonic()))
-            if machine.state is STOPPED:
+            if machine.state is STOPPED or self._closed:
                 raise Error("machine %s was stopped while instance %s started"
                             % (machine.addr, instance_id))
             state = instance["State"]["Name"] if instance else "unknown"
@@ -5142,16 +5149,20 @@ class EC2System(System):
             return
         self._wanted.add(instance_id)
         if self._monitor is None:
-            self._monitor = threading.Thread(target=self._watch_instances, daemon=True,
+            self._monitor = threading.Thread(target=self._watch_instances,
+                                             args=(self._generation,), daemon=True,
                                              name="bigmachine-ec2-monitor")
             self._monitor.start()
         self._cond.notify_all()
 
-    def _watch_instances(self):
+    def _watch_instances(self, generation):
+        def over():
+            return self._closed or self._generation != generation
+
         while True:
             with self._cond:
-                self._cond.wait_for(lambda: self._wanted or self._closed)
-                if self._closed:
+                self._cond.wait_for(lambda: self._wanted or over())
+                if over():
                     return
                 self._round += 1
                 round_, ids = self._round, sorted(self._wanted)
@@ -5179,7 +5190,7 @@ class EC2System(System):
                     log.debug("%s: %s", machine.addr, self._dead(instance))
                     machine._stop(Error(self._dead(instance)))
             with self._cond:
-                self._cond.wait_for(lambda: self._closed, self.poll_interval)
+                self._cond.wait_for(over, self.poll_interval)
 
     def keepalive_failed(self, machine, error):
         # Go's monitor: a machine that does not answer may be an instance that is gone.
@@ -5314,7 +5325,7 @@ class _EC2Boot:
         """Ask the bootstrap which Python it runs, waiting for it to come up."""
         waits = Backoff(0.05, 2.0, 1.5).waits()
         while True:
-            if self.machine.state is STOPPED:
+            if self.machine.state is STOPPED or self.system._closed:
                 raise Error("machine %s was stopped while it started" % self.machine.addr)
             try:
                 return json.loads(self._call("GET", "boot", timeout=10.0))
@@ -5411,10 +5422,11 @@ _SYSTEMS = {"local": Local, "test": TestSystem, "testsystem": TestSystem, "ssh":
 def start(system: typing.Union[System, str, None] = None, **options: typing.Any) -> B:
     """Start a session (Go's driver.Start) and return its `B`.
 
-    system is a `System`, or a name ("local", "test", "ssh"); None reads `--bigm.system=NAME`
-    from sys.argv, then the BIGMACHINE_SYSTEM environment variable, then uses "local". options go
-    to the system's constructor when system is a name, after the system's own flags and
-    variables (for "ssh": --bigm.ssh.hosts=a,b and the like, see `SSHSystem`)."""
+    system is a `System`, or a name ("local", "test", "ssh", "ec2"); None reads
+    `--bigm.system=NAME` from sys.argv, then the BIGMACHINE_SYSTEM environment variable, then
+    uses "local". options go to the system's constructor when system is a name, after the
+    system's own flags and variables (for "ssh": --bigm.ssh.hosts=a,b and the like, see
+    `SSHSystem`; for "ec2": --bigm.ec2type=m5.xlarge, --bigm.ec2ondemand, see `EC2System`)."""
     if _machine_bootstrapping or os.environ.get("BIGMACHINE_MODE") == "machine":
         raise Error(
             "bigmachine.start() was called while a machine was loading the driver's main module. "
