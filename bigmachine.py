@@ -3407,7 +3407,15 @@ def _machine_main(bootstrap=None, **here):
             code = _EXIT_VERSION_MISMATCH
         else:
             config.update(here)
-            code = _run_machine(config)
+            try:
+                code = _run_machine(config)
+            except SystemExit as e:
+                code = e.code if isinstance(e.code, int) else 1
+            except BaseException:
+                # The driver's main failed to load, say. Exit here, with the traceback said:
+                # ending the interpreter normally would abort on the thread reading stdin.
+                traceback.print_exc()
+                code = 1
         with contextlib.suppress(Exception):
             logging.shutdown()
         for stream in (sys.stdout, sys.stderr):
