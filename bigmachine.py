@@ -5220,8 +5220,9 @@ class EC2System(System):
         text = line.decode("utf-8", "replace")
         _write_stderr(machine.addr + ": " + (text if text.endswith("\n") else text + "\n"))
 
-    def _machine_ended(self, machine, instance_id, status):
-        """The output stream of machine ended: with its exit status, or broken (None)."""
+    def _machine_ended(self, machine, instance_id, status, output=""):
+        """The output stream of machine ended: with its exit status, or broken (None); output
+        is its last lines."""
         with self._cond:
             self._boots.pop(machine, None)
             expected = machine in self._stopping or self._closed or machine._b._closed
@@ -5232,8 +5233,9 @@ class EC2System(System):
         if expected and status == 0:
             err = Error("machine %s was shut down" % machine.addr)
         else:
-            err = Error("machine %s (instance %s) %s" % (machine.addr, instance_id,
-                                                          _exit_reason(status)))
+            err = Error("machine %s (instance %s) %s%s" % (
+                machine.addr, instance_id, _exit_reason(status),
+                "; its last output:\n" + output if output and machine.state < RUNNING else ""))
         err.exit_code = status
         machine._stop(err)
 
@@ -5295,6 +5297,7 @@ class _EC2Boot:
         self.system, self.machine, self.instance_id = system, machine, instance_id
         self.host, self.port, self.context = host, port, context
         self.prefix = "/%s/bigmachine/" % instance_id
+        self.tail = collections.deque(maxlen=_ChildProcess._TAIL)    # to explain an early end
         self._sock = None
         self._closed = False
 
@@ -5400,6 +5403,7 @@ class _EC2Boot:
                     with contextlib.suppress(ValueError, IndexError):
                         status = int(line.split()[2])
                 else:
+                    self.tail.append(line.decode("utf-8", "replace"))
                     self.system._output(self.machine, line)
         except (OSError, ValueError) as e:
             log.debug("%s: the output stream broke: %s", self.machine.addr, e)
@@ -5407,7 +5411,8 @@ class _EC2Boot:
             with contextlib.suppress(OSError):
                 rfile.close()
             self.close()
-        self.system._machine_ended(self.machine, self.instance_id, status)
+        self.system._machine_ended(self.machine, self.instance_id, status,
+                                   "".join(self.tail).rstrip())
 
     def close(self):
         self._closed = True

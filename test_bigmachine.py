@@ -1965,6 +1965,27 @@ def test_ec2_instances_refuse_strangers(ec2, tmp_path):
     assert "no word from the driver for 3s" in log
 
 
+def test_ec2_machine_that_ends_early_says_why(ec2, tmp_path):
+    # Its output reaches the driver, prefixed, and its last lines explain its end.
+    result = run_script(tmp_path, """
+        import bigmachine
+        class S:
+            def f(self):
+                return 1
+        b = bigmachine.start("ec2", address="test_bigmachine:fake_ec2_address")
+        m, = b.start(1, {"S": S()})
+        print("state", m.wait())
+        print("err", m.err)
+        b.shutdown()
+    """)
+    assert "state STOPPED" in result.stdout, result.stderr
+    assert "exited with code 1; its last output:" in result.stdout
+    assert 'if __name__ == "__main__":' in result.stdout
+    assert re.search(r"^https://127\.0\.0\.1:\d+/i-[0-9a-f]+/: .*bigmachine.Error: ",
+                     result.stderr, re.M), result.stderr
+    eventually(lambda: not ec2.alive(), what="the instance to go")
+
+
 def test_ec2_user_data_is_small_and_holds_no_ca_key(monkeypatch):
     with bigmachine.start(bigmachine.TestSystem(**FAST)) as b:
         credentials = b._authority.issue("bigmachine ec2 machine")
@@ -1987,7 +2008,9 @@ def test_ec2_user_data_is_small_and_holds_no_ca_key(monkeypatch):
 
 def test_ec2_unknown_instance_type_fails_before_launching(ec2):
     before = ec2.described()
-    for instance_type, message in (("m5.bogus", "there is no EC2 instance type 'm5.bogus'"),):
+    for instance_type, message in (("m5.bogus", "there is no EC2 instance type 'm5.bogus'"),
+                                   ("hpc6a.48xlarge", "hpc6a.48xlarge is not offered in region "
+                                                      "us-east-1")):
         with bigmachine.start(ec2_system(instance_type=instance_type)) as b:
             with pytest.raises(bigmachine.Error, match=message):
                 b.start(2, {"Echo": Echo()})
