@@ -62,7 +62,8 @@ Systems (Go: system.go, local.go, testsystem)
     small bootstrap, to which the driver sends the same bundle over mutual TLS.
 
 Command line
-    `python bigmachine.py selftest` checks the whole system on the machine at hand.
+    `python bigmachine.py selftest` checks the whole system on the machine at hand;
+    `python bigmachine.py ec2 list` and `ec2 kill` find and end the EC2 instances of sessions.
 """
 
 from __future__ import annotations
@@ -4739,7 +4740,7 @@ class EC2System(System):
     subnet, key_name, tags (more instance tags) and disk_gib (the root volume, gp3) go into each
     launch. Machines listen on port. address=f maps an instance (as describe_instances gives it)
     to the (host, port) to reach it at, or None while that is not known; it may be given as
-    "module:function". On the command line: --bigm.system=ec2, with --bigm.ec2type=TYPE,
+    "module:function". `system.ec2` is the boto3 EC2 client it uses. On the command line: --bigm.system=ec2, with --bigm.ec2type=TYPE,
     --bigm.ec2ondemand, --bigm.ec2spotonly, --bigm.ec2region=REGION, --bigm.ec2ami=AMI,
     --bigm.ec2port=PORT and --bigm.ec2address=MODULE:FUNCTION (or the variables
     BIGMACHINE_EC2TYPE and so on). See the section's introduction and the README for the rest."""
@@ -5496,6 +5497,7 @@ def _truth(value):
 #
 # The selftest is what a user runs after copying this file somewhere new: it checks, with the
 # standard library alone, that everything works on the machine at hand, one line per check.
+# `ec2 list` and `ec2 kill` (with boto3) are for EC2 instances that drivers left behind.
 
 class _SelftestService:
     """The service the selftest installs."""
@@ -5668,7 +5670,7 @@ def _ec2_command(args):
     """`ec2 list` and `ec2 kill`: the instances of bigmachine sessions in a region, found by
     their tags wherever their drivers ran -- what a driver could not terminate itself."""
     try:
-        session, ec2 = _ec2_session(args.region)
+        _, ec2 = _ec2_session(args.region)
     except Error as e:
         print("bigmachine: %s" % e, file=sys.stderr)
         return 1
@@ -5697,7 +5699,7 @@ def _ec2_command(args):
             rows.append((
                 i["InstanceId"], i["State"]["Name"], i.get("InstanceType", "?"),
                 i.get("InstanceLifecycle") or "on-demand",
-                launched.strftime("%Y-%m-%d %H:%M") if hasattr(launched, "strftime") else "?",
+                launched.strftime("%Y-%m-%dT%H:%MZ") if hasattr(launched, "strftime") else "?",
                 tags.get("bigmachine:session", "?"), tags.get("bigmachine:user", "?"),
                 tags.get("bigmachine:program", "?"),
                 i.get("PublicDnsName") or i.get("PublicIpAddress") or
