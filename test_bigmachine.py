@@ -2143,6 +2143,42 @@ def test_ec2_without_boto3_says_how_to_get_it(monkeypatch):
 # Command line and the example
 # ======================================================================================
 
+def _interpreters():
+    """Every CPython 3.8-3.13 installed with pyenv (the running one at least)."""
+    found = {sys.executable}
+    for version in sorted(os.listdir(PYENV)) if os.path.isdir(PYENV) else ():
+        parts = version.split(".")
+        if len(parts) == 3 and parts[0] == "3" and 8 <= int(parts[1]) <= 13:
+            path = os.path.join(PYENV, version, "bin", "python3")
+            if os.path.exists(path):
+                found.add(path)
+    return sorted(found)
+
+
+@pytest.mark.parametrize("python", _interpreters())
+def test_import_alone_is_clean_and_cheap(python, tmp_path):
+    """Vendoring: the file alone, isolated, imports without a warning and starts nothing
+    (no thread, socket or certificate at import time)."""
+    shutil.copy(os.path.join(HERE, "bigmachine.py"), str(tmp_path))
+    code = textwrap.dedent("""
+        import os, sys, threading
+        sys.path.insert(0, os.getcwd())                    # -I leaves it out
+        before = threading.active_count(), len(os.listdir("/proc/self/fd"))
+        import bigmachine
+        after = threading.active_count(), len(os.listdir("/proc/self/fd"))
+        assert before == after, (before, after)
+        assert bigmachine._ed25519_base_table is None       # no key made yet
+        assert "boto3" not in sys.modules and "http.server" not in sys.modules
+        print(bigmachine.__version__)
+    """)
+    result = subprocess.run([python, "-I", "-W", "error", "-c", code], cwd=str(tmp_path),
+                            capture_output=True, text=True, timeout=60,
+                            env={"PATH": os.environ.get("PATH", ""), "HOME": "/proc",
+                                 "TMPDIR": str(tmp_path)})
+    assert result.returncode == 0 and result.stdout.strip() == bigmachine.__version__, \
+        result.stderr
+
+
 def test_selftest_passes():
     result = subprocess.run([sys.executable, os.path.join(HERE, "bigmachine.py"), "selftest"],
                             capture_output=True, text=True, timeout=300)
