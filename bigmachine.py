@@ -61,6 +61,12 @@ Systems (Go: system.go, local.go, testsystem)
     an EC2 instance per machine, whose user data holds only that machine's credentials and a
     small bootstrap, to which the driver sends the same bundle over mutual TLS.
 
+Debug (Go: profile.go, status.go, expvar.go, rpc/stats.go)
+    Seeing the whole cluster from the driver: CPU profiles sampled on every machine at once
+    and merged into one pstats file, tracemalloc's view of memory, every thread's stack,
+    published variables and per-method call statistics, a status page, and the machines'
+    output and logging records forwarded to the driver. `B.serve_debug` serves it over HTTP.
+
 Command line
     `python bigmachine.py selftest` checks the whole system on the machine at hand;
     `python bigmachine.py ec2 list` and `ec2 kill` find and end the EC2 instances of sessions.
@@ -108,7 +114,7 @@ __all__ = [
     "System", "Local", "TestSystem", "SSHSystem", "EC2System", "Supervisor", "current_call", "CallContext",
     "Error", "NetworkError", "MachineStopped", "NotFound", "Timeout", "RemoteError",
     "SerializationError", "AuthenticationError", "VersionMismatch", "Cancelled",
-    "CertificateAuthority", "Credentials", "Backoff",
+    "CertificateAuthority", "Credentials", "Backoff", "publish", "unpublish", "Counter",
 ]
 
 log = logging.getLogger("bigmachine")
@@ -1510,16 +1516,19 @@ class _Peer:
         Most calls take the fast path below: no deadline, nobody who may cancel them, plain
         positional arguments and an idle connection to reuse. It does in one function what
         `_call` does in several, because on the hot path every Python call counts (see
-        `_serve_frames`). Everything else, and every failure, goes through `_call`."""
+        `_serve_frames`). Everything else, and every failure, goes through `_call`. Both
+        count the call in the client's statistics."""
         if deadline is not None or inflight is not None or kwargs or not self._idle:
             return self._call(method, args, kwargs, deadline, inflight)
         for a in args:
             if type(a) not in _PLAIN_TYPES:
                 return self._call(method, args, kwargs, deadline, inflight)
+        began = time.perf_counter()
         buffers = []
         try:
             body = pickle.dumps((args, kwargs, None), _PICKLE_PROTOCOL,
                                 buffer_callback=buffers.append)
+            sent = len(body) + (sum(memoryview(b).nbytes for b in buffers) if buffers else 0)
             conn = self._idle.pop()
         except Exception:        # unpicklable (say so, with the path), or no idle connection
             return self._call(method, args, kwargs, deadline, inflight)
@@ -1546,6 +1555,8 @@ class _Peer:
             if meta_len:
                 raise _ProtocolError("unexpected reply frame")
             if flags & _STREAMED and kind == REPLY:
+                self.client.stats.record(method, time.perf_counter() - began, sent, 0, False,
+                                         self.addr)
                 return self._stream_reply(conn, call_id, None)
             if nbuffers or body_len >= _LARGE:
                 reply, reply_buffers = _read_body(conn.rfile, nbuffers, body_len)
@@ -1559,6 +1570,8 @@ class _Peer:
                     raise EOFError("connection closed by peer")
         except BaseException as e:
             self.discard(conn)
+            self.client.stats.record(method, time.perf_counter() - began, sent, 0, True,
+                                     self.addr)
             if not isinstance(e, (OSError, EOFError, _ProtocolError)):
                 self.cancel_remote(call_id)      # KeyboardInterrupt, say: mid-message
                 raise
@@ -1569,11 +1582,17 @@ class _Peer:
         self._idle.append(conn)
         if self._closed:
             self.reset()
+        got = body_len + (sum(len(b) for b in reply_buffers) if nbuffers else 0)
         if kind == REPLY:
             try:
-                return pickle.loads(reply, buffers=reply_buffers)
+                result = pickle.loads(reply, buffers=reply_buffers)
             except Exception:
                 pass                              # _loads says what went wrong
+            else:
+                self.client.stats.record(method, time.perf_counter() - began, sent, got, False,
+                                         self.addr)
+                return result
+        self.client.stats.record(method, time.perf_counter() - began, sent, got, True, self.addr)
         return self._result(method, kind, reply, reply_buffers)
 
     def _result(self, method, kind, reply, reply_buffers):
@@ -1587,11 +1606,25 @@ class _Peer:
 
     def _call(self, method, args, kwargs, deadline=None, inflight=None):
         """The general path of `call`: deadlines, cancellation, streams, first connections."""
+        sizes = [0, 0]                       # request and reply bytes, as far as they got
+        began = time.perf_counter()
+        try:
+            result = self._call_general(method, args, kwargs, deadline, inflight, sizes)
+        except BaseException:
+            self.client.stats.record(method, time.perf_counter() - began, sizes[0], sizes[1],
+                                     True, self.addr)
+            raise
+        self.client.stats.record(method, time.perf_counter() - began, sizes[0], sizes[1],
+                                 False, self.addr)
+        return result
+
+    def _call_general(self, method, args, kwargs, deadline, inflight, sizes):
         stream, args, kwargs = _split_stream_argument(args, kwargs)
         timeout = None if deadline is None else deadline - time.monotonic()
         if timeout is not None and timeout <= 0:
             raise Timeout("deadline passed before calling %s on %s" % (method, self.addr))
         body, buffers = _dumps((args, kwargs, timeout), "the arguments of %s" % method)
+        sizes[0] = len(body) + (sum(memoryview(b).nbytes for b in buffers) if buffers else 0)
         call_id = self.client.next_call_id()
         conn = self.checkout(deadline)
         if inflight is not None and not inflight.attach(self, conn, call_id):
@@ -1615,6 +1648,7 @@ class _Peer:
                 conn.settimeout(None)
                 return self._stream_reply(conn, call_id, inflight)
             reply, reply_buffers = _read_body(conn.rfile, nbuffers, body_len)
+            sizes[1] = body_len + sum(len(b) for b in reply_buffers)
             if type(reply) is _PendingPickle:
                 if kind == REPLY:
                     reply = (_loads(reply, reply_buffers, "the result of %s from %s"
@@ -1725,6 +1759,7 @@ class _Client:
         self._peers = {}
         self._lock = threading.Lock()
         self._ids = itertools.count(1)
+        self.stats = _RPCStats()             # the calls made, per method and per machine
         # Call ids are unique per client; the server keys in-flight calls by (client, id).
         self.next_call_id = functools.partial(next, self._ids)
 
@@ -2049,13 +2084,14 @@ class CallContext:
     # One is made for every call, on the hot path, so it is kept small: the Event a method
     # may wait on is made only if it waits, and all contexts share one lock, which only
     # cancellation and the end of a call take.
-    __slots__ = ("method", "call_id", "deadline", "reason", "_cancelled", "_event",
+    __slots__ = ("method", "call_id", "started", "deadline", "reason", "_cancelled", "_event",
                  "_thread_id", "_interrupted")
 
     def __init__(self, method, call_id, timeout):
         self.method = method
         self.call_id = call_id
-        self.deadline = None if timeout is None else time.monotonic() + timeout
+        self.started = time.monotonic()
+        self.deadline = None if timeout is None else self.started + timeout
         self.reason = None
         self._cancelled = False
         self._event = None
@@ -2139,6 +2175,7 @@ class _Dispatcher:
         self._methods = {}                   # "Name.method" -> bound method (a cache)
         self._calls = {}                     # call id -> CallContext, for CANCEL
         self._lock = threading.Lock()
+        self.stats = _RPCStats()             # the calls served, per method
 
     def register(self, name, service):
         if not isinstance(name, str) or not name or "." in name or name.startswith("_"):
@@ -2171,8 +2208,11 @@ class _Dispatcher:
             context.cancel(reason)
 
     def serve_call(self, sock, rfile, meta, call_id, body, buffers, flags):
-        """Run one call that arrived on a connection and send its reply."""
+        """Run one call that arrived on a connection, send its reply, and count it."""
+        began = time.perf_counter()
         method = meta.decode("utf-8", "replace")
+        received = ((len(body) if type(body) is not _PendingPickle else body.left)
+                    + (sum(len(b) for b in buffers) if buffers else 0))
         # A streamed argument follows the call on the connection: whatever happens, it is
         # read to its end before the connection carries anything else.
         stream_in = _StreamReader(rfile, call_id) if flags & _STREAMED else None
@@ -2217,7 +2257,9 @@ class _Dispatcher:
                 stream_in.drain()
             if not isinstance(e, Exception):
                 raise
-            _send_frame(sock, ERROR, call_id, body=_error_payload(e, self.where))
+            error = _error_payload(e, self.where)
+            _send_frame(sock, ERROR, call_id, body=error)
+            self.stats.record(method, time.perf_counter() - began, received, len(error), True)
             return
         if type(result) not in _PLAIN_TYPES and (
                 _is_binary_file(result) or isinstance(result, collections.abc.Iterator)):
@@ -2226,6 +2268,7 @@ class _Dispatcher:
             _send_stream(sock, call_id, result)
             if stream_in is not None:
                 stream_in.drain()
+            self.stats.record(method, time.perf_counter() - began, received, 0, False)
             return
         if stream_in is not None:
             stream_in.drain()
@@ -2236,13 +2279,19 @@ class _Dispatcher:
             try:
                 _dumps(result, "the result of %s" % method)
             except SerializationError as e:
-                _send_frame(sock, ERROR, call_id, body=_error_payload(e, self.where))
+                error = _error_payload(e, self.where)
+                _send_frame(sock, ERROR, call_id, body=error)
+                self.stats.record(method, time.perf_counter() - began, received, len(error),
+                                  True)
                 return
             raise
         if reply_buffers or len(reply) >= _SMALL:
             _send_frame(sock, REPLY, call_id, body=reply, buffers=reply_buffers)
+            sent = len(reply) + sum(memoryview(b).nbytes for b in reply_buffers)
         else:
             sock.sendall(_HEADER.pack(REPLY, 0, 0, 0, call_id, len(reply)) + reply)
+            sent = len(reply)
+        self.stats.record(method, time.perf_counter() - began, received, sent, False)
 
 
 def _public_methods(service):
@@ -2333,8 +2382,45 @@ class Supervisor:
         }
 
     def stacks(self):
-        """Every thread's stack, as text: the first thing to read when a cluster hangs."""
-        return _format_stacks()
+        """Every thread's stack, as text: the first thing to read when a cluster hangs. A thread
+        serving a call says which, and for how long."""
+        now, notes = time.monotonic(), {}
+        for context in list(self._machine.dispatcher._calls.values()):
+            thread_id = context._thread_id
+            if thread_id is not None:
+                notes[thread_id] = "serving %s (call %s) for %s" % (
+                    context.method, context.call_id, _duration(now - context.started))
+        return _format_stacks(notes)
+
+    # -- looking inside (see the Debug section) ------------------------------------------
+
+    def profile(self, seconds=30.0, hz=100):
+        """A CPU profile of this machine, sampled for seconds: {"stats": a pstats dict, ...}.
+        `B.profile` merges machines' profiles."""
+        return _profile(seconds, hz)
+
+    def heap(self, limit=200, stop=False):
+        """The limit allocation sites holding the most memory, from tracemalloc (started now
+        if it is not running; stop=True stops it afterwards)."""
+        return _heap(limit, stop)
+
+    def vars(self):
+        """This process's published variables, and its calls counted per method: "rpc.server"
+        (the calls this machine served) and "rpc.client" (the calls it made)."""
+        out = _read_published()
+        out["rpc.server"] = self._machine.dispatcher.stats.snapshot()
+        out["rpc.client"] = self._machine.b._client.stats.snapshot()
+        return out
+
+    def status(self):
+        """What the status page shows of this machine: uptime, memory, disk, load, calls."""
+        facts = _machine_facts()
+        dispatcher = self._machine.dispatcher
+        facts["uptime"] = time.time() - self._started
+        facts["calls"], facts["errors"] = dispatcher.stats.totals()
+        facts["in_flight"] = sum(1 for context in list(dispatcher._calls.values())
+                                 if not context.method.startswith("Supervisor."))
+        return facts
 
     # -- ending -------------------------------------------------------------------------
 
@@ -2344,11 +2430,13 @@ class Supervisor:
         return True
 
 
-def _format_stacks():
+def _format_stacks(notes=None):
     names = {t.ident: t.name for t in threading.enumerate()}
+    notes = notes or {}
     out = []
     for ident, frame in sorted(sys._current_frames().items()):
-        out.append("thread %s (%s):\n" % (ident, names.get(ident, "?")))
+        out.append("thread %s (%s)%s:\n" % (ident, names.get(ident, "?"),
+                                            ", " + notes[ident] if ident in notes else ""))
         out.extend(traceback.format_stack(frame))
         out.append("\n")
     return "".join(out)
@@ -2746,6 +2834,8 @@ class B:
             self._authority = None
         self._credentials = _credentials
         self._client = _Client(_credentials)
+        self._stopped_machines = collections.deque(maxlen=100)   # for the status page
+        self._debug_servers = []
         if self._is_driver:
             system.init(self)
             _sessions.add(self)
@@ -2881,10 +2971,71 @@ class B:
         with self._lock:
             if self._machines.get(m.addr) is m:
                 del self._machines[m.addr]
+            self._stopped_machines.append(m)
         self._client.forget(m.addr)
         if m.owned and not self._closed:
             log.warning("%s: machine stopped: %s", m.addr, m.err)
             _background(self.system.terminate, m, time.monotonic() + 5.0)
+
+    # -- looking inside (see the Debug section) ------------------------------------------
+
+    def profile(self, seconds=30.0, machines=None, *, hz=100):
+        """A CPU profile taken on machines (by default every running machine this session
+        started) at once for seconds, merged: a `pstats.Stats`. `.dump_stats(path)` writes the
+        file that `python -m pstats`, snakeviz and gprof2dot read. Machines that fail are
+        logged and left out; if none can be profiled, raises `Error`."""
+        seconds = float(seconds)
+        if not seconds > 0:
+            raise ValueError("a profile lasts a positive number of seconds, not %r" % (seconds,))
+        if machines is None:
+            machines = [m for m in self.machines() if m.owned and m.state is RUNNING]
+        machines = list(machines)
+        if not machines:
+            raise Error("no machine to profile: none is running")
+        results = _gather(machines, "Supervisor.profile", seconds, hz, timeout=seconds + 30.0)
+        failed = [(m, e) for m, _, e in results if e is not None]
+        for m, e in failed:
+            log.warning("%s: no profile: %s", m.addr, e)
+        if len(failed) == len(results):
+            raise Error("no machine could be profiled: %s" % "; ".join(
+                "%s: %s" % (m.addr, e) for m, e in failed)) from failed[0][1]
+        return _merge_profiles([(m.addr, r) for m, r, e in results if e is None])
+
+    def vars(self):
+        """The variables of every running machine this session started, {addr: {name: value}}:
+        what the machine published, and its calls counted per method ("rpc.server",
+        "rpc.client"). A machine that does not answer in 30 seconds is left out."""
+        machines = [m for m in self.machines() if m.owned and m.state is RUNNING]
+        out = {}
+        for m, result, error in _gather(machines, "Supervisor.vars", timeout=30.0):
+            if error is None:
+                out[m.addr] = result
+            else:
+                log.warning("%s: no variables: %s", m.addr, error)
+        return out
+
+    def serve_debug(self, address="127.0.0.1:3333", *, allow_remote=False):
+        """Serve the debug pages over HTTP on address ("host:port"; port 0 picks one) until the
+        session shuts down; returns the address bound. The pages have no authentication, so
+        address must be a loopback one, and requests must name a loopback host (against DNS
+        rebinding), unless allow_remote=True."""
+        host, port = _split_host_port(address)
+        if not host:
+            host = "" if allow_remote else "127.0.0.1"
+        elif not allow_remote and not _resolves_to_loopback(host):
+            raise ValueError(
+                "the debug pages have no authentication, so they are served on loopback "
+                "addresses only (127.0.0.1, ::1, localhost), not %s; pass allow_remote=True "
+                "to serve them there anyway" % address)
+        server = _DebugServer(self, host, port, allow_remote)
+        with self._lock:
+            closed = self._closed
+            if not closed:
+                self._debug_servers.append(server)
+        if closed:
+            server.close()
+            raise Error("this session is shut down")
+        return server.addr
 
     # -- ending ---------------------------------------------------------------------------
 
@@ -2896,6 +3047,9 @@ class B:
                 return
             self._closed = True
             machines = list(self._machines.values())
+            servers, self._debug_servers = self._debug_servers, []
+        for server in servers:
+            server.close()
         deadline = time.monotonic() + (self._SHUTDOWN_TIMEOUT if timeout is None else timeout)
         threads = []
         for m in machines:
@@ -2948,6 +3102,10 @@ class System:
     #: Go's defaults: (keepalive period, keepalive timeout, keepalive rpc timeout, lease).
     defaults = (60.0, 120.0, 10.0, 300.0)
     boot_timeout = 540.0            # Go: ping for up to 9 minutes
+    #: A machine's output reaching the driver is bounded: at most output_burst lines at once,
+    #: and output_rate lines a second in the long run; more is dropped, and counted.
+    output_rate = 1000.0
+    output_burst = 10000
 
     def __init__(self, *, keepalive_period=None, keepalive_timeout=None,
                  keepalive_rpc_timeout=None, lease=None, boot_timeout=None):
@@ -3194,8 +3352,9 @@ class _ChildProcess:
     """A child process of the driver that stands for one machine: the machine itself (Local),
     or the ssh client connected to it (SSHSystem). It runs in a session of its own, so that the
     terminal's Ctrl-C reaches the driver only. Its output reaches the driver's stderr line by
-    line, prefixed with the machine's address; its exit stops the machine with the reason and,
-    when it exits early, its last lines of output."""
+    line, prefixed with the machine's address, and the machine's logging records to the driver's
+    logging, within the system's bounds (see `_MachineOutput`); its exit stops the machine with
+    the reason and, when it exits early, its last lines of output."""
 
     _TAIL = 20                        # lines of output kept to explain an early exit
 
@@ -3205,6 +3364,8 @@ class _ChildProcess:
             args, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
             start_new_session=True, close_fds=True, **popen)
         self.tail = collections.deque(maxlen=self._TAIL)
+        system = machine._b.system
+        self._output = _MachineOutput(system.output_rate, system.output_burst)
         self.expected_exit = False
         self._forwarders = []
 
@@ -3220,15 +3381,14 @@ class _ChildProcess:
         t.start()
 
     def _forward(self, readline, close):
+        # Read to the end, whatever is dropped: a machine must never block on a full pipe.
         for line in iter(readline, b""):
             self.output(line)
         close()
+        self._output.close(self.prefix())
 
     def output(self, line):
-        text = line.decode("utf-8", "replace")
-        self.tail.append(text)
-        prefix = self.prefix()
-        _write_stderr(prefix + text if text.endswith("\n") else prefix + text + "\n")
+        self.tail.append(self._output.line(line, self.prefix(), self.machine.addr))
 
     def watch(self):
         """Stop the machine when the process exits."""
@@ -3331,7 +3491,7 @@ class _LocalProcess(_ChildProcess):
 
     def start(self):
         for pipe in (self.proc.stdout, self.proc.stderr):
-            self.forward(pipe.readline, pipe.close)
+            self.forward(functools.partial(pipe.readline, 1 << 16), pipe.close)
         try:
             self.proc.stdin.write(self._stdin_data)
             self.proc.stdin.flush()
@@ -3437,8 +3597,7 @@ def _run_machine(config):
         import tempfile
         os.environ["TMPDIR"] = tempfile.tempdir = workdir
     os.environ.update(config.get("env") or {})
-    logging.basicConfig(level=config["log_level"], stream=sys.stderr,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    _forward_logging(config["log_level"])
     credentials = Credentials(**config["credentials"])
     system = Local(lease=config["lease"])
     b = B(system, _credentials=credentials)
@@ -5423,6 +5582,1076 @@ class _EC2Boot:
                 sock.shutdown(socket.SHUT_RDWR)
             with contextlib.suppress(OSError):
                 sock.close()
+
+
+# ======================================================================================
+# Debug: profiles, variables, stacks, status and logs (Go: profile.go, status.go,
+# expvar.go, rpc/stats.go)
+# ======================================================================================
+#
+# What a person needs to see a whole cluster from one place, with Python's own tools.
+#
+# CPU profiles. cProfile cannot do what is needed here: it instruments only the thread that
+# enabled it, and a machine serves each call in the thread of its connection. Instrumenting
+# every thread (threading.setprofile) would see everything but slow pure-Python code down by
+# half or more while the profile runs. So a profile is a sampler instead: a hundred times a
+# second it reads every thread's stack (sys._current_frames) and charges it with the CPU time
+# that thread used since the last look. On Linux each thread's CPU time is read from its own
+# CPU clock, so threads blocked on sockets or locks cost nothing and weigh nothing, and a
+# machine busy in one method shows that method with its real share of the time; elsewhere
+# the weight is wall-clock time. The result is in pstats' format, with the edges between
+# callers and callees, so `pstats`, `python -m pstats`, snakeviz and gprof2dot read it and
+# machines' profiles merge with `pstats.Stats.add`. What sampling cannot know is how many
+# times a function was called: "ncalls" counts the samples it appeared in. Functions in C
+# are not seen; their time is their Python caller's.
+#
+# Memory is tracemalloc's, started on a machine the first time it is asked for (allocations
+# made before that are not seen, and tracing then slows allocation down until it is stopped).
+#
+# Variables are Go's expvar: `publish(name, value)` on any machine (or the driver), and every
+# process counts the calls it served and made per method, as Go's rpc/stats.go does.
+#
+# Logs. A Local machine's standard output and error reach the driver a line at a time,
+# prefixed with the machine's address; its `logging` records travel as records (one JSON line
+# on its standard error) and are handled again by the driver's logging, at the driver's level,
+# with the machine's address in front of the message and as `record.machine`. A machine that
+# prints more than its system's `output_burst` lines at once, or more than `output_rate` lines
+# a second for long, has the rest dropped and counted ("N lines dropped"), so a chatty machine
+# cannot flood the driver. Nothing printed before a machine exits is lost: its pipes are read
+# to their end before its shutdown returns.
+#
+# The debug pages (`B.serve_debug`) serve all of this over plain HTTP to loopback only: they
+# have no authentication, and a profile or a stack trace shows a program's insides.
+
+
+# --------------------------------------------------------------------------------------
+# Variables (Go: expvar)
+# --------------------------------------------------------------------------------------
+
+class Counter:
+    """An integer variable that any thread may add to, for `publish`:
+
+        served = bigmachine.publish("served", bigmachine.Counter())
+        served.add()
+    """
+
+    __slots__ = ("_value", "_lock")
+
+    def __init__(self, value=0):
+        self._value = value
+        self._lock = threading.Lock()
+
+    def add(self, n=1):
+        """Add n (1 by default); returns the new value."""
+        with self._lock:
+            self._value += n
+            return self._value
+
+    @property
+    def value(self):
+        return self._value
+
+    def __repr__(self):
+        return "Counter(%r)" % (self._value,)
+
+
+_published = {}                      # name -> value, Counter or callable
+_published_lock = threading.Lock()
+
+
+def publish(name, value):
+    """Publish a variable of this process (Go's expvar.Publish) and return value.
+
+    value is read each time the variables are: a `Counter` gives its value, a callable is
+    called (with no arguments), anything else is shown as it is then. Values should be made
+    of numbers, strings, lists and dicts; others are shown by their repr. On a machine the
+    variables appear in `b.vars()` and on the driver's /debug/vars page; publishing a name
+    again replaces the variable."""
+    if not isinstance(name, str) or not name:
+        raise ValueError("a variable's name is a non-empty string, not %r" % (name,))
+    with _published_lock:
+        _published[name] = value
+    return value
+
+
+def unpublish(name):
+    """Remove a published variable; a name that is not published is ignored."""
+    with _published_lock:
+        _published.pop(name, None)
+
+
+def _plain(value, depth=0):
+    """value as JSON-compatible data: numbers, strings, lists and dicts, else its repr."""
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    if depth < 16:
+        if isinstance(value, collections.abc.Mapping):
+            return {str(k): _plain(v, depth + 1) for k, v in list(value.items())}
+        if isinstance(value, (list, tuple, set, frozenset, collections.deque)):
+            return [_plain(v, depth + 1) for v in list(value)]
+    return repr(value)
+
+
+def _read_published():
+    with _published_lock:
+        items = list(_published.items())
+    out = {}
+    for name, value in items:
+        try:
+            if isinstance(value, Counter):
+                value = value.value
+            elif callable(value):
+                value = value()
+            out[name] = _plain(value)
+        except Exception as e:
+            out[name] = "error: %s: %s" % (type(e).__name__, e)
+    return out
+
+
+class _RPCStats:
+    """Calls counted per method, as Go's rpc/stats.go counts them: how many, how many failed,
+    time, and the bytes of requests and replies. Each process has one for the calls it makes
+    (its client, per method and per machine) and one per machine it serves. Recording a call
+    costs a lock and a few list operations."""
+
+    __slots__ = ("_methods", "_machines", "_lock")
+
+    def __init__(self):
+        self._methods = {}    # method -> [count, errors, time, max time, request bytes,
+        #                                   reply bytes, max request bytes, max reply bytes]
+        self._machines = {}   # (addr, method) -> [count, errors, time, max time]
+        self._lock = threading.Lock()
+
+    def record(self, method, seconds, request_bytes, reply_bytes, failed, addr=None):
+        with self._lock:
+            s = self._methods.get(method)
+            if s is None:
+                s = self._methods[method] = [0, 0, 0.0, 0.0, 0, 0, 0, 0]
+            s[0] += 1
+            s[1] += failed
+            s[2] += seconds
+            s[4] += request_bytes
+            s[5] += reply_bytes
+            if seconds > s[3]:
+                s[3] = seconds
+            if request_bytes > s[6]:
+                s[6] = request_bytes
+            if reply_bytes > s[7]:
+                s[7] = reply_bytes
+            if addr is not None:
+                s = self._machines.get((addr, method))
+                if s is None:
+                    s = self._machines[addr, method] = [0, 0, 0.0, 0.0]
+                s[0] += 1
+                s[1] += failed
+                s[2] += seconds
+                if seconds > s[3]:
+                    s[3] = seconds
+
+    def totals(self, skip_prefix="Supervisor."):
+        """(calls, errors) over the methods whose names do not start with skip_prefix."""
+        with self._lock:
+            rows = [s for m, s in self._methods.items() if not m.startswith(skip_prefix)]
+        return sum(s[0] for s in rows), sum(s[1] for s in rows)
+
+    def snapshot(self):
+        """{"methods": {method: {...}}}, and for a client "machines": {addr: {method: ...}}.
+        Times are in milliseconds, like Go's."""
+        with self._lock:
+            methods = {m: list(s) for m, s in self._methods.items()}
+            machines = {k: list(s) for k, s in self._machines.items()}
+        out = {"methods": {m: {
+            "count": s[0], "errors": s[1], "time_ms": round(1000 * s[2], 3),
+            "max_time_ms": round(1000 * s[3], 3), "request_bytes": s[4], "reply_bytes": s[5],
+            "max_request_bytes": s[6], "max_reply_bytes": s[7]} for m, s in sorted(methods.items())}}
+        if machines:
+            out["machines"] = by_addr = {}
+            for (addr, method), s in sorted(machines.items()):
+                by_addr.setdefault(addr, {})[method] = {
+                    "count": s[0], "errors": s[1], "time_ms": round(1000 * s[2], 3),
+                    "max_time_ms": round(1000 * s[3], 3)}
+        return out
+
+
+def _gather(machines, method, *args, timeout):
+    """Call method on every machine at once: [(machine, result, error)], in order. Each call
+    carries the deadline, so this returns within timeout (give or take a connection)."""
+    futures = [(m, m.options(timeout=timeout).call_async(method, *args)) for m in machines]
+    results = []
+    for m, future in futures:
+        try:
+            results.append((m, future.result(), None))
+        except Exception as e:
+            results.append((m, None, e))
+    return results
+
+
+# --------------------------------------------------------------------------------------
+# CPU profiles: a sampler that writes pstats
+# --------------------------------------------------------------------------------------
+
+#: The sampler's own entry in every profile: its samples and the CPU time it used.
+_PROFILER_KEY = ("~", 0, "<bigmachine profiler>")
+
+
+def _cpu_clock_id(tid):
+    # Linux names a thread's CPU-time clock by its thread id (see clock_getcpuclockid(3)):
+    # ~tid << 3, with CPUCLOCK_PERTHREAD (4) and CPUCLOCK_SCHED (2). Unlike
+    # pthread_getcpuclockid, a clock id made this way is safe to use after the thread has
+    # exited: clock_gettime then fails with EINVAL.
+    return (~tid << 3) | 6
+
+
+def _thread_cpu_clocks():
+    """Can this process read each of its threads' CPU time?"""
+    if not sys.platform.startswith("linux") or not hasattr(time, "clock_gettime_ns") or \
+            not hasattr(threading, "get_native_id"):
+        return False
+    try:
+        time.clock_gettime_ns(_cpu_clock_id(threading.get_native_id()))
+        return True
+    except (OSError, OverflowError):
+        return False
+
+
+class _Sampler:
+    """One CPU profile of this process, taken by the thread that runs it. See the section's
+    introduction."""
+
+    def __init__(self, hz=100):
+        if not isinstance(hz, (int, float)) or not 1 <= hz <= 1000:
+            raise ValueError("hz must be between 1 and 1000, not %r" % (hz,))
+        self.hz = hz
+        self.clock = "cpu" if _thread_cpu_clocks() else "wall"
+        self.samples = 0
+        self._stats = {}      # pstats key -> [samples, self time, cumulative time, {caller: edge}]
+        self._labels = {}     # code object -> pstats key
+        self._natives = {}    # thread ident -> native thread id (0: not known to threading)
+        self._cpu = {}        # native thread id -> CPU ns at the last look
+        self._wall = None
+
+    def run(self, seconds, wait):
+        """Sample for seconds, or until wait(timeout) returns true; returns the pstats dict."""
+        me = threading.get_ident()
+        began = time.monotonic()
+        own = time.thread_time()
+        self._look(me)                          # the baselines: nothing before now counts
+        interval = 1.0 / self.hz
+        while True:
+            left = began + seconds - time.monotonic()
+            if left <= 0 or wait(min(interval, left)):
+                break
+            self._look(me)
+            self.samples += 1
+        self._look(me)
+        own = time.thread_time() - own
+        stats = {key: (n, n, tt, ct, {caller: (en, en, ett, ect)
+                                      for caller, (en, ett, ect) in callers.items()})
+                 for key, (n, tt, ct, callers) in self._stats.items()}
+        stats[_PROFILER_KEY] = (self.samples, self.samples, own, own, {})
+        return stats
+
+    def _look(self, me):
+        frames = sys._current_frames()
+        try:
+            if self.clock == "cpu":
+                for ident, frame in frames.items():
+                    if ident != me:
+                        seconds = self._cpu_since(ident)
+                        if seconds:
+                            self._add(frame, seconds)
+            else:
+                now = time.perf_counter()
+                seconds, self._wall = (now - self._wall if self._wall else 0.0), now
+                if seconds:
+                    for ident, frame in frames.items():
+                        if ident != me:
+                            self._add(frame, seconds)
+        finally:
+            del frames                          # they hold every thread's locals
+
+    def _cpu_since(self, ident):
+        """The CPU seconds thread ident used since the last look (0.0 the first time)."""
+        tid = self._natives.get(ident)
+        if tid is None:
+            self._natives = {t.ident: t.native_id for t in threading.enumerate()}
+            tid = self._natives.setdefault(ident, 0)
+        if not tid:
+            return 0.0
+        try:
+            now = time.clock_gettime_ns(_cpu_clock_id(tid))
+        except OSError:                         # it exited (and its ident may come back)
+            del self._natives[ident]
+            return 0.0
+        last = self._cpu.get(tid)
+        self._cpu[tid] = now
+        return (now - last) / 1e9 if last is not None and now > last else 0.0
+
+    def _add(self, frame, seconds):
+        """Charge a stack (its innermost frame) with seconds. A function is counted once per
+        sample however deep it recurses, as cProfile counts cumulative time once."""
+        labels, stats = self._labels, self._stats
+        keys = []
+        while frame is not None:
+            code = frame.f_code
+            key = labels.get(code)
+            if key is None:
+                key = labels[code] = (code.co_filename, code.co_firstlineno, code.co_name)
+            keys.append(key)
+            frame = frame.f_back
+        seen = set()                            # functions, and (caller, callee) pairs
+        callee = None
+        for depth, key in enumerate(keys):      # from the innermost frame outwards
+            entry = stats.get(key)
+            if entry is None:
+                entry = stats[key] = [0, 0.0, 0.0, {}]
+            if depth == 0:
+                entry[1] += seconds
+            if key not in seen:
+                seen.add(key)
+                entry[0] += 1
+                entry[2] += seconds
+            if depth and (key, callee) not in seen:
+                seen.add((key, callee))
+                edges = stats[callee][3]
+                edge = edges.get(key)
+                if edge is None:
+                    edge = edges[key] = [0, 0.0, 0.0]
+                edge[0] += 1
+                edge[2] += seconds
+                if depth == 1:
+                    edge[1] += seconds
+            callee = key
+
+
+def _profile(seconds, hz=100):
+    """Profile this process for seconds: {"stats": pstats dict, "samples", "hz", "clock",
+    "seconds"}. In a service call, the call's cancellation ends it early."""
+    seconds = float(seconds)
+    if not seconds > 0:
+        raise ValueError("a profile lasts a positive number of seconds, not %r" % (seconds,))
+    context = current_call()
+    wait = context.wait if context is not None else time.sleep
+    sampler = _Sampler(hz)
+    began = time.monotonic()
+    stats = sampler.run(seconds, wait)
+    return {"stats": stats, "samples": sampler.samples, "hz": hz, "clock": sampler.clock,
+            "seconds": time.monotonic() - began, "pid": os.getpid()}
+
+
+class _ProfileSource:
+    """One machine's profile as pstats.Stats wants it: an object with create_stats() and
+    stats, whose str() names it in the header Stats prints."""
+
+    def __init__(self, addr, result):
+        self.addr, self.result = addr, result
+        self.stats = dict(result["stats"])
+
+    def create_stats(self):
+        pass
+
+    def __str__(self):
+        r = self.result
+        return "%s: %d samples at %s Hz over %.1fs, weighted by %s time" % (
+            self.addr, r["samples"], r["hz"], r["seconds"],
+            "CPU" if r["clock"] == "cpu" else "wall-clock")
+
+
+def _merge_profiles(results):
+    """One pstats.Stats from [(addr, profile result)]; its header names every machine."""
+    import pstats
+    merged = pstats.Stats()
+    sources = [_ProfileSource(addr, result) for addr, result in results]
+    for source in sources:
+        merged.add(source)
+    merged.files = [str(source) for source in sources]
+    return merged
+
+
+# --------------------------------------------------------------------------------------
+# Memory: tracemalloc
+# --------------------------------------------------------------------------------------
+
+_tracemalloc_since = None            # time.time() when this module started tracemalloc
+
+
+def _heap(limit=200, stop=False):
+    """The allocation sites holding the most memory now, from tracemalloc, which is started if
+    it is not running. stop=True stops it afterwards (tracing slows allocation down)."""
+    global _tracemalloc_since
+    import linecache
+    import tracemalloc
+    started = not tracemalloc.is_tracing()
+    if started:
+        tracemalloc.start()
+        _tracemalloc_since = time.time()
+    snapshot = tracemalloc.take_snapshot().filter_traces((
+        tracemalloc.Filter(False, tracemalloc.__file__),
+        tracemalloc.Filter(False, linecache.__file__),
+        tracemalloc.Filter(False, "<unknown>"),
+    ))
+    statistics = snapshot.statistics("lineno")
+    current, peak = tracemalloc.get_traced_memory()
+    sites = []
+    for stat in statistics[:max(0, int(limit))]:
+        frame = stat.traceback[0]
+        sites.append((frame.filename, frame.lineno, stat.size, stat.count,
+                      linecache.getline(frame.filename, frame.lineno).strip()))
+    result = {
+        "started_now": started, "since": _tracemalloc_since, "pid": os.getpid(),
+        "size": sum(s.size for s in statistics), "count": sum(s.count for s in statistics),
+        "traced": current, "peak": peak, "overhead": tracemalloc.get_tracemalloc_memory(),
+        "sites": sites, "stopped": bool(stop),
+    }
+    if stop:
+        tracemalloc.stop()
+        _tracemalloc_since = None
+    return result
+
+
+def _format_heap(results, limit=50):
+    """The text of the heap page for [(addr, heap result or None, error)]."""
+    lines, sites, machines = [], {}, 0
+    size = count = 0
+    for addr, result, error in results:
+        if error is not None:
+            lines.append("%s: no heap profile: %s" % (addr, error))
+            continue
+        machines += 1
+        size += result["size"]
+        count += result["count"]
+        if result["started_now"]:
+            lines.append("%s: tracemalloc was not running; it was started now, so only "
+                         "allocations from now on are seen: load this page again later" % addr)
+        elif result["since"]:
+            lines.append("%s: tracing allocations since %s" % (
+                addr, time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(result["since"]))))
+        lines.append("%s: %s traced now, %s at the peak, %s used by tracemalloc itself" % (
+            addr, _bytes(result["traced"]), _bytes(result["peak"]), _bytes(result["overhead"])))
+        for filename, lineno, site_size, site_count, text in result["sites"]:
+            entry = sites.setdefault((filename, lineno), [0, 0, 0, text])
+            entry[0] += site_size
+            entry[1] += site_count
+            entry[2] += 1
+    head = ["heap profile (tracemalloc) of %d machine%s: %s in %d blocks, by allocation site"
+            % (machines, "" if machines == 1 else "s", _bytes(size), count),
+            "Tracing slows allocation down; ?stop=1 stops it (the next request starts it "
+            "again). ?machine=ADDR shows one machine, ?limit=N more sites.", ""]
+    rows = ["%10s %9s %8s  %s" % ("size", "blocks", "machines", "site")]
+    for (filename, lineno), (site_size, site_count, n, text) in sorted(
+            sites.items(), key=lambda item: -item[1][0])[:limit]:
+        rows.append("%10s %9d %8d  %s:%d" % (_bytes(site_size), site_count, n, filename, lineno))
+        if text:
+            rows.append("%30s%s" % ("", text))
+    return "\n".join(head + lines + [""] + rows) + "\n"
+
+
+def _bytes(n):
+    """n bytes for people: 512 B, 1.5 KiB, 2.0 GiB."""
+    if n is None:
+        return "?"
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return ("%d %s" if unit == "B" else "%.1f %s") % (n, unit)
+        n /= 1024.0
+
+
+# --------------------------------------------------------------------------------------
+# Machine facts for the status page: the standard library only
+# --------------------------------------------------------------------------------------
+
+def _machine_facts():
+    """Memory, disk, load and CPU of this process and its host, where the platform tells."""
+    import shutil
+    facts = {"pid": os.getpid(), "cpus": os.cpu_count() or 1, "time": time.time(),
+             "threads": threading.active_count(), "python": sys.version.split()[0],
+             "hostname": socket.gethostname()}
+    with contextlib.suppress(OSError, AttributeError):
+        facts["load"] = list(os.getloadavg())
+    times = os.times()
+    facts["cpu_seconds"] = times.user + times.system
+    try:
+        info = {}
+        with open("/proc/meminfo") as f:
+            for line in f:
+                name, _, rest = line.partition(":")
+                value = rest.split()[:1]
+                if value and value[0].isdigit():
+                    info[name] = int(value[0]) * 1024         # kB
+        facts["memory"] = {"total": info["MemTotal"], "available": info["MemAvailable"]}
+    except (OSError, KeyError, ValueError, IndexError):
+        pass
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmRSS:"):
+                    facts["rss"] = int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    if "rss" not in facts:
+        with contextlib.suppress(ImportError, OSError, ValueError):
+            import resource
+            peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+            facts["max_rss"] = peak if sys.platform == "darwin" else peak * 1024
+    with contextlib.suppress(OSError):
+        usage = shutil.disk_usage(os.getcwd())
+        facts["disk"] = {"path": os.getcwd(), "total": usage.total, "used": usage.used,
+                         "free": usage.free}
+    return facts
+
+
+# --------------------------------------------------------------------------------------
+# Logs: machine output and logging records, to the driver
+# --------------------------------------------------------------------------------------
+
+_LOG_MARK = "\x1ebigmachine-log "    # a line of a machine's stderr that carries a record
+
+
+class _LogRecordWriter(logging.Handler):
+    """On a Local machine, the root logger's handler: each record goes to the driver as one
+    line on standard error, to be handled again by the driver's logging."""
+
+    def __init__(self, stream):
+        super().__init__()
+        self.stream = stream
+
+    def emit(self, record):
+        try:
+            fields = {
+                "name": record.name, "levelno": record.levelno, "levelname": record.levelname,
+                "msg": record.getMessage(), "created": record.created, "msecs": record.msecs,
+                "pathname": record.pathname, "filename": record.filename,
+                "module": record.module, "lineno": record.lineno, "funcName": record.funcName,
+                "thread": record.thread, "threadName": record.threadName,
+                "process": record.process,
+            }
+            if record.exc_info:
+                fields["exc_text"] = logging.Formatter().formatException(record.exc_info)
+            elif record.exc_text:
+                fields["exc_text"] = record.exc_text
+            if record.stack_info:
+                fields["stack_info"] = record.stack_info
+            # One write of one line: whole, whatever other threads print.
+            self.stream.write(_LOG_MARK + json.dumps(fields) + "\n")
+            self.stream.flush()
+        except Exception:
+            self.handleError(record)
+
+
+def _forward_logging(level):
+    """Send this machine's logging records to the driver, at the driver's level."""
+    root = logging.getLogger()
+    root.setLevel(level)
+    root.addHandler(_LogRecordWriter(sys.stderr))
+
+
+class _MachineOutput:
+    """Where a machine's output lines arrive on the driver: printed lines go to the driver's
+    stderr with a prefix naming the machine, logging records to the driver's logging. A token
+    bucket (burst lines, refilled at rate lines a second) bounds them; what it drops is
+    counted and said."""
+
+    def __init__(self, rate, burst):
+        self.rate, self.burst = float(rate), float(burst)
+        self._tokens = self.burst
+        self._last = time.monotonic()
+        self._dropped = 0
+        self._lock = threading.Lock()
+
+    def line(self, data, prefix, machine):
+        """Forward one line (bytes) of the machine at address machine; returns it as text, for
+        the tail kept to explain exits."""
+        text = data.decode("utf-8", "replace")
+        if not text.endswith("\n"):
+            text += "\n"
+        record = None
+        if text.startswith(_LOG_MARK):
+            try:
+                record = logging.makeLogRecord(json.loads(text[len(_LOG_MARK):]))
+            except (ValueError, TypeError):
+                record = None
+            else:
+                text = "%s %s: %s\n" % (record.levelname, record.name, record.msg)
+        if self._admit(prefix):
+            if record is None:
+                _write_stderr(prefix + text)
+            else:
+                record.machine = machine
+                record.msg, record.args = prefix + str(record.msg), None
+                logger = logging.getLogger(record.name)
+                if logger.isEnabledFor(record.levelno):
+                    logger.handle(record)
+        return text
+
+    def _admit(self, prefix):
+        with self._lock:
+            now = time.monotonic()
+            self._tokens = min(self.burst, self._tokens + (now - self._last) * self.rate)
+            self._last = now
+            if self._tokens < 1:
+                self._dropped += 1
+                return False
+            self._tokens -= 1
+            dropped, self._dropped = self._dropped, 0
+        if dropped:
+            self._say_dropped(dropped, prefix)
+        return True
+
+    def _say_dropped(self, n, prefix):
+        _write_stderr("%s[bigmachine] %d line%s of output dropped: more than %d lines at once "
+                      "or %g a second\n" % (prefix, n, "" if n == 1 else "s", self.burst,
+                                            self.rate))
+
+    def close(self, prefix):
+        """An output stream ended: say what was dropped since the last line let through."""
+        with self._lock:
+            dropped, self._dropped = self._dropped, 0
+        if dropped:
+            self._say_dropped(dropped, prefix)
+
+
+# --------------------------------------------------------------------------------------
+# The debug pages (B.serve_debug)
+# --------------------------------------------------------------------------------------
+
+def _split_host_port(address, default_port=None):
+    """'host:port', '[::1]:port', ':port' -> (host, port)."""
+    host, sep, port = address.rpartition(":")
+    if not sep or "]" in port:
+        host, port = address, default_port
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    try:
+        port = int(port)
+    except (TypeError, ValueError):
+        raise ValueError("not a host:port address: %r" % (address,)) from None
+    if not 0 <= port < 65536:
+        raise ValueError("no such port: %r" % (address,))
+    return host, port
+
+
+def _is_loopback_name(host):
+    """Is host (a name as it appears in a URL) one that always means this host's loopback?
+    Names are not resolved: that is the point (DNS rebinding)."""
+    import ipaddress
+    host = host.lower().rstrip(".")
+    if host == "localhost" or host.endswith(".localhost"):
+        return True
+    try:
+        return ipaddress.ip_address(host.partition("%")[0]).is_loopback
+    except ValueError:
+        return False
+
+
+def _resolves_to_loopback(host):
+    import ipaddress
+    if _is_loopback_name(host):
+        return True
+    try:
+        infos = socket.getaddrinfo(host, None, type=socket.SOCK_STREAM)
+    except OSError:
+        return False
+    return bool(infos) and all(
+        ipaddress.ip_address(info[4][0].partition("%")[0]).is_loopback for info in infos)
+
+
+class _DebugServer(http.server.ThreadingHTTPServer):
+    daemon_threads = True
+    block_on_close = False          # a profile being taken must not hold up shutdown
+
+    def __init__(self, b, host, port, allow_remote):
+        self.b = b
+        self.allow_remote = allow_remote
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        self.address_family = family
+        super().__init__((host, port), _DebugHandler)
+        bound = self.socket.getsockname()
+        self.addr = ("[%s]:%d" if family == socket.AF_INET6 else "%s:%d") % bound[:2]
+        self._thread = threading.Thread(target=self.serve_forever, name="bigmachine-debug",
+                                        daemon=True)
+        self._thread.start()
+
+    def server_bind(self):
+        # HTTPServer's would look the host's name up (socket.getfqdn), which can take seconds.
+        import socketserver
+        socketserver.TCPServer.server_bind(self)
+        self.server_name, self.server_port = self.server_address[:2]
+
+    def close(self):
+        self.shutdown()
+        self.server_close()
+
+
+_INDEX = [
+    ("status", "every machine: state, keepalive, memory, disk, load, uptime, calls"),
+    ("pprof/", "CPU profiles and memory, merged and per machine"),
+    ("stacks", "every thread's stack on every machine, and the driver's"),
+    ("../vars", "variables (JSON): the driver's, and every machine's under \"machines\""),
+]
+
+
+class _DebugHandler(http.server.BaseHTTPRequestHandler):
+    server_version = "bigmachine-debug/" + __version__
+    protocol_version = "HTTP/1.1"
+
+    def log_message(self, format, *args):
+        log.debug("debug page: %s: " + format, self.address_string(), *args)
+
+    def do_GET(self):
+        host = self.headers.get("Host")
+        if not self.server.allow_remote and not _loopback_host_header(host):
+            # A page of another site may make a browser ask us for these pages under a name of
+            # its own that resolves to 127.0.0.1 (DNS rebinding); such a request names its host.
+            self._send(403, "text/plain", "the debug pages answer to loopback names only, "
+                                          "not to Host: %s\n" % (host,))
+            return
+        url = urllib.parse.urlsplit(self.path)
+        query = {k: v[-1] for k, v in urllib.parse.parse_qs(url.query).items()}
+        routes = {
+            "/": self._index, "/debug/bigmachine/": self._index,
+            "/debug/bigmachine/status": self._status,
+            "/debug/bigmachine/pprof/": self._pprof_index,
+            "/debug/bigmachine/pprof/profile": self._profile,
+            "/debug/bigmachine/pprof/heap": self._heap,
+            "/debug/bigmachine/pprof/goroutine": self._stacks,
+            "/debug/bigmachine/stacks": self._stacks,
+            "/debug/vars": self._vars,
+        }
+        route = routes.get(url.path)
+        if route is None:
+            if url.path + "/" in routes:
+                self.send_response(301)
+                self.send_header("Location", url.path + "/")
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+                return
+            self._send(404, "text/plain", "no such page: %s\n" % url.path)
+            return
+        try:
+            route(query)
+        except _PageError as e:
+            self._send(e.status, "text/plain", str(e) + "\n")
+        except Exception as e:
+            log.debug("debug page %s failed", self.path, exc_info=True)
+            self._send(500, "text/plain", "%s: %s\n" % (type(e).__name__, e))
+
+    def _send(self, status, content_type, body, headers=()):
+        if isinstance(body, str):
+            body = body.encode("utf-8")
+        if content_type.startswith("text/"):
+            content_type += "; charset=utf-8"
+        self.send_response(status)
+        self.send_header("Content-Type", content_type)
+        self.send_header("Content-Length", str(len(body)))
+        self.send_header("Cache-Control", "no-store")
+        self.send_header("X-Content-Type-Options", "nosniff")
+        self.send_header("Content-Security-Policy",
+                         "default-src 'none'; style-src 'unsafe-inline'")
+        for name, value in headers:
+            self.send_header(name, value)
+        self.end_headers()
+        self.wfile.write(body)
+
+    # -- what to show ---------------------------------------------------------------------
+
+    def _machines(self, query):
+        """The machines a page is about: ?machine=ADDR, else all the running ones."""
+        b = self.server.b
+        addr = query.get("machine")
+        machines = sorted(b.machines(), key=lambda m: m.addr)
+        if addr is not None:
+            machines = [m for m in machines if m.addr == addr]
+            if not machines:
+                raise _PageError(404, "no machine %s in this session" % addr)
+        else:
+            machines = [m for m in machines if m.state is RUNNING]
+        return machines
+
+    def _index(self, query):
+        import html
+        items = "".join('<li><a href="/debug/bigmachine/%s">%s</a>: %s</li>' % (
+            path, html.escape(path.strip("./") or path), html.escape(what))
+            for path, what in _INDEX)
+        self._send(200, "text/html", _page("bigmachine debug", "<ul>%s</ul>" % items))
+
+    def _pprof_index(self, query):
+        import html
+        machines = sorted(self.server.b.machines(), key=lambda m: m.addr)
+
+        def links(**machine):
+            return " &middot; ".join('<a href="%s">%s</a>' % (html.escape(_href(path, **params)), what)
+                              for path, params, what in (
+                                  ("profile", dict(seconds=30, **machine), "CPU profile, 30s"),
+                                  ("profile", dict(seconds=10, debug=1, **machine),
+                                   "10s, as text"),
+                                  ("heap", machine, "heap"),
+                                  ("../stacks", machine, "stacks")))
+        rows = ["<tr><td>all %d machines, merged</td><td>%s</td></tr>" % (len(machines),
+                                                                         links())]
+        for m in machines:
+            rows.append("<tr><td><span class=mono>%s</span> <span class='state %s'>%s</span>"
+                        "</td><td>%s</td></tr>" % (html.escape(m.addr), m.state.name,
+                                                  m.state.name, links(machine=m.addr)))
+        body = ("<p>A CPU profile is sampled (%d times a second, by each thread's CPU time where "
+                "the platform tells it) on every machine at once and merged into one file in "
+                "pstats' format: <code>python3 -m pstats FILE</code>, snakeviz and gprof2dot "
+                "read it. Its ncalls column counts samples, not calls. The heap is "
+                "tracemalloc's, started on a machine when first asked for.</p>"
+                "<table><tbody>%s</tbody></table>" % (_DEFAULT_HZ, "".join(rows)))
+        self._send(200, "text/html", _page("bigmachine profiles", body))
+
+    def _profile(self, query):
+        try:
+            seconds = float(query.get("seconds", "30") or 30)
+            hz = float(query.get("hz", _DEFAULT_HZ))
+        except ValueError:
+            raise _PageError(400, "seconds and hz are numbers") from None
+        if seconds == 0:
+            seconds = 30.0                         # as Go's pprof handler
+        if not 0 < seconds <= 3600:
+            raise _PageError(400, "seconds must be between 0 and 3600")
+        machines = self._machines(query)
+        if not machines:
+            raise _PageError(404, "no profiles are available at this time: no machine is "
+                                  "running")
+        stats = self.server.b.profile(seconds, machines, hz=hz)
+        if query.get("debug", "0") not in ("", "0"):
+            out = io.StringIO()
+            stats.stream = out
+            stats.sort_stats("tottime").print_stats(int(query.get("lines", 40)))
+            self._send(200, "text/plain", out.getvalue())
+            return
+        import marshal
+        name = "bigmachine-%s.prof" % time.strftime("%Y%m%d-%H%M%S")
+        self._send(200, "application/octet-stream", marshal.dumps(stats.stats),
+                   [("Content-Disposition", 'attachment; filename="%s"' % name)])
+
+    def _heap(self, query):
+        machines = self._machines(query)
+        try:
+            limit = int(query.get("limit", 50))
+        except ValueError:
+            raise _PageError(400, "limit is a number") from None
+        stop = query.get("stop", "0") not in ("", "0")
+        results = _gather(machines, "Supervisor.heap", max(limit, 200), stop, timeout=60.0)
+        if not results:
+            raise _PageError(404, "no machine is running")
+        self._send(200, "text/plain", _format_heap(
+            [(m.addr, r, e) for m, r, e in results], limit))
+
+    def _stacks(self, query):
+        machines = self._machines(query)
+        parts = []
+        if "machine" not in query:
+            parts.append("== driver (pid %d) ==\n%s" % (os.getpid(), _format_stacks()))
+        for m, text, error in _gather(machines, "Supervisor.stacks", timeout=10.0):
+            parts.append("== %s (%s) ==\n%s" % (
+                m.addr, m.state.name, text if error is None else "no stacks: %s\n" % error))
+        self._send(200, "text/plain", "\n".join(parts))
+
+    def _vars(self, query):
+        b = self.server.b
+        out = _read_published()
+        out["rpc.client"] = b._client.stats.snapshot()
+        out["machines"] = b.vars()
+        self._send(200, "application/json", json.dumps(out, indent=2, sort_keys=True) + "\n")
+
+    def _status(self, query):
+        try:
+            refresh = max(0, int(query.get("refresh", 5)))
+        except ValueError:
+            raise _PageError(400, "refresh is a number of seconds") from None
+        self._send(200, "text/html", _status_page(self.server.b, refresh))
+
+
+def _loopback_host_header(value):
+    """Does a Host header name this host's loopback (and nothing that DNS could move)?"""
+    if not value:
+        return False
+    try:
+        host, _ = _split_host_port(value.strip(), 80)
+    except ValueError:
+        return False
+    return _is_loopback_name(host)
+
+
+def _href(path, **params):
+    return path + ("?" + urllib.parse.urlencode(params) if params else "")
+
+
+class _PageError(Exception):
+    def __init__(self, status, message):
+        super().__init__(message)
+        self.status = status
+
+
+_DEFAULT_HZ = 100
+
+_STYLE = """
+:root { color-scheme: light; --ink: #1d2330; --dim: #6b7385; --line: #e3e6ee; --bg: #f6f7fb;
+        --ok: #1f9d55; --warn: #c98a04; --bad: #c0392b; --accent: #3559d1; }
+* { box-sizing: border-box; }
+body { margin: 0; font: 14px/1.45 system-ui, -apple-system, "Segoe UI", Roboto, sans-serif;
+       color: var(--ink); background: var(--bg); }
+header { background: #1d2330; color: #fff; padding: 14px 28px; }
+header h1 { margin: 0; font-size: 20px; font-weight: 600; letter-spacing: .2px; }
+header .sub { color: #b9c0d0; font-size: 13px; margin-top: 2px; }
+nav { margin-top: 8px; font-size: 13px; }
+nav a { color: #9fb4ff; margin-right: 16px; text-decoration: none; }
+main { padding: 20px 28px; }
+a { color: var(--accent); }
+table { border-collapse: collapse; width: 100%; background: #fff; border: 1px solid var(--line);
+        border-radius: 8px; overflow: hidden; box-shadow: 0 1px 2px rgba(0,0,0,.04); }
+th, td { text-align: left; padding: 9px 12px; border-bottom: 1px solid var(--line);
+         vertical-align: top; }
+th { background: #fafbfd; color: var(--dim); font-weight: 600; font-size: 12px;
+     text-transform: uppercase; letter-spacing: .5px; }
+tr:last-child td { border-bottom: 0; }
+.dim { color: var(--dim); font-size: 12px; }
+.mono { font-family: ui-monospace, "SFMono-Regular", Menlo, Consolas, monospace; font-size: 13px; }
+.num { font-variant-numeric: tabular-nums; white-space: nowrap; }
+.state { display: inline-block; padding: 1px 8px; border-radius: 10px; font-size: 12px;
+         font-weight: 600; color: #fff; }
+.RUNNING { background: var(--ok); } .STARTING, .UNSTARTED { background: var(--warn); }
+.STOPPED { background: #8a93a6; } .bad { color: var(--bad); }
+.bar { height: 6px; width: 120px; background: var(--line); border-radius: 3px; margin: 4px 0 2px; }
+.bar span { display: block; height: 6px; border-radius: 3px; background: var(--accent); }
+.bar span.high { background: var(--bad); }
+.cards { display: flex; gap: 14px; margin-bottom: 18px; flex-wrap: wrap; }
+.card { background: #fff; border: 1px solid var(--line); border-radius: 8px; padding: 10px 16px;
+        min-width: 130px; }
+.card b { display: block; font-size: 22px; font-weight: 600; }
+.err { color: var(--bad); font-size: 12px; white-space: pre-wrap; max-width: 60ch; }
+p { max-width: 90ch; }
+"""
+
+
+def _page(title, body, refresh=0, subtitle=""):
+    import html
+    meta = '<meta http-equiv="refresh" content="%d">' % refresh if refresh else ""
+    return ("<!doctype html><html lang=en><head><meta charset=utf-8>%s<title>%s</title>"
+            "<meta name=viewport content='width=device-width, initial-scale=1'>"
+            "<style>%s</style></head><body><header><h1>%s</h1><div class=sub>%s</div><nav>"
+            "<a href='/debug/bigmachine/status'>status</a>"
+            "<a href='/debug/bigmachine/pprof/'>profiles</a>"
+            "<a href='/debug/bigmachine/stacks'>stacks</a>"
+            "<a href='/debug/vars'>vars</a></nav></header><main>%s</main></body></html>"
+            % (meta, html.escape(title), _STYLE, html.escape(title), subtitle, body))
+
+
+def _duration(seconds):
+    """3d 4h, 2h 5m, 4m 12s, 9.5s: two units at most."""
+    if seconds is None:
+        return "?"
+    seconds = max(0.0, seconds)
+    if seconds < 60:
+        return "%.1fs" % seconds if seconds < 10 else "%ds" % seconds
+    minutes, s = divmod(int(seconds), 60)
+    hours, m = divmod(minutes, 60)
+    days, h = divmod(hours, 24)
+    if days:
+        return "%dd %dh" % (days, h)
+    if hours:
+        return "%dh %dm" % (hours, m)
+    return "%dm %ds" % (m, s)
+
+
+def _bar(fraction):
+    fraction = max(0.0, min(1.0, fraction))
+    return '<div class=bar><span class="%s" style="width:%d%%"></span></div>' % (
+        "high" if fraction > 0.9 else "", round(100 * fraction))
+
+
+def _status_page(b, refresh):
+    """The HTML of /debug/bigmachine/status."""
+    import html
+    esc = html.escape
+    machines = sorted(b.machines(), key=lambda m: m.addr)
+    running = [m for m in machines if m.state is RUNNING]
+    facts = {m: (result, error) for m, result, error in
+             _gather(running, "Supervisor.status", timeout=5.0)}
+    rows = []
+    calls = errors = 0
+    for m in machines + [m for m in b._stopped_machines if m not in machines]:
+        result, error = facts.get(m, (None, None))
+        links = " &middot; ".join("<a href='%s'>%s</a>" % (esc(_href(path, **params)), what)
+                           for path, params, what in (
+                               ("/debug/bigmachine/stacks", dict(machine=m.addr), "stacks"),
+                               ("/debug/bigmachine/pprof/profile",
+                                dict(seconds=10, debug=1, machine=m.addr), "profile"),
+                               ("/debug/bigmachine/pprof/heap", dict(machine=m.addr), "heap")))
+        cells = ["<td><span class=mono>%s</span>%s<div class=dim>%s</div></td>" % (
+            esc(m.addr), "" if m.owned else " <span class=dim>(dialed)</span>",
+            links if m.state is RUNNING else "")]
+        cells.append("<td><span class='state %s'>%s</span>%s</td>" % (
+            m.state.name, m.state.name,
+            "<div class=err>%s</div>" % esc(str(m.err))[:600] if m.err is not None else ""))
+        replies = list(m.keepalive_replies)
+        if replies:
+            keepalive = "<span class=num>%.1f ms</span><div class=dim>avg %.1f ms of %d</div>" % (
+                1000 * replies[-1], 1000 * sum(replies) / len(replies), len(replies))
+        else:
+            keepalive = "<span class=dim>none yet</span>"
+        if m.next_keepalive is not None and m.state is RUNNING:
+            keepalive += "<div class=dim>lease ends in %s</div>" % _duration(
+                m.next_keepalive - time.time())
+        if result is None:
+            reason = ("no answer: %s" % error) if error is not None else ""
+            cells.append("<td class=dim>&ndash;</td><td>%s</td>" % keepalive)
+            cells.append("<td colspan=4 class='dim%s'>%s</td>" % (
+                " bad" if error is not None else "", esc(reason)))
+            rows.append("<tr>%s</tr>" % "".join(cells))
+            continue
+        calls += result["calls"]
+        errors += result["errors"]
+        cells.append("<td class=num>%s<div class=dim>pid %d &middot; %d thread%s</div></td>" % (
+            _duration(result["uptime"]), result["pid"], result["threads"],
+            "" if result["threads"] == 1 else "s"))
+        cells.append("<td>%s</td>" % keepalive)
+        memory = result.get("memory")
+        rss = result.get("rss", result.get("max_rss"))
+        text = "<span class=num>%s</span> <span class=dim>%s</span>" % (
+            _bytes(rss), "resident" if "rss" in result else "at most") if rss is not None else ""
+        if memory:
+            used = 1 - memory["available"] / memory["total"]
+            text += "%s<div class=dim>host %d%% of %s used</div>" % (
+                _bar(used), round(100 * used), _bytes(memory["total"]))
+        cells.append("<td>%s</td>" % (text or "<span class=dim>?</span>"))
+        disk = result.get("disk")
+        if disk:
+            used = disk["used"] / disk["total"] if disk["total"] else 0
+            cells.append("<td><span class=num>%s free</span>%s<div class=dim>%d%% of %s used</div>"
+                         "</td>" % (_bytes(disk["free"]), _bar(used), round(100 * used),
+                                    _bytes(disk["total"])))
+        else:
+            cells.append("<td class=dim>?</td>")
+        load = result.get("load")
+        cells.append("<td class=num>%s<div class=dim>%d cpu%s &middot; %s cpu time</div></td>" % (
+            " ".join("%.2f" % x for x in load) if load else "?", result["cpus"],
+            "" if result["cpus"] == 1 else "s", _duration(result["cpu_seconds"])))
+        cells.append("<td class=num>%d<div class=dim>%s%d running</div></td>" % (
+            result["calls"], "<span class=bad>%d errors</span> &middot; " % result["errors"]
+            if result["errors"] else "0 errors &middot; ", result["in_flight"]))
+        rows.append("<tr>%s</tr>" % "".join(cells))
+    if not rows:
+        rows.append("<tr><td colspan=9 class=dim>no machines yet</td></tr>")
+    counts = collections.Counter(m.state.name for m in machines)
+    cards = "".join("<div class=card><b>%s</b><span class=dim>%s</span></div>" % (value, what)
+                    for value, what in (
+                        (counts.get("RUNNING", 0), "running"),
+                        (counts.get("STARTING", 0) + counts.get("UNSTARTED", 0), "starting"),
+                        (len(b._stopped_machines), "stopped"),
+                        ("{:,}".format(calls), "calls served"),
+                        ("{:,}".format(errors), "calls failed")))
+    table = ("<table><thead><tr><th>machine</th><th>state</th><th>uptime</th><th>keepalive"
+             "</th><th>memory</th><th>disk</th><th>load</th><th>calls</th></tr></thead>"
+             "<tbody>%s</tbody></table>" % "".join(rows))
+    subtitle = "%s system &middot; driver pid %d on %s &middot; %s%s" % (
+        esc(b.system.name), os.getpid(), esc(socket.gethostname()),
+        time.strftime("%H:%M:%S"),
+        " &middot; refreshes every %ds" % refresh if refresh else "")
+    return _page("bigmachine status", "<div class=cards>%s</div>%s" % (cards, table),
+                 refresh, subtitle)
 
 
 # ======================================================================================
