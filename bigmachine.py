@@ -1555,8 +1555,8 @@ class _Peer:
             if meta_len:
                 raise _ProtocolError("unexpected reply frame")
             if flags & _STREAMED and kind == REPLY:
-                self.client.stats.record(method, time.perf_counter() - began, sent, 0, False,
-                                         self.addr)
+                self.client.stats.record((self.addr, method), time.perf_counter() - began,
+                                         sent, 0, False)
                 return self._stream_reply(conn, call_id, None)
             if nbuffers or body_len >= _LARGE:
                 reply, reply_buffers = _read_body(conn.rfile, nbuffers, body_len)
@@ -1570,8 +1570,8 @@ class _Peer:
                     raise EOFError("connection closed by peer")
         except BaseException as e:
             self.discard(conn)
-            self.client.stats.record(method, time.perf_counter() - began, sent, 0, True,
-                                     self.addr)
+            self.client.stats.record((self.addr, method), time.perf_counter() - began,
+                                     sent, 0, True)
             if not isinstance(e, (OSError, EOFError, _ProtocolError)):
                 self.cancel_remote(call_id)      # KeyboardInterrupt, say: mid-message
                 raise
@@ -1589,10 +1589,11 @@ class _Peer:
             except Exception:
                 pass                              # _loads says what went wrong
             else:
-                self.client.stats.record(method, time.perf_counter() - began, sent, got, False,
-                                         self.addr)
+                self.client.stats.record((self.addr, method), time.perf_counter() - began,
+                                         sent, got, False)
                 return result
-        self.client.stats.record(method, time.perf_counter() - began, sent, got, True, self.addr)
+        self.client.stats.record((self.addr, method), time.perf_counter() - began, sent, got,
+                                 True)
         return self._result(method, kind, reply, reply_buffers)
 
     def _result(self, method, kind, reply, reply_buffers):
@@ -1611,11 +1612,11 @@ class _Peer:
         try:
             result = self._call_general(method, args, kwargs, deadline, inflight, sizes)
         except BaseException:
-            self.client.stats.record(method, time.perf_counter() - began, sizes[0], sizes[1],
-                                     True, self.addr)
+            self.client.stats.record((self.addr, method), time.perf_counter() - began,
+                                     sizes[0], sizes[1], True)
             raise
-        self.client.stats.record(method, time.perf_counter() - began, sizes[0], sizes[1],
-                                 False, self.addr)
+        self.client.stats.record((self.addr, method), time.perf_counter() - began,
+                                 sizes[0], sizes[1], False)
         return result
 
     def _call_general(self, method, args, kwargs, deadline, inflight, sizes):
@@ -5711,22 +5712,22 @@ def _read_published():
 class _RPCStats:
     """Calls counted per method, as Go's rpc/stats.go counts them: how many, how many failed,
     time, and the bytes of requests and replies. Each process has one for the calls it makes
-    (its client, per method and per machine) and one per machine it serves. Recording a call
-    costs a lock and a few list operations."""
+    (its client's, per machine and method) and one per machine it serves (per method).
+    Recording a call costs a lock and a few list operations; sums are made when read."""
 
-    __slots__ = ("_methods", "_machines", "_lock")
+    __slots__ = ("_table", "_lock")
 
     def __init__(self):
-        self._methods = {}    # method -> [count, errors, time, max time, request bytes,
-        #                                   reply bytes, max request bytes, max reply bytes]
-        self._machines = {}   # (addr, method) -> [count, errors, time, max time]
+        # key (a method, or (machine address, method)) -> [count, errors, time, max time,
+        # request bytes, reply bytes, max request bytes, max reply bytes]
+        self._table = {}
         self._lock = threading.Lock()
 
-    def record(self, method, seconds, request_bytes, reply_bytes, failed, addr=None):
+    def record(self, key, seconds, request_bytes, reply_bytes, failed):
         with self._lock:
-            s = self._methods.get(method)
+            s = self._table.get(key)
             if s is None:
-                s = self._methods[method] = [0, 0, 0.0, 0.0, 0, 0, 0, 0]
+                s = self._table[key] = [0, 0, 0.0, 0.0, 0, 0, 0, 0]
             s[0] += 1
             s[1] += failed
             s[2] += seconds
@@ -5738,39 +5739,40 @@ class _RPCStats:
                 s[6] = request_bytes
             if reply_bytes > s[7]:
                 s[7] = reply_bytes
-            if addr is not None:
-                s = self._machines.get((addr, method))
-                if s is None:
-                    s = self._machines[addr, method] = [0, 0, 0.0, 0.0]
-                s[0] += 1
-                s[1] += failed
-                s[2] += seconds
-                if seconds > s[3]:
-                    s[3] = seconds
+
+    def _rows(self):
+        """[(machine address or None, method, counts)]"""
+        with self._lock:
+            rows = [(k, list(s)) for k, s in self._table.items()]
+        return [(k[0], k[1], s) if isinstance(k, tuple) else (None, k, s) for k, s in rows]
 
     def totals(self, skip_prefix="Supervisor."):
         """(calls, errors) over the methods whose names do not start with skip_prefix."""
-        with self._lock:
-            rows = [s for m, s in self._methods.items() if not m.startswith(skip_prefix)]
+        rows = [s for _, method, s in self._rows() if not method.startswith(skip_prefix)]
         return sum(s[0] for s in rows), sum(s[1] for s in rows)
 
     def snapshot(self):
-        """{"methods": {method: {...}}}, and for a client "machines": {addr: {method: ...}}.
-        Times are in milliseconds, like Go's."""
-        with self._lock:
-            methods = {m: list(s) for m, s in self._methods.items()}
-            machines = {k: list(s) for k, s in self._machines.items()}
-        out = {"methods": {m: {
-            "count": s[0], "errors": s[1], "time_ms": round(1000 * s[2], 3),
-            "max_time_ms": round(1000 * s[3], 3), "request_bytes": s[4], "reply_bytes": s[5],
-            "max_request_bytes": s[6], "max_reply_bytes": s[7]} for m, s in sorted(methods.items())}}
+        """{"methods": {method: {...}}}, and where calls were counted per machine (a client's)
+        "machines": {addr: {method: {...}}} too. Times are in milliseconds, like Go's."""
+        methods, machines = {}, {}
+        for addr, method, s in sorted(self._rows(), key=lambda row: (row[0] or "", row[1])):
+            total = methods.setdefault(method, [0, 0, 0.0, 0.0, 0, 0, 0, 0])
+            for i in (0, 1, 2, 4, 5):
+                total[i] += s[i]
+            for i in (3, 6, 7):
+                total[i] = max(total[i], s[i])
+            if addr is not None:
+                machines.setdefault(addr, {})[method] = _call_counts(s)
+        out = {"methods": {method: _call_counts(s) for method, s in methods.items()}}
         if machines:
-            out["machines"] = by_addr = {}
-            for (addr, method), s in sorted(machines.items()):
-                by_addr.setdefault(addr, {})[method] = {
-                    "count": s[0], "errors": s[1], "time_ms": round(1000 * s[2], 3),
-                    "max_time_ms": round(1000 * s[3], 3)}
+            out["machines"] = machines
         return out
+
+
+def _call_counts(s):
+    return {"count": s[0], "errors": s[1], "time_ms": round(1000 * s[2], 3),
+            "max_time_ms": round(1000 * s[3], 3), "request_bytes": s[4], "reply_bytes": s[5],
+            "max_request_bytes": s[6], "max_reply_bytes": s[7]}
 
 
 def _gather(machines, method, *args, timeout):

@@ -12,6 +12,7 @@ import concurrent.futures
 import contextlib
 import datetime
 import hashlib
+import html
 import http.client
 import http.server
 import importlib
@@ -2137,6 +2138,455 @@ def test_ec2_without_boto3_says_how_to_get_it(monkeypatch):
     monkeypatch.setattr(sys, "argv", ["prog", "--bigm.system=ec2"])
     with pytest.raises(bigmachine.Error, match="needs boto3"):
         bigmachine.start()
+
+
+# ======================================================================================
+# Debug: profiles, stacks, variables, heap, the debug pages, logs (Go: profile.go,
+# status.go, expvar.go, rpc/stats.go; issue #23)
+# ======================================================================================
+
+class Busy:
+    """A service to look at: one method burns CPU, one hangs, one holds memory."""
+
+    def __init__(self):
+        self.burning = 0
+        self.blob = None
+        self.released = None
+
+    def init(self, b):
+        self.released = threading.Event()
+        self.hits = bigmachine.publish("hits", bigmachine.Counter())
+        bigmachine.publish("answer", {"value": 42, "unit": ["none"]})
+        bigmachine.publish("pid", os.getpid)
+
+    def burn(self):
+        """Pure Python until cancelled: the method a profile should find at its top."""
+        context = bigmachine.current_call()
+        self.burning += 1
+        total = 0
+        while not context.cancelled:
+            for i in range(20000):
+                total += i * i % 7
+        return total
+
+    def burning_calls(self):
+        return self.burning
+
+    def hang(self):
+        self.released.wait(60)          # the hung frame: a stack trace must show this line
+
+    def hold(self, n):
+        self.blob = [bytearray(1000) for _ in range(n)]    # the heap's top allocation site
+        return len(self.blob)
+
+    def hit(self):
+        return self.hits.add()
+
+    def fail(self):
+        raise ValueError("counted as an error")
+
+
+def get(addr, path, host=None):
+    """GET path from a debug server: (status, headers, body bytes)."""
+    host_name, port = addr.rsplit(":", 1)
+    conn = http.client.HTTPConnection(host_name.strip("[]"), int(port), timeout=120)
+    try:
+        headers = {"Host": host} if host is not None else {}
+        conn.request("GET", path, headers=headers)
+        reply = conn.getresponse()
+        return reply.status, dict(reply.getheaders()), reply.read()
+    finally:
+        conn.close()
+
+
+def top_function(stats):
+    stats.sort_stats("tottime")
+    return stats.fcn_list[0]
+
+
+def test_profile_merges_machines_and_finds_the_slow_method(lb, tmp_path):
+    import pstats
+    m1, m2 = running(lb, 2, {"Busy": Busy()})
+    burns = [m.call_async("Busy.burn") for m in (m1, m2)]
+    hung = m1.call_async("Busy.hang")                    # waiting: must weigh nothing
+    eventually(lambda: all(m.call("Busy.burning_calls") == 1 for m in (m1, m2)),
+               what="both machines burning")
+    try:
+        stats = lb.profile(1.0)
+        filename, _, name = top_function(stats)
+        assert (os.path.basename(filename), name) == ("test_bigmachine.py", "burn")
+        assert len(stats.files) == 2 and all("weighted by CPU time" in f for f in stats.files)
+        assert {f.split(": ")[0] for f in stats.files} == {m1.addr, m2.addr}
+        # The method has its real share: nearly all the CPU the machines used.
+        burn = stats.stats[stats.fcn_list[0]]
+        assert burn[2] > 0.5 * stats.total_tt
+        hang = [s for k, s in stats.stats.items() if k[2] == "hang"]
+        assert not hang or hang[0][3] < 0.05 * burn[3]
+        # Call edges: burn is called by the dispatcher's CallContext._run.
+        assert any(caller[2] == "_run" for caller in burn[4])
+
+        # The same over HTTP: a file that pstats and python -m pstats load.
+        addr = lb.serve_debug("127.0.0.1:0")
+        status, headers, body = get(addr, "/debug/bigmachine/pprof/profile?seconds=1")
+        assert status == 200 and headers["Content-Type"] == "application/octet-stream"
+        path = tmp_path / "cpu.prof"
+        path.write_bytes(body)
+        filename, _, name = top_function(pstats.Stats(str(path)))
+        assert name == "burn"
+        out = subprocess.run([sys.executable, "-m", "pstats", str(path)], input="sort tottime\n"
+                             "stats 3\nquit\n", capture_output=True, text=True, timeout=60)
+        assert "(burn)" in out.stdout, out.stdout + out.stderr
+
+        # One machine, as text.
+        status, _, body = get(addr, "/debug/bigmachine/pprof/profile?seconds=0.5&debug=1&"
+                              + urllib.parse.urlencode({"machine": m2.addr}))
+        text = body.decode()
+        assert status == 200 and m2.addr in text and m1.addr not in text and "(burn)" in text
+    finally:
+        for f in burns + [hung]:
+            f.cancel()
+
+
+def test_sampler_writes_pstats_with_call_edges(tmp_path):
+    import marshal
+    import pstats
+    stop = threading.Event()
+
+    def inner():
+        x = 0
+        for i in range(5000):
+            x += i
+        return x
+
+    def outer():
+        while not stop.is_set():
+            inner()
+
+    thread = threading.Thread(target=outer)
+    thread.start()
+    try:
+        result = bigmachine._profile(0.5)
+    finally:
+        stop.set()
+        thread.join()
+    stats = result["stats"]
+    keys = {k[2]: k for k in stats}
+    assert {"inner", "outer"} <= set(keys)
+    cc, nc, tt, ct, callers = stats[keys["inner"]]
+    assert cc == nc > 0 and ct >= tt > 0
+    assert keys["outer"] in callers                        # the edge outer -> inner
+    assert stats[keys["outer"]][3] >= ct                   # outer's cumulative holds inner's
+    assert stats[bigmachine._PROFILER_KEY][0] == result["samples"] > 0
+    path = tmp_path / "p.prof"
+    path.write_bytes(marshal.dumps(stats))
+    loaded = pstats.Stats(str(path))
+    assert loaded.stats[keys["inner"]][4][keys["outer"]][0] > 0
+    with pytest.raises(ValueError):
+        bigmachine._profile(0)
+    with pytest.raises(ValueError):
+        bigmachine._profile(1, hz=0)
+
+
+def test_profile_errors(tb):
+    with pytest.raises(bigmachine.Error, match="none is running"):
+        tb.profile(0.1)
+    with pytest.raises(ValueError):
+        tb.profile(-1)
+
+
+def test_stacks_show_the_hung_call(lb):
+    m, = running(lb, 1, {"Busy": Busy()})
+    hung = m.call_async("Busy.hang")
+    try:
+        eventually(lambda: "serving Busy.hang" in m.call("Supervisor.stacks"),
+                   what="the hung call in the stacks")
+        text = m.call("Supervisor.stacks")
+        thread = text.split("serving Busy.hang")[1].split("\n\n")[0]
+        assert ", in hang\n" in thread and "self.released.wait(60)" in thread
+        addr = lb.serve_debug("127.0.0.1:0")
+        status, _, body = get(addr, "/debug/bigmachine/stacks")
+        page = body.decode()
+        assert status == 200 and "== driver (pid %d) ==" % os.getpid() in page
+        assert "== %s (RUNNING) ==" % m.addr in page and "self.released.wait(60)" in page
+        assert "test_stacks_show_the_hung_call" in page                 # the driver's own
+        status, _, body = get(addr, "/debug/bigmachine/stacks?" + urllib.parse.urlencode(
+            {"machine": m.addr}))
+        assert status == 200 and "== driver" not in body.decode()
+    finally:
+        hung.cancel()
+
+
+def test_vars_publish_and_rpc_statistics(lb):
+    m1, m2 = running(lb, 2, {"Busy": Busy(), "Echo": Echo()})
+    for _ in range(3):
+        m1.call("Busy.hit")
+    with pytest.raises(ValueError):
+        m1.call("Busy.fail")
+    assert m1.call("Echo.dial_and_call", m2.addr, "Echo.echo", b"x" * 1000) == b"x" * 1000
+    everything = lb.vars()
+    assert set(everything) == {m1.addr, m2.addr}
+    v1, v2 = everything[m1.addr], everything[m2.addr]
+    assert v1["hits"] == 3 and v2["hits"] == 0
+    assert v1["answer"] == {"value": 42, "unit": ["none"]}
+    assert v1["pid"] == m1.call("Echo.pid") != v2["pid"]
+    served = v1["rpc.server"]["methods"]
+    assert served["Busy.hit"]["count"] == 3 and served["Busy.hit"]["errors"] == 0
+    assert served["Busy.fail"] == dict(served["Busy.fail"], count=1, errors=1)
+    assert served["Busy.hit"]["request_bytes"] > 0 and served["Busy.hit"]["reply_bytes"] > 0
+    assert served["Busy.hit"]["time_ms"] >= served["Busy.hit"]["max_time_ms"] > 0
+    # Machine to machine: m1's client counted its call, m2 served it, 1000 bytes each way.
+    made = v1["rpc.client"]["machines"][m2.addr]["Echo.echo"]
+    assert made["count"] == 1 and made["request_bytes"] > 1000 and made["reply_bytes"] > 1000
+    assert v2["rpc.server"]["methods"]["Echo.echo"]["max_request_bytes"] > 1000
+    # The driver's client counted its calls to each machine.
+    mine = lb._client.stats.snapshot()
+    assert mine["machines"][m1.addr]["Busy.hit"]["count"] == 3
+    assert mine["methods"]["Busy.fail"]["errors"] == 1
+    assert mine["methods"]["Supervisor.keepalive"]["count"] >= 2
+
+    # /debug/vars: the driver's variables, and every machine's under "machines".
+    bigmachine.publish("driver.answer", lambda: [1, 2, 3])
+    bigmachine.publish("driver.broken", lambda: 1 / 0)
+    try:
+        addr = lb.serve_debug("127.0.0.1:0")
+        status, headers, body = get(addr, "/debug/vars")
+        page = json.loads(body)
+        assert status == 200 and headers["Content-Type"] == "application/json"
+        assert page["driver.answer"] == [1, 2, 3]
+        assert page["driver.broken"].startswith("error: ZeroDivisionError")
+        assert page["machines"][m1.addr]["hits"] == 3
+        assert page["rpc.client"]["machines"][m1.addr]["Busy.hit"]["count"] == 3
+    finally:
+        bigmachine.unpublish("driver.answer")
+        bigmachine.unpublish("driver.broken")
+    assert "driver.answer" not in bigmachine._read_published()
+
+
+def test_counter_and_publish():
+    c = bigmachine.Counter()
+    threads = [threading.Thread(target=lambda: [c.add() for _ in range(10000)])
+               for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert c.value == 40000 and c.add(5) == 40005
+    assert bigmachine.publish("t.counter", c) is c
+    bigmachine.publish("t.odd", {1: {2, 3}, "lock": threading.Lock()})
+    try:
+        values = bigmachine._read_published()
+        assert values["t.counter"] == 40005
+        assert values["t.odd"]["1"] == [2, 3] and "lock" in values["t.odd"]["lock"]
+        json.dumps(values)
+    finally:
+        bigmachine.unpublish("t.counter")
+        bigmachine.unpublish("t.odd")
+    with pytest.raises(ValueError):
+        bigmachine.publish("", 1)
+
+
+def test_heap_page(lb):
+    m1, m2 = running(lb, 2, {"Busy": Busy()})
+    addr = lb.serve_debug("127.0.0.1:0")
+    status, _, body = get(addr, "/debug/bigmachine/pprof/heap")
+    assert status == 200 and body.decode().count("it was started now") == 2
+    assert m1.call("Busy.hold", 5000) == 5000
+    query = urllib.parse.urlencode({"machine": m1.addr, "limit": 5})
+    status, _, body = get(addr, "/debug/bigmachine/pprof/heap?" + query)
+    text = body.decode()
+    assert status == 200 and "started now" not in text and m2.addr not in text
+    site = text.split("machines  site\n")[1].splitlines()
+    assert site[0].endswith("test_bigmachine.py:%d" % (Busy.hold.__code__.co_firstlineno + 1))
+    assert "bytearray(1000)" in site[1]
+    assert "MiB" in site[0].split()[1]                 # 5000 blocks of 1000 bytes: ~5 MiB
+    status, _, body = get(addr, "/debug/bigmachine/pprof/heap?stop=1")
+    assert status == 200
+    status, _, body = get(addr, "/debug/bigmachine/pprof/heap")
+    assert body.decode().count("it was started now") == 2      # stopped, so started again
+    status, _, body = get(addr, "/debug/bigmachine/pprof/heap?machine=https://nowhere:1/")
+    assert status == 404 and b"no machine https://nowhere:1/" in body
+
+
+def test_debug_pages_loopback_only(tb):
+    m, = running(tb)
+    with pytest.raises(ValueError, match="loopback"):
+        tb.serve_debug("0.0.0.0:0")
+    with pytest.raises(ValueError, match="loopback"):
+        tb.serve_debug("192.0.2.1:0")
+    addr = tb.serve_debug("127.0.0.1:0")
+    host, port = addr.rsplit(":", 1)
+    assert host == "127.0.0.1" and int(port) > 0
+    assert tb.serve_debug("localhost:0").startswith("127.0.0.1:")
+    assert tb.serve_debug(":0").startswith("127.0.0.1:")             # no host: loopback
+
+    # A request must name a loopback host: a rebound DNS name gets nothing.
+    for name in ("127.0.0.1:%s" % port, "localhost:%s" % port, "localhost", "[::1]:%s" % port,
+                 "LOCALHOST.:%s" % port):
+        assert get(addr, "/debug/vars", host=name)[0] == 200, name
+    for name in ("evil.example:%s" % port, "127.0.0.1.evil.example", "0.0.0.0:%s" % port,
+                 "localhost:notaport"):
+        status, _, body = get(addr, "/debug/vars", host=name)
+        assert status == 403 and b"loopback names only" in body, name
+    with socket.create_connection((host, int(port)), timeout=10) as s:    # no Host at all
+        s.sendall(b"GET /debug/vars HTTP/1.0\r\n\r\n")
+        assert s.makefile("rb").readline().split()[1] == b"403"
+
+    # Explicitly allowed elsewhere: any Host is answered.
+    wide = tb.serve_debug("0.0.0.0:0", allow_remote=True)
+    assert get("127.0.0.1:" + wide.rsplit(":", 1)[1], "/debug/vars",
+               host="evil.example")[0] == 200
+
+    status, headers, body = get(addr, "/debug/bigmachine/")
+    assert status == 200 and b'href="/debug/bigmachine/status"' in body
+    status, headers, body = get(addr, "/debug/bigmachine/pprof/")
+    page = body.decode()
+    assert status == 200 and "profile?seconds=30" in page
+    assert html.escape(urllib.parse.urlencode({"machine": m.addr})) in page
+    assert get(addr, "/debug/bigmachine/pprof")[0] == 301
+    assert get(addr, "/nothing/here")[0] == 404
+    assert get(addr, "/debug/bigmachine/pprof/profile?seconds=x")[0] == 400
+
+    tb.shutdown()                                      # the pages end with the session
+    with pytest.raises(OSError):
+        get(addr, "/debug/vars")
+    with pytest.raises(bigmachine.Error):
+        tb.serve_debug("127.0.0.1:0")
+
+
+def _chromium():
+    for name in ("chromium", "chromium-browser", "google-chrome", "google-chrome-stable"):
+        path = shutil.which(name)
+        if path:
+            return path
+    return None
+
+
+@pytest.mark.skipif(_chromium() is None, reason="no chromium to render the status page in "
+                    "(apt-get install chromium; .ci/run installs it)")
+def test_status_page_in_headless_chromium(lb, tmp_path):
+    machines = running(lb, 2, {"Busy": Busy()})
+    for m in machines:
+        m.call("Busy.hit")
+    gone, = lb.start(1, {"Busy": Busy()})
+    gone.wait()
+    gone.cancel()
+    addr = lb.serve_debug("127.0.0.1:0")
+    url = "http://%s/debug/bigmachine/status" % addr
+    status, headers, body = get(addr, "/debug/bigmachine/status")
+    assert status == 200 and headers["Content-Type"] == "text/html; charset=utf-8"
+    assert b'<meta http-equiv="refresh" content="5">' in body       # it refreshes itself
+    shot = tmp_path / "status.png"
+    flags = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+             "--disable-component-update", "--disable-sync", "--no-first-run",
+             "--user-data-dir=%s" % (tmp_path / "profile"), "--window-size=1400,800"]
+    dom = subprocess.run([_chromium()] + flags + ["--dump-dom", url], capture_output=True,
+                         text=True, timeout=120)
+    assert "bigmachine status" in dom.stdout, dom.stderr[-2000:]
+    rows = dom.stdout.split("<tbody>")[1].split("</tbody>")[0].split("<tr>")[1:]
+    for m in machines:
+        row = [r for r in rows if m.addr in r]
+        assert len(row) == 1 and "RUNNING" in row[0] and "resident" in row[0], row
+    stopped = [r for r in rows if gone.addr in r]
+    assert len(stopped) == 1 and "STOPPED" in stopped[0] and "was cancelled" in stopped[0]
+    result = subprocess.run([_chromium()] + flags + ["--screenshot=%s" % shot, url],
+                            capture_output=True, text=True, timeout=120)
+    assert shot.exists(), result.stderr[-2000:]
+    png = shot.read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10000
+
+
+def test_machine_logs_reach_the_driver_at_its_level(tmp_path):
+    result = run_script(tmp_path, """
+        import logging, sys, bigmachine
+        class Talk:
+            def say(self):
+                log = logging.getLogger("talk")
+                log.debug("debug is below the driver's level")
+                log.info("info reaches the driver")
+                try:
+                    1 / 0
+                except ZeroDivisionError:
+                    log.exception("with its traceback")
+                print("and print too")
+                return True
+        class Machines(logging.Filter):
+            def filter(self, record):
+                print("record", record.name, record.levelname, getattr(record, "machine", None))
+                return True
+        if __name__ == "__main__":
+            logging.basicConfig(level=logging.INFO, stream=sys.stderr,
+                                format="%(levelname)s|%(name)s|%(message)s")
+            logging.getLogger("talk").addFilter(Machines())
+            with bigmachine.start("local") as b:
+                m, = b.start(1, {"Talk": Talk()})
+                m.wait()
+                m.call("Talk.say")
+                print("addr", m.addr)
+    """)
+    assert result.returncode == 0, result.stderr
+    addr = result.stdout.split("addr ")[1].strip()
+    err = result.stderr
+    assert "INFO|talk|%s: info reaches the driver\n" % addr in err
+    assert "ERROR|talk|%s: with its traceback\nTraceback" % addr in err
+    assert "ZeroDivisionError" in err and "debug is below" not in err
+    assert "%s: and print too\n" % addr in err
+    assert "record talk INFO %s\n" % addr in result.stdout
+    assert "record talk ERROR %s\n" % addr in result.stdout
+
+
+def test_chatty_machine_is_bounded_and_drops_are_counted(tmp_path):
+    result = run_script(tmp_path, """
+        import bigmachine
+        class Chatty:
+            def chat(self, n):
+                for i in range(n):
+                    print("line", i)
+                return n
+        if __name__ == "__main__":
+            system = bigmachine.Local()
+            system.output_burst, system.output_rate = 100, 1.0
+            with bigmachine.start(system) as b:
+                m, = b.start(1, {"Chatty": Chatty()})
+                m.wait()
+                m.call("Chatty.chat", 5000)
+    """)
+    assert result.returncode == 0, result.stderr
+    shown = [line for line in result.stderr.splitlines() if ": line " in line]
+    assert 100 <= len(shown) < 200
+    dropped = [int(line.split("] ")[1].split()[0]) for line in result.stderr.splitlines()
+               if "lines of output dropped" in line]
+    assert dropped and len(shown) + sum(dropped) == 5000             # every line accounted for
+
+
+def test_nothing_printed_is_lost_at_shutdown(tmp_path):
+    # Go issue #23: output printed right before the end went missing.
+    result = run_script(tmp_path, """
+        import os, sys, bigmachine
+        class Loud:
+            def shout(self, n):
+                for i in range(n):
+                    print("out %d" % i)
+                    print("err %d" % i, file=sys.stderr)
+                return n
+        if __name__ == "__main__":
+            with bigmachine.start(bigmachine.Local()) as b:
+                ms = b.start(2, {"Loud": Loud()})
+                for m in ms:
+                    m.wait()
+                futures = [m.call_async("Loud.shout", 2000) for m in ms]
+                print(" ".join(str(f.result()) for f in futures))
+    """)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "2000 2000"
+    lines = result.stderr.splitlines()
+    for kind in ("out", "err"):
+        got = [line for line in lines if ": %s " % kind in line]
+        assert len(got) == 4000
+        per_machine = collections.defaultdict(list)
+        for line in got:
+            addr, _, text = line.rpartition(": ")
+            per_machine[addr].append(int(text.split()[1]))
+        assert [v == list(range(2000)) for v in per_machine.values()] == [True, True]
 
 
 # ======================================================================================
