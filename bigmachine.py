@@ -5839,9 +5839,13 @@ class _Sampler:
         own = time.thread_time()
         self._look(me)                          # the baselines: nothing before now counts
         interval = 1.0 / self.hz
+        end, tick = began + seconds, began
         while True:
-            left = began + seconds - time.monotonic()
-            if left <= 0 or wait(min(interval, left)):
+            # Looks are due at fixed times, so that time spent waiting for the GIL after a
+            # wait (up to sys.getswitchinterval() when a thread is busy) does not slow them.
+            now = time.monotonic()
+            tick = max(tick + interval, now)
+            if now >= end or wait(min(tick, end) - now):
                 break
             self._look(me)
             self.samples += 1
@@ -6756,6 +6760,18 @@ class _SelftestService:
     def whoami(self):
         return os.getpid()
 
+    def burn(self):
+        """Pure Python until cancelled: what a profile must find."""
+        self._burning = True
+        context, total = current_call(), 0
+        while not context.cancelled:
+            for i in range(10000):
+                total += i * i % 7
+        return total
+
+    def burning(self):
+        return getattr(self, "_burning", False)
+
 
 def _selftest(out=sys.stdout):
     """Run every check; print one line each; return the number that failed."""
@@ -6871,6 +6887,23 @@ def _selftest_system(name, check):
             else:
                 raise AssertionError("no Timeout")
             assert m1.call("Self.hello", "again") == "hello, again"
+
+        @check("%s: profile" % name)
+        def _():
+            future = m1.call_async("Self.burn")
+            try:
+                deadline = time.monotonic() + 30
+                while not m1.call("Self.burning"):
+                    if time.monotonic() > deadline:
+                        raise AssertionError("Self.burn did not start")
+                    time.sleep(0.01)
+                stats = b.profile(0.5, [m1])
+            finally:
+                future.cancel()
+            top = max(stats.stats, key=lambda key: stats.stats[key][2])
+            if top[2] != "burn":
+                raise AssertionError("the busiest function is %s, not burn" % (top,))
+            return "%d samples" % stats.stats[_PROFILER_KEY][0]
 
         @check("%s: concurrent calls" % name)
         def _():
