@@ -3257,7 +3257,9 @@ class Local(System):
     its own, so the terminal's Ctrl-C reaches the driver only; the driver's bounded shutdown
     ends it. When the driver goes away its standard input reaches EOF and it exits at once; its
     watchdog would end it within the lease anyway. Its stdout and stderr go to the driver's
-    stderr, each line prefixed with the machine's address. Its exit is noticed at once."""
+    stderr, each line prefixed with the machine's address, and its `logging` records, at the
+    driver's level, to the driver's logging (see the Debug section); all of it is read to the
+    end before the machine counts as terminated. Its exit is noticed at once."""
 
     name = "local"
 
