@@ -6285,6 +6285,10 @@ class _DebugServer(http.server.ThreadingHTTPServer):
         socketserver.TCPServer.server_bind(self)
         self.server_name, self.server_port = self.server_address[:2]
 
+    def handle_error(self, request, client_address):
+        # A reader that went away in the middle of a page, typically: not worth a traceback.
+        log.debug("debug page for %s failed", client_address, exc_info=True)
+
     def close(self):
         self.shutdown()
         self.server_close()
