@@ -2323,6 +2323,12 @@ def test_vars_publish_and_rpc_statistics(lb):
     with pytest.raises(ValueError):
         m1.call("Busy.fail")
     assert m1.call("Echo.dial_and_call", m2.addr, "Echo.echo", b"x" * 1000) == b"x" * 1000
+
+    def served(machine, method):
+        return lb.vars()[machine.addr]["rpc.server"]["methods"].get(method, {}).get("count")
+    # A machine counts a call once its reply is sent: the caller may be quicker to ask.
+    eventually(lambda: served(m1, "Busy.fail") == 1 and served(m2, "Echo.echo") == 1,
+               what="the calls counted")
     everything = lb.vars()
     assert set(everything) == {m1.addr, m2.addr}
     v1, v2 = everything[m1.addr], everything[m2.addr]
@@ -2511,7 +2517,9 @@ def test_machine_logs_reach_the_driver_at_its_level(tmp_path):
                 return True
         class Machines(logging.Filter):
             def filter(self, record):
-                print("record", record.name, record.levelname, getattr(record, "machine", None))
+                # One write per line: this runs in the driver's forwarding thread.
+                sys.stdout.write("record %s %s %s\\n" % (record.name, record.levelname,
+                                                        getattr(record, "machine", None)))
                 return True
         if __name__ == "__main__":
             logging.basicConfig(level=logging.INFO, stream=sys.stderr,
@@ -2521,10 +2529,10 @@ def test_machine_logs_reach_the_driver_at_its_level(tmp_path):
                 m, = b.start(1, {"Talk": Talk()})
                 m.wait()
                 m.call("Talk.say")
-                print("addr", m.addr)
+                sys.stdout.write("addr %s\\n" % m.addr)
     """)
     assert result.returncode == 0, result.stderr
-    addr = result.stdout.split("addr ")[1].strip()
+    addr, = [line[5:] for line in result.stdout.splitlines() if line.startswith("addr ")]
     err = result.stderr
     assert "INFO|talk|%s: info reaches the driver\n" % addr in err
     assert "ERROR|talk|%s: with its traceback\nTraceback" % addr in err
