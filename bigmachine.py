@@ -6608,7 +6608,8 @@ def _status_page(b, refresh):
             keepalive = "<span class=num>%.1f ms</span><div class=dim>avg %.1f ms of %d</div>" % (
                 1000 * replies[-1], 1000 * sum(replies) / len(replies), len(replies))
         else:
-            keepalive = "<span class=dim>none yet</span>"
+            keepalive = "<span class=dim>%s</span>" % (
+                "&ndash;" if m.state is STOPPED else "none yet")
         if m.next_keepalive is not None and m.state is RUNNING:
             keepalive += "<div class=dim>lease ends in %s</div>" % _duration(
                 m.next_keepalive - time.time())
