@@ -19,6 +19,7 @@ import importlib
 import importlib.util
 import io
 import json
+import logging
 import os
 import pickle
 import pwd
@@ -2185,6 +2186,9 @@ class Busy:
     def fail(self):
         raise ValueError("counted as an error")
 
+    def log(self, level, text):
+        logging.getLogger("busy").log(level, text)
+
 
 def get(addr, path, host=None):
     """GET path from a debug server: (status, headers, body bytes)."""
@@ -2499,6 +2503,30 @@ def test_status_page_in_headless_chromium(lb, tmp_path):
     assert shot.exists(), result.stderr[-2000:]
     png = shot.read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10000
+
+
+def test_ssh_machine_logs_and_profile(sshd, caplog):
+    # Everything above is the same whatever the system; what travels differently over SSH is
+    # the machine's output, and a profile of a machine on another host.
+    caplog.set_level(logging.INFO)
+    with bigmachine.start(ssh_system(sshd)) as b:
+        m, = running(b, 1, {"Busy": Busy()})
+        m.call("Busy.log", logging.INFO, "info over ssh")
+        m.call("Busy.log", logging.DEBUG, "debug is not sent")
+
+        def arrived():
+            return [r for r in caplog.records if r.name == "busy"]
+        eventually(arrived, what="the record over ssh")
+        record, = arrived()
+        assert record.machine == m.addr and record.getMessage() == m.addr + ": info over ssh"
+        assert record.levelno == logging.INFO and record.process == m.call("Supervisor.getpid")
+        burn = m.call_async("Busy.burn")
+        try:
+            eventually(lambda: m.call("Busy.burning_calls") == 1, what="the machine burning")
+            assert top_function(b.profile(0.5))[2] == "burn"
+        finally:
+            burn.cancel()
+    assert len(arrived()) == 1                          # the debug record never left
 
 
 def test_machine_logs_reach_the_driver_at_its_level(tmp_path):
