@@ -1649,7 +1649,7 @@ class _Peer:
                 conn.settimeout(None)
                 return self._stream_reply(conn, call_id, inflight)
             reply, reply_buffers = _read_body(conn.rfile, nbuffers, body_len)
-            sizes[1] = body_len + sum(len(b) for b in reply_buffers)
+            sizes[1] = body_len + (sum(len(b) for b in reply_buffers) if reply_buffers else 0)
             if type(reply) is _PendingPickle:
                 if kind == REPLY:
                     reply = (_loads(reply, reply_buffers, "the result of %s from %s"
@@ -5716,60 +5716,96 @@ class _RPCStats:
     """Calls counted per method, as Go's rpc/stats.go counts them: how many, how many failed,
     time, and the bytes of requests and replies. Each process has one for the calls it makes
     (its client's, per machine and method) and one per machine it serves (per method).
-    Recording a call costs a lock and a few list operations; sums are made when read."""
 
-    __slots__ = ("_table", "_lock")
+    Counting is on every call's path, so it takes no lock: each thread counts in a table of
+    its own (only it writes there), and the tables are summed when read; the tables of threads
+    that ended are folded into one then. Recording costs a few dict and list operations."""
+
+    __slots__ = ("_local", "_tables", "_ended", "_lock")
 
     def __init__(self):
-        # key (a method, or (machine address, method)) -> [count, errors, time, max time,
-        # request bytes, reply bytes, max request bytes, max reply bytes]
-        self._table = {}
+        self._local = threading.local()
+        self._tables = []       # (thread, its table) for every thread that counted a call
+        self._ended = {}        # the sums of the tables of threads that ended
         self._lock = threading.Lock()
 
     def record(self, key, seconds, request_bytes, reply_bytes, failed):
-        with self._lock:
-            s = self._table.get(key)
-            if s is None:
-                s = self._table[key] = [0, 0, 0.0, 0.0, 0, 0, 0, 0]
-            s[0] += 1
-            s[1] += failed
-            s[2] += seconds
-            s[4] += request_bytes
-            s[5] += reply_bytes
-            if seconds > s[3]:
-                s[3] = seconds
-            if request_bytes > s[6]:
-                s[6] = request_bytes
-            if reply_bytes > s[7]:
-                s[7] = reply_bytes
+        """Count a call. key is a method, or (machine address, method) for a client."""
+        try:
+            table = self._local.table
+        except AttributeError:
+            table = self._new_table()
+        s = table.get(key)
+        if s is None:
+            # count, errors, time, max time, request bytes, reply bytes, max request bytes,
+            # max reply bytes
+            s = table[key] = [0, 0, 0.0, 0.0, 0, 0, 0, 0]
+        s[0] += 1
+        s[1] += failed
+        s[2] += seconds
+        s[4] += request_bytes
+        s[5] += reply_bytes
+        if seconds > s[3]:
+            s[3] = seconds
+        if request_bytes > s[6]:
+            s[6] = request_bytes
+        if reply_bytes > s[7]:
+            s[7] = reply_bytes
 
-    def _rows(self):
-        """[(machine address or None, method, counts)]"""
+    def _new_table(self):
+        table = self._local.table = {}
         with self._lock:
-            rows = [(k, list(s)) for k, s in self._table.items()]
-        return [(k[0], k[1], s) if isinstance(k, tuple) else (None, k, s) for k, s in rows]
+            self._tables.append((threading.current_thread(), table))
+        return table
+
+    def _sums(self):
+        """{key: counts}, summed over the threads."""
+        with self._lock:
+            live = []
+            for thread, table in self._tables:
+                if thread.is_alive():
+                    live.append((thread, table))
+                else:
+                    _add_counts(self._ended, table)
+            self._tables = live
+            sums = {key: list(s) for key, s in self._ended.items()}
+        for _, table in live:
+            _add_counts(sums, table)
+        return sums
 
     def totals(self, skip_prefix="Supervisor."):
         """(calls, errors) over the methods whose names do not start with skip_prefix."""
-        rows = [s for _, method, s in self._rows() if not method.startswith(skip_prefix)]
+        rows = [s for key, s in self._sums().items()
+                if not (key[1] if isinstance(key, tuple) else key).startswith(skip_prefix)]
         return sum(s[0] for s in rows), sum(s[1] for s in rows)
 
     def snapshot(self):
         """{"methods": {method: {...}}}, and where calls were counted per machine (a client's)
         "machines": {addr: {method: {...}}} too. Times are in milliseconds, like Go's."""
         methods, machines = {}, {}
-        for addr, method, s in sorted(self._rows(), key=lambda row: (row[0] or "", row[1])):
-            total = methods.setdefault(method, [0, 0, 0.0, 0.0, 0, 0, 0, 0])
-            for i in (0, 1, 2, 4, 5):
-                total[i] += s[i]
-            for i in (3, 6, 7):
-                total[i] = max(total[i], s[i])
+        for key, s in sorted(self._sums().items(), key=lambda item: str(item[0])):
+            addr, method = key if isinstance(key, tuple) else (None, key)
+            _add_counts(methods, {method: s})
             if addr is not None:
                 machines.setdefault(addr, {})[method] = _call_counts(s)
         out = {"methods": {method: _call_counts(s) for method, s in methods.items()}}
         if machines:
             out["machines"] = machines
         return out
+
+
+def _add_counts(into, table):
+    """Add a table of call counts into another: sums, and the larger of the maximums."""
+    for key, s in list(table.items()):
+        s = list(s)
+        total = into.get(key)
+        if total is None:
+            into[key] = s
+            continue
+        for i in (0, 1, 2, 4, 5):
+            total[i] += s[i]
+        for i in (3, 6, 7):
+            total[i] = max(total[i], s[i])
 
 
 def _call_counts(s):
