@@ -2226,8 +2226,8 @@ def test_profile_merges_machines_and_finds_the_slow_method(lb, tmp_path):
         assert burn[2] > 0.5 * stats.total_tt
         hang = [s for k, s in stats.stats.items() if k[2] == "hang"]
         assert not hang or hang[0][3] < 0.05 * burn[3]
-        # Call edges: burn is called by the dispatcher's CallContext._run.
-        assert any(caller[2] == "_run" for caller in burn[4])
+        # Call edges: burn is called from bigmachine's dispatcher.
+        assert any(os.path.basename(caller[0]) == "bigmachine.py" for caller in burn[4])
 
         # The same over HTTP: a file that pstats and python -m pstats load.
         addr = lb.serve_debug("127.0.0.1:0")
