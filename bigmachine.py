@@ -5717,65 +5717,56 @@ class _RPCStats:
     time, and the bytes of requests and replies. Each process has one for the calls it makes
     (its client's, per machine and method) and one per machine it serves (per method).
 
-    Counting is on every call's path, so it takes no lock: each thread counts in a table of
-    its own (only it writes there), and the tables are summed when read; the tables of threads
-    that ended are folded into one then. Recording costs a few dict and list operations."""
+    Recording is on every call's path, where code runs cold and each operation costs several
+    times what a benchmark of it says (see `_serve_frames`), so it only appends the call to a
+    list; the counts are made from that list in batches, when it is long or when read. Appends
+    need no lock: they are atomic, and a batch is taken from the front of the list."""
 
-    __slots__ = ("_local", "_tables", "_ended", "_lock")
+    __slots__ = ("_pending", "_table", "_lock")
+
+    _BATCH = 1024
 
     def __init__(self):
-        self._local = threading.local()
-        self._tables = []       # (thread, its table) for every thread that counted a call
-        self._ended = {}        # the sums of the tables of threads that ended
+        self._pending = []      # (key, seconds, request bytes, reply bytes, failed)
+        # key (a method, or (machine address, method) for a client) -> [count, errors, time,
+        # max time, request bytes, reply bytes, max request bytes, max reply bytes]
+        self._table = {}
         self._lock = threading.Lock()
 
     def record(self, key, seconds, request_bytes, reply_bytes, failed):
         """Count a call. key is a method, or (machine address, method) for a client."""
-        try:
-            table = self._local.table
-        except AttributeError:
-            table = self._new_table()
-        s = table.get(key)
-        if s is None:
-            # count, errors, time, max time, request bytes, reply bytes, max request bytes,
-            # max reply bytes
-            s = table[key] = [0, 0, 0.0, 0.0, 0, 0, 0, 0]
-        s[0] += 1
-        s[1] += failed
-        s[2] += seconds
-        s[4] += request_bytes
-        s[5] += reply_bytes
-        if seconds > s[3]:
-            s[3] = seconds
-        if request_bytes > s[6]:
-            s[6] = request_bytes
-        if reply_bytes > s[7]:
-            s[7] = reply_bytes
+        pending = self._pending
+        pending.append((key, seconds, request_bytes, reply_bytes, failed))
+        if len(pending) >= self._BATCH:
+            self._count()
 
-    def _new_table(self):
-        table = self._local.table = {}
+    def _count(self):
         with self._lock:
-            self._tables.append((threading.current_thread(), table))
-        return table
-
-    def _sums(self):
-        """{key: counts}, summed over the threads."""
-        with self._lock:
-            live = []
-            for thread, table in self._tables:
-                if thread.is_alive():
-                    live.append((thread, table))
-                else:
-                    _add_counts(self._ended, table)
-            self._tables = live
-            sums = {key: list(s) for key, s in self._ended.items()}
-        for _, table in live:
-            _add_counts(sums, table)
-        return sums
+            pending = self._pending
+            n = len(pending)
+            batch = pending[:n]
+            del pending[:n]         # what was appended since stays, for the next batch
+            table = self._table
+            for key, seconds, request_bytes, reply_bytes, failed in batch:
+                s = table.get(key)
+                if s is None:
+                    s = table[key] = [0, 0, 0.0, 0.0, 0, 0, 0, 0]
+                s[0] += 1
+                s[1] += failed
+                s[2] += seconds
+                s[4] += request_bytes
+                s[5] += reply_bytes
+                if seconds > s[3]:
+                    s[3] = seconds
+                if request_bytes > s[6]:
+                    s[6] = request_bytes
+                if reply_bytes > s[7]:
+                    s[7] = reply_bytes
+            return {key: list(s) for key, s in table.items()}
 
     def totals(self, skip_prefix="Supervisor."):
         """(calls, errors) over the methods whose names do not start with skip_prefix."""
-        rows = [s for key, s in self._sums().items()
+        rows = [s for key, s in self._count().items()
                 if not (key[1] if isinstance(key, tuple) else key).startswith(skip_prefix)]
         return sum(s[0] for s in rows), sum(s[1] for s in rows)
 
@@ -5783,29 +5774,22 @@ class _RPCStats:
         """{"methods": {method: {...}}}, and where calls were counted per machine (a client's)
         "machines": {addr: {method: {...}}} too. Times are in milliseconds, like Go's."""
         methods, machines = {}, {}
-        for key, s in sorted(self._sums().items(), key=lambda item: str(item[0])):
+        for key, s in sorted(self._count().items(), key=lambda item: str(item[0])):
             addr, method = key if isinstance(key, tuple) else (None, key)
-            _add_counts(methods, {method: s})
+            total = methods.get(method)
+            if total is None:
+                methods[method] = list(s)
+            else:
+                for i in (0, 1, 2, 4, 5):
+                    total[i] += s[i]
+                for i in (3, 6, 7):
+                    total[i] = max(total[i], s[i])
             if addr is not None:
                 machines.setdefault(addr, {})[method] = _call_counts(s)
         out = {"methods": {method: _call_counts(s) for method, s in methods.items()}}
         if machines:
             out["machines"] = machines
         return out
-
-
-def _add_counts(into, table):
-    """Add a table of call counts into another: sums, and the larger of the maximums."""
-    for key, s in list(table.items()):
-        s = list(s)
-        total = into.get(key)
-        if total is None:
-            into[key] = s
-            continue
-        for i in (0, 1, 2, 4, 5):
-            total[i] += s[i]
-        for i in (3, 6, 7):
-            total[i] = max(total[i], s[i])
 
 
 def _call_counts(s):
