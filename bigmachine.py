@@ -1593,7 +1593,7 @@ class _Peer:
                                          sent, got, False)
                 return result
         self.client.stats.record((self.addr, method), time.perf_counter() - began, sent, got,
-                                 True)
+                                 kind != _UNPICKLED)
         return self._result(method, kind, reply, reply_buffers)
 
     def _result(self, method, kind, reply, reply_buffers):
@@ -3028,7 +3028,7 @@ class B:
                 "the debug pages have no authentication, so they are served on loopback "
                 "addresses only (127.0.0.1, ::1, localhost), not %s; pass allow_remote=True "
                 "to serve them there anyway" % address)
-        server = _DebugServer(self, host, port, allow_remote)
+        server = _debug_server(self, host, port, allow_remote)
         with self._lock:
             closed = self._closed
             if not closed:
@@ -6284,16 +6284,41 @@ def _resolves_to_loopback(host):
         ipaddress.ip_address(info[4][0].partition("%")[0]).is_loopback for info in infos)
 
 
-class _DebugServer(http.server.ThreadingHTTPServer):
+_debug_classes = None
+
+
+def _debug_server(b, host, port, allow_remote):
+    """A running HTTP server of the debug pages. http.server is imported here, not with the
+    module: it is a large import (~25 ms) that machines never need."""
+    global _debug_classes
+    if _debug_classes is None:
+        import http.server
+
+        class Handler(_DebugPages, http.server.BaseHTTPRequestHandler):
+            server_version = "bigmachine-debug/" + __version__
+            protocol_version = "HTTP/1.1"
+
+        class Server(_DebugServing, http.server.ThreadingHTTPServer):
+            pass
+
+        _debug_classes = Handler, Server
+    handler, server = _debug_classes
+    return server(b, host, port, allow_remote, handler)
+
+
+class _DebugServing:
+    """The server of the debug pages: an http.server.ThreadingHTTPServer (see _debug_server)
+    that serves in a thread of its own until closed."""
+
     daemon_threads = True
     block_on_close = False          # a profile being taken must not hold up shutdown
 
-    def __init__(self, b, host, port, allow_remote):
+    def __init__(self, b, host, port, allow_remote, handler):
         self.b = b
         self.allow_remote = allow_remote
         family = socket.AF_INET6 if ":" in host else socket.AF_INET
         self.address_family = family
-        super().__init__((host, port), _DebugHandler)
+        super().__init__((host, port), handler)
         bound = self.socket.getsockname()
         self.addr = ("[%s]:%d" if family == socket.AF_INET6 else "%s:%d") % bound[:2]
         self._thread = threading.Thread(target=self.serve_forever, name="bigmachine-debug",
@@ -6326,9 +6351,8 @@ _INDEX = [
 ]
 
 
-class _DebugHandler(http.server.BaseHTTPRequestHandler):
-    server_version = "bigmachine-debug/" + __version__
-    protocol_version = "HTTP/1.1"
+class _DebugPages:
+    """The debug pages: an http.server.BaseHTTPRequestHandler (see _debug_server)."""
 
     def log_message(self, format, *args):
         log.debug("debug page: %s: " + format, self.address_string(), *args)
