@@ -2327,11 +2327,13 @@ def test_vars_publish_and_rpc_statistics(lb):
     with pytest.raises(ValueError):
         m1.call("Busy.fail")
     assert m1.call("Echo.dial_and_call", m2.addr, "Echo.echo", b"x" * 1000) == b"x" * 1000
+    big = b"z" * (3 << 20)                    # large pickles travel differently: still counted
+    assert m2.call("Echo.echo", big) == big
 
     def served(machine, method):
         return lb.vars()[machine.addr]["rpc.server"]["methods"].get(method, {}).get("count")
     # A machine counts a call once its reply is sent: the caller may be quicker to ask.
-    eventually(lambda: served(m1, "Busy.fail") == 1 and served(m2, "Echo.echo") == 1,
+    eventually(lambda: served(m1, "Busy.fail") == 1 and served(m2, "Echo.echo") == 2,
                what="the calls counted")
     everything = lb.vars()
     assert set(everything) == {m1.addr, m2.addr}
@@ -2347,11 +2349,14 @@ def test_vars_publish_and_rpc_statistics(lb):
     # Machine to machine: m1's client counted its call, m2 served it, 1000 bytes each way.
     made = v1["rpc.client"]["machines"][m2.addr]["Echo.echo"]
     assert made["count"] == 1 and made["request_bytes"] > 1000 and made["reply_bytes"] > 1000
-    assert v2["rpc.server"]["methods"]["Echo.echo"]["max_request_bytes"] > 1000
+    assert v2["rpc.server"]["methods"]["Echo.echo"]["max_request_bytes"] > len(big)
+    assert v2["rpc.server"]["methods"]["Echo.echo"]["errors"] == 0
     # The driver's client counted its calls to each machine.
     mine = lb._client.stats.snapshot()
     assert mine["machines"][m1.addr]["Busy.hit"]["count"] == 3
     assert mine["methods"]["Busy.fail"]["errors"] == 1
+    echoed = mine["machines"][m2.addr]["Echo.echo"]
+    assert echoed["errors"] == 0 and echoed["reply_bytes"] > len(big) < echoed["request_bytes"]
     assert mine["methods"]["Supervisor.keepalive"]["count"] >= 2
 
     # /debug/vars: the driver's variables, and every machine's under "machines".
