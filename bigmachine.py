@@ -2980,7 +2980,9 @@ class B:
 
     # -- looking inside (see the Debug section) ------------------------------------------
 
-    def profile(self, seconds=30.0, machines=None, *, hz=100):
+    def profile(self, seconds: float = 30.0,
+                machines: typing.Optional[typing.Iterable[Machine]] = None, *,
+                hz: float = 100) -> pstats.Stats:
         """A CPU profile taken on machines (by default every running machine this session
         started) at once for seconds, merged: a `pstats.Stats`. `.dump_stats(path)` writes the
         file that `python -m pstats`, snakeviz and gprof2dot read. Machines that fail are
@@ -3002,7 +3004,7 @@ class B:
                 "%s: %s" % (m.addr, e) for m, e in failed)) from failed[0][1]
         return _merge_profiles([(m.addr, r) for m, r, e in results if e is None])
 
-    def vars(self):
+    def vars(self) -> typing.Dict[str, typing.Dict[str, typing.Any]]:
         """The variables of every running machine this session started, {addr: {name: value}}:
         what the machine published, and its calls counted per method ("rpc.server",
         "rpc.client"). A machine that does not answer in 30 seconds is left out."""
@@ -3015,7 +3017,7 @@ class B:
                 log.warning("%s: no variables: %s", m.addr, error)
         return out
 
-    def serve_debug(self, address="127.0.0.1:3333", *, allow_remote=False):
+    def serve_debug(self, address: str = "127.0.0.1:3333", *, allow_remote: bool = False) -> str:
         """Serve the debug pages over HTTP on address ("host:port"; port 0 picks one) until the
         session shuts down; returns the address bound. The pages have no authentication, so
         address must be a loopback one, and requests must name a loopback host (against DNS
@@ -5603,11 +5605,11 @@ class _EC2Boot:
 # CPU time that thread used since the last look. On Linux each thread's CPU time is read
 # from its own CPU clock, so threads blocked on sockets or locks cost nothing and weigh
 # nothing, and a machine busy in one method shows that method with its real share of the
-# time; elsewhere the weight is wall-clock time. The result is in pstats' format, with the edges between
-# callers and callees, so `pstats`, `python -m pstats`, snakeviz and gprof2dot read it and
-# machines' profiles merge with `pstats.Stats.add`. What sampling cannot know is how many
-# times a function was called: "ncalls" counts the samples it appeared in. Functions in C
-# are not seen; their time is their Python caller's.
+# time; elsewhere the weight is wall-clock time. The result is in pstats' format, with the
+# edges between callers and callees, so `pstats`, `python -m pstats`, snakeviz and gprof2dot
+# read it and machines' profiles merge with `pstats.Stats.add`. What sampling cannot know is
+# how many times a function was called: "ncalls" counts the samples it appeared in.
+# Functions in C are not seen; their time is their Python caller's.
 #
 # Memory is tracemalloc's, started on a machine the first time it is asked for (allocations
 # made before that are not seen, and tracing then slows allocation down until it is stopped).
@@ -5628,6 +5630,10 @@ class _EC2Boot:
 # have no authentication, and a profile or a stack trace shows a program's insides.
 
 
+if typing.TYPE_CHECKING:
+    import pstats                   # for B.profile's annotation; imported when a profile is made
+
+
 # --------------------------------------------------------------------------------------
 # Variables (Go: expvar)
 # --------------------------------------------------------------------------------------
@@ -5641,18 +5647,18 @@ class Counter:
 
     __slots__ = ("_value", "_lock")
 
-    def __init__(self, value=0):
+    def __init__(self, value: int = 0):
         self._value = value
         self._lock = threading.Lock()
 
-    def add(self, n=1):
+    def add(self, n: int = 1) -> int:
         """Add n (1 by default); returns the new value."""
         with self._lock:
             self._value += n
             return self._value
 
     @property
-    def value(self):
+    def value(self) -> int:
         return self._value
 
     def __repr__(self):
@@ -5663,7 +5669,10 @@ _published = {}                      # name -> value, Counter or callable
 _published_lock = threading.Lock()
 
 
-def publish(name, value):
+_Value = typing.TypeVar("_Value")
+
+
+def publish(name: str, value: _Value) -> _Value:
     """Publish a variable of this process (Go's expvar.Publish) and return value.
 
     value is read each time the variables are: a `Counter` gives its value, a callable is
@@ -5678,7 +5687,7 @@ def publish(name, value):
     return value
 
 
-def unpublish(name):
+def unpublish(name: str) -> None:
     """Remove a published variable; a name that is not published is ignored."""
     with _published_lock:
         _published.pop(name, None)
