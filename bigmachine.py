@@ -5381,10 +5381,6 @@ class EC2System(System):
             state = (self._seen.get(instance_id) or {}).get("State", {}).get("Name")
         return state in _EC2_DEAD
 
-    def _output(self, machine, line):
-        text = line.decode("utf-8", "replace")
-        _write_stderr(machine.addr + ": " + (text if text.endswith("\n") else text + "\n"))
-
     def _machine_ended(self, machine, instance_id, status, output=""):
         """The output stream of machine ended: with its exit status, or broken (None); output
         is its last lines."""
@@ -5463,6 +5459,7 @@ class _EC2Boot:
         self.host, self.port, self.context = host, port, context
         self.prefix = "/%s/bigmachine/" % instance_id
         self.tail = collections.deque(maxlen=_ChildProcess._TAIL)    # to explain an early end
+        self.output = _MachineOutput(system.output_rate, system.output_burst)
         self._sock = None
         self._closed = False
 
@@ -5568,14 +5565,16 @@ class _EC2Boot:
                     with contextlib.suppress(ValueError, IndexError):
                         status = int(line.split()[2])
                 else:
-                    self.tail.append(line.decode("utf-8", "replace"))
-                    self.system._output(self.machine, line)
+                    # Printed lines to the driver's stderr, logging records to its logging.
+                    self.tail.append(self.output.line(line, self.machine.addr + ": ",
+                                                      self.machine.addr))
         except (OSError, ValueError) as e:
             log.debug("%s: the output stream broke: %s", self.machine.addr, e)
         finally:
             with contextlib.suppress(OSError):
                 rfile.close()
             self.close()
+            self.output.close(self.machine.addr + ": ")
         self.system._machine_ended(self.machine, self.instance_id, status,
                                    "".join(self.tail).rstrip())
 

@@ -2510,20 +2510,26 @@ def test_status_page_in_headless_chromium(lb, tmp_path):
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10000
 
 
-def test_ssh_machine_logs_and_profile(sshd, caplog):
-    # Everything above is the same whatever the system; what travels differently over SSH is
-    # the machine's output, and a profile of a machine on another host.
+@pytest.mark.parametrize("where", ["ssh", "ec2"])
+def test_remote_machine_logs_and_profile(where, request, caplog):
+    # Everything above is the same whatever the system; what travels differently from another
+    # host is the machine's output, and its profile.
     caplog.set_level(logging.INFO)
-    with bigmachine.start(ssh_system(sshd)) as b:
+    if where == "ssh":
+        system = ssh_system(request.getfixturevalue("sshd"))
+    else:
+        request.getfixturevalue("ec2")
+        system = ec2_system()
+    with bigmachine.start(system) as b:
         m, = running(b, 1, {"Busy": Busy()})
-        m.call("Busy.log", logging.INFO, "info over ssh")
+        m.call("Busy.log", logging.INFO, "info from afar")
         m.call("Busy.log", logging.DEBUG, "debug is not sent")
 
         def arrived():
             return [r for r in caplog.records if r.name == "busy"]
-        eventually(arrived, what="the record over ssh")
+        eventually(arrived, what="the record from %s" % where)
         record, = arrived()
-        assert record.machine == m.addr and record.getMessage() == m.addr + ": info over ssh"
+        assert record.machine == m.addr and record.getMessage() == m.addr + ": info from afar"
         assert record.levelno == logging.INFO and record.process == m.call("Supervisor.getpid")
         burn = m.call_async("Busy.burn")
         try:
