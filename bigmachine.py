@@ -5616,14 +5616,15 @@ class _EC2Boot:
 # Variables are Go's expvar: `publish(name, value)` on any machine (or the driver), and every
 # process counts the calls it served and made per method, as Go's rpc/stats.go does.
 #
-# Logs. A Local machine's standard output and error reach the driver a line at a time,
-# prefixed with the machine's address; its `logging` records travel as records (one JSON line
-# on its standard error) and are handled again by the driver's logging, at the driver's level,
-# with the machine's address in front of the message and as `record.machine`. A machine that
-# prints more than its system's `output_burst` lines at once, or more than `output_rate` lines
-# a second for long, has the rest dropped and counted ("N lines dropped"), so a chatty machine
-# cannot flood the driver. Nothing printed before a machine exits is lost: its pipes are read
-# to their end before its shutdown returns.
+# Logs. A machine's standard output and error reach the driver a line at a time (from a
+# Local child's pipes, over ssh, or from an EC2 instance's output stream), prefixed with the
+# machine's address; its `logging` records travel as records (one JSON line on its standard
+# error) and are handled again by the driver's logging, at the driver's level, with the
+# machine's address in front of the message and as `record.machine`. A machine that prints
+# more than its system's `output_burst` lines at once, or more than `output_rate` lines a
+# second for long, has the rest dropped and counted ("N lines dropped"), so a chatty machine
+# cannot flood the driver. Nothing printed before a Local machine exits is lost: its pipes
+# are read to their end before its shutdown returns.
 #
 # The debug pages (`B.serve_debug`) serve all of this over plain HTTP to loopback only: they
 # have no authentication, and a profile or a stack trace shows a program's insides.
