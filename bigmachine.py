@@ -1237,6 +1237,15 @@ def _send_stream(sock, call_id, source):
                 close()
 
 
+def _send_stream_argument(sock, call_id, source):
+    """The thread that streams a call's file argument. A broken connection ends it quietly:
+    the call that owns the connection reports the failure."""
+    try:
+        _send_stream(sock, call_id, source)
+    except (OSError, ValueError) as e:
+        log.debug("streaming the argument of call %d stopped: %s", call_id, e)
+
+
 def _is_socket_error(e, sock):
     """Did this OSError come from the socket (and not from reading the user's file)?"""
     return isinstance(e, (ssl.SSLError, ConnectionError, socket.timeout)) or sock.fileno() < 0
@@ -1255,11 +1264,26 @@ class _StreamReader(io.RawIOBase):
         self._left = 0          # bytes of the current DATA frame not yet read
         self._done = False
         self._on_end, self._on_abort = on_end, on_abort
+        # Turns a broken connection into the error the reader should see (_Peer.stream_broken,
+        # which the caller's Machine sets), so that a stream from a machine that died raises
+        # MachineStopped like any other call on it.
+        self.broken = None
 
     def readable(self):
         return True
 
     def readinto(self, b):
+        try:
+            return self._readinto(b)
+        except (OSError, EOFError, ValueError, _ProtocolError) as e:
+            # ValueError: the connection's file was closed under us (the machine stopped).
+            # An error the stream's source raised on the machine is the user's, not a break.
+            if self.broken is None or isinstance(e.__cause__, _RemoteTraceback):
+                raise
+            error = self.broken(e)
+        raise error                 # its __cause__ is what stopped the machine, or e
+
+    def _readinto(self, b):
         while not self._left:
             if self._done or not self._next_frame():
                 return 0
@@ -1416,6 +1440,9 @@ class _Peer:
         self._busy = set()
         self._lock = threading.Lock()
         self._closed = False
+        # What reading a streamed reply raises when the connection breaks (error -> exception):
+        # the Machine using this peer sets it, so that it can say the machine stopped.
+        self.stream_broken = None
 
     # -- connections --------------------------------------------------------------------
 
@@ -1641,7 +1668,8 @@ class _Peer:
             _send_frame(conn.writer, CALL, call_id, method.encode(), body, buffers,
                         _STREAMED if stream is not None else 0)
             if stream is not None:
-                sender = threading.Thread(target=_send_stream, args=(conn.writer, call_id, stream),
+                sender = threading.Thread(target=_send_stream_argument,
+                                          args=(conn.writer, call_id, stream),
                                           name="bigmachine-stream-send", daemon=True)
                 sender.start()
             if deadline is not None:
@@ -1689,10 +1717,12 @@ class _Peer:
 
     def _stream_reply(self, conn, call_id, inflight):
         """The caller's end of a streamed reply: the connection is its until the end."""
-        return io.BufferedReader(_StreamReader(
+        reader = _StreamReader(
             conn.rfile, call_id,
             on_end=functools.partial(self._end_stream, conn, inflight),
-            on_abort=functools.partial(self._abort_stream, conn, call_id, inflight)), _CHUNK)
+            on_abort=functools.partial(self._abort_stream, conn, call_id, inflight))
+        reader.broken = self.stream_broken
+        return io.BufferedReader(reader, _CHUNK)
 
     def _end_stream(self, conn, inflight):
         if inflight is not None:
@@ -2648,6 +2678,7 @@ class Machine(_Calls):
         self.next_keepalive = None                               # time.time() the lease ends
         self._b = b
         self._peer = b._client.peer(addr)
+        self._peer.stream_broken = self._stream_broken
         self._state = UNSTARTED
         self._cond = threading.Condition()
         self._stopped = threading.Event()
@@ -2734,6 +2765,21 @@ class Machine(_Calls):
         except (NetworkError, Cancelled):
             self._check_stopped(method)
             raise
+
+    def _stream_broken(self, error):
+        """What reading a reply stream raises when its connection broke: MachineStopped if the
+        machine is going away, as for any call on it; otherwise a NetworkError."""
+        if self._state is not STOPPED and (self._b._closed or self._b.system.lost(self)):
+            self.wait(STOPPED, timeout=5.0)
+        if self._state is STOPPED:
+            broken = MachineStopped("machine %s is stopped (%s); a streamed reply from it broke "
+                                    "off" % (self.addr, self.err))
+            broken.__cause__ = self.err
+        else:
+            broken = NetworkError("a streamed reply from %s broke off: %s"
+                                  % (self.addr, error or type(error).__name__))
+            broken.__cause__ = error
+        return broken
 
     def _check_stopped(self, method):
         """A call failed: if that is because the machine stopped, raise MachineStopped."""
