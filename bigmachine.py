@@ -2247,6 +2247,14 @@ class _Dispatcher:
         if context is not None:
             context.cancel(reason)
 
+    def cancel_all(self, reason, wait=0.0):
+        """Cancel every call in progress; wait up to wait seconds for them to end."""
+        for context in list(self._calls.values()):
+            context.cancel(reason)
+        deadline = time.monotonic() + wait
+        while self._calls and time.monotonic() < deadline:
+            time.sleep(0.005)
+
     def serve_call(self, sock, rfile, meta, call_id, body, buffers, flags):
         """Run one call that arrived on a connection, send its reply, and count it."""
         began = time.perf_counter()
@@ -2522,6 +2530,11 @@ class _MachineProcess:
     def exit(self, code=0):
         if self.exited.is_set():
             return
+        # The calls still running are cancelled first, the way a cancel from their caller
+        # would: their `except`/`finally` blocks run (to release what they hold, or to save
+        # what they did) before the machine goes. A call blocked in C cannot be interrupted;
+        # the machine waits for it a second at most.
+        self.dispatcher.cancel_all("cancelled: the machine is shutting down", wait=1.0)
         self.exited.set()
         self._exit(code)
 
@@ -2902,7 +2915,10 @@ class B:
     def __enter__(self):
         return self
 
-    def __exit__(self, *exc):
+    def __exit__(self, exc_type, exc, tb):
+        if exc_type is KeyboardInterrupt and self._is_driver and self._machines:
+            log.warning("interrupted: shutting down %d machines (Ctrl-C again to kill them "
+                        "at once)", len(self._machines))
         self.shutdown()
 
     # -- machines -----------------------------------------------------------------------
@@ -2951,6 +2967,11 @@ class B:
         system = self.system
         try:
             system.launch(self, m)
+            if self._closed:
+                # The session was shut down while this machine was being launched, perhaps
+                # too late for the shutdown to find its process: end it here.
+                system.terminate(m, time.monotonic() + 1.0)
+                raise Error("the session was shut down while machine %s was starting" % m.addr)
             waits = Backoff(0.005, 0.5, 2).waits()
             deadline = time.monotonic() + system.boot_timeout
             while True:
@@ -3109,15 +3130,32 @@ class B:
         for server in servers:
             server.close()
         deadline = time.monotonic() + (self._SHUTDOWN_TIMEOUT if timeout is None else timeout)
-        threads = []
-        for m in machines:
-            if m.owned:
-                t = threading.Thread(target=self._shutdown_machine, args=(m, deadline),
-                                     name="bigmachine-shutdown", daemon=True)
-                t.start()
-                threads.append(t)
-        for t in threads:
-            t.join(max(0.0, deadline - time.monotonic()))
+        try:
+            threads = []
+            for m in machines:
+                if m.owned:
+                    t = threading.Thread(target=self._shutdown_machine, args=(m, deadline),
+                                         name="bigmachine-shutdown", daemon=True)
+                    t.start()
+                    threads.append(t)
+            for t in threads:
+                t.join(max(0.0, deadline - time.monotonic()))
+            self._finish_shutdown(machines)
+        except KeyboardInterrupt:
+            # Ctrl-C while shutting down (often the second one: the first brought the program
+            # here). Wait no more: end every machine's process now, then let the interrupt
+            # through, so that the program exits at once and leaves nothing behind.
+            with _sigint_ignored():
+                log.warning("interrupted again: killing %d machines", len(machines))
+                now = time.monotonic()
+                for m in machines:
+                    if m.owned:
+                        with contextlib.suppress(Exception):
+                            self.system.terminate(m, now)
+                self._finish_shutdown(machines)
+            raise
+
+    def _finish_shutdown(self, machines):
         for m in machines:
             m._stop(Error("the session was shut down"))
         if self._is_driver:
@@ -3133,6 +3171,20 @@ class B:
             except Exception as e:
                 log.debug("%s: Supervisor.shutdown: %s", m.addr, e)
         self.system.terminate(m, deadline)
+
+
+@contextlib.contextmanager
+def _sigint_ignored():
+    """Ignore Ctrl-C for a moment (in the main thread; elsewhere signals are not delivered)."""
+    try:
+        previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    except ValueError:                 # not the main thread
+        previous = None
+    try:
+        yield
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGINT, previous)
 
 
 def _shutdown_sessions():
@@ -3290,6 +3342,8 @@ class TestSystem(System):
             return False
         entry[1].exited.set()
         entry[1].server.close()
+        # A crashed process's threads are gone; here they would run on in the driver's process.
+        entry[1].dispatcher.cancel_all("cancelled: the machine was killed")
         return True
 
     def terminate(self, machine, deadline):
