@@ -1086,6 +1086,11 @@ def _read_body(rfile, nbuffers, body_len):
     `_loads` to unpickle from there; whoever gets one must consume it before anything else is
     read from the connection (`_loads`, or `_discard`)."""
     lengths = [_LENGTH.unpack(_read_exact(rfile, 8))[0] for _ in range(nbuffers)]
+    size = body_len + sum(lengths)
+    if size > _CHECKED_SIZE:
+        limit, why = _max_message(size)
+        if size > limit:
+            raise _TooLarge(size, limit, why)      # before any of it is allocated
     buffers = []
     for n in lengths:
         buf = bytearray(n)
@@ -1139,6 +1144,63 @@ def _discard(body):
     """Drop a body that will not be unpickled, reading it off the connection if need be."""
     if type(body) is _PendingPickle:
         body.discard()
+
+
+# Messages are read whole into memory, so one larger than a process can hold would end it
+# (the out-of-memory killer, or a MemoryError at a bad moment). A process therefore refuses a
+# message larger than BIGMACHINE_MAX_MESSAGE bytes if that is set, and otherwise one larger than
+# half the memory available when it arrives, saying so before it allocates any of it. Large
+# data belongs in streams, which are read a chunk at a time.
+_CHECKED_SIZE = 1 << 20            # smaller messages are not checked
+_MEMORY_CHECKED_SIZE = 64 << 20    # nor are smaller ones against the memory available
+
+
+class _TooLarge(SerializationError):
+    """A message larger than this process accepts, refused before it was read."""
+
+    def __init__(self, size, limit, why):
+        self.size, self.limit, self.why = size, limit, why
+        super().__init__(self.explain("a message", "is", "this process"))
+
+    def explain(self, what, verb, who):
+        return ("%s %s %s, more than %s accepts (%s, %s); send large data as a stream: an open "
+                "binary file as an argument, a file or an iterator of bytes as a result"
+                % (what, verb, _format_size(self.size), who, _format_size(self.limit), self.why))
+
+
+def _max_message(size):
+    """The largest message this process accepts now, and why: (bytes, reason)."""
+    setting = os.environ.get("BIGMACHINE_MAX_MESSAGE")
+    if setting:
+        try:
+            return int(setting), "set by BIGMACHINE_MAX_MESSAGE"
+        except ValueError:
+            log.warning("ignoring BIGMACHINE_MAX_MESSAGE=%r: not a number of bytes", setting)
+    if size <= _MEMORY_CHECKED_SIZE:
+        return size, ""
+    available = _memory_available()
+    if available is None:
+        return size, ""
+    return available // 2, ("half of the %s of memory available; BIGMACHINE_MAX_MESSAGE sets "
+                            "another limit" % _format_size(available))
+
+
+def _memory_available():
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+def _format_size(n):
+    for unit, scale in (("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
+        if n >= scale:
+            return "%.1f %s" % (n / scale, unit)
+    return "%d bytes" % n
 
 
 def _skip(rfile, n):
@@ -1970,8 +2032,17 @@ class _Server:
         except ValueError:
             _http_reply(writer, 411, b"Content-Length required\n", close=True)
             raise EOFError("no Content-Length")
-        body = _read_exact(rfile, length)
         dispatcher = self.dispatcher
+        if length < 0:
+            _http_reply(writer, 400, b"Content-Length cannot be negative\n", close=True)
+            raise EOFError("a negative Content-Length")
+        limit, why = _max_message(length)
+        if length > limit:
+            _http_reply(writer, 413, (_TooLarge(length, limit, why).explain(
+                "the arguments of %s" % method, "are", dispatcher.where) + "\n").encode(),
+                close=True)
+            raise EOFError("a request too large")
+        body = _read_exact(rfile, length)
         try:
             fn = dispatcher.lookup(method)
             args, kwargs = _loads(body, (), "the arguments of %s" % method)[:2]
@@ -1985,6 +2056,7 @@ class _Server:
 
 _HTTP_REASONS = {101: "Switching Protocols", 200: "OK", 400: "Bad Request",
                  404: "Not Found", 409: "Conflict", 411: "Length Required",
+                 413: "Payload Too Large",
                  426: "Upgrade Required", 590: "Method Error"}
 
 
@@ -2043,7 +2115,11 @@ def _serve_frames(sock, rfile, dispatcher):
             meta = read(meta_len)
             if kind == CALL:
                 if nbuffers or body_len >= _LARGE:
-                    body, buffers = _read_body(rfile, nbuffers, body_len)
+                    try:
+                        body, buffers = _read_body(rfile, nbuffers, body_len)
+                    except _TooLarge as e:
+                        _refuse_call(sock, rfile, meta, call_id, flags, dispatcher, e)
+                        continue
                 else:
                     body, buffers = read(body_len), ()
                     if len(body) != body_len:
@@ -2059,6 +2135,20 @@ def _serve_frames(sock, rfile, dispatcher):
         except (OSError, EOFError, _ProtocolError) as e:
             log.debug("connection closed: %s", e)
             return
+
+
+def _refuse_call(sock, rfile, meta, call_id, flags, dispatcher, too_large):
+    """Answer a call whose arguments are too large with an error saying so. The arguments are
+    read and dropped first (that takes time, not memory): the caller is still sending them,
+    and reads the answer only when it is done."""
+    _skip(rfile, too_large.size)
+    if flags & _STREAMED:
+        _StreamReader(rfile, call_id).drain()
+    method = meta.decode("utf-8", "replace")
+    error = SerializationError(too_large.explain(
+        "the arguments of %s" % method, "are", dispatcher.where))
+    log.warning("refused a call: %s", error)
+    _send_frame(sock, ERROR, call_id, body=_error_payload(error, dispatcher.where))
 
 
 # A small pool of threads for background work off the calling thread: futures, remote cancels.
@@ -2765,6 +2855,8 @@ class Machine(_Calls):
         if self._state is RUNNING:                  # the hot path: straight to the wire
             try:
                 return self._peer.call(method, args, kwargs)
+            except _TooLarge as e:
+                raise self._too_large(method, e) from None
             except (NetworkError, Cancelled):
                 self._check_stopped(method)
                 raise
@@ -2775,6 +2867,8 @@ class Machine(_Calls):
             self._await_running(method, deadline)
         try:
             return self._peer.call(method, args, kwargs, deadline, inflight)
+        except _TooLarge as e:
+            raise self._too_large(method, e) from None
         except (NetworkError, Cancelled):
             self._check_stopped(method)
             raise
@@ -2793,6 +2887,10 @@ class Machine(_Calls):
                                   % (self.addr, error or type(error).__name__))
             broken.__cause__ = error
         return broken
+
+    def _too_large(self, method, error):
+        return SerializationError(error.explain("the result of %s from %s" % (method, self.addr),
+                                                "is", "this process"))
 
     def _check_stopped(self, method):
         """A call failed: if that is because the machine stopped, raise MachineStopped."""
