@@ -980,6 +980,7 @@ _MAX_META = 4096
 _SMALL = 1 << 16              # frames below this size go out in one write
 _CHUNK = 1 << 20              # stream chunk size
 _HANDSHAKE_TIMEOUT = 10.0     # seconds an unauthenticated connection may take to identify itself
+                              # (servers: BIGMACHINE_HANDSHAKE_TIMEOUT, see _handshake_timeout)
 _MAX_CONNECTIONS = 4096       # connections one server keeps open at once
 
 _UPGRADE = "bigrpc/1"
@@ -1882,6 +1883,23 @@ class _Client:
             peer.close()
 
 
+def _handshake_timeout():
+    """Seconds a server gives a new connection to finish TLS, and then to send its first
+    request, before it closes it: BIGMACHINE_HANDSHAKE_TIMEOUT if set, else 10. Until then the
+    connection holds a thread and a file, so this bounds how long idle or half-open connections
+    can hold them."""
+    setting = os.environ.get("BIGMACHINE_HANDSHAKE_TIMEOUT")
+    if setting:
+        try:
+            if float(setting) > 0:
+                return float(setting)
+        except ValueError:
+            pass
+        log.warning("ignoring BIGMACHINE_HANDSHAKE_TIMEOUT=%r: not a positive number of seconds",
+                    setting)
+    return _HANDSHAKE_TIMEOUT
+
+
 class _Server:
     """A machine's RPC server: mutual TLS, HTTP for the first exchange, then frames.
 
@@ -1897,6 +1915,7 @@ class _Server:
             sock = socket.create_server((host, port), backlog=512)
         self.sock = sock
         self.host, self.port = sock.getsockname()[:2]
+        self.handshake_timeout = _handshake_timeout()
         self._conns = set()
         self._lock = threading.Lock()
         self._closed = False
@@ -1921,13 +1940,22 @@ class _Server:
                     raw.close()
                     continue
                 self._conns.add(raw)
-            threading.Thread(target=self._serve_connection, args=(raw, peer_addr),
-                             name="bigmachine-conn", daemon=True).start()
+            try:
+                threading.Thread(target=self._serve_connection, args=(raw, peer_addr),
+                                 name="bigmachine-conn", daemon=True).start()
+            except RuntimeError as e:
+                # "can't start new thread": refuse this one connection, not every later one,
+                # as letting the error end this loop would.
+                with self._lock:
+                    self._conns.discard(raw)
+                raw.close()
+                log.warning("refused a connection from %s: %s", peer_addr, e)
+                time.sleep(0.01)
 
     def _serve_connection(self, raw, peer_addr):
         sock = None
         try:
-            raw.settimeout(_HANDSHAKE_TIMEOUT)
+            raw.settimeout(self.handshake_timeout)
             raw.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             raw.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
             try:
