@@ -103,6 +103,7 @@ import sys
 import threading
 import time
 import traceback
+import types
 import typing
 import urllib.parse
 import weakref
@@ -866,14 +867,37 @@ def _loads(body, buffers, what):
         raise SerializationError(
             "cannot unpickle %s: %s: %s. Classes must be defined at the top level of a module "
             "that every machine can import: the driver's main script or a module on its "
-            "sys.path (not inside a function, and not in an interactive session)"
+            "sys.path when the machines started (not inside a function, not under "
+            "`if __name__ == \"__main__\":`, and not in an interactive session)"
             % (what, type(e).__name__, e)) from e
 
 
 def _describe_pickling_failure(obj, what, error):
-    path, culprit = _find_unpicklable(obj, what)
-    return "cannot pickle %s: %s is %s (%s: %s)" % (
-        what, path, _type_name(culprit), type(error).__name__, error)
+    if what.startswith("the arguments of ") and isinstance(obj, tuple) and len(obj) == 3:
+        # A call's (args, kwargs, timeout): name the argument as the caller knows it.
+        args, kwargs, _ = obj
+        path, culprit = (_find_unpicklable(args, "args") if not _picklable(args)
+                         else _find_unpicklable(kwargs, "kwargs"))
+    elif what.startswith("the result of "):
+        path, culprit = _find_unpicklable(obj, "result")
+    else:
+        path, culprit = _find_unpicklable(obj, what)
+    return "cannot pickle %s: %s is %s (%s: %s)%s" % (
+        what, path, _type_name(culprit), type(error).__name__, error,
+        _pickling_advice(culprit))
+
+
+def _pickling_advice(culprit):
+    """What to do about an object that pickle cannot find by name, if that is the trouble."""
+    named = culprit if isinstance(culprit, (type, types.FunctionType)) else type(culprit)
+    qualname = getattr(named, "__qualname__", "")
+    if "<lambda>" in qualname:
+        return ("; a lambda cannot be pickled: use a function defined at the top level of a "
+                "module that the machines can import")
+    if "<locals>" in qualname:
+        return ("; define it at the top level of a module that the machines can import, not "
+                "inside a function")
+    return ""
 
 
 def _type_name(obj):
@@ -1418,6 +1442,8 @@ def _parse_addr(addr):
 def _classify_connect_error(e, addr):
     if isinstance(e, ssl.SSLError) and not isinstance(e, (ssl.SSLEOFError, ssl.SSLZeroReturnError)):
         reason = getattr(e, "reason", None) or str(e)
+        if getattr(e, "verify_message", None):           # what was wrong with its certificate
+            reason = "%s: %s" % (reason, e.verify_message)
         return AuthenticationError(
             "mutual TLS with %s failed: %s (the peer does not hold a certificate of this "
             "session's authority, or refused ours)" % (addr, reason))
@@ -2400,6 +2426,10 @@ class _Dispatcher:
                 args = tuple(reader if isinstance(a, _StreamPlaceholder) else a for a in args)
                 kwargs = {k: reader if isinstance(v, _StreamPlaceholder) else v
                           for k, v in kwargs.items()}
+            if timeout is not None and not (
+                    isinstance(timeout, (int, float)) and 0 <= timeout <= threading.TIMEOUT_MAX):
+                # From the caller: one that a timer cannot take must not reach a timer thread.
+                raise ValueError("a call's timeout is a number of seconds, not %r" % (timeout,))
             context = _calls.context = self._calls[call_id] = CallContext(method, call_id, timeout)
             timer = None
             if timeout is not None:
