@@ -1882,9 +1882,12 @@ class _Client:
         self.context = client_context(credentials)
         self._peers = {}
         self._lock = threading.Lock()
-        self._ids = itertools.count(1)
         self.stats = _RPCStats()             # the calls made, per method and per machine
-        # Call ids are unique per client; the server keys in-flight calls by (client, id).
+        # A machine knows the calls it runs by id alone (a CANCEL arrives on another connection
+        # than its call), and it serves several clients: the driver's and other machines'.
+        # Each client's ids therefore start at a random point of a 62-bit range, so that two
+        # clients' ids never meet in practice, and one cannot cancel the other's call.
+        self._ids = itertools.count(secrets.randbits(62) + 1)
         self.next_call_id = functools.partial(next, self._ids)
 
     def peer(self, addr):
