@@ -1540,14 +1540,15 @@ class _Peer:
         try:
             raw = socket.create_connection((self.host, self.port), timeout=timeout)
         except OSError as e:
-            raise NetworkError("cannot connect to %s: %s" % (self.addr, e)) from e
+            raise self._dial_failed(deadline, e, NetworkError(
+                "cannot connect to %s: %s" % (self.addr, e))) from e
         try:
             raw.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             raw.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
             sock = self.client.context.wrap_socket(raw)
         except OSError as e:
             raw.close()
-            raise _classify_connect_error(e, self.addr) from e
+            raise self._dial_failed(deadline, e, _classify_connect_error(e, self.addr)) from e
         conn = _Connection(sock)
         conn.timeout = timeout
         try:
@@ -1560,8 +1561,8 @@ class _Peer:
             status, headers, body = _read_http_response(conn.rfile)
         except socket.timeout as e:
             conn.close()
-            raise NetworkError("%s did not answer the connection upgrade in %.1fs"
-                               % (self.addr, timeout)) from e
+            raise self._dial_failed(deadline, e, NetworkError(
+                "%s did not answer the connection upgrade in %.1fs" % (self.addr, timeout))) from e
         except (OSError, EOFError, ValueError) as e:
             conn.close()
             raise _classify_connect_error(e, self.addr) from e
@@ -1578,6 +1579,14 @@ class _Peer:
             raise NetworkError("%s refused the connection: HTTP %d %s"
                                % (self.addr, status, body.strip()[:200]))
         return conn
+
+    def _dial_failed(self, deadline, e, error):
+        """The error for a failed dial: Timeout if it was the call's deadline that ran out
+        (a machine that stopped answering still accepts TCP connections, and the TLS
+        handshake is what takes forever), else error."""
+        if deadline is not None and isinstance(e, socket.timeout):
+            return Timeout("the deadline passed while connecting to %s: %s" % (self.addr, e))
+        return error
 
     def checkout(self, deadline):
         with self._lock:
@@ -2987,7 +2996,7 @@ class Machine(_Calls):
         """A call made while booting (the state is not RUNNING yet)."""
         try:
             return self._peer.call(method, args, {}, time.monotonic() + timeout)
-        except NetworkError:
+        except (NetworkError, Timeout):
             if self._state is STOPPED:
                 raise self._stopped_error(method) from self.err
             raise
@@ -3138,7 +3147,9 @@ class B:
                     info = m._boot_call("Supervisor.info", timeout=system.keepalive_rpc_timeout)
                     break
                 except (NetworkError, Timeout) as e:
-                    # Timeout too: a machine still loading the driver's main answers late.
+                    # Timeout too: a machine still loading the driver's main answers late, and
+                    # one not serving yet accepts connections (its port is bound by then) but
+                    # not the TLS handshake.
                     if time.monotonic() > deadline or m._state is STOPPED:
                         raise Error("machine %s did not come up in %.0fs: %s"
                                     % (m.addr, system.boot_timeout, e)) from e
