@@ -1,7 +1,9 @@
 """Tests of bigmachine.py, against the real transport: real TLS, real sockets, real processes.
 
 Sections follow the module's: the session (B, Machine, services) on the in-process TestSystem,
-where timing is not the point; then the Local system with real processes and signals; then
+where timing is not the point; then the Local system with real processes and signals, and the
+SSH system; then faults, bad input and attacks, each done for real (SIGKILL, SIGSTOP, Ctrl-C to a driver's
+process group, attackers in processes of their own, a fuzzer), and load and a soak; then
 the command line and the example; last, the certificates, checked by openssl and, when
 installed, by the cryptography package (used as an independent oracle, never by the library).
 """
@@ -11,6 +13,7 @@ import collections
 import concurrent.futures
 import contextlib
 import datetime
+import gc
 import hashlib
 import html
 import http.client
@@ -20,6 +23,7 @@ import importlib.util
 import io
 import json
 import logging
+import mmap
 import os
 import pickle
 import pwd
@@ -36,6 +40,7 @@ import textwrap
 import threading
 import time
 import traceback
+import tracemalloc
 import typing
 import urllib.parse
 import zipfile
@@ -2634,6 +2639,1463 @@ def test_nothing_printed_is_lost_at_shutdown(tmp_path):
             addr, _, text = line.rpartition(": ")
             per_machine[addr].append(int(text.split()[1]))
         assert [v == list(range(2000)) for v in per_machine.values()] == [True, True]
+
+
+# ======================================================================================
+# Faults, bad input and attacks (issue 4): nothing hangs, nothing is lost, nothing is left
+# behind, no one gets in. Every fault is real: real processes, real signals, real sockets.
+# ======================================================================================
+
+class Victim:
+    """The service the fault tests torment. Calls record how they ended in files, which the
+    test can read even after the machine is gone."""
+
+    def __init__(self):
+        self.events = []
+        self.seen = collections.Counter()
+
+    def pid(self):
+        return os.getpid()
+
+    def echo(self, x):
+        return x
+
+    def hold(self, path):
+        """Run in pure Python (so an interrupt lands) until interrupted; write how it ended."""
+        with open(path + ".started", "w"):
+            pass
+        try:
+            while True:
+                time.sleep(0.002)
+        except BaseException as e:
+            with open(path, "w") as f:
+                f.write(type(e).__name__)
+            raise
+
+    def hang(self, seconds, key):
+        """Block in C, where no interrupt can land, then note whether the call was cancelled."""
+        try:
+            threading.Event().wait(seconds)
+            time.sleep(0.05)                       # the interrupt lands here, if it was sent
+            self.events.append(("finished", key, bigmachine.current_call().cancelled))
+        except BaseException as e:
+            self.events.append(("cancelled", key, bigmachine.current_call().cancelled,
+                                type(e).__name__))
+            raise
+
+    def stubborn(self, seconds, reply):
+        """Ignore cancellation and answer late: a reply nobody is waiting for any more."""
+        end = time.monotonic() + seconds
+        while True:
+            try:
+                while time.monotonic() < end:
+                    time.sleep(0.002)
+                return reply
+            except BaseException:
+                self.events.append(("ignored an interrupt", reply))
+
+    def get_events(self):
+        return list(self.events)
+
+    def chunks(self, n, size):
+        for i in range(n):
+            yield bytes([i % 256]) * size
+
+    def chunks_then_raise(self, error):
+        yield b"x" * 1000
+        raise {"ValueError": ValueError, "OSError": OSError, "EOFError": EOFError}[error](
+            "the source broke")
+
+    def count(self, f):
+        total = 0
+        for block in iter(lambda: f.read(1 << 20), b""):
+            total += len(block)
+        return total
+
+    def size(self, blob):
+        return len(blob)
+
+    def raise_locked(self, text):
+        raise LockedError(text)
+
+    def local_class(self):
+        class Local:
+            pass
+        return Local()
+
+    def machine_only(self, directory):
+        """An object of a class from a module that only this machine has."""
+        sys.path.insert(0, directory)
+        try:
+            module = __import__("machine_only_module")
+        finally:
+            sys.path.remove(directory)
+        return module.Thing()
+
+    def work(self, token, payload, fail):
+        """The load test's call: counts every token it sees, to prove exactly-once."""
+        self.seen[token] += 1
+        if fail:
+            raise CustomError(token[1], "token %r" % (token,))
+        return token, payload if len(payload) < 64 else hashlib.sha256(payload).digest()
+
+    def seen_tokens(self):
+        return dict(self.seen)
+
+    def resources(self):
+        return _resources()
+
+
+class LockedError(Exception):
+    """An exception that cannot be pickled: it holds a lock."""
+
+    def __init__(self, text):
+        super().__init__(text)
+        self.lock = threading.Lock()
+
+
+class EndlessFile(io.RawIOBase):
+    """A binary file of zeros without end: a streamed argument that is always mid-send."""
+
+    def readable(self):
+        return True
+
+    def readinto(self, b):
+        n = len(b)
+        b[:n] = bytes(n)
+        return n
+
+
+def _resources():
+    """This process's threads, open files and resident memory."""
+    with open("/proc/self/statm") as f:
+        rss = int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    return {"threads": threading.active_count(), "fds": len(os.listdir("/proc/self/fd")),
+            "rss": rss}
+
+
+def _outcome(fn):
+    """Run fn; return what it returned or the exception it raised, and when it ended."""
+    try:
+        value = fn()
+    except BaseException as e:
+        value = e
+    return value, time.monotonic()
+
+
+class _Running:
+    """Calls running in threads, each outcome recorded with the time it ended."""
+
+    def __init__(self, **calls):
+        self.outcomes = {}
+        self.threads = [threading.Thread(target=self._run, args=(name, fn), daemon=True)
+                        for name, fn in calls.items()]
+        for t in self.threads:
+            t.start()
+
+    def _run(self, name, fn):
+        self.outcomes[name] = _outcome(fn)
+
+    def join(self, timeout):
+        deadline = time.monotonic() + timeout
+        for t in self.threads:
+            t.join(max(0.0, deadline - time.monotonic()))
+        return self.outcomes
+
+
+def _read_all(f):
+    with f:
+        for _ in iter(lambda: f.read(1 << 16), b""):
+            pass
+    return "read to the end"
+
+
+class _Steady:
+    """A client that keeps calling a machine from its own thread: the cluster keeps serving."""
+
+    def __init__(self, machine, pause=0.005):
+        self.machine, self.pause = machine, pause
+        self.ok, self.failures = 0, []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self):
+        i = 0
+        while not self._stop.is_set():
+            i += 1
+            try:
+                assert self.machine.call("Victim.echo", i) == i
+                self.ok += 1
+            except BaseException as e:
+                self.failures.append(e)
+            self._stop.wait(self.pause)
+
+    def stop(self):
+        self._stop.set()
+        self._thread.join(10)
+        return self.ok, self.failures
+
+
+# --------------------------------------------------------------------------------------
+# Faults
+# --------------------------------------------------------------------------------------
+
+def test_fault_sigkill_mid_calls(lb, tmp_path):
+    """SIGKILL a machine in the middle of every kind of call: each fails with MachineStopped
+    at once, m.err says which signal, the other machine never misses a call, and shutdown
+    is quick."""
+    m1, m2 = running(lb, 2, {"Victim": Victim()})
+    pid = m1.call("Victim.pid")
+    steady = _Steady(m2)
+    path = lambda name: str(tmp_path / name)
+    futures = [m1.call_async("Victim.hold", path("future%d" % i)) for i in range(4)]
+    calls = _Running(
+        call=lambda: m1.call("Victim.hold", path("call")),
+        deadline=lambda: m1.options(timeout=60).call("Victim.hold", path("deadline")),
+        retry=lambda: m1.options(backoff=bigmachine.Backoff(0.01, 0.01, 1)).retry_call(
+            "Victim.hold", path("retry")),
+        stream_reply=lambda: _read_all(m1.call("Victim.chunks", 1 << 30, 1 << 16)),
+        stream_argument=lambda: m1.call("Victim.count", EndlessFile()),
+    )
+    eventually(lambda: all(os.path.exists(path(n) + ".started") for n in
+                           ["future%d" % i for i in range(4)] + ["call", "deadline", "retry"]),
+               what="the calls to be running on the machine")
+    time.sleep(0.2)                                            # the streams are flowing
+    assert all(f.running() for f in futures) and not calls.outcomes
+    began = time.monotonic()
+    os.kill(pid, signal.SIGKILL)
+    outcomes = calls.join(10)
+    for f in futures:
+        assert isinstance(f.exception(10), bigmachine.MachineStopped)
+    ended = time.monotonic()
+    assert set(outcomes) == {"call", "deadline", "retry", "stream_reply", "stream_argument"}
+    for name, (value, when) in outcomes.items():
+        assert isinstance(value, bigmachine.MachineStopped), (name, value)
+        assert value.__cause__ is m1.err, name
+        assert when - began < 3, (name, when - began)
+    assert ended - began < 3
+    assert m1.state is STOPPED and "killed by signal SIGKILL" in str(m1.err)
+    assert m1.err.exit_code == -signal.SIGKILL
+    # Later calls of every kind fail at once, and the same way.
+    for later in (lambda: m1.call("Victim.echo", 1),
+                  lambda: m1.call_async("Victim.echo", 1).result(5),
+                  lambda: m1.retry_call("Victim.echo", 1),
+                  lambda: m1.options(timeout=5).call("Victim.echo", 1)):
+        t = time.monotonic()
+        with pytest.raises(bigmachine.MachineStopped, match="killed by signal SIGKILL"):
+            later()
+        assert time.monotonic() - t < 0.5
+    ok, failures = steady.stop()
+    assert failures == [] and ok > 10
+    assert m2.call("Victim.echo", "still here") == "still here"
+    t = time.monotonic()
+    lb.shutdown()
+    assert time.monotonic() - t < 5
+
+
+def test_fault_stream_source_errors_are_not_connection_breaks(tb):
+    """An error the stream's source raises on the machine reaches the reader as itself, even
+    when it looks like an I/O error: only a broken connection becomes MachineStopped."""
+    m, = running(tb, 1, {"Victim": Victim()})
+    for name, error in (("ValueError", ValueError), ("OSError", OSError), ("EOFError", EOFError)):
+        with m.call("Victim.chunks_then_raise", name) as f:
+            assert f.read(1000) == b"x" * 1000
+            with pytest.raises(error, match="the source broke") as info:
+                f.read()
+            assert "Remote traceback" in str(info.value.__cause__)
+    assert m.call("Victim.echo", 1) == 1 and m.state is RUNNING
+
+
+def test_fault_machine_stops_answering(lb, tmp_path):
+    """SIGSTOP a machine: it is alive but silent. A call with a deadline times out on time; the
+    machine is STOPPED within the keepalive budget, with the keepalive failure and its last
+    error; calls in flight then fail; the other machine never notices."""
+    m1, m2 = running(lb, 2, {"Victim": Victim()})
+    system = lb.system
+    budget = (system.keepalive_period / 2 + system.keepalive_timeout
+              + system.keepalive_rpc_timeout + 1.0)
+    pid = m1.call("Victim.pid")
+    steady = _Steady(m2)
+    future = m1.call_async("Victim.hold", str(tmp_path / "held"))
+    eventually(lambda: os.path.exists(str(tmp_path / "held.started")))
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        began = time.monotonic()
+        with pytest.raises(bigmachine.Timeout):
+            m1.options(timeout=0.5).call("Victim.echo", 1)
+        assert 0.45 < time.monotonic() - began < 1.5
+        m1._peer.reset()            # no idle connection: the deadline runs out in the handshake
+        t = time.monotonic()
+        with pytest.raises(bigmachine.Timeout, match="deadline passed while connecting"):
+            m1.options(timeout=0.5).call("Victim.echo", 1)
+        assert 0.45 < time.monotonic() - t < 1.5
+        assert m1.wait(STOPPED, timeout=budget + 5) is STOPPED
+        took = time.monotonic() - began
+        assert took < budget, (took, budget)
+        assert "keepalive failed after" in str(m1.err) and "timed out" in str(m1.err)
+        assert isinstance(future.exception(5), bigmachine.MachineStopped)
+        with pytest.raises(bigmachine.MachineStopped, match="keepalive failed"):
+            m1.call("Victim.echo", 2)
+        ok, failures = steady.stop()
+        assert failures == [] and ok > 10
+        t = time.monotonic()
+        lb.shutdown()                                  # ends the stopped process too
+        assert time.monotonic() - t < 5
+        eventually(lambda: not _alive(pid), timeout=10, what="the stopped machine to be ended")
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGCONT)
+
+
+@pytest.mark.parametrize("system", ["test", "local"])
+def test_fault_hung_machine_times_out_and_pool_stays_clean(system):
+    """A call the machine never answers in time: Timeout on time, the call cancelled on the
+    machine, and the late answer of a call that ignores cancellation never reaches anyone."""
+    cls = bigmachine.TestSystem if system == "test" else bigmachine.Local
+    with bigmachine.start(cls(**FAST)) as b:
+        m, = running(b, 1, {"Victim": Victim()})
+        began = time.monotonic()
+        with pytest.raises(bigmachine.Timeout, match="timed out after 0.3s"):
+            m.options(timeout=0.3).call("Victim.hang", 1.0, "h1")    # blocked in C
+        assert 0.28 < time.monotonic() - began < 0.8
+        eventually(lambda: ("cancelled", "h1", True, "_Interrupt") in m.call("Victim.get_events"),
+                   timeout=5, what="the hung call to be cancelled when it woke")
+        with pytest.raises(bigmachine.Timeout):
+            m.options(timeout=0.2).call("Victim.stubborn", 0.6, "late")
+        deadline = time.monotonic() + 1.0                             # past the late reply
+        i = 0
+        while time.monotonic() < deadline:
+            i += 1
+            assert m.call("Victim.echo", i) == i
+            futures = [m.call_async("Victim.echo", (i, k)) for k in range(4)]
+            assert [f.result(10) for f in futures] == [(i, k) for k in range(4)]
+        assert ("ignored an interrupt", "late") in m.call("Victim.get_events")
+
+
+def test_fault_two_callers_cancel_only_their_own_calls(tb, tmp_path):
+    """A machine serves several callers (the driver, other machines), each numbering its own
+    calls. A caller's cancel stops its call, never another caller's."""
+    m, = running(tb, 1, {"Victim": Victim()})
+    clients = {name: bigmachine._Client(tb._credentials) for name in ("a", "b")}
+    flights = {name: bigmachine._InFlight() for name in clients}
+
+    def hold(name):
+        return lambda: clients[name].peer(m.addr).call(
+            "Victim.hold", (str(tmp_path / name),), {}, None, flights[name])
+    try:
+        calls = _Running(a=hold("a"), b=hold("b"))
+        eventually(lambda: all((tmp_path / (n + ".started")).exists() for n in "ab"))
+        flights["a"].cancel()
+        eventually(lambda: "a" in calls.outcomes)
+        assert isinstance(calls.outcomes["a"][0], bigmachine.Cancelled)
+        eventually(lambda: (tmp_path / "a").exists(), what="a's call to end on the machine")
+        time.sleep(0.3)
+        assert not (tmp_path / "b").exists() and "b" not in calls.outcomes   # b's runs on
+        flights["b"].cancel()
+        calls.join(10)
+        eventually(lambda: (tmp_path / "b").exists(), what="b's call to end on the machine")
+        assert (tmp_path / "b").read_text() == "_Interrupt"
+    finally:
+        for client in clients.values():
+            client.close()
+
+
+def test_fault_restarted_machine_and_stale_connections(tb):
+    """A machine restarted at the same address, at once: the next call reconnects. Connections
+    the machine dropped while idle are not reused either."""
+    creds = tb._authority.issue("restartable", ip_addresses=["127.0.0.1"])
+
+    def serve(tag, port=0):
+        process = bigmachine._MachineProcess(None, creds, None, lease=60, watchdog_tick=1,
+                                             exit=lambda code: None, port=port)
+        process.dispatcher.register("Echo", Echo(tag))
+        return process.start()
+
+    first = serve("first")
+    m = tb.dial(first.addr)
+    assert m.wait(RUNNING, timeout=10) is RUNNING
+    assert [m.call("Echo.get_tag") for _ in range(3)] == ["first"] * 3
+    futures = [m.call_async("Echo.sleep", 0.2) for _ in range(4)]   # several pooled connections
+    assert [f.result(10) for f in futures] == [False] * 4
+    first.exited.set()
+    first.server.close()
+    second = serve("second", port=first.server.port)
+    try:
+        assert second.addr == first.addr
+        assert [m.call("Echo.get_tag") for _ in range(8)] == ["second"] * 8
+        # The machine drops every connection while they are idle in the pool.
+        for conn in list(second.server._conns):
+            conn.shutdown(socket.SHUT_RDWR)
+        assert [m.call("Echo.get_tag") for _ in range(8)] == ["second"] * 8
+        assert m.state is RUNNING
+    finally:
+        second.exited.set()
+        second.server.close()
+
+
+# A driver for the Ctrl-C tests, run as its own process group as a terminal would run it.
+CTRL_C_DRIVER = """
+import os, sys, threading, time
+import bigmachine
+
+class Busy:
+    def pid(self):
+        return os.getpid()
+
+    def hold(self, path):
+        with open(path + ".started", "w"):
+            pass
+        try:
+            while True:
+                time.sleep(0.002)
+        except BaseException as e:
+            with open(path, "w") as f:
+                f.write(type(e).__name__)
+            raise
+
+if __name__ == "__main__":
+    mode, out = sys.argv[1], sys.argv[2]
+    machines, futures, report = [], [], []
+    try:
+        with bigmachine.start(bigmachine.Local(keepalive_period=0.5, keepalive_timeout=2.0,
+                                               keepalive_rpc_timeout=0.5, lease=5.0)) as b:
+            machines = b.start(2, {"Busy": Busy()}, env={"BIGMACHINE_TEST_TAG": out})
+            if mode == "starting":
+                print("ready", flush=True)
+                time.sleep(600)
+            for m in machines:
+                m.wait()
+            print("pids", *[m.call("Busy.pid") for m in machines], flush=True)
+            if mode == "idle":
+                print("ready", flush=True)
+                time.sleep(600)
+            futures = [m.call_async("Busy.hold", os.path.join(out, "future%d" % i))
+                       for i, m in enumerate(machines)]
+            def user_thread():
+                try:
+                    machines[1].call("Busy.hold", os.path.join(out, "thread"))
+                except BaseException as e:
+                    report.append("thread: %s" % type(e).__name__)
+            threading.Thread(target=user_thread).start()
+            print("ready", flush=True)
+            machines[0].call("Busy.hold", os.path.join(out, "main"))
+    except KeyboardInterrupt:
+        for m in machines:
+            print("machine:", m.state, m.err, flush=True)
+        for f in futures:
+            print("future:", type(f.exception(10)).__name__, flush=True)
+        time.sleep(0.2)
+        print(*report, flush=True)
+        print("interrupted", flush=True)
+"""
+
+
+def _tagged_processes(tag):
+    """Machine processes started with BIGMACHINE_TEST_TAG=tag, wherever they are now."""
+    found = []
+    needle = ("BIGMACHINE_TEST_TAG=%s" % tag).encode()
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open("/proc/%s/environ" % entry, "rb") as f:
+                    if needle in f.read().split(b"\0") and _alive(int(entry)):
+                        found.append(int(entry))
+            except OSError:
+                pass
+    return found
+
+
+class _Driver:
+    """A driver program in a process group of its own, like a command run from a shell."""
+
+    def __init__(self, tmp_path, mode):
+        self.out = tmp_path / "out"
+        self.out.mkdir()
+        script = tmp_path / "driver.py"
+        script.write_text(CTRL_C_DRIVER)
+        self.proc = subprocess.Popen(
+            [sys.executable, str(script), mode, str(self.out)], stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE, text=True, start_new_session=True,
+            env=dict(os.environ, PYTHONPATH=HERE), cwd=str(tmp_path))
+        self.pids = []
+        for line in self.proc.stdout:
+            if line.startswith("pids"):
+                self.pids = [int(p) for p in line.split()[1:]]
+            if line.startswith("ready"):
+                break
+
+    def ctrl_c(self):
+        """What a terminal does on Ctrl-C: SIGINT to the foreground process group."""
+        os.killpg(self.proc.pid, signal.SIGINT)
+        return time.monotonic()
+
+    def finish(self, timeout):
+        try:
+            out, err = self.proc.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            self.kill()
+            raise AssertionError("the driver did not exit within %ss" % timeout)
+        return out, err
+
+    def kill(self):
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        self.proc.communicate()
+        for pid in _tagged_processes(str(self.out)):
+            os.kill(pid, signal.SIGKILL)
+
+    def started(self, *names):
+        return all((self.out / (name + ".started")).exists() for name in names)
+
+    def ended(self, name):
+        path = self.out / name
+        return path.read_text() if path.exists() else None
+
+
+def test_fault_ctrl_c_to_the_drivers_process_group(tmp_path):
+    """The terminal's Ctrl-C reaches the whole foreground process group. Machines run in
+    sessions of their own: the signal does not reach them, and the driver's shutdown ends
+    them, bounded in time. The same when the machines are still starting."""
+    for mode in ("idle", "starting"):
+        directory = tmp_path / mode
+        directory.mkdir()
+        driver = _Driver(directory, mode)
+        try:
+            tag = str(driver.out)
+            if mode == "idle":
+                assert len(driver.pids) == 2
+                for pid in driver.pids:
+                    assert os.getpgid(pid) != driver.proc.pid
+                    assert os.getsid(pid) != os.getsid(driver.proc.pid)
+            else:
+                eventually(lambda: len(_tagged_processes(tag)) == 2, timeout=30,
+                           what="the machine processes to exist")
+            began = driver.ctrl_c()
+            out, err = driver.finish(timeout=15)
+            took = time.monotonic() - began
+            assert "interrupted" in out, out + err
+            assert took < 5, took
+            eventually(lambda: not _tagged_processes(tag), timeout=5,
+                       what="no machine process left")
+            if mode == "idle":
+                assert out.count("machine: STOPPED machine https://") == 2, out
+                assert out.count("was shut down") == 2, out    # by the driver, cleanly
+            assert "KeyboardInterrupt" not in "".join(
+                line for line in err.splitlines(True) if line.startswith("https://")), err
+        finally:
+            driver.kill()
+
+
+def test_fault_ctrl_c_with_calls_in_flight(tmp_path):
+    """Ctrl-C while calls are in flight in the main thread, in a user's thread and in futures:
+    each is cancelled on its machine (its `except`/`finally` runs there), every future and call
+    ends, the driver shuts down in bounded time, and no process is left."""
+    driver = _Driver(tmp_path, "calls")
+    try:
+        calls = ("main", "thread", "future0", "future1")
+        eventually(lambda: driver.started(*calls), timeout=30, what="the calls to run")
+        began = driver.ctrl_c()
+        out, err = driver.finish(timeout=15)
+        took = time.monotonic() - began
+        assert "interrupted" in out, out + err
+        assert took < 5, took
+        for name in calls:
+            assert driver.ended(name) == "_Interrupt", (name, out, err)
+        assert out.count("future: MachineStopped") == 2, out
+        assert "thread: MachineStopped" in out, out
+        assert out.count("was shut down") == 2, out
+        eventually(lambda: not any(_alive(p) for p in driver.pids), timeout=5)
+    finally:
+        driver.kill()
+
+
+def test_fault_second_ctrl_c_exits_at_once(tmp_path):
+    """A shutdown that would take long (a machine that stopped answering) is cut short by a
+    second Ctrl-C: every machine is killed at once, the stopped one included, and the driver
+    exits at once."""
+    driver = _Driver(tmp_path, "calls")
+    try:
+        eventually(lambda: driver.started("main", "thread"), timeout=30)
+        os.kill(driver.pids[0], signal.SIGSTOP)            # the shutdown will wait for it
+        driver.ctrl_c()
+        time.sleep(1.5)
+        assert driver.proc.poll() is None                  # still shutting down, patiently
+        assert _alive(driver.pids[0])
+        began = driver.ctrl_c()
+        out, err = driver.finish(timeout=10)
+        took = time.monotonic() - began
+        assert took < 1.5, took
+        assert "interrupted" in out, out + err
+        eventually(lambda: not any(_alive(p) for p in driver.pids), timeout=2,
+                   what="every machine killed")
+    finally:
+        for pid in driver.pids:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGCONT)
+        driver.kill()
+
+
+def test_fault_ctrl_c_in_a_call_discards_its_connection(tb, tmp_path):
+    """KeyboardInterrupt in the middle of a call (waiting for the reply, or halfway through
+    sending a large argument): the call is cancelled on the machine, its connection is thrown
+    away rather than reused mid-message, and later calls get their own answers."""
+    m, = running(tb, 1, {"Victim": Victim()})
+    main = threading.main_thread().ident
+    assert threading.get_ident() == main
+
+    def interrupt_when(condition):
+        def run():
+            eventually(condition, timeout=10)
+            signal.pthread_kill(main, signal.SIGINT)
+        threading.Thread(target=run, daemon=True).start()
+
+    held = str(tmp_path / "held")
+    interrupt_when(lambda: os.path.exists(held + ".started"))
+    with pytest.raises(KeyboardInterrupt):
+        m.call("Victim.hold", held)
+    eventually(lambda: os.path.exists(held), what="the call to be cancelled on the machine")
+    with open(held) as f:
+        assert f.read() == "_Interrupt"
+    assert [m.call("Victim.echo", i) for i in range(20)] == list(range(20))
+
+    # Halfway through sending 256 MiB: the machine has the first bytes of a frame, never the rest.
+    blob = mmap.mmap(-1, 256 << 20)                     # zero pages: no memory is used
+    sent = []
+    real_sendall = ssl.SSLSocket.sendall
+
+    def counting_sendall(self, data, *args):
+        if threading.get_ident() == main:
+            sent.append(len(data))
+        return real_sendall(self, data, *args)
+
+    with mock_attr(ssl.SSLSocket, "sendall", counting_sendall):
+        interrupt_when(lambda: len(sent) >= 2)
+        with pytest.raises(KeyboardInterrupt):
+            m.call("Victim.size", pickle.PickleBuffer(blob))
+    blob.close()
+    assert all(conn.sock.fileno() >= 0 for conn in m._peer._idle)
+    assert [m.call("Victim.echo", ("after", i)) for i in range(20)] == [
+        ("after", i) for i in range(20)]
+    futures = [m.call_async("Victim.echo", i) for i in range(20)]
+    assert [f.result(10) for f in futures] == list(range(20))
+
+
+@contextlib.contextmanager
+def mock_attr(owner, name, value):
+    old = getattr(owner, name)
+    setattr(owner, name, value)
+    try:
+        yield
+    finally:
+        setattr(owner, name, old)
+
+
+# --------------------------------------------------------------------------------------
+# Bad input: each a clear error naming what was wrong; the cluster keeps serving
+# --------------------------------------------------------------------------------------
+
+def _write_module(directory, name, source):
+    directory.mkdir(exist_ok=True)
+    (directory / (name + ".py")).write_text(textwrap.dedent(source))
+    return str(directory)
+
+
+def test_bad_input_is_named_and_the_machine_keeps_serving(lb, tmp_path):
+    m, = running(lb, 1, {"Victim": Victim(), "Echo": Echo()})
+    pid = m.call("Victim.pid")
+    tried = []
+
+    def bad(error, pattern, method, *args, **kwargs):
+        with pytest.raises(error, match=pattern) as info:
+            m.call(method, *args, **kwargs)
+        tried.append(method)
+        assert m.call("Victim.echo", len(tried)) == len(tried)    # still serving
+        return info.value
+
+    bad(bigmachine.NotFound, r"no service 'Nope' on https://.*\(it has: Echo, Supervisor, "
+        r"Victim\)", "Nope.echo", 1)
+    bad(bigmachine.NotFound, r"service 'Victim' .* no public method 'nosuch' \(it has: .*echo",
+        "Victim.nosuch")
+    bad(bigmachine.NotFound, "no public method '_private'", "Echo._private")
+    bad(bigmachine.NotFound, "no public method '__init__'", "Echo.__init__")
+    bad(bigmachine.NotFound, "no public method ''", "Echo")
+    bad(bigmachine.NotFound, "no public method 'tag'", "Echo.tag")           # not a method
+    e = bad(TypeError, r"echo\(\) missing 1 required positional argument: 'x'", "Victim.echo")
+    assert "Remote traceback" in str(e.__cause__)
+    bad(TypeError, r"echo\(\) got an unexpected keyword argument 'y'", "Victim.echo", 1, y=2)
+    bad(bigmachine.SerializationError,
+        r"cannot pickle the arguments of Victim.echo: args\[0\]\['x'\]\[1\] is _thread.lock",
+        "Victim.echo", {"x": [1, threading.Lock()]})
+    bad(bigmachine.SerializationError,
+        r"cannot pickle the arguments of Victim.echo: kwargs\['x'\]\.client\._sock is "
+        r"socket.socket", "Victim.echo", x=Unpicklable())
+    bad(bigmachine.SerializationError,
+        r"the result of Echo.unpicklable_result: result\['lock'\] is _thread.lock",
+        "Echo.unpicklable_result")
+    # An exception that cannot be pickled still tells its type, message and traceback.
+    e = bad(bigmachine.RemoteError, "LockedError: the lock stays here", "Victim.raise_locked",
+            "the lock stays here")
+    assert e.type_name == "test_bigmachine.LockedError" and e.message == "the lock stays here"
+    assert "in raise_locked" in e.traceback and "Remote traceback" in str(e)
+
+    # Classes the other side cannot import: say what to do.
+    class DefinedInATest:
+        pass
+    bad(bigmachine.SerializationError, r"args\[0\] is test_bigmachine\..*<locals>\."
+        r"DefinedInATest.*define it at the top level of a module", "Victim.echo",
+        DefinedInATest())
+    bad(bigmachine.SerializationError, r"args\[0\] is function.*<lambda>.*top level of a module",
+        "Victim.echo", lambda: 1)
+    bad(bigmachine.SerializationError, r"the result of Victim.local_class.*<locals>.*top level",
+        "Victim.local_class")
+    # A module only the driver has (its directory is not on the machines' path).
+    sys.modules.pop("driver_only_module", None)
+    directory = _write_module(tmp_path / "driver", "driver_only_module", """
+        class Thing:
+            pass
+    """)
+    sys.path.insert(0, directory)
+    try:
+        import driver_only_module
+    finally:
+        sys.path.remove(directory)
+    bad(bigmachine.SerializationError, r"cannot unpickle the arguments of Victim.echo: "
+        r".*No module named 'driver_only_module'.*every machine can import",
+        "Victim.echo", driver_only_module.Thing())
+    # A module only the machine has.
+    directory = _write_module(tmp_path / "machine", "machine_only_module", """
+        class Thing:
+            pass
+    """)
+    bad(bigmachine.SerializationError, r"cannot unpickle the result of Victim.machine_only from "
+        r"https://.*No module named 'machine_only_module'", "Victim.machine_only", directory)
+
+    # Services of such a class: the machine stops, saying why; the session goes on.
+    sys.path.insert(0, str(tmp_path / "driver"))
+    try:
+        services = {"Thing": driver_only_module.Thing()}
+    finally:
+        sys.path.remove(str(tmp_path / "driver"))
+    bad_machine, = lb.start(1, services)
+    assert bad_machine.wait(RUNNING, timeout=60) is STOPPED
+    assert isinstance(bad_machine.err, bigmachine.SerializationError)
+    assert "No module named 'driver_only_module'" in str(bad_machine.err)
+    # Services whose init raises, on a real machine: stopped fast, with that very error.
+    failing, = lb.start(1, {"Bad": InitFails()})
+    assert failing.wait(RUNNING, timeout=60) is STOPPED
+    assert isinstance(failing.err, CustomError) and failing.err.code == 3
+    # Bad arguments to start, before anything is launched.
+    for args, error, pattern in (
+            ((0, {"Victim": Victim()}), ValueError, "positive integer, not 0"),
+            ((-1, {"Victim": Victim()}), ValueError, "not -1"),
+            ((1.5, {"Victim": Victim()}), ValueError, "not 1.5"),
+            ((True, {"Victim": Victim()}), ValueError, "not True"),
+            ((1, [Victim()]), ValueError, "mapping of names to service objects"),
+            ((1, Victim()), ValueError, "mapping of names to service objects"),
+            ((1, {}), ValueError, "non-empty mapping"),
+            ((1, {3: Victim()}), ValueError, "service names .* not 3"),
+            ((1, {"": Victim()}), ValueError, "service names .* not ''"),
+            ((1, {"_x": Victim()}), ValueError, "not '_x'"),
+            ((1, {"Lambda": lambda: 1}), bigmachine.SerializationError,
+             r"services\['Lambda'\].*top level of a module"),
+    ):
+        with pytest.raises(error, match=pattern):
+            lb.start(*args)
+        tried.append("start%r" % (args,))
+    with pytest.raises(ValueError, match="env must map names to strings"):
+        lb.start(1, {"Victim": Victim()}, env={"N": 1})
+    assert m.call("Victim.pid") == pid                       # the same process all along
+    print("bad inputs tried: %d" % len(tried))
+    assert len(tried) == 28
+
+
+def test_bad_input_calls_after_shutdown():
+    b = bigmachine.start(bigmachine.TestSystem(**FAST))
+    m, = running(b, 1, {"Victim": Victim()})
+    b.shutdown()
+    for call in (lambda: m.call("Victim.echo", 1),
+                 lambda: m.call_async("Victim.echo", 1).result(5),
+                 lambda: m.retry_call("Victim.echo", 1),
+                 lambda: m.options(timeout=1).call("Victim.echo", 1)):
+        with pytest.raises(bigmachine.MachineStopped, match="shut down"):
+            call()
+    with pytest.raises(bigmachine.Error, match="shut down"):
+        b.start(1, {"Victim": Victim()})
+    with pytest.raises(bigmachine.Error, match="shut down"):
+        b.dial("https://127.0.0.1:1/")
+    assert b.machines() == []
+
+
+def test_bad_input_two_gibibyte_argument():
+    """2 GiB in one argument: a machine that can hold it takes it. A message larger than a
+    process accepts (BIGMACHINE_MAX_MESSAGE, or half its memory available) is refused clearly
+    before any of it is allocated, on a machine or on the driver, and the cluster keeps serving.
+    The arguments are views of untouched zero pages: the driver spends no memory on them."""
+    blob = mmap.mmap(-1, 2 << 30)
+    try:
+        # A lease long enough for the seconds a 2 GiB allocation holds the machine's GIL.
+        system = bigmachine.Local(keepalive_period=1.0, keepalive_timeout=60.0, lease=120.0)
+        with bigmachine.start(system) as b:
+            big, small = running(b, 1, {"Victim": Victim()}) + running(
+                b, 1, {"Victim": Victim()}, env={"BIGMACHINE_MAX_MESSAGE": str(16 << 20)})
+            began = time.monotonic()
+            assert big.call("Victim.size", pickle.PickleBuffer(blob)) == 2 << 30
+            took = time.monotonic() - began
+            assert big.call("Victim.echo", 1) == 1
+            with pytest.raises(bigmachine.SerializationError,
+                               match=r"the arguments of Victim.size are 64\.0 MiB, more than "
+                                     r"https://.* accepts \(16\.0 MiB, set by "
+                                     r"BIGMACHINE_MAX_MESSAGE\); send large data as a stream"):
+                small.call("Victim.size", pickle.PickleBuffer(memoryview(blob)[:64 << 20]))
+            assert small.call("Victim.echo", "still here") == "still here"
+            assert small.call("Victim.size", bytearray(15 << 20)) == 15 << 20
+            # A result too large for the driver is refused the same way, on the driver.
+            with mock_env(BIGMACHINE_MAX_MESSAGE=str(16 << 20)):
+                with pytest.raises(bigmachine.SerializationError,
+                                   match=r"the result of Victim.echo from https://.* is "
+                                         r"20\.0 MiB, more than this process accepts"):
+                    big.call("Victim.echo", bytearray(20 << 20))
+            assert big.call("Victim.echo", "and still") == "and still"
+            assert small.call("Victim.resources")["rss"] < 200 << 20
+    finally:
+        with contextlib.suppress(BufferError):          # a traceback may still hold a view
+            blob.close()
+    print("a 2 GiB argument took %.1fs" % took)
+
+
+@contextlib.contextmanager
+def mock_env(**values):
+    old = {k: os.environ.get(k) for k in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for k, v in old.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+# --------------------------------------------------------------------------------------
+# Attacks, each from a process of its own over real sockets
+# --------------------------------------------------------------------------------------
+
+# The attacker: a plain Python program that knows the wire format but holds no certificate of
+# the session (or a bad one). Its payload creates a file when it is unpickled.
+ATTACKER = r"""
+import json, os, pickle, socket, ssl, struct, sys, time
+
+host, port, marker = sys.argv[1], int(sys.argv[2]), sys.argv[3]
+attacks = json.loads(sys.argv[4])
+
+class Bomb:
+    def __reduce__(self):
+        return (open, (marker, "w"))
+
+bomb = pickle.dumps(((Bomb(),), {}, None), 5)
+frame = struct.pack("!BBHIQQ", 1, 0, 0, 11, 1, len(bomb)) + b"Victim.echo" + bomb
+upgrade = (b"GET /bigrpc HTTP/1.1\r\nHost: x\r\nConnection: Upgrade\r\nUpgrade: bigrpc/1\r\n"
+           b"Bigmachine-Python: %d.%d\r\nBigmachine-Protocol: 1\r\n\r\n" % sys.version_info[:2])
+post = (b"POST /bigrpc/Victim.echo HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n"
+        % len(bomb) + bomb)
+requests = {"upgrade": upgrade + frame, "post": post}
+
+def answer(sock):
+    sock.settimeout(5)
+    try:
+        data = sock.recv(100)
+    except (ssl.SSLError, ConnectionError) as e:
+        return "refused: %s" % e
+    except socket.timeout:
+        return "no answer in 5s"
+    if not data:
+        return "closed"
+    if data[:1] == b"\x15":
+        return "refused: a TLS alert"
+    return "answered: %r" % data[:80]
+
+results = []
+for attack in attacks:
+    began = time.monotonic()
+    raw = socket.create_connection((host, port), timeout=5)
+    try:
+        if attack["how"] == "plain":
+            raw.sendall(requests[attack["request"]])
+            result = answer(raw)
+        elif attack["how"] == "random":
+            junk = bytearray(os.urandom(4096))
+            junk[0] = 0x17 if junk[0] == 0x16 else junk[0]    # not a handshake record
+            raw.sendall(junk)
+            result = answer(raw)
+        else:
+            context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+            context.check_hostname = False
+            context.verify_mode = ssl.CERT_NONE
+            if attack.get("cert"):
+                context.load_cert_chain(attack["cert"])
+            try:
+                tls = context.wrap_socket(raw)
+                tls.sendall(requests[attack["request"]])
+                result = answer(tls)
+            except (ssl.SSLError, ConnectionError) as e:
+                result = "refused: %s" % e
+    finally:
+        raw.close()
+    results.append({"attack": attack["name"], "result": result,
+                    "seconds": time.monotonic() - began})
+print(json.dumps(results))
+"""
+
+
+def _pem_file(directory, name, credentials):
+    path = directory / (name + ".pem")
+    path.write_text(credentials.cert_pem + credentials.key_pem)
+    return str(path)
+
+
+def test_attacks_are_refused_and_nothing_is_unpickled(lb, tmp_path):
+    m, = running(lb, 1, {"Victim": Victim()})
+    pid = m.call("Victim.pid")
+    host, port, _ = bigmachine._parse_addr(m.addr)
+    marker = tmp_path / "unpickled"
+    now = datetime.datetime.now(UTC)
+    authority = lb._authority
+    certificates = {
+        "no certificate": None,
+        "another CA's certificate": _pem_file(
+            tmp_path, "stranger", bigmachine.CertificateAuthority().issue("stranger")),
+        "an expired certificate of the session": _pem_file(tmp_path, "expired", authority.issue(
+            "expired", not_before=now - datetime.timedelta(days=2),
+            not_after=now - datetime.timedelta(days=1))),
+        "a server-only certificate of the session": _pem_file(
+            tmp_path, "server-only", authority.issue("server only", client=False)),
+    }
+    attacks = []
+    for request in ("upgrade", "post"):
+        for name, cert in certificates.items():
+            attacks.append({"name": "%s, %s" % (name, request), "how": "tls", "cert": cert,
+                            "request": request})
+        attacks.append({"name": "plain text, %s" % request, "how": "plain", "request": request})
+    attacks += [{"name": "random bytes %d" % i, "how": "random"} for i in range(4)]
+    steady = _Steady(m)
+    result = subprocess.run([sys.executable, "-c", ATTACKER, host, str(port), str(marker),
+                             json.dumps(attacks)], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    outcomes = json.loads(result.stdout)
+    ok, failures = steady.stop()
+    assert len(outcomes) == len(attacks) == 14
+    for outcome in outcomes:
+        assert outcome["result"] == "closed" or outcome["result"].startswith("refused"), outcome
+        assert outcome["seconds"] < 3, outcome                 # refused at once, not timed out
+    assert not marker.exists()                                 # nothing was unpickled
+    assert failures == [] and ok > 10                          # the real client was served
+    assert m.call("Victim.pid") == pid
+
+
+IMPOSTOR = r"""
+import json, socket, ssl, sys, threading
+context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+context.load_cert_chain(sys.argv[1])
+context.verify_mode = ssl.CERT_NONE
+listener = socket.create_server(("127.0.0.1", 0))
+print(listener.getsockname()[1], flush=True)
+seen = {"connections": 0, "handshakes": 0, "bytes": 0}
+
+def serve():
+    while True:
+        raw, _ = listener.accept()
+        seen["connections"] += 1
+        raw.settimeout(5)
+        try:
+            with context.wrap_socket(raw, server_side=True) as tls:
+                seen["handshakes"] += 1
+                while True:
+                    data = tls.recv(65536)
+                    if not data:
+                        break
+                    seen["bytes"] += len(data)
+        except (OSError, ssl.SSLError):
+            pass
+
+threading.Thread(target=serve, daemon=True).start()
+sys.stdin.read()
+print(json.dumps(seen), flush=True)
+"""
+
+
+def test_attack_impostor_machines_are_refused_by_the_driver(lb, tmp_path):
+    """A server in another process that poses as a machine of the session: the driver refuses
+    it during the handshake and sends it nothing."""
+    now = datetime.datetime.now(UTC)
+    authority = lb._authority
+    impostors = {
+        "another CA": (bigmachine.CertificateAuthority().issue("impostor"),
+                       "unable to get local issuer certificate"),
+        "a client-only certificate of the session": (
+            authority.issue("client only", server=False), "unsuitable certificate purpose"),
+        "an expired certificate of the session": (authority.issue(
+            "expired", not_before=now - datetime.timedelta(days=2),
+            not_after=now - datetime.timedelta(days=1)), "certificate has expired"),
+    }
+    for name, (credentials, reason) in impostors.items():
+        server = subprocess.Popen(
+            [sys.executable, "-c", IMPOSTOR, _pem_file(tmp_path, "impostor", credentials)],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        try:
+            addr = "https://127.0.0.1:%s/" % server.stdout.readline().strip()
+            dialed = lb.dial(addr)
+            assert dialed.wait(RUNNING, timeout=10) is STOPPED, name
+            assert isinstance(dialed.err, bigmachine.AuthenticationError), (name, dialed.err)
+            assert reason in str(dialed.err), (name, dialed.err)
+            client = bigmachine._Client(lb._credentials)
+            try:
+                with pytest.raises(bigmachine.AuthenticationError, match=reason):
+                    client.peer(addr).call("Victim.echo", ("secret",), {}, time.monotonic() + 10)
+            finally:
+                client.close()
+            out, _ = server.communicate("", timeout=10)
+        finally:
+            server.kill()
+            server.wait()
+        seen = json.loads(out)
+        assert seen["connections"] >= 2 and seen["handshakes"] == 0 and seen["bytes"] == 0, (
+            name, seen)
+
+
+SLOWLORIS = r"""
+import json, select, socket, ssl, sys, time
+host, port, cert = sys.argv[1], int(sys.argv[2]), sys.argv[3]
+raw_count, tls_count, trickle_count = map(int, sys.argv[4:7])
+opened = {}
+began = time.monotonic()
+for i in range(raw_count):                 # TCP connections that never start TLS
+    opened[socket.create_connection((host, port), timeout=10)] = ("raw", time.monotonic())
+context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+context.check_hostname = False
+context.verify_mode = ssl.CERT_NONE
+context.load_cert_chain(cert)
+for i in range(tls_count):                 # TLS done, then not a byte of the HTTP request
+    tls = context.wrap_socket(socket.create_connection((host, port), timeout=10))
+    opened[tls] = ("tls", time.monotonic())
+hello = bytes([0x16, 0x03, 0x01, 0x02, 0x00]) + b"\x01" * 64
+trickles = []
+for i in range(trickle_count):             # a ClientHello, one byte at a time
+    s = socket.create_connection((host, port), timeout=10)
+    opened[s] = ("trickle", time.monotonic())
+    trickles.append(s)
+print("opened %d" % len(opened), flush=True)
+closed = []
+sent = 0
+deadline = time.monotonic() + float(sys.argv[7])
+while opened and time.monotonic() < deadline:
+    if sent < len(hello):
+        for s in trickles:
+            if s in opened:
+                try:
+                    s.send(hello[sent:sent + 1])
+                except OSError:
+                    pass
+        sent += 1
+    readable, _, _ = select.select(list(opened), [], [], 0.1)
+    for s in readable:
+        try:
+            data = s.recv(4096) if not isinstance(s, ssl.SSLSocket) else s.recv(4096)
+        except (OSError, ssl.SSLError):
+            data = b""
+        if not data:
+            kind, t = opened.pop(s)
+            closed.append((kind, time.monotonic() - t))
+            s.close()
+print(json.dumps({"closed": closed, "open": [k for k, _ in opened.values()]}), flush=True)
+"""
+
+
+def test_attack_slowloris_connections_do_not_exhaust_the_machine(lb, tmp_path):
+    """300 TCP connections that never start TLS, 30 that finish TLS but never send a request,
+    and 10 that trickle a handshake: the machine keeps serving new and old clients, closes
+    every one of them after its handshake timeout, and its threads and files come back."""
+    timeout = 1.5
+    m, = running(lb, 1, {"Victim": Victim()},
+                 env={"BIGMACHINE_HANDSHAKE_TIMEOUT": str(timeout)})
+    host, port, _ = bigmachine._parse_addr(m.addr)
+    baseline = m.call("Victim.resources")
+    cert = _pem_file(tmp_path, "insider", lb._authority.issue("insider", server=False))
+    attacker = subprocess.Popen(
+        [sys.executable, "-c", SLOWLORIS, host, str(port), cert, "300", "30", "10", "20"],
+        stdout=subprocess.PIPE, text=True)
+    try:
+        assert attacker.stdout.readline().strip() == "opened 340"
+        during = m.call("Victim.resources")
+        assert during["fds"] > baseline["fds"] + 250             # they are really held open
+        # Meanwhile clients are served: the pooled connection, and new ones.
+        for i in range(10):
+            t = time.monotonic()
+            client = bigmachine._Client(lb._credentials)
+            try:
+                assert client.peer(m.addr).call("Victim.echo", (i,), {}, t + 5) == i
+            finally:
+                client.close()
+            assert m.call("Victim.echo", i) == i
+            assert time.monotonic() - t < 1.0
+        report = json.loads(attacker.stdout.readline())
+    finally:
+        attacker.kill()
+        attacker.wait()
+    assert report["open"] == []
+    kinds = collections.Counter(kind for kind, _ in report["closed"])
+    assert kinds == {"raw": 300, "tls": 30, "trickle": 10}
+    assert max(seconds for _, seconds in report["closed"]) < timeout + 2.5, report
+    eventually(lambda: m.call("Victim.resources")["threads"] <= baseline["threads"] + 2 and
+               m.call("Victim.resources")["fds"] <= baseline["fds"] + 2, timeout=10,
+               what="the machine's threads and files to come back")
+    assert m.call("Victim.echo", "done") == "done"
+
+
+def test_attack_no_thread_for_a_connection_refuses_that_one_only(tb, monkeypatch):
+    """When no thread can be started for a new connection (too many threads), that one
+    connection is refused; the server goes on accepting the next ones."""
+    m, = running(tb, 1, {"Victim": Victim()})
+    real_start = threading.Thread.start
+    failures = [5]
+
+    def start(thread):
+        if thread.name == "bigmachine-conn" and failures[0]:
+            failures[0] -= 1
+            raise RuntimeError("can't start new thread")
+        return real_start(thread)
+    monkeypatch.setattr(threading.Thread, "start", start)
+    outcomes = []
+    for i in range(10):
+        client = bigmachine._Client(tb._credentials)
+        try:
+            outcomes.append(client.peer(m.addr).call("Victim.echo", (i,), {},
+                                                      time.monotonic() + 5))
+        except bigmachine.NetworkError:
+            outcomes.append("refused")
+        finally:
+            client.close()
+    assert outcomes == ["refused"] * 5 + list(range(5, 10))
+    assert m.call("Victim.echo", "pooled") == "pooled"
+
+
+# --------------------------------------------------------------------------------------
+# Fuzz: malformed frames and requests on an authenticated connection
+# --------------------------------------------------------------------------------------
+
+def _frame(kind, flags, meta, call_id, body, buffers, lie):
+    """A frame, its header telling the truth about its lengths unless lie says otherwise."""
+    fields = {"nbuffers": len(buffers), "meta": len(meta), "body": len(body)}
+    if lie is not None:
+        field, value = lie
+        fields[field] = value % (1 << {"nbuffers": 16, "meta": 32, "body": 64}[field])
+    header = bigmachine._HEADER.pack(kind, flags, fields["nbuffers"], fields["meta"], call_id,
+                                     fields["body"])
+    lengths = b"".join(bigmachine._LENGTH.pack(len(b)) for b in buffers)
+    return header + meta + lengths + body + b"".join(buffers)
+
+
+def _pickled(obj):
+    return pickle.dumps(obj, 5)
+
+
+def _fuzz_strategies():
+    from hypothesis import strategies as st
+    small = st.one_of(st.none(), st.integers(-2, 2**70), st.text(max_size=4), st.binary(max_size=8),
+                      st.floats(allow_nan=True, allow_infinity=True))
+    arguments = st.one_of(
+        st.binary(max_size=48),                                  # not a pickle at all
+        st.builds(lambda a, k, t: _pickled((a, k, t)),           # the right shape, odd parts
+                  st.one_of(st.lists(small, max_size=3).map(tuple), small),
+                  st.one_of(st.dictionaries(st.text(max_size=3), small, max_size=2), small),
+                  small),
+        st.builds(_pickled, small),                              # the wrong shape
+        st.builds(lambda a, n: _pickled(((a,), {}, None))[:n],  # a pickle cut short
+                  small, st.integers(0, 30)),
+    )
+    methods = st.one_of(
+        st.sampled_from([b"Victim.echo", b"Supervisor.ping", b"Nope.echo", b"Victim._private",
+                         b"Victim.init", b"Victim", b"", b".", b"Victim.echo.echo",
+                         b"\xff\xfe\x00"]),
+        st.binary(max_size=12))
+    kinds = st.one_of(st.sampled_from(range(1, 8)), st.integers(0, 255))
+    frames = st.builds(
+        _frame, kinds, st.one_of(st.sampled_from([0, 1]), st.integers(0, 255)), methods,
+        st.integers(0, 2**64 - 1), arguments, st.lists(st.binary(max_size=16), max_size=2),
+        st.one_of(st.none(), st.none(), st.tuples(
+            st.sampled_from(["nbuffers", "meta", "body"]),
+            st.one_of(st.integers(0, 64), st.integers(0, 2**64 - 1)))))
+    calls = st.builds(                                           # good calls, among the bad
+        lambda method, args, timeout, call_id: _frame(bigmachine.CALL, 0, method, call_id,
+                                                      _pickled((args, {}, timeout)), [], None),
+        st.sampled_from([b"Victim.echo", b"Supervisor.ping"]), st.tuples(small),
+        st.one_of(st.none(), st.floats(0.5, 60), small), st.integers(0, 2**64 - 1))
+    upgrade = (b"GET /bigrpc HTTP/1.1\r\nHost: x\r\nConnection: Upgrade\r\nUpgrade: bigrpc/1\r\n"
+               b"Bigmachine-Python: %s\r\nBigmachine-Protocol: 1\r\n\r\n"
+               % bigmachine.PYTHON.encode())
+    lengths = st.one_of(st.sampled_from([b"-1", b"-99999", b"abc", b"", b"1e3", b"0x10",
+                                         b"99999999999999999999"]),
+                        st.integers(0, 2**64).map(lambda n: str(n).encode()))
+    posts = st.builds(
+        lambda method, length, body: b"POST /bigrpc/" + method.replace(b"\r", b"").replace(
+            b"\n", b"").replace(b" ", b"") + b" HTTP/1.1\r\nContent-Length: " + length +
+        b"\r\n\r\n" + body, methods, lengths, arguments)
+    requests = st.one_of(
+        posts,
+        st.binary(max_size=200),                                 # not HTTP
+        st.builds(lambda line, headers: line + b"\r\n" + b"".join(
+            h + b"\r\n" for h in headers) + b"\r\n",
+            st.sampled_from([b"GET /bigrpc HTTP/1.1", b"GET / HTTP/1.1", b"PUT /bigrpc HTTP/1.1",
+                             b"GET /bigrpc HTTP/9.9", b"GET /bigrpc", b"BREW /bigrpc HTTP/1.1"]),
+            st.lists(st.one_of(st.sampled_from([b"Upgrade: bigrpc/1", b"Upgrade: bigrpc/2",
+                                                b"Connection: Upgrade", b"Bigmachine-Python: 3",
+                                                b"Bigmachine-Protocol: x",
+                                                b"Content-Length: -5", b"X: " + b"y" * 70000]),
+                               st.binary(max_size=30)), max_size=5)),
+    )
+    return st.one_of(st.tuples(st.just(upgrade), st.lists(calls | frames, min_size=1, max_size=4)),
+                     st.tuples(requests, st.just([])))
+
+
+def _read_frames(rfile, answers):
+    """Count what the server said after an upgrade: frames of a reply or an error only, then
+    the end of the connection. (The fuzzer ends its side without a TLS close_notify, to which
+    OpenSSL 3 answers with an alert: that is the end of the connection too.)"""
+    while True:
+        try:
+            kind, flags, nbuffers, meta, call_id, body_len = bigmachine._read_header(rfile)
+        except (EOFError, OSError):
+            answers["closed"] += 1
+            return
+        assert kind in (bigmachine.REPLY, bigmachine.ERROR), kind
+        bigmachine._read_body(rfile, nbuffers, body_len)
+        answers["reply" if kind == bigmachine.REPLY else "error"] += 1
+
+
+def test_fuzz_call_timeouts_are_checked(tb, capfd):
+    """A call's timeout comes from the caller: one that is not a usable number of seconds is
+    answered with an error naming it, not a traceback in a timer thread."""
+    m, = running(tb, 1, {"Victim": Victim()})
+    conn = m._peer.checkout(None)
+    try:
+        for i, timeout in enumerate([float("inf"), float("nan"), 1e300, 10**30, -5, "soon"]):
+            bigmachine._send_frame(conn.sock, bigmachine.CALL, 7 + i, b"Victim.echo",
+                                   _pickled(((i,), {}, timeout)))
+            kind, _, nbuffers, _, call_id, body_len = bigmachine._read_header(conn.rfile)
+            body, _ = bigmachine._read_body(conn.rfile, nbuffers, body_len)
+            assert (kind, call_id) == (bigmachine.ERROR, 7 + i)
+            with pytest.raises(ValueError, match="timeout is a number of seconds, not %s"
+                               % re.escape(repr(timeout))):
+                raise bigmachine._rebuild_error(body)
+        bigmachine._send_frame(conn.sock, bigmachine.CALL, 99, b"Victim.echo",
+                               _pickled((("fine",), {}, 5.0)))
+        kind, _, nbuffers, _, call_id, body_len = bigmachine._read_header(conn.rfile)
+        body, buffers = bigmachine._read_body(conn.rfile, nbuffers, body_len)
+        assert (kind, call_id, pickle.loads(body, buffers=buffers)) == (bigmachine.REPLY, 99,
+                                                                        "fine")
+    finally:
+        m._peer.discard(conn)
+    time.sleep(0.2)
+    err = capfd.readouterr().err
+    assert "Traceback" not in err and "Exception in thread" not in err, err
+
+
+def test_fuzz_authenticated_connection(capfd):
+    """Malformed frames and requests over an authenticated connection: the machine answers
+    with an error or closes that connection, never crashes, never leaks a thread or a file,
+    never prints a traceback, and serves its clients all along."""
+    from hypothesis import HealthCheck, given, settings
+    system = bigmachine.Local(keepalive_period=1.0, keepalive_timeout=30.0, lease=60.0)
+    examples = int(os.environ.get("BIGMACHINE_FUZZ_EXAMPLES", "300"))
+    with bigmachine.start(system) as b:
+        m, = running(b, 1, {"Victim": Victim()},
+                     env={"BIGMACHINE_MAX_MESSAGE": str(4 << 20),
+                          "BIGMACHINE_HANDSHAKE_TIMEOUT": "2"})
+        pid = m.call("Victim.pid")
+        baseline = m.call("Victim.resources")
+        host, port, _ = bigmachine._parse_addr(m.addr)
+        context = bigmachine.client_context(b._authority.issue("fuzzer", server=False))
+        answers = collections.Counter()
+
+        @settings(max_examples=examples, deadline=None, database=None,
+                  derandomize=os.environ.get("BIGMACHINE_FUZZ_RANDOM") is None,
+                  suppress_health_check=list(HealthCheck))
+        @given(_fuzz_strategies())
+        def attack(case):
+            request, frames = case
+            with socket.create_connection((host, port), timeout=10) as raw:
+                with context.wrap_socket(raw) as tls:
+                    with contextlib.suppress(OSError):
+                        tls.sendall(request + b"".join(frames))
+                    # Done sending: half-close underneath TLS, so the server reads an end.
+                    half = socket.socket(fileno=os.dup(tls.fileno()))
+                    with contextlib.suppress(OSError):
+                        half.shutdown(socket.SHUT_WR)
+                    half.close()
+                    rfile = tls.makefile("rb")
+                    try:
+                        first = rfile.readline(65537)
+                    except OSError:
+                        first = b""
+                    if not first:
+                        answers["closed"] += 1
+                        return
+                    if not first.startswith(b"HTTP/1."):
+                        # A request that is not HTTP/1 ("GET /bigrpc", "... HTTP/9.9") gets
+                        # its error the HTTP/0.9 way: no status line.
+                        answers["HTTP/0.9 error"] += 1
+                        with contextlib.suppress(OSError):
+                            rfile.read()
+                        return
+                    status = int(first.split()[1])
+                    answers[status] += 1
+                    with contextlib.suppress(OSError):
+                        while rfile.readline(65537) not in (b"\r\n", b""):
+                            pass
+                        if status != 101:
+                            rfile.read()
+                            return
+                    _read_frames(rfile, answers)
+
+        attack()
+        assert m.call("Victim.pid") == pid                     # the same process: no crash
+        assert m.call("Victim.echo", "served") == "served"
+        eventually(lambda: m.call("Victim.resources")["threads"] <= baseline["threads"] + 2 and
+                   m.call("Victim.resources")["fds"] <= baseline["fds"] + 2, timeout=10,
+                   what="threads and files back to their baseline")
+    err = capfd.readouterr().err
+    assert "Traceback" not in err and "Exception in thread" not in err, err[-3000:]
+    print("fuzz: %d examples; answers: %s" % (examples, dict(answers)))
+    assert answers["error"] and answers["reply"] and answers["closed"]
+
+
+# --------------------------------------------------------------------------------------
+# Load and soak
+# --------------------------------------------------------------------------------------
+
+def test_load_64_threads_by_1000_calls_nothing_lost_or_duplicated():
+    """64 threads make 1,000 calls each across 2 machines: small and 1 MiB arguments, one
+    call in 13 raising. Every result is right, every error is the right one, and each machine
+    saw each call exactly once."""
+    threads_n, calls_n = 64, 1000
+    system = bigmachine.Local(keepalive_period=1.0, keepalive_timeout=30.0,
+                              keepalive_rpc_timeout=5.0, lease=60.0)
+    with bigmachine.start(system) as b:
+        machines = running(b, 2, {"Victim": Victim()})
+        wrong = []
+        counts = collections.Counter()
+
+        def worker(k):
+            big = os.urandom(1 << 20)
+            digest = hashlib.sha256(big).digest()
+            for i in range(calls_n):
+                token = (k, i)
+                m = machines[(k + i) % 2]
+                payload = big if i % 50 == 0 else b"%d" % i
+                fail = i % 13 == 0
+                try:
+                    result = m.call("Victim.work", token, payload, fail)
+                except CustomError as e:
+                    if not fail or (e.code, e.text) != (i, "token %r" % (token,)):
+                        wrong.append((token, e))
+                    counts["raised"] += 1
+                except BaseException as e:
+                    wrong.append((token, e))
+                else:
+                    expected = (token, digest if payload is big else payload)
+                    if fail or result != expected:
+                        wrong.append((token, result))
+                    counts["big" if payload is big else "small"] += 1
+
+        began = time.monotonic()
+        workers = [threading.Thread(target=worker, args=(k,)) for k in range(threads_n)]
+        for t in workers:
+            t.start()
+        for t in workers:
+            t.join(120)
+        took = time.monotonic() - began
+        assert not any(t.is_alive() for t in workers)
+        assert wrong == []
+        assert sum(counts.values()) == threads_n * calls_n
+        seen = collections.Counter()
+        for m in machines:
+            for token, n in m.call("Victim.seen_tokens").items():
+                seen[tuple(token)] += n
+        expected = {(k, i) for k in range(threads_n) for i in range(calls_n)}
+        assert set(seen) == expected                            # nothing lost
+        assert set(seen.values()) == {1}                        # nothing duplicated
+        assert all(m.state is RUNNING for m in machines)
+    print("load: %d calls (%s) in %.1fs, %.0f calls/s" % (
+        threads_n * calls_n, dict(counts), took, threads_n * calls_n / took))
+    assert took < 60
+
+
+def _driver_resources():
+    """The driver's threads (not counting idle pool threads), open files and memory."""
+    found = _resources()
+    found["traced"] = tracemalloc.get_traced_memory()[0]
+    return found
+
+
+def _soak_round(kind, tmp_path, rnd):
+    cls = bigmachine.TestSystem if kind == "test" else bigmachine.Local
+    with bigmachine.start(cls(**FAST)) as b:
+        m1, m2 = running(b, 2, {"Victim": Victim()})
+        futures = [m.call_async("Victim.echo", (rnd, i)) for i in range(100) for m in (m1, m2)]
+        assert [f.result(30) for f in futures] == [(rnd, i) for i in range(100) for _ in "ab"]
+        with pytest.raises(bigmachine.Timeout):
+            m1.options(timeout=0.05).call("Victim.hang", 0.2, rnd)
+        doomed = m1.call_async("Victim.hold", str(tmp_path / ("hold%d" % rnd)))
+        eventually(lambda: os.path.exists(str(tmp_path / ("hold%d.started" % rnd))))
+        if rnd % 3 == 0:
+            doomed.cancel()
+        with m2.call("Victim.chunks", 20, 1 << 16) as f:
+            assert len(f.read()) == 20 << 16
+        if kind == "local":
+            os.kill(m1.call("Victim.pid"), signal.SIGKILL)
+        else:
+            b.system.kill(m1)
+        assert m1.wait(STOPPED, timeout=10) is STOPPED
+        # A killed test machine's calls fail as the network failed (see TestSystem.kill).
+        with pytest.raises((bigmachine.MachineStopped, bigmachine.NetworkError,
+                            concurrent.futures.CancelledError)):
+            doomed.result(10)
+        m3, = running(b, 1, {"Victim": Victim()})
+        assert m3.call("Victim.echo", rnd) == rnd
+        assert m2.call("Victim.size", bytearray(1 << 20)) == 1 << 20
+
+
+def test_soak_calls_starts_and_kills_leave_nothing_behind(tmp_path, monkeypatch):
+    """Rounds of starts, calls, timeouts, cancels, streams and kills for
+    BIGMACHINE_SOAK_SECONDS (15 by default): afterwards the driver's threads, open files and
+    memory are back to where they were."""
+    seconds = float(os.environ.get("BIGMACHINE_SOAK_SECONDS", "15"))
+    monkeypatch.setattr(bigmachine._ThreadPool, "_IDLE", 0.5)   # idle workers leave quickly
+    tracemalloc.start()
+    try:
+        _soak_round("test", tmp_path, 0)                        # warm up: imports, caches
+        _soak_round("local", tmp_path, 1)
+        gc.collect()
+        time.sleep(1.0)
+        baseline = _driver_resources()
+        began, rounds = time.monotonic(), 2
+        while time.monotonic() - began < seconds:
+            _soak_round(("test", "local")[rounds % 2], tmp_path, rounds)
+            rounds += 1
+        took = time.monotonic() - began
+
+        def settled():
+            gc.collect()
+            now = _driver_resources()
+            return (now["threads"] <= baseline["threads"] and now["fds"] <= baseline["fds"]
+                    and now["traced"] < baseline["traced"] + (1 << 20))
+        eventually(settled, timeout=15, what="the driver's resources to come back")
+        after = _driver_resources()
+    finally:
+        tracemalloc.stop()
+    print("soak: %d rounds in %.0fs; before %s; after %s" % (rounds, took, baseline, after))
+    assert after["rss"] < baseline["rss"] + (64 << 20)
 
 
 # ======================================================================================
