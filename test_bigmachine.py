@@ -3020,6 +3020,7 @@ def test_fault_restarted_machine_and_stale_connections(tb):
     assert [f.result(10) for f in futures] == [False] * 4
     first.exited.set()
     first.server.close()
+    time.sleep(0.05)                # a restart: no process starts again faster than this
     second = serve("second", port=first.server.port)
     try:
         assert second.addr == first.addr
@@ -3027,6 +3028,7 @@ def test_fault_restarted_machine_and_stale_connections(tb):
         # The machine drops every connection while they are idle in the pool.
         for conn in list(second.server._conns):
             conn.shutdown(socket.SHUT_RDWR)
+        time.sleep(0.05)
         assert [m.call("Echo.get_tag") for _ in range(8)] == ["second"] * 8
         assert m.state is RUNNING
     finally:
