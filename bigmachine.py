@@ -3184,6 +3184,7 @@ class B:
                     self._machines[addr] = m
             m.addr, m.hostname = addr, urllib.parse.urlsplit(addr).hostname or "unknown"
             m._peer = self._client.peer(addr)
+            m._peer.stream_broken = m._stream_broken
         self._client.forget(old)
         log.debug("%s is %s", old, addr)
 

@@ -2,10 +2,11 @@
 
 Sections follow the module's: the session (B, Machine, services) on the in-process TestSystem,
 where timing is not the point; then the Local system with real processes and signals, and the
-SSH system; then faults, bad input and attacks, each done for real (SIGKILL, SIGSTOP, Ctrl-C
-to a driver's process group, attackers in processes of their own, a fuzzer), and load and a
-soak; then the command line and the example; last, the certificates, checked by openssl and, when
-installed, by the cryptography package (used as an independent oracle, never by the library).
+SSH and EC2 systems; then faults, bad input and attacks, each done for real (SIGKILL, SIGSTOP,
+Ctrl-C to a driver's process group, attackers in processes of their own, a fuzzer), and load
+and a soak; then the command line and the example; last, the certificates, checked by openssl
+and, when installed, by the cryptography package (used as an independent oracle, never by the
+library).
 """
 
 import base64
