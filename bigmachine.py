@@ -1327,6 +1327,7 @@ def _send_stream(sock, call_id, source):
 def _send_stream_argument(sock, call_id, source):
     """The thread that streams a call's file argument. A broken connection ends it quietly:
     the call that owns the connection reports the failure."""
+    _block_async_signals()
     try:
         _send_stream(sock, call_id, source)
     except (OSError, ValueError) as e:
@@ -1967,6 +1968,7 @@ class _Server:
         return self
 
     def _accept_loop(self):
+        _block_async_signals()
         while not self._closed:
             try:
                 raw, peer_addr = self.sock.accept()
@@ -2219,6 +2221,23 @@ def _refuse_call(sock, rfile, meta, call_id, flags, dispatcher, too_large):
     _send_frame(sock, ERROR, call_id, body=_error_payload(error, dispatcher.where))
 
 
+# Python runs signal handlers in the main thread, but the kernel hands a process's signal to
+# any thread that does not block it, and a main thread asleep (time.sleep, a lock, a join) is
+# woken only if the signal came to it. A Ctrl-C that landed in one of our threads was noticed
+# only when the main thread next woke, minutes later perhaps. So the threads the library starts
+# block the signals a program handles: each thread that the library starts from a thread of
+# the user's blocks them first, and the threads it starts inherit that.
+_ASYNC_SIGNALS = {getattr(signal, name) for name in (
+    "SIGINT", "SIGTERM", "SIGHUP", "SIGQUIT", "SIGUSR1", "SIGUSR2", "SIGALRM")
+    if hasattr(signal, name)}
+
+
+def _block_async_signals():
+    if hasattr(signal, "pthread_sigmask"):
+        with contextlib.suppress(OSError, ValueError):
+            signal.pthread_sigmask(signal.SIG_BLOCK, _ASYNC_SIGNALS)
+
+
 # A small pool of threads for background work off the calling thread: futures, remote cancels.
 # It grows when all of its threads are busy (calls block for as long as a machine takes), and
 # threads that stay idle for a while go away.
@@ -2240,6 +2259,7 @@ class _ThreadPool:
         self._queue.put((fn, args))
 
     def _work(self):
+        _block_async_signals()
         while True:
             try:
                 fn, args = self._queue.get(timeout=self._IDLE)
@@ -3134,6 +3154,7 @@ class B:
         return machines
 
     def _boot(self, m, services_blob):
+        _block_async_signals()             # and so do the threads this one starts
         system = self.system
         try:
             system.launch(self, m)
@@ -3209,6 +3230,7 @@ class B:
         return m
 
     def _watch_dialed(self, m):
+        _block_async_signals()
         try:
             m._boot_call("Supervisor.ping", 0, timeout=self.system.keepalive_rpc_timeout)
         except BaseException as e:
@@ -3337,6 +3359,7 @@ class B:
         _sessions.discard(self)
 
     def _shutdown_machine(self, m, deadline):
+        _block_async_signals()
         if m._state is RUNNING:
             try:
                 m._peer.call("Supervisor.shutdown", (), {},

@@ -3190,6 +3190,31 @@ def test_fault_ctrl_c_to_the_drivers_process_group(tmp_path):
             driver.kill()
 
 
+def _blocked_signals(thread):
+    with open("/proc/self/task/%d/status" % thread.native_id) as f:
+        mask = int(next(line for line in f if line.startswith("SigBlk:")).split()[1], 16)
+    return {s for s in signal.Signals if mask >> (s - 1) & 1}
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/task"), reason="needs /proc")
+def test_fault_ctrl_c_reaches_the_main_thread(lb, tb):
+    """Python runs signal handlers in the main thread, but the kernel gives a process's signal
+    to any thread that does not block it, and a main thread asleep wakes only for one given
+    to it. So every thread of the library blocks Ctrl-C (and the other signals a program
+    handles): the kernel has to hand it to the main thread."""
+    machines = running(lb, 1, {"Victim": Victim()}) + running(tb, 1, {"Victim": Victim()})
+    for m in machines:
+        assert [f.result(10) for f in [m.call_async("Victim.echo", i) for i in range(8)]] == \
+            list(range(8))
+        with m.call("Victim.chunks", 2, 10) as f:
+            assert f.read() == bytes(10) + bytes([1]) * 10
+    ours = [t for t in threading.enumerate() if t.name.startswith("bigmachine")]
+    assert len({t.name for t in ours}) >= 5, ours              # boot, accept, conn, worker...
+    for thread in ours:
+        assert {signal.SIGINT, signal.SIGTERM} <= _blocked_signals(thread), thread
+    assert signal.SIGINT not in _blocked_signals(threading.main_thread())
+
+
 def test_fault_ctrl_c_with_calls_in_flight(tmp_path):
     """Ctrl-C while calls are in flight in the main thread, in a user's thread and in futures:
     each is cancelled on its machine (its `except`/`finally` runs there), every future and call
