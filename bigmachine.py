@@ -4335,8 +4335,7 @@ class SSHSystem(System):
         options = {}
 
         def value(flag, variable, boolean=False):
-            given = _flag(argv, "bigm.ssh." + flag, boolean)
-            return environ.get(variable) if given is None else given
+            return _flag_or_variable(argv, environ, "bigm.ssh." + flag, variable, boolean)
 
         hosts = value("hosts", "BIGMACHINE_SSH_HOSTS")
         if hosts:
@@ -5297,8 +5296,7 @@ class EC2System(System):
         options = {}
 
         def value(flag, variable, boolean=False):
-            given = _flag(argv, "bigm." + flag, boolean)
-            return environ.get(variable) if given is None else given
+            return _flag_or_variable(argv, environ, "bigm." + flag, variable, boolean)
 
         for flag, option in (("ec2type", "instance_type"), ("ec2region", "region"),
                              ("ec2ami", "ami"), ("ec2address", "address")):
@@ -7084,6 +7082,12 @@ def _flag(argv, name, boolean=False):
                 if i + 1 < len(argv):
                     return argv[i + 1]
     return None
+
+
+def _flag_or_variable(argv, environ, name, variable, boolean=False):
+    """A system's option: --NAME on the command line, else the environment variable."""
+    given = _flag(argv, name, boolean)
+    return environ.get(variable) if given is None else given
 
 
 def _truth(value):
