@@ -3041,21 +3041,7 @@ def test_fault_restarted_machine_and_stale_connections(tb):
 CTRL_C_DRIVER = """
 import os, sys, threading, time
 import bigmachine
-
-class Busy:
-    def pid(self):
-        return os.getpid()
-
-    def hold(self, path):
-        with open(path + ".started", "w"):
-            pass
-        try:
-            while True:
-                time.sleep(0.002)
-        except BaseException as e:
-            with open(path, "w") as f:
-                f.write(type(e).__name__)
-            raise
+from test_bigmachine import Victim as Busy      # its pid() and hold(path)
 
 if __name__ == "__main__":
     mode, out = sys.argv[1], sys.argv[2]

@@ -29,45 +29,22 @@ sys.path.insert(0, HERE)
 import _common as C  # noqa: E402
 
 
-class Echo:
-    """The benchmark service (top level, so machines can unpickle it)."""
+class Echo(C.Echo):
+    """The shared benchmark service (top level, so machines can unpickle it), with the same
+    reply as a bytearray too, which pickle protocol 5 can send out of band."""
 
-    def __init__(self):
-        self._payload = b""
-        self._ba = None
-
-    def inc(self, x):
-        return x + 1
+    _ba = None
 
     def prep(self, n):
         if len(self._payload) != n:
-            self._payload = C.payload(n)
             self._ba = None
-
-    def blob(self, n):
-        if len(self._payload) != n:
-            self.prep(n)
-        return self._payload
+        super().prep(n)
 
     def blob_ba(self, n):
-        """The same reply as a bytearray (pickle protocol 5 can send it out of band)."""
         self.prep(n)
         if self._ba is None:
             self._ba = bytearray(self._payload)
         return self._ba
-
-    def take(self, b):
-        return len(b)
-
-    def pid(self):
-        return os.getpid()
-
-    def __getstate__(self):
-        return {}
-
-    def __setstate__(self, state):
-        self._payload = b""
-        self._ba = None
 
 
 class BMWorker:
