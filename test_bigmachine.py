@@ -326,6 +326,71 @@ def test_call_arguments_and_results(tb):
     assert m.call("Echo.size", bytearray(5 << 20)) == 5 << 20
 
 
+class OutOfBand:
+    """Pickles the way a NumPy array does: its memory out of band under protocol 5."""
+
+    def __init__(self, data):
+        self.data = bytearray(data)
+
+    def __reduce_ex__(self, protocol):
+        return OutOfBand, (pickle.PickleBuffer(self.data),)
+
+
+class HoldsArray:
+    def __init__(self):
+        self.array = OutOfBand(b"abc" * 1000)
+
+    def get(self):
+        return bytes(self.array.data)
+
+
+def test_services_holding_out_of_band_buffers_install(tb):
+    # The services travel as one pickle that the machine keeps: their buffers go in band.
+    m, = running(tb, services={"Arr": HoldsArray(), "Echo": Echo()})
+    assert m.call("Arr.get") == b"abc" * 1000
+    assert m.call("Echo.echo", OutOfBand(b"xyz")).data == b"xyz"   # calls: out of band
+
+
+def test_large_bytes_are_sent_from_their_own_memory(tb):
+    big, other = os.urandom(3 << 20), os.urandom(1 << 17)
+    pieces, buffers = bigmachine._pickle(((big, "small", other, big), {}, None))
+    assert any(p is big for p in pieces) and any(p is other for p in pieces) and not buffers
+    assert pickle.loads(b"".join(pieces)) == ((big, "small", other, big), {}, None)
+    assert len(bigmachine._sinks.sink.pickler.memo.copy()) == 0    # nothing kept alive
+
+    class Reentrant:
+        """Makes a 'call' of its own while being pickled, as a __reduce__ may."""
+
+        def __reduce__(self):
+            inner, _ = bigmachine._pickle(("inner", big))
+            return bytes, (b"".join(inner)[:10],)
+
+    pieces, _ = bigmachine._pickle(["outer", Reentrant(), other])
+    assert pickle.loads(b"".join(pieces))[::2] == ["outer", other]
+    m, = running(tb)
+    assert m.call("Echo.echo", [big, {"k": other}, b"x" * 70000]) == [big, {"k": other},
+                                                                      b"x" * 70000]
+    assert m.call("Echo.echo", big) == big                  # the fast path too
+
+
+def test_library_connections_read_ahead(tb, monkeypatch):
+    import ctypes
+    get_read_ahead = 40                                     # SSL_CTRL_GET_READ_AHEAD
+
+    def reads_ahead(context):
+        ctx = ctypes.c_void_p.from_address(id(context) + object.__basicsize__).value
+        return bigmachine._libssl.SSL_CTX_ctrl(ctx, get_read_ahead, 0, None) == 1
+
+    credentials = bigmachine.CertificateAuthority().issue("x")
+    library = bigmachine._Client(credentials).context
+    assert reads_ahead(library)
+    assert not reads_ahead(bigmachine.client_context(credentials))  # users get stock contexts
+    monkeypatch.setenv("BIGMACHINE_TLS_READ_AHEAD", "0")
+    assert not reads_ahead(bigmachine._Client(credentials).context)
+    m, = running(tb)                                        # and both ends still talk
+    assert m.call("Echo.echo", b"y" * (5 << 20)) == b"y" * (5 << 20)
+
+
 def test_remote_exception_same_type_with_traceback(tb):
     m, = running(tb)
     with pytest.raises(ValueError, match="boom") as info:
