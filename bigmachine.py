@@ -83,7 +83,6 @@ import contextlib
 import datetime
 import enum
 import functools
-import hashlib
 import io
 import itertools
 import json
@@ -91,21 +90,17 @@ import logging
 import os
 import pickle
 import queue
-import random
-import secrets
 import select
 import signal
 import socket
 import ssl
 import struct
-import subprocess
 import sys
 import threading
 import time
 import traceback
 import types
 import typing
-import urllib.parse
 import weakref
 
 __version__ = "0.1.0"
@@ -384,6 +379,7 @@ def _ed25519_encode(P) -> bytes:
 
 
 def _sha512_int(*parts: bytes) -> int:
+    import hashlib
     return int.from_bytes(hashlib.sha512(b"".join(parts)).digest(), "little")
 
 
@@ -393,7 +389,8 @@ class _Ed25519Key:
     __slots__ = ("seed", "public", "_scalar", "_prefix")
 
     def __init__(self, seed: typing.Optional[bytes] = None):
-        self.seed = secrets.token_bytes(32) if seed is None else bytes(seed)
+        import hashlib
+        self.seed = os.urandom(32) if seed is None else bytes(seed)
         if len(self.seed) != 32:
             raise ValueError("an Ed25519 seed is 32 bytes")
         digest = hashlib.sha512(self.seed).digest()
@@ -551,6 +548,7 @@ def _public_key_info(key: _Ed25519Key) -> bytes:
 def _key_id(key: _Ed25519Key) -> bytes:
     # RFC 7093 method 1: the leftmost 160 bits of SHA-256 of the public key bits. (SHA-1,
     # RFC 5280's example, would do as well but is unavailable on some FIPS builds.)
+    import hashlib
     return hashlib.sha256(key.public).digest()[:20]
 
 
@@ -626,7 +624,7 @@ def _certificate(
         raise ValueError("not_after must be later than not_before")
     # A random serial: positive, and below 2^159 so that it fits in 20 octets even with
     # the sign pad (RFC 5280 4.1.2.2). Random serials also make every certificate unique.
-    serial = secrets.randbelow((1 << 159) - 1) + 1
+    serial = int.from_bytes(os.urandom(20), "big") % ((1 << 159) - 1) + 1
     tbs = _der_sequence(
         _der_explicit(0, _der_integer(2)),  # version: v3, needed for extensions
         _der_integer(serial),
@@ -899,21 +897,19 @@ _PICKLE_PROTOCOL = 5
 
 
 class _PickleSink:
-    """One thread's pickler, kept from call to call, and the file it writes into: a list of
-    the pieces it wrote, and a list of the buffers it handed out of band (see `_pickle`)."""
+    """One thread's pickler, kept from call to call, and what it wrote: the pieces of the
+    pickle, and the buffers it handed out of band (see `_pickle`). The pickler appends to
+    these two lists directly, with no Python function in between."""
 
     __slots__ = ("pieces", "buffers", "pickler", "busy")
 
     def __init__(self):
-        self.pieces = self.buffers = None
-        self.busy = False
-        self.pickler = pickle.Pickler(self, _PICKLE_PROTOCOL, buffer_callback=self.buffer)
+        self.pieces, self.buffers, self.busy = [], [], False
+        self.pickler = pickle.Pickler(self, _PICKLE_PROTOCOL, buffer_callback=self.buffers.append)
 
-    def write(self, data):
-        self.pieces.append(data)
-
-    def buffer(self, buf):
-        self.buffers.append(buf)
+    @property
+    def write(self):                  # looked up once, by the Pickler above
+        return self.pieces.append
 
 
 _sinks = threading.local()
@@ -936,16 +932,17 @@ def _pickle(obj):
         sink = _PickleSink()
         if getattr(_sinks, "sink", None) is None:
             _sinks.sink = sink
-    pieces, buffers = [], []
-    sink.pieces, sink.buffers, sink.busy = pieces, buffers, True
+    sink.busy = True
     try:
         sink.pickler.dump(obj)
+        pieces, buffers = sink.pieces.copy(), sink.buffers.copy()
     except BaseException:
         _sinks.sink = None            # whatever state an error left it in, it is not reused
         raise
     finally:
         sink.pickler.clear_memo()
-        sink.pieces = sink.buffers = None
+        sink.pieces.clear()
+        sink.buffers.clear()
         sink.busy = False
     return pieces, buffers
 
@@ -1573,6 +1570,7 @@ class _StreamReader(io.RawIOBase):
 
 def _parse_addr(addr):
     """'https://host:port/prefix/' -> (host, port, '/prefix/')."""
+    import urllib.parse
     url = urllib.parse.urlsplit(addr)
     if url.scheme != "https" or not url.hostname:
         raise ValueError("not a machine address (want https://host:port/): %r" % addr)
@@ -1800,7 +1798,7 @@ class _Peer:
         began = time.perf_counter()
         try:
             body, buffers = _pickle((args, kwargs, None))
-            sent = _size(body, buffers)
+            sent = len(body[0]) if len(body) == 1 and not buffers else _size(body, buffers)
             conn = self._idle.pop()
         except Exception:        # unpicklable (say so, with the path), or no idle connection
             return self._call(method, args, kwargs, deadline, inflight)
@@ -2039,7 +2037,7 @@ class _Client:
         # than its call), and it serves several clients: the driver's and other machines'.
         # Each client's ids therefore start at a random point of a 62-bit range, so that two
         # clients' ids never meet in practice, and one cannot cancel the other's call.
-        self._ids = itertools.count(secrets.randbits(62) + 1)
+        self._ids = itertools.count((int.from_bytes(os.urandom(8), "big") >> 2) + 1)
         self.next_call_id = functools.partial(next, self._ids)
 
     def peer(self, addr):
@@ -2654,7 +2652,8 @@ class _Dispatcher:
                                   True)
                 return
             raise
-        sent = _size(reply, reply_buffers)
+        sent = (len(reply[0]) if len(reply) == 1 and not reply_buffers
+                else _size(reply, reply_buffers))
         if reply_buffers or len(reply) != 1 or sent >= _SMALL:
             _send_frame(sock, REPLY, call_id, body=reply, buffers=reply_buffers)
         else:
@@ -3002,6 +3001,7 @@ class Machine(_Calls):
     """One machine of a session. See the module docstring and API.md."""
 
     def __init__(self, b: B, addr: str, *, owned: bool, maxprocs: typing.Optional[int] = 1):
+        import urllib.parse
         self.addr = addr
         self.maxprocs = maxprocs
         self.owned = owned
@@ -3332,6 +3332,7 @@ class B:
         """Give m the address it turned out to have. A system that learns a machine's address
         only as the machine comes up (SSH: the port the machine bound) makes the Machine with a
         provisional one and calls this from launch, before the machine is pinged."""
+        import urllib.parse
         _parse_addr(addr)
         with m._cond:
             if m._state is STOPPED:
@@ -3666,6 +3667,7 @@ class TestSystem(System):
     def kill(self, machine=None):
         """End machine (a random live one if None) as a crash would. Returns False if there
         was nothing to kill."""
+        import random
         with self._lock:
             if machine is None:
                 if not self._live:
@@ -3807,6 +3809,7 @@ class _ChildProcess:
     _TAIL = 20                        # lines of output kept to explain an early exit
 
     def __init__(self, machine, args, **popen):
+        import subprocess
         self.machine = machine
         self.proc = subprocess.Popen(
             args, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
@@ -3889,6 +3892,7 @@ class _ChildProcess:
     def terminate(self, deadline):
         """End the process by deadline: it may have been asked to exit already; then its
         stdin is closed (it exits when its driver goes away); last, it is killed."""
+        import subprocess
         self.expected_exit = True
         for step in ("wait", "eof", "kill"):
             if step == "eof":
@@ -3963,6 +3967,7 @@ def _write_stderr(text):
 def _interpreter_flags(python):
     """The interpreter flags (-I, -W..., -X...) of this process, for a child on the same
     interpreter."""
+    import subprocess
     if os.path.realpath(python) != os.path.realpath(sys.executable or ""):
         return ["-I"] if sys.flags.isolated else []
     return subprocess._args_from_interpreter_flags()
@@ -4162,6 +4167,7 @@ class _Bundle(typing.NamedTuple):
 def _make_bundle():
     """Bundle the driver's code: bigmachine.py, the main module, and the modules of the
     program's own code that it has imported (their whole top-level regular package, if any)."""
+    import hashlib
     shared = _shared_code_dirs()
     library = __name__
     files = {library.replace(".", "/") + ".py": os.path.abspath(__file__)}
@@ -4319,6 +4325,7 @@ def _bundle_root(tmp=None):
 def _bundle_install(root, sha256, fetch):
     """The path of bundle sha256 in root's cache, after calling fetch() for its bytes if the
     cache lacks it (or holds a copy that does not hash right). Self-contained."""
+    import hashlib
     import hashlib
     import os
     if len(sha256) != 64 or set(sha256) - set("0123456789abcdef"):
@@ -4821,6 +4828,7 @@ class _SSHProcess(_ChildProcess):
 
     def _failure(self, what):
         """Why the ssh client ended its output before the machine was up."""
+        import subprocess
         try:
             code = self.proc.wait(5.0)
         except subprocess.TimeoutExpired:
@@ -4878,6 +4886,7 @@ class _SSHTunnel:
     _ATTEMPTS = 5                         # local ports tried: another process may take one
 
     def __init__(self, system, host, target, port, deadline):
+        import subprocess
         import shlex
         command = "exec %s -c %s" % (shlex.quote(system.python), shlex.quote(_SSH_LIFELINE))
         for attempt in range(self._ATTEMPTS):
@@ -4911,6 +4920,7 @@ class _SSHTunnel:
 
     def terminate(self, deadline):
         """Close the tunnel: EOF to its remote end, and kill it if it will not go."""
+        import subprocess
         with contextlib.suppress(OSError):
             self.proc.stdin.close()
         try:
@@ -5035,6 +5045,7 @@ def _ec2_boot(settings):
     its output to the driver, and return its exit status when it ends. Returns 1 if the driver
     stays silent for settings["wait"] seconds before that. Self-contained: it runs before
     bigmachine.py is on the instance, on whatever Python the instance has (3.8 or newer)."""
+    import urllib.parse
     import hashlib
     import http.server
     import json
@@ -5095,6 +5106,7 @@ def _ec2_boot(settings):
         done.set()
 
     def run_machine(request):
+        import subprocess
         library = request["library"]
         if not all(part.isidentifier() for part in library.split(".")):
             raise ValueError("not a module name: %r" % (library,))
@@ -5206,6 +5218,7 @@ def _ec2_boot(settings):
             finish(status if status >= 0 else 128 - status)
 
     def serve(raw, peer):
+        import hashlib
         try:
             raw.settimeout(10)
             try:
@@ -5258,6 +5271,7 @@ _ec2_boot_functions = None
 def _ec2_user_data(session, port, wait, driver_pem, credentials):
     """The user data of an EC2 machine: the script of the section's introduction, around the
     bootstrap and the settings it runs with (this machine's credentials among them)."""
+    import hashlib
     global _ec2_boot_functions
     if _ec2_boot_functions is None:
         # The functions' source, compressed: as text it would not leave room under the limit.
@@ -5455,7 +5469,7 @@ class EC2System(System):
     def init(self, b):
         with self._cond:
             self._reset()
-        self.session = secrets.token_hex(6)
+        self.session = os.urandom(6).hex()
 
     def _instance_type(self):
         """The instance type's description (cached): a clear error for one that does not exist
@@ -6808,6 +6822,7 @@ class _DebugPages:
         log.debug("debug page: %s: " + format, self.address_string(), *args)
 
     def do_GET(self):
+        import urllib.parse
         host = self.headers.get("Host")
         if not self.server.allow_remote and not _loopback_host_header(host):
             # A page of another site may make a browser ask us for these pages under a name of
@@ -6986,6 +7001,7 @@ def _loopback_host_header(value):
 
 def _link(path, text, **params):
     """An HTML link to path with the query params; text is HTML already."""
+    import urllib.parse
     import html
     href = path + ("?" + urllib.parse.urlencode(params) if params else "")
     return '<a href="%s">%s</a>' % (html.escape(href), text)
