@@ -553,6 +553,68 @@ def test_concurrent_calls(tb):
     assert len(results) == 800 and all(results)
 
 
+class Burner:
+    def burn(self):
+        """Pure Python, holding the GIL but for the interpreter's switches, until cancelled."""
+        context, total = bigmachine.current_call(), 0
+        while not context.cancelled:
+            for i in range(1000):
+                total += i * i % 7
+        return total
+
+    def quick(self, x):
+        return x
+
+    def threads(self):
+        return threading.active_count()
+
+
+@pytest.mark.parametrize("blocker", ["Echo.sleep", "Burner.burn"])
+def test_a_slow_call_does_not_hold_up_the_others(lb, blocker):
+    """A machine's connections share one serving thread while calls are quick; a call that
+    blocks (or computes) for long is left to finish on that thread while another serves the
+    rest. Every quick call below ends while the slow one is still running."""
+    m, = running(lb, services={"Echo": Echo(), "Burner": Burner()})
+    slow = m.call_async(blocker, *((60,) if blocker == "Echo.sleep" else ()))
+    results = []
+
+    def caller(k):
+        for i in range(20):
+            results.append(m.call("Burner.quick", (k, i)) == (k, i))
+    callers = [threading.Thread(target=caller, args=(k,)) for k in range(4)]
+    for t in callers:
+        t.start()
+    for t in callers:
+        t.join(60)
+    assert len(results) == 80 and all(results) and not slow.done()
+    slow.cancel()
+    with pytest.raises(concurrent.futures.CancelledError):
+        slow.result(30)
+    assert m.call("Burner.quick", "after") == "after"
+
+
+def test_many_callers_few_machine_threads(lb):
+    """32 callers at once, each on a connection of its own, are served by a few threads on
+    the machine, not one per connection (see _FrameLoop)."""
+    m, = running(lb, services={"Burner": Burner()})
+    before = m.call("Burner.threads")
+    during = []
+    barrier = threading.Barrier(32)
+
+    def caller(k):
+        barrier.wait(30)
+        for i in range(30):
+            assert m.call("Burner.quick", (k, i)) == (k, i)
+        during.append(m.call("Burner.threads"))
+    callers = [threading.Thread(target=caller, args=(k,)) for k in range(32)]
+    for t in callers:
+        t.start()
+    for t in callers:
+        t.join(60)
+    assert len(during) == 32
+    assert max(during) < before + 16, (before, during)      # 32 connections open
+
+
 # ======================================================================================
 # Streams (Go: rpc/server_test.go TestStream)
 # ======================================================================================
