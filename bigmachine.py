@@ -2417,6 +2417,7 @@ class _FrameLoop:
 
     _TAKEOVER = 0.002             # seconds a frame may hold the loop before another thread leads
     _IDLE = 0.05                  # a monitor that saw no call for this long sleeps until one
+    _SPIN = 0.00005               # seconds a leader looks for the next frame before it sleeps
 
     def __init__(self, dispatcher, on_close):
         self.dispatcher = dispatcher
@@ -2447,8 +2448,15 @@ class _FrameLoop:
                                  daemon=True).start()
 
     def _lead(self, me):
-        """Serve frames while this thread is the leader."""
+        """Serve frames while this thread is the leader.
+
+        A leader that has just served a frame spins for `_SPIN` seconds before it sleeps in
+        epoll: a caller making calls one after another sends its next frame within tens of
+        microseconds, and a thread woken from epoll here took ~10 us longer to answer than
+        one that blocked in read (60 -> 70 us a call). Go's scheduler spins the same way
+        before it parks a thread. An idle machine does not spin."""
         ready, parked, dispatcher = self._ready, self._parked, self.dispatcher
+        poll, clock, served = self._epoll.poll, time.perf_counter, False
         while True:
             if not ready:
                 if self._closed:
@@ -2457,9 +2465,16 @@ class _FrameLoop:
                 if self._leader is not me:
                     return
                 try:
-                    events = self._epoll.poll()
+                    events = poll(0) if served else None
+                    if served and not events:
+                        until = clock() + self._SPIN
+                        while not events and clock() < until:
+                            events = poll(0)
+                    if not events:
+                        events = poll()
                 except (OSError, ValueError):       # closed
                     return
+                served = False
                 if self._leader is not me:
                     ready.extend(parked[fd] for fd, _ in events if fd in parked)
                     return
@@ -2468,6 +2483,7 @@ class _FrameLoop:
             conn = ready.popleft()
             me.serving = conn
             me.calls += 1
+            served = True
             if self._monitor_asleep:          # after `serving` is set: see _monitor
                 self._wake_monitor.set()
             try:
