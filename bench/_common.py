@@ -177,6 +177,23 @@ def reset_hwm(pid):
         return False
 
 
+class PeakRSS:
+    """The peak RSS of process pid from now on, over its RSS now: reset the counter on
+    creation, read it with delta()."""
+
+    def __init__(self, pid):
+        self.pid = pid
+        reset_hwm(pid)
+        self.base = rss_mib(pid)
+
+    def delta(self):
+        """(peak MiB, peak over the start MiB), or (None, None) where /proc cannot tell."""
+        peak = hwm_mib(self.pid)
+        if peak is None or self.base is None:
+            return None, None
+        return peak, peak - self.base
+
+
 # ----------------------------------------------------------------------------
 # Measures.
 
@@ -276,18 +293,17 @@ def measure_arg(worker, nbytes, reps, budget=8.0, data=None):
     for _ in range(reps):
         if rates and time.perf_counter() > give_up:
             break
-        reset_hwm(pid)
-        base = rss_mib(pid)
+        rss = PeakRSS(pid)
         t0 = time.perf_counter()
         r = worker.take(data)
         dt = time.perf_counter() - t0
         if r != nbytes:
             raise AssertionError("take returned %r, want %d" % (r, nbytes))
-        peak = hwm_mib(pid)
+        peak, delta = rss.delta()
         rates.append(nbytes / dt / 1e6)
-        if peak is not None and base is not None:
+        if peak is not None:
             peaks.append(peak)
-            deltas.append(peak - base)
+            deltas.append(delta)
     out = {"arg_MBps": max(rates), "arg_median_MBps": statistics.median(rates),
            "arg_reps": len(rates)}
     if peaks:
@@ -296,18 +312,28 @@ def measure_arg(worker, nbytes, reps, budget=8.0, data=None):
     return out
 
 
-def _as_bytes_len(r):
-    if hasattr(r, "read"):  # a streamed reply
-        n = 0
-        while True:
-            chunk = r.read(1 << 20)
-            if not chunk:
-                break
-            n += len(chunk)
-        close = getattr(r, "close", None)
-        if close:
-            close()
-        return n
+def drain(f, buf, limit, deadline=None):
+    """Read the binary file f to its end into buf, again and again (nothing is kept): the
+    number of bytes read. Bounded: raises once more than limit bytes came, or past deadline
+    (a time.perf_counter() value) between two reads."""
+    n = 0
+    while True:
+        k = f.readinto(buf)
+        if not k:
+            return n
+        n += k
+        if n > limit:
+            raise AssertionError("the stream goes on past %d bytes" % limit)
+        if deadline is not None and time.perf_counter() > deadline:
+            raise TimeoutError("the stream was still going after %d bytes" % n)
+
+
+def _as_bytes_len(r, limit):
+    if hasattr(r, "readinto"):  # a streamed reply
+        try:
+            return drain(r, bytearray(MIB), limit)
+        finally:
+            r.close()
     return len(r)
 
 
@@ -321,20 +347,19 @@ def measure_reply(worker, nbytes, reps, budget=8.0, blob=None):
     for _ in range(reps):
         if rates and time.perf_counter() > give_up:
             break
-        reset_hwm(me)
-        base = rss_mib(me)
+        rss = PeakRSS(me)
         t0 = time.perf_counter()
         r = blob(nbytes)
-        n = _as_bytes_len(r)
+        n = _as_bytes_len(r, nbytes)
         dt = time.perf_counter() - t0
-        peak = hwm_mib(me)
+        peak, delta = rss.delta()
         del r
         if n != nbytes:
             raise AssertionError("blob returned %d bytes, want %d" % (n, nbytes))
         rates.append(nbytes / dt / 1e6)
-        if peak is not None and base is not None:
+        if peak is not None:
             peaks.append(peak)
-            deltas.append(peak - base)
+            deltas.append(delta)
     out = {"reply_MBps": max(rates), "reply_median_MBps": statistics.median(rates),
            "reply_reps": len(rates)}
     if peaks:

@@ -35,13 +35,19 @@ TITLES = {"mp": "mp.managers", "execnet": "execnet", "rpyc": "RPyC",
 DEFAULT_VENV_PY = "/tmp/bench-venv/bin/python"
 PYC_PREFIX = "/tmp/bench-pycache"
 
-# Targets for bigmachine: (key, label, reference column, goal, higher is better)
+# Targets for bigmachine: (key, label, reference, goal, higher is better). The reference is
+# a column (its value of the same key), a number (an absolute limit), or (label, key) of
+# bigmachine's own results. {stream} in a label is the size the stream measures used.
 TARGETS = [
     ("small_us", "small call <= 1.5x raw TLS round trip", "raw TLS 1.3", 1.5, False),
     ("threads_cps", "32 threads >= 0.8x mp.managers calls/s", "mp.managers", 0.8, True),
     ("arg_MBps", "64 MiB argument >= 70% of raw TLS", "raw TLS 1.3", 0.7, True),
     ("reply_MBps", "64 MiB reply >= 70% of raw TLS", "raw TLS 1.3", 0.7, True),
-    ("startup_ms", "2 machines RUNNING <= 100 ms", None, 1.0, False),
+    ("startup_ms", "2 machines RUNNING <= 100 ms", 100.0, 1.0, False),
+    ("bigpi_two_sps", "bigpi: 2 machines >= 1.9x one process, samples/s",
+     ("one process", "bigpi_one_sps"), 1.9, True),
+    ("stream_reply_rss_delta_MiB", "{stream} streamed reply in constant memory: peak RSS "
+     "<= 64 MiB over baseline, both ends", 64.0, 1.0, False),
 ]
 
 
@@ -107,7 +113,7 @@ def netns_wrap(cmd):
 def fmt(v, kind):
     if v is None:
         return "n/a"
-    if kind == "int":
+    if kind == "int" or v >= 1e5:
         return "{:,.0f}".format(v)
     if kind == "ratio":
         return "%.2fx" % v
@@ -141,7 +147,20 @@ RATIO_ROWS = [
     ("32 threads / mp.managers", "threads_cps", "mp.managers"),
     ("64 MiB argument / raw TLS", "arg_MBps", "raw TLS 1.3"),
     ("64 MiB reply / raw TLS", "reply_MBps", "raw TLS 1.3"),
-    ("2 workers ready / 100 ms (lower is better)", "startup_ms", None),
+    ("2 workers ready / 100 ms (lower is better)", "startup_ms", 100.0),
+]
+
+# bigmachine only, absolute: (label, key, kind)
+BM_MORE = [
+    ("bigpi, one plain Python process, samples/s", "bigpi_one_sps", "int"),
+    ("bigpi, 2 local machines (bigpi's driver code), samples/s", "bigpi_two_sps", "int"),
+    ("  2 machines / one process", "bigpi_ratio", "ratio"),
+    ("{stream} streamed reply (generator of 1 MiB chunks), MB/s", "stream_reply_MBps", "num"),
+    ("  client peak RSS over baseline, MiB", "stream_reply_client_rss_delta_MiB", "num"),
+    ("  machine peak RSS over baseline, MiB", "stream_reply_machine_rss_delta_MiB", "num"),
+    ("{stream} streamed argument (a binary file), MB/s", "stream_arg_MBps", "num"),
+    ("  client peak RSS over baseline, MiB", "stream_arg_client_rss_delta_MiB", "num"),
+    ("  machine peak RSS over baseline, MiB", "stream_arg_machine_rss_delta_MiB", "num"),
 ]
 
 
@@ -151,12 +170,30 @@ def get(results, col, key):
     return v if isinstance(v, (int, float)) else None
 
 
+def reference(results, ref, key):
+    """(label, value) of a reference: a column's value of key, a number (a limit), or
+    (label, key) of bigmachine's own results."""
+    if isinstance(ref, (int, float)):
+        return "limit", float(ref)
+    if isinstance(ref, tuple):
+        return ref[0], get(results, "bigmachine", ref[1])
+    return ref, get(results, ref, key)
+
+
 def ratio(results, col, key, ref):
     v = get(results, col, key)
-    base = 100.0 if ref is None else get(results, ref, key)
+    base = reference(results, ref, key)[1]
     if v is None or not base:
         return None
     return v / base
+
+
+def size_label(nbytes):
+    if not isinstance(nbytes, int):
+        return "1 GiB"  # the default: the measure did not run
+    if nbytes % (1 << 30) == 0:
+        return "%d GiB" % (nbytes >> 30)
+    return "%d MiB" % (nbytes >> 20)
 
 
 def report(results, notes, opts, cols):
@@ -185,6 +222,8 @@ def report(results, notes, opts, cols):
     lines.append("")
     lines.append("## bigmachine targets")
     lines.append("")
+    bmr = results.get("bigmachine") or {}
+    stream = size_label(bmr.get("stream_bytes"))
     rows = []
     for key, label, ref, goal, higher in TARGETS:
         v = get(results, "bigmachine", key)
@@ -193,10 +232,23 @@ def report(results, notes, opts, cols):
             met = "n/a"
         else:
             met = "met" if (r >= goal if higher else r <= goal) else "NOT met"
-        refv = 100.0 if ref is None else get(results, ref, key)
-        rows.append([label, fmt(v, "num"), "%s %s" % (ref or "limit", fmt(refv, "num")),
-                     fmt(r, "ratio"), met])
+        reflabel, refv = reference(results, ref, key)
+        rows.append([label.format(stream=stream), fmt(v, "num"),
+                     "%s %s" % (reflabel, fmt(refv, "num")), fmt(r, "ratio"), met])
     lines.append(table(["target", "bigmachine", "reference", "ratio", "result"], rows))
+    rows = [[label.format(stream=stream), fmt(get(results, "bigmachine", key), kind)]
+            for label, key, kind in BM_MORE]
+    if any(r[1] != "n/a" for r in rows):
+        lines.append("")
+        lines.append("## bigmachine: bigpi scaling and streams")
+        lines.append("")
+        lines.append("bigpi: %s samples of examples/bigpi.py's CirclePI.sample, best of %s; "
+                     "the machines' clock starts once both are RUNNING. Streams: read "
+                     "into one 1 MiB buffer and dropped, best of %s."
+                     % (fmt(bmr.get("bigpi_samples"), "int"), bmr.get("bigpi_reps", "n/a"),
+                        bmr.get("stream_reply_reps", "n/a")))
+        lines.append("")
+        lines.append(table(["measure", "bigmachine"], rows))
     pk = results.get("pickle")
     if pk:
         lines.append("")
@@ -218,7 +270,6 @@ def report(results, notes, opts, cols):
         lines.append("Process start floor (wall time of a fresh interpreter, one at a "
                      "time): " + "; ".join(bits) + ".")
     extra = []
-    bmr = results.get("bigmachine") or {}
     for k, label, kind in (
             ("session_ms", "bigmachine.start() session, ms", "num"),
             ("shutdown_ms", "b.shutdown(), ms", "num"),
