@@ -1901,9 +1901,19 @@ class _Peer:
         if inflight is not None and not inflight.attach(self, conn, call_id):
             self.checkin(conn)
             raise Cancelled("call %s on %s was cancelled" % (method, self.addr))
-        sender = None
+        sender = alarm = None
         try:
-            conn.settimeout(timeout)
+            if stream is not None and deadline is not None:
+                # Two threads on one TLS connection, one sending the stream and one reading
+                # the reply, must keep it blocking: with a timeout the socket is non-blocking
+                # underneath, and OpenSSL then took one thread's state for the other's (one
+                # call in six failed, "EOF in violation of protocol"). The deadline breaks
+                # the connection instead, and the call then raises Timeout.
+                alarm = threading.Timer(max(0.001, timeout), conn.interrupt)
+                alarm.daemon = True
+                alarm.start()
+            else:
+                conn.settimeout(timeout)
             _send_frame(conn.writer, CALL, call_id, method.encode(), body, buffers,
                         _STREAMED if stream is not None else 0)
             if stream is not None:
@@ -1911,7 +1921,7 @@ class _Peer:
                                           args=(conn.writer, call_id, stream),
                                           name="bigmachine-stream-send", daemon=True)
                 sender.start()
-            if deadline is not None:
+            elif deadline is not None:
                 conn.settimeout(max(0.001, deadline - time.monotonic()))
             kind, flags, nbuffers, _meta, _id, body_len = _read_header(conn.rfile)
             if kind == REPLY and flags & _STREAMED:
@@ -1941,6 +1951,10 @@ class _Peer:
             self.discard(conn)
             if inflight is not None and inflight.cancelled:
                 raise Cancelled("call %s on %s was cancelled" % (method, self.addr)) from None
+            if alarm is not None and alarm.finished.is_set() and time.monotonic() >= deadline:
+                self.cancel_remote(call_id)
+                raise Timeout("call %s on %s timed out after %.3gs"
+                              % (method, self.addr, timeout)) from None
             raise NetworkError("call %s on %s failed: %s"
                                % (method, self.addr, e or type(e).__name__)) from e
         except BaseException:
@@ -1949,6 +1963,8 @@ class _Peer:
             self.cancel_remote(call_id)
             raise
         finally:
+            if alarm is not None:
+                alarm.cancel()
             if inflight is not None:
                 inflight.detach()
         self.checkin(conn)

@@ -651,6 +651,31 @@ def test_stream_argument_and_echo(tb):
         m.call("Echo.echo", io.BytesIO(b"a"), io.BytesIO(b"b"))
 
 
+def test_stream_argument_with_a_deadline(lb):
+    """A streamed argument is sent by a thread of its own while the caller waits for the
+    reply on the same TLS connection; a deadline must not make the two trip over each other
+    (it once did, one call in six), and must still end a call that runs too long."""
+    m, = running(lb)
+    data = os.urandom(8 << 20)
+    digest = hashlib.sha256(data).hexdigest()
+    for _ in range(24):
+        assert m.options(timeout=60).call("Echo.digest", io.BytesIO(data)) == digest
+    with m.options(timeout=60).call("Echo.echo_stream", io.BytesIO(data)) as f:
+        assert f.read() == data
+
+    class Endless(io.RawIOBase):
+        def readable(self):
+            return True
+
+        def readinto(self, b):
+            time.sleep(0.01)
+            b[:1] = b"x"
+            return 1
+    with pytest.raises(bigmachine.Timeout):
+        m.options(timeout=0.5).call("Echo.digest", io.BufferedReader(Endless()))
+    assert m.call("Echo.echo", "still serving") == "still serving"
+
+
 def test_large_streamed_reply_and_early_close(tb):
     m, = running(tb)
     total = 0
