@@ -1594,7 +1594,7 @@ def _classify_connect_error(e, addr):
 class _Connection:
     """One upgraded connection to a peer, owned by one call at a time."""
 
-    __slots__ = ("sock", "writer", "rfile", "last_used", "timeout")
+    __slots__ = ("sock", "writer", "rfile", "last_used", "timeout", "expired")
 
     def __init__(self, sock):
         self.sock = sock
@@ -1602,6 +1602,7 @@ class _Connection:
         self.rfile = io.BufferedReader(_TLSReader(sock), 1 << 16)
         self.last_used = time.monotonic()
         self.timeout = None
+        self.expired = False          # broken on purpose when its call's deadline passed
 
     def settimeout(self, timeout):
         if timeout != self.timeout:
@@ -1909,7 +1910,7 @@ class _Peer:
                 # underneath, and OpenSSL then took one thread's state for the other's (one
                 # call in six failed, "EOF in violation of protocol"). The deadline breaks
                 # the connection instead, and the call then raises Timeout.
-                alarm = threading.Timer(max(0.001, timeout), conn.interrupt)
+                alarm = threading.Timer(max(0.001, timeout), self._expire, (conn,))
                 alarm.daemon = True
                 alarm.start()
             else:
@@ -1951,7 +1952,7 @@ class _Peer:
             self.discard(conn)
             if inflight is not None and inflight.cancelled:
                 raise Cancelled("call %s on %s was cancelled" % (method, self.addr)) from None
-            if alarm is not None and alarm.finished.is_set() and time.monotonic() >= deadline:
+            if alarm is not None and conn.expired:
                 self.cancel_remote(call_id)
                 raise Timeout("call %s on %s timed out after %.3gs"
                               % (method, self.addr, timeout)) from None
@@ -1969,6 +1970,12 @@ class _Peer:
                 inflight.detach()
         self.checkin(conn)
         return self._result(method, kind, reply, reply_buffers)
+
+    @staticmethod
+    def _expire(conn):
+        """A call's deadline passed: break its connection (see _call_general)."""
+        conn.expired = True
+        conn.interrupt()
 
     def _stream_reply(self, conn, call_id, inflight):
         """The caller's end of a streamed reply: the connection is its until the end."""
