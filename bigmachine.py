@@ -35,8 +35,11 @@ Wire (Go: rpc)
     an HTTP request (`GET /bigrpc` with `Upgrade: bigrpc/1`, which also compares versions); the
     connection then carries length-prefixed frames: one call at a time, with pickle protocol 5
     and its out-of-band buffers, so that large arrays are sent without copies. A calling thread
-    takes an idle connection from its peer's pool, sends, and reads its own reply: no thread
-    handoff on either side, which is what makes a call cost little more than a TLS round trip.
+    takes an idle connection from its peer's pool, sends, and reads its own reply; a machine's
+    connections wait for their next frame in one epoll set, served inline by one thread at a
+    time (`_FrameLoop`, with a monitor like Go's sysmon for methods that block). No thread
+    hands a call to another on either side, which is what makes a call cost little more than a
+    TLS round trip, and many callers at once cost the machine no context switches.
     Plain `POST /bigrpc/Service.method` works too, for curl and for people. Nothing is unpickled
     before the peer's certificate has been verified: the TLS handshake comes first.
 
@@ -1107,9 +1110,11 @@ def _rebuild_error(payload):
 #
 # One call is in flight on a connection at a time, and the thread that makes a call does its
 # own sending and receiving: no thread handoff. Concurrency comes from a pool of connections per
-# peer (what multiprocessing.managers does too); on the machine each connection has its thread,
-# which runs the method inline. A CANCEL frame names a call by id and can arrive on any
-# connection from the same process, since the call's own connection is busy.
+# peer (what multiprocessing.managers does too); on the machine the connections wait in one
+# epoll set and their frames are served inline, one thread at a time (see _FrameLoop). A CANCEL
+# frame names a call by id and can arrive on any connection from the same process, since the
+# call's own connection is busy; it travels on a connection of its own, which is then closed,
+# because a connection carries nothing after a frame until that frame's reply.
 #
 # Streams: a reply that is a file or an iterator of bytes is sent as REPLY(streamed), DATA...,
 # END (or STREAM_ERROR, which the reader raises when it reads past the data that arrived). An

@@ -178,11 +178,12 @@ class RawPeer:
         self.workers = []
 
     def connect(self, addr):
-        return RawConn(addr, self.ctx, self.certs.hostname)
+        return RawConn(addr, self.ctx, self.certs.hostname if self.certs else None)
 
     def start(self, n):
-        args = [sys.executable, os.path.abspath(__file__), "--serve", self.kind,
-                "--certdir", self.certs.dir]
+        args = [sys.executable, os.path.abspath(__file__), "--serve", self.kind]
+        if self.certs is not None:          # TLS only: raw TCP runs without certificates
+            args += ["--certdir", self.certs.dir]
         self.children = [C.Child(args) for _ in range(n)]
         for ch in self.children:
             ch.ready()
