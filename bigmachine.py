@@ -119,7 +119,9 @@ __all__ = [
 log = logging.getLogger("bigmachine")
 
 #: The wire protocol's version. Peers that differ refuse each other with `VersionMismatch`.
-PROTOCOL = 1
+#: 2: a connection carries nothing after a frame until that frame's reply (CANCEL frames
+#: travel on a connection of their own), which machines' frame loops rely on.
+PROTOCOL = 2
 
 #: Python's major.minor: pickles are exchanged only between interpreters that agree on it.
 PYTHON = "%d.%d" % sys.version_info[:2]
@@ -1915,7 +1917,9 @@ class _Peer:
                 # underneath, and OpenSSL then took one thread's state for the other's (one
                 # call in six failed, "EOF in violation of protocol"). The deadline breaks
                 # the connection instead, and the call then raises Timeout.
-                alarm = threading.Timer(max(0.001, timeout), self._expire, (conn,))
+                conn.settimeout(None)     # a new connection has the dial's timeout
+                alarm = threading.Timer(max(0.001, deadline - time.monotonic()), self._expire,
+                                        (conn,))
                 alarm.daemon = True
                 alarm.start()
             else:
@@ -1954,7 +1958,7 @@ class _Peer:
             raise Timeout("call %s on %s timed out after %.3gs"
                           % (method, self.addr, timeout)) from None
         except (OSError, EOFError, _ProtocolError) as e:
-            self.discard(conn)
+            self._discard_after(conn, sender)
             if inflight is not None and inflight.cancelled:
                 raise Cancelled("call %s on %s was cancelled" % (method, self.addr)) from None
             if alarm is not None and conn.expired:
@@ -1965,16 +1969,36 @@ class _Peer:
                                % (method, self.addr, e or type(e).__name__)) from e
         except BaseException:
             # KeyboardInterrupt and the like: the connection is in the middle of a message.
-            self.discard(conn)
+            self._discard_after(conn, sender)
             self.cancel_remote(call_id)
             raise
         finally:
             if alarm is not None:
                 alarm.cancel()
+                alarm.join()              # one already firing breaks the connection first
             if inflight is not None:
                 inflight.detach()
-        self.checkin(conn)
+        if conn.expired:                  # the deadline came with the reply: result stands
+            self.discard(conn)
+        else:
+            self.checkin(conn)
         return self._result(method, kind, reply, reply_buffers)
+
+    def _discard_after(self, conn, sender):
+        """Discard a connection that a stream-sending thread may still be writing to: break it
+        now, close it once that thread has stopped. Closed at once, its descriptor number
+        could be reused (by the next connection, or a user's file) and receive the rest."""
+        if sender is None or not sender.is_alive():
+            self.discard(conn)
+            return
+        with self._lock:
+            self._busy.discard(conn)
+        conn.interrupt()
+
+        def close_when_done():
+            sender.join()
+            conn.close()
+        _background(close_when_done)
 
     @staticmethod
     def _expire(conn):
@@ -2467,13 +2491,17 @@ class _FrameLoop:
         with self._lock:
             if self._closed:
                 raise OSError("the server is closed")
-            self._parked[conn.fd] = conn
-            self._epoll.register(conn.fd, select.EPOLLIN)
             if self._leader is None:
-                self._leader = _Leader()
-                _background(self._lead, self._leader)
-                threading.Thread(target=self._monitor, name="bigmachine-loop-monitor",
-                                 daemon=True).start()
+                self._leader = _Leader()      # before its thread starts: the thread checks
+                try:
+                    _background(self._lead, self._leader)
+                    threading.Thread(target=self._monitor, daemon=True,
+                                     name="bigmachine-loop-monitor").start()
+                except RuntimeError as e:     # "can't start new thread"
+                    self._leader = None
+                    raise OSError("cannot serve the connection: %s" % e) from e
+            self._epoll.register(conn.fd, select.EPOLLIN)
+            self._parked[conn.fd] = conn
 
     def _lead(self, me):
         """Serve frames while this thread is the leader.
@@ -2483,13 +2511,22 @@ class _FrameLoop:
         microseconds, and a thread woken from epoll here took ~10 us longer to answer than
         one that blocked in read (60 -> 70 us a call). Go's scheduler spins the same way
         before it parks a thread. An idle machine does not spin."""
+        while True:
+            try:
+                return self._lead_frames(me)
+            except _Interrupt:
+                # A cancel meant for a call this thread served, which landed after it: the
+                # thread goes on leading.
+                log.debug("an interrupt reached the frame loop after its call had ended")
+
+    def _lead_frames(self, me):
         ready, parked, dispatcher = self._ready, self._parked, self.dispatcher
         poll, clock, served = self._epoll.poll, time.perf_counter, False
         while True:
+            if self._closed:
+                self._close_descriptors()
+                return
             if not ready:
-                if self._closed:
-                    self._close_descriptors()
-                    return
                 if self._leader is not me:
                     return
                 try:
@@ -2501,7 +2538,10 @@ class _FrameLoop:
                     if not events:
                         events = poll()
                 except (OSError, ValueError):       # closed
-                    return
+                    if self._closed:
+                        self._close_descriptors()
+                        return
+                    raise
                 served = False
                 if self._leader is not me:
                     ready.extend(parked[fd] for fd, _ in events if fd in parked)
@@ -2522,10 +2562,13 @@ class _FrameLoop:
             with self._lock:
                 me.serving = None
                 demoted = self._leader is not me
-                if not keep:
+                if keep and demoted:
+                    try:
+                        self._epoll.register(conn.fd, select.EPOLLIN)   # see _take_over
+                    except (OSError, ValueError):  # closed, or out of epoll watches
+                        keep = False
+                if not keep or self._closed:
                     self._drop(conn, registered=not demoted)
-                elif demoted and not self._closed:
-                    self._epoll.register(conn.fd, select.EPOLLIN)   # see _take_over
             if demoted:
                 return
 
@@ -2545,6 +2588,8 @@ class _FrameLoop:
         while not self._closed:
             time.sleep(self._TAKEOVER)
             leader = self._leader
+            if leader is None:
+                continue
             serving, calls = leader.serving, leader.calls
             if serving is None:
                 if time.monotonic() - idle_since > self._IDLE:
@@ -2577,24 +2622,30 @@ class _FrameLoop:
             with contextlib.suppress(OSError, ValueError):
                 self._epoll.unregister(serving.fd)
             self._leader = _Leader()
-            _background(self._lead, self._leader)
+            try:
+                _background(self._lead, self._leader)
+            except RuntimeError as e:         # "can't start new thread": the old one leads on
+                log.warning("the frame loop could not start a thread: %s", e)
+                self._leader = leader
+                with contextlib.suppress(OSError, ValueError):
+                    self._epoll.register(serving.fd, select.EPOLLIN)
 
     def close(self):
-        """Stop serving; the connections themselves are closed by their server."""
+        """Stop serving; the connections themselves are closed by their server (those in the
+        middle of a frame are dropped by the thread serving them when it is done)."""
         with self._lock:
             if self._closed:
                 return
             self._closed = True
-            self._parked.clear()
-            self._ready.clear()
             leading = self._leader is not None
+            if leading:
+                # The leader may be inside poll, which a closed epoll would not wake: wake it
+                # instead, and it closes the descriptors on its way out. Under the lock: that
+                # is when no leader can have closed them yet.
+                with contextlib.suppress(OSError):
+                    os.write(self._wakeup_w, b"x")
         self._wake_monitor.set()
-        if leading:
-            # The leader may be inside poll, which a closed epoll would not wake: wake it
-            # instead, and it closes the descriptors on its way out (or the next leader does).
-            with contextlib.suppress(OSError):
-                os.write(self._wakeup_w, b"x")
-        else:
+        if not leading:
             self._close_descriptors()
 
     def _close_descriptors(self):
@@ -2874,14 +2925,18 @@ class _Dispatcher:
             try:
                 result = fn(*args, **kwargs)
             finally:
+                context._leave()          # first: no interrupt may land after the call
                 _calls.context = None
-                del self._calls[call_id]
-                context._leave()
+                if self._calls.get(call_id) is context:
+                    del self._calls[call_id]
                 if timer is not None:
                     timer.cancel()
         except BaseException as e:
+            if context is not None:
+                context._leave()          # an interrupt may have fired before the finally did
+                if self._calls.get(call_id) is context:
+                    del self._calls[call_id]
             if isinstance(e, _Interrupt):
-                context._leave()          # it may have fired before the finally above did
                 e = (Timeout if context.reason == "timed out" else Cancelled)(
                     "call %s on %s was %s" % (method, self.where, context.reason or "cancelled"))
             if stream_in is not None:

@@ -827,7 +827,7 @@ def test_strangers_are_refused_and_nothing_is_unpickled(tb, tmp_path):
     bomb = pickle.dumps(((Payload(),), {}, None))
     frame = bigmachine._HEADER.pack(bigmachine.CALL, 0, 0, 9, 1, len(bomb)) + b"Echo.echo" + bomb
     upgrade = (b"GET /bigrpc HTTP/1.1\r\nHost: x\r\nConnection: Upgrade\r\nUpgrade: bigrpc/1\r\n"
-               b"Bigmachine-Python: %s\r\nBigmachine-Protocol: 1\r\n\r\n" % bigmachine.PYTHON.encode())
+               b"Bigmachine-Python: %s\r\nBigmachine-Protocol: 2\r\n\r\n" % bigmachine.PYTHON.encode())
     post = b"POST /bigrpc/Echo.echo HTTP/1.1\r\nContent-Length: %d\r\n\r\n%s" % (len(bomb), bomb)
     stranger = bigmachine.CertificateAuthority().issue("stranger")
     contexts = {"another CA": bigmachine.client_context(stranger)}
@@ -896,7 +896,7 @@ def test_version_mismatch_is_refused(tb):
         with context.wrap_socket(raw) as s:
             s.sendall(b"GET /bigrpc HTTP/1.1\r\nHost: x\r\nConnection: Upgrade\r\n"
                       b"Upgrade: bigrpc/1\r\nBigmachine-Python: 2.7\r\n"
-                      b"Bigmachine-Protocol: 1\r\n\r\n")
+                      b"Bigmachine-Protocol: 2\r\n\r\n")
             status, headers, body = bigmachine._read_http_response(s.makefile("rb"))
     assert status == 409
     assert headers["bigmachine-python"] == bigmachine.PYTHON
@@ -3649,7 +3649,7 @@ class Bomb:
 bomb = pickle.dumps(((Bomb(),), {}, None), 5)
 frame = struct.pack("!BBHIQQ", 1, 0, 0, 11, 1, len(bomb)) + b"Victim.echo" + bomb
 upgrade = (b"GET /bigrpc HTTP/1.1\r\nHost: x\r\nConnection: Upgrade\r\nUpgrade: bigrpc/1\r\n"
-           b"Bigmachine-Python: %d.%d\r\nBigmachine-Protocol: 1\r\n\r\n" % sys.version_info[:2])
+           b"Bigmachine-Python: %d.%d\r\nBigmachine-Protocol: 2\r\n\r\n" % sys.version_info[:2])
 post = (b"POST /bigrpc/Victim.echo HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n"
         % len(bomb) + bomb)
 requests = {"upgrade": upgrade + frame, "post": post}
@@ -3990,7 +3990,7 @@ def _fuzz_strategies():
         st.sampled_from([b"Victim.echo", b"Supervisor.ping"]), st.tuples(small),
         st.one_of(st.none(), st.floats(0.5, 60), small), st.integers(0, 2**64 - 1))
     upgrade = (b"GET /bigrpc HTTP/1.1\r\nHost: x\r\nConnection: Upgrade\r\nUpgrade: bigrpc/1\r\n"
-               b"Bigmachine-Python: %s\r\nBigmachine-Protocol: 1\r\n\r\n"
+               b"Bigmachine-Python: %s\r\nBigmachine-Protocol: 2\r\n\r\n"
                % bigmachine.PYTHON.encode())
     lengths = st.one_of(st.sampled_from([b"-1", b"-99999", b"abc", b"", b"1e3", b"0x10",
                                          b"99999999999999999999"]),
