@@ -865,24 +865,6 @@ def _read_ahead(context: ssl.SSLContext) -> ssl.SSLContext:
         log.debug("TLS read-ahead not set: %s", e)
         _libssl = False
     return context
-    try:
-        import ctypes
-        if _libssl is None:
-            import _ssl
-            lib = ctypes.CDLL(getattr(_ssl, "__file__", None))   # libssl is its dependency
-            lib.SSL_CTX_get_options.restype = ctypes.c_uint64
-            lib.SSL_CTX_get_options.argtypes = [ctypes.c_void_p]
-            lib.SSL_CTX_ctrl.restype = ctypes.c_long
-            lib.SSL_CTX_ctrl.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_long,
-                                         ctypes.c_void_p]
-            _libssl = lib
-        ctx = ctypes.c_void_p.from_address(id(context) + object.__basicsize__).value
-        if ctx and _libssl.SSL_CTX_get_options(ctx) == int(context.options):
-            _libssl.SSL_CTX_ctrl(ctx, _SSL_CTRL_SET_READ_AHEAD, 1, None)
-    except (ImportError, OSError, AttributeError, ValueError) as e:
-        log.debug("TLS read-ahead not set: %s", e)
-        _libssl = False if _libssl is None else _libssl
-    return context
 
 
 # ======================================================================================

@@ -545,12 +545,17 @@ def test_concurrent_calls(tb):
     def worker(k):
         for i in range(50):
             results.append(m1.call("Echo.echo", (k, i)) == (k, i))
-    threads = [threading.Thread(target=worker, args=(k,)) for k in range(16)]
+    in_threads(worker, 16)
+    assert len(results) == 800 and all(results)
+
+
+def in_threads(target, n, timeout=60):
+    """Run target(k) in n threads at once, k = 0..n-1, and wait for them all."""
+    threads = [threading.Thread(target=target, args=(k,)) for k in range(n)]
     for t in threads:
         t.start()
     for t in threads:
-        t.join()
-    assert len(results) == 800 and all(results)
+        t.join(timeout)
 
 
 class Burner:
@@ -581,11 +586,7 @@ def test_a_slow_call_does_not_hold_up_the_others(lb, blocker):
     def caller(k):
         for i in range(20):
             results.append(m.call("Burner.quick", (k, i)) == (k, i))
-    callers = [threading.Thread(target=caller, args=(k,)) for k in range(4)]
-    for t in callers:
-        t.start()
-    for t in callers:
-        t.join(60)
+    in_threads(caller, 4)
     assert len(results) == 80 and all(results) and not slow.done()
     slow.cancel()
     with pytest.raises(concurrent.futures.CancelledError):
@@ -606,11 +607,7 @@ def test_many_callers_few_machine_threads(lb):
         for i in range(30):
             assert m.call("Burner.quick", (k, i)) == (k, i)
         during.append(m.call("Burner.threads"))
-    callers = [threading.Thread(target=caller, args=(k,)) for k in range(32)]
-    for t in callers:
-        t.start()
-    for t in callers:
-        t.join(60)
+    in_threads(caller, 32)
     assert len(during) == 32
     assert max(during) < before + 16, (before, during)      # 32 connections open
 
