@@ -264,6 +264,20 @@ def running(b, n=1, services=None, **kw):
     return machines
 
 
+def check_remote_cluster(machines, pids, tag, message):
+    """What the machines of every remote system must do: their services arrived with their
+    state and were initialised, errors come back as themselves, machines call each other, and
+    a stream goes both ways at once. pids are the machines' process ids, in order."""
+    m1, m2 = machines[:2]
+    assert m1.call("Echo.inited") and m1.call("Echo.get_tag") == tag
+    with pytest.raises(ValueError, match=message):
+        m1.call("Echo.fail", message)
+    assert m1.call("Echo.dial_and_call", m2.addr, "Echo.pid") == pids[1]
+    data = os.urandom(3 << 20)
+    with machines[-1].call("Echo.echo_stream", io.BytesIO(data)) as f:
+        assert f.read() == data
+
+
 def eventually(predicate, timeout=10.0, what="condition"):
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -1198,13 +1212,7 @@ def test_ssh_cluster_serves_calls(sshd, capsys):
         assert sorted(os.path.basename(w) for w in workdirs) == machine_dirs(sshd)
         assert m1.call("Echo.environ", "BIGMACHINE_TEST_VAR") == "over ssh"
         assert m1.call("Echo.environ", "BIGMACHINE_MODE") == "machine"
-        assert m1.call("Echo.inited") and m1.call("Echo.get_tag") == "ssh"
-        with pytest.raises(ValueError, match="from afar"):
-            m1.call("Echo.fail", "from afar")
-        assert m1.call("Echo.dial_and_call", m2.addr, "Echo.pid") == pids[1]
-        data = os.urandom(3 << 20)
-        with m2.call("Echo.echo_stream", io.BytesIO(data)) as f:
-            assert f.read() == data
+        check_remote_cluster(machines, pids, "ssh", "from afar")
         with pytest.raises(bigmachine.Error, match="per_host=2"):
             b.start(1, {"Echo": Echo()})
         assert m1.call("Echo.print_lines", "hello over ssh") == 1
@@ -1959,13 +1967,7 @@ def test_ec2_cluster_serves_calls(ec2, capsys):
         assert len(set(pids)) == 3 and os.getpid() not in pids
         assert m1.call("Echo.environ", "BIGMACHINE_TEST_VAR") == "on ec2"
         assert m1.call("Echo.environ", "BIGMACHINE_SYSTEM") == "ec2"
-        assert m1.call("Echo.inited") and m1.call("Echo.get_tag") == "ec2"
-        with pytest.raises(ValueError, match="in the cloud"):
-            m1.call("Echo.fail", "in the cloud")
-        assert m1.call("Echo.dial_and_call", m2.addr, "Echo.pid") == pids[1]
-        data = os.urandom(3 << 20)
-        with m3.call("Echo.echo_stream", io.BytesIO(data)) as f:
-            assert f.read() == data
+        check_remote_cluster(machines, pids, "ec2", "in the cloud")
         assert m2.call("Echo.print_lines", "hello from ec2") == 1
         seen = []
         eventually(lambda: seen.append(capsys.readouterr().err) or

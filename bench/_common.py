@@ -304,11 +304,16 @@ def measure_arg(worker, nbytes, reps, budget=8.0, data=None):
         if peak is not None:
             peaks.append(peak)
             deltas.append(delta)
-    out = {"arg_MBps": max(rates), "arg_median_MBps": statistics.median(rates),
-           "arg_reps": len(rates)}
+    return _transfer_summary("arg", rates, peaks, deltas)
+
+
+def _transfer_summary(prefix, rates, peaks, deltas):
+    """The numbers of one transfer measure: best and median MB/s, and the receiver's peak."""
+    out = {prefix + "_MBps": max(rates), prefix + "_median_MBps": statistics.median(rates),
+           prefix + "_reps": len(rates)}
     if peaks:
-        out["arg_rss_peak_MiB"] = max(peaks)
-        out["arg_rss_delta_MiB"] = max(deltas)
+        out[prefix + "_rss_peak_MiB"] = max(peaks)
+        out[prefix + "_rss_delta_MiB"] = max(deltas)
     return out
 
 
@@ -360,12 +365,7 @@ def measure_reply(worker, nbytes, reps, budget=8.0, blob=None):
         if peak is not None:
             peaks.append(peak)
             deltas.append(delta)
-    out = {"reply_MBps": max(rates), "reply_median_MBps": statistics.median(rates),
-           "reply_reps": len(rates)}
-    if peaks:
-        out["reply_rss_peak_MiB"] = max(peaks)
-        out["reply_rss_delta_MiB"] = max(deltas)
-    return out
+    return _transfer_summary("reply", rates, peaks, deltas)
 
 
 def run_suite(peer, opts, startup_reps=None):
