@@ -67,15 +67,11 @@ class EchoManager(BaseManager):
 EchoManager.register("Echo", C.Echo)
 
 
-class MPWorker:
-    def __init__(self, proxy):
-        self.p = proxy
+class ProxyWorker:
+    """A worker whose proxy `p` has the service's methods as its own."""
 
     def inc(self, x):
         return self.p.inc(x)
-
-    def per_thread(self):
-        return self.p.inc, None  # BaseProxy keeps one connection per thread
 
     def prep(self, n):
         self.p.prep(n)
@@ -88,6 +84,14 @@ class MPWorker:
 
     def pid(self):
         return self.p.pid()
+
+
+class MPWorker(ProxyWorker):
+    def __init__(self, proxy):
+        self.p = proxy
+
+    def per_thread(self):
+        return self.p.inc, None  # BaseProxy keeps one connection per thread
 
 
 class MPPeer:
@@ -339,7 +343,7 @@ def serve_pyro5():
     daemon.requestLoop()
 
 
-class PyroWorker:
+class PyroWorker(ProxyWorker):
     def __init__(self, api, addr):
         self.api = api
         self.uri = "PYRO:echo@%s:%d" % addr
@@ -350,24 +354,9 @@ class PyroWorker:
         p._pyroSerializer = PYRO_SERIALIZER
         return p
 
-    def inc(self, x):
-        return self.p.inc(x)
-
     def per_thread(self):
         p = self._proxy()
         return p.inc, p._pyroRelease
-
-    def prep(self, n):
-        self.p.prep(n)
-
-    def take(self, b):
-        return self.p.take(b)
-
-    def blob(self, n):
-        return self.p.blob(n)
-
-    def pid(self):
-        return self.p.pid()
 
     def close(self):
         self.p._pyroRelease()
