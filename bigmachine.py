@@ -2512,9 +2512,10 @@ class _FrameLoop:
                 if self._leader is not me:
                     return
                 try:
-                    events = poll(0) if served else None
-                    if served and not events:
+                    events = None
+                    if served:                # look for the next frame before sleeping
                         until = clock() + self._SPIN
+                        events = poll(0)
                         while not events and clock() < until:
                             events = poll(0)
                     if not events:
@@ -2525,9 +2526,7 @@ class _FrameLoop:
                         return
                     raise
                 served = False
-                if self._leader is not me:
-                    ready.extend(parked[fd] for fd, _ in events if fd in parked)
-                    return
+                # (No demotion to check: a leader is only replaced while it serves a frame.)
                 ready.extend(parked[fd] for fd, _ in events if fd in parked)
                 continue
             conn = ready.popleft()
