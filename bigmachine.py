@@ -7600,6 +7600,21 @@ class _SelftestService:
         return getattr(self, "_burning", False)
 
 
+class _CheckFailed(Exception):
+    """A selftest check whose result was not the expected one."""
+
+
+def _expect(condition, message):
+    """The selftest's assertion: unlike `assert`, it still checks under `python -O`, where a
+    bare assert would be compiled away and a check that did nothing reported as passed."""
+    if not condition:
+        raise _CheckFailed(message)
+
+
+def _expect_equal(got, expected):
+    _expect(got == expected, "got %.200r, expected %.200r" % (got, expected))
+
+
 def _selftest(out=sys.stdout):
     """Run every check; print one line each; return the number that failed."""
     failures = []
@@ -7649,7 +7664,7 @@ def _selftest(out=sys.stdout):
                     except AuthenticationError:
                         pass
                     else:
-                        raise AssertionError("%s was let in" % who)
+                        raise _CheckFailed("%s was let in" % who)
             finally:
                 stranger.close()
 
@@ -7678,16 +7693,17 @@ def _selftest_system(name, check):
     try:
         @check("%s: call" % name)
         def _():
-            assert m1.call("Self.hello", "world") == "hello, world"
+            _expect_equal(m1.call("Self.hello", "world"), "hello, world")
 
         @check("%s: remote exception" % name)
         def _():
             try:
                 m1.call("Self.fail", "boom")
             except KeyError as e:
-                assert isinstance(e.__cause__, _RemoteTraceback)
+                _expect(isinstance(e.__cause__, _RemoteTraceback),
+                        "the remote traceback is missing from __cause__")
             else:
-                raise AssertionError("no exception")
+                raise _CheckFailed("no exception")
 
         @check("%s: unknown method" % name)
         def _():
@@ -7696,14 +7712,14 @@ def _selftest_system(name, check):
             except NotFound:
                 pass
             else:
-                raise AssertionError("no NotFound")
+                raise _CheckFailed("no NotFound")
 
         @check("%s: streams both ways" % name)
         def _():
             with m1.call("Self.chunks", 8, 100000) as f:
                 data = f.read()
-            assert len(data) == 800000
-            assert m2.call("Self.count", io.BytesIO(data)) == 800000
+            _expect_equal(len(data), 800000)
+            _expect_equal(m2.call("Self.count", io.BytesIO(data)), 800000)
 
         @check("%s: deadline" % name)
         def _():
@@ -7712,8 +7728,8 @@ def _selftest_system(name, check):
             except Timeout:
                 pass
             else:
-                raise AssertionError("no Timeout")
-            assert m1.call("Self.hello", "again") == "hello, again"
+                raise _CheckFailed("no Timeout")
+            _expect_equal(m1.call("Self.hello", "again"), "hello, again")
 
         @check("%s: profile" % name)
         def _():
@@ -7722,21 +7738,21 @@ def _selftest_system(name, check):
                 deadline = time.monotonic() + 30
                 while not m1.call("Self.burning"):
                     if time.monotonic() > deadline:
-                        raise AssertionError("Self.burn did not start")
+                        raise _CheckFailed("Self.burn did not start")
                     time.sleep(0.01)
                 stats = b.profile(0.5, [m1])
             finally:
                 future.cancel()
             top = max(stats.stats, key=lambda key: stats.stats[key][2])
             if top[2] != "burn":
-                raise AssertionError("the busiest function is %s, not burn" % (top,))
+                raise _CheckFailed("the busiest function is %s, not burn" % (top,))
             return "%d samples" % stats.stats[_PROFILER_KEY][0]
 
         @check("%s: concurrent calls" % name)
         def _():
             futures = [m.call_async("Self.hello", i) for i in range(50) for m in (m1, m2)]
-            assert [f.result(30) for f in futures] == [
-                "hello, %d" % i for i in range(50) for _ in (1, 2)]
+            _expect_equal([f.result(30) for f in futures], [
+                "hello, %d" % i for i in range(50) for _ in (1, 2)])
 
         if name == "local":
             @check("local: a killed machine is noticed")
@@ -7744,7 +7760,7 @@ def _selftest_system(name, check):
                 pid = m2.call("Supervisor.getpid")
                 os.kill(pid, signal.SIGKILL)
                 if m2.wait(STOPPED, timeout=10) is not STOPPED:
-                    raise AssertionError("machine still %s" % m2.state)
+                    raise _CheckFailed("machine still %s" % m2.state)
                 try:
                     m2.call("Self.hello", "ghost")
                 except MachineStopped:
@@ -7754,7 +7770,8 @@ def _selftest_system(name, check):
         @check("%s: shutdown" % name)
         def _():
             b.shutdown()
-            assert all(m.state is STOPPED for m in (m1, m2))
+            _expect(all(m.state is STOPPED for m in (m1, m2)),
+                    "machines still up: %s" % [m.state.name for m in (m1, m2)])
 
 
 def _ec2_command(args):

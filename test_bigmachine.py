@@ -4294,11 +4294,25 @@ def test_import_alone_is_clean_and_cheap(python, tmp_path):
         result.stderr
 
 
-def test_selftest_passes():
-    result = subprocess.run([sys.executable, os.path.join(HERE, "bigmachine.py"), "selftest"],
-                            capture_output=True, text=True, timeout=300)
+@pytest.mark.parametrize("flags", [[], ["-O"]], ids=["plain", "optimized"])
+def test_selftest_passes(flags):
+    """Also under -O, which compiles bare asserts away: the selftest's checks must not be."""
+    result = subprocess.run([sys.executable, *flags, os.path.join(HERE, "bigmachine.py"),
+                             "selftest"], capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stdout + result.stderr
     assert "all checks passed" in result.stdout
+
+
+def test_selftest_checks_still_check_under_optimize():
+    """A selftest check that fails is reported as failed under -O too."""
+    code = ("import bigmachine\n"
+            "try:\n"
+            "    bigmachine._expect_equal(1, 2)\n"
+            "except bigmachine._CheckFailed as e:\n"
+            "    print('failed:', e)\n")
+    result = subprocess.run([sys.executable, "-O", "-c", code], cwd=HERE,
+                            capture_output=True, text=True, timeout=60)
+    assert result.stdout.strip() == "failed: got 1, expected 2", result.stdout + result.stderr
 
 
 def test_bigpi_example():
