@@ -28,6 +28,7 @@ import mmap
 import os
 import pickle
 import pwd
+import random
 import re
 import secrets
 import shlex
@@ -4324,6 +4325,45 @@ def test_bigpi_example():
     assert len(pi.split(".")[1]) == 6                          # log10(2e6) digits
     assert abs(float(pi) - 3.14159) < 0.01
     assert result.stderr.count(" RUNNING") == 2 and "all machines are ready" in result.stderr
+
+
+def test_wordcount_example(tmp_path):
+    """Mappers stream files in and send partial counts to a reducer machine; the totals
+    stream back. Words straddle the example's 64 KiB reads, and some are not ASCII."""
+    rng = random.Random(7)
+    vocabulary = ["alpha", "beta", "gamma", "Épsilon", "don't", "naïve"]
+    expected = collections.Counter()
+    paths = []
+    for i in range(5):
+        words = [rng.choice(vocabulary) for _ in range(20000 + i)] + ["x" * 70000]
+        rng.shuffle(words)
+        expected.update(w.lower() for w in words)
+        path = tmp_path / ("part%d.txt" % i)
+        path.write_text(" ".join(words) + "\n", encoding="utf-8")
+        paths.append(str(path))
+    result = subprocess.run([sys.executable, os.path.join(HERE, "examples", "wordcount.py"),
+                             "-nmap", "2", "-top", "100", *paths],
+                            capture_output=True, text=True, timeout=300, encoding="utf-8")
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    counted = {word: int(n) for n, word in (line.split() for line in lines[:-1])}
+    assert counted == dict(expected)
+    assert lines[-1] == "%d words, %d distinct, in 5 files" % (
+        sum(expected.values()), len(expected))
+
+
+def test_multisys_example():
+    """Two sessions on two systems in one program, each sampling with its own machines; a
+    session whose system fails is reported without taking the others down."""
+    result = subprocess.run([sys.executable, os.path.join(HERE, "examples", "multisys.py"),
+                             "-window", "0.3", "local:2", "test:1", "nosuch:1"],
+                            capture_output=True, text=True, timeout=300, encoding="utf-8")
+    lines = result.stdout.splitlines()
+    assert result.returncode == 1 and len(lines) == 3, result.stdout + result.stderr
+    for line, name in zip(lines, ("local:2", "test:1")):
+        label, samples, *_, pi = line.split()
+        assert label == name and int(samples) > 0 and abs(float(pi) - 3.14) < 0.1, line
+    assert lines[2].startswith("nosuch:1  failed: unknown bigmachine system 'nosuch'")
 
 
 # ======================================================================================
