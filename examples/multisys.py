@@ -17,7 +17,6 @@ machines to start on it.
 import argparse
 import logging
 import os
-import random
 import sys
 import threading
 import time
@@ -28,21 +27,12 @@ if os.path.exists(os.path.join(_top, "bigmachine.py")):
     sys.path.insert(0, _top)
 
 import bigmachine  # noqa: E402
+from bigpi import CirclePI  # noqa: E402  (beside this file: the same service as bigpi's)
 
 log = logging.getLogger("multisys")
 
 #: Samples per call: small enough that a call ends soon after the window closes.
 BATCH = 100_000
-
-
-class CirclePI:
-    def sample(self, n):
-        rand, inside = random.Random().random, 0
-        for _ in range(n):
-            x, y = rand() - 0.5, rand() - 0.5
-            if x * x + y * y < 0.25:
-                inside += 1
-        return inside
 
 
 def cluster(spec):
