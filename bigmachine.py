@@ -114,6 +114,7 @@ __all__ = [
     "Error", "NetworkError", "MachineStopped", "NotFound", "Timeout", "RemoteError",
     "SerializationError", "AuthenticationError", "VersionMismatch", "Cancelled",
     "CertificateAuthority", "Credentials", "Backoff", "publish", "unpublish", "Counter",
+    "Stream", "MemInfo", "DiskInfo", "LoadInfo", "MachineEvent", "OutOfMemory",
 ]
 
 log = logging.getLogger("bigmachine")
@@ -141,9 +142,22 @@ PYTHON = "%d.%d" % sys.version_info[:2]
 # and traceback.
 
 class Error(Exception):
-    """Base class of every error raised by bigmachine."""
+    """Base class of every error raised by bigmachine.
+
+    `remote` is true when the error happened on another machine and was relayed to the caller
+    (Go's errors.Remote): a `NetworkError` that machine A met calling machine B reaches the
+    driver with `remote` true and `machine` A's address, so the driver does not blame its own
+    connection to A. `machine` names where the error happened (None: in this process)."""
 
     temporary = False
+    remote = False
+    machine = None
+
+    def __str__(self):
+        text = super().__str__()
+        if self.remote and self.machine and self.machine not in text:
+            text += " (on machine %s)" % self.machine
+        return text
 
 
 class NetworkError(Error):
@@ -182,6 +196,8 @@ class RemoteError(Error):
 
     def __str__(self):
         text = "%s: %s" % (self.type_name, self.message)
+        if self.machine:
+            text += " (on machine %s)" % self.machine
         if self.traceback:
             text += "\n\nRemote traceback:\n" + self.traceback.rstrip()
         return text
@@ -197,6 +213,11 @@ class AuthenticationError(Error):
 
 class VersionMismatch(Error):
     """Driver and machine run incompatible Python or protocol versions."""
+
+
+class OutOfMemory(Error):
+    """A machine was killed for using too much memory (the kernel's OOM killer, Slurm's
+    OUT_OF_MEMORY...): the machine's `err`. The message says how that is known."""
 
 
 class _RemoteTraceback(Exception):
@@ -1070,8 +1091,19 @@ def _rebuild_error(payload):
         else:
             if isinstance(exc, BaseException):
                 exc.__cause__ = cause
+                if isinstance(exc, Error):
+                    _mark_remote(exc, where)
                 return exc
-    return RemoteError(type_name, message, tb)
+    return _mark_remote(RemoteError(type_name, message, tb), where)
+
+
+def _mark_remote(error, where):
+    """A library error relayed from machine where: say so, and keep the first machine named
+    (an error relayed twice happened on the first)."""
+    error.remote = True
+    if error.machine is None and where != "stream":
+        error.machine = where
+    return error
 
 
 # ======================================================================================
@@ -1380,6 +1412,37 @@ class _StreamPlaceholder:
         return (_StreamPlaceholder, ())
 
 
+class Stream:
+    """A streamed argument that can be sent more than once: `opener()` is called for each
+    attempt of a call and returns a readable binary file (Go's fresh reader per retry).
+
+    A plain file argument is read once, as it is sent; if the call fails and `retry_call`
+    tries again, the file is spent (or closed). `m.retry_call("Data.load",
+    bigmachine.Stream(lambda: open(path, "rb")))` opens the file anew for every attempt."""
+
+    __slots__ = ("opener",)
+
+    def __init__(self, opener: typing.Callable[[], typing.BinaryIO]):
+        if not callable(opener):
+            raise TypeError("Stream takes a function that opens the data (a readable binary "
+                            "file) each time it is called, not %r" % (opener,))
+        self.opener = opener
+
+    def __repr__(self):
+        return "Stream(%r)" % (self.opener,)
+
+    def __reduce__(self):
+        raise TypeError("a bigmachine.Stream is an argument of a call, opened by the caller; "
+                        "it cannot be pickled")
+
+    def open(self):
+        source = self.opener()
+        if not _is_binary_file(source) and not isinstance(source, collections.abc.Iterator):
+            raise TypeError("the opener of a bigmachine.Stream must return a readable binary "
+                            "file or an iterator of bytes, not %s" % type(source).__name__)
+        return source
+
+
 # Values of these types are never streams: checking them against io.IOBase (an ABC) costs
 # more than the rest of a small call's bookkeeping.
 _PLAIN_TYPES = frozenset([int, float, str, bytes, bool, type(None), tuple, list, dict, set,
@@ -1393,13 +1456,13 @@ def _split_stream_argument(args, kwargs):
         return None, args, kwargs
     found = None
     for i, a in enumerate(args):
-        if _is_binary_file(a):
+        if _is_binary_file(a) or type(a) is Stream:
             if found is not None:
                 raise ValueError("at most one argument of a call can be a stream")
             args = args[:i] + (_StreamPlaceholder(),) + args[i + 1:]
             found = a
     for k, v in kwargs.items():
-        if _is_binary_file(v):
+        if _is_binary_file(v) or type(v) is Stream:
             if found is not None:
                 raise ValueError("at most one argument of a call can be a stream")
             kwargs = dict(kwargs)
@@ -1412,8 +1475,11 @@ def _send_stream(sock, call_id, source):
     """Send source (a binary file or an iterator of bytes) as DATA frames, then END.
 
     An exception while reading the source is sent as STREAM_ERROR for the reader to raise.
-    Errors writing the socket propagate: the connection is broken and will be discarded."""
+    Errors writing the socket propagate: the connection is broken and will be discarded.
+    A `Stream` is opened here, as its data is about to be sent: once for each attempt."""
     try:
+        if type(source) is Stream:
+            source = source.open()
         if hasattr(source, "readinto"):
             chunk = bytearray(_CHUNK)
             view = memoryview(chunk)
@@ -2990,7 +3056,10 @@ class Supervisor:
         """Renew the machine's lease for next_seconds; returns the lease granted and health."""
         with self._lock:
             self._deadline = time.monotonic() + float(next_seconds)
-        return {"next": float(next_seconds), "healthy": self._healthy()}
+        memory = _memory_report()
+        used = memory.get("used_percent")
+        return {"next": float(next_seconds), "memory": memory,
+                "healthy": used is None or used <= self._HEALTH_LIMIT}
 
     def watchdog_left(self):
         """Seconds left before the watchdog ends this machine."""
@@ -3004,10 +3073,6 @@ class Supervisor:
                           self._machine.lease)
                 self._machine.exit(1)
                 return
-
-    def _healthy(self):
-        used = _memory_used_percent()
-        return used is None or used <= self._HEALTH_LIMIT
 
     # -- services ---------------------------------------------------------------------
 
@@ -3115,6 +3180,112 @@ def _memory_used_percent():
         return 100.0 * (1 - info["MemAvailable"] / info["MemTotal"])
     except (OSError, KeyError, ValueError, ZeroDivisionError):
         return None
+
+
+# -- memory: health, and telling an out-of-memory kill from any other SIGKILL ---------------
+#
+# A machine killed for memory dies by SIGKILL, which says nothing of why. The kernel counts its
+# OOM kills per memory cgroup (cgroup v2: memory.events; v1: memory.oom_control), so each
+# keepalive reply carries the machine's cgroup, that count, its RSS and its limit; when the
+# machine dies by SIGKILL the driver looks at the count again, and failing that at how near its
+# limit the machine last was. Other systems say it their own way (Slurm: OUT_OF_MEMORY) and
+# raise `OutOfMemory` too, with `_out_of_memory`.
+
+def _memory_cgroup(pid="self"):
+    """The directory of pid's memory cgroup (v2, else v1), or None."""
+    try:
+        with open("/proc/%s/cgroup" % pid) as f:
+            lines = f.read().splitlines()
+    except OSError:
+        return None
+    for line in lines:
+        _, controllers, path = line.split(":", 2)
+        if "memory" in controllers.split(","):
+            directory = "/sys/fs/cgroup/memory" + path.rstrip("/")
+            if os.path.exists(directory + "/memory.oom_control"):
+                return directory
+    for line in lines:
+        if line.startswith("0::"):
+            directory = "/sys/fs/cgroup" + line[3:].rstrip("/")
+            if os.path.exists(directory + "/memory.events"):
+                return directory
+    return None
+
+
+def _cgroup_number(directory, name, key=None):
+    """A number from a cgroup file: the whole file, or the line starting with key."""
+    try:
+        with open(os.path.join(directory, name)) as f:
+            for line in f:
+                words = line.split()
+                if key is None and words:
+                    return None if words[0] == "max" else int(words[0])
+                if len(words) == 2 and words[0] == key:
+                    return int(words[1])
+    except (OSError, ValueError):
+        pass
+    return None
+
+
+def _oom_kills(directory):
+    """How many processes the kernel killed for memory in this cgroup."""
+    if directory is None:
+        return None
+    if os.path.exists(os.path.join(directory, "memory.events")):
+        return _cgroup_number(directory, "memory.events", "oom_kill")
+    return _cgroup_number(directory, "memory.oom_control", "oom_kill")
+
+
+def _memory_report():
+    """This machine's memory, as each keepalive reply carries it: the percentage in use (the
+    host's, or its cgroup's against the cgroup's limit, whichever is higher), its RSS, its limit,
+    and its cgroup with the cgroup's count of OOM kills."""
+    report = {}
+    used = _memory_used_percent()
+    if used is not None:
+        report["used_percent"] = used
+    with contextlib.suppress(OSError, ValueError, IndexError):
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmRSS:"):
+                    report["rss"] = int(line.split()[1]) * 1024
+    cgroup = _memory_cgroup()
+    if cgroup is not None:
+        v2 = os.path.exists(os.path.join(cgroup, "memory.events"))
+        limit = _cgroup_number(cgroup, "memory.max" if v2 else "memory.limit_in_bytes")
+        usage = _cgroup_number(cgroup, "memory.current" if v2 else "memory.usage_in_bytes")
+        report["cgroup"], report["oom_kills"] = cgroup, _oom_kills(cgroup)
+        if limit and limit < 1 << 60:             # v1 says "no limit" with a huge number
+            report["limit"] = limit
+            if usage is not None:
+                report["used_percent"] = max(used or 0.0, 100.0 * usage / limit)
+    return report
+
+
+def _out_of_memory(what, how):
+    """The error of a machine killed for memory: what names it ("machine ADDR (pid N)"), how
+    says how that is known. For the systems: Local here; Slurm from OUT_OF_MEMORY."""
+    return OutOfMemory("%s ran out of memory and was killed: %s" % (what, how))
+
+
+def _killed_for_memory(cgroup, seen):
+    """Why a machine that died by SIGKILL was (most likely) killed for memory, or None.
+    cgroup: its memory cgroup when it died; seen: its latest keepalive's memory report."""
+    seen = seen or {}
+    if cgroup is not None:
+        now = _oom_kills(cgroup)
+        before = seen.get("oom_kills") if seen.get("cgroup") == cgroup else (
+            None if cgroup == _memory_cgroup() else 0)     # a cgroup of its own: from zero
+        if now and before is not None and now > before:
+            return "the kernel's OOM killer ended it (%s: oom_kill %d)" % (cgroup, now)
+    rss, limit = seen.get("rss"), seen.get("limit")
+    if rss and limit and rss >= 0.9 * limit:
+        return "killed by SIGKILL with %s resident of its %s limit at its last keepalive" % (
+            _bytes(rss), _bytes(limit))
+    if seen.get("used_percent", 0) > Supervisor._HEALTH_LIMIT:
+        return "killed by SIGKILL with %.0f%% of its memory in use at its last keepalive" % (
+            seen["used_percent"])
+    return None
 
 
 class _MachineProcess:
@@ -3315,6 +3486,14 @@ class Machine(_Calls):
         self._cond = threading.Condition()
         self._stopped = threading.Event()
         self._machine = self
+        #: What the system knows of the machine (EC2: instance id and type, market "spot" or
+        #: "on-demand"); events carry it.
+        self.details = {}
+        #: False while the machine reports more than 95% of its memory in use (Go's health).
+        self.healthy = True
+        self._memory_seen = None          # the memory facts of its latest keepalive reply
+        self._leaving = False             # shutdown() asked it to go: failures are expected
+        self._inject = getattr(b.system, "inject_failures", 0.0) or 0.0
 
     def _options(self):
         return None, None
@@ -3347,6 +3526,35 @@ class Machine(_Calls):
         """Stop the machine (Go's Cancel): calls fail, and an owned machine is ended."""
         self._stop(Cancelled("machine %s was cancelled" % self.addr))
 
+    def shutdown(self, timeout: typing.Optional[float] = None) -> None:
+        """Stop this one machine gracefully, the way `B.shutdown` stops each: its running
+        calls are cancelled on it (their `finally` blocks run), it exits, and its process (or
+        instance) is gone by timeout seconds (default 20); then it is STOPPED, with an `err`
+        that says it was shut down. `cancel()`, by contrast, drops it at once."""
+        if not self.owned:
+            raise Error("machine %s was dialed, not started by this session: only its owner "
+                        "can shut it down" % self.addr)
+        deadline = time.monotonic() + (B._SHUTDOWN_TIMEOUT if timeout is None else timeout)
+        self._leaving = True
+        if self._state < RUNNING:
+            self.wait(RUNNING, timeout=max(0.0, deadline - time.monotonic()))
+        self._b._shutdown_machine(self, deadline)
+        self._stop(Error("machine %s was shut down" % self.addr))
+
+    # -- facts (Go's MemInfo, DiskInfo, LoadInfo; the status page shows the same) ----------
+
+    def mem_info(self) -> MemInfo:
+        """The machine's memory: its host's total, available and used, and its own RSS."""
+        return _mem_info(self.call("Supervisor.status"))
+
+    def disk_info(self) -> typing.Optional[DiskInfo]:
+        """The disk of the machine's working directory: total, free and used bytes."""
+        return _disk_info(self.call("Supervisor.status"))
+
+    def load_info(self) -> typing.Optional[LoadInfo]:
+        """The machine's host's 1, 5 and 15-minute load averages and its processors."""
+        return _load_info(self.call("Supervisor.status"))
+
     # -- state ------------------------------------------------------------------------
 
     def _set_state(self, state):
@@ -3356,6 +3564,7 @@ class Machine(_Calls):
             self._state = state
             self._cond.notify_all()
         log.debug("%s: %s", self.addr, state.name)
+        self._b._publish(self, state.name.lower())
         return True
 
     def _stop(self, err):
@@ -3369,6 +3578,7 @@ class Machine(_Calls):
         self._stopped.set()
         self._peer.close()
         self._b._machine_stopped(self)
+        self._b._publish(self, "stopped", err)
         return True
 
     def _stopped_error(self, method):
@@ -3381,7 +3591,7 @@ class Machine(_Calls):
 
     def call(self, method: str, *args: typing.Any, **kwargs: typing.Any) -> typing.Any:
         """Call "Service.method" with these arguments on the machine and return its result."""
-        if self._state is RUNNING:                  # the hot path: straight to the wire
+        if self._state is RUNNING and not self._inject:     # the hot path: straight to the wire
             try:
                 return self._peer.call(method, args, kwargs)
             except _TooLarge as e:
@@ -3394,6 +3604,11 @@ class Machine(_Calls):
     def _call(self, method, args, kwargs, deadline, inflight):
         if self._state is not RUNNING:
             self._await_running(method, deadline)
+        if self._inject and not method.startswith("Supervisor."):
+            import random
+            if random.random() < self._inject:
+                raise NetworkError("call %s on %s failed: an injected failure (TestSystem("
+                                   "inject_failures=%g))" % (method, self.addr, self._inject))
         try:
             return self._peer.call(method, args, kwargs, deadline, inflight)
         except _TooLarge as e:
@@ -3476,7 +3691,7 @@ class Machine(_Calls):
                     reply = self._peer.call(method, args, {}, sent + rpc_timeout)
                     break
                 except Exception as e:
-                    if self._state is STOPPED:
+                    if self._state is STOPPED or self._leaving:
                         return
                     system.keepalive_failed(self, e)
                     wait = next(waits)
@@ -3492,6 +3707,10 @@ class Machine(_Calls):
             lease = reply["next"] if isinstance(reply, dict) else period
             if isinstance(reply, dict):
                 self.next_keepalive = time.time() + lease
+                self._memory_seen = reply.get("memory", self._memory_seen)
+                if reply.get("healthy", True) is not self.healthy:
+                    self.healthy = not self.healthy
+                    self._b._health_changed(self)
             if self._stopped.wait(min(lease, period) / 2):
                 return
 
@@ -3510,6 +3729,21 @@ class Machine(_Calls):
 
 _machine_bootstrapping = False       # true while a machine process imports the driver's main
 _sessions = weakref.WeakSet()        # live driver Bs, shut down at exit if the user did not
+
+
+class MachineEvent(typing.NamedTuple):
+    """What happened to a machine of the session, as `B.subscribe` delivers it.
+
+    kind is "starting", "running", "stopped", "unhealthy" (more than 95% of its memory in use)
+    or "healthy" (again). reason is the machine's `err` for "stopped" (None otherwise). details
+    is what the system knows of the machine (EC2: "instance_id", "instance_type" and "market",
+    "spot" or "on-demand"). time is time.time() when it happened."""
+
+    kind: str
+    machine: typing.Any
+    reason: typing.Optional[BaseException]
+    details: typing.Dict[str, typing.Any]
+    time: float
 
 
 class B:
@@ -3532,6 +3766,11 @@ class B:
         self._client = _Client(_credentials)
         self._stopped_machines = collections.deque(maxlen=100)   # for the status page
         self._debug_servers = []
+        self._subscribers = []            # B.subscribe's callbacks
+        self._events = None               # their queue, and its delivering thread, once needed
+        #: Where the driver saves what it learns of a machine that turns unhealthy (its heap and
+        #: variables): BIGMACHINE_DIAGNOSTICS_DIR, else the temporary directory.
+        self.diagnostics_dir = os.environ.get("BIGMACHINE_DIAGNOSTICS_DIR") or None
         if self._is_driver:
             system.init(self)
             _sessions.add(self)
@@ -3687,6 +3926,88 @@ class B:
             log.warning("%s: machine stopped: %s", m.addr, m.err)
             _background(self.system.terminate, m, time.monotonic() + 5.0)
 
+    # -- events -------------------------------------------------------------------------
+    #
+    # A framework wants to hear that a machine came up or went away (and why) without polling
+    # every machine. Events are delivered in order, one at a time, by a thread of the session's
+    # own: a slow callback delays the next event, never a machine.
+
+    def subscribe(self, callback: typing.Callable[[MachineEvent], typing.Any]
+                  ) -> typing.Callable[[], None]:
+        """Call callback(event) with a `MachineEvent` for everything that happens from now on
+        to the machines this session starts: starting, running, stopped (with the reason),
+        unhealthy and healthy again. Returns a function that unsubscribes."""
+        if not callable(callback):
+            raise TypeError("subscribe takes a function of one MachineEvent, not %r"
+                            % (callback,))
+        with self._lock:
+            self._subscribers = self._subscribers + [callback]
+            if self._events is None:
+                self._events = queue.SimpleQueue()
+                threading.Thread(target=self._deliver_events, args=(self._events,),
+                                 name="bigmachine-events", daemon=True).start()
+
+        def unsubscribe():
+            with self._lock:
+                self._subscribers = [c for c in self._subscribers if c is not callback]
+        return unsubscribe
+
+    def _publish(self, m, kind, reason=None):
+        if self._subscribers and m.owned:
+            self._events.put(MachineEvent(kind, m, reason, dict(m.details), time.time()))
+
+    def _deliver_events(self, events):
+        _block_async_signals()
+        while True:
+            event = events.get()
+            if event is None:
+                return
+            for callback in self._subscribers:
+                try:
+                    callback(event)
+                except Exception:
+                    log.exception("a subscriber to machine events failed on %s", event)
+
+    def _health_changed(self, m):
+        """m's keepalive said it crossed the health line. Unhealthy (Go: more than 95% of its
+        memory in use) is when its heap is worth keeping: it may not live much longer."""
+        if m.healthy:
+            log.info("%s: healthy again", m.addr)
+            self._publish(m, "healthy")
+            return
+        seen = m._memory_seen or {}
+        log.warning("%s: unhealthy: %s of its memory in use; saving its heap and variables",
+                    m.addr, "%.0f%%" % seen["used_percent"] if "used_percent" in seen else "most")
+        self._publish(m, "unhealthy")
+        _background(self._save_diagnostics, m)
+
+    def _save_diagnostics(self, m):
+        """Save m's heap (tracemalloc's view) and its variables to files named after it, in
+        diagnostics_dir; log where. Returns the paths."""
+        import tempfile
+        directory = self.diagnostics_dir or tempfile.gettempdir()
+        stem = os.path.join(directory, "bigmachine-%s-%s-%s" % (
+            m.hostname, (m.addr.rstrip("/").rsplit(":", 1)[-1]).replace("/", "-"),
+            time.strftime("%Y%m%d-%H%M%S")))
+        paths = []
+        try:
+            os.makedirs(directory, exist_ok=True)
+            heap = m.options(timeout=60.0).call("Supervisor.heap", 200)
+            with open(stem + ".heap.txt", "w") as f:
+                f.write(_format_heap([(m.addr, heap, None)], 200))
+            paths.append(stem + ".heap.txt")
+            variables = m.options(timeout=30.0).call("Supervisor.vars")
+            variables["memory"] = m._memory_seen
+            with open(stem + ".vars.json", "w") as f:
+                json.dump(variables, f, indent=2, sort_keys=True, default=repr)
+            paths.append(stem + ".vars.json")
+        except Exception as e:
+            log.warning("%s: unhealthy, and its diagnostics could not all be saved: %s",
+                        m.addr, e)
+        if paths:
+            log.warning("%s: unhealthy: saved %s", m.addr, " and ".join(paths))
+        return paths
+
     # -- looking inside (see the Debug section) ------------------------------------------
 
     def profile(self, seconds: float = 30.0,
@@ -3795,6 +4116,8 @@ class B:
             self.system.shutdown()
         self._client.close()
         _sessions.discard(self)
+        if self._events is not None:
+            self._events.put(None)            # the last event was the last machine stopping
 
     def _shutdown_machine(self, m, deadline):
         _block_async_signals()
@@ -3912,16 +4235,27 @@ class TestSystem(System):
     Everything but the process boundary is real: certificates, connections, pickling of the
     services and of every call. `kill(machine)` ends a machine the way a crash would: its
     server and connections close, and calls fail with `NetworkError` until the keepalive gives
-    up on it."""
+    up on it.
+
+    For testing a framework's own fault handling: inject_failures=p makes each call to a
+    user's service fail, before it is sent, with a temporary `NetworkError` with probability p
+    (Go's rpc.InjectFailures); `wait(n)` waits until n machines have been started."""
 
     name = "test"
 
-    def __init__(self, *, maxprocs=1, **keepalive):
+    def __init__(self, *, maxprocs=1, inject_failures=0.0, **keepalive):
         super().__init__(**keepalive)
+        if isinstance(inject_failures, bool) or not isinstance(inject_failures, (int, float)) \
+                or not 0 <= inject_failures <= 1:
+            raise ValueError("inject_failures is a probability between 0 and 1, not %r"
+                             % (inject_failures,))
+        self.inject_failures = float(inject_failures)
         self._maxprocs = maxprocs
         self._lock = threading.Lock()
         self._live = {}                   # addr -> (Machine, _MachineProcess)
         self.exited = False               # a machine's watchdog (or shutdown) ended it
+        self._launched = 0                # machines started so far, for wait()
+        self._launches = threading.Condition(self._lock)
 
     def maxprocs(self):
         return self._maxprocs
@@ -3946,6 +4280,16 @@ class TestSystem(System):
         if entry is None:
             raise Error("machine %s was killed before it started" % machine.addr)
         entry[1].start()
+        with self._launches:
+            self._launched += 1
+            self._launches.notify_all()
+
+    def wait(self, n: int, timeout: typing.Optional[float] = None) -> int:
+        """Wait until n machines have been started (launched, whatever became of them since)
+        or timeout seconds pass; returns how many have."""
+        with self._launches:
+            self._launches.wait_for(lambda: self._launched >= n, timeout)
+            return self._launched
 
     def _exited(self, process, code):
         self.exited = True
@@ -4145,14 +4489,25 @@ class _ChildProcess:
         threading.Thread(target=self._wait, name="bigmachine-wait", daemon=True).start()
 
     def _wait(self):
+        cgroup = self.memory_cgroup_at_exit()
         code = self.proc.wait()
         for t in self._forwarders:
             t.join(2.0)                # print what it said before saying it stopped
         with contextlib.suppress(OSError):
             self.proc.stdin.close()
-        err = self.exit_error(code, _exit_reason(code), "".join(self.tail).rstrip())
+        why = code == -signal.SIGKILL and not self.expected_exit and _killed_for_memory(
+            cgroup, self.machine._memory_seen)
+        if why:
+            err = _out_of_memory("machine %s (pid %d)" % (self.machine.addr, self.proc.pid), why)
+        else:
+            err = self.exit_error(code, _exit_reason(code), "".join(self.tail).rstrip())
         err.exit_code = code
         self.machine._stop(err)
+
+    def memory_cgroup_at_exit(self):
+        """The memory cgroup the process dies in (for telling an OOM kill), or None: it waits
+        for the exit without reaping the process, whose /proc entry then still says."""
+        return None
 
     def exit_error(self, code, why, output):
         """The machine's err, for an exit of the process (code, described by why) that left
@@ -4239,6 +4594,13 @@ class _LocalProcess(_ChildProcess):
         super().__init__(machine, args, pass_fds=[fd], env=child_env)
         bootstrap = system.bootstrap(b, machine, credentials, fd)
         self._stdin_data = (json.dumps(bootstrap) + "\n").encode()
+
+    def memory_cgroup_at_exit(self):
+        try:
+            os.waitid(os.P_PID, self.proc.pid, os.WEXITED | os.WNOWAIT)
+        except (OSError, AttributeError):         # reaped already, or not Linux
+            return None
+        return _memory_cgroup(self.proc.pid)
 
     def start(self):
         for pipe in (self.proc.stdout, self.proc.stderr):
@@ -6892,6 +7254,64 @@ def _machine_facts():
     return facts
 
 
+class MemInfo(typing.NamedTuple):
+    """A machine's memory (Go's MemInfo), in bytes; None where its platform does not tell.
+    total, available and used are the host's; rss is the machine process's resident set
+    (on a platform without /proc, its peak, and rss_is_peak is true)."""
+
+    total: typing.Optional[int]
+    available: typing.Optional[int]
+    used: typing.Optional[int]
+    rss: typing.Optional[int]
+    rss_is_peak: bool = False
+
+    @property
+    def used_fraction(self) -> typing.Optional[float]:
+        """used / total: what makes a machine unhealthy above 0.95 (Go's threshold)."""
+        return self.used / self.total if self.total else None
+
+
+class DiskInfo(typing.NamedTuple):
+    """The disk of a machine's working directory (Go's DiskInfo), in bytes."""
+
+    path: str
+    total: int
+    free: int
+    used: int
+
+    @property
+    def used_fraction(self) -> float:
+        return self.used / self.total if self.total else 0.0
+
+
+class LoadInfo(typing.NamedTuple):
+    """A machine's 1, 5 and 15-minute load averages (Go's LoadInfo), and its processors."""
+
+    load1: float
+    load5: float
+    load15: float
+    cpus: int
+
+
+def _mem_info(facts):
+    memory = facts.get("memory") or {}
+    total, available = memory.get("total"), memory.get("available")
+    rss = facts.get("rss", facts.get("max_rss"))
+    return MemInfo(total, available, None if total is None else total - available, rss,
+                   "rss" not in facts and rss is not None)
+
+
+def _disk_info(facts):
+    disk = facts.get("disk")
+    return None if disk is None else DiskInfo(disk["path"], disk["total"], disk["free"],
+                                              disk["used"])
+
+
+def _load_info(facts):
+    load = facts.get("load")
+    return None if load is None else LoadInfo(load[0], load[1], load[2], facts["cpus"])
+
+
 # --------------------------------------------------------------------------------------
 # Logs: machine output and logging records, to the driver
 # --------------------------------------------------------------------------------------
@@ -7435,26 +7855,25 @@ def _status_page(b, refresh):
             _duration(result["uptime"]), result["pid"], result["threads"],
             "" if result["threads"] == 1 else "s"))
         cells.append("<td>%s</td>" % keepalive)
-        memory = result.get("memory")
-        rss = result.get("rss", result.get("max_rss"))
+        # The same typed facts that m.mem_info(), m.disk_info() and m.load_info() return.
+        memory, disk, load = _mem_info(result), _disk_info(result), _load_info(result)
         text = "<span class=num>%s</span> <span class=dim>%s</span>" % (
-            _bytes(rss), "resident" if "rss" in result else "at most") if rss is not None else ""
-        if memory:
-            used = 1 - memory["available"] / memory["total"]
+            _bytes(memory.rss), "at most" if memory.rss_is_peak else "resident"
+        ) if memory.rss is not None else ""
+        if memory.total:
+            used = memory.used_fraction
             text += "%s<div class=dim>host %d%% of %s used</div>" % (
-                _bar(used), round(100 * used), _bytes(memory["total"]))
+                _bar(used), round(100 * used), _bytes(memory.total))
         cells.append("<td>%s</td>" % (text or "<span class=dim>?</span>"))
-        disk = result.get("disk")
         if disk:
-            used = disk["used"] / disk["total"] if disk["total"] else 0
+            used = disk.used_fraction
             cells.append("<td><span class=num>%s free</span>%s<div class=dim>%d%% of %s used</div>"
-                         "</td>" % (_bytes(disk["free"]), _bar(used), round(100 * used),
-                                    _bytes(disk["total"])))
+                         "</td>" % (_bytes(disk.free), _bar(used), round(100 * used),
+                                    _bytes(disk.total)))
         else:
             cells.append("<td class=dim>?</td>")
-        load = result.get("load")
         cells.append("<td class=num>%s<div class=dim>%d cpu%s &middot; %s cpu time</div></td>" % (
-            " ".join("%.2f" % x for x in load) if load else "?", result["cpus"],
+            " ".join("%.2f" % x for x in load[:3]) if load else "?", result["cpus"],
             "" if result["cpus"] == 1 else "s", _duration(result["cpu_seconds"])))
         cells.append("<td class=num>%d<div class=dim>%s%d running</div></td>" % (
             result["calls"], "<span class=bad>%d errors</span> &middot; " % result["errors"]

@@ -4961,3 +4961,218 @@ def test_other_pythons_isolated_with_unwritable_home(python, memfd, tmp_path):
     )
     assert result.returncode == 0 and result.stdout.startswith("OK"), result.stderr
     assert os.listdir(str(tmpdir)) == []
+
+
+# ======================================================================================
+# What a framework needs from its cluster (issue 16): retried streams, where errors
+# happened, typed machine facts, health and out-of-memory, events, testing tools, debug
+# pages inside the application, EC2 for real work
+# ======================================================================================
+
+class Temporarily(Exception):
+    """A user's own exception that says retrying can help."""
+
+    def __init__(self, text):
+        super().__init__(text)
+        self.temporary = True
+
+
+class Framework:
+    """A service of the kind a framework installs: it reads streams, fails for a while, and
+    calls other machines."""
+
+    def __init__(self):
+        self.attempts = collections.Counter()
+        self.b = None
+
+    def init(self, b):
+        self.b = b
+
+    def read_after_failures(self, key, failures, stream):
+        """Read the stream; fail (temporarily) the first failures times, having read part."""
+        self.attempts[key] += 1
+        head = stream.read(10)
+        if self.attempts[key] <= failures:
+            raise Temporarily("attempt %d of %s" % (self.attempts[key], key))
+        return hashlib.sha256(head + stream.read()).hexdigest(), self.attempts[key]
+
+    def flaky(self, key, failures, temporary=True):
+        self.attempts[key] += 1
+        if self.attempts[key] <= failures:
+            error = Temporarily("attempt %d of %s" % (self.attempts[key], key))
+            error.temporary = temporary
+            raise error
+        return self.attempts[key]
+
+    def attempts_of(self, key):
+        return self.attempts[key]
+
+    def call_other(self, addr, method, *args):
+        return self.b.dial(addr).options(timeout=5.0).call(method, *args)
+
+    def allocate(self, mib):
+        self.held = [bytearray(1 << 20) for _ in range(mib)]
+        for chunk in self.held:
+            chunk[::4096] = b"x" * len(chunk[::4096])      # touch every page
+        return len(self.held)
+
+    def sleep_then_note(self, seconds, path):
+        try:
+            bigmachine.current_call().wait(seconds)
+        finally:
+            with open(path, "w") as f:
+                f.write("finally ran")
+
+    def tmpdir(self):
+        import tempfile
+        return tempfile.gettempdir(), os.environ.get("TMPDIR")
+
+
+def test_framework_stream_argument_is_reopened_for_each_retry(tb, tmp_path):
+    path = tmp_path / "data"
+    data = os.urandom(1 << 20)
+    path.write_bytes(data)
+    opened = []
+
+    def opener():
+        opened.append(1)
+        return open(str(path), "rb")
+
+    m, = running(tb, 1, {"F": Framework()})
+    # A user's exception with temporary=True is retried like the library's own.
+    digest, attempts = m.options(backoff=bigmachine.Backoff(0.01, 0.05)).retry_call(
+        "F.read_after_failures", "a", 2, bigmachine.Stream(opener))
+    assert digest == hashlib.sha256(data).hexdigest() and attempts == 3 and len(opened) == 3
+    # A plain file is spent by the first attempt: the second one reads nothing of it.
+    with open(str(path), "rb") as f:
+        with pytest.raises(Exception) as info:
+            m.options(backoff=bigmachine.Backoff(0.01, 0.05)).retry_call(
+                "F.read_after_failures", "b", 1, f)
+    assert isinstance(info.value, ValueError) and "closed file" in str(info.value)
+    # An exception whose temporary attribute is false is raised at once.
+    with pytest.raises(Temporarily):
+        m.retry_call("F.flaky", "c", 5, temporary=False)
+    assert m.call("F.attempts_of", "c") == 1
+    with pytest.raises(TypeError, match="opens the data"):
+        bigmachine.Stream(b"not a function")
+    with pytest.raises(TypeError, match="readable binary file"):
+        m.call("F.read_after_failures", "d", 0, bigmachine.Stream(lambda: "text"))
+
+
+def test_framework_errors_say_where_they_happened(lb):
+    m1, m2 = running(lb, 2, {"F": Framework()})
+    # A library error raised here, about a machine: not remote.
+    with pytest.raises(bigmachine.NotFound) as info:
+        m1.call("F.nothing")
+    assert info.value.remote and info.value.machine == m1.addr and m1.addr in str(info.value)
+    pid2 = m2.call("Supervisor.getpid")
+    assert m1.call("F.call_other", m2.addr, "Supervisor.getpid") == pid2
+    os.kill(pid2, signal.SIGKILL)
+    assert m2.wait(STOPPED, timeout=30) is STOPPED
+    local = m2.err
+    assert isinstance(local, bigmachine.Error) and not local.remote and local.machine is None
+    # Machine 1's call to the dead machine 2 fails on machine 1: the driver hears of it as a
+    # remote error, which names machine 1, and not as its own connection to machine 1 failing.
+    with pytest.raises(bigmachine.Error) as info:
+        m1.call("F.call_other", m2.addr, "Supervisor.getpid")
+    error = info.value
+    assert error.remote and error.machine == m1.addr, (error, error.machine)
+    assert m1.addr in str(error) and m2.addr in str(error)
+    assert m1.state is RUNNING and m1.call("Supervisor.getpid") != pid2
+
+
+def test_framework_machine_facts_are_typed(tb):
+    m, = running(tb, 1, {"F": Framework()})
+    memory, disk, load = m.mem_info(), m.disk_info(), m.load_info()
+    assert isinstance(memory, bigmachine.MemInfo)
+    with open("/proc/meminfo") as f:
+        total = int(f.readline().split()[1]) * 1024
+    assert memory.total == total and 0 < memory.available <= memory.total
+    assert memory.used == memory.total - memory.available and 0 < memory.used_fraction < 1
+    assert memory.rss > 1 << 20 and not memory.rss_is_peak
+    usage = shutil.disk_usage(os.getcwd())
+    assert isinstance(disk, bigmachine.DiskInfo) and disk.path == os.getcwd()
+    assert disk.total == usage.total and disk.used + disk.free <= disk.total
+    assert isinstance(load, bigmachine.LoadInfo) and load.cpus == os.cpu_count()
+    assert all(x >= 0 for x in load[:3]) and load._fields == ("load1", "load5", "load15", "cpus")
+    # The status page shows the same facts.
+    page = bigmachine._status_page(tb, 0)
+    assert "of %s used" % bigmachine._bytes(memory.total) in page
+    assert "%% of %s used" % bigmachine._bytes(disk.total) in page
+
+
+def test_framework_testsystem_injects_failures_and_waits(tmp_path):
+    with pytest.raises(ValueError, match="probability"):
+        bigmachine.TestSystem(inject_failures=1.5)
+    system = bigmachine.TestSystem(inject_failures=0.5, **FAST)
+    with bigmachine.start(system) as b:
+        assert system.wait(0) == 0
+        machines = b.start(2, {"F": Framework()})
+        assert system.wait(2, timeout=30) == 2
+        assert system.wait(3, timeout=0.05) == 2
+        for m in machines:
+            assert m.wait(RUNNING, timeout=30) is RUNNING
+        m = machines[0]
+        failed = 0
+        for i in range(60):
+            try:
+                m.call("F.flaky", "never", 0)
+            except bigmachine.NetworkError as e:
+                assert e.temporary and "injected" in str(e)
+                failed += 1
+        assert 0 < failed < 60
+        # The failures happen before a call is sent; retry_call gets through them.
+        assert m.options(backoff=bigmachine.Backoff(0.001, 0.002)).retry_call(
+            "F.attempts_of", "never") == 60 - failed
+        for i in range(20):
+            assert m.options(backoff=bigmachine.Backoff(0.001, 0.002)).retry_call(
+                "F.flaky", "r%d" % i, 0) == 1
+        assert m.state is RUNNING           # the keepalives were not failed
+
+
+def test_framework_machine_shuts_down_gracefully(lb, tmp_path):
+    m1, m2 = running(lb, 2, {"F": Framework()})
+    pid = m1.call("Supervisor.getpid")
+    note = tmp_path / "note"
+    future = m1.call_async("F.sleep_then_note", 60, str(note))
+    eventually(lambda: m1.call("Supervisor.status")["in_flight"] == 1, what="the call to run")
+    m1.shutdown()
+    assert m1.state is STOPPED and "shut down" in str(m1.err)
+    assert note.read_text() == "finally ran"            # its call was cancelled, not dropped
+    with pytest.raises((bigmachine.Cancelled, bigmachine.MachineStopped, bigmachine.NetworkError)):
+        future.result(timeout=30)
+    assert not _alive(pid)
+    assert m2.state is RUNNING and m2.call("F.flaky", "x", 0) == 1
+    with pytest.raises(bigmachine.Error, match="dialed"):
+        m1._b.dial("https://127.0.0.1:1/").shutdown()
+
+
+def test_framework_events_say_what_happens_to_machines(tb):
+    events = []
+    arrived = threading.Condition()
+
+    def hear(event):
+        with arrived:
+            events.append(event)
+            arrived.notify_all()
+
+    unsubscribe = tb.subscribe(hear)
+    m1, m2 = running(tb, 2, {"F": Framework()})
+    tb.system.kill(m2)
+    with arrived:
+        assert arrived.wait_for(lambda: any(e.kind == "stopped" for e in events), timeout=30)
+    m1.cancel()
+    with arrived:
+        assert arrived.wait_for(lambda: sum(e.kind == "stopped" for e in events) == 2, 30)
+    kinds = {m: [e.kind for e in events if e.machine is m] for m in (m1, m2)}
+    assert kinds[m1] == kinds[m2] == ["starting", "running", "stopped"]
+    stopped = {e.machine: e for e in events if e.kind == "stopped"}
+    assert stopped[m2].reason is m2.err and "keepalive" in str(m2.err)
+    assert isinstance(stopped[m1].reason, bigmachine.Cancelled)
+    assert all(isinstance(e, bigmachine.MachineEvent) and e.time > 0 for e in events)
+    unsubscribe()
+    running(tb, 1, {"F": Framework()})
+    assert len(events) == 6
+    with pytest.raises(TypeError, match="MachineEvent"):
+        tb.subscribe("not a function")
+
