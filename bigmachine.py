@@ -3268,16 +3268,30 @@ def _out_of_memory(what, how):
     return OutOfMemory("%s ran out of memory and was killed: %s" % (what, how))
 
 
+_oom_lock = threading.Lock()
+_oom_blamed = {}                     # cgroup -> the OOM kills in it blamed on machines so far
+
+
 def _killed_for_memory(cgroup, seen):
     """Why a machine that died by SIGKILL was (most likely) killed for memory, or None.
     cgroup: its memory cgroup when it died; seen: its latest keepalive's memory report."""
     seen = seen or {}
-    if cgroup is not None:
-        now = _oom_kills(cgroup)
-        before = seen.get("oom_kills") if seen.get("cgroup") == cgroup else (
-            None if cgroup == _memory_cgroup() else 0)     # a cgroup of its own: from zero
-        if now and before is not None and now > before:
-            return "the kernel's OOM killer ended it (%s: oom_kill %d)" % (cgroup, now)
+    # cgroup v1 moves a dead process to the root cgroup: then only the one its keepalive
+    # reported says anything, compared with the count it reported then.
+    candidates = [(seen.get("cgroup"), seen.get("oom_kills"))]
+    if cgroup not in (None, seen.get("cgroup"), "/sys/fs/cgroup", "/sys/fs/cgroup/memory",
+                      _memory_cgroup()):
+        candidates.append((cgroup, 0))                  # a cgroup of its own, unseen: from zero
+    for directory, before in candidates:
+        now = _oom_kills(directory) if directory else None
+        if not now or before is None:
+            continue
+        with _oom_lock:
+            # Machines may share a cgroup: each kill counted is blamed on one machine only.
+            before = max(before, _oom_blamed.get(directory, 0))
+            if now > before:
+                _oom_blamed[directory] = before + 1
+                return "the kernel's OOM killer ended it (%s: oom_kill %d)" % (directory, now)
     rss, limit = seen.get("rss"), seen.get("limit")
     if rss and limit and rss >= 0.9 * limit:
         return "killed by SIGKILL with %s resident of its %s limit at its last keepalive" % (
@@ -3706,8 +3720,8 @@ class Machine(_Calls):
             self.keepalive_replies.append(time.monotonic() - sent)
             lease = reply["next"] if isinstance(reply, dict) else period
             if isinstance(reply, dict):
-                self.next_keepalive = time.time() + lease
                 self._memory_seen = reply.get("memory", self._memory_seen)
+                self.next_keepalive = time.time() + lease
                 if reply.get("healthy", True) is not self.healthy:
                     self.healthy = not self.healthy
                     self._b._health_changed(self)

@@ -5176,3 +5176,91 @@ def test_framework_events_say_what_happens_to_machines(tb):
     with pytest.raises(TypeError, match="MachineEvent"):
         tb.subscribe("not a function")
 
+
+
+def test_framework_unhealthy_machine_has_its_heap_and_variables_saved(tb, tmp_path,
+                                                                       monkeypatch):
+    events = []
+    tb.subscribe(events.append)
+    tb.diagnostics_dir = str(tmp_path / "diagnostics")
+    m, = running(tb, 1, {"F": Framework()})
+    bigmachine.publish("framework.test", {"phase": "unhealthy"})
+    try:
+        # The machines of a TestSystem run in this process: lowering the line makes the next
+        # keepalive report the memory in use now as past it.
+        monkeypatch.setattr(bigmachine.Supervisor, "_HEALTH_LIMIT", -1.0)
+        eventually(lambda: any(e.kind == "unhealthy" for e in events), 30, "unhealthy")
+        assert not m.healthy
+        eventually(lambda: len(os.listdir(tb.diagnostics_dir)) == 2, 30, "diagnostics")
+        heap, variables = sorted(os.listdir(tb.diagnostics_dir))
+        assert heap.endswith(".heap.txt") and variables.endswith(".vars.json")
+        text = (tmp_path / "diagnostics" / heap).read_text()
+        assert m.addr in text and "KiB" in text or "MiB" in text or "B " in text
+        saved = json.loads((tmp_path / "diagnostics" / variables).read_text())
+        assert saved["framework.test"] == {"phase": "unhealthy"}
+        assert saved["memory"]["used_percent"] >= 0 and "rpc.server" in saved
+        monkeypatch.setattr(bigmachine.Supervisor, "_HEALTH_LIMIT", 101.0)
+        eventually(lambda: any(e.kind == "healthy" for e in events), 30, "healthy again")
+        assert m.healthy and m.state is RUNNING
+    finally:
+        bigmachine.unpublish("framework.test")
+
+
+@contextlib.contextmanager
+def memory_cgroup(limit):
+    """A memory cgroup of its own with that limit in bytes (v1 or v2); skips the test where
+    this process may not make one."""
+    for parent, limit_file in (("/sys/fs/cgroup/memory", "memory.limit_in_bytes"),
+                               ("/sys/fs/cgroup", "memory.max")):
+        if os.path.exists(os.path.join(parent, limit_file if parent.endswith("memory")
+                                       else "cgroup.subtree_control")):
+            directory = os.path.join(parent, "bigmachine-test-%d" % os.getpid())
+            try:
+                os.mkdir(directory)
+            except OSError:
+                continue
+            try:
+                with open(os.path.join(directory, limit_file), "w") as f:
+                    f.write(str(limit))
+            except OSError:
+                os.rmdir(directory)
+                continue
+            try:
+                yield directory
+            finally:
+                deadline = time.monotonic() + 10
+                while True:
+                    try:
+                        os.rmdir(directory)
+                        break
+                    except OSError:
+                        if time.monotonic() > deadline:
+                            raise
+                        time.sleep(0.05)
+            return
+    pytest.skip("cannot make a memory cgroup here (needs root and a writable cgroup fs)")
+
+
+def test_framework_machine_killed_for_memory_says_out_of_memory(tmp_path):
+    with memory_cgroup(96 << 20) as cgroup:
+        # The machines' interpreter runs them in the cgroup, as a batch system would.
+        python = tmp_path / "python-in-cgroup"
+        python.write_text("#!/bin/sh\necho $$ > %s/cgroup.procs\nexec %s \"$@\"\n"
+                          % (cgroup, sys.executable))
+        python.chmod(0o755)
+        with bigmachine.start(bigmachine.Local(python=str(python), **FAST)) as b:
+            m, = running(b, 1, {"F": Framework()})
+            other, = running(b, 1, {"F": Framework()})
+            pid = m.call("Supervisor.getpid")
+            eventually(lambda: m.next_keepalive is not None, what="a keepalive")
+            with pytest.raises((bigmachine.MachineStopped, bigmachine.NetworkError)):
+                m.call("F.allocate", 400)
+            assert m.wait(STOPPED, timeout=30) is STOPPED
+            # A machine killed by SIGKILL for another reason is not said to be out of memory.
+            os.kill(other.call("Supervisor.getpid"), signal.SIGKILL)
+            assert other.wait(STOPPED, timeout=30) is STOPPED
+    assert isinstance(m.err, bigmachine.OutOfMemory), m.err
+    assert "out of memory" in str(m.err) and "oom_kill 1" in str(m.err)
+    assert m.addr in str(m.err) and str(pid) in str(m.err)
+    assert not isinstance(other.err, bigmachine.OutOfMemory)
+    assert "killed by signal SIGKILL" in str(other.err)
