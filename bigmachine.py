@@ -4007,14 +4007,12 @@ class B:
         try:
             os.makedirs(directory, exist_ok=True)
             heap = m.options(timeout=60.0).call("Supervisor.heap", 200)
-            with open(stem + ".heap.txt", "w") as f:
-                f.write(_format_heap([(m.addr, heap, None)], 200))
-            paths.append(stem + ".heap.txt")
+            paths.append(_write_file(stem + ".heap.txt",
+                                     _format_heap([(m.addr, heap, None)], 200)))
             variables = m.options(timeout=30.0).call("Supervisor.vars")
             variables["memory"] = m._memory_seen
-            with open(stem + ".vars.json", "w") as f:
-                json.dump(variables, f, indent=2, sort_keys=True, default=repr)
-            paths.append(stem + ".vars.json")
+            paths.append(_write_file(stem + ".vars.json", json.dumps(
+                variables, indent=2, sort_keys=True, default=repr)))
         except Exception as e:
             log.warning("%s: unhealthy, and its diagnostics could not all be saved: %s",
                         m.addr, e)
@@ -4142,6 +4140,14 @@ class B:
             except Exception as e:
                 log.debug("%s: Supervisor.shutdown: %s", m.addr, e)
         self.system.terminate(m, deadline)
+
+
+def _write_file(path, text):
+    """Write text to path whole or not at all (a reader never sees half of it); returns path."""
+    with open(path + ".partial", "w") as f:
+        f.write(text)
+    os.replace(path + ".partial", path)
+    return path
 
 
 @contextlib.contextmanager
