@@ -4082,6 +4082,16 @@ class B:
             raise Error("this session is shut down")
         return server.addr
 
+    def debug_wsgi(self, prefix: str = "/debug", *, allow_remote: bool = False):
+        """The debug pages (see `serve_debug`) as a WSGI application, to mount in one's own web
+        server under prefix: prefix + "/bigmachine/status" is the status page, prefix + "/vars"
+        the variables. The same code serves them as serve_debug's server, with the same checks:
+        requests must name a loopback host (Host:) unless allow_remote=True, for the pages have
+        no authentication of their own."""
+        if not isinstance(prefix, str) or (prefix and not prefix.startswith("/")):
+            raise ValueError("prefix is a URL path such as '/debug', not %r" % (prefix,))
+        return _DebugWSGI(self, prefix.rstrip("/"), allow_remote)
+
     # -- ending ---------------------------------------------------------------------------
 
     def shutdown(self, timeout: typing.Optional[float] = None) -> None:
@@ -7554,8 +7564,26 @@ _INDEX = [
 ]
 
 
+# Go's pprof offers these kinds of profile; the index says which exist here, and what each
+# kind that has no Python equivalent would have been, rather than answer 404.
+_PPROF_MISSING = [
+    ("allocs", "tracemalloc traces the memory held now, not every past allocation: see heap"),
+    ("block", "Python does not record where threads block on synchronization; the stacks "
+              "show where each thread waits now"),
+    ("mutex", "Python's locks record no contention"),
+    ("threadcreate", "Python does not record where threads were created"),
+    ("trace", "there is no execution tracer; sys.setprofile would slow every call"),
+]
+_PPROF_KINDS = [
+    ("profile", "profile?seconds=30", "CPU: sampled on every machine, merged (pstats)"),
+    ("heap", "heap", "memory held, by allocation site (tracemalloc)"),
+    ("goroutine", "goroutine", "every thread's stack (Python's threads for goroutines)"),
+] + [(kind, kind, "none: " + why) for kind, why in _PPROF_MISSING]
+
+
 class _DebugPages:
-    """The debug pages: an http.server.BaseHTTPRequestHandler (see _debug_server)."""
+    """The debug pages: an http.server.BaseHTTPRequestHandler (see _debug_server), or one
+    WSGI request (`_DebugWSGIRequest`); both go through do_GET."""
 
     def log_message(self, format, *args):
         log.debug("debug page: %s: " + format, self.address_string(), *args)
@@ -7581,6 +7609,8 @@ class _DebugPages:
             "/debug/bigmachine/stacks": self._stacks,
             "/debug/vars": self._vars,
         }
+        for kind, _ in _PPROF_MISSING:
+            routes["/debug/bigmachine/pprof/" + kind] = functools.partial(self._no_equivalent, kind)
         route = routes.get(url.path)
         if route is None:
             if url.path + "/" in routes:
@@ -7653,13 +7683,21 @@ class _DebugPages:
             rows.append("<tr><td><span class=mono>%s</span> <span class='state %s'>%s</span>"
                         "</td><td>%s</td></tr>" % (html.escape(m.addr), m.state.name,
                                                   m.state.name, links(machine=m.addr)))
+        kinds = "".join("<tr><td>%s</td><td>%s</td></tr>" % (
+            _link(path, kind), html.escape(what))
+            for kind, path, what in _PPROF_KINDS)
         body = ("<p>A CPU profile is sampled (%d times a second, by each thread's CPU time where "
                 "the platform tells it) on every machine at once and merged into one file in "
                 "pstats' format: <code>python3 -m pstats FILE</code>, snakeviz and gprof2dot "
                 "read it. Its ncalls column counts samples, not calls. The heap is "
                 "tracemalloc's, started on a machine when first asked for.</p>"
-                "<table><tbody>%s</tbody></table>" % (_DEFAULT_HZ, "".join(rows)))
+                "<table><tbody>%s</tbody></table>"
+                "<h2>Go's profile kinds, here</h2><table><tbody>%s</tbody></table>"
+                % (_DEFAULT_HZ, "".join(rows), kinds))
         self._send(200, "text/html", _page("bigmachine profiles", body))
+
+    def _no_equivalent(self, kind, query):
+        self._send(501, "text/plain", "no %s profile: %s\n" % (kind, dict(_PPROF_MISSING)[kind]))
 
     def _profile(self, query):
         try:
@@ -7725,6 +7763,88 @@ class _DebugPages:
         except ValueError:
             raise _PageError(400, "refresh is a number of seconds") from None
         self._send(200, "text/html", _status_page(self.server.b, refresh))
+
+
+class _DebugWSGIHeaders(dict):
+    """A WSGI request's HTTP headers, looked up by name in any case, as http.server's are."""
+
+    def get(self, name, default=None):
+        return super().get(name.lower(), default)
+
+
+class _DebugWSGIRequest(_DebugPages):
+    """One request to `B.debug_wsgi`'s application: it offers what _DebugPages uses of
+    http.server's handler (server, headers, path, send_response...), so that the pages and
+    their checks are the built-in server's own, and collects the reply for WSGI."""
+
+    def __init__(self, app, environ, path):
+        self.server = app
+        self.environ = environ
+        self.path = path + ("?" + environ["QUERY_STRING"] if environ.get("QUERY_STRING") else "")
+        headers = _DebugWSGIHeaders((key[5:].replace("_", "-").lower(), value)
+                                    for key, value in environ.items() if key.startswith("HTTP_"))
+        for key in ("CONTENT_TYPE", "CONTENT_LENGTH"):
+            if environ.get(key):
+                headers[key.replace("_", "-").lower()] = environ[key]
+        self.headers = headers
+        self.wfile = io.BytesIO()
+        self.status, self.reply_headers = "500 Internal Server Error", []
+
+    def address_string(self):
+        return self.environ.get("REMOTE_ADDR", "-")
+
+    def send_response(self, code, message=None):
+        import http
+        try:
+            message = message or http.HTTPStatus(code).phrase
+        except ValueError:
+            message = message or "Status"
+        self.status = "%d %s" % (code, message)
+
+    def send_header(self, name, value):
+        self.reply_headers.append((name, str(value)))
+
+    def end_headers(self):
+        pass
+
+
+class _DebugWSGI:
+    """The debug pages as a WSGI application: see `B.debug_wsgi`."""
+
+    def __init__(self, b, prefix, allow_remote):
+        self.b, self.prefix, self.allow_remote = b, prefix, allow_remote
+
+    def __repr__(self):
+        return "<bigmachine debug pages at %s>" % (self.prefix or "/")
+
+    def __call__(self, environ, start_response):
+        path = environ.get("SCRIPT_NAME", "") + (environ.get("PATH_INFO", "") or "/")
+        if path != self.prefix and not path.startswith(self.prefix + "/"):
+            body = ("not a bigmachine debug page: %s (they are under %s)\n"
+                    % (path, self.prefix or "/")).encode()
+            start_response("404 Not Found", [("Content-Type", "text/plain; charset=utf-8"),
+                                             ("Content-Length", str(len(body)))])
+            return [body]
+        # The pages know themselves under /debug: the rest of the path is theirs.
+        rest = path[len(self.prefix):]
+        path = "/debug" + rest if rest not in ("", "/") else "/debug/bigmachine/"
+        request = _DebugWSGIRequest(self, environ, path)
+        if environ.get("REQUEST_METHOD", "GET") in ("GET", "HEAD"):
+            request.do_GET()
+        else:
+            request._send(405, "text/plain", "the debug pages answer GET only\n",
+                          [("Allow", "GET, HEAD")])
+        body = request.wfile.getvalue()
+        headers = request.reply_headers
+        if self.prefix != "/debug":
+            # Links between the pages name /debug/...: name them where the pages are mounted.
+            if any(k == "Content-Type" and v.startswith("text/html") for k, v in headers):
+                body = body.replace(b'href="/debug/', ('href="%s/' % self.prefix).encode())
+            headers = [(k, self.prefix + v[len("/debug"):] if k == "Location" and
+                        v.startswith("/debug") else v) for k, v in headers]
+            headers = [(k, str(len(body)) if k == "Content-Length" else v) for k, v in headers]
+        start_response(request.status, headers)
+        return [] if environ.get("REQUEST_METHOD") == "HEAD" else [body]
 
 
 def _loopback_host_header(value):

@@ -5266,3 +5266,67 @@ def test_framework_machine_killed_for_memory_says_out_of_memory(tmp_path, lb):
     assert m.addr in str(m.err) and str(pid) in str(m.err)
     assert not isinstance(other.err, bigmachine.OutOfMemory)
     assert "killed by signal SIGKILL" in str(other.err)
+
+
+def test_framework_debug_pages_mount_in_a_wsgi_server(tb):
+    import wsgiref.simple_server
+
+    class Quiet(wsgiref.simple_server.WSGIRequestHandler):
+        def log_message(self, *args):
+            pass
+
+    m, = running(tb, 1, {"F": Framework()})
+    app = tb.debug_wsgi(prefix="/admin/debug")
+
+    def user_app(environ, start_response):
+        # The user's own application, which hands its /admin/debug pages to bigmachine.
+        if environ["PATH_INFO"].startswith("/admin/debug"):
+            return app(environ, start_response)
+        start_response("200 OK", [("Content-Type", "text/plain")])
+        return [b"the user's page"]
+
+    server = wsgiref.simple_server.make_server("127.0.0.1", 0, user_app, handler_class=Quiet)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    port = server.server_address[1]
+
+    def get(path, host=None):
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+        conn.request("GET", path, headers={"Host": host or "127.0.0.1:%d" % port})
+        reply = conn.getresponse()
+        body = reply.read().decode()
+        conn.close()
+        return reply.status, reply.getheader("Content-Type"), body
+
+    try:
+        assert get("/elsewhere")[2] == "the user's page"
+        status, kind, page = get("/admin/debug/bigmachine/status")
+        assert status == 200 and kind.startswith("text/html") and m.addr in page
+        assert 'href="/admin/debug/bigmachine/stacks?' in page and 'href="/debug/' not in page
+        status, kind, text = get("/admin/debug/vars")
+        assert status == 200 and m.addr in json.loads(text)["machines"]
+        status, _, text = get("/admin/debug/bigmachine/stacks")
+        assert status == 200 and "== %s (RUNNING) ==" % m.addr in text
+        # The pprof index names every kind of Go's, and those with no Python equivalent say so.
+        status, _, page = get("/admin/debug/bigmachine/pprof/")
+        for kind in ("profile", "heap", "goroutine", "mutex", "block", "threadcreate", "allocs"):
+            assert ">%s</a>" % kind in page
+        status, _, text = get("/admin/debug/bigmachine/pprof/mutex")
+        assert status == 501 and "no mutex profile: Python's locks record no contention" in text
+        status, _, text = get("/admin/debug/bigmachine/pprof/heap")
+        assert status == 200 and m.addr in text
+        assert get("/admin/debug/bigmachine/nothing")[0] == 404
+        # The same checks as serve_debug's server: a name that is not loopback is refused.
+        assert get("/admin/debug/vars", host="attacker.example")[0] == 403
+    finally:
+        server.shutdown()
+        server.server_close()
+    # The same pages from the built-in server, answered by the same code.
+    addr = tb.serve_debug("127.0.0.1:0")
+    conn = http.client.HTTPConnection(*bigmachine._split_host_port(addr), timeout=60)
+    conn.request("GET", "/debug/bigmachine/pprof/block")
+    reply = conn.getresponse()
+    assert reply.status == 501 and b"no block profile" in reply.read()
+    conn.close()
+    with pytest.raises(ValueError, match="URL path"):
+        tb.debug_wsgi(prefix="debug")
