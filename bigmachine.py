@@ -5708,19 +5708,79 @@ _EC2_USER_DATA = """#!/bin/sh
 # section). With BIGMACHINE_FAKE_EC2=1 it changes nothing on the host and exits where an
 # instance would power off.
 want=python@PYTHON@
+keep=@KEEP@
 if [ "$BIGMACHINE_FAKE_EC2" != 1 ]; then
-    systemctl set-default poweroff.target >/dev/null 2>&1    # a reboot ends the instance too
+    [ "$keep" = 1 ] || systemctl set-default poweroff.target >/dev/null 2>&1  # reboot ends it too
     command -v $want >/dev/null 2>&1 || dnf install -y -q $want || yum install -y -q $want
 fi
-python=$(command -v $want || command -v python3)
+@BOOT@python=$(command -v $want || command -v python3)
 umask 077
 "${python:-python3}" -u - <<'BIGMACHINE_BOOTSTRAP'
 @BOOTSTRAP@BIGMACHINE_BOOTSTRAP
 status=$?
-if [ "$BIGMACHINE_FAKE_EC2" != 1 ]; then
+if [ "$keep" = 1 ]; then
+    echo "bigmachine: keeping this instance (keep_instances=True); the machine exited: $status" >&2
+    [ "$BIGMACHINE_FAKE_EC2" != 1 ] || exec sleep 2147483647     # as an instance that stays
+elif [ "$BIGMACHINE_FAKE_EC2" != 1 ]; then
     shutdown -h now || systemctl poweroff || poweroff -f
 fi
 exit $status
+"""
+
+# What EC2System's data_gib, ssh_keys and boot_script add to the user data, before the
+# bootstrap runs. The data volume is Go's scratch disk: the instance's own NVMe instance
+# storage, striped when there are several, or else (data_gib) an EBS volume at /dev/sdb;
+# formatted and mounted at /mnt/data, with the machine's temporary files (TMPDIR) there.
+# In the test harness (BIGMACHINE_FAKE_EC2=1) /mnt/data is a directory in the instance's own.
+_EC2_DATA_SECTION = """data=/mnt/data
+if [ "$BIGMACHINE_FAKE_EC2" = 1 ]; then
+    data=$PWD/mnt/data
+    mkdir -p "$data"
+else
+    disks=
+    for d in /dev/nvme*n1; do
+        case $(cat /sys/block/${d#/dev/}/device/model 2>/dev/null) in
+            *"Instance Storage"*) disks="$disks $d";;
+        esac
+    done
+    if [ -z "$disks" ] && [ @EBS@ = 1 ]; then
+        for i in $(seq 120); do [ -e /dev/sdb ] || [ -e /dev/xvdb ] && break; sleep 1; done
+        disks=$(readlink -f /dev/sdb 2>/dev/null || readlink -f /dev/xvdb)
+    fi
+    set -- $disks
+    dev=$1
+    if [ $# -gt 1 ]; then
+        command -v mdadm >/dev/null 2>&1 || dnf install -y -q mdadm || yum install -y -q mdadm
+        mdadm --create /dev/md/bigmachine --level=0 --raid-devices=$# --run "$@" &&
+            dev=/dev/md/bigmachine
+    fi
+    if [ -n "$dev" ]; then
+        mkdir -p $data
+        { mkfs.xfs -q -f "$dev" || mkfs.ext4 -q -F "$dev"; } && mount -o noatime "$dev" $data ||
+            echo "bigmachine: could not make the data volume on $dev" >&2
+    fi
+fi
+if mountpoint -q $data 2>/dev/null || [ "$BIGMACHINE_FAKE_EC2" = 1 ]; then
+    mkdir -p "$data/tmp" && chmod 1777 "$data/tmp" && export TMPDIR="$data/tmp"
+fi
+"""
+
+_EC2_SSH_KEYS_SECTION = """home=$(getent passwd 1000 | cut -d: -f6)
+owner=$(getent passwd 1000 | cut -d: -f1)
+[ "$BIGMACHINE_FAKE_EC2" != 1 ] || home=$HOME
+if [ -n "$home" ]; then
+    mkdir -p "$home/.ssh" && chmod 700 "$home/.ssh"
+    cat >> "$home/.ssh/authorized_keys" <<'BIGMACHINE_SSH_KEYS'
+@KEYS@
+BIGMACHINE_SSH_KEYS
+    chmod 600 "$home/.ssh/authorized_keys"
+    [ "$BIGMACHINE_FAKE_EC2" = 1 ] || chown -R "$owner:" "$home/.ssh"
+fi
+"""
+
+_EC2_BOOT_SCRIPT_SECTION = """sh -s <<'BIGMACHINE_BOOT_SCRIPT' || echo "bigmachine: boot_script failed: $?" >&2
+@SCRIPT@
+BIGMACHINE_BOOT_SCRIPT
 """
 
 _EC2_USER_DATA_LIMIT = 16384          # bytes: EC2's limit, before base64
@@ -5959,9 +6019,11 @@ def _ec2_boot(settings):
 _ec2_boot_functions = None
 
 
-def _ec2_user_data(session, port, wait, driver_pem, credentials):
+def _ec2_user_data(session, port, wait, driver_pem, credentials, boot="", keep=False):
     """The user data of an EC2 machine: the script of the section's introduction, around the
-    bootstrap and the settings it runs with (this machine's credentials among them)."""
+    bootstrap and the settings it runs with (this machine's credentials among them). boot is
+    shell run before the bootstrap (`EC2System._boot_section`); keep leaves the instance up
+    when the machine exits."""
     import hashlib
     global _ec2_boot_functions
     if _ec2_boot_functions is None:
@@ -5980,6 +6042,7 @@ def _ec2_user_data(session, port, wait, driver_pem, credentials):
     bootstrap = ('import base64, sys, zlib\nexec(zlib.decompress(base64.b64decode("""\n%s""")))\n'
                  'sys.exit(_ec2_boot(%r))\n' % (_ec2_boot_functions, settings))
     text = (_EC2_USER_DATA.replace("@SESSION@", session).replace("@PYTHON@", PYTHON)
+            .replace("@KEEP@", "1" if keep else "0").replace("@BOOT@", boot)
             .replace("@BOOTSTRAP@", bootstrap))
     size = len(text.encode("utf-8"))
     if size > _EC2_USER_DATA_LIMIT:
@@ -6049,7 +6112,11 @@ class EC2System(System):
     install. region defaults to the AWS configuration's. instance_profile (a name or an ARN),
     security_groups (ids or names; default: one of the system's own that admits TCP to port),
     subnet, key_name, tags (more instance tags) and disk_gib (the root volume, gp3) go into each
-    launch. Machines listen on port. address=f maps an instance (as describe_instances gives it)
+    launch. For real work (see the README): the instance's NVMe instance storage, striped,
+    or else data_gib GiB of EBS (gp3), is mounted at /mnt/data with the machine's temporary
+    files there; boot_script is shell run as root before the machine starts; ssh_keys are
+    public keys let in as the image's default user; keep_instances=True leaves instances up
+    when their machines exit, for a person to look into (`ec2 kill` ends them). Machines listen on port. address=f maps an instance (as describe_instances gives it)
     to the (host, port) to reach it at, or None while that is not known; it may be given as
     "module:function". `system.ec2` is the boto3 EC2 client it uses. On the command line: --bigm.system=ec2, with --bigm.ec2type=TYPE,
     --bigm.ec2ondemand, --bigm.ec2spotonly, --bigm.ec2region=REGION, --bigm.ec2ami=AMI,
@@ -6067,8 +6134,28 @@ class EC2System(System):
 
     def __init__(self, instance_type="m5.large", *, on_demand=False, spot_only=False, ami=None,
                  region=None, instance_profile=None, security_groups=None, subnet=None,
-                 key_name=None, disk_gib=50, tags=None, port=443, address=None, **keepalive):
+                 key_name=None, disk_gib=50, tags=None, port=443, address=None,
+                 data_gib=None, boot_script=None, ssh_keys=(), keep_instances=False,
+                 **keepalive):
         super().__init__(**keepalive)
+        if data_gib is not None and (isinstance(data_gib, bool) or not isinstance(
+                data_gib, int) or data_gib < 1):
+            raise ValueError("data_gib must be a positive whole number of GiB, or None, not %r"
+                             % (data_gib,))
+        if boot_script is not None and (not isinstance(boot_script, str) or
+                                        "BIGMACHINE_BOOT_SCRIPT" in boot_script):
+            raise ValueError("boot_script is shell script text (without the line "
+                             "BIGMACHINE_BOOT_SCRIPT), not %r" % (boot_script,))
+        if isinstance(ssh_keys, str):
+            ssh_keys = [ssh_keys]
+        ssh_keys = [key.strip() for key in ssh_keys]
+        for key in ssh_keys:
+            if not key or "\n" in key or len(key.split()) < 2 or not key.split()[0].startswith(
+                    ("ssh-", "ecdsa-", "sk-")):
+                raise ValueError("ssh_keys are OpenSSH public keys, one line each, such as the "
+                                 "contents of ~/.ssh/id_ed25519.pub, not %r" % (key,))
+        self.data_gib, self.boot_script = data_gib, boot_script
+        self.ssh_keys, self.keep_instances = ssh_keys, bool(keep_instances)
         if not isinstance(instance_type, str) or not instance_type.strip():
             raise ValueError("instance_type is an EC2 instance type such as 'm5.large', not %r"
                              % (instance_type,))
@@ -6124,6 +6211,7 @@ class EC2System(System):
         self._seen = {}                   # instance id -> its latest description
         self._wanted = set()              # instance ids to describe in the next round
         self._fresh = {}                  # instance id -> the round that last described it
+        self._markets = {}                # instance id -> "spot" or "on-demand", until launch
         self._round = 0
         self._monitor = None
 
@@ -6294,6 +6382,10 @@ class EC2System(System):
                                 "DeleteOnTermination": True}}],
                     "SecurityGroupIds": self._security_group_ids(),
                 }
+                if self.data_gib:
+                    spec["BlockDeviceMappings"].append({"DeviceName": "/dev/sdb", "Ebs": {
+                        "VolumeSize": self.data_gib, "VolumeType": "gp3",
+                        "DeleteOnTermination": True}})
                 if self.subnet:
                     spec["SubnetId"] = self.subnet
                 if self.key_name:
@@ -6319,6 +6411,19 @@ class EC2System(System):
             self.vcpus = info["VCpuInfo"]["DefaultVCpus"]
             self._spec = spec
             return spec
+
+    def _boot_section(self):
+        """The shell the user data runs before the bootstrap: the data volume, people's SSH
+        keys, the user's boot script (see _EC2_DATA_SECTION)."""
+        info = self._types.get((self.region, self.instance_type)) or {}
+        parts = []
+        if self.data_gib or info.get("InstanceStorageSupported"):
+            parts.append(_EC2_DATA_SECTION.replace("@EBS@", "1" if self.data_gib else "0"))
+        if self.ssh_keys:
+            parts.append(_EC2_SSH_KEYS_SECTION.replace("@KEYS@", "\n".join(self.ssh_keys)))
+        if self.boot_script:
+            parts.append(_EC2_BOOT_SCRIPT_SECTION.replace("@SCRIPT@", self.boot_script.rstrip()))
+        return "".join(parts)
 
     def _tag_specifications(self):
         program = os.path.basename(sys.argv[0] if sys.argv and sys.argv[0] else "python")
@@ -6365,8 +6470,11 @@ class EC2System(System):
         deadline = time.monotonic() + self.boot_timeout
         credentials = b._authority.issue("bigmachine ec2 machine", server=True, client=True)
         user_data = _ec2_user_data(self.session, self.port, self.lease,
-                                   b._credentials.cert_pem, credentials)
+                                   b._credentials.cert_pem, credentials,
+                                   boot=self._boot_section(), keep=self.keep_instances)
         instance_id = self._run_instance(user_data, batch)
+        machine.details.update(instance_id=instance_id, instance_type=self.instance_type,
+                               market=self._markets.pop(instance_id, None))
         with self._cond:
             self._ids[machine] = instance_id
             self._machines[instance_id] = machine
@@ -6410,6 +6518,8 @@ class EC2System(System):
                 continue
             instance = reply["Instances"][0]
             log.debug("launched %s instance %s", market, instance["InstanceId"])
+            with self._cond:
+                self._markets[instance["InstanceId"]] = market
             return instance["InstanceId"]
         raise Error("cannot launch an EC2 instance of type %s in %s: %s"
                     % (self.instance_type, self.region, "; ".join(failures)))
@@ -6558,6 +6668,13 @@ class EC2System(System):
 
     def _terminate(self, ids):
         ids = sorted(set(ids))
+        if self.keep_instances:
+            log.warning("keeping EC2 instance%s %s (keep_instances=True); to end them: python "
+                        "bigmachine.py ec2 kill --session %s", "s" if len(ids) > 1 else "",
+                        ", ".join(ids), self.session)
+            with self._cond:
+                self._terminated.update(ids)
+            return
         try:
             self.ec2.terminate_instances(InstanceIds=ids)
         except self._errors as e:

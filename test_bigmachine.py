@@ -1703,6 +1703,11 @@ class FakeEC2:
         self.bin = directory / "bin"
         self.bin.mkdir()
         (self.bin / ("python" + bigmachine.PYTHON)).symlink_to(sys.executable)
+        # The few commands of an image that the user data's optional sections use.
+        for tool in ("sh", "mkdir", "chmod", "cat", "cut", "getent", "id", "sleep", "mountpoint"):
+            found = shutil.which(tool)
+            if found:
+                (self.bin / tool).symlink_to(found)
         self.instances = {}           # instance id -> {proc, port, dir, ended}
         self.errors = []
         self.lock = threading.Lock()
@@ -5330,3 +5335,50 @@ def test_framework_debug_pages_mount_in_a_wsgi_server(tb):
     conn.close()
     with pytest.raises(ValueError, match="URL path"):
         tb.debug_wsgi(prefix="debug")
+
+
+def test_framework_ec2_data_volume_boot_customisation_and_kept_instances(ec2):
+    key = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIGq1xCkh4y1v2vAMv7Yc4nA8XWcGDh0OHbFQbIfX1dX8 ada@desk"
+    for bad in (dict(data_gib=0), dict(ssh_keys=["not a key"]),
+                dict(boot_script="echo\nBIGMACHINE_BOOT_SCRIPT\n")):
+        with pytest.raises(ValueError):
+            ec2_system(**bad)
+    system = ec2_system(data_gib=20, ssh_keys=[key], keep_instances=True,
+                        boot_script='echo "ran as $(id -u)" > "$HOME/booted"\n')
+    events = []
+    with bigmachine.start(system) as b:
+        b.subscribe(events.append)
+        m, = b.start(1, {"F": Framework()})
+        assert m.wait(RUNNING, timeout=60) is RUNNING, m.err
+        instance_id = instance_id_of(m)
+        home = ec2.instances[instance_id]["dir"]
+        # The data volume: an EBS volume of data_gib at /dev/sdb, and temporary files on it.
+        [instance] = ec2.session(system.session)
+        volumes = {d["DeviceName"]: d["Ebs"]["VolumeId"] for d in instance["BlockDeviceMappings"]}
+        [volume] = ec2.ec2.describe_volumes(VolumeIds=[volumes["/dev/sdb"]])["Volumes"]
+        assert volume["Size"] == 20 and volume["VolumeType"] == "gp3"
+        tmp, variable = m.call("F.tmpdir")
+        # (the machine's own directory, made in the TMPDIR the data section set)
+        assert tmp == variable and tmp.startswith(str(home / "mnt" / "data" / "tmp") + "/")
+        # Boot customisation ran before the machine, and a person's key is let in.
+        assert (home / "booted").read_text().startswith("ran as ")
+        assert (home / ".ssh" / "authorized_keys").read_text().splitlines() == [key]
+        assert oct((home / ".ssh" / "authorized_keys").stat().st_mode & 0o777) == "0o600"
+        # Events say which market the instance came from.
+        running_event = [e for e in events if e.kind == "running"]
+        assert running_event and running_event[0].details == {
+            "instance_id": instance_id, "instance_type": "m5.large", "market": "spot"}
+    # keep_instances: the machine exited, its instance was not terminated.
+    assert m.state is STOPPED and "shut down" in str(m.err)
+    [instance] = ec2.session(system.session)
+    assert instance["State"]["Name"] == "running" and ec2.alive() == [instance_id]
+    eventually(lambda: "keeping this instance" in ec2.log(instance_id), 30, "the kept instance")
+    # Without the options, none of it: no data volume, no section in the user data.
+    plain = ec2_system()
+    with bigmachine.start(plain) as b:
+        m, = running(b, 1, {"F": Framework()})
+        tmp, _ = m.call("F.tmpdir")
+        assert "mnt" not in tmp
+        [instance] = ec2.session(plain.session)
+        assert [d["DeviceName"] for d in instance["BlockDeviceMappings"]] == ["/dev/xvda"]
+    eventually(lambda: all_terminated(ec2, plain.session), 30, "the plain instance to end")
