@@ -3272,13 +3272,14 @@ _oom_lock = threading.Lock()
 _oom_blamed = {}                     # cgroup -> the OOM kills in it blamed on machines so far
 
 
-def _killed_for_memory(cgroup, seen):
+def _killed_for_memory(cgroup, seen, local=True):
     """Why a machine that died by SIGKILL was (most likely) killed for memory, or None.
-    cgroup: its memory cgroup when it died; seen: its latest keepalive's memory report."""
+    cgroup: its memory cgroup when it died; seen: its latest keepalive's memory report; local:
+    it ran on this host, so its cgroup can be read here."""
     seen = seen or {}
     # cgroup v1 moves a dead process to the root cgroup: then only the one its keepalive
     # reported says anything, compared with the count it reported then.
-    candidates = [(seen.get("cgroup"), seen.get("oom_kills"))]
+    candidates = [(seen.get("cgroup"), seen.get("oom_kills"))] if local else []
     if cgroup not in (None, seen.get("cgroup"), "/sys/fs/cgroup", "/sys/fs/cgroup/memory",
                       _memory_cgroup()):
         candidates.append((cgroup, 0))                  # a cgroup of its own, unseen: from zero
@@ -6647,8 +6648,12 @@ class EC2System(System):
             if not expected:
                 self.keepalive_failed(machine, None)      # is the instance still there?
             return
+        why = status in (137, -signal.SIGKILL) and not expected and _killed_for_memory(
+            None, machine._memory_seen, local=False)
         if expected and status == 0:
             err = Error("machine %s was shut down" % machine.addr)
+        elif why:
+            err = _out_of_memory("machine %s (instance %s)" % (machine.addr, instance_id), why)
         else:
             err = Error("machine %s (instance %s) %s%s" % (
                 machine.addr, instance_id, _exit_reason(status),
