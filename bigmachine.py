@@ -21,8 +21,9 @@ The design, in the order of the sections below:
 
 Errors
     Every error the library raises derives from `Error` and says whether retrying can help
-    (`temporary`), the way Go's errors carry a severity. A service's own exception comes back
-    to the caller as itself, with the remote traceback as its `__cause__`.
+    (`temporary`), the way Go's errors carry a severity, and where it happened (`remote`,
+    `machine`: Go's errors.Remote). A service's own exception comes back to the caller as
+    itself, with the remote traceback as its `__cause__`.
 
 Certificates (Go: internal/authority)
     Each session makes its own certificate authority in pure Python (Ed25519) and issues every
@@ -50,11 +51,13 @@ Services and the Supervisor (Go: supervisor.go)
 
 Machine (Go: machine.go)
     The driver's handle on one machine: its state (UNSTARTED < STARTING < RUNNING < STOPPED),
-    calls, futures whose `cancel()` reaches the machine, deadlines, retries, and the keepalive
-    loop that notices a machine that stopped answering.
+    calls, futures whose `cancel()` reaches the machine, deadlines, retries (a `Stream`
+    argument is opened anew for each attempt), typed facts (`mem_info`...), and the keepalive
+    loop that notices a machine that stopped answering, or that is short of memory.
 
 B (Go: bigmachine.go, driver)
-    One cluster session: starts machines, dials them, shuts everything down in bounded time.
+    One cluster session: starts machines, dials them, tells subscribers what happens to them
+    (`subscribe`), saves what an unhealthy machine holds, shuts everything down in bounded time.
 
 Systems (Go: system.go, local.go, testsystem)
     Where machines come from. `TestSystem` runs them inside the driver's process, each with its
@@ -68,7 +71,8 @@ Debug (Go: profile.go, status.go, expvar.go, rpc/stats.go)
     Seeing the whole cluster from the driver: CPU profiles sampled on every machine at once
     and merged into one pstats file, tracemalloc's view of memory, every thread's stack,
     published variables and per-method call statistics, a status page, and the machines'
-    output and logging records forwarded to the driver. `B.serve_debug` serves it over HTTP.
+    output and logging records forwarded to the driver. `B.serve_debug` serves it over HTTP;
+    `B.debug_wsgi` hands the same pages to the user's own web server.
 
 Command line
     `python bigmachine.py selftest` checks the whole system on the machine at hand;
