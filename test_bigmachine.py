@@ -5021,6 +5021,19 @@ class Framework:
             chunk[::4096] = b"x" * len(chunk[::4096])      # touch every page
         return len(self.held)
 
+    def fill_memory_to(self, fraction):
+        """Hold memory until this machine's cgroup uses fraction of its limit."""
+        cgroup = bigmachine._memory_cgroup()
+        v2 = os.path.exists(os.path.join(cgroup, "memory.events"))
+        limit = bigmachine._cgroup_number(cgroup, "memory.max" if v2 else "memory.limit_in_bytes")
+        self.filled = getattr(self, "filled", [])
+        while True:
+            usage = bigmachine._cgroup_number(
+                cgroup, "memory.current" if v2 else "memory.usage_in_bytes")
+            if usage >= fraction * limit:
+                return usage / limit
+            self.filled.append(bytearray(b"x" * (256 << 10)))
+
     def sleep_then_note(self, seconds, path):
         try:
             bigmachine.current_call().wait(seconds)
@@ -5382,3 +5395,26 @@ def test_framework_ec2_data_volume_boot_customisation_and_kept_instances(ec2):
         [instance] = ec2.session(plain.session)
         assert [d["DeviceName"] for d in instance["BlockDeviceMappings"]] == ["/dev/xvda"]
     eventually(lambda: all_terminated(ec2, plain.session), 30, "the plain instance to end")
+
+
+def test_framework_ec2_machine_short_of_memory_turns_unhealthy_then_out_of_memory(ec2, tmp_path):
+    system = ec2_system()
+    with memory_cgroup(160 << 20) as cgroup, bigmachine.start(system) as b:
+        events = []
+        b.subscribe(events.append)
+        b.diagnostics_dir = str(tmp_path)
+        m, = running(b, 1, {"F": Framework()})
+        with open(os.path.join(cgroup, "cgroup.procs"), "w") as f:
+            f.write(str(m.call("Supervisor.getpid")))
+        # Past 95% of its cgroup's limit (Go's line): the next keepalive says it is unhealthy.
+        assert m.call("F.fill_memory_to", 0.965) >= 0.965
+        eventually(lambda: any(e.kind == "unhealthy" for e in events) or m.state is STOPPED,
+                   30, "the machine to be unhealthy")
+        assert not m.healthy
+        with pytest.raises((bigmachine.MachineStopped, bigmachine.NetworkError)):
+            m.call("F.allocate", 400)
+        assert m.wait(STOPPED, timeout=30) is STOPPED
+    # The kernel's count of OOM kills is on the instance; the driver judges by the last
+    # keepalive, which saw the machine at its limit.
+    assert isinstance(m.err, bigmachine.OutOfMemory), m.err
+    assert instance_id_of(m) in str(m.err) and "at its last keepalive" in str(m.err)
