@@ -5079,7 +5079,7 @@ def test_framework_stream_argument_is_reopened_for_each_retry(tb, tmp_path):
 
 def test_framework_errors_say_where_they_happened(lb):
     m1, m2 = running(lb, 2, {"F": Framework()})
-    # A library error raised here, about a machine: not remote.
+    # A library error raised on the machine: remote, and it names the machine.
     with pytest.raises(bigmachine.NotFound) as info:
         m1.call("F.nothing")
     assert info.value.remote and info.value.machine == m1.addr and m1.addr in str(info.value)
