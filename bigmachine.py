@@ -3557,7 +3557,12 @@ class Machine(_Calls):
         self._leaving = True
         if self._state < RUNNING:
             self.wait(RUNNING, timeout=max(0.0, deadline - time.monotonic()))
-        self._b._shutdown_machine(self, deadline)
+        # In a thread of its own, as B.shutdown does it: that thread blocks signals (which
+        # its children inherit), and the caller's thread must keep taking Ctrl-C.
+        ending = threading.Thread(target=self._b._shutdown_machine, args=(self, deadline),
+                                  name="bigmachine-shutdown", daemon=True)
+        ending.start()
+        ending.join()
         self._stop(Error("machine %s was shut down" % self.addr))
 
     # -- facts (Go's MemInfo, DiskInfo, LoadInfo; the status page shows the same) ----------

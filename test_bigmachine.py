@@ -5154,7 +5154,9 @@ def test_framework_machine_shuts_down_gracefully(lb, tmp_path):
     note = tmp_path / "note"
     future = m1.call_async("F.sleep_then_note", 60, str(note))
     eventually(lambda: m1.call("Supervisor.status")["in_flight"] == 1, what="the call to run")
+    mask = signal.pthread_sigmask(signal.SIG_BLOCK, [])
     m1.shutdown()
+    assert signal.pthread_sigmask(signal.SIG_BLOCK, []) == mask     # Ctrl-C still reaches us
     assert m1.state is STOPPED and "shut down" in str(m1.err)
     assert note.read_text() == "finally ran"            # its call was cancelled, not dropped
     with pytest.raises((bigmachine.Cancelled, bigmachine.MachineStopped, bigmachine.NetworkError)):
