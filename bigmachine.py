@@ -21,8 +21,9 @@ The design, in the order of the sections below:
 
 Errors
     Every error the library raises derives from `Error` and says whether retrying can help
-    (`temporary`), the way Go's errors carry a severity. A service's own exception comes back
-    to the caller as itself, with the remote traceback as its `__cause__`.
+    (`temporary`), the way Go's errors carry a severity, and where it happened (`remote`,
+    `machine`: Go's errors.Remote). A service's own exception comes back to the caller as
+    itself, with the remote traceback as its `__cause__`.
 
 Certificates (Go: internal/authority)
     Each session makes its own certificate authority in pure Python (Ed25519) and issues every
@@ -50,11 +51,13 @@ Services and the Supervisor (Go: supervisor.go)
 
 Machine (Go: machine.go)
     The driver's handle on one machine: its state (UNSTARTED < STARTING < RUNNING < STOPPED),
-    calls, futures whose `cancel()` reaches the machine, deadlines, retries, and the keepalive
-    loop that notices a machine that stopped answering.
+    calls, futures whose `cancel()` reaches the machine, deadlines, retries (a `Stream`
+    argument is opened anew for each attempt), typed facts (`mem_info`...), and the keepalive
+    loop that notices a machine that stopped answering, or that is short of memory.
 
 B (Go: bigmachine.go, driver)
-    One cluster session: starts machines, dials them, shuts everything down in bounded time.
+    One cluster session: starts machines, dials them, tells subscribers what happens to them
+    (`subscribe`), saves what an unhealthy machine holds, shuts everything down in bounded time.
 
 Systems (Go: system.go, local.go, testsystem)
     Where machines come from. `TestSystem` runs them inside the driver's process, each with its
@@ -68,7 +71,8 @@ Debug (Go: profile.go, status.go, expvar.go, rpc/stats.go)
     Seeing the whole cluster from the driver: CPU profiles sampled on every machine at once
     and merged into one pstats file, tracemalloc's view of memory, every thread's stack,
     published variables and per-method call statistics, a status page, and the machines'
-    output and logging records forwarded to the driver. `B.serve_debug` serves it over HTTP.
+    output and logging records forwarded to the driver. `B.serve_debug` serves it over HTTP;
+    `B.debug_wsgi` hands the same pages to the user's own web server.
 
 Command line
     `python bigmachine.py selftest` checks the whole system on the machine at hand;
@@ -114,6 +118,7 @@ __all__ = [
     "Error", "NetworkError", "MachineStopped", "NotFound", "Timeout", "RemoteError",
     "SerializationError", "AuthenticationError", "VersionMismatch", "Cancelled",
     "CertificateAuthority", "Credentials", "Backoff", "publish", "unpublish", "Counter",
+    "Stream", "MemInfo", "DiskInfo", "LoadInfo", "MachineEvent", "OutOfMemory",
 ]
 
 log = logging.getLogger("bigmachine")
@@ -141,9 +146,22 @@ PYTHON = "%d.%d" % sys.version_info[:2]
 # and traceback.
 
 class Error(Exception):
-    """Base class of every error raised by bigmachine."""
+    """Base class of every error raised by bigmachine.
+
+    `remote` is true when the error happened on another machine and was relayed to the caller
+    (Go's errors.Remote): a `NetworkError` that machine A met calling machine B reaches the
+    driver with `remote` true and `machine` A's address, so the driver does not blame its own
+    connection to A. `machine` names where the error happened (None: in this process)."""
 
     temporary = False
+    remote = False
+    machine = None
+
+    def __str__(self):
+        text = super().__str__()
+        if self.remote and self.machine and self.machine not in text:
+            text += " (on machine %s)" % self.machine
+        return text
 
 
 class NetworkError(Error):
@@ -182,6 +200,8 @@ class RemoteError(Error):
 
     def __str__(self):
         text = "%s: %s" % (self.type_name, self.message)
+        if self.machine:
+            text += " (on machine %s)" % self.machine
         if self.traceback:
             text += "\n\nRemote traceback:\n" + self.traceback.rstrip()
         return text
@@ -197,6 +217,11 @@ class AuthenticationError(Error):
 
 class VersionMismatch(Error):
     """Driver and machine run incompatible Python or protocol versions."""
+
+
+class OutOfMemory(Error):
+    """A machine was killed for using too much memory (the kernel's OOM killer, Slurm's
+    OUT_OF_MEMORY...): the machine's `err`. The message says how that is known."""
 
 
 class _RemoteTraceback(Exception):
@@ -1070,8 +1095,19 @@ def _rebuild_error(payload):
         else:
             if isinstance(exc, BaseException):
                 exc.__cause__ = cause
+                if isinstance(exc, Error):
+                    _mark_remote(exc, where)
                 return exc
-    return RemoteError(type_name, message, tb)
+    return _mark_remote(RemoteError(type_name, message, tb), where)
+
+
+def _mark_remote(error, where):
+    """A library error relayed from machine where: say so, and keep the first machine named
+    (an error relayed twice happened on the first)."""
+    error.remote = True
+    if error.machine is None and where != "stream":
+        error.machine = where
+    return error
 
 
 # ======================================================================================
@@ -1380,6 +1416,37 @@ class _StreamPlaceholder:
         return (_StreamPlaceholder, ())
 
 
+class Stream:
+    """A streamed argument that can be sent more than once: `opener()` is called for each
+    attempt of a call and returns a readable binary file (Go's fresh reader per retry).
+
+    A plain file argument is read once, as it is sent; if the call fails and `retry_call`
+    tries again, the file is spent (or closed). `m.retry_call("Data.load",
+    bigmachine.Stream(lambda: open(path, "rb")))` opens the file anew for every attempt."""
+
+    __slots__ = ("opener",)
+
+    def __init__(self, opener: typing.Callable[[], typing.BinaryIO]):
+        if not callable(opener):
+            raise TypeError("Stream takes a function that opens the data (a readable binary "
+                            "file) each time it is called, not %r" % (opener,))
+        self.opener = opener
+
+    def __repr__(self):
+        return "Stream(%r)" % (self.opener,)
+
+    def __reduce__(self):
+        raise TypeError("a bigmachine.Stream is an argument of a call, opened by the caller; "
+                        "it cannot be pickled")
+
+    def open(self):
+        source = self.opener()
+        if not _is_binary_file(source) and not isinstance(source, collections.abc.Iterator):
+            raise TypeError("the opener of a bigmachine.Stream must return a readable binary "
+                            "file or an iterator of bytes, not %s" % type(source).__name__)
+        return source
+
+
 # Values of these types are never streams: checking them against io.IOBase (an ABC) costs
 # more than the rest of a small call's bookkeeping.
 _PLAIN_TYPES = frozenset([int, float, str, bytes, bool, type(None), tuple, list, dict, set,
@@ -1393,13 +1460,13 @@ def _split_stream_argument(args, kwargs):
         return None, args, kwargs
     found = None
     for i, a in enumerate(args):
-        if _is_binary_file(a):
+        if _is_binary_file(a) or type(a) is Stream:
             if found is not None:
                 raise ValueError("at most one argument of a call can be a stream")
             args = args[:i] + (_StreamPlaceholder(),) + args[i + 1:]
             found = a
     for k, v in kwargs.items():
-        if _is_binary_file(v):
+        if _is_binary_file(v) or type(v) is Stream:
             if found is not None:
                 raise ValueError("at most one argument of a call can be a stream")
             kwargs = dict(kwargs)
@@ -1412,8 +1479,11 @@ def _send_stream(sock, call_id, source):
     """Send source (a binary file or an iterator of bytes) as DATA frames, then END.
 
     An exception while reading the source is sent as STREAM_ERROR for the reader to raise.
-    Errors writing the socket propagate: the connection is broken and will be discarded."""
+    Errors writing the socket propagate: the connection is broken and will be discarded.
+    A `Stream` is opened here, as its data is about to be sent: once for each attempt."""
     try:
+        if type(source) is Stream:
+            source = source.open()
         if hasattr(source, "readinto"):
             chunk = bytearray(_CHUNK)
             view = memoryview(chunk)
@@ -2990,7 +3060,10 @@ class Supervisor:
         """Renew the machine's lease for next_seconds; returns the lease granted and health."""
         with self._lock:
             self._deadline = time.monotonic() + float(next_seconds)
-        return {"next": float(next_seconds), "healthy": self._healthy()}
+        memory = _memory_report()
+        used = memory.get("used_percent")
+        return {"next": float(next_seconds), "memory": memory,
+                "healthy": used is None or used <= self._HEALTH_LIMIT}
 
     def watchdog_left(self):
         """Seconds left before the watchdog ends this machine."""
@@ -3004,10 +3077,6 @@ class Supervisor:
                           self._machine.lease)
                 self._machine.exit(1)
                 return
-
-    def _healthy(self):
-        used = _memory_used_percent()
-        return used is None or used <= self._HEALTH_LIMIT
 
     # -- services ---------------------------------------------------------------------
 
@@ -3115,6 +3184,127 @@ def _memory_used_percent():
         return 100.0 * (1 - info["MemAvailable"] / info["MemTotal"])
     except (OSError, KeyError, ValueError, ZeroDivisionError):
         return None
+
+
+# -- memory: health, and telling an out-of-memory kill from any other SIGKILL ---------------
+#
+# A machine killed for memory dies by SIGKILL, which says nothing of why. The kernel counts its
+# OOM kills per memory cgroup (cgroup v2: memory.events; v1: memory.oom_control), so each
+# keepalive reply carries the machine's cgroup, that count, its RSS and its limit; when the
+# machine dies by SIGKILL the driver looks at the count again, and failing that at how near its
+# limit the machine last was. Other systems say it their own way (Slurm: OUT_OF_MEMORY) and
+# raise `OutOfMemory` too, with `_out_of_memory`.
+
+def _memory_cgroup(pid="self"):
+    """The directory of pid's memory cgroup (v2, else v1), or None."""
+    try:
+        with open("/proc/%s/cgroup" % pid) as f:
+            lines = f.read().splitlines()
+    except OSError:
+        return None
+    for line in lines:
+        _, controllers, path = line.split(":", 2)
+        if "memory" in controllers.split(","):
+            directory = "/sys/fs/cgroup/memory" + path.rstrip("/")
+            if os.path.exists(directory + "/memory.oom_control"):
+                return directory
+    for line in lines:
+        if line.startswith("0::"):
+            directory = "/sys/fs/cgroup" + line[3:].rstrip("/")
+            if os.path.exists(directory + "/memory.events"):
+                return directory
+    return None
+
+
+def _cgroup_number(directory, name, key=None):
+    """A number from a cgroup file: the whole file, or the line starting with key."""
+    try:
+        with open(os.path.join(directory, name)) as f:
+            for line in f:
+                words = line.split()
+                if key is None and words:
+                    return None if words[0] == "max" else int(words[0])
+                if len(words) == 2 and words[0] == key:
+                    return int(words[1])
+    except (OSError, ValueError):
+        pass
+    return None
+
+
+def _oom_kills(directory):
+    """How many processes the kernel killed for memory in this cgroup."""
+    if directory is None:
+        return None
+    if os.path.exists(os.path.join(directory, "memory.events")):
+        return _cgroup_number(directory, "memory.events", "oom_kill")
+    return _cgroup_number(directory, "memory.oom_control", "oom_kill")
+
+
+def _memory_report():
+    """This machine's memory, as each keepalive reply carries it: the percentage in use (the
+    host's, or its cgroup's against the cgroup's limit, whichever is higher), its RSS, its limit,
+    and its cgroup with the cgroup's count of OOM kills."""
+    report = {}
+    used = _memory_used_percent()
+    if used is not None:
+        report["used_percent"] = used
+    with contextlib.suppress(OSError, ValueError, IndexError):
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmRSS:"):
+                    report["rss"] = int(line.split()[1]) * 1024
+    cgroup = _memory_cgroup()
+    if cgroup is not None:
+        v2 = os.path.exists(os.path.join(cgroup, "memory.events"))
+        limit = _cgroup_number(cgroup, "memory.max" if v2 else "memory.limit_in_bytes")
+        usage = _cgroup_number(cgroup, "memory.current" if v2 else "memory.usage_in_bytes")
+        report["cgroup"], report["oom_kills"] = cgroup, _oom_kills(cgroup)
+        if limit and limit < 1 << 60:             # v1 says "no limit" with a huge number
+            report["limit"] = limit
+            if usage is not None:
+                report["used_percent"] = max(used or 0.0, 100.0 * usage / limit)
+    return report
+
+
+def _out_of_memory(what, how):
+    """The error of a machine killed for memory: what names it ("machine ADDR (pid N)"), how
+    says how that is known. For the systems: Local here; Slurm from OUT_OF_MEMORY."""
+    return OutOfMemory("%s ran out of memory and was killed: %s" % (what, how))
+
+
+_oom_lock = threading.Lock()
+_oom_blamed = {}                     # cgroup -> the OOM kills in it blamed on machines so far
+
+
+def _killed_for_memory(cgroup, seen, local=True):
+    """Why a machine that died by SIGKILL was (most likely) killed for memory, or None.
+    cgroup: its memory cgroup when it died; seen: its latest keepalive's memory report; local:
+    it ran on this host, so its cgroup can be read here."""
+    seen = seen or {}
+    # cgroup v1 moves a dead process to the root cgroup: then only the one its keepalive
+    # reported says anything, compared with the count it reported then.
+    candidates = [(seen.get("cgroup"), seen.get("oom_kills"))] if local else []
+    if cgroup not in (None, seen.get("cgroup"), "/sys/fs/cgroup", "/sys/fs/cgroup/memory",
+                      _memory_cgroup()):
+        candidates.append((cgroup, 0))                  # a cgroup of its own, unseen: from zero
+    for directory, before in candidates:
+        now = _oom_kills(directory) if directory else None
+        if not now or before is None:
+            continue
+        with _oom_lock:
+            # Machines may share a cgroup: each kill counted is blamed on one machine only.
+            before = max(before, _oom_blamed.get(directory, 0))
+            if now > before:
+                _oom_blamed[directory] = before + 1
+                return "the kernel's OOM killer ended it (%s: oom_kill %d)" % (directory, now)
+    rss, limit = seen.get("rss"), seen.get("limit")
+    if rss and limit and rss >= 0.9 * limit:
+        return "killed by SIGKILL with %s resident of its %s limit at its last keepalive" % (
+            _bytes(rss), _bytes(limit))
+    if seen.get("used_percent", 0) > Supervisor._HEALTH_LIMIT:
+        return "killed by SIGKILL with %.0f%% of its memory in use at its last keepalive" % (
+            seen["used_percent"])
+    return None
 
 
 class _MachineProcess:
@@ -3315,6 +3505,14 @@ class Machine(_Calls):
         self._cond = threading.Condition()
         self._stopped = threading.Event()
         self._machine = self
+        #: What the system knows of the machine (EC2: instance id and type, market "spot" or
+        #: "on-demand"); events carry it.
+        self.details = {}
+        #: False while the machine reports more than 95% of its memory in use (Go's health).
+        self.healthy = True
+        self._memory_seen = None          # the memory facts of its latest keepalive reply
+        self._leaving = False             # shutdown() asked it to go: failures are expected
+        self._inject = getattr(b.system, "inject_failures", 0.0) or 0.0
 
     def _options(self):
         return None, None
@@ -3347,6 +3545,40 @@ class Machine(_Calls):
         """Stop the machine (Go's Cancel): calls fail, and an owned machine is ended."""
         self._stop(Cancelled("machine %s was cancelled" % self.addr))
 
+    def shutdown(self, timeout: typing.Optional[float] = None) -> None:
+        """Stop this one machine gracefully, the way `B.shutdown` stops each: its running
+        calls are cancelled on it (their `finally` blocks run), it exits, and its process (or
+        instance) is gone by timeout seconds (default 20); then it is STOPPED, with an `err`
+        that says it was shut down. `cancel()`, by contrast, drops it at once."""
+        if not self.owned:
+            raise Error("machine %s was dialed, not started by this session: only its owner "
+                        "can shut it down" % self.addr)
+        deadline = time.monotonic() + (B._SHUTDOWN_TIMEOUT if timeout is None else timeout)
+        self._leaving = True
+        if self._state < RUNNING:
+            self.wait(RUNNING, timeout=max(0.0, deadline - time.monotonic()))
+        # In a thread of its own, as B.shutdown does it: that thread blocks signals (which
+        # its children inherit), and the caller's thread must keep taking Ctrl-C.
+        ending = threading.Thread(target=self._b._shutdown_machine, args=(self, deadline),
+                                  name="bigmachine-shutdown", daemon=True)
+        ending.start()
+        ending.join()
+        self._stop(Error("machine %s was shut down" % self.addr))
+
+    # -- facts (Go's MemInfo, DiskInfo, LoadInfo; the status page shows the same) ----------
+
+    def mem_info(self) -> MemInfo:
+        """The machine's memory: its host's total, available and used, and its own RSS."""
+        return _mem_info(self.call("Supervisor.status"))
+
+    def disk_info(self) -> typing.Optional[DiskInfo]:
+        """The disk of the machine's working directory: total, free and used bytes."""
+        return _disk_info(self.call("Supervisor.status"))
+
+    def load_info(self) -> typing.Optional[LoadInfo]:
+        """The machine's host's 1, 5 and 15-minute load averages and its processors."""
+        return _load_info(self.call("Supervisor.status"))
+
     # -- state ------------------------------------------------------------------------
 
     def _set_state(self, state):
@@ -3356,6 +3588,7 @@ class Machine(_Calls):
             self._state = state
             self._cond.notify_all()
         log.debug("%s: %s", self.addr, state.name)
+        self._b._publish(self, state.name.lower())
         return True
 
     def _stop(self, err):
@@ -3369,6 +3602,7 @@ class Machine(_Calls):
         self._stopped.set()
         self._peer.close()
         self._b._machine_stopped(self)
+        self._b._publish(self, "stopped", err)
         return True
 
     def _stopped_error(self, method):
@@ -3381,7 +3615,7 @@ class Machine(_Calls):
 
     def call(self, method: str, *args: typing.Any, **kwargs: typing.Any) -> typing.Any:
         """Call "Service.method" with these arguments on the machine and return its result."""
-        if self._state is RUNNING:                  # the hot path: straight to the wire
+        if self._state is RUNNING and not self._inject:     # the hot path: straight to the wire
             try:
                 return self._peer.call(method, args, kwargs)
             except _TooLarge as e:
@@ -3394,6 +3628,11 @@ class Machine(_Calls):
     def _call(self, method, args, kwargs, deadline, inflight):
         if self._state is not RUNNING:
             self._await_running(method, deadline)
+        if self._inject and not method.startswith("Supervisor."):
+            import random
+            if random.random() < self._inject:
+                raise NetworkError("call %s on %s failed: an injected failure (TestSystem("
+                                   "inject_failures=%g))" % (method, self.addr, self._inject))
         try:
             return self._peer.call(method, args, kwargs, deadline, inflight)
         except _TooLarge as e:
@@ -3476,7 +3715,7 @@ class Machine(_Calls):
                     reply = self._peer.call(method, args, {}, sent + rpc_timeout)
                     break
                 except Exception as e:
-                    if self._state is STOPPED:
+                    if self._state is STOPPED or self._leaving:
                         return
                     system.keepalive_failed(self, e)
                     wait = next(waits)
@@ -3491,7 +3730,11 @@ class Machine(_Calls):
             self.keepalive_replies.append(time.monotonic() - sent)
             lease = reply["next"] if isinstance(reply, dict) else period
             if isinstance(reply, dict):
+                self._memory_seen = reply.get("memory", self._memory_seen)
                 self.next_keepalive = time.time() + lease
+                if reply.get("healthy", True) is not self.healthy:
+                    self.healthy = not self.healthy
+                    self._b._health_changed(self)
             if self._stopped.wait(min(lease, period) / 2):
                 return
 
@@ -3510,6 +3753,21 @@ class Machine(_Calls):
 
 _machine_bootstrapping = False       # true while a machine process imports the driver's main
 _sessions = weakref.WeakSet()        # live driver Bs, shut down at exit if the user did not
+
+
+class MachineEvent(typing.NamedTuple):
+    """What happened to a machine of the session, as `B.subscribe` delivers it.
+
+    kind is "starting", "running", "stopped", "unhealthy" (more than 95% of its memory in use)
+    or "healthy" (again). reason is the machine's `err` for "stopped" (None otherwise). details
+    is what the system knows of the machine (EC2: "instance_id", "instance_type" and "market",
+    "spot" or "on-demand"). time is time.time() when it happened."""
+
+    kind: str
+    machine: typing.Any
+    reason: typing.Optional[BaseException]
+    details: typing.Dict[str, typing.Any]
+    time: float
 
 
 class B:
@@ -3532,6 +3790,11 @@ class B:
         self._client = _Client(_credentials)
         self._stopped_machines = collections.deque(maxlen=100)   # for the status page
         self._debug_servers = []
+        self._subscribers = []            # B.subscribe's callbacks
+        self._events = None               # their queue, and its delivering thread, once needed
+        #: Where the driver saves what it learns of a machine that turns unhealthy (its heap and
+        #: variables): BIGMACHINE_DIAGNOSTICS_DIR, else the temporary directory.
+        self.diagnostics_dir = os.environ.get("BIGMACHINE_DIAGNOSTICS_DIR") or None
         if self._is_driver:
             system.init(self)
             _sessions.add(self)
@@ -3687,6 +3950,86 @@ class B:
             log.warning("%s: machine stopped: %s", m.addr, m.err)
             _background(self.system.terminate, m, time.monotonic() + 5.0)
 
+    # -- events -------------------------------------------------------------------------
+    #
+    # A framework wants to hear that a machine came up or went away (and why) without polling
+    # every machine. Events are delivered in order, one at a time, by a thread of the session's
+    # own: a slow callback delays the next event, never a machine.
+
+    def subscribe(self, callback: typing.Callable[[MachineEvent], typing.Any]
+                  ) -> typing.Callable[[], None]:
+        """Call callback(event) with a `MachineEvent` for everything that happens from now on
+        to the machines this session starts: starting, running, stopped (with the reason),
+        unhealthy and healthy again. Returns a function that unsubscribes."""
+        if not callable(callback):
+            raise TypeError("subscribe takes a function of one MachineEvent, not %r"
+                            % (callback,))
+        with self._lock:
+            self._subscribers = self._subscribers + [callback]
+            if self._events is None:
+                self._events = queue.SimpleQueue()
+                threading.Thread(target=self._deliver_events, args=(self._events,),
+                                 name="bigmachine-events", daemon=True).start()
+
+        def unsubscribe():
+            with self._lock:
+                self._subscribers = [c for c in self._subscribers if c is not callback]
+        return unsubscribe
+
+    def _publish(self, m, kind, reason=None):
+        if self._subscribers and m.owned:
+            self._events.put(MachineEvent(kind, m, reason, dict(m.details), time.time()))
+
+    def _deliver_events(self, events):
+        _block_async_signals()
+        while True:
+            event = events.get()
+            if event is None:
+                return
+            for callback in self._subscribers:
+                try:
+                    callback(event)
+                except Exception:
+                    log.exception("a subscriber to machine events failed on %s", event)
+
+    def _health_changed(self, m):
+        """m's keepalive said it crossed the health line. Unhealthy (Go: more than 95% of its
+        memory in use) is when its heap is worth keeping: it may not live much longer."""
+        if m.healthy:
+            log.info("%s: healthy again", m.addr)
+            self._publish(m, "healthy")
+            return
+        seen = m._memory_seen or {}
+        log.warning("%s: unhealthy: %s of its memory in use; saving its heap and variables",
+                    m.addr, "%.0f%%" % seen["used_percent"] if "used_percent" in seen else "most")
+        self._publish(m, "unhealthy")
+        _background(self._save_diagnostics, m)
+
+    def _save_diagnostics(self, m):
+        """Save m's heap (tracemalloc's view) and its variables to files named after it, in
+        diagnostics_dir; log where. Returns the paths."""
+        import tempfile
+        directory = self.diagnostics_dir or tempfile.gettempdir()
+        stem = os.path.join(directory, "bigmachine-%s-%s-%s" % (
+            m.hostname, (m.addr.rstrip("/").rsplit(":", 1)[-1]).replace("/", "-"),
+            time.strftime("%Y%m%d-%H%M%S")))
+        paths = []
+        try:
+            os.makedirs(directory, exist_ok=True)
+            heap = m.options(timeout=60.0).call("Supervisor.heap", 200)
+            paths.append(_write_file(stem + ".heap.txt",
+                                     _format_heap([(m.addr, heap, None)], 200)))
+            variables = m.options(timeout=30.0).call("Supervisor.vars")
+            variables["memory"] = m._memory_seen
+            paths.append(_write_file(stem + ".vars.json", json.dumps(
+                variables, indent=2, sort_keys=True, default=repr)))
+        except Exception as e:
+            log.warning("%s: unhealthy, and its diagnostics could not all be saved: %s",
+                        m.addr, e)
+        if paths:
+            log.warning("%s: unhealthy: saved %s", m.addr, " and ".join(paths))
+        return paths
+
     # -- looking inside (see the Debug section) ------------------------------------------
 
     def profile(self, seconds: float = 30.0,
@@ -3749,6 +4092,16 @@ class B:
             raise Error("this session is shut down")
         return server.addr
 
+    def debug_wsgi(self, prefix: str = "/debug", *, allow_remote: bool = False):
+        """The debug pages (see `serve_debug`) as a WSGI application, to mount in one's own web
+        server under prefix: prefix + "/bigmachine/status" is the status page, prefix + "/vars"
+        the variables. The same code serves them as serve_debug's server, with the same checks:
+        requests must name a loopback host (Host:) unless allow_remote=True, for the pages have
+        no authentication of their own."""
+        if not isinstance(prefix, str) or (prefix and not prefix.startswith("/")):
+            raise ValueError("prefix is a URL path such as '/debug', not %r" % (prefix,))
+        return _DebugWSGI(self, prefix.rstrip("/"), allow_remote)
+
     # -- ending ---------------------------------------------------------------------------
 
     def shutdown(self, timeout: typing.Optional[float] = None) -> None:
@@ -3795,6 +4148,8 @@ class B:
             self.system.shutdown()
         self._client.close()
         _sessions.discard(self)
+        if self._events is not None:
+            self._events.put(None)            # the last event was the last machine stopping
 
     def _shutdown_machine(self, m, deadline):
         _block_async_signals()
@@ -3805,6 +4160,14 @@ class B:
             except Exception as e:
                 log.debug("%s: Supervisor.shutdown: %s", m.addr, e)
         self.system.terminate(m, deadline)
+
+
+def _write_file(path, text):
+    """Write text to path whole or not at all (a reader never sees half of it); returns path."""
+    with open(path + ".partial", "w") as f:
+        f.write(text)
+    os.replace(path + ".partial", path)
+    return path
 
 
 @contextlib.contextmanager
@@ -3912,16 +4275,27 @@ class TestSystem(System):
     Everything but the process boundary is real: certificates, connections, pickling of the
     services and of every call. `kill(machine)` ends a machine the way a crash would: its
     server and connections close, and calls fail with `NetworkError` until the keepalive gives
-    up on it."""
+    up on it.
+
+    For testing a framework's own fault handling: inject_failures=p makes each call to a
+    user's service fail, before it is sent, with a temporary `NetworkError` with probability p
+    (Go's rpc.InjectFailures); `wait(n)` waits until n machines have been started."""
 
     name = "test"
 
-    def __init__(self, *, maxprocs=1, **keepalive):
+    def __init__(self, *, maxprocs=1, inject_failures=0.0, **keepalive):
         super().__init__(**keepalive)
+        if isinstance(inject_failures, bool) or not isinstance(inject_failures, (int, float)) \
+                or not 0 <= inject_failures <= 1:
+            raise ValueError("inject_failures is a probability between 0 and 1, not %r"
+                             % (inject_failures,))
+        self.inject_failures = float(inject_failures)
         self._maxprocs = maxprocs
         self._lock = threading.Lock()
         self._live = {}                   # addr -> (Machine, _MachineProcess)
         self.exited = False               # a machine's watchdog (or shutdown) ended it
+        self._launched = 0                # machines started so far, for wait()
+        self._launches = threading.Condition(self._lock)
 
     def maxprocs(self):
         return self._maxprocs
@@ -3946,6 +4320,16 @@ class TestSystem(System):
         if entry is None:
             raise Error("machine %s was killed before it started" % machine.addr)
         entry[1].start()
+        with self._launches:
+            self._launched += 1
+            self._launches.notify_all()
+
+    def wait(self, n: int, timeout: typing.Optional[float] = None) -> int:
+        """Wait until n machines have been started (launched, whatever became of them since)
+        or timeout seconds pass; returns how many have."""
+        with self._launches:
+            self._launches.wait_for(lambda: self._launched >= n, timeout)
+            return self._launched
 
     def _exited(self, process, code):
         self.exited = True
@@ -4145,14 +4529,25 @@ class _ChildProcess:
         threading.Thread(target=self._wait, name="bigmachine-wait", daemon=True).start()
 
     def _wait(self):
+        cgroup = self.memory_cgroup_at_exit()
         code = self.proc.wait()
         for t in self._forwarders:
             t.join(2.0)                # print what it said before saying it stopped
         with contextlib.suppress(OSError):
             self.proc.stdin.close()
-        err = self.exit_error(code, _exit_reason(code), "".join(self.tail).rstrip())
+        why = code == -signal.SIGKILL and not self.expected_exit and _killed_for_memory(
+            cgroup, self.machine._memory_seen)
+        if why:
+            err = _out_of_memory("machine %s (pid %d)" % (self.machine.addr, self.proc.pid), why)
+        else:
+            err = self.exit_error(code, _exit_reason(code), "".join(self.tail).rstrip())
         err.exit_code = code
         self.machine._stop(err)
+
+    def memory_cgroup_at_exit(self):
+        """The memory cgroup the process dies in (for telling an OOM kill), or None: it waits
+        for the exit without reaping the process, whose /proc entry then still says."""
+        return None
 
     def exit_error(self, code, why, output):
         """The machine's err, for an exit of the process (code, described by why) that left
@@ -4239,6 +4634,13 @@ class _LocalProcess(_ChildProcess):
         super().__init__(machine, args, pass_fds=[fd], env=child_env)
         bootstrap = system.bootstrap(b, machine, credentials, fd)
         self._stdin_data = (json.dumps(bootstrap) + "\n").encode()
+
+    def memory_cgroup_at_exit(self):
+        try:
+            os.waitid(os.P_PID, self.proc.pid, os.WEXITED | os.WNOWAIT)
+        except (OSError, AttributeError):         # reaped already, or not Linux
+            return None
+        return _memory_cgroup(self.proc.pid)
 
     def start(self):
         for pipe in (self.proc.stdout, self.proc.stderr):
@@ -5316,19 +5718,79 @@ _EC2_USER_DATA = """#!/bin/sh
 # section). With BIGMACHINE_FAKE_EC2=1 it changes nothing on the host and exits where an
 # instance would power off.
 want=python@PYTHON@
+keep=@KEEP@
 if [ "$BIGMACHINE_FAKE_EC2" != 1 ]; then
-    systemctl set-default poweroff.target >/dev/null 2>&1    # a reboot ends the instance too
+    [ "$keep" = 1 ] || systemctl set-default poweroff.target >/dev/null 2>&1  # reboot ends it too
     command -v $want >/dev/null 2>&1 || dnf install -y -q $want || yum install -y -q $want
 fi
-python=$(command -v $want || command -v python3)
+@BOOT@python=$(command -v $want || command -v python3)
 umask 077
 "${python:-python3}" -u - <<'BIGMACHINE_BOOTSTRAP'
 @BOOTSTRAP@BIGMACHINE_BOOTSTRAP
 status=$?
-if [ "$BIGMACHINE_FAKE_EC2" != 1 ]; then
+if [ "$keep" = 1 ]; then
+    echo "bigmachine: keeping this instance (keep_instances=True); the machine exited: $status" >&2
+    [ "$BIGMACHINE_FAKE_EC2" != 1 ] || exec sleep 2147483647     # as an instance that stays
+elif [ "$BIGMACHINE_FAKE_EC2" != 1 ]; then
     shutdown -h now || systemctl poweroff || poweroff -f
 fi
 exit $status
+"""
+
+# What EC2System's data_gib, ssh_keys and boot_script add to the user data, before the
+# bootstrap runs. The data volume is Go's scratch disk: the instance's own NVMe instance
+# storage, striped when there are several, or else (data_gib) an EBS volume at /dev/sdb;
+# formatted and mounted at /mnt/data, with the machine's temporary files (TMPDIR) there.
+# In the test harness (BIGMACHINE_FAKE_EC2=1) /mnt/data is a directory in the instance's own.
+_EC2_DATA_SECTION = """data=/mnt/data
+if [ "$BIGMACHINE_FAKE_EC2" = 1 ]; then
+    data=$PWD/mnt/data
+    mkdir -p "$data"
+else
+    disks=
+    for d in /dev/nvme*n1; do
+        case $(cat /sys/block/${d#/dev/}/device/model 2>/dev/null) in
+            *"Instance Storage"*) disks="$disks $d";;
+        esac
+    done
+    if [ -z "$disks" ] && [ @EBS@ = 1 ]; then
+        for i in $(seq 120); do [ -e /dev/sdb ] || [ -e /dev/xvdb ] && break; sleep 1; done
+        disks=$(readlink -f /dev/sdb 2>/dev/null || readlink -f /dev/xvdb)
+    fi
+    set -- $disks
+    dev=$1
+    if [ $# -gt 1 ]; then
+        command -v mdadm >/dev/null 2>&1 || dnf install -y -q mdadm || yum install -y -q mdadm
+        mdadm --create /dev/md/bigmachine --level=0 --raid-devices=$# --run "$@" &&
+            dev=/dev/md/bigmachine
+    fi
+    if [ -n "$dev" ]; then
+        mkdir -p $data
+        { mkfs.xfs -q -f "$dev" || mkfs.ext4 -q -F "$dev"; } && mount -o noatime "$dev" $data ||
+            echo "bigmachine: could not make the data volume on $dev" >&2
+    fi
+fi
+if mountpoint -q $data 2>/dev/null || [ "$BIGMACHINE_FAKE_EC2" = 1 ]; then
+    mkdir -p "$data/tmp" && chmod 1777 "$data/tmp" && export TMPDIR="$data/tmp"
+fi
+"""
+
+_EC2_SSH_KEYS_SECTION = """home=$(getent passwd 1000 | cut -d: -f6)
+owner=$(getent passwd 1000 | cut -d: -f1)
+[ "$BIGMACHINE_FAKE_EC2" != 1 ] || home=$HOME
+if [ -n "$home" ]; then
+    mkdir -p "$home/.ssh" && chmod 700 "$home/.ssh"
+    cat >> "$home/.ssh/authorized_keys" <<'BIGMACHINE_SSH_KEYS'
+@KEYS@
+BIGMACHINE_SSH_KEYS
+    chmod 600 "$home/.ssh/authorized_keys"
+    [ "$BIGMACHINE_FAKE_EC2" = 1 ] || chown -R "$owner:" "$home/.ssh"
+fi
+"""
+
+_EC2_BOOT_SCRIPT_SECTION = """sh -s <<'BIGMACHINE_BOOT_SCRIPT' || echo "bigmachine: boot_script failed: $?" >&2
+@SCRIPT@
+BIGMACHINE_BOOT_SCRIPT
 """
 
 _EC2_USER_DATA_LIMIT = 16384          # bytes: EC2's limit, before base64
@@ -5567,9 +6029,11 @@ def _ec2_boot(settings):
 _ec2_boot_functions = None
 
 
-def _ec2_user_data(session, port, wait, driver_pem, credentials):
+def _ec2_user_data(session, port, wait, driver_pem, credentials, boot="", keep=False):
     """The user data of an EC2 machine: the script of the section's introduction, around the
-    bootstrap and the settings it runs with (this machine's credentials among them)."""
+    bootstrap and the settings it runs with (this machine's credentials among them). boot is
+    shell run before the bootstrap (`EC2System._boot_section`); keep leaves the instance up
+    when the machine exits."""
     import hashlib
     global _ec2_boot_functions
     if _ec2_boot_functions is None:
@@ -5588,6 +6052,7 @@ def _ec2_user_data(session, port, wait, driver_pem, credentials):
     bootstrap = ('import base64, sys, zlib\nexec(zlib.decompress(base64.b64decode("""\n%s""")))\n'
                  'sys.exit(_ec2_boot(%r))\n' % (_ec2_boot_functions, settings))
     text = (_EC2_USER_DATA.replace("@SESSION@", session).replace("@PYTHON@", PYTHON)
+            .replace("@KEEP@", "1" if keep else "0").replace("@BOOT@", boot)
             .replace("@BOOTSTRAP@", bootstrap))
     size = len(text.encode("utf-8"))
     if size > _EC2_USER_DATA_LIMIT:
@@ -5657,7 +6122,11 @@ class EC2System(System):
     install. region defaults to the AWS configuration's. instance_profile (a name or an ARN),
     security_groups (ids or names; default: one of the system's own that admits TCP to port),
     subnet, key_name, tags (more instance tags) and disk_gib (the root volume, gp3) go into each
-    launch. Machines listen on port. address=f maps an instance (as describe_instances gives it)
+    launch. For real work (see the README): the instance's NVMe instance storage, striped,
+    or else data_gib GiB of EBS (gp3), is mounted at /mnt/data with the machine's temporary
+    files there; boot_script is shell run as root before the machine starts; ssh_keys are
+    public keys let in as the image's default user; keep_instances=True leaves instances up
+    when their machines exit, for a person to look into (`ec2 kill` ends them). Machines listen on port. address=f maps an instance (as describe_instances gives it)
     to the (host, port) to reach it at, or None while that is not known; it may be given as
     "module:function". `system.ec2` is the boto3 EC2 client it uses. On the command line: --bigm.system=ec2, with --bigm.ec2type=TYPE,
     --bigm.ec2ondemand, --bigm.ec2spotonly, --bigm.ec2region=REGION, --bigm.ec2ami=AMI,
@@ -5675,8 +6144,28 @@ class EC2System(System):
 
     def __init__(self, instance_type="m5.large", *, on_demand=False, spot_only=False, ami=None,
                  region=None, instance_profile=None, security_groups=None, subnet=None,
-                 key_name=None, disk_gib=50, tags=None, port=443, address=None, **keepalive):
+                 key_name=None, disk_gib=50, tags=None, port=443, address=None,
+                 data_gib=None, boot_script=None, ssh_keys=(), keep_instances=False,
+                 **keepalive):
         super().__init__(**keepalive)
+        if data_gib is not None and (isinstance(data_gib, bool) or not isinstance(
+                data_gib, int) or data_gib < 1):
+            raise ValueError("data_gib must be a positive whole number of GiB, or None, not %r"
+                             % (data_gib,))
+        if boot_script is not None and (not isinstance(boot_script, str) or
+                                        "BIGMACHINE_BOOT_SCRIPT" in boot_script):
+            raise ValueError("boot_script is shell script text (without the line "
+                             "BIGMACHINE_BOOT_SCRIPT), not %r" % (boot_script,))
+        if isinstance(ssh_keys, str):
+            ssh_keys = [ssh_keys]
+        ssh_keys = [key.strip() for key in ssh_keys]
+        for key in ssh_keys:
+            if not key or "\n" in key or len(key.split()) < 2 or not key.split()[0].startswith(
+                    ("ssh-", "ecdsa-", "sk-")):
+                raise ValueError("ssh_keys are OpenSSH public keys, one line each, such as the "
+                                 "contents of ~/.ssh/id_ed25519.pub, not %r" % (key,))
+        self.data_gib, self.boot_script = data_gib, boot_script
+        self.ssh_keys, self.keep_instances = ssh_keys, bool(keep_instances)
         if not isinstance(instance_type, str) or not instance_type.strip():
             raise ValueError("instance_type is an EC2 instance type such as 'm5.large', not %r"
                              % (instance_type,))
@@ -5732,6 +6221,7 @@ class EC2System(System):
         self._seen = {}                   # instance id -> its latest description
         self._wanted = set()              # instance ids to describe in the next round
         self._fresh = {}                  # instance id -> the round that last described it
+        self._markets = {}                # instance id -> "spot" or "on-demand", until launch
         self._round = 0
         self._monitor = None
 
@@ -5902,6 +6392,10 @@ class EC2System(System):
                                 "DeleteOnTermination": True}}],
                     "SecurityGroupIds": self._security_group_ids(),
                 }
+                if self.data_gib:
+                    spec["BlockDeviceMappings"].append({"DeviceName": "/dev/sdb", "Ebs": {
+                        "VolumeSize": self.data_gib, "VolumeType": "gp3",
+                        "DeleteOnTermination": True}})
                 if self.subnet:
                     spec["SubnetId"] = self.subnet
                 if self.key_name:
@@ -5927,6 +6421,19 @@ class EC2System(System):
             self.vcpus = info["VCpuInfo"]["DefaultVCpus"]
             self._spec = spec
             return spec
+
+    def _boot_section(self):
+        """The shell the user data runs before the bootstrap: the data volume, people's SSH
+        keys, the user's boot script (see _EC2_DATA_SECTION)."""
+        info = self._types.get((self.region, self.instance_type)) or {}
+        parts = []
+        if self.data_gib or info.get("InstanceStorageSupported"):
+            parts.append(_EC2_DATA_SECTION.replace("@EBS@", "1" if self.data_gib else "0"))
+        if self.ssh_keys:
+            parts.append(_EC2_SSH_KEYS_SECTION.replace("@KEYS@", "\n".join(self.ssh_keys)))
+        if self.boot_script:
+            parts.append(_EC2_BOOT_SCRIPT_SECTION.replace("@SCRIPT@", self.boot_script.rstrip()))
+        return "".join(parts)
 
     def _tag_specifications(self):
         program = os.path.basename(sys.argv[0] if sys.argv and sys.argv[0] else "python")
@@ -5973,8 +6480,11 @@ class EC2System(System):
         deadline = time.monotonic() + self.boot_timeout
         credentials = b._authority.issue("bigmachine ec2 machine", server=True, client=True)
         user_data = _ec2_user_data(self.session, self.port, self.lease,
-                                   b._credentials.cert_pem, credentials)
+                                   b._credentials.cert_pem, credentials,
+                                   boot=self._boot_section(), keep=self.keep_instances)
         instance_id = self._run_instance(user_data, batch)
+        machine.details.update(instance_id=instance_id, instance_type=self.instance_type,
+                               market=self._markets.pop(instance_id, None))
         with self._cond:
             self._ids[machine] = instance_id
             self._machines[instance_id] = machine
@@ -6018,6 +6528,8 @@ class EC2System(System):
                 continue
             instance = reply["Instances"][0]
             log.debug("launched %s instance %s", market, instance["InstanceId"])
+            with self._cond:
+                self._markets[instance["InstanceId"]] = market
             return instance["InstanceId"]
         raise Error("cannot launch an EC2 instance of type %s in %s: %s"
                     % (self.instance_type, self.region, "; ".join(failures)))
@@ -6145,8 +6657,12 @@ class EC2System(System):
             if not expected:
                 self.keepalive_failed(machine, None)      # is the instance still there?
             return
+        why = status in (137, -signal.SIGKILL) and not expected and _killed_for_memory(
+            None, machine._memory_seen, local=False)
         if expected and status == 0:
             err = Error("machine %s was shut down" % machine.addr)
+        elif why:
+            err = _out_of_memory("machine %s (instance %s)" % (machine.addr, instance_id), why)
         else:
             err = Error("machine %s (instance %s) %s%s" % (
                 machine.addr, instance_id, _exit_reason(status),
@@ -6166,6 +6682,13 @@ class EC2System(System):
 
     def _terminate(self, ids):
         ids = sorted(set(ids))
+        if self.keep_instances:
+            log.warning("keeping EC2 instance%s %s (keep_instances=True); to end them: python "
+                        "bigmachine.py ec2 kill --session %s", "s" if len(ids) > 1 else "",
+                        ", ".join(ids), self.session)
+            with self._cond:
+                self._terminated.update(ids)
+            return
         try:
             self.ec2.terminate_instances(InstanceIds=ids)
         except self._errors as e:
@@ -6892,6 +7415,64 @@ def _machine_facts():
     return facts
 
 
+class MemInfo(typing.NamedTuple):
+    """A machine's memory (Go's MemInfo), in bytes; None where its platform does not tell.
+    total, available and used are the host's; rss is the machine process's resident set
+    (on a platform without /proc, its peak, and rss_is_peak is true)."""
+
+    total: typing.Optional[int]
+    available: typing.Optional[int]
+    used: typing.Optional[int]
+    rss: typing.Optional[int]
+    rss_is_peak: bool = False
+
+    @property
+    def used_fraction(self) -> typing.Optional[float]:
+        """used / total: what makes a machine unhealthy above 0.95 (Go's threshold)."""
+        return self.used / self.total if self.total else None
+
+
+class DiskInfo(typing.NamedTuple):
+    """The disk of a machine's working directory (Go's DiskInfo), in bytes."""
+
+    path: str
+    total: int
+    free: int
+    used: int
+
+    @property
+    def used_fraction(self) -> float:
+        return self.used / self.total if self.total else 0.0
+
+
+class LoadInfo(typing.NamedTuple):
+    """A machine's 1, 5 and 15-minute load averages (Go's LoadInfo), and its processors."""
+
+    load1: float
+    load5: float
+    load15: float
+    cpus: int
+
+
+def _mem_info(facts):
+    memory = facts.get("memory") or {}
+    total, available = memory.get("total"), memory.get("available")
+    rss = facts.get("rss", facts.get("max_rss"))
+    return MemInfo(total, available, None if total is None else total - available, rss,
+                   "rss" not in facts and rss is not None)
+
+
+def _disk_info(facts):
+    disk = facts.get("disk")
+    return None if disk is None else DiskInfo(disk["path"], disk["total"], disk["free"],
+                                              disk["used"])
+
+
+def _load_info(facts):
+    load = facts.get("load")
+    return None if load is None else LoadInfo(load[0], load[1], load[2], facts["cpus"])
+
+
 # --------------------------------------------------------------------------------------
 # Logs: machine output and logging records, to the driver
 # --------------------------------------------------------------------------------------
@@ -7114,8 +7695,26 @@ _INDEX = [
 ]
 
 
+# Go's pprof offers these kinds of profile; the index says which exist here, and what each
+# kind that has no Python equivalent would have been, rather than answer 404.
+_PPROF_MISSING = [
+    ("allocs", "tracemalloc traces the memory held now, not every past allocation: see heap"),
+    ("block", "Python does not record where threads block on synchronization; the stacks "
+              "show where each thread waits now"),
+    ("mutex", "Python's locks record no contention"),
+    ("threadcreate", "Python does not record where threads were created"),
+    ("trace", "there is no execution tracer; sys.setprofile would slow every call"),
+]
+_PPROF_KINDS = [
+    ("profile", "profile?seconds=30", "CPU: sampled on every machine, merged (pstats)"),
+    ("heap", "heap", "memory held, by allocation site (tracemalloc)"),
+    ("goroutine", "goroutine", "every thread's stack (Python's threads for goroutines)"),
+] + [(kind, kind, "none: " + why) for kind, why in _PPROF_MISSING]
+
+
 class _DebugPages:
-    """The debug pages: an http.server.BaseHTTPRequestHandler (see _debug_server)."""
+    """The debug pages: an http.server.BaseHTTPRequestHandler (see _debug_server), or one
+    WSGI request (`_DebugWSGIRequest`); both go through do_GET."""
 
     def log_message(self, format, *args):
         log.debug("debug page: %s: " + format, self.address_string(), *args)
@@ -7141,6 +7740,8 @@ class _DebugPages:
             "/debug/bigmachine/stacks": self._stacks,
             "/debug/vars": self._vars,
         }
+        for kind, _ in _PPROF_MISSING:
+            routes["/debug/bigmachine/pprof/" + kind] = functools.partial(self._no_equivalent, kind)
         route = routes.get(url.path)
         if route is None:
             if url.path + "/" in routes:
@@ -7213,13 +7814,21 @@ class _DebugPages:
             rows.append("<tr><td><span class=mono>%s</span> <span class='state %s'>%s</span>"
                         "</td><td>%s</td></tr>" % (html.escape(m.addr), m.state.name,
                                                   m.state.name, links(machine=m.addr)))
+        kinds = "".join("<tr><td>%s</td><td>%s</td></tr>" % (
+            _link(path, kind), html.escape(what))
+            for kind, path, what in _PPROF_KINDS)
         body = ("<p>A CPU profile is sampled (%d times a second, by each thread's CPU time where "
                 "the platform tells it) on every machine at once and merged into one file in "
                 "pstats' format: <code>python3 -m pstats FILE</code>, snakeviz and gprof2dot "
                 "read it. Its ncalls column counts samples, not calls. The heap is "
                 "tracemalloc's, started on a machine when first asked for.</p>"
-                "<table><tbody>%s</tbody></table>" % (_DEFAULT_HZ, "".join(rows)))
+                "<table><tbody>%s</tbody></table>"
+                "<h2>Go's profile kinds, here</h2><table><tbody>%s</tbody></table>"
+                % (_DEFAULT_HZ, "".join(rows), kinds))
         self._send(200, "text/html", _page("bigmachine profiles", body))
+
+    def _no_equivalent(self, kind, query):
+        self._send(501, "text/plain", "no %s profile: %s\n" % (kind, dict(_PPROF_MISSING)[kind]))
 
     def _profile(self, query):
         try:
@@ -7285,6 +7894,88 @@ class _DebugPages:
         except ValueError:
             raise _PageError(400, "refresh is a number of seconds") from None
         self._send(200, "text/html", _status_page(self.server.b, refresh))
+
+
+class _DebugWSGIHeaders(dict):
+    """A WSGI request's HTTP headers, looked up by name in any case, as http.server's are."""
+
+    def get(self, name, default=None):
+        return super().get(name.lower(), default)
+
+
+class _DebugWSGIRequest(_DebugPages):
+    """One request to `B.debug_wsgi`'s application: it offers what _DebugPages uses of
+    http.server's handler (server, headers, path, send_response...), so that the pages and
+    their checks are the built-in server's own, and collects the reply for WSGI."""
+
+    def __init__(self, app, environ, path):
+        self.server = app
+        self.environ = environ
+        self.path = path + ("?" + environ["QUERY_STRING"] if environ.get("QUERY_STRING") else "")
+        headers = _DebugWSGIHeaders((key[5:].replace("_", "-").lower(), value)
+                                    for key, value in environ.items() if key.startswith("HTTP_"))
+        for key in ("CONTENT_TYPE", "CONTENT_LENGTH"):
+            if environ.get(key):
+                headers[key.replace("_", "-").lower()] = environ[key]
+        self.headers = headers
+        self.wfile = io.BytesIO()
+        self.status, self.reply_headers = "500 Internal Server Error", []
+
+    def address_string(self):
+        return self.environ.get("REMOTE_ADDR", "-")
+
+    def send_response(self, code, message=None):
+        import http
+        try:
+            message = message or http.HTTPStatus(code).phrase
+        except ValueError:
+            message = message or "Status"
+        self.status = "%d %s" % (code, message)
+
+    def send_header(self, name, value):
+        self.reply_headers.append((name, str(value)))
+
+    def end_headers(self):
+        pass
+
+
+class _DebugWSGI:
+    """The debug pages as a WSGI application: see `B.debug_wsgi`."""
+
+    def __init__(self, b, prefix, allow_remote):
+        self.b, self.prefix, self.allow_remote = b, prefix, allow_remote
+
+    def __repr__(self):
+        return "<bigmachine debug pages at %s>" % (self.prefix or "/")
+
+    def __call__(self, environ, start_response):
+        path = environ.get("SCRIPT_NAME", "") + (environ.get("PATH_INFO", "") or "/")
+        if path != self.prefix and not path.startswith(self.prefix + "/"):
+            body = ("not a bigmachine debug page: %s (they are under %s)\n"
+                    % (path, self.prefix or "/")).encode()
+            start_response("404 Not Found", [("Content-Type", "text/plain; charset=utf-8"),
+                                             ("Content-Length", str(len(body)))])
+            return [body]
+        # The pages know themselves under /debug: the rest of the path is theirs.
+        rest = path[len(self.prefix):]
+        path = "/debug" + rest if rest not in ("", "/") else "/debug/bigmachine/"
+        request = _DebugWSGIRequest(self, environ, path)
+        if environ.get("REQUEST_METHOD", "GET") in ("GET", "HEAD"):
+            request.do_GET()
+        else:
+            request._send(405, "text/plain", "the debug pages answer GET only\n",
+                          [("Allow", "GET, HEAD")])
+        body = request.wfile.getvalue()
+        headers = request.reply_headers
+        if self.prefix != "/debug":
+            # Links between the pages name /debug/...: name them where the pages are mounted.
+            if any(k == "Content-Type" and v.startswith("text/html") for k, v in headers):
+                body = body.replace(b'href="/debug/', ('href="%s/' % self.prefix).encode())
+            headers = [(k, self.prefix + v[len("/debug"):] if k == "Location" and
+                        v.startswith("/debug") else v) for k, v in headers]
+            headers = [(k, str(len(body)) if k == "Content-Length" else v) for k, v in headers]
+        start_response(request.status, headers)
+        return [] if environ.get("REQUEST_METHOD") == "HEAD" else [body]
 
 
 def _loopback_host_header(value):
@@ -7435,26 +8126,25 @@ def _status_page(b, refresh):
             _duration(result["uptime"]), result["pid"], result["threads"],
             "" if result["threads"] == 1 else "s"))
         cells.append("<td>%s</td>" % keepalive)
-        memory = result.get("memory")
-        rss = result.get("rss", result.get("max_rss"))
+        # The same typed facts that m.mem_info(), m.disk_info() and m.load_info() return.
+        memory, disk, load = _mem_info(result), _disk_info(result), _load_info(result)
         text = "<span class=num>%s</span> <span class=dim>%s</span>" % (
-            _bytes(rss), "resident" if "rss" in result else "at most") if rss is not None else ""
-        if memory:
-            used = 1 - memory["available"] / memory["total"]
+            _bytes(memory.rss), "at most" if memory.rss_is_peak else "resident"
+        ) if memory.rss is not None else ""
+        if memory.total:
+            used = memory.used_fraction
             text += "%s<div class=dim>host %d%% of %s used</div>" % (
-                _bar(used), round(100 * used), _bytes(memory["total"]))
+                _bar(used), round(100 * used), _bytes(memory.total))
         cells.append("<td>%s</td>" % (text or "<span class=dim>?</span>"))
-        disk = result.get("disk")
         if disk:
-            used = disk["used"] / disk["total"] if disk["total"] else 0
+            used = disk.used_fraction
             cells.append("<td><span class=num>%s free</span>%s<div class=dim>%d%% of %s used</div>"
-                         "</td>" % (_bytes(disk["free"]), _bar(used), round(100 * used),
-                                    _bytes(disk["total"])))
+                         "</td>" % (_bytes(disk.free), _bar(used), round(100 * used),
+                                    _bytes(disk.total)))
         else:
             cells.append("<td class=dim>?</td>")
-        load = result.get("load")
         cells.append("<td class=num>%s<div class=dim>%d cpu%s &middot; %s cpu time</div></td>" % (
-            " ".join("%.2f" % x for x in load) if load else "?", result["cpus"],
+            " ".join("%.2f" % x for x in load[:3]) if load else "?", result["cpus"],
             "" if result["cpus"] == 1 else "s", _duration(result["cpu_seconds"])))
         cells.append("<td class=num>%d<div class=dim>%s%d running</div></td>" % (
             result["calls"], "<span class=bad>%d errors</span> &middot; " % result["errors"]

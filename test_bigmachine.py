@@ -1704,6 +1704,11 @@ class FakeEC2:
         self.bin = directory / "bin"
         self.bin.mkdir()
         (self.bin / ("python" + bigmachine.PYTHON)).symlink_to(sys.executable)
+        # The few commands of an image that the user data's optional sections use.
+        for tool in ("sh", "mkdir", "chmod", "cat", "cut", "getent", "id", "sleep", "mountpoint"):
+            found = shutil.which(tool)
+            if found:
+                (self.bin / tool).symlink_to(found)
         self.instances = {}           # instance id -> {proc, port, dir, ended}
         self.errors = []
         self.lock = threading.Lock()
@@ -5015,3 +5020,457 @@ def test_other_pythons_isolated_with_unwritable_home(python, memfd, tmp_path):
     )
     assert result.returncode == 0 and result.stdout.startswith("OK"), result.stderr
     assert os.listdir(str(tmpdir)) == []
+
+
+# ======================================================================================
+# What a framework needs from its cluster (issue 16): retried streams, where errors
+# happened, typed machine facts, health and out-of-memory, events, testing tools, debug
+# pages inside the application, EC2 for real work
+# ======================================================================================
+
+class Temporarily(Exception):
+    """A user's own exception that says retrying can help."""
+
+    def __init__(self, text):
+        super().__init__(text)
+        self.temporary = True
+
+
+class Framework:
+    """A service of the kind a framework installs: it reads streams, fails for a while, and
+    calls other machines."""
+
+    def __init__(self):
+        self.attempts = collections.Counter()
+        self.b = None
+
+    def init(self, b):
+        self.b = b
+
+    def read_after_failures(self, key, failures, stream):
+        """Read the stream; fail (temporarily) the first failures times, having read part."""
+        self.attempts[key] += 1
+        head = stream.read(10)
+        if self.attempts[key] <= failures:
+            raise Temporarily("attempt %d of %s" % (self.attempts[key], key))
+        return hashlib.sha256(head + stream.read()).hexdigest(), self.attempts[key]
+
+    def flaky(self, key, failures, temporary=True):
+        self.attempts[key] += 1
+        if self.attempts[key] <= failures:
+            error = Temporarily("attempt %d of %s" % (self.attempts[key], key))
+            error.temporary = temporary
+            raise error
+        return self.attempts[key]
+
+    def attempts_of(self, key):
+        return self.attempts[key]
+
+    def call_other(self, addr, method, *args):
+        return self.b.dial(addr).options(timeout=5.0).call(method, *args)
+
+    def allocate(self, mib):
+        self.held = [bytearray(1 << 20) for _ in range(mib)]
+        for chunk in self.held:
+            chunk[::4096] = b"x" * len(chunk[::4096])      # touch every page
+        return len(self.held)
+
+    def fill_memory_to(self, fraction):
+        """Hold memory until this machine's cgroup uses fraction of its limit."""
+        cgroup = bigmachine._memory_cgroup()
+        v2 = os.path.exists(os.path.join(cgroup, "memory.events"))
+        limit = bigmachine._cgroup_number(cgroup, "memory.max" if v2 else "memory.limit_in_bytes")
+        self.filled = getattr(self, "filled", [])
+        while True:
+            usage = bigmachine._cgroup_number(
+                cgroup, "memory.current" if v2 else "memory.usage_in_bytes")
+            if usage >= fraction * limit:
+                return usage / limit
+            self.filled.append(bytearray(b"x" * (256 << 10)))
+
+    def sleep_then_note(self, seconds, path):
+        try:
+            bigmachine.current_call().wait(seconds)
+        finally:
+            with open(path, "w") as f:
+                f.write("finally ran")
+
+    def tmpdir(self):
+        import tempfile
+        return tempfile.gettempdir(), os.environ.get("TMPDIR")
+
+
+def test_framework_stream_argument_is_reopened_for_each_retry(tb, tmp_path):
+    path = tmp_path / "data"
+    data = os.urandom(1 << 20)
+    path.write_bytes(data)
+    opened = []
+
+    def opener():
+        opened.append(1)
+        return open(str(path), "rb")
+
+    m, = running(tb, 1, {"F": Framework()})
+    # A user's exception with temporary=True is retried like the library's own.
+    digest, attempts = m.options(backoff=bigmachine.Backoff(0.01, 0.05)).retry_call(
+        "F.read_after_failures", "a", 2, bigmachine.Stream(opener))
+    assert digest == hashlib.sha256(data).hexdigest() and attempts == 3 and len(opened) == 3
+    # A plain file is spent by the first attempt: the second one reads nothing of it.
+    with open(str(path), "rb") as f:
+        with pytest.raises(Exception) as info:
+            m.options(backoff=bigmachine.Backoff(0.01, 0.05)).retry_call(
+                "F.read_after_failures", "b", 1, f)
+    assert isinstance(info.value, ValueError) and "closed file" in str(info.value)
+    # An exception whose temporary attribute is false is raised at once.
+    with pytest.raises(Temporarily):
+        m.retry_call("F.flaky", "c", 5, temporary=False)
+    assert m.call("F.attempts_of", "c") == 1
+    with pytest.raises(TypeError, match="opens the data"):
+        bigmachine.Stream(b"not a function")
+    with pytest.raises(TypeError, match="readable binary file"):
+        m.call("F.read_after_failures", "d", 0, bigmachine.Stream(lambda: "text"))
+
+
+def test_framework_errors_say_where_they_happened(lb):
+    m1, m2 = running(lb, 2, {"F": Framework()})
+    # A library error raised on the machine: remote, and it names the machine.
+    with pytest.raises(bigmachine.NotFound) as info:
+        m1.call("F.nothing")
+    assert info.value.remote and info.value.machine == m1.addr and m1.addr in str(info.value)
+    pid2 = m2.call("Supervisor.getpid")
+    assert m1.call("F.call_other", m2.addr, "Supervisor.getpid") == pid2
+    os.kill(pid2, signal.SIGKILL)
+    assert m2.wait(STOPPED, timeout=30) is STOPPED
+    local = m2.err
+    assert isinstance(local, bigmachine.Error) and not local.remote and local.machine is None
+    # Machine 1's call to the dead machine 2 fails on machine 1: the driver hears of it as a
+    # remote error, which names machine 1, and not as its own connection to machine 1 failing.
+    with pytest.raises(bigmachine.Error) as info:
+        m1.call("F.call_other", m2.addr, "Supervisor.getpid")
+    error = info.value
+    assert error.remote and error.machine == m1.addr, (error, error.machine)
+    assert m1.addr in str(error) and m2.addr in str(error)
+    assert m1.state is RUNNING and m1.call("Supervisor.getpid") != pid2
+
+
+def test_framework_machine_facts_are_typed(tb):
+    m, = running(tb, 1, {"F": Framework()})
+    memory, disk, load = m.mem_info(), m.disk_info(), m.load_info()
+    assert isinstance(memory, bigmachine.MemInfo)
+    with open("/proc/meminfo") as f:
+        total = int(f.readline().split()[1]) * 1024
+    assert memory.total == total and 0 < memory.available <= memory.total
+    assert memory.used == memory.total - memory.available and 0 < memory.used_fraction < 1
+    assert memory.rss > 1 << 20 and not memory.rss_is_peak
+    usage = shutil.disk_usage(os.getcwd())
+    assert isinstance(disk, bigmachine.DiskInfo) and disk.path == os.getcwd()
+    assert disk.total == usage.total and disk.used + disk.free <= disk.total
+    assert isinstance(load, bigmachine.LoadInfo) and load.cpus == os.cpu_count()
+    assert all(x >= 0 for x in load[:3]) and load._fields == ("load1", "load5", "load15", "cpus")
+    # The status page shows the same facts.
+    page = bigmachine._status_page(tb, 0)
+    assert "of %s used" % bigmachine._bytes(memory.total) in page
+    assert "%% of %s used" % bigmachine._bytes(disk.total) in page
+
+
+def test_framework_testsystem_injects_failures_and_waits(tmp_path):
+    with pytest.raises(ValueError, match="probability"):
+        bigmachine.TestSystem(inject_failures=1.5)
+    system = bigmachine.TestSystem(inject_failures=0.5, **FAST)
+    with bigmachine.start(system) as b:
+        assert system.wait(0) == 0
+        machines = b.start(2, {"F": Framework()})
+        assert system.wait(2, timeout=30) == 2
+        assert system.wait(3, timeout=0.05) == 2
+        for m in machines:
+            assert m.wait(RUNNING, timeout=30) is RUNNING
+        m = machines[0]
+        failed = 0
+        for i in range(60):
+            try:
+                m.call("F.flaky", "never", 0)
+            except bigmachine.NetworkError as e:
+                assert e.temporary and "injected" in str(e)
+                failed += 1
+        assert 0 < failed < 60
+        # The failures happen before a call is sent; retry_call gets through them.
+        assert m.options(backoff=bigmachine.Backoff(0.001, 0.002)).retry_call(
+            "F.attempts_of", "never") == 60 - failed
+        for i in range(20):
+            assert m.options(backoff=bigmachine.Backoff(0.001, 0.002)).retry_call(
+                "F.flaky", "r%d" % i, 0) == 1
+        assert m.state is RUNNING           # the keepalives were not failed
+
+
+def test_framework_machine_shuts_down_gracefully(lb, tmp_path):
+    m1, m2 = running(lb, 2, {"F": Framework()})
+    pid = m1.call("Supervisor.getpid")
+    note = tmp_path / "note"
+    future = m1.call_async("F.sleep_then_note", 60, str(note))
+    eventually(lambda: m1.call("Supervisor.status")["in_flight"] == 1, what="the call to run")
+    mask = signal.pthread_sigmask(signal.SIG_BLOCK, [])
+    m1.shutdown()
+    assert signal.pthread_sigmask(signal.SIG_BLOCK, []) == mask     # Ctrl-C still reaches us
+    assert m1.state is STOPPED and "shut down" in str(m1.err)
+    assert note.read_text() == "finally ran"            # its call was cancelled, not dropped
+    with pytest.raises((bigmachine.Cancelled, bigmachine.MachineStopped, bigmachine.NetworkError)):
+        future.result(timeout=30)
+    assert not _alive(pid)
+    assert m2.state is RUNNING and m2.call("F.flaky", "x", 0) == 1
+    with pytest.raises(bigmachine.Error, match="dialed"):
+        m1._b.dial("https://127.0.0.1:1/").shutdown()
+
+
+def test_framework_events_say_what_happens_to_machines(tb):
+    events = []
+    arrived = threading.Condition()
+
+    def hear(event):
+        with arrived:
+            events.append(event)
+            arrived.notify_all()
+
+    unsubscribe = tb.subscribe(hear)
+    m1, m2 = running(tb, 2, {"F": Framework()})
+    tb.system.kill(m2)
+    with arrived:
+        assert arrived.wait_for(lambda: any(e.kind == "stopped" for e in events), timeout=30)
+    m1.cancel()
+    with arrived:
+        assert arrived.wait_for(lambda: sum(e.kind == "stopped" for e in events) == 2, 30)
+    kinds = {m: [e.kind for e in events if e.machine is m] for m in (m1, m2)}
+    assert kinds[m1] == kinds[m2] == ["starting", "running", "stopped"]
+    stopped = {e.machine: e for e in events if e.kind == "stopped"}
+    assert stopped[m2].reason is m2.err and "keepalive" in str(m2.err)
+    assert isinstance(stopped[m1].reason, bigmachine.Cancelled)
+    assert all(isinstance(e, bigmachine.MachineEvent) and e.time > 0 for e in events)
+    unsubscribe()
+    running(tb, 1, {"F": Framework()})
+    assert len(events) == 6
+    with pytest.raises(TypeError, match="MachineEvent"):
+        tb.subscribe("not a function")
+
+
+
+def test_framework_unhealthy_machine_has_its_heap_and_variables_saved(tb, tmp_path,
+                                                                       monkeypatch):
+    events = []
+    tb.subscribe(events.append)
+    tb.diagnostics_dir = str(tmp_path / "diagnostics")
+    m, = running(tb, 1, {"F": Framework()})
+    bigmachine.publish("framework.test", {"phase": "unhealthy"})
+    try:
+        # The machines of a TestSystem run in this process: lowering the line makes the next
+        # keepalive report the memory in use now as past it.
+        monkeypatch.setattr(bigmachine.Supervisor, "_HEALTH_LIMIT", -1.0)
+        eventually(lambda: any(e.kind == "unhealthy" for e in events), 30, "unhealthy")
+        assert not m.healthy
+        def saved():
+            return sorted(n for n in os.listdir(tb.diagnostics_dir) if n.endswith((".txt", ".json")))
+        eventually(lambda: len(saved()) == 2, 30, "diagnostics")
+        heap, variables = saved()
+        assert heap.endswith(".heap.txt") and variables.endswith(".vars.json")
+        text = (tmp_path / "diagnostics" / heap).read_text()
+        assert m.addr in text and "KiB" in text or "MiB" in text or "B " in text
+        saved = json.loads((tmp_path / "diagnostics" / variables).read_text())
+        assert saved["framework.test"] == {"phase": "unhealthy"}
+        assert saved["memory"]["used_percent"] >= 0 and "rpc.server" in saved
+        monkeypatch.setattr(bigmachine.Supervisor, "_HEALTH_LIMIT", 101.0)
+        eventually(lambda: any(e.kind == "healthy" for e in events), 30, "healthy again")
+        assert m.healthy and m.state is RUNNING
+    finally:
+        bigmachine.unpublish("framework.test")
+
+
+@contextlib.contextmanager
+def memory_cgroup(limit):
+    """A memory cgroup of its own with that limit in bytes (v1 or v2); skips the test where
+    this process may not make one."""
+    for parent, limit_file in (("/sys/fs/cgroup/memory", "memory.limit_in_bytes"),
+                               ("/sys/fs/cgroup", "memory.max")):
+        if os.path.exists(os.path.join(parent, limit_file if parent.endswith("memory")
+                                       else "cgroup.subtree_control")):
+            directory = os.path.join(parent, "bigmachine-test-%d" % os.getpid())
+            try:
+                os.mkdir(directory)
+            except OSError:
+                continue
+            try:
+                with open(os.path.join(directory, limit_file), "w") as f:
+                    f.write(str(limit))
+            except OSError:
+                os.rmdir(directory)
+                continue
+            try:
+                yield directory
+            finally:
+                deadline = time.monotonic() + 10
+                while True:
+                    try:
+                        os.rmdir(directory)
+                        break
+                    except OSError:
+                        if time.monotonic() > deadline:
+                            raise
+                        time.sleep(0.05)
+            return
+    pytest.skip("cannot make a memory cgroup here (needs root and a writable cgroup fs)")
+
+
+def test_framework_machine_killed_for_memory_says_out_of_memory(tmp_path, lb):
+    with memory_cgroup(96 << 20) as cgroup:
+        # The machines' interpreter runs them in the cgroup, as a batch system would.
+        python = tmp_path / "python-in-cgroup"
+        python.write_text("#!/bin/sh\necho $$ > %s/cgroup.procs\nexec %s \"$@\"\n"
+                          % (cgroup, sys.executable))
+        python.chmod(0o755)
+        with bigmachine.start(bigmachine.Local(python=str(python), **FAST)) as b:
+            m, = running(b, 1, {"F": Framework()})
+            other, = running(lb, 1, {"F": Framework()})       # not in the cgroup
+            pid = m.call("Supervisor.getpid")
+            eventually(lambda: m.next_keepalive is not None, what="a keepalive")
+            with pytest.raises((bigmachine.MachineStopped, bigmachine.NetworkError)):
+                m.call("F.allocate", 400)
+            assert m.wait(STOPPED, timeout=30) is STOPPED
+            # A machine killed by SIGKILL for another reason is not said to be out of memory.
+            os.kill(other.call("Supervisor.getpid"), signal.SIGKILL)
+            assert other.wait(STOPPED, timeout=30) is STOPPED
+    assert isinstance(m.err, bigmachine.OutOfMemory), m.err
+    assert "out of memory" in str(m.err) and "oom_kill 1" in str(m.err)
+    assert m.addr in str(m.err) and str(pid) in str(m.err)
+    assert not isinstance(other.err, bigmachine.OutOfMemory)
+    assert "killed by signal SIGKILL" in str(other.err)
+
+
+def test_framework_debug_pages_mount_in_a_wsgi_server(tb):
+    import wsgiref.simple_server
+
+    class Quiet(wsgiref.simple_server.WSGIRequestHandler):
+        def log_message(self, *args):
+            pass
+
+    m, = running(tb, 1, {"F": Framework()})
+    app = tb.debug_wsgi(prefix="/admin/debug")
+
+    def user_app(environ, start_response):
+        # The user's own application, which hands its /admin/debug pages to bigmachine.
+        if environ["PATH_INFO"].startswith("/admin/debug"):
+            return app(environ, start_response)
+        start_response("200 OK", [("Content-Type", "text/plain")])
+        return [b"the user's page"]
+
+    server = wsgiref.simple_server.make_server("127.0.0.1", 0, user_app, handler_class=Quiet)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    port = server.server_address[1]
+
+    def get(path, host=None):
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+        conn.request("GET", path, headers={"Host": host or "127.0.0.1:%d" % port})
+        reply = conn.getresponse()
+        body = reply.read().decode()
+        conn.close()
+        return reply.status, reply.getheader("Content-Type"), body
+
+    try:
+        assert get("/elsewhere")[2] == "the user's page"
+        status, kind, page = get("/admin/debug/bigmachine/status")
+        assert status == 200 and kind.startswith("text/html") and m.addr in page
+        assert 'href="/admin/debug/bigmachine/stacks?' in page and 'href="/debug/' not in page
+        status, kind, text = get("/admin/debug/vars")
+        assert status == 200 and m.addr in json.loads(text)["machines"]
+        status, _, text = get("/admin/debug/bigmachine/stacks")
+        assert status == 200 and "== %s (RUNNING) ==" % m.addr in text
+        # The pprof index names every kind of Go's, and those with no Python equivalent say so.
+        status, _, page = get("/admin/debug/bigmachine/pprof/")
+        for kind in ("profile", "heap", "goroutine", "mutex", "block", "threadcreate", "allocs"):
+            assert ">%s</a>" % kind in page
+        status, _, text = get("/admin/debug/bigmachine/pprof/mutex")
+        assert status == 501 and "no mutex profile: Python's locks record no contention" in text
+        status, _, text = get("/admin/debug/bigmachine/pprof/heap")
+        assert status == 200 and m.addr in text
+        assert get("/admin/debug/bigmachine/nothing")[0] == 404
+        # The same checks as serve_debug's server: a name that is not loopback is refused.
+        assert get("/admin/debug/vars", host="attacker.example")[0] == 403
+    finally:
+        server.shutdown()
+        server.server_close()
+    # The same pages from the built-in server, answered by the same code.
+    addr = tb.serve_debug("127.0.0.1:0")
+    conn = http.client.HTTPConnection(*bigmachine._split_host_port(addr), timeout=60)
+    conn.request("GET", "/debug/bigmachine/pprof/block")
+    reply = conn.getresponse()
+    assert reply.status == 501 and b"no block profile" in reply.read()
+    conn.close()
+    with pytest.raises(ValueError, match="URL path"):
+        tb.debug_wsgi(prefix="debug")
+
+
+def test_framework_ec2_data_volume_boot_customisation_and_kept_instances(ec2):
+    key = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIGq1xCkh4y1v2vAMv7Yc4nA8XWcGDh0OHbFQbIfX1dX8 ada@desk"
+    for bad in (dict(data_gib=0), dict(ssh_keys=["not a key"]),
+                dict(boot_script="echo\nBIGMACHINE_BOOT_SCRIPT\n")):
+        with pytest.raises(ValueError):
+            ec2_system(**bad)
+    system = ec2_system(data_gib=20, ssh_keys=[key], keep_instances=True,
+                        boot_script='echo "ran as $(id -u)" > "$HOME/booted"\n')
+    events = []
+    with bigmachine.start(system) as b:
+        b.subscribe(events.append)
+        m, = b.start(1, {"F": Framework()})
+        assert m.wait(RUNNING, timeout=60) is RUNNING, m.err
+        instance_id = instance_id_of(m)
+        home = ec2.instances[instance_id]["dir"]
+        # The data volume: an EBS volume of data_gib at /dev/sdb, and temporary files on it.
+        [instance] = ec2.session(system.session)
+        volumes = {d["DeviceName"]: d["Ebs"]["VolumeId"] for d in instance["BlockDeviceMappings"]}
+        [volume] = ec2.ec2.describe_volumes(VolumeIds=[volumes["/dev/sdb"]])["Volumes"]
+        assert volume["Size"] == 20 and volume["VolumeType"] == "gp3"
+        tmp, variable = m.call("F.tmpdir")
+        # (the machine's own directory, made in the TMPDIR the data section set)
+        assert tmp == variable and tmp.startswith(str(home / "mnt" / "data" / "tmp") + "/")
+        # Boot customisation ran before the machine, and a person's key is let in.
+        assert (home / "booted").read_text().startswith("ran as ")
+        assert (home / ".ssh" / "authorized_keys").read_text().splitlines() == [key]
+        assert oct((home / ".ssh" / "authorized_keys").stat().st_mode & 0o777) == "0o600"
+        # Events say which market the instance came from.
+        running_event = [e for e in events if e.kind == "running"]
+        assert running_event and running_event[0].details == {
+            "instance_id": instance_id, "instance_type": "m5.large", "market": "spot"}
+    # keep_instances: the machine exited, its instance was not terminated.
+    assert m.state is STOPPED and "shut down" in str(m.err)
+    [instance] = ec2.session(system.session)
+    assert instance["State"]["Name"] == "running" and ec2.alive() == [instance_id]
+    eventually(lambda: "keeping this instance" in ec2.log(instance_id), 30, "the kept instance")
+    # Without the options, none of it: no data volume, no section in the user data.
+    plain = ec2_system()
+    with bigmachine.start(plain) as b:
+        m, = running(b, 1, {"F": Framework()})
+        tmp, _ = m.call("F.tmpdir")
+        assert "mnt" not in tmp
+        [instance] = ec2.session(plain.session)
+        assert [d["DeviceName"] for d in instance["BlockDeviceMappings"]] == ["/dev/xvda"]
+    eventually(lambda: all_terminated(ec2, plain.session), 30, "the plain instance to end")
+
+
+def test_framework_ec2_machine_short_of_memory_turns_unhealthy_then_out_of_memory(ec2, tmp_path):
+    system = ec2_system()
+    with memory_cgroup(160 << 20) as cgroup, bigmachine.start(system) as b:
+        events = []
+        b.subscribe(events.append)
+        b.diagnostics_dir = str(tmp_path)
+        m, = running(b, 1, {"F": Framework()})
+        with open(os.path.join(cgroup, "cgroup.procs"), "w") as f:
+            f.write(str(m.call("Supervisor.getpid")))
+        # Past 95% of its cgroup's limit (Go's line): the next keepalive says it is unhealthy.
+        assert m.call("F.fill_memory_to", 0.965) >= 0.965
+        eventually(lambda: any(e.kind == "unhealthy" for e in events) or m.state is STOPPED,
+                   30, "the machine to be unhealthy")
+        assert not m.healthy
+        with pytest.raises((bigmachine.MachineStopped, bigmachine.NetworkError)):
+            m.call("F.allocate", 400)
+        assert m.wait(STOPPED, timeout=30) is STOPPED
+    # The kernel's count of OOM kills is on the instance; the driver judges by the last
+    # keepalive, which saw the machine at its limit.
+    assert isinstance(m.err, bigmachine.OutOfMemory), m.err
+    assert instance_id_of(m) in str(m.err) and "at its last keepalive" in str(m.err)
