@@ -171,19 +171,27 @@ class Cancelled(Error, concurrent.futures.CancelledError):
 
 
 class RemoteError(Error):
-    """A remote exception that could not be rebuilt here (its class or state did not pickle).
+    """A remote exception that could not be rebuilt here (its class or state did not pickle),
+    or one that must not be raised here (SystemExit, KeyboardInterrupt).
 
-    Keeps what can always travel: `type_name`, `message` and the remote `traceback` text.
+    Keeps what can always travel: `type_name`, `message` and the remote `traceback` text, and
+    says in `why` what kept the exception itself from making the trip.
     """
 
-    def __init__(self, type_name, message, traceback_text=""):
+    def __init__(self, type_name, message, traceback_text="", why=""):
         super().__init__(type_name, message, traceback_text)
         self.type_name, self.message, self.traceback = type_name, message, traceback_text
+        #: Why the exception itself did not make the trip ("" if nobody knows).
+        self.why = why
 
     def __str__(self):
         text = "%s: %s" % (self.type_name, self.message)
+        if getattr(self, "why", ""):
+            text += "\n(%s)" % self.why
         if self.traceback:
-            text += "\n\nRemote traceback:\n" + self.traceback.rstrip()
+            machines = getattr(self, "machines", None)
+            text += "\n\nRemote traceback%s:\n" % (
+                " (%s)" % _machine_path(machines) if machines else "") + self.traceback.rstrip()
         return text
 
 
@@ -200,14 +208,29 @@ class VersionMismatch(Error):
 
 
 class _RemoteTraceback(Exception):
-    """Carries a remote traceback as the `__cause__` of a re-raised remote exception."""
+    """Carries a remote traceback as the `__cause__` of a re-raised remote exception, and the
+    machines it came through (`machines`: where it was raised first, then each machine that
+    passed it on); a machine that passes it on keeps it in its own traceback."""
 
-    def __init__(self, text):
+    def __init__(self, traceback_text, machines=()):
+        self.machines = list(machines)
+        text = '\n"""\nRemote traceback (%s):\n%s"""' % (_machine_path(self.machines),
+                                                          traceback_text)
         super().__init__(text)
         self.text = text
 
     def __str__(self):
         return self.text
+
+
+def _machine_path(machines):
+    """'raised on B, passed on by A' for the machines an error came through, first to last."""
+    if not machines:
+        return "?"
+    text = "raised on %s" % machines[0] if len(machines) > 1 else machines[0]
+    if len(machines) > 1:
+        text += ", passed on by " + ", then ".join(machines[1:])
+    return text
 
 
 class _Interrupt(BaseException):
@@ -1043,35 +1066,96 @@ def _find_unpicklable(obj, path, depth=0):
     return path, obj
 
 
-def _error_payload(exc, where):
-    """Pickle an exception for the trip back: (the exception itself, if it pickles;
-    type name, message and traceback text, which always do)."""
-    tb = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
+def _error_payload(exc, where, why=""):
+    """Pickle an exception for the trip back: the exception itself, if it pickles (see
+    `_pickle_exception`), and what always travels: its type name, message and traceback text,
+    and the machines it came through (where, after those it had come from). A why says that
+    the exception itself is not to be sent, and why."""
     try:
-        exc_pickle = pickle.dumps(exc, _PICKLE_PROTOCOL)
-    except Exception:
-        exc_pickle = None
+        tb = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
+    except Exception as e:                # a __str__ that fails in an unusual way, say
+        tb = "(the traceback could not be formatted: %s)\n" % _exception_text(e)
+    came = exc.__cause__ if isinstance(exc.__cause__, _RemoteTraceback) else exc
+    machines = list(getattr(came, "machines", None) or ()) if came is not exc or isinstance(
+        exc, RemoteError) else []
+    machines.append(where)
+    exc_pickle = None
+    if not why:
+        exc_pickle, why = _pickle_exception(exc)
+    return pickle.dumps((exc_pickle, _type_name(exc), _exception_text(exc), tb, machines, why),
+                        _PICKLE_PROTOCOL)
+
+
+def _exception_text(exc):
+    """str(exc), or repr(exc) if that fails, or words saying both failed."""
+    for text in (str, repr):
+        try:
+            return text(exc)
+        except Exception:
+            pass
+    return "(its str() and repr() both raised)"
+
+
+def _pickle_exception(exc):
+    """An exception as a pickle (None if it does not pickle) and why not ("").
+
+    Exceptions are rebuilt without calling their `__init__`: from the class, `args` and
+    `__dict__`. The way pickle rebuilds them, `cls(*args)`, fails for the most common way of
+    writing one, `__init__(self, code, detail)` that passes one message to
+    `Exception.__init__`: then args holds one value and `__init__` wants two. Classes that say
+    how they are pickled (their own `__reduce__`, as OSError has) are pickled their way, and
+    so are the built-in exceptions, whose state can live outside `__dict__`."""
+    cls = type(exc)
+    if cls.__reduce__ is BaseException.__reduce__ and cls.__module__ != "builtins":
+        parts = ("parts", cls, exc.args, getattr(exc, "__dict__", None) or None)
+    else:
+        parts = ("reduce", exc)
     try:
-        message = str(exc)
-    except Exception:
-        message = repr(exc)
-    return pickle.dumps((exc_pickle, _type_name(exc), message, tb, where), _PICKLE_PROTOCOL)
+        return pickle.dumps(parts, _PICKLE_PROTOCOL), ""
+    except Exception as e:
+        return None, _describe_pickling_failure(exc, "the exception", e)
+
+
+def _unpickle_exception(data):
+    """The exception a `_pickle_exception` pickle holds; raises what stops it."""
+    parts = pickle.loads(data)
+    if parts[0] == "reduce":
+        exc = parts[1]
+    else:
+        _, cls, args, state = parts
+        if not (isinstance(cls, type) and issubclass(cls, BaseException)):
+            raise TypeError("%r is not an exception class" % (cls,))
+        try:
+            exc = cls.__new__(cls, *args)
+        except Exception:                     # a __new__ of its own, with other ideas
+            exc = cls.__new__(cls)
+        exc.args = args
+        if state:
+            exc.__setstate__(state)
+    if not isinstance(exc, BaseException):
+        raise TypeError("%r is not an exception" % (exc,))
+    return exc
 
 
 def _rebuild_error(payload):
     """The exception to raise on the caller for an error payload from a machine."""
-    exc_pickle, type_name, message, tb, where = pickle.loads(payload)
-    cause = _RemoteTraceback('\n"""\nRemote traceback (%s):\n%s"""' % (where, tb))
+    exc_pickle, type_name, message, tb, machines, why = pickle.loads(payload)
+    cause = _RemoteTraceback(tb, machines)
     if exc_pickle is not None:
         try:
-            exc = pickle.loads(exc_pickle)
-        except Exception:
-            pass
+            exc = _unpickle_exception(exc_pickle)
+        except Exception as e:
+            why = "it could not be rebuilt here: %s: %s" % (type(e).__name__,
+                                                             _exception_text(e))
+            if isinstance(e, (ImportError, AttributeError)):
+                why += (" (its class, and those of its attributes, must be importable here by "
+                        "the same name: defined at the top level of a module both sides have)")
         else:
-            if isinstance(exc, BaseException):
-                exc.__cause__ = cause
-                return exc
-    return RemoteError(type_name, message, tb)
+            exc.__cause__ = cause
+            return exc
+    error = RemoteError(type_name, message, tb, why)
+    error.machines = machines
+    return error
 
 
 # ======================================================================================
@@ -1408,10 +1492,11 @@ def _split_stream_argument(args, kwargs):
     return found, args, kwargs
 
 
-def _send_stream(sock, call_id, source):
+def _send_stream(sock, call_id, source, where="the stream's sender"):
     """Send source (a binary file or an iterator of bytes) as DATA frames, then END.
 
-    An exception while reading the source is sent as STREAM_ERROR for the reader to raise.
+    An exception while reading the source is sent as STREAM_ERROR for the reader to raise
+    (a SystemExit or KeyboardInterrupt as a RemoteError saying so; see `_not_passed_on`).
     Errors writing the socket propagate: the connection is broken and will be discarded."""
     try:
         if hasattr(source, "readinto"):
@@ -1440,9 +1525,10 @@ def _send_stream(sock, call_id, source):
     except OSError as e:
         if _is_socket_error(e, sock):
             raise
-        _send_frame(sock, STREAM_ERROR, call_id, body=_error_payload(e, "stream"))
-    except Exception as e:
-        _send_frame(sock, STREAM_ERROR, call_id, body=_error_payload(e, "stream"))
+        _send_frame(sock, STREAM_ERROR, call_id, body=_error_payload(e, where))
+    except (Exception, SystemExit, KeyboardInterrupt) as e:
+        _send_frame(sock, STREAM_ERROR, call_id, body=_error_payload(e, where,
+                                                                      _not_passed_on(e)))
     else:
         _send_frame(sock, END, call_id)
     finally:
@@ -1480,6 +1566,7 @@ class _StreamReader(io.RawIOBase):
         self._left = 0          # bytes of the current DATA frame not yet read
         self._done = False
         self._on_end, self._on_abort = on_end, on_abort
+        self.error = None       # the error that ended the stream, until a read raises it
         # Turns a broken connection into the error the reader should see (_Peer.stream_broken,
         # which the caller's Machine sets), so that a stream from a machine that died raises
         # MachineStopped like any other call on it.
@@ -1523,9 +1610,13 @@ class _StreamReader(io.RawIOBase):
             self._finish()
             return False
         if kind == STREAM_ERROR:
+            # Not raised here: the buffered reader above may hold bytes of this stream that
+            # its caller has not been given yet, and an exception would lose them. It ends
+            # the data, and the next read that finds no data raises it (see _StreamFile).
             body, _ = _read_body(self._rfile, nbuffers, body_len)
             self._finish()
-            raise _rebuild_error(body)
+            self.error = _rebuild_error(body)
+            return False
         raise _ProtocolError("frame kind %d inside a stream" % kind)
 
     def _finish(self):
@@ -1555,6 +1646,43 @@ class _StreamReader(io.RawIOBase):
             if on_abort is not None:
                 on_abort()
         super().close()
+
+
+class _StreamFile(io.BufferedReader):
+    """A stream as its reader sees it: a buffered binary file over a `_StreamReader`, which
+    returns every byte that arrived before the error that ended the stream, whatever the read
+    sizes, and then raises that error from the first read that finds no more data. (A plain
+    BufferedReader drops what it has gathered for a read when the raw file raises.)"""
+
+    def _raise_error(self, got):
+        error = self.raw.error
+        if error is not None and not got:
+            self.raw.error = None              # raised once; after it, the stream is at its end
+            raise error
+        return got
+
+    def read(self, size=-1):
+        got = super().read(size)
+        return got if size == 0 else self._raise_error(got)
+
+    def read1(self, size=-1):
+        got = super().read1(size)
+        return got if size == 0 else self._raise_error(got)
+
+    def readinto(self, b):
+        n = super().readinto(b)
+        return n if not len(memoryview(b)) else self._raise_error(n)
+
+    def readinto1(self, b):
+        n = super().readinto1(b)
+        return n if not len(memoryview(b)) else self._raise_error(n)
+
+    def readline(self, size=-1):
+        got = super().readline(size)
+        return got if size == 0 else self._raise_error(got)
+
+    def peek(self, size=0):
+        return self._raise_error(super().peek(size))
 
 
 def _parse_addr(addr):
@@ -1995,7 +2123,7 @@ class _Peer:
             on_end=functools.partial(self._end_stream, conn, inflight),
             on_abort=functools.partial(self._abort_stream, conn, call_id, inflight))
         reader.broken = self.stream_broken
-        return io.BufferedReader(reader, _CHUNK)
+        return _StreamFile(reader, _CHUNK)
 
     def _end_stream(self, conn, inflight):
         if inflight is not None:
@@ -2313,8 +2441,8 @@ class _Server:
             args, kwargs = _loads(body, (), "the arguments of %s" % method)[:2]
             result = fn(*args, **kwargs)
             status, reply = 200, pickle.dumps(result, _PICKLE_PROTOCOL)
-        except Exception as e:
-            status, reply = 590, _error_payload(e, dispatcher.where)
+        except (Exception, SystemExit, KeyboardInterrupt) as e:
+            status, reply = 590, _error_payload(e, dispatcher.where, _not_passed_on(e))
         _http_reply(writer, status, reply,
                     headers={"Content-Type": "application/x-python-pickle"})
 
@@ -2889,7 +3017,7 @@ class _Dispatcher:
             except Exception:
                 args, kwargs, timeout = _loads(body, buffers, "the arguments of %s" % method)
             if stream_in is not None:
-                reader = io.BufferedReader(stream_in, _CHUNK)
+                reader = _StreamFile(stream_in, _CHUNK)
                 args = tuple(reader if isinstance(a, _StreamPlaceholder) else a for a in args)
                 kwargs = {k: reader if isinstance(v, _StreamPlaceholder) else v
                           for k, v in kwargs.items()}
@@ -2922,9 +3050,7 @@ class _Dispatcher:
                     "call %s on %s was %s" % (method, self.where, context.reason or "cancelled"))
             if stream_in is not None:
                 stream_in.drain()
-            if not isinstance(e, Exception):
-                raise
-            error = _error_payload(e, self.where)
+            error = _error_payload(e, self.where, _not_passed_on(e))
             _send_frame(sock, ERROR, call_id, body=error)
             self.stats.record(method, time.perf_counter() - began, received, len(error), True)
             return
@@ -2932,7 +3058,7 @@ class _Dispatcher:
                 _is_binary_file(result) or isinstance(result, collections.abc.Iterator)):
             # Streamed before the argument is drained: the reply may be reading from it.
             _send_frame(sock, REPLY, call_id, flags=_STREAMED)
-            _send_stream(sock, call_id, result)
+            _send_stream(sock, call_id, result, self.where)
             if stream_in is not None:
                 stream_in.drain()
             self.stats.record(method, time.perf_counter() - began, received, 0, False)
@@ -2958,6 +3084,17 @@ class _Dispatcher:
         else:
             sock.sendall(_HEADER.pack(REPLY, 0, 0, 0, call_id, sent) + reply[0])
         self.stats.record(method, time.perf_counter() - began, received, sent, False)
+
+
+def _not_passed_on(exc):
+    """Why a method's exception is not raised as itself on the caller ("" if it is): a
+    SystemExit or KeyboardInterrupt would end or interrupt the caller's program, not say what
+    went wrong in the method. The caller gets a RemoteError that says what was raised, and the
+    machine goes on serving: a method cannot end its machine this way."""
+    if isinstance(exc, Exception):
+        return ""
+    return ("a method's %s is not raised in its caller, where it would end or interrupt the "
+            "program; the machine goes on serving" % type(exc).__name__)
 
 
 def _public_methods(service):

@@ -73,11 +73,21 @@ class CustomError(Exception):
         self.code, self.text = code, text
 
 
+def _refuse_to_load():
+    raise RuntimeError("this object cannot be unpickled")
+
+
+class FailsToLoad:
+    def __reduce__(self):
+        return _refuse_to_load, ()
+
+
 class Unrebuildable(Exception):
-    """Pickles, but cannot be unpickled: __init__ wants two arguments, args holds one."""
+    """Pickles, but cannot be unpickled: one of its attributes fails to load."""
 
     def __init__(self, a, b):
         super().__init__("%s/%s" % (a, b))
+        self.part = FailsToLoad()
 
 
 class Echo:
