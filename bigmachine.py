@@ -3688,10 +3688,14 @@ class B:
     # -- machines -----------------------------------------------------------------------
 
     def start(self, n: int, services: typing.Mapping[str, object], *,
-              env: typing.Optional[typing.Mapping[str, str]] = None,
+              env: typing.Optional[typing.Mapping[str, str]] = None, exact: bool = False,
               **params: typing.Any) -> typing.List[Machine]:
         """Start up to n machines, each with services ({name: object}) installed; returns at
-        once, with the machines STARTING. env adds environment variables on the machines."""
+        once, with the machines STARTING. env adds environment variables on the machines.
+
+        A system may have room for fewer than n (SSHSystem: per_host machines on each host);
+        then fewer start, with a warning that says how many and why, or, with exact=True,
+        none: an Error says why."""
         if not self._is_driver:
             raise Error("a machine cannot start machines; start them from the driver")
         if self._closed:
@@ -3707,6 +3711,7 @@ class B:
                                  "underscore, not %r" % (name,))
             if name == "Supervisor":
                 raise ValueError("the name 'Supervisor' is taken by bigmachine's own service")
+            _check_service(name, services[name], not isinstance(self.system, TestSystem))
         if env is not None and (not isinstance(env, collections.abc.Mapping) or not all(
                 isinstance(k, str) and isinstance(v, str) for k, v in env.items())):
             raise ValueError("env must map names to strings, not %r" % (env,))
@@ -3718,6 +3723,16 @@ class B:
         machines = self.system.start(self, n, env=dict(env or {}))
         if not machines:
             raise Error("the %s system started no machines" % self.system.name)
+        if len(machines) < n:
+            why = "b.start(%d) %s %d machine%s: %s" % (
+                n, "can start only" if exact else "started only", len(machines),
+                "" if len(machines) == 1 else "s", self.system._why_fewer(n, len(machines)))
+            if exact:
+                now = time.monotonic()
+                for m in machines:            # made, not launched: give their room back
+                    self.system.terminate(m, now)
+                raise Error(why + "; none was started (exact=True)")
+            log.warning("%s; pass exact=True to have an error instead", why)
         with self._lock:
             for m in machines:
                 self._machines[m.addr] = m
@@ -3944,6 +3959,31 @@ class B:
         self.system.terminate(m, deadline)
 
 
+def _check_service(name, service, processes):
+    """Refuse what cannot serve: a service is an object whose methods are called; and, on
+    machines that are processes of their own, one whose class they cannot load."""
+    main = sys.modules.get("__main__")
+    if (processes and type(service).__module__ == "__main__"
+            and getattr(main, "__spec__", None) is None
+            and getattr(main, "__file__", None) is not None and _main_file() is None):
+        raise Error(
+            "service %r is an object of class %s, defined in the driver's main program, which "
+            "was not run from a file (it came from %s): machines load the main program from "
+            "its file. Save the program to a file and run that, or define the class in a "
+            "module the machines can import" % (name, type(service).__qualname__,
+                                                main.__file__))
+    if isinstance(service, type):
+        raise ValueError(
+            "service %r is the class %s itself; a service is an object: pass an instance, "
+            "such as {%r: %s()}" % (name, service.__qualname__, name, service.__qualname__))
+    if isinstance(service, (types.FunctionType, types.BuiltinFunctionType, types.MethodType,
+                            functools.partial)):
+        raise ValueError(
+            "service %r is a function (%s); a service is an object whose methods are called "
+            "as %r.method: make the function a method of a class, and pass an instance of "
+            "that class" % (name, getattr(service, "__qualname__", service), name))
+
+
 @contextlib.contextmanager
 def _sigint_ignored():
     """Ignore Ctrl-C for a moment (in the main thread; elsewhere signals are not delivered)."""
@@ -4032,6 +4072,10 @@ class System:
 
     def maxprocs(self):
         return 1
+
+    def _why_fewer(self, asked, started):
+        """Why start(b, asked) made only started machines, for the warning that says so."""
+        return "the %s system had room for no more" % self.name
 
     def shutdown(self):
         """Release the system's resources; machines were already terminated."""
@@ -4420,12 +4464,23 @@ def _main_preparation():
     name = getattr(getattr(main, "__spec__", None), "name", None)
     if name is not None:
         data["init_main_from_name"] = name
-    elif getattr(main, "__file__", None) is not None:
-        path = main.__file__
-        if not os.path.isabs(path) and multiprocessing.process.ORIGINAL_DIR is not None:
-            path = os.path.join(multiprocessing.process.ORIGINAL_DIR, path)
-        data["init_main_from_path"] = os.path.normpath(path)
+    elif _main_file() is not None:
+        data["init_main_from_path"] = _main_file()
+    # Otherwise (an interactive session, a program read from standard input) there is no main
+    # module for machines to load; B.start refuses services whose classes live in it.
     return data
+
+
+def _main_file():
+    """The file of the driver's __main__ module, if it was run from one that exists."""
+    import multiprocessing.process
+    path = getattr(sys.modules.get("__main__"), "__file__", None)
+    if path is None:
+        return None
+    if not os.path.isabs(path) and multiprocessing.process.ORIGINAL_DIR is not None:
+        path = os.path.join(multiprocessing.process.ORIGINAL_DIR, path)
+    path = os.path.normpath(path)
+    return path if os.path.isfile(path) else None
 
 
 def _machine_main(bootstrap=None, **here):
@@ -4461,6 +4516,11 @@ def _machine_main(bootstrap=None, **here):
                 code = _run_machine(config)
             except SystemExit as e:
                 code = e.code if isinstance(e.code, int) else 1
+            except _UnguardedMain as e:
+                # Said once, without the traceback through multiprocessing's loader: the
+                # driver shows the machine's last lines of output as the reason it stopped.
+                sys.stderr.write("bigmachine: %s\n" % e)
+                code = 1
             except BaseException:
                 # The driver's main failed to load, say. Exit here, with the traceback said:
                 # ending the interpreter normally would abort on the thread reading stdin.
@@ -5022,6 +5082,13 @@ class SSHSystem(System):
     def lost(self, machine):
         process = self._procs.get(machine)
         return process is not None and process.gone()
+
+    def _why_fewer(self, asked, started):
+        return ("SSHSystem runs at most per_host=%d machine%s on each host, and has %d host%s "
+                "(%s); give it more hosts, or a larger per_host" % (
+                    self.per_host, "" if self.per_host == 1 else "s", len(self.hosts),
+                    "" if len(self.hosts) == 1 else "s",
+                    ", ".join(h.spec for h in self.hosts)))
 
     def terminate(self, machine, deadline):
         with self._lock:
@@ -7634,11 +7701,16 @@ def start(system: typing.Union[System, str, None] = None, **options: typing.Any)
     uses "local". options go to the system's constructor when system is a name, after the
     system's own flags and variables (for "ssh": --bigm.ssh.hosts=a,b and the like, see
     `SSHSystem`; for "ec2": --bigm.ec2type=m5.xlarge, --bigm.ec2ondemand, see `EC2System`)."""
-    if _machine_bootstrapping or os.environ.get("BIGMACHINE_MODE") == "machine":
-        raise Error(
+    if _machine_bootstrapping:
+        raise _UnguardedMain(
             "bigmachine.start() was called while a machine was loading the driver's main module. "
             "Machines import the main module the way multiprocessing does, so the driver's code "
             "must be guarded with `if __name__ == \"__main__\":`")
+    if os.environ.get("BIGMACHINE_MODE") == "machine":
+        raise Error(
+            "bigmachine.start() was called on a machine (by a service, say): sessions are "
+            "started by the driver only. A service reaches other machines through the B that "
+            "its init(b) method is given: b.dial(addr).call(...)")
     if system is None:
         system = _system_from_command_line(sys.argv) or os.environ.get("BIGMACHINE_SYSTEM") or "local"
     if isinstance(system, str):
@@ -7653,6 +7725,10 @@ def start(system: typing.Union[System, str, None] = None, **options: typing.Any)
     if not isinstance(system, System):
         raise TypeError("system must be a bigmachine.System or a name, not %r" % (system,))
     return B(system)
+
+
+class _UnguardedMain(Error):
+    """bigmachine.start() in a driver's main module that a machine is loading (see start)."""
 
 
 def _system_from_command_line(argv):
