@@ -2225,6 +2225,28 @@ class _Client:
             peer.close()
 
 
+def _file_limit():
+    """How many files this process may open (its soft RLIMIT_NOFILE; 1024 if unknown)."""
+    try:
+        import resource
+        soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    except (ImportError, OSError, ValueError):
+        return 1024
+    return soft if soft != getattr(resource, "RLIM_INFINITY", -1) and soft > 0 else 1 << 20
+
+
+def _raise_file_limit():
+    """Raise this process's soft limit on open files to its hard limit: a machine's files are
+    its connections, and the soft limit is often far below what the system allows."""
+    try:
+        import resource
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        if soft != hard and soft != resource.RLIM_INFINITY:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    except (ImportError, OSError, ValueError) as e:
+        log.debug("could not raise the limit on open files: %s", e)
+
+
 def _handshake_timeout():
     """Seconds a server gives a new connection to finish TLS, and then to send its first
     request, before it closes it: BIGMACHINE_HANDSHAKE_TIMEOUT if set, else 10. Until then the
@@ -2260,6 +2282,11 @@ class _Server:
         self.host, self.port = sock.getsockname()[:2]
         self.handshake_timeout = _handshake_timeout()
         self._conns = set()
+        # Connections that have not passed the TLS handshake yet, oldest first. When files
+        # run short they make room for new ones, which may be authenticated peers: an
+        # unauthenticated connection's only claim is that it came first.
+        self._unauthenticated = collections.OrderedDict()
+        self._max_unauthenticated = max(16, _file_limit() // 4)
         self._lock = threading.Lock()
         self._closed = False
         self._frames = _FrameLoop(dispatcher, self._forget) if hasattr(select, "epoll") else None
@@ -2278,13 +2305,19 @@ class _Server:
             except OSError:
                 if self._closed:
                     return
-                time.sleep(0.01)   # EMFILE and the like: let connections close, then go on
+                # EMFILE and the like: make room, let connections close, then go on.
+                self._drop_unauthenticated()
+                time.sleep(0.01)
                 continue
+            if (len(self._unauthenticated) >= self._max_unauthenticated
+                    or len(self._conns) >= _MAX_CONNECTIONS):
+                self._drop_unauthenticated()
             with self._lock:
                 if self._closed or len(self._conns) >= _MAX_CONNECTIONS:
                     raw.close()
                     continue
                 self._conns.add(raw)
+                self._unauthenticated[raw] = None
             try:
                 threading.Thread(target=self._serve_connection, args=(raw, peer_addr),
                                  name="bigmachine-conn", daemon=True).start()
@@ -2293,9 +2326,21 @@ class _Server:
                 # as letting the error end this loop would.
                 with self._lock:
                     self._conns.discard(raw)
+                    self._unauthenticated.pop(raw, None)
                 raw.close()
                 log.warning("refused a connection from %s: %s", peer_addr, e)
                 time.sleep(0.01)
+
+    def _drop_unauthenticated(self):
+        """End the oldest connection that has not passed the TLS handshake: its thread wakes,
+        and closes it."""
+        with self._lock:
+            if not self._unauthenticated:
+                return
+            raw, _ = self._unauthenticated.popitem(last=False)
+        log.debug("dropped an unauthenticated connection to make room for new ones")
+        with contextlib.suppress(OSError):
+            raw.shutdown(socket.SHUT_RDWR)
 
     def _serve_connection(self, raw, peer_addr):
         sock = None
@@ -2310,6 +2355,7 @@ class _Server:
                 log.debug("refused a connection from %s: %s", peer_addr, e)
                 return
             with self._lock:
+                self._unauthenticated.pop(raw, None)
                 self._conns.discard(raw)
                 self._conns.add(sock)
             if self._closed:
@@ -2321,6 +2367,7 @@ class _Server:
             if adopted:                   # the frame loop has it now
                 return
             with self._lock:
+                self._unauthenticated.pop(raw, None)
                 self._conns.discard(raw)
                 self._conns.discard(sock)
             for s in (sock, raw):
@@ -2383,6 +2430,13 @@ class _Server:
             method, path, headers = request
             if path == self.prefix + "bigrpc" and method == "GET":
                 if self._upgrade(writer, headers):
+                    # A caller may send its first frame right behind the request, so that it
+                    # is read with it: the frame loop would wait for it on the socket, where it
+                    # no longer is. Serve what came along here first.
+                    while _buffered(sock, rfile):
+                        sock.settimeout(None)
+                        if not _serve_frame(writer, rfile, self.dispatcher):
+                            return False
                     sock.settimeout(None)
                     if self._frames is not None:
                         try:
@@ -2451,6 +2505,18 @@ _HTTP_REASONS = {101: "Switching Protocols", 200: "OK", 400: "Bad Request",
                  404: "Not Found", 409: "Conflict", 411: "Length Required",
                  413: "Payload Too Large",
                  426: "Upgrade Required", 590: "Method Error"}
+
+
+def _buffered(sock, rfile):
+    """Has the connection bytes ready to read without waiting: in rfile's buffer, or in TLS's,
+    or on the socket? (Looked at without blocking; the socket is left non-blocking.)"""
+    sock.settimeout(0.0)
+    try:
+        return bool(rfile.peek(1))
+    except (ssl.SSLWantReadError, BlockingIOError, socket.timeout):
+        return False
+    except (OSError, ValueError):
+        return True                   # broken: reading it says so, and ends the connection
 
 
 def _read_http_request(rfile, max_headers):
@@ -3134,12 +3200,17 @@ class Supervisor:
         return self._deadline - time.monotonic()
 
     def _watch(self):
+        # It sleeps until the lease's end (or a tick, at most), not tick by tick: a machine
+        # whose driver is frozen or gone ends when its lease does, not up to a tick later.
         tick = self._machine.watchdog_tick
-        while not self._machine.exited.wait(tick):
-            if time.monotonic() > self._deadline:
+        while True:
+            left = self._deadline - time.monotonic()
+            if left <= 0:
                 log.error("watchdog expired: no keepalive from the driver for %.1fs; exiting",
                           self._machine.lease)
                 self._machine.exit(1)
+                return
+            if self._machine.exited.wait(min(left, tick) + 0.001):
                 return
 
     def _healthy(self):
@@ -4326,6 +4397,15 @@ class _ChildProcess:
         threading.Thread(target=self._wait, name="bigmachine-wait", daemon=True).start()
 
     def _wait(self):
+        if hasattr(os, "waitid"):
+            # Wait without reaping first: until it is reaped its pid, which is also its process
+            # group's id, cannot be taken by another process. Then end what is left of its
+            # group, the processes its code started (see _end_descendants for the machine's
+            # own way, which also finds those that left the group).
+            with contextlib.suppress(OSError):
+                os.waitid(os.P_PID, self.proc.pid, os.WEXITED | os.WNOWAIT)
+            with contextlib.suppress(OSError):
+                os.killpg(self.proc.pid, signal.SIGKILL)
         code = self.proc.wait()
         for t in self._forwarders:
             t.join(2.0)                # print what it said before saying it stopped
@@ -4496,6 +4576,7 @@ def _machine_main(bootstrap=None, **here):
     unpacked (then main is relocated into it), and `workdir`, the machine's private directory,
     which goes when the machine does."""
     workdir = here.get("workdir")
+    _become_subreaper()
     try:
         config = bootstrap if bootstrap is not None else json.loads(
             sys.stdin.buffer.readline() or b"null")
@@ -4532,10 +4613,73 @@ def _machine_main(bootstrap=None, **here):
             with contextlib.suppress(Exception):
                 stream.flush()
     finally:
+        with contextlib.suppress(Exception):
+            _end_descendants()
         if workdir:
             import shutil
             shutil.rmtree(workdir, ignore_errors=True)
     os._exit(code)
+
+
+# A machine's processes end with it: whatever its services started (a subprocess, a fork that
+# would keep the machine's port open), on every system, whichever way the machine ends short
+# of being killed (and then Local's driver ends its process group). On Linux the machine is a
+# "child subreaper": its descendants whose parents exit become its children, not init's, so
+# that it can still find them all when it ends, even those that left its process group.
+
+def _become_subreaper():
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        import ctypes
+        libc = ctypes.CDLL(None, use_errno=True)
+        return libc.prctl(36, 1, 0, 0, 0) == 0          # PR_SET_CHILD_SUBREAPER
+    except (ImportError, OSError, AttributeError):
+        return False
+
+
+def _descendants(pid):
+    """The live processes descended from pid, from /proc (empty where there is none)."""
+    parents = {}
+    try:
+        entries = os.listdir("/proc")
+    except OSError:
+        return []
+    for entry in entries:
+        if entry.isdigit():
+            try:
+                with open("/proc/%s/stat" % entry, "rb") as f:
+                    fields = f.read().rsplit(b")", 1)[1].split()
+            except (OSError, IndexError):
+                continue
+            if fields[0] != b"Z":
+                parents.setdefault(int(fields[1]), []).append(int(entry))
+    found, todo = [], [pid]
+    while todo:
+        for child in parents.get(todo.pop(), ()):
+            found.append(child)
+            todo.append(child)
+    return found
+
+
+def _end_descendants(grace=5.0):
+    """Kill every process descended from this one, and reap those that are its children."""
+    me = os.getpid()
+    deadline = time.monotonic() + grace
+    while True:
+        pids = _descendants(me)
+        for pid in pids:
+            with contextlib.suppress(OSError):
+                os.kill(pid, signal.SIGKILL)
+        while True:                       # reap: a killed child is a zombie until then
+            try:
+                if os.waitpid(-1, os.WNOHANG)[0] == 0:
+                    break
+            except ChildProcessError:
+                break
+        if not pids or time.monotonic() > deadline:
+            return
+        time.sleep(0.005)
 
 
 def _run_machine(config):
@@ -4546,6 +4690,7 @@ def _run_machine(config):
         import tempfile
         os.environ["TMPDIR"] = tempfile.tempdir = workdir
     os.environ.update(config.get("env") or {})
+    _raise_file_limit()
     _forward_logging(config["log_level"])
     credentials = Credentials(**config["credentials"])
     system = Local(lease=config["lease"])
