@@ -3273,10 +3273,11 @@ class Supervisor:
         `B.profile` merges machines' profiles."""
         return _profile(seconds, hz)
 
-    def heap(self, limit=200, stop=False):
-        """The limit allocation sites holding the most memory, from tracemalloc (started now
-        if it is not running; stop=True stops it afterwards)."""
-        return _heap(limit, stop)
+    def heap(self, limit=200, stop=False, trace=False, seconds=1.0):
+        """The limit allocation sites holding the most memory, from tracemalloc. If it is not
+        running, it runs for seconds and stops again, unless trace=True leaves it running;
+        stop=True stops it afterwards."""
+        return _heap(limit, stop, trace, seconds)
 
     def vars(self):
         """This process's published variables, and its calls counted per method: "rpc.server"
@@ -7116,9 +7117,13 @@ def _merge_profiles(results):
 _tracemalloc_since = None            # time.time() when this module started tracemalloc
 
 
-def _heap(limit=200, stop=False):
-    """The allocation sites holding the most memory now, from tracemalloc, which is started if
-    it is not running. stop=True stops it afterwards (tracing slows allocation down)."""
+def _heap(limit=200, stop=False, trace=False, seconds=1.0):
+    """The allocation sites holding the most memory now, from tracemalloc. Tracing slows
+    allocation down (a job ran 3.5x slower with it on), so a look leaves it as it found it: if
+    it is not running, it runs for seconds (a call's cancellation ends that early) and is
+    stopped again, and the snapshot shows what was allocated in that time and is still held.
+    trace=True starts it for good, so that later looks see everything from then on; stop=True
+    stops it after this look."""
     global _tracemalloc_since
     import linecache
     import tracemalloc
@@ -7126,28 +7131,34 @@ def _heap(limit=200, stop=False):
     if started:
         tracemalloc.start()
         _tracemalloc_since = time.time()
-    snapshot = tracemalloc.take_snapshot().filter_traces((
-        tracemalloc.Filter(False, tracemalloc.__file__),
-        tracemalloc.Filter(False, linecache.__file__),
-        tracemalloc.Filter(False, "<unknown>"),
-    ))
+        if not trace:
+            context = current_call()
+            (context.wait if context is not None else time.sleep)(max(0.0, float(seconds)))
+    try:
+        snapshot = tracemalloc.take_snapshot().filter_traces((
+            tracemalloc.Filter(False, tracemalloc.__file__),
+            tracemalloc.Filter(False, linecache.__file__),
+            tracemalloc.Filter(False, "<unknown>"),
+        ))
+        current, peak = tracemalloc.get_traced_memory()
+        overhead = tracemalloc.get_tracemalloc_memory()
+    finally:
+        stop = stop or (started and not trace)
+        if stop:
+            tracemalloc.stop()
+            _tracemalloc_since = None
     statistics = snapshot.statistics("lineno")
-    current, peak = tracemalloc.get_traced_memory()
     sites = []
     for stat in statistics[:max(0, int(limit))]:
         frame = stat.traceback[0]
         sites.append((frame.filename, frame.lineno, stat.size, stat.count,
                       linecache.getline(frame.filename, frame.lineno).strip()))
-    result = {
+    return {
         "started_now": started, "since": _tracemalloc_since, "pid": os.getpid(),
         "size": sum(s.size for s in statistics), "count": sum(s.count for s in statistics),
-        "traced": current, "peak": peak, "overhead": tracemalloc.get_tracemalloc_memory(),
-        "sites": sites, "stopped": bool(stop),
+        "traced": current, "peak": peak, "overhead": overhead,
+        "sites": sites, "stopped": bool(stop), "window": seconds if started and not trace else None,
     }
-    if stop:
-        tracemalloc.stop()
-        _tracemalloc_since = None
-    return result
 
 
 def _format_heap(results, limit=50):
@@ -7161,7 +7172,12 @@ def _format_heap(results, limit=50):
         machines += 1
         size += result["size"]
         count += result["count"]
-        if result["started_now"]:
+        if result.get("window") is not None:
+            lines.append("%s: tracemalloc was not running: it ran for %gs for this look, which "
+                         "shows what was allocated then and is still held, and is off again. "
+                         "?trace=1 leaves it running, to see all allocations from then on"
+                         % (addr, result["window"]))
+        elif result["started_now"]:
             lines.append("%s: tracemalloc was not running; it was started now, so only "
                          "allocations from now on are seen: load this page again later" % addr)
         elif result["since"]:
@@ -7176,8 +7192,9 @@ def _format_heap(results, limit=50):
             entry[2] += 1
     head = ["heap profile (tracemalloc) of %d machine%s: %s in %d blocks, by allocation site"
             % (machines, "" if machines == 1 else "s", _bytes(size), count),
-            "Tracing slows allocation down; ?stop=1 stops it (the next request starts it "
-            "again). ?machine=ADDR shows one machine, ?limit=N more sites.", ""]
+            "Tracing slows allocation down: a look leaves it as it was; ?trace=1 starts it "
+            "for good, ?stop=1 stops it. ?machine=ADDR shows one machine, ?limit=N more "
+            "sites.", ""]
     rows = ["%10s %9s %8s  %s" % ("size", "blocks", "machines", "site")]
     for (filename, lineno), (site_size, site_count, n, text) in sorted(
             sites.items(), key=lambda item: -item[1][0])[:limit]:
@@ -7428,6 +7445,9 @@ class _DebugServing:
     def __init__(self, b, host, port, allow_remote, handler):
         self.b = b
         self.allow_remote = allow_remote
+        self.profiling = threading.Lock()
+        self._open = set()          # the connections being served, closed with the server
+        self._open_lock = threading.Lock()
         family = socket.AF_INET6 if ":" in host else socket.AF_INET
         self.address_family = family
         super().__init__((host, port), handler)
@@ -7447,9 +7467,25 @@ class _DebugServing:
         # A reader that went away in the middle of a page, typically: not worth a traceback.
         log.debug("debug page for %s failed", client_address, exc_info=True)
 
+    def process_request(self, request, client_address):
+        with self._open_lock:
+            self._open.add(request)
+        super().process_request(request, client_address)
+
+    def shutdown_request(self, request):
+        with self._open_lock:
+            self._open.discard(request)
+        super().shutdown_request(request)
+
     def close(self):
         self.shutdown()
         self.server_close()
+        # Every connection too: their threads wake, find the connection gone, and end.
+        with self._open_lock:
+            connections, self._open = list(self._open), set()
+        for request in connections:
+            with contextlib.suppress(OSError):
+                request.shutdown(socket.SHUT_RDWR)
 
 
 _INDEX = [
@@ -7469,6 +7505,9 @@ class _DebugPages:
     def log_message(self, format, *args):
         log.debug("debug page: %s: " + format, self.address_string(), *args)
 
+    # An idle connection is closed after this many seconds: each holds a thread and a file.
+    timeout = 30.0
+
     def do_GET(self):
         import urllib.parse
         host = self.headers.get("Host")
@@ -7477,6 +7516,16 @@ class _DebugPages:
             # its own that resolves to 127.0.0.1 (DNS rebinding); such a request names its host.
             self._send(403, "text/plain", "the debug pages answer to loopback names only, "
                                           "not to Host: %s\n" % (host,))
+            return
+        # Any page on the web can also make a browser ask for http://127.0.0.1:PORT/... (a link,
+        # an image): it cannot read the answer, but the request alone would start a profile on
+        # every machine. Browsers say where such a request comes from: refuse other sites'.
+        site = (self.headers.get("Sec-Fetch-Site") or "").lower()
+        origin = self.headers.get("Origin")
+        if site in ("cross-site", "same-site") or (
+                origin is not None and origin != "http://%s" % host):
+            self._send(403, "text/plain", "the debug pages do not answer requests from other "
+                                          "sites' pages; open them directly\n")
             return
         url = urllib.parse.urlsplit(self.path)
         query = {k: v[-1] for k, v in urllib.parse.parse_qs(url.query).items()}
@@ -7579,13 +7628,20 @@ class _DebugPages:
             raise _PageError(400, "seconds, hz and lines are numbers") from None
         if seconds == 0:
             seconds = 30.0                         # as Go's pprof handler
-        if not 0 < seconds <= 3600 or not 1 <= hz <= 1000:
-            raise _PageError(400, "seconds must be between 0 and 3600, hz between 1 and 1000")
+        if not 0 < seconds <= _MAX_PAGE_SECONDS or not 1 <= hz <= 1000:
+            raise _PageError(400, "seconds must be between 0 and %d, hz between 1 and 1000"
+                             % _MAX_PAGE_SECONDS)
         machines = self._machines(query)
         if not machines:
             raise _PageError(404, "no profiles are available at this time: no machine is "
                                   "running")
-        stats = self.server.b.profile(seconds, machines, hz=hz)
+        # One profile at a time: each one slows every machine down while it lasts.
+        if not self.server.profiling.acquire(blocking=False):
+            raise _PageError(409, "a profile is being taken already; ask again when it is done")
+        try:
+            stats = self.server.b.profile(seconds, machines, hz=hz)
+        finally:
+            self.server.profiling.release()
         if query.get("debug", "0") not in ("", "0"):
             out = io.StringIO()
             stats.stream = out
@@ -7604,7 +7660,15 @@ class _DebugPages:
         except ValueError:
             raise _PageError(400, "limit is a number") from None
         stop = query.get("stop", "0") not in ("", "0")
-        results = _gather(machines, "Supervisor.heap", max(limit, 200), stop, timeout=60.0)
+        trace = query.get("trace", "0") not in ("", "0")
+        try:
+            seconds = float(query.get("seconds", 1.0))
+        except ValueError:
+            raise _PageError(400, "seconds is a number") from None
+        if not 0 <= seconds <= _MAX_PAGE_SECONDS:
+            raise _PageError(400, "seconds must be between 0 and %d" % _MAX_PAGE_SECONDS)
+        results = _gather(machines, "Supervisor.heap", max(limit, 200), stop, trace, seconds,
+                          timeout=seconds + 60.0)
         if not results:
             raise _PageError(404, "no machine is running")
         self._send(200, "text/plain", _format_heap(
@@ -7662,6 +7726,7 @@ class _PageError(Exception):
 
 
 _DEFAULT_HZ = 100
+_MAX_PAGE_SECONDS = 300       # the longest profile (or heap window) a page takes
 
 _STYLE = """
 :root { color-scheme: light; --ink: #1d2330; --dim: #6b7385; --line: #e3e6ee; --bg: #f6f7fb;

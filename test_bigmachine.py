@@ -2570,7 +2570,7 @@ def test_counter_and_publish():
 def test_heap_page(lb):
     m1, m2 = running(lb, 2, {"Busy": Busy()})
     addr = lb.serve_debug("127.0.0.1:0")
-    status, _, body = get(addr, "/debug/bigmachine/pprof/heap")
+    status, _, body = get(addr, "/debug/bigmachine/pprof/heap?trace=1")
     assert status == 200 and body.decode().count("it was started now") == 2
     assert m1.call("Busy.hold", 5000) == 5000
     query = urllib.parse.urlencode({"machine": m1.addr, "limit": 5})
@@ -2583,8 +2583,8 @@ def test_heap_page(lb):
     assert "MiB" in site[0].split()[1]                 # 5000 blocks of 1000 bytes: ~5 MiB
     status, _, body = get(addr, "/debug/bigmachine/pprof/heap?stop=1")
     assert status == 200
-    status, _, body = get(addr, "/debug/bigmachine/pprof/heap")
-    assert body.decode().count("it was started now") == 2      # stopped, so started again
+    status, _, body = get(addr, "/debug/bigmachine/pprof/heap?seconds=0.1")
+    assert body.decode().count("it ran for 0.1s for this look") == 2   # stopped: a one-off
     status, _, body = get(addr, "/debug/bigmachine/pprof/heap?machine=https://nowhere:1/")
     assert status == 404 and b"no machine https://nowhere:1/" in body
 
