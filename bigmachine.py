@@ -2286,7 +2286,6 @@ class _Server:
         # run short they make room for new ones, which may be authenticated peers: an
         # unauthenticated connection's only claim is that it came first.
         self._unauthenticated = collections.OrderedDict()
-        self._max_unauthenticated = max(16, _file_limit() // 4)
         self._lock = threading.Lock()
         self._closed = False
         self._frames = _FrameLoop(dispatcher, self._forget) if hasattr(select, "epoll") else None
@@ -2309,7 +2308,8 @@ class _Server:
                 self._drop_unauthenticated()
                 time.sleep(0.01)
                 continue
-            if (len(self._unauthenticated) >= self._max_unauthenticated
+            # (The limit is looked up each time: it can change under a running process.)
+            if (len(self._unauthenticated) >= max(16, _file_limit() // 4)
                     or len(self._conns) >= _MAX_CONNECTIONS):
                 self._drop_unauthenticated()
             with self._lock:
@@ -2317,7 +2317,7 @@ class _Server:
                     raw.close()
                     continue
                 self._conns.add(raw)
-                self._unauthenticated[raw] = None
+                self._unauthenticated[raw] = raw
             try:
                 threading.Thread(target=self._serve_connection, args=(raw, peer_addr),
                                  name="bigmachine-conn", daemon=True).start()
@@ -2337,10 +2337,12 @@ class _Server:
         with self._lock:
             if not self._unauthenticated:
                 return
-            raw, _ = self._unauthenticated.popitem(last=False)
+            raw, current = self._unauthenticated.popitem(last=False)
+            # socket.socket's shutdown, also for a TLS socket: SSLSocket's would drop its TLS
+            # state under the thread in the middle of the handshake.
+            with contextlib.suppress(OSError):
+                socket.socket.shutdown(current, socket.SHUT_RDWR)
         log.debug("dropped an unauthenticated connection to make room for new ones")
-        with contextlib.suppress(OSError):
-            raw.shutdown(socket.SHUT_RDWR)
 
     def _serve_connection(self, raw, peer_addr):
         sock = None
@@ -2349,15 +2351,24 @@ class _Server:
             raw.settimeout(self.handshake_timeout)
             raw.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             raw.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+            # Wrapped first and then shaken hands with: the TLS socket takes the connection's
+            # file from raw, and whoever must break the handshake off (close, or a drop to
+            # make room) needs the socket that has it.
+            with self._lock:
+                if raw not in self._unauthenticated:      # dropped before it got here
+                    return
+                sock = self.context.wrap_socket(raw, server_side=True,
+                                                do_handshake_on_connect=False)
+                self._unauthenticated[raw] = sock
+                self._conns.discard(raw)
+                self._conns.add(sock)
             try:
-                sock = self.context.wrap_socket(raw, server_side=True)
+                sock.do_handshake()
             except (OSError, ValueError) as e:
                 log.debug("refused a connection from %s: %s", peer_addr, e)
                 return
             with self._lock:
                 self._unauthenticated.pop(raw, None)
-                self._conns.discard(raw)
-                self._conns.add(sock)
             if self._closed:
                 return
             adopted = self._serve_http(sock)
@@ -3181,6 +3192,7 @@ class Supervisor:
         self._machine = machine              # the _MachineProcess this supervisor watches over
         self._deadline = time.monotonic() + machine.lease
         self._lock = threading.Lock()
+        self._lease_changed = threading.Condition(self._lock)    # wakes the watchdog
         self._started = time.time()
 
     # -- liveness ---------------------------------------------------------------------
@@ -3193,6 +3205,7 @@ class Supervisor:
         """Renew the machine's lease for next_seconds; returns the lease granted and health."""
         with self._lock:
             self._deadline = time.monotonic() + float(next_seconds)
+            self._lease_changed.notify_all()
         return {"next": float(next_seconds), "healthy": self._healthy()}
 
     def watchdog_left(self):
@@ -3200,18 +3213,25 @@ class Supervisor:
         return self._deadline - time.monotonic()
 
     def _watch(self):
-        # It sleeps until the lease's end (or a tick, at most), not tick by tick: a machine
-        # whose driver is frozen or gone ends when its lease does, not up to a tick later.
+        # It sleeps until the lease's end (a tick at most), and each keepalive wakes it to
+        # look again: a machine whose driver is frozen or gone ends when its lease does, not
+        # at a tick up to a quarter of the lease later.
         tick = self._machine.watchdog_tick
-        while True:
-            left = self._deadline - time.monotonic()
-            if left <= 0:
-                log.error("watchdog expired: no keepalive from the driver for %.1fs; exiting",
-                          self._machine.lease)
-                self._machine.exit(1)
+        with self._lock:
+            while not self._machine.exited.is_set():
+                left = self._deadline - time.monotonic()
+                if left <= 0:
+                    break
+                self._lease_changed.wait(min(left, tick) + 0.001)
+            else:
                 return
-            if self._machine.exited.wait(min(left, tick) + 0.001):
-                return
+        log.error("watchdog expired: no keepalive from the driver for %.1fs; exiting",
+                  self._machine.lease)
+        self._machine.exit(1)
+
+    def _wake(self):
+        with self._lock:
+            self._lease_changed.notify_all()
 
     def _healthy(self):
         used = _memory_used_percent()
@@ -3363,6 +3383,7 @@ class _MachineProcess:
         # the machine waits for it a second at most.
         self.dispatcher.cancel_all("cancelled: the machine is shutting down", wait=1.0)
         self.exited.set()
+        self.supervisor._wake()
         self._exit(code)
 
 
