@@ -136,9 +136,11 @@ PYTHON = "%d.%d" % sys.version_info[:2]
 # true where trying again can help. `Machine.retry_call` retries exactly those.
 #
 # A service method's own exception is sent back pickled and raised on the caller as the same
-# type, with the remote traceback as its `__cause__`, the way ProcessPoolExecutor does. An
-# exception that cannot make the trip becomes a `RemoteError` that keeps its type name, message
-# and traceback.
+# type, with the remote traceback as its `__cause__`, the way ProcessPoolExecutor does; it is
+# rebuilt from its class, args and __dict__, without calling its __init__ (see
+# `_pickle_exception`). An exception that cannot make the trip, or must not be raised on the
+# caller (SystemExit), becomes a `RemoteError` that keeps its type name, message and traceback
+# and says why. A traceback names every machine the exception passed through.
 
 class Error(Exception):
     """Base class of every error raised by bigmachine."""
