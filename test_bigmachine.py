@@ -5115,18 +5115,19 @@ def test_faults_system_exit_and_unprintable_errors_say_what_was_raised(lb):
     temporary (so retry_call does not run the method again), and the machine goes on."""
     m, = running(lb, 1, {"Faulty": Faulty()})
     pid = m.call("Faulty.pid")
+    bounded = m.options(timeout=10)       # retries of a temporary error would go on for ever
     for method, type_name in (("exit", "SystemExit"), ("interrupt", "KeyboardInterrupt")):
         with pytest.raises(bigmachine.RemoteError) as info:
-            m.retry_call("Faulty." + method)
+            bounded.retry_call("Faulty." + method)
         e = info.value
         assert e.type_name == type_name and not e.temporary
         assert "not raised in its caller" in str(e) and "in %s" % method in e.traceback
         assert m.call("Faulty.ran", method) == 1                 # it ran once
     with pytest.raises(Unprintable) as info:                     # it arrives as itself
-        m.retry_call("Faulty.unprintable")
+        bounded.retry_call("Faulty.unprintable")
     assert "in unprintable" in str(info.value.__cause__)
     with pytest.raises(bigmachine.RemoteError) as info:
-        m.retry_call("Faulty.refuses_pickling")
+        bounded.retry_call("Faulty.refuses_pickling")
     assert info.value.message == "kept its message"
     assert "this exception refuses to be pickled" in info.value.why
     assert m.call("Faulty.ran", "unprintable") == m.call("Faulty.ran", "refuses_pickling") == 1
