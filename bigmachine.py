@@ -1077,9 +1077,12 @@ def _error_payload(exc, where, why=""):
         tb = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
     except Exception as e:                # a __str__ that fails in an unusual way, say
         tb = "(the traceback could not be formatted: %s)\n" % _exception_text(e)
-    came = exc.__cause__ if isinstance(exc.__cause__, _RemoteTraceback) else exc
-    machines = list(getattr(came, "machines", None) or ()) if came is not exc or isinstance(
-        exc, RemoteError) else []
+    if isinstance(exc.__cause__, _RemoteTraceback):        # it came from another machine
+        machines = list(exc.__cause__.machines)
+    elif isinstance(exc, RemoteError):
+        machines = list(getattr(exc, "machines", None) or ())
+    else:
+        machines = []
     machines.append(where)
     exc_pickle = None
     if not why:
@@ -4600,7 +4603,7 @@ def _machine_main(bootstrap=None, **here):
     unpacked (then main is relocated into it), and `workdir`, the machine's private directory,
     which goes when the machine does."""
     workdir = here.get("workdir")
-    _become_subreaper()
+    _lead_process_group()
     try:
         config = bootstrap if bootstrap is not None else json.loads(
             sys.stdin.buffer.readline() or b"null")
@@ -4647,30 +4650,31 @@ def _machine_main(bootstrap=None, **here):
 
 # A machine's processes end with it: whatever its services started (a subprocess, a fork that
 # would keep the machine's port open), on every system, whichever way the machine ends short
-# of being killed (and then Local's driver ends its process group). On Linux the machine is a
-# "child subreaper": its descendants whose parents exit become its children, not init's, so
-# that it can still find them all when it ends, even those that left its process group.
+# of being killed (and then Local's driver ends its process group). The machine leads a
+# process group of its own, which the processes it starts are in unless they leave it, and
+# when it ends it kills its descendants (found by their parents, so also those that left the
+# group) and the rest of its group (so also orphans, whose parents are gone). It is not made
+# a "child subreaper", which would find even orphans that left the group: it would also have
+# to reap every orphan that exits while it runs, and a reaper that waits for any child takes
+# the exit statuses that the services' own subprocess objects wait for.
 
-def _become_subreaper():
-    if not sys.platform.startswith("linux"):
-        return False
-    try:
-        import ctypes
-        libc = ctypes.CDLL(None, use_errno=True)
-        return libc.prctl(36, 1, 0, 0, 0) == 0          # PR_SET_CHILD_SUBREAPER
-    except (ImportError, OSError, AttributeError):
-        return False
+def _lead_process_group():
+    with contextlib.suppress(OSError, AttributeError):
+        if os.getpgrp() != os.getpid():     # a Local machine leads a session already
+            os.setpgid(0, 0)
 
 
 def _descendants(pid):
-    """The live processes descended from pid, from /proc (empty where there is none)."""
-    parents = {}
+    """The live processes descended from pid, and those in its process group if it leads
+    one, from /proc (nothing where there is none)."""
+    parents, group = {}, []
     try:
         entries = os.listdir("/proc")
+        leader = os.getpgrp() == pid
     except OSError:
         return []
     for entry in entries:
-        if entry.isdigit():
+        if entry.isdigit() and int(entry) != pid:
             try:
                 with open("/proc/%s/stat" % entry, "rb") as f:
                     fields = f.read().rsplit(b")", 1)[1].split()
@@ -4678,12 +4682,14 @@ def _descendants(pid):
                 continue
             if fields[0] != b"Z":
                 parents.setdefault(int(fields[1]), []).append(int(entry))
-    found, todo = [], [pid]
+                if leader and int(fields[2]) == pid:
+                    group.append(int(entry))
+    found, todo = set(group), [pid]
     while todo:
         for child in parents.get(todo.pop(), ()):
-            found.append(child)
+            found.add(child)
             todo.append(child)
-    return found
+    return sorted(found)
 
 
 def _end_descendants(grace=5.0):
