@@ -5455,3 +5455,20 @@ def test_faults_debug_pages_refuse_other_sites_and_leave_tracing_alone(tb):
         assert not tracemalloc.is_tracing()                    # as it found it
     finally:
         tracemalloc.stop()
+
+
+def test_faults_a_machines_processes_end_with_it_over_ssh(sshd):
+    """Item 3, on another system: an SSH machine's processes end with it too (the machine's
+    side is the same code on every system)."""
+    with bigmachine.start(ssh_system(sshd)) as b:
+        m, = running(b, 1, {"Faulty": Faulty()})
+        pids = m.call("Faulty.spawn")
+        try:
+            assert all(_alive(pid) for pid in pids)
+            b.shutdown()
+            eventually(lambda: not any(_alive(pid) for pid in pids), timeout=10,
+                       what="the machine's processes to end with it")
+        finally:
+            for pid in pids:
+                with contextlib.suppress(OSError):
+                    os.kill(pid, signal.SIGKILL)
