@@ -141,9 +141,11 @@ PYTHON = "%d.%d" % sys.version_info[:2]
 # true where trying again can help. `Machine.retry_call` retries exactly those.
 #
 # A service method's own exception is sent back pickled and raised on the caller as the same
-# type, with the remote traceback as its `__cause__`, the way ProcessPoolExecutor does. An
-# exception that cannot make the trip becomes a `RemoteError` that keeps its type name, message
-# and traceback.
+# type, with the remote traceback as its `__cause__`, the way ProcessPoolExecutor does; it is
+# rebuilt from its class, args and __dict__, without calling its __init__ (see
+# `_pickle_exception`). An exception that cannot make the trip, or must not be raised on the
+# caller (SystemExit), becomes a `RemoteError` that keeps its type name, message and traceback
+# and says why. A traceback names every machine the exception passed through.
 
 class Error(Exception):
     """Base class of every error raised by bigmachine.
@@ -189,21 +191,29 @@ class Cancelled(Error, concurrent.futures.CancelledError):
 
 
 class RemoteError(Error):
-    """A remote exception that could not be rebuilt here (its class or state did not pickle).
+    """A remote exception that could not be rebuilt here (its class or state did not pickle),
+    or one that must not be raised here (SystemExit, KeyboardInterrupt).
 
-    Keeps what can always travel: `type_name`, `message` and the remote `traceback` text.
+    Keeps what can always travel: `type_name`, `message` and the remote `traceback` text, and
+    says in `why` what kept the exception itself from making the trip.
     """
 
-    def __init__(self, type_name, message, traceback_text=""):
+    def __init__(self, type_name, message, traceback_text="", why=""):
         super().__init__(type_name, message, traceback_text)
         self.type_name, self.message, self.traceback = type_name, message, traceback_text
+        #: Why the exception itself did not make the trip ("" if nobody knows).
+        self.why = why
 
     def __str__(self):
         text = "%s: %s" % (self.type_name, self.message)
         if self.machine:
             text += " (on machine %s)" % self.machine
+        if getattr(self, "why", ""):
+            text += "\n(%s)" % self.why
         if self.traceback:
-            text += "\n\nRemote traceback:\n" + self.traceback.rstrip()
+            machines = getattr(self, "machines", None)
+            text += "\n\nRemote traceback%s:\n" % (
+                " (%s)" % _machine_path(machines) if machines else "") + self.traceback.rstrip()
         return text
 
 
@@ -225,14 +235,29 @@ class OutOfMemory(Error):
 
 
 class _RemoteTraceback(Exception):
-    """Carries a remote traceback as the `__cause__` of a re-raised remote exception."""
+    """Carries a remote traceback as the `__cause__` of a re-raised remote exception, and the
+    machines it came through (`machines`: where it was raised first, then each machine that
+    passed it on); a machine that passes it on keeps it in its own traceback."""
 
-    def __init__(self, text):
+    def __init__(self, traceback_text, machines=()):
+        self.machines = list(machines)
+        text = '\n"""\nRemote traceback (%s):\n%s"""' % (_machine_path(self.machines),
+                                                          traceback_text)
         super().__init__(text)
         self.text = text
 
     def __str__(self):
         return self.text
+
+
+def _machine_path(machines):
+    """'raised on B, passed on by A' for the machines an error came through, first to last."""
+    if not machines:
+        return "?"
+    text = "raised on %s" % machines[0] if len(machines) > 1 else machines[0]
+    if len(machines) > 1:
+        text += ", passed on by " + ", then ".join(machines[1:])
+    return text
 
 
 class _Interrupt(BaseException):
@@ -1068,44 +1093,110 @@ def _find_unpicklable(obj, path, depth=0):
     return path, obj
 
 
-def _error_payload(exc, where):
-    """Pickle an exception for the trip back: (the exception itself, if it pickles;
-    type name, message and traceback text, which always do)."""
-    tb = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
+def _error_payload(exc, where, why=""):
+    """Pickle an exception for the trip back: the exception itself, if it pickles (see
+    `_pickle_exception`), and what always travels: its type name, message and traceback text,
+    and the machines it came through (where, after those it had come from). A why says that
+    the exception itself is not to be sent, and why."""
     try:
-        exc_pickle = pickle.dumps(exc, _PICKLE_PROTOCOL)
-    except Exception:
-        exc_pickle = None
+        tb = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
+    except Exception as e:                # a __str__ that fails in an unusual way, say
+        tb = "(the traceback could not be formatted: %s)\n" % _exception_text(e)
+    if isinstance(exc.__cause__, _RemoteTraceback):        # it came from another machine
+        machines = list(exc.__cause__.machines)
+    elif isinstance(exc, RemoteError):
+        machines = list(getattr(exc, "machines", None) or ())
+    else:
+        machines = []
+    machines.append(where)
+    exc_pickle = None
+    if not why:
+        exc_pickle, why = _pickle_exception(exc)
+    return pickle.dumps((exc_pickle, _type_name(exc), _exception_text(exc), tb, machines, why),
+                        _PICKLE_PROTOCOL)
+
+
+def _exception_text(exc):
+    """str(exc), or repr(exc) if that fails, or words saying both failed."""
+    for text in (str, repr):
+        try:
+            return text(exc)
+        except Exception:
+            pass
+    return "(its str() and repr() both raised)"
+
+
+def _pickle_exception(exc):
+    """An exception as a pickle (None if it does not pickle) and why not ("").
+
+    Exceptions are rebuilt without calling their `__init__`: from the class, `args` and
+    `__dict__`. The way pickle rebuilds them, `cls(*args)`, fails for the most common way of
+    writing one, `__init__(self, code, detail)` that passes one message to
+    `Exception.__init__`: then args holds one value and `__init__` wants two. Classes that say
+    how they are pickled (their own `__reduce__`, as OSError has) are pickled their way, and
+    so are the built-in exceptions, whose state can live outside `__dict__`."""
+    cls = type(exc)
+    if cls.__reduce__ is BaseException.__reduce__ and cls.__module__ != "builtins":
+        parts = ("parts", cls, exc.args, getattr(exc, "__dict__", None) or None)
+    else:
+        parts = ("reduce", exc)
     try:
-        message = str(exc)
-    except Exception:
-        message = repr(exc)
-    return pickle.dumps((exc_pickle, _type_name(exc), message, tb, where), _PICKLE_PROTOCOL)
+        return pickle.dumps(parts, _PICKLE_PROTOCOL), ""
+    except Exception as e:
+        return None, _describe_pickling_failure(exc, "the exception", e)
+
+
+def _unpickle_exception(data):
+    """The exception a `_pickle_exception` pickle holds; raises what stops it."""
+    parts = pickle.loads(data)
+    if parts[0] == "reduce":
+        exc = parts[1]
+    else:
+        _, cls, args, state = parts
+        if not (isinstance(cls, type) and issubclass(cls, BaseException)):
+            raise TypeError("%r is not an exception class" % (cls,))
+        try:
+            exc = cls.__new__(cls, *args)
+        except Exception:                     # a __new__ of its own, with other ideas
+            exc = cls.__new__(cls)
+        exc.args = args
+        if state:
+            exc.__setstate__(state)
+    if not isinstance(exc, BaseException):
+        raise TypeError("%r is not an exception" % (exc,))
+    return exc
 
 
 def _rebuild_error(payload):
     """The exception to raise on the caller for an error payload from a machine."""
-    exc_pickle, type_name, message, tb, where = pickle.loads(payload)
-    cause = _RemoteTraceback('\n"""\nRemote traceback (%s):\n%s"""' % (where, tb))
+    exc_pickle, type_name, message, tb, machines, why = pickle.loads(payload)
+    cause = _RemoteTraceback(tb, machines)
     if exc_pickle is not None:
         try:
-            exc = pickle.loads(exc_pickle)
-        except Exception:
-            pass
+            exc = _unpickle_exception(exc_pickle)
+        except Exception as e:
+            why = "it could not be rebuilt here: %s: %s" % (type(e).__name__,
+                                                             _exception_text(e))
+            if isinstance(e, (ImportError, AttributeError)):
+                why += (" (its class, and those of its attributes, must be importable here by "
+                        "the same name: defined at the top level of a module both sides have)")
         else:
-            if isinstance(exc, BaseException):
-                exc.__cause__ = cause
-                if isinstance(exc, Error):
-                    _mark_remote(exc, where)
-                return exc
-    return _mark_remote(RemoteError(type_name, message, tb), where)
+            exc.__cause__ = cause
+            if isinstance(exc, Error):
+                _mark_remote(exc, machines)
+            return exc
+    error = RemoteError(type_name, message, tb, why)
+    error.machines = machines
+    return _mark_remote(error, machines)
 
 
-def _mark_remote(error, where):
-    """A library error relayed from machine where: say so, and keep the first machine named
-    (an error relayed twice happened on the first)."""
+def _mark_remote(error, machines):
+    """A library error relayed from other machines: say so, and name the machine where it
+    happened, the first of those it came through (a streamed argument's error came through
+    the caller's own sending thread, which is no machine)."""
     error.remote = True
-    if error.machine is None and where != "stream":
+    where = next((m for m in machines if m != _STREAM_SENDER), None)
+    if error.machine is None and where is not None:
         error.machine = where
     return error
 
@@ -1475,10 +1566,14 @@ def _split_stream_argument(args, kwargs):
     return found, args, kwargs
 
 
-def _send_stream(sock, call_id, source):
+_STREAM_SENDER = "the stream's sender"
+
+
+def _send_stream(sock, call_id, source, where=_STREAM_SENDER):
     """Send source (a binary file or an iterator of bytes) as DATA frames, then END.
 
-    An exception while reading the source is sent as STREAM_ERROR for the reader to raise.
+    An exception while reading the source is sent as STREAM_ERROR for the reader to raise
+    (a SystemExit or KeyboardInterrupt as a RemoteError saying so; see `_not_passed_on`).
     Errors writing the socket propagate: the connection is broken and will be discarded.
     A `Stream` is opened here, as its data is about to be sent: once for each attempt."""
     try:
@@ -1510,9 +1605,10 @@ def _send_stream(sock, call_id, source):
     except OSError as e:
         if _is_socket_error(e, sock):
             raise
-        _send_frame(sock, STREAM_ERROR, call_id, body=_error_payload(e, "stream"))
-    except Exception as e:
-        _send_frame(sock, STREAM_ERROR, call_id, body=_error_payload(e, "stream"))
+        _send_frame(sock, STREAM_ERROR, call_id, body=_error_payload(e, where))
+    except (Exception, SystemExit, KeyboardInterrupt) as e:
+        _send_frame(sock, STREAM_ERROR, call_id, body=_error_payload(e, where,
+                                                                      _not_passed_on(e)))
     else:
         _send_frame(sock, END, call_id)
     finally:
@@ -1550,6 +1646,7 @@ class _StreamReader(io.RawIOBase):
         self._left = 0          # bytes of the current DATA frame not yet read
         self._done = False
         self._on_end, self._on_abort = on_end, on_abort
+        self.error = None       # the error that ended the stream, until a read raises it
         # Turns a broken connection into the error the reader should see (_Peer.stream_broken,
         # which the caller's Machine sets), so that a stream from a machine that died raises
         # MachineStopped like any other call on it.
@@ -1593,9 +1690,13 @@ class _StreamReader(io.RawIOBase):
             self._finish()
             return False
         if kind == STREAM_ERROR:
+            # Not raised here: the buffered reader above may hold bytes of this stream that
+            # its caller has not been given yet, and an exception would lose them. It ends
+            # the data, and the next read that finds no data raises it (see _StreamFile).
             body, _ = _read_body(self._rfile, nbuffers, body_len)
             self._finish()
-            raise _rebuild_error(body)
+            self.error = _rebuild_error(body)
+            return False
         raise _ProtocolError("frame kind %d inside a stream" % kind)
 
     def _finish(self):
@@ -1625,6 +1726,43 @@ class _StreamReader(io.RawIOBase):
             if on_abort is not None:
                 on_abort()
         super().close()
+
+
+class _StreamFile(io.BufferedReader):
+    """A stream as its reader sees it: a buffered binary file over a `_StreamReader`, which
+    returns every byte that arrived before the error that ended the stream, whatever the read
+    sizes, and then raises that error from the first read that finds no more data. (A plain
+    BufferedReader drops what it has gathered for a read when the raw file raises.)"""
+
+    def _raise_error(self, got):
+        error = self.raw.error
+        if error is not None and not got:
+            self.raw.error = None              # raised once; after it, the stream is at its end
+            raise error
+        return got
+
+    def read(self, size=-1):
+        got = super().read(size)
+        return got if size == 0 else self._raise_error(got)
+
+    def read1(self, size=-1):
+        got = super().read1(size)
+        return got if size == 0 else self._raise_error(got)
+
+    def readinto(self, b):
+        n = super().readinto(b)
+        return n if not len(memoryview(b)) else self._raise_error(n)
+
+    def readinto1(self, b):
+        n = super().readinto1(b)
+        return n if not len(memoryview(b)) else self._raise_error(n)
+
+    def readline(self, size=-1):
+        got = super().readline(size)
+        return got if size == 0 else self._raise_error(got)
+
+    def peek(self, size=0):
+        return self._raise_error(super().peek(size))
 
 
 def _parse_addr(addr):
@@ -2065,7 +2203,7 @@ class _Peer:
             on_end=functools.partial(self._end_stream, conn, inflight),
             on_abort=functools.partial(self._abort_stream, conn, call_id, inflight))
         reader.broken = self.stream_broken
-        return io.BufferedReader(reader, _CHUNK)
+        return _StreamFile(reader, _CHUNK)
 
     def _end_stream(self, conn, inflight):
         if inflight is not None:
@@ -2167,6 +2305,28 @@ class _Client:
             peer.close()
 
 
+def _file_limit():
+    """How many files this process may open (its soft RLIMIT_NOFILE; 1024 if unknown)."""
+    try:
+        import resource
+        soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    except (ImportError, OSError, ValueError):
+        return 1024
+    return soft if soft != getattr(resource, "RLIM_INFINITY", -1) and soft > 0 else 1 << 20
+
+
+def _raise_file_limit():
+    """Raise this process's soft limit on open files to its hard limit: a machine's files are
+    its connections, and the soft limit is often far below what the system allows."""
+    try:
+        import resource
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        if soft != hard and soft != resource.RLIM_INFINITY:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    except (ImportError, OSError, ValueError) as e:
+        log.debug("could not raise the limit on open files: %s", e)
+
+
 def _handshake_timeout():
     """Seconds a server gives a new connection to finish TLS, and then to send its first
     request, before it closes it: BIGMACHINE_HANDSHAKE_TIMEOUT if set, else 10. Until then the
@@ -2202,6 +2362,10 @@ class _Server:
         self.host, self.port = sock.getsockname()[:2]
         self.handshake_timeout = _handshake_timeout()
         self._conns = set()
+        # Connections that have not passed the TLS handshake yet, oldest first. When files
+        # run short they make room for new ones, which may be authenticated peers: an
+        # unauthenticated connection's only claim is that it came first.
+        self._unauthenticated = collections.OrderedDict()
         self._lock = threading.Lock()
         self._closed = False
         self._frames = _FrameLoop(dispatcher, self._forget) if hasattr(select, "epoll") else None
@@ -2220,13 +2384,20 @@ class _Server:
             except OSError:
                 if self._closed:
                     return
-                time.sleep(0.01)   # EMFILE and the like: let connections close, then go on
+                # EMFILE and the like: make room, let connections close, then go on.
+                self._drop_unauthenticated()
+                time.sleep(0.01)
                 continue
+            # (The limit is looked up each time: it can change under a running process.)
+            if (len(self._unauthenticated) >= max(16, _file_limit() // 4)
+                    or len(self._conns) >= _MAX_CONNECTIONS):
+                self._drop_unauthenticated()
             with self._lock:
                 if self._closed or len(self._conns) >= _MAX_CONNECTIONS:
                     raw.close()
                     continue
                 self._conns.add(raw)
+                self._unauthenticated[raw] = raw
             try:
                 threading.Thread(target=self._serve_connection, args=(raw, peer_addr),
                                  name="bigmachine-conn", daemon=True).start()
@@ -2235,9 +2406,23 @@ class _Server:
                 # as letting the error end this loop would.
                 with self._lock:
                     self._conns.discard(raw)
+                    self._unauthenticated.pop(raw, None)
                 raw.close()
                 log.warning("refused a connection from %s: %s", peer_addr, e)
                 time.sleep(0.01)
+
+    def _drop_unauthenticated(self):
+        """End the oldest connection that has not passed the TLS handshake: its thread wakes,
+        and closes it."""
+        with self._lock:
+            if not self._unauthenticated:
+                return
+            raw, current = self._unauthenticated.popitem(last=False)
+            # socket.socket's shutdown, also for a TLS socket: SSLSocket's would drop its TLS
+            # state under the thread in the middle of the handshake.
+            with contextlib.suppress(OSError):
+                socket.socket.shutdown(current, socket.SHUT_RDWR)
+        log.debug("dropped an unauthenticated connection to make room for new ones")
 
     def _serve_connection(self, raw, peer_addr):
         sock = None
@@ -2246,14 +2431,24 @@ class _Server:
             raw.settimeout(self.handshake_timeout)
             raw.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             raw.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+            # Wrapped first and then shaken hands with: the TLS socket takes the connection's
+            # file from raw, and whoever must break the handshake off (close, or a drop to
+            # make room) needs the socket that has it.
+            with self._lock:
+                if raw not in self._unauthenticated:      # dropped before it got here
+                    return
+                sock = self.context.wrap_socket(raw, server_side=True,
+                                                do_handshake_on_connect=False)
+                self._unauthenticated[raw] = sock
+                self._conns.discard(raw)
+                self._conns.add(sock)
             try:
-                sock = self.context.wrap_socket(raw, server_side=True)
+                sock.do_handshake()
             except (OSError, ValueError) as e:
                 log.debug("refused a connection from %s: %s", peer_addr, e)
                 return
             with self._lock:
-                self._conns.discard(raw)
-                self._conns.add(sock)
+                self._unauthenticated.pop(raw, None)
             if self._closed:
                 return
             adopted = self._serve_http(sock)
@@ -2263,6 +2458,7 @@ class _Server:
             if adopted:                   # the frame loop has it now
                 return
             with self._lock:
+                self._unauthenticated.pop(raw, None)
                 self._conns.discard(raw)
                 self._conns.discard(sock)
             for s in (sock, raw):
@@ -2325,6 +2521,13 @@ class _Server:
             method, path, headers = request
             if path == self.prefix + "bigrpc" and method == "GET":
                 if self._upgrade(writer, headers):
+                    # A caller may send its first frame right behind the request, so that it
+                    # is read with it: the frame loop would wait for it on the socket, where it
+                    # no longer is. Serve what came along here first.
+                    while _buffered(sock, rfile):
+                        sock.settimeout(None)
+                        if not _serve_frame(writer, rfile, self.dispatcher):
+                            return False
                     sock.settimeout(None)
                     if self._frames is not None:
                         try:
@@ -2383,8 +2586,8 @@ class _Server:
             args, kwargs = _loads(body, (), "the arguments of %s" % method)[:2]
             result = fn(*args, **kwargs)
             status, reply = 200, pickle.dumps(result, _PICKLE_PROTOCOL)
-        except Exception as e:
-            status, reply = 590, _error_payload(e, dispatcher.where)
+        except (Exception, SystemExit, KeyboardInterrupt) as e:
+            status, reply = 590, _error_payload(e, dispatcher.where, _not_passed_on(e))
         _http_reply(writer, status, reply,
                     headers={"Content-Type": "application/x-python-pickle"})
 
@@ -2393,6 +2596,18 @@ _HTTP_REASONS = {101: "Switching Protocols", 200: "OK", 400: "Bad Request",
                  404: "Not Found", 409: "Conflict", 411: "Length Required",
                  413: "Payload Too Large",
                  426: "Upgrade Required", 590: "Method Error"}
+
+
+def _buffered(sock, rfile):
+    """Has the connection bytes ready to read without waiting: in rfile's buffer, or in TLS's,
+    or on the socket? (Looked at without blocking; the socket is left non-blocking.)"""
+    sock.settimeout(0.0)
+    try:
+        return bool(rfile.peek(1))
+    except (ssl.SSLWantReadError, BlockingIOError, socket.timeout):
+        return False
+    except (OSError, ValueError):
+        return True                   # broken: reading it says so, and ends the connection
 
 
 def _read_http_request(rfile, max_headers):
@@ -2959,7 +3174,7 @@ class _Dispatcher:
             except Exception:
                 args, kwargs, timeout = _loads(body, buffers, "the arguments of %s" % method)
             if stream_in is not None:
-                reader = io.BufferedReader(stream_in, _CHUNK)
+                reader = _StreamFile(stream_in, _CHUNK)
                 args = tuple(reader if isinstance(a, _StreamPlaceholder) else a for a in args)
                 kwargs = {k: reader if isinstance(v, _StreamPlaceholder) else v
                           for k, v in kwargs.items()}
@@ -2992,9 +3207,7 @@ class _Dispatcher:
                     "call %s on %s was %s" % (method, self.where, context.reason or "cancelled"))
             if stream_in is not None:
                 stream_in.drain()
-            if not isinstance(e, Exception):
-                raise
-            error = _error_payload(e, self.where)
+            error = _error_payload(e, self.where, _not_passed_on(e))
             _send_frame(sock, ERROR, call_id, body=error)
             self.stats.record(method, time.perf_counter() - began, received, len(error), True)
             return
@@ -3002,7 +3215,7 @@ class _Dispatcher:
                 _is_binary_file(result) or isinstance(result, collections.abc.Iterator)):
             # Streamed before the argument is drained: the reply may be reading from it.
             _send_frame(sock, REPLY, call_id, flags=_STREAMED)
-            _send_stream(sock, call_id, result)
+            _send_stream(sock, call_id, result, self.where)
             if stream_in is not None:
                 stream_in.drain()
             self.stats.record(method, time.perf_counter() - began, received, 0, False)
@@ -3030,6 +3243,17 @@ class _Dispatcher:
         self.stats.record(method, time.perf_counter() - began, received, sent, False)
 
 
+def _not_passed_on(exc):
+    """Why a method's exception is not raised as itself on the caller ("" if it is): a
+    SystemExit or KeyboardInterrupt would end or interrupt the caller's program, not say what
+    went wrong in the method. The caller gets a RemoteError that says what was raised, and the
+    machine goes on serving: a method cannot end its machine this way."""
+    if isinstance(exc, Exception):
+        return ""
+    return ("a method's %s is not raised in its caller, where it would end or interrupt the "
+            "program; the machine goes on serving" % type(exc).__name__)
+
+
 def _public_methods(service):
     return sorted(n for n in dir(service)
                   if not n.startswith("_") and n != "init" and callable(getattr(service, n, None)))
@@ -3048,6 +3272,7 @@ class Supervisor:
         self._machine = machine              # the _MachineProcess this supervisor watches over
         self._deadline = time.monotonic() + machine.lease
         self._lock = threading.Lock()
+        self._lease_changed = threading.Condition(self._lock)    # wakes the watchdog
         self._started = time.time()
 
     # -- liveness ---------------------------------------------------------------------
@@ -3060,6 +3285,7 @@ class Supervisor:
         """Renew the machine's lease for next_seconds; returns the lease granted and health."""
         with self._lock:
             self._deadline = time.monotonic() + float(next_seconds)
+            self._lease_changed.notify_all()
         memory = _memory_report()
         used = memory.get("used_percent")
         return {"next": float(next_seconds), "memory": memory,
@@ -3070,13 +3296,25 @@ class Supervisor:
         return self._deadline - time.monotonic()
 
     def _watch(self):
+        # It sleeps until the lease's end (a tick at most), and each keepalive wakes it to
+        # look again: a machine whose driver is frozen or gone ends when its lease does, not
+        # at a tick up to a quarter of the lease later.
         tick = self._machine.watchdog_tick
-        while not self._machine.exited.wait(tick):
-            if time.monotonic() > self._deadline:
-                log.error("watchdog expired: no keepalive from the driver for %.1fs; exiting",
-                          self._machine.lease)
-                self._machine.exit(1)
+        with self._lock:
+            while not self._machine.exited.is_set():
+                left = self._deadline - time.monotonic()
+                if left <= 0:
+                    break
+                self._lease_changed.wait(min(left, tick) + 0.001)
+            else:
                 return
+        log.error("watchdog expired: no keepalive from the driver for %.1fs; exiting",
+                  self._machine.lease)
+        self._machine.exit(1)
+
+    def _wake(self):
+        with self._lock:
+            self._lease_changed.notify_all()
 
     # -- services ---------------------------------------------------------------------
 
@@ -3134,10 +3372,11 @@ class Supervisor:
         `B.profile` merges machines' profiles."""
         return _profile(seconds, hz)
 
-    def heap(self, limit=200, stop=False):
-        """The limit allocation sites holding the most memory, from tracemalloc (started now
-        if it is not running; stop=True stops it afterwards)."""
-        return _heap(limit, stop)
+    def heap(self, limit=200, stop=False, trace=False, seconds=1.0):
+        """The limit allocation sites holding the most memory, from tracemalloc. If it is not
+        running, it runs for seconds and stops again, unless trace=True leaves it running;
+        stop=True stops it afterwards."""
+        return _heap(limit, stop, trace, seconds)
 
     def vars(self):
         """This process's published variables, and its calls counted per method: "rpc.server"
@@ -3344,6 +3583,7 @@ class _MachineProcess:
         # the machine waits for it a second at most.
         self.dispatcher.cancel_all("cancelled: the machine is shutting down", wait=1.0)
         self.exited.set()
+        self.supervisor._wake()
         self._exit(code)
 
 
@@ -3814,10 +4054,14 @@ class B:
     # -- machines -----------------------------------------------------------------------
 
     def start(self, n: int, services: typing.Mapping[str, object], *,
-              env: typing.Optional[typing.Mapping[str, str]] = None,
+              env: typing.Optional[typing.Mapping[str, str]] = None, exact: bool = False,
               **params: typing.Any) -> typing.List[Machine]:
         """Start up to n machines, each with services ({name: object}) installed; returns at
-        once, with the machines STARTING. env adds environment variables on the machines."""
+        once, with the machines STARTING. env adds environment variables on the machines.
+
+        A system may have room for fewer than n (SSHSystem: per_host machines on each host);
+        then fewer start, with a warning that says how many and why, or, with exact=True,
+        none: an Error says why."""
         if not self._is_driver:
             raise Error("a machine cannot start machines; start them from the driver")
         if self._closed:
@@ -3833,6 +4077,7 @@ class B:
                                  "underscore, not %r" % (name,))
             if name == "Supervisor":
                 raise ValueError("the name 'Supervisor' is taken by bigmachine's own service")
+            _check_service(name, services[name], not isinstance(self.system, TestSystem))
         if env is not None and (not isinstance(env, collections.abc.Mapping) or not all(
                 isinstance(k, str) and isinstance(v, str) for k, v in env.items())):
             raise ValueError("env must map names to strings, not %r" % (env,))
@@ -3844,6 +4089,16 @@ class B:
         machines = self.system.start(self, n, env=dict(env or {}))
         if not machines:
             raise Error("the %s system started no machines" % self.system.name)
+        if len(machines) < n:
+            why = "b.start(%d) %s %d machine%s: %s" % (
+                n, "can start only" if exact else "started only", len(machines),
+                "" if len(machines) == 1 else "s", self.system._why_fewer(n, len(machines)))
+            if exact:
+                now = time.monotonic()
+                for m in machines:            # made, not launched: give their room back
+                    self.system.terminate(m, now)
+                raise Error(why + "; none was started (exact=True)")
+            log.warning("%s; pass exact=True to have an error instead", why)
         with self._lock:
             for m in machines:
                 self._machines[m.addr] = m
@@ -4170,6 +4425,31 @@ def _write_file(path, text):
     return path
 
 
+def _check_service(name, service, processes):
+    """Refuse what cannot serve: a service is an object whose methods are called; and, on
+    machines that are processes of their own, one whose class they cannot load."""
+    main = sys.modules.get("__main__")
+    if (processes and type(service).__module__ == "__main__"
+            and getattr(main, "__spec__", None) is None
+            and getattr(main, "__file__", None) is not None and _main_file() is None):
+        raise Error(
+            "service %r is an object of class %s, defined in the driver's main program, which "
+            "was not run from a file (it came from %s): machines load the main program from "
+            "its file. Save the program to a file and run that, or define the class in a "
+            "module the machines can import" % (name, type(service).__qualname__,
+                                                main.__file__))
+    if isinstance(service, type):
+        raise ValueError(
+            "service %r is the class %s itself; a service is an object: pass an instance, "
+            "such as {%r: %s()}" % (name, service.__qualname__, name, service.__qualname__))
+    if isinstance(service, (types.FunctionType, types.BuiltinFunctionType, types.MethodType,
+                            functools.partial)):
+        raise ValueError(
+            "service %r is a function (%s); a service is an object whose methods are called "
+            "as %r.method: make the function a method of a class, and pass an instance of "
+            "that class" % (name, getattr(service, "__qualname__", service), name))
+
+
 @contextlib.contextmanager
 def _sigint_ignored():
     """Ignore Ctrl-C for a moment (in the main thread; elsewhere signals are not delivered)."""
@@ -4258,6 +4538,10 @@ class System:
 
     def maxprocs(self):
         return 1
+
+    def _why_fewer(self, asked, started):
+        """Why start(b, asked) made only started machines, for the warning that says so."""
+        return "the %s system had room for no more" % self.name
 
     def shutdown(self):
         """Release the system's resources; machines were already terminated."""
@@ -4530,6 +4814,15 @@ class _ChildProcess:
 
     def _wait(self):
         cgroup = self.memory_cgroup_at_exit()
+        if hasattr(os, "waitid"):
+            # Wait without reaping first: until it is reaped its pid, which is also its process
+            # group's id, cannot be taken by another process. Then end what is left of its
+            # group, the processes its code started (see _end_descendants for the machine's
+            # own way, which also finds those that left the group).
+            with contextlib.suppress(OSError):
+                os.waitid(os.P_PID, self.proc.pid, os.WEXITED | os.WNOWAIT)
+            with contextlib.suppress(OSError):
+                os.killpg(self.proc.pid, signal.SIGKILL)
         code = self.proc.wait()
         for t in self._forwarders:
             t.join(2.0)                # print what it said before saying it stopped
@@ -4685,12 +4978,23 @@ def _main_preparation():
     name = getattr(getattr(main, "__spec__", None), "name", None)
     if name is not None:
         data["init_main_from_name"] = name
-    elif getattr(main, "__file__", None) is not None:
-        path = main.__file__
-        if not os.path.isabs(path) and multiprocessing.process.ORIGINAL_DIR is not None:
-            path = os.path.join(multiprocessing.process.ORIGINAL_DIR, path)
-        data["init_main_from_path"] = os.path.normpath(path)
+    elif _main_file() is not None:
+        data["init_main_from_path"] = _main_file()
+    # Otherwise (an interactive session, a program read from standard input) there is no main
+    # module for machines to load; B.start refuses services whose classes live in it.
     return data
+
+
+def _main_file():
+    """The file of the driver's __main__ module, if it was run from one that exists."""
+    import multiprocessing.process
+    path = getattr(sys.modules.get("__main__"), "__file__", None)
+    if path is None:
+        return None
+    if not os.path.isabs(path) and multiprocessing.process.ORIGINAL_DIR is not None:
+        path = os.path.join(multiprocessing.process.ORIGINAL_DIR, path)
+    path = os.path.normpath(path)
+    return path if os.path.isfile(path) else None
 
 
 def _machine_main(bootstrap=None, **here):
@@ -4706,6 +5010,7 @@ def _machine_main(bootstrap=None, **here):
     unpacked (then main is relocated into it), and `workdir`, the machine's private directory,
     which goes when the machine does."""
     workdir = here.get("workdir")
+    _lead_process_group()
     try:
         config = bootstrap if bootstrap is not None else json.loads(
             sys.stdin.buffer.readline() or b"null")
@@ -4726,6 +5031,11 @@ def _machine_main(bootstrap=None, **here):
                 code = _run_machine(config)
             except SystemExit as e:
                 code = e.code if isinstance(e.code, int) else 1
+            except _UnguardedMain as e:
+                # Said once, without the traceback through multiprocessing's loader: the
+                # driver shows the machine's last lines of output as the reason it stopped.
+                sys.stderr.write("bigmachine: %s\n" % e)
+                code = 1
             except BaseException:
                 # The driver's main failed to load, say. Exit here, with the traceback said:
                 # ending the interpreter normally would abort on the thread reading stdin.
@@ -4737,10 +5047,76 @@ def _machine_main(bootstrap=None, **here):
             with contextlib.suppress(Exception):
                 stream.flush()
     finally:
+        with contextlib.suppress(Exception):
+            _end_descendants()
         if workdir:
             import shutil
             shutil.rmtree(workdir, ignore_errors=True)
     os._exit(code)
+
+
+# A machine's processes end with it: whatever its services started (a subprocess, a fork that
+# would keep the machine's port open), on every system, whichever way the machine ends short
+# of being killed (and then Local's driver ends its process group). The machine leads a
+# process group of its own, which the processes it starts are in unless they leave it, and
+# when it ends it kills its descendants (found by their parents, so also those that left the
+# group) and the rest of its group (so also orphans, whose parents are gone). It is not made
+# a "child subreaper", which would find even orphans that left the group: it would also have
+# to reap every orphan that exits while it runs, and a reaper that waits for any child takes
+# the exit statuses that the services' own subprocess objects wait for.
+
+def _lead_process_group():
+    with contextlib.suppress(OSError, AttributeError):
+        if os.getpgrp() != os.getpid():     # a Local machine leads a session already
+            os.setpgid(0, 0)
+
+
+def _descendants(pid):
+    """The live processes descended from pid, and those in its process group if it leads
+    one, from /proc (nothing where there is none)."""
+    parents, group = {}, []
+    try:
+        entries = os.listdir("/proc")
+        leader = os.getpgrp() == pid
+    except OSError:
+        return []
+    for entry in entries:
+        if entry.isdigit() and int(entry) != pid:
+            try:
+                with open("/proc/%s/stat" % entry, "rb") as f:
+                    fields = f.read().rsplit(b")", 1)[1].split()
+            except (OSError, IndexError):
+                continue
+            if fields[0] != b"Z":
+                parents.setdefault(int(fields[1]), []).append(int(entry))
+                if leader and int(fields[2]) == pid:
+                    group.append(int(entry))
+    found, todo = set(group), [pid]
+    while todo:
+        for child in parents.get(todo.pop(), ()):
+            found.add(child)
+            todo.append(child)
+    return sorted(found)
+
+
+def _end_descendants(grace=5.0):
+    """Kill every process descended from this one, and reap those that are its children."""
+    me = os.getpid()
+    deadline = time.monotonic() + grace
+    while True:
+        pids = _descendants(me)
+        for pid in pids:
+            with contextlib.suppress(OSError):
+                os.kill(pid, signal.SIGKILL)
+        while True:                       # reap: a killed child is a zombie until then
+            try:
+                if os.waitpid(-1, os.WNOHANG)[0] == 0:
+                    break
+            except ChildProcessError:
+                break
+        if not pids or time.monotonic() > deadline:
+            return
+        time.sleep(0.005)
 
 
 def _run_machine(config):
@@ -4751,6 +5127,7 @@ def _run_machine(config):
         import tempfile
         os.environ["TMPDIR"] = tempfile.tempdir = workdir
     os.environ.update(config.get("env") or {})
+    _raise_file_limit()
     _forward_logging(config["log_level"])
     credentials = Credentials(**config["credentials"])
     system = Local(lease=config["lease"])
@@ -5287,6 +5664,13 @@ class SSHSystem(System):
     def lost(self, machine):
         process = self._procs.get(machine)
         return process is not None and process.gone()
+
+    def _why_fewer(self, asked, started):
+        return ("SSHSystem runs at most per_host=%d machine%s on each host, and has %d host%s "
+                "(%s); give it more hosts, or a larger per_host" % (
+                    self.per_host, "" if self.per_host == 1 else "s", len(self.hosts),
+                    "" if len(self.hosts) == 1 else "s",
+                    ", ".join(h.spec for h in self.hosts)))
 
     def terminate(self, machine, deadline):
         with self._lock:
@@ -7290,9 +7674,13 @@ def _merge_profiles(results):
 _tracemalloc_since = None            # time.time() when this module started tracemalloc
 
 
-def _heap(limit=200, stop=False):
-    """The allocation sites holding the most memory now, from tracemalloc, which is started if
-    it is not running. stop=True stops it afterwards (tracing slows allocation down)."""
+def _heap(limit=200, stop=False, trace=False, seconds=1.0):
+    """The allocation sites holding the most memory now, from tracemalloc. Tracing slows
+    allocation down (a job ran 3.5x slower with it on), so a look leaves it as it found it: if
+    it is not running, it runs for seconds (a call's cancellation ends that early) and is
+    stopped again, and the snapshot shows what was allocated in that time and is still held.
+    trace=True starts it for good, so that later looks see everything from then on; stop=True
+    stops it after this look."""
     global _tracemalloc_since
     import linecache
     import tracemalloc
@@ -7300,28 +7688,34 @@ def _heap(limit=200, stop=False):
     if started:
         tracemalloc.start()
         _tracemalloc_since = time.time()
-    snapshot = tracemalloc.take_snapshot().filter_traces((
-        tracemalloc.Filter(False, tracemalloc.__file__),
-        tracemalloc.Filter(False, linecache.__file__),
-        tracemalloc.Filter(False, "<unknown>"),
-    ))
+        if not trace:
+            context = current_call()
+            (context.wait if context is not None else time.sleep)(max(0.0, float(seconds)))
+    try:
+        snapshot = tracemalloc.take_snapshot().filter_traces((
+            tracemalloc.Filter(False, tracemalloc.__file__),
+            tracemalloc.Filter(False, linecache.__file__),
+            tracemalloc.Filter(False, "<unknown>"),
+        ))
+        current, peak = tracemalloc.get_traced_memory()
+        overhead = tracemalloc.get_tracemalloc_memory()
+    finally:
+        stop = stop or (started and not trace)
+        if stop:
+            tracemalloc.stop()
+            _tracemalloc_since = None
     statistics = snapshot.statistics("lineno")
-    current, peak = tracemalloc.get_traced_memory()
     sites = []
     for stat in statistics[:max(0, int(limit))]:
         frame = stat.traceback[0]
         sites.append((frame.filename, frame.lineno, stat.size, stat.count,
                       linecache.getline(frame.filename, frame.lineno).strip()))
-    result = {
+    return {
         "started_now": started, "since": _tracemalloc_since, "pid": os.getpid(),
         "size": sum(s.size for s in statistics), "count": sum(s.count for s in statistics),
-        "traced": current, "peak": peak, "overhead": tracemalloc.get_tracemalloc_memory(),
-        "sites": sites, "stopped": bool(stop),
+        "traced": current, "peak": peak, "overhead": overhead,
+        "sites": sites, "stopped": bool(stop), "window": seconds if started and not trace else None,
     }
-    if stop:
-        tracemalloc.stop()
-        _tracemalloc_since = None
-    return result
 
 
 def _format_heap(results, limit=50):
@@ -7335,7 +7729,12 @@ def _format_heap(results, limit=50):
         machines += 1
         size += result["size"]
         count += result["count"]
-        if result["started_now"]:
+        if result.get("window") is not None:
+            lines.append("%s: tracemalloc was not running: it ran for %gs for this look, which "
+                         "shows what was allocated then and is still held, and is off again. "
+                         "?trace=1 leaves it running, to see all allocations from then on"
+                         % (addr, result["window"]))
+        elif result["started_now"]:
             lines.append("%s: tracemalloc was not running; it was started now, so only "
                          "allocations from now on are seen: load this page again later" % addr)
         elif result["since"]:
@@ -7350,8 +7749,9 @@ def _format_heap(results, limit=50):
             entry[2] += 1
     head = ["heap profile (tracemalloc) of %d machine%s: %s in %d blocks, by allocation site"
             % (machines, "" if machines == 1 else "s", _bytes(size), count),
-            "Tracing slows allocation down; ?stop=1 stops it (the next request starts it "
-            "again). ?machine=ADDR shows one machine, ?limit=N more sites.", ""]
+            "Tracing slows allocation down: a look leaves it as it was; ?trace=1 starts it "
+            "for good, ?stop=1 stops it. ?machine=ADDR shows one machine, ?limit=N more "
+            "sites.", ""]
     rows = ["%10s %9s %8s  %s" % ("size", "blocks", "machines", "site")]
     for (filename, lineno), (site_size, site_count, n, text) in sorted(
             sites.items(), key=lambda item: -item[1][0])[:limit]:
@@ -7660,6 +8060,9 @@ class _DebugServing:
     def __init__(self, b, host, port, allow_remote, handler):
         self.b = b
         self.allow_remote = allow_remote
+        self.profiling = threading.Lock()
+        self._open = set()          # the connections being served, closed with the server
+        self._open_lock = threading.Lock()
         family = socket.AF_INET6 if ":" in host else socket.AF_INET
         self.address_family = family
         super().__init__((host, port), handler)
@@ -7679,9 +8082,25 @@ class _DebugServing:
         # A reader that went away in the middle of a page, typically: not worth a traceback.
         log.debug("debug page for %s failed", client_address, exc_info=True)
 
+    def process_request(self, request, client_address):
+        with self._open_lock:
+            self._open.add(request)
+        super().process_request(request, client_address)
+
+    def shutdown_request(self, request):
+        with self._open_lock:
+            self._open.discard(request)
+        super().shutdown_request(request)
+
     def close(self):
         self.shutdown()
         self.server_close()
+        # Every connection too: their threads wake, find the connection gone, and end.
+        with self._open_lock:
+            connections, self._open = list(self._open), set()
+        for request in connections:
+            with contextlib.suppress(OSError):
+                request.shutdown(socket.SHUT_RDWR)
 
 
 _INDEX = [
@@ -7719,6 +8138,9 @@ class _DebugPages:
     def log_message(self, format, *args):
         log.debug("debug page: %s: " + format, self.address_string(), *args)
 
+    # An idle connection is closed after this many seconds: each holds a thread and a file.
+    timeout = 30.0
+
     def do_GET(self):
         import urllib.parse
         host = self.headers.get("Host")
@@ -7727,6 +8149,16 @@ class _DebugPages:
             # its own that resolves to 127.0.0.1 (DNS rebinding); such a request names its host.
             self._send(403, "text/plain", "the debug pages answer to loopback names only, "
                                           "not to Host: %s\n" % (host,))
+            return
+        # Any page on the web can also make a browser ask for http://127.0.0.1:PORT/... (a link,
+        # an image): it cannot read the answer, but the request alone would start a profile on
+        # every machine. Browsers say where such a request comes from: refuse other sites'.
+        site = (self.headers.get("Sec-Fetch-Site") or "").lower()
+        origin = self.headers.get("Origin")
+        if site in ("cross-site", "same-site") or (
+                origin is not None and origin != "http://%s" % host):
+            self._send(403, "text/plain", "the debug pages do not answer requests from other "
+                                          "sites' pages; open them directly\n")
             return
         url = urllib.parse.urlsplit(self.path)
         query = {k: v[-1] for k, v in urllib.parse.parse_qs(url.query).items()}
@@ -7839,13 +8271,20 @@ class _DebugPages:
             raise _PageError(400, "seconds, hz and lines are numbers") from None
         if seconds == 0:
             seconds = 30.0                         # as Go's pprof handler
-        if not 0 < seconds <= 3600 or not 1 <= hz <= 1000:
-            raise _PageError(400, "seconds must be between 0 and 3600, hz between 1 and 1000")
+        if not 0 < seconds <= _MAX_PAGE_SECONDS or not 1 <= hz <= 1000:
+            raise _PageError(400, "seconds must be between 0 and %d, hz between 1 and 1000"
+                             % _MAX_PAGE_SECONDS)
         machines = self._machines(query)
         if not machines:
             raise _PageError(404, "no profiles are available at this time: no machine is "
                                   "running")
-        stats = self.server.b.profile(seconds, machines, hz=hz)
+        # One profile at a time: each one slows every machine down while it lasts.
+        if not self.server.profiling.acquire(blocking=False):
+            raise _PageError(409, "a profile is being taken already; ask again when it is done")
+        try:
+            stats = self.server.b.profile(seconds, machines, hz=hz)
+        finally:
+            self.server.profiling.release()
         if query.get("debug", "0") not in ("", "0"):
             out = io.StringIO()
             stats.stream = out
@@ -7864,7 +8303,15 @@ class _DebugPages:
         except ValueError:
             raise _PageError(400, "limit is a number") from None
         stop = query.get("stop", "0") not in ("", "0")
-        results = _gather(machines, "Supervisor.heap", max(limit, 200), stop, timeout=60.0)
+        trace = query.get("trace", "0") not in ("", "0")
+        try:
+            seconds = float(query.get("seconds", 1.0))
+        except ValueError:
+            raise _PageError(400, "seconds is a number") from None
+        if not 0 <= seconds <= _MAX_PAGE_SECONDS:
+            raise _PageError(400, "seconds must be between 0 and %d" % _MAX_PAGE_SECONDS)
+        results = _gather(machines, "Supervisor.heap", max(limit, 200), stop, trace, seconds,
+                          timeout=seconds + 60.0)
         if not results:
             raise _PageError(404, "no machine is running")
         self._send(200, "text/plain", _format_heap(
@@ -8004,6 +8451,7 @@ class _PageError(Exception):
 
 
 _DEFAULT_HZ = 100
+_MAX_PAGE_SECONDS = 300       # the longest profile (or heap window) a page takes
 
 _STYLE = """
 :root { color-scheme: light; --ink: #1d2330; --dim: #6b7385; --line: #e3e6ee; --bg: #f6f7fb;
@@ -8187,11 +8635,16 @@ def start(system: typing.Union[System, str, None] = None, **options: typing.Any)
     uses "local". options go to the system's constructor when system is a name, after the
     system's own flags and variables (for "ssh": --bigm.ssh.hosts=a,b and the like, see
     `SSHSystem`; for "ec2": --bigm.ec2type=m5.xlarge, --bigm.ec2ondemand, see `EC2System`)."""
-    if _machine_bootstrapping or os.environ.get("BIGMACHINE_MODE") == "machine":
-        raise Error(
+    if _machine_bootstrapping:
+        raise _UnguardedMain(
             "bigmachine.start() was called while a machine was loading the driver's main module. "
             "Machines import the main module the way multiprocessing does, so the driver's code "
             "must be guarded with `if __name__ == \"__main__\":`")
+    if os.environ.get("BIGMACHINE_MODE") == "machine":
+        raise Error(
+            "bigmachine.start() was called on a machine (by a service, say): sessions are "
+            "started by the driver only. A service reaches other machines through the B that "
+            "its init(b) method is given: b.dial(addr).call(...)")
     if system is None:
         system = _system_from_command_line(sys.argv) or os.environ.get("BIGMACHINE_SYSTEM") or "local"
     if isinstance(system, str):
@@ -8206,6 +8659,10 @@ def start(system: typing.Union[System, str, None] = None, **options: typing.Any)
     if not isinstance(system, System):
         raise TypeError("system must be a bigmachine.System or a name, not %r" % (system,))
     return B(system)
+
+
+class _UnguardedMain(Error):
+    """bigmachine.start() in a driver's main module that a machine is loading (see start)."""
 
 
 def _system_from_command_line(argv):

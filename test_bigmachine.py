@@ -74,11 +74,21 @@ class CustomError(Exception):
         self.code, self.text = code, text
 
 
+def _refuse_to_load():
+    raise RuntimeError("this object cannot be unpickled")
+
+
+class FailsToLoad:
+    def __reduce__(self):
+        return _refuse_to_load, ()
+
+
 class Unrebuildable(Exception):
-    """Pickles, but cannot be unpickled: __init__ wants two arguments, args holds one."""
+    """Pickles, but cannot be unpickled: one of its attributes fails to load."""
 
     def __init__(self, a, b):
         super().__init__("%s/%s" % (a, b))
+        self.part = FailsToLoad()
 
 
 class Echo:
@@ -2146,8 +2156,8 @@ def test_ec2_machine_that_ends_early_says_why(ec2, tmp_path):
     assert "state STOPPED" in result.stdout, result.stderr
     assert "exited with code 1; its last output:" in result.stdout
     assert 'if __name__ == "__main__":' in result.stdout
-    assert re.search(r"^https://127\.0\.0\.1:\d+/i-[0-9a-f]+/: .*bigmachine.Error: ",
-                     result.stderr, re.M), result.stderr
+    assert re.search(r"^https://127\.0\.0\.1:\d+/i-[0-9a-f]+/: bigmachine: bigmachine.start\(\) "
+                     r"was called while a machine was loading", result.stderr, re.M), result.stderr
     eventually(lambda: not ec2.alive(), what="the instance to go")
 
 
@@ -2566,7 +2576,7 @@ def test_counter_and_publish():
 def test_heap_page(lb):
     m1, m2 = running(lb, 2, {"Busy": Busy()})
     addr = lb.serve_debug("127.0.0.1:0")
-    status, _, body = get(addr, "/debug/bigmachine/pprof/heap")
+    status, _, body = get(addr, "/debug/bigmachine/pprof/heap?trace=1")
     assert status == 200 and body.decode().count("it was started now") == 2
     assert m1.call("Busy.hold", 5000) == 5000
     query = urllib.parse.urlencode({"machine": m1.addr, "limit": 5})
@@ -2579,8 +2589,8 @@ def test_heap_page(lb):
     assert "MiB" in site[0].split()[1]                 # 5000 blocks of 1000 bytes: ~5 MiB
     status, _, body = get(addr, "/debug/bigmachine/pprof/heap?stop=1")
     assert status == 200
-    status, _, body = get(addr, "/debug/bigmachine/pprof/heap")
-    assert body.decode().count("it was started now") == 2      # stopped, so started again
+    status, _, body = get(addr, "/debug/bigmachine/pprof/heap?seconds=0.1")
+    assert body.decode().count("it ran for 0.1s for this look") == 2   # stopped: a one-off
     status, _, body = get(addr, "/debug/bigmachine/pprof/heap?machine=https://nowhere:1/")
     assert status == 404 and b"no machine https://nowhere:1/" in body
 
@@ -3554,8 +3564,10 @@ def test_bad_input_is_named_and_the_machine_keeps_serving(lb, tmp_path):
             ((1, {3: Victim()}), ValueError, "service names .* not 3"),
             ((1, {"": Victim()}), ValueError, "service names .* not ''"),
             ((1, {"_x": Victim()}), ValueError, "not '_x'"),
-            ((1, {"Lambda": lambda: 1}), bigmachine.SerializationError,
-             r"services\['Lambda'\].*top level of a module"),
+            ((1, {"Lambda": lambda: 1}), ValueError,
+             r"'Lambda' is a function .*make the function a method of a class"),
+            ((1, {"Unpicklable": Unpicklable()}), bigmachine.SerializationError,
+             r"services\['Unpicklable'\]\.client\._sock is socket\.socket"),
     ):
         with pytest.raises(error, match=pattern):
             lb.start(*args)
@@ -3564,7 +3576,7 @@ def test_bad_input_is_named_and_the_machine_keeps_serving(lb, tmp_path):
         lb.start(1, {"Victim": Victim()}, env={"N": 1})
     assert m.call("Victim.pid") == pid                       # the same process all along
     print("bad inputs tried: %d" % len(tried))
-    assert len(tried) == 28
+    assert len(tried) == 29
 
 
 def test_bad_input_calls_after_shutdown():
@@ -5474,3 +5486,502 @@ def test_framework_ec2_machine_short_of_memory_turns_unhealthy_then_out_of_memor
     # keepalive, which saw the machine at its limit.
     assert isinstance(m.err, bigmachine.OutOfMemory), m.err
     assert instance_id_of(m) in str(m.err) and "at its last keepalive" in str(m.err)
+
+
+# ======================================================================================
+# Nothing lost, nothing left (issue 20): what an attack-and-fault review and a new user's
+# first day broke, each against real processes where it is about processes and the wire
+# ======================================================================================
+
+class CodedError(Exception):
+    """The most common way to write an exception: __init__ wants what args does not hold."""
+
+    def __init__(self, code, detail):
+        super().__init__("%s: %s" % (code, detail))
+        self.code = code
+
+
+class Unprintable(Exception):
+    def __str__(self):
+        raise RuntimeError("no str")
+
+    def __repr__(self):
+        raise RuntimeError("no repr")
+
+
+class RefusesPickling(Exception):
+    def __reduce__(self):
+        raise TypeError("this exception refuses to be pickled")
+
+
+class FailingAfter(io.RawIOBase):
+    """A binary file of n bytes (a pattern) whose next read raises ValueError."""
+
+    def __init__(self, n):
+        super().__init__()
+        self.data, self.at = bytes(i % 251 for i in range(n)), 0
+
+    def readable(self):
+        return True
+
+    def readinto(self, b):
+        if self.at >= len(self.data):
+            raise ValueError("the source broke after %d bytes" % len(self.data))
+        n = min(len(b), len(self.data) - self.at, 7000)
+        b[:n] = self.data[self.at:self.at + n]
+        self.at += n
+        return n
+
+
+class Faulty:
+    """A service whose methods fail in the ways a user's code does."""
+
+    def __init__(self):
+        self.runs = collections.Counter()
+        self.b = None
+
+    def init(self, b):
+        self.b = b
+
+    def pid(self):
+        return os.getpid()
+
+    def ran(self, name):
+        return self.runs[name]
+
+    def exit(self):
+        self.runs["exit"] += 1
+        raise SystemExit(3)
+
+    def interrupt(self):
+        self.runs["interrupt"] += 1
+        raise KeyboardInterrupt
+
+    def unprintable(self):
+        self.runs["unprintable"] += 1
+        raise Unprintable()
+
+    def refuses_pickling(self):
+        self.runs["refuses_pickling"] += 1
+        raise RefusesPickling("kept its message")
+
+    def coded(self, code):
+        raise CodedError(code, "boom")
+
+    def fails_to_load(self):
+        e = ValueError("odd state")
+        e.part = FailsToLoad()
+        raise e
+
+    def relay(self, addr, method, *args):
+        return self.b.dial(addr).call(method, *args)
+
+    def yields_then(self, sizes, error):
+        for i, size in enumerate(sizes):
+            yield bytes([i % 256]) * size
+        if error == "exit":
+            raise SystemExit(4)
+        raise CodedError(7, "broke mid-stream")
+
+    def read_all(self, f, size):
+        got = bytearray()
+        try:
+            while True:
+                block = f.read(size) if size else f.read()
+                if not block:
+                    return len(got), None, None
+                got += block
+        except Exception as e:
+            return bytes(got), type(e).__name__, str(e)
+
+    def start_a_session(self):
+        return bigmachine.start("test")
+
+    def spawn(self):
+        """Processes of every kind a method may leave: a subprocess, one in a session of its
+        own, a fork (which holds the machine's port), and an orphan whose parent exited."""
+        pids = [subprocess.Popen(["sleep", "60"]).pid,
+                subprocess.Popen(["sleep", "60"], start_new_session=True).pid]
+        child = os.fork()
+        if child == 0:
+            time.sleep(60)
+            os._exit(0)
+        pids.append(child)
+        r, w = os.pipe()
+        middle = os.fork()
+        if middle == 0:
+            orphan = subprocess.Popen(["sleep", "60"]).pid
+            os.write(w, str(orphan).encode())
+            os._exit(0)
+        os.close(w)
+        pids.append(int(os.read(r, 64)))
+        os.close(r)
+        os.waitpid(middle, 0)
+        return pids
+
+    def file_limit(self):
+        import resource
+        return resource.getrlimit(resource.RLIMIT_NOFILE)
+
+
+def test_faults_system_exit_and_unprintable_errors_say_what_was_raised(lb):
+    """Item 1: SystemExit, KeyboardInterrupt, an exception whose str and repr raise and one
+    whose pickling raises: each comes back as an error that says what was raised, is not
+    temporary (so retry_call does not run the method again), and the machine goes on."""
+    m, = running(lb, 1, {"Faulty": Faulty()})
+    pid = m.call("Faulty.pid")
+    bounded = m.options(timeout=10)       # retries of a temporary error would go on for ever
+    for method, type_name in (("exit", "SystemExit"), ("interrupt", "KeyboardInterrupt")):
+        with pytest.raises(bigmachine.RemoteError) as info:
+            bounded.retry_call("Faulty." + method)
+        e = info.value
+        assert e.type_name == type_name and not e.temporary
+        assert "not raised in its caller" in str(e) and "in %s" % method in e.traceback
+        assert m.call("Faulty.ran", method) == 1                 # it ran once
+    with pytest.raises(Unprintable) as info:                     # it arrives as itself
+        bounded.retry_call("Faulty.unprintable")
+    assert "in unprintable" in str(info.value.__cause__)
+    with pytest.raises(bigmachine.RemoteError) as info:
+        bounded.retry_call("Faulty.refuses_pickling")
+    assert info.value.message == "kept its message"
+    assert "this exception refuses to be pickled" in info.value.why
+    assert m.call("Faulty.ran", "unprintable") == m.call("Faulty.ran", "refuses_pickling") == 1
+    # A SystemExit in the middle of a stream: the bytes, then the error that says so.
+    with m.call("Faulty.yields_then", [1000], "exit") as f:
+        assert f.read(300) == b"\0" * 300 and f.read() == b"\0" * 700
+        with pytest.raises(bigmachine.RemoteError, match="SystemExit"):
+            f.read()
+    assert m.call("Faulty.pid") == pid and m.state is RUNNING
+
+
+def test_faults_streams_deliver_every_byte_before_their_error(lb):
+    """Item 2: a stream that fails part-way gives its reader every byte that was sent before
+    the error, whatever the read sizes, and then the error; both ways."""
+    m, = running(lb, 1, {"Faulty": Faulty()})
+    sizes = [65536, 1, 70000, 300, 64000]                      # 200,000 bytes in all
+    sent = b"".join(bytes([i]) * n for i, n in enumerate(sizes))
+    for read_size in (65536, 300, 1 << 20, None):
+        got = bytearray()
+        with m.call("Faulty.yields_then", sizes, "error") as f:
+            while True:
+                try:
+                    block = f.read(read_size) if read_size else f.read()
+                except CodedError as e:
+                    assert e.code == 7
+                    break
+                assert block, "the stream ended without its error"
+                got += block
+        assert bytes(got) == sent, (read_size, len(got))
+    # lines: the last one, without its newline, then the error
+    with m.call("Faulty.yields_then", [10, 5], "error") as f:
+        assert f.readline() == b"\0" * 10 + b"\1" * 5
+        with pytest.raises(CodedError):
+            f.readline()
+    # A streamed argument whose source breaks: the machine reads all of it, then the error.
+    for read_size in (65536, 300, None):
+        source = FailingAfter(100000)
+        got, name, text = m.call("Faulty.read_all", source, read_size)
+        assert got == source.data and name == "ValueError" and "after 100000 bytes" in text
+    assert m.call("Faulty.ran", "x") == 0                      # and the machine serves on
+
+
+def test_faults_a_machines_processes_end_with_it(lb):
+    """Item 3: what a service method started -- a subprocess, one in a session of its own, a
+    fork holding the machine's port, an orphan -- ends when the machine does, cleanly."""
+    m, = running(lb, 1, {"Faulty": Faulty()})
+    pids = m.call("Faulty.spawn")
+    host, port, _ = bigmachine._parse_addr(m.addr)
+    try:
+        assert all(_alive(pid) for pid in pids)
+        lb.shutdown()
+        assert m.state is STOPPED
+        eventually(lambda: not any(_alive(pid) for pid in pids), timeout=10,
+                   what="the machine's processes to end with it")
+        with socket.create_server(("127.0.0.1", port)):     # nobody holds its port
+            pass
+    finally:
+        for pid in pids:
+            with contextlib.suppress(OSError):
+                os.kill(pid, signal.SIGKILL)
+
+
+def test_faults_watchdog_ends_a_machine_with_its_lease():
+    """Item 6: a machine whose lease runs out exits then, not at the watchdog's next tick
+    (here every 30 s: the lease is 120 s; the driver's next keepalive is 30 s away)."""
+    system = bigmachine.Local(keepalive_period=60.0, keepalive_timeout=120.0,
+                              keepalive_rpc_timeout=5.0, lease=120.0)
+    with bigmachine.start(system) as b:
+        m, = running(b, 1)
+        eventually(lambda: m.keepalive_replies, what="the first keepalive")
+        m.call("Supervisor.keepalive", 1.0)                 # as if the driver froze now
+        assert m.wait(STOPPED, timeout=15) is STOPPED, "still %s" % m.state
+        assert "exited with code 1" in str(m.err)
+
+
+def _upgrade_request(addr):
+    host, port, prefix = bigmachine._parse_addr(addr)
+    return ("GET %sbigrpc HTTP/1.1\r\nHost: %s:%d\r\nConnection: Upgrade\r\nUpgrade: %s\r\n"
+            "Bigmachine-Python: %s\r\nBigmachine-Protocol: %d\r\n\r\n" % (
+                prefix, host, port, bigmachine._UPGRADE, bigmachine.PYTHON,
+                bigmachine.PROTOCOL)).encode()
+
+
+def test_faults_a_frame_right_behind_the_upgrade_is_served(lb):
+    """Item 7: a caller that sends its first frame in the same write as the upgrade request
+    (so that the machine reads both at once) gets its reply."""
+    m, = running(lb)
+    host, port, _ = bigmachine._parse_addr(m.addr)
+    context = bigmachine.client_context(lb._authority.issue("eager", server=False))
+    body = pickle.dumps(((41,), {}, None), 5)
+    frame = bigmachine._HEADER.pack(bigmachine.CALL, 0, 0, len(b"Echo.echo"), 9, len(body))
+    with socket.create_connection((host, port), timeout=10) as raw:
+        with context.wrap_socket(raw) as tls:
+            tls.sendall(_upgrade_request(m.addr) + frame + b"Echo.echo" + body)
+            rfile = tls.makefile("rb")
+            assert rfile.readline().startswith(b"HTTP/1.1 101")
+            while rfile.readline() not in (b"\r\n", b""):
+                pass
+            kind, _, _, _, call_id, length = bigmachine._HEADER.unpack(
+                rfile.read(bigmachine._HEADER.size))              # times out if not served
+            assert (kind, call_id, pickle.loads(rfile.read(length))) == (bigmachine.REPLY, 9, 41)
+
+
+def test_faults_authenticated_peers_get_room_when_files_run_short(lb):
+    """Item 8: a machine allowed 200 files, held by 250 connections that never start TLS
+    (and would hold them for a minute): a new authenticated caller is still served."""
+    import resource
+    m, = running(lb, 1, {"Faulty": Faulty()}, env={"BIGMACHINE_HANDSHAKE_TIMEOUT": "60"})
+    pid = m.call("Faulty.pid")
+    resource.prlimit(pid, resource.RLIMIT_NOFILE, (200, 200))
+    host, port, _ = bigmachine._parse_addr(m.addr)
+    held = []
+    try:
+        for _ in range(250):
+            held.append(socket.create_connection((host, port), timeout=10))
+        client = bigmachine._Client(lb._credentials)
+        try:
+            assert client.peer(m.addr).call("Faulty.pid", (), {}, time.monotonic() + 20) == pid
+        finally:
+            client.close()
+        assert m.call("Faulty.pid") == pid
+    finally:
+        for s in held:
+            s.close()
+
+
+def test_faults_machines_raise_their_soft_file_limit(tmp_path):
+    """Item 8: a machine raises its soft limit on open files to the hard one."""
+    result = run_script(tmp_path, """
+        import resource, bigmachine, test_bigmachine
+        if __name__ == "__main__":
+            soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+            resource.setrlimit(resource.RLIMIT_NOFILE, (min(256, hard), hard))
+            with bigmachine.start(bigmachine.Local()) as b:
+                m, = b.start(1, {"Faulty": test_bigmachine.Faulty()})
+                m.wait()
+                print("limits", list(m.call("Faulty.file_limit")) + [hard])
+    """)
+    assert result.returncode == 0, result.stderr
+    soft, hard, driver_hard = json.loads(result.stdout.split("limits ")[1])
+    assert soft == hard == driver_hard
+
+
+def test_faults_user_exceptions_arrive_as_themselves_through_hops(lb):
+    """Item 9: an exception whose __init__ wants other arguments than args holds arrives as
+    itself with its attributes, also through a machine-to-machine hop, which keeps the middle
+    machine's frames and names both machines; one that cannot be rebuilt says why."""
+    m1, m2 = running(lb, 2, {"Faulty": Faulty()})
+    with pytest.raises(CodedError) as info:
+        m1.call("Faulty.coded", 5)
+    assert info.value.code == 5 and str(info.value) == "5: boom"
+    with pytest.raises(CodedError) as info:
+        m1.call("Faulty.relay", m2.addr, "Faulty.coded", 6)
+    assert info.value.code == 6
+    cause = str(info.value.__cause__)
+    assert "raised on %s, passed on by %s" % (m2.addr, m1.addr) in cause
+    assert "in relay" in cause and "in coded" in cause
+    with pytest.raises(bigmachine.RemoteError) as info:
+        m1.call("Faulty.relay", m2.addr, "Faulty.fails_to_load")
+    e = info.value
+    assert e.type_name == "ValueError" and e.message == "odd state"
+    assert "could not be rebuilt here: RuntimeError: this object cannot be unpickled" in e.why
+    assert m2.addr in str(e) and "in fails_to_load" in str(e)
+
+
+class Calc:
+    def add(self, a, b):
+        return a + b
+
+
+def add(a, b):
+    return a + b
+
+
+def test_faults_services_that_are_not_objects_are_refused(tb):
+    """Item 10: a class, or a plain function, as a service is refused by b.start, saying
+    what to do, before any machine starts."""
+    import functools
+    with pytest.raises(ValueError, match=r"'Calc' is the class Calc itself.*\{'Calc': Calc\(\)\}"):
+        tb.start(1, {"Calc": Calc})
+    for function in (add, lambda a, b: a + b, functools.partial(add, 1), Calc().add):
+        with pytest.raises(ValueError, match="'add' is a function .*make the function a method"):
+            tb.start(1, {"add": function})
+    assert tb.machines() == []
+    m, = running(tb, 1, {"Calc": Calc()})
+    assert m.call("Calc.add", 2, 3) == 5
+
+
+def test_faults_start_says_when_it_starts_fewer_machines(sshd, caplog):
+    """Item 11: b.start(n) on a system with room for fewer warns how many and why, and
+    exact=True makes that an error that starts none."""
+    with bigmachine.start(ssh_system(sshd, per_host=1)) as b:
+        with pytest.raises(bigmachine.Error, match=r"b.start\(2\) can start only 1 machine: "
+                                                   r"SSHSystem runs at most per_host=1"):
+            b.start(2, {"Echo": Echo()}, exact=True)
+        assert b.machines() == []
+        with caplog.at_level(logging.WARNING, logger="bigmachine"):
+            machines = b.start(2, {"Echo": Echo()})
+        assert len(machines) == 1
+        warned = [r.getMessage() for r in caplog.records if "started only 1" in r.getMessage()]
+        assert warned and "per_host=1" in warned[0] and "exact=True" in warned[0]
+        assert machines[0].wait(RUNNING, timeout=60) is RUNNING
+        assert machines[0].call("Echo.echo", 1) == 1
+
+
+def test_faults_a_service_starting_a_session_is_told_what_to_do(lb):
+    """Item 12: bigmachine.start() in a service at run time is not a missing main guard."""
+    m, = running(lb, 1, {"Faulty": Faulty()})
+    with pytest.raises(bigmachine.Error, match="started by the driver only.*b.dial") as info:
+        m.call("Faulty.start_a_session")
+    assert "__main__" not in str(info.value)
+
+
+def test_faults_unguarded_main_is_said_once(tmp_path):
+    """Item 12: a driver without a main guard is told so once, without a traceback."""
+    result = run_script(tmp_path, """
+        import bigmachine
+        class S:
+            def f(self):
+                return 1
+        b = bigmachine.start("local")
+        m, = b.start(1, {"S": S()})
+        print("state", m.wait())
+        print("err", m.err)
+        b.shutdown()
+    """)
+    assert "state STOPPED" in result.stdout, result.stderr
+    assert result.stdout.count('if __name__ == "__main__":') == 1
+    assert "Traceback" not in result.stdout + result.stderr, result.stderr
+
+
+def test_faults_a_driver_read_from_stdin(tmp_path):
+    """Item 12: a driver fed on standard input: services from importable modules work, and
+    one whose class lives in the driver's own code is refused with what to do."""
+    code = textwrap.dedent("""
+        import bigmachine, test_bigmachine
+        class Mine:
+            def f(self):
+                return 1
+        if __name__ == "__main__":
+            with bigmachine.start("local") as b:
+                m, = b.start(1, {"Echo": test_bigmachine.Echo()})
+                print("state", m.wait(), m.call("Echo.echo", 7))
+                try:
+                    b.start(1, {"Mine": Mine()})
+                except bigmachine.Error as e:
+                    print("refused:", e)
+    """)
+    result = subprocess.run([sys.executable, "-"], input=code, capture_output=True, text=True,
+                            timeout=120, env=dict(os.environ, PYTHONPATH=HERE),
+                            cwd=str(tmp_path))
+    assert "state RUNNING 7" in result.stdout, result.stderr
+    assert "refused: service 'Mine'" in result.stdout and "Save the program to a file" in \
+        result.stdout, result.stdout + result.stderr
+    assert "FileNotFoundError" not in result.stderr
+
+
+def _debug_get(addr, path, headers=None, timeout=20):
+    host, port = addr.rsplit(":", 1)
+    conn = http.client.HTTPConnection(host, int(port), timeout=timeout)
+    try:
+        conn.request("GET", path, headers=headers or {})
+        reply = conn.getresponse()
+        return reply.status, reply.read()
+    finally:
+        conn.close()
+
+
+def _idle_connections(addr, n):
+    host, port = addr.rsplit(":", 1)
+    return [socket.create_connection((host, int(port)), timeout=10) for _ in range(n)]
+
+
+def test_faults_debug_server_ends_idle_connections_and_all_at_shutdown(monkeypatch):
+    """Item 4: idle connections to the debug pages time out, and shutting the session down
+    closes the server and every connection, whose threads end."""
+    baseline = threading.active_count()
+    b = bigmachine.start(bigmachine.TestSystem(**FAST))
+    try:
+        addr = b.serve_debug("127.0.0.1:0")
+        idle = _idle_connections(addr, 20)
+        eventually(lambda: threading.active_count() >= baseline + 20,
+                   what="a thread for each connection")
+        b.shutdown()
+        for s in idle:
+            assert s.recv(1) == b""                            # closed, not left waiting
+            s.close()
+        eventually(lambda: threading.active_count() <= baseline + 1, timeout=10,
+                   what="the debug server's threads to end")
+        with pytest.raises(OSError):
+            _idle_connections(addr, 1)
+    finally:
+        b.shutdown()
+    monkeypatch.setattr(bigmachine._DebugPages, "timeout", 0.5)
+    with bigmachine.start(bigmachine.TestSystem(**FAST)) as b:
+        addr = b.serve_debug("127.0.0.1:0")
+        s, = _idle_connections(addr, 1)
+        with s:
+            assert s.recv(1) == b""                            # the idle timeout closed it
+        assert _debug_get(addr, "/debug/bigmachine/status")[0] == 200
+
+
+def test_faults_debug_pages_refuse_other_sites_and_leave_tracing_alone(tb):
+    """Item 5: requests a browser marks as coming from another site's page are refused before
+    they do anything; profiles are capped; the heap page leaves tracemalloc as it was."""
+    m, = running(tb)
+    addr = tb.serve_debug("127.0.0.1:0")
+    profile = "/debug/bigmachine/pprof/profile?seconds=0.2"
+    for headers in ({"Sec-Fetch-Site": "cross-site"}, {"Sec-Fetch-Site": "same-site"},
+                    {"Origin": "http://evil.example"}, {"Origin": "null"}):
+        status, body = _debug_get(addr, profile, headers)
+        assert status == 403 and b"other sites" in body, headers
+    assert m.call("Supervisor.vars")["rpc.server"]["methods"].get("Supervisor.profile") is None
+    status, _ = _debug_get(addr, profile, {"Sec-Fetch-Site": "same-origin",
+                                           "Origin": "http://%s" % addr})
+    assert status == 200
+    status, body = _debug_get(addr, "/debug/bigmachine/pprof/profile?seconds=3600")
+    assert status == 400 and b"between 0 and 300" in body
+    assert not tracemalloc.is_tracing()
+    try:
+        status, body = _debug_get(addr, "/debug/bigmachine/pprof/heap?seconds=0.2")
+        assert status == 200 and b"is off again" in body
+        assert not tracemalloc.is_tracing()                    # as it found it
+    finally:
+        tracemalloc.stop()
+
+
+def test_faults_a_machines_processes_end_with_it_over_ssh(sshd):
+    """Item 3, on another system: an SSH machine's processes end with it too (the machine's
+    side is the same code on every system)."""
+    with bigmachine.start(ssh_system(sshd)) as b:
+        m, = running(b, 1, {"Faulty": Faulty()})
+        pids = m.call("Faulty.spawn")
+        try:
+            assert all(_alive(pid) for pid in pids)
+            b.shutdown()
+            eventually(lambda: not any(_alive(pid) for pid in pids), timeout=10,
+                       what="the machine's processes to end with it")
+        finally:
+            for pid in pids:
+                with contextlib.suppress(OSError):
+                    os.kill(pid, signal.SIGKILL)
