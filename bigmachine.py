@@ -745,13 +745,16 @@ class CertificateAuthority:
         ip_addresses: typing.Iterable[str] = (),
         not_before: typing.Optional[datetime.datetime] = None,
         not_after: typing.Optional[datetime.datetime] = None,
+        public_key: typing.Optional[bytes] = None,
     ) -> Credentials:
         """Make a new key and a certificate for it signed by this CA.
 
         server and client select the extended key usages (serverAuth, clientAuth); a driver
         needs client only, machines need both. dns_names and ip_addresses, if any, go into
         a subjectAltName. not_before and not_after are datetimes in UTC (aware, or naive
-        meaning UTC), by default an hour ago and ten years from now."""
+        meaning UTC), by default an hour ago and ten years from now. public_key (the 32 bytes
+        of an Ed25519 public key) certifies a key made elsewhere -- by a machine that enrols,
+        whose private key never leaves it -- instead of a new one; key_pem is then empty."""
         if not (server or client):
             raise ValueError("a certificate must allow server use, client use, or both")
         subject = _name(common_name)
@@ -759,7 +762,12 @@ class CertificateAuthority:
             # The leaf would look self-issued, which confuses path building.
             raise ValueError("a certificate cannot share the CA's common name")
         now = datetime.datetime.now(datetime.timezone.utc)
-        key = _Ed25519Key()
+        if public_key is None:
+            key = _Ed25519Key()
+        else:
+            if not isinstance(public_key, bytes) or len(public_key) != 32:
+                raise ValueError("an Ed25519 public key is 32 bytes, not %r" % (public_key,))
+            key = types.SimpleNamespace(public=public_key)      # all a certificate needs of it
         usages = [_der_oid(oid) for oid, wanted in
                   ((_OID_SERVER_AUTH, server), (_OID_CLIENT_AUTH, client)) if wanted]
         dns_names, ip_addresses = _name_list(dns_names), _name_list(ip_addresses)
@@ -785,7 +793,8 @@ class CertificateAuthority:
             not_after=now + _LEAF_LIFETIME if not_after is None else not_after,
             extensions=extensions,
         )
-        return Credentials(cert_pem, _private_key_pem(key), self.cert_pem)
+        return Credentials(cert_pem, "" if public_key is not None else _private_key_pem(key),
+                           self.cert_pem)
 
 
 # --------------------------------------------------------------------------------------
@@ -3041,6 +3050,7 @@ class Supervisor:
             "protocol": PROTOCOL,
             "pid": os.getpid(),
             "cpus": os.cpu_count() or 1,
+            "maxprocs": self._machine.b.system.maxprocs(),
             "platform": sys.platform,
             "hostname": socket.gethostname(),
             "started": self._started,
@@ -3306,6 +3316,7 @@ class Machine(_Calls):
         self.owned = owned
         self.hostname = urllib.parse.urlsplit(addr).hostname or "unknown"
         self.err = None
+        self.status = ""              # what its system says it waits for (see report_status)
         self.keepalive_replies = collections.deque(maxlen=10)   # latencies, newest last
         self.next_keepalive = None                               # time.time() the lease ends
         self._b = b
@@ -3346,6 +3357,20 @@ class Machine(_Calls):
     def cancel(self) -> None:
         """Stop the machine (Go's Cancel): calls fail, and an owned machine is ended."""
         self._stop(Cancelled("machine %s was cancelled" % self.addr))
+
+    # -- what its system reports (the public System interface) ---------------------------
+
+    def report_stopped(self, err: BaseException) -> bool:
+        """For systems: the machine is gone, because of err (an exception saying why, which
+        becomes `m.err`). It moves to STOPPED at once, its calls fail with `MachineStopped`,
+        and the session asks the system to terminate it. Returns False if it had stopped
+        already (the first reason given wins)."""
+        return self._stop(err)
+
+    def report_status(self, text: str) -> None:
+        """For systems: say in a few words what the machine waits for while it starts (a
+        scheduler's queue reason, say); the status page shows it. "" clears it."""
+        self.status = str(text or "")
 
     # -- state ------------------------------------------------------------------------
 
@@ -3618,7 +3643,7 @@ class B:
                 raise VersionMismatch("the driver runs Python %s; machine %s runs Python %s"
                                       % (PYTHON, m.addr, info["python"]))
             if m.maxprocs is None:
-                m.maxprocs = info["cpus"]
+                m.maxprocs = info.get("maxprocs") or info["cpus"]
             m._boot_call("Supervisor.register", services_blob, timeout=system.boot_timeout)
         except BaseException as e:
             m._stop(e)
@@ -3627,10 +3652,42 @@ class B:
             log.debug("%s: RUNNING", m.addr)
             m._watch(system, "Supervisor.keepalive", system.lease)
 
+    # -- for systems (the public System interface) ----------------------------------------
+
+    @property
+    def closed(self) -> bool:
+        """True once `shutdown` has begun: machines that end now were asked to."""
+        return self._closed
+
+    @property
+    def credentials(self) -> Credentials:
+        """This participant's own credentials (the driver's, on the driver): for a system that
+        talks to its machines' bootstraps over mutual TLS (see `client_context`)."""
+        return self._credentials
+
+    def issue_certificate(self, common_name: str = "bigmachine machine", *,
+                          ip_addresses: typing.Iterable[str] = (),
+                          dns_names: typing.Iterable[str] = (),
+                          public_key: typing.Optional[bytes] = None) -> Credentials:
+        """For systems: credentials for one machine, signed by the session's certificate
+        authority, good as TLS server and client, naming the machine's ip_addresses and
+        dns_names. With public_key (an Ed25519 public key made by the machine itself) only the
+        certificate is made, and key_pem is empty. The CA's own key never leaves the driver, so
+        only the driver issues certificates."""
+        if self._authority is None:
+            raise Error("only the driver issues certificates; a machine cannot")
+        return self._authority.issue(common_name, server=True, client=True,
+                                     ip_addresses=ip_addresses, dns_names=dns_names,
+                                     public_key=public_key)
+
+    def readdress(self, m: Machine, addr: str) -> None:
+        """For systems: give m the address it turned out to have. A system that learns a
+        machine's address only as the machine comes up (SSH: the port the machine bound;
+        Slurm: the node the job landed on) makes the Machine with a provisional one and calls
+        this from launch, before the machine is pinged."""
+        self._readdress(m, addr)
+
     def _readdress(self, m, addr):
-        """Give m the address it turned out to have. A system that learns a machine's address
-        only as the machine comes up (SSH: the port the machine bound) makes the Machine with a
-        provisional one and calls this from launch, before the machine is pinged."""
         import urllib.parse
         _parse_addr(addr)
         with m._cond:
@@ -3840,7 +3897,35 @@ atexit.register(_shutdown_sessions)
 # makes sure it is gone. Keepalive settings are the system's, with Go's defaults per system.
 
 class System:
-    """Base class of machine systems (Go's System interface)."""
+    """Base class of machine systems (Go's System interface). Every built-in system is written
+    on the public interface below, so a system of your own can be too (README: "Writing a
+    system").
+
+    A system implements:
+      name                     a short name ("slurm"); shown on the status page
+      maxprocs()               the processors each of its machines offers
+      start(b, n, env)         make up to n `Machine(b, addr, owned=True, maxprocs=...)` at once,
+                               without waiting: addr may be provisional ("https://x-1:0/"); env
+                               is the environment variables to set on the machines
+      launch(b, machine)       bring the machine up; runs in the machine's own boot thread, so
+                               it may block (a queue, a boot); returns once the machine serves
+                               at its address, or raises to stop it with that error
+      terminate(machine, deadline)  make sure it is gone by deadline (time.monotonic())
+      shutdown()               release everything; machines were terminated already
+    and may override init(b) (once per session), lost(machine) (is it known to be gone?),
+    keepalive_failed(machine, error), `defaults` (keepalive period, timeout, rpc timeout,
+    lease) and boot_timeout. It may use, and only needs:
+      b.issue_certificate(...) credentials for a machine, or a certificate for the machine's
+                               own key (the session CA's key never leaves the driver)
+      b.enrol(machine, ...)    a one-time command that, run wherever the machine should be,
+                               fetches the driver's code, gets the machine's certificate and
+                               reports its address: for systems that only run commands
+      b.readdress(machine, addr)  the machine's real address, once known
+      b.credentials            the driver's own (to talk to a bootstrap over mutual TLS)
+      machine.report_status(text)   what a starting machine waits for (status page)
+      machine.report_stopped(err)   the machine is gone, and why
+    On a machine, `b.system` is a System describing the one the machine belongs to: its name
+    and maxprocs()."""
 
     name = "system"
     #: Go's defaults: (keepalive period, keepalive timeout, keepalive rpc timeout, lease).
@@ -3894,10 +3979,16 @@ class System:
         return False
 
     def maxprocs(self):
+        """The processors each machine of this system offers."""
         return 1
 
     def shutdown(self):
         """Release the system's resources; machines were already terminated."""
+
+    def _machine_view(self):
+        """What a machine of this system is told about it: {"name", "maxprocs"} (maxprocs
+        None: the machine's processors divided by "share"). See `_MachineSystem`."""
+        return {"name": self.name, "maxprocs": self.maxprocs()}
 
     @classmethod
     def _command_line_options(cls, argv, environ):
@@ -3929,8 +4020,8 @@ class TestSystem(System):
     def start(self, b, n, env):
         machines = []
         for _ in range(n):
-            credentials = b._authority.issue("bigmachine test machine", server=True, client=True,
-                                             ip_addresses=["127.0.0.1"])
+            credentials = b.issue_certificate("bigmachine test machine",
+                                              ip_addresses=["127.0.0.1"])
             process = _MachineProcess(b, credentials, None, self.lease, self.watchdog_tick,
                                       exit=None)
             process._exit = functools.partial(self._exited, process)
@@ -4038,8 +4129,8 @@ class Local(System):
         with self._lock:
             sock, env = self._sockets.pop(machine.addr)
         try:
-            credentials = b._authority.issue("bigmachine local machine", server=True, client=True,
-                                             ip_addresses=["127.0.0.1"], dns_names=["localhost"])
+            credentials = b.issue_certificate("bigmachine local machine",
+                                              ip_addresses=["127.0.0.1"], dns_names=["localhost"])
             process = _LocalProcess(self, b, machine, sock, credentials, env)
             with self._lock:
                 self._procs[machine.addr] = process
@@ -4083,6 +4174,7 @@ def _machine_bootstrap(system, credentials, main, **more):
     config = {
         "python": PYTHON,
         "protocol": PROTOCOL,
+        "system": system._machine_view(),
         "lease": system.lease,
         "watchdog_tick": system.watchdog_tick,
         "log_level": logging.getLogger().getEffectiveLevel(),
@@ -4152,7 +4244,7 @@ class _ChildProcess:
             self.proc.stdin.close()
         err = self.exit_error(code, _exit_reason(code), "".join(self.tail).rstrip())
         err.exit_code = code
-        self.machine._stop(err)
+        self.machine.report_stopped(err)
 
     def exit_error(self, code, why, output):
         """The machine's err, for an exit of the process (code, described by why) that left
@@ -4351,7 +4443,7 @@ def _run_machine(config):
     os.environ.update(config.get("env") or {})
     _forward_logging(config["log_level"])
     credentials = Credentials(**config["credentials"])
-    system = Local(lease=config["lease"])
+    system = _MachineSystem(config.get("system") or {}, lease=config["lease"])
     b = B(system, _credentials=credentials)
     if config.get("fd") is not None:
         sock = socket.socket(fileno=config["fd"])
@@ -4377,6 +4469,23 @@ def _run_machine(config):
     process.server.start()
     process.exited.wait()
     return exit_code[0] if exit_code else 0
+
+
+class _MachineSystem(System):
+    """What a machine knows of the system it belongs to (its b.system): the name and the
+    processors each machine offers, which the driver's system told it (`System._machine_view`),
+    or, for a system that cannot know them in advance (SSH), this host's processors divided
+    among the machines it may run ("share"). Its keepalive settings are what its own dials use."""
+
+    def __init__(self, view, **keepalive):
+        super().__init__(**keepalive)
+        self.name = str(view.get("name") or "local")
+        given = view.get("maxprocs")
+        self._maxprocs = given if isinstance(given, int) and given > 0 else max(
+            1, (os.cpu_count() or 1) // max(1, int(view.get("share") or 1)))
+
+    def maxprocs(self):
+        return self._maxprocs
 
 
 def _listen(host, port):
@@ -4831,8 +4940,7 @@ class SSHSystem(System):
             names["ip_addresses"] = [host.host]
         if not names and host.host.replace("-", "").replace(".", "").isalnum():
             names["dns_names"] = [host.host]
-        credentials = b._authority.issue("bigmachine ssh machine", server=True, client=True,
-                                         **names)
+        credentials = b.issue_certificate("bigmachine ssh machine", **names)
         env = dict(env, BIGMACHINE_MODE="machine", BIGMACHINE_SYSTEM=self.name)
         config = _machine_bootstrap(self, credentials, bundle.main, host=host.host,
                                     bind=self.bind, port=0, announce=True, env=env)
@@ -4860,8 +4968,19 @@ class SSHSystem(System):
             addr = "https://127.0.0.1:%d/" % tunnel.port
         else:
             addr = "https://%s:%d/" % (_url_host(host.host), port)
-        b._readdress(machine, addr)
+        b.readdress(machine, addr)
         process.addressed = True
+
+    def maxprocs(self):
+        """Each machine offers its host's processors divided among the per_host machines the
+        host may run; known once a machine has booted (the smallest such, if hosts differ),
+        1 before."""
+        with self._lock:
+            known = [m.maxprocs for m in self._hosts if m.maxprocs]
+        return min(known) if known else 1
+
+    def _machine_view(self):
+        return {"name": self.name, "maxprocs": None, "share": self.per_host}
 
     def _host_lock(self, host):
         return self._host_locks[host.spec]
@@ -5712,6 +5831,7 @@ class EC2System(System):
         self._botocore = sys.modules["botocore"]
         self.region = self.ec2.meta.region_name
         self.session = None               # this session's id, from init
+        self._b = None                    # this session's B, from init
         self._prepare_lock = threading.Lock()
         self._spec = None                 # what every launch has in common, once checked
         self.vcpus = None
@@ -5768,6 +5888,7 @@ class EC2System(System):
     def init(self, b):
         with self._cond:
             self._reset()
+        self._b = b
         self.session = os.urandom(6).hex()
 
     def _instance_type(self):
@@ -5928,6 +6049,12 @@ class EC2System(System):
             self._spec = spec
             return spec
 
+    def maxprocs(self):
+        """The instance type's vCPUs (asking EC2 once)."""
+        if self.vcpus is None:
+            self._prepare()
+        return self.vcpus
+
     def _tag_specifications(self):
         program = os.path.basename(sys.argv[0] if sys.argv and sys.argv[0] else "python")
         tags = dict(self.tags)
@@ -5971,9 +6098,9 @@ class EC2System(System):
         if bundle is None:
             raise Error("machine %s was stopped before it started" % machine.addr)
         deadline = time.monotonic() + self.boot_timeout
-        credentials = b._authority.issue("bigmachine ec2 machine", server=True, client=True)
+        credentials = b.issue_certificate("bigmachine ec2 machine")
         user_data = _ec2_user_data(self.session, self.port, self.lease,
-                                   b._credentials.cert_pem, credentials)
+                                   b.credentials.cert_pem, credentials)
         instance_id = self._run_instance(user_data, batch)
         with self._cond:
             self._ids[machine] = instance_id
@@ -5984,8 +6111,8 @@ class EC2System(System):
             raise Error("machine %s was stopped while instance %s launched"
                         % (machine.addr, instance_id))
         host, port = self._await_address(machine, instance_id, deadline)
-        b._readdress(machine, "https://%s:%d/%s/" % (_url_host(host), port, instance_id))
-        boot = _EC2Boot(self, machine, instance_id, host, port, b._client.context)
+        b.readdress(machine, "https://%s:%d/%s/" % (_url_host(host), port, instance_id))
+        boot = _EC2Boot(self, machine, instance_id, host, port, client_context(b.credentials))
         with self._cond:
             self._boots[machine] = boot
         env = dict(env, BIGMACHINE_MODE="machine", BIGMACHINE_SYSTEM=self.name)
@@ -6115,7 +6242,7 @@ class EC2System(System):
             for machine, instance in gone:
                 if machine is not None and machine.state is not STOPPED:
                     log.debug("%s: %s", machine.addr, self._dead(instance))
-                    machine._stop(Error(self._dead(instance)))
+                    machine.report_stopped(Error(self._dead(instance)))
             with self._cond:
                 self._cond.wait_for(over, self.poll_interval)
 
@@ -6140,7 +6267,7 @@ class EC2System(System):
         is its last lines."""
         with self._cond:
             self._boots.pop(machine, None)
-            expected = machine in self._stopping or self._closed or machine._b._closed
+            expected = machine in self._stopping or self._closed or self._b.closed
         if status is None:
             if not expected:
                 self.keepalive_failed(machine, None)      # is the instance still there?
@@ -6152,7 +6279,7 @@ class EC2System(System):
                 machine.addr, instance_id, _exit_reason(status),
                 "; its last output:\n" + output if output and machine.state < RUNNING else ""))
         err.exit_code = status
-        machine._stop(err)
+        machine.report_stopped(err)
 
     # -- ending ---------------------------------------------------------------------------
 
@@ -6272,7 +6399,7 @@ class _EC2Boot:
                     raise why
                 raise Error("the bootstrap of instance %s did not answer at %s:%d in %.0fs: %s" % (
                     self.instance_id, self.host, self.port, self.system.boot_timeout, why))
-            self.machine._stopped.wait(wait)
+            self.machine.wait(STOPPED, wait)
 
     def run(self, bundle, config, deadline):
         info = self._hello(deadline)
