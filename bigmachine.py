@@ -114,6 +114,7 @@ __all__ = [
     "Error", "NetworkError", "MachineStopped", "NotFound", "Timeout", "RemoteError",
     "SerializationError", "AuthenticationError", "VersionMismatch", "Cancelled",
     "CertificateAuthority", "Credentials", "Backoff", "publish", "unpublish", "Counter",
+    "SlurmSystem", "Enrolment",
 ]
 
 log = logging.getLogger("bigmachine")
@@ -3557,6 +3558,7 @@ class B:
         self._client = _Client(_credentials)
         self._stopped_machines = collections.deque(maxlen=100)   # for the status page
         self._debug_servers = []
+        self._enrolment = None           # the _EnrolmentServer, once a system enrols a machine
         if self._is_driver:
             system.init(self)
             _sessions.add(self)
@@ -3686,6 +3688,30 @@ class B:
         Slurm: the node the job landed on) makes the Machine with a provisional one and calls
         this from launch, before the machine is pinged."""
         self._readdress(m, addr)
+
+    def enrol(self, machine: Machine, *, env: typing.Optional[typing.Mapping[str, str]] = None,
+              bundle=None, host: typing.Optional[str] = None, port: int = 0,
+              on_exit=None) -> Enrolment:
+        """For systems whose machines dial the driver (a scheduler's jobs, a cloud's startup
+        scripts): a one-time admission for machine. Run `enrolment.command(python)` wherever the
+        machine should be: it fetches the driver's code, makes the machine's own key, gets its
+        certificate and reports its address (this B readdresses machine); `enrolment.wait()`
+        says when. The command holds a token that is useless once used or revoked, and no key.
+        env is the machine's environment variables; host (default: this host's fully qualified
+        name) and port (default: any) are where the driver serves enrolments, given by the
+        first call of a session. on_exit(machine, status, output) is called when the machine's
+        process ends (status None: its connection broke); by default it stops the machine
+        with the exit status. See the Enrolment section of bigmachine.py."""
+        if not self._is_driver:
+            raise Error("only the driver enrols machines")
+        with self._lock:
+            if self._closed:
+                raise Error("this session is shut down")
+            if self._enrolment is None:
+                self._enrolment = _EnrolmentServer(self, host or socket.getfqdn(), port)
+            server = self._enrolment
+        return server.add(machine, bundle if bundle is not None else _make_bundle(),
+                          dict(env or {}), on_exit or _enrolled_exit)
 
     def _readdress(self, m, addr):
         import urllib.parse
@@ -3850,6 +3876,8 @@ class B:
             m._stop(Error("the session was shut down"))
         if self._is_driver:
             self.system.shutdown()
+        if self._enrolment is not None:
+            self._enrolment.close()
         self._client.close()
         _sessions.discard(self)
 
@@ -6469,6 +6497,843 @@ class _EC2Boot:
                 sock.close()
 
 
+# --------------------------------------------------------------------------------------
+# Enrolment: machines that dial the driver, carrying nothing but a one-time token
+# --------------------------------------------------------------------------------------
+#
+# Local, SSH and EC2 machines are started by a driver that can talk to them from the first
+# moment: over a pipe, an ssh channel, or a bootstrap the driver dials. A scheduler (Slurm,
+# Kubernetes) or a cloud's metadata (GCP) only runs a command for us, later, somewhere not
+# known in advance, and stores that command where its administrators can read it for as long
+# as they like. So such a machine comes up by *enrolling*: it dials the driver.
+#
+# `b.enrol(machine)` makes a one-time token for that machine and returns an `Enrolment`, whose
+# `command()` is a shell command holding only the token, the driver's address, the SHA-256 of
+# the certificate the driver's enrolment server presents, and a small self-contained stage (the
+# bundle functions and `_enrol_stage`). No key. Run anywhere that can reach the driver, it:
+#   1. connects to the driver over TLS and checks the server's certificate against the hash
+#      it carries: the driver is authenticated before anything is sent;
+#   2. sends the token. The driver accepts a token once, only while the machine waits for
+#      it, and only if it names a machine that is still starting; it then sends the code
+#      bundle, unless the host's cache holds it already (see Code bundles);
+#   3. unpacks the bundle, imports bigmachine from it, makes the machine's own Ed25519 key and
+#      its listening socket, and sends the public key and the port;
+#   4. gets back a certificate for that key, issued by the session CA for the address the
+#      driver saw it come from, the CA's certificate and the machine's bootstrap configuration.
+#      The driver readdresses the Machine to https://THAT-ADDRESS:PORT/;
+#   5. runs the machine in a child process on that socket, and streams its output back over
+#      the same connection until it exits, then its exit status, as EC2's bootstrap does.
+# The private key never leaves the machine. What the command holds is useless once the machine
+# has enrolled, once the system revokes it (Slurm: a boot timeout after the job started), and
+# once the driver is gone; whoever reads it first can enrol in the machine's place, which the
+# real machine then finds refused, and the driver reports.
+#
+# The driver serves enrolments on one TLS port per session (`_EnrolmentServer`), opened by the
+# first `b.enrol`; it reads JSON lines, never a pickle.
+
+def _enrol_stage(settings):
+    """The first stage of an enrolling machine (see the section's introduction): reach the
+    driver, check it is the one expected, present the token, get the code bundle, and hand over
+    to bigmachine's `_enrolled` from the bundle. Returns the exit status. Self-contained: it runs
+    before bigmachine.py is on the host."""
+    import hashlib
+    import importlib
+    import json
+    import os
+    import shutil
+    import socket
+    import ssl
+    import sys
+    import time
+
+    def say(text):
+        sys.stderr.write("bigmachine enrolment: %s\n" % text)
+        sys.stderr.flush()
+
+    host, port = settings["driver"]
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    context.check_hostname = False
+    context.verify_mode = ssl.CERT_NONE          # checked below, by the certificate's hash
+    deadline = time.monotonic() + settings["wait"]
+    while True:
+        try:
+            raw = socket.create_connection((host, port), timeout=30)
+            try:
+                conn = context.wrap_socket(raw)
+            except BaseException:
+                raw.close()
+                raise
+            break
+        except OSError as e:
+            if time.monotonic() > deadline:
+                say("cannot reach the driver at %s:%d for %ds: %s" % (host, port,
+                                                                     settings["wait"], e))
+                return 1
+            time.sleep(1)
+    if hashlib.sha256(conn.getpeercert(True)).hexdigest() != settings["fingerprint"]:
+        say("%s:%d is not this machine's driver: its certificate is not the one expected"
+            % (host, port))
+        return 1
+    rfile = conn.makefile("rb")
+
+    def send(message):
+        conn.sendall(json.dumps(message).encode() + b"\n")
+
+    def receive():
+        line = rfile.readline()
+        if not line:
+            raise EOFError("the driver closed the connection")
+        return json.loads(line.decode())
+
+    send({"token": settings["token"], "python": "%d.%d" % sys.version_info[:2],
+          "executable": sys.executable, "host": socket.gethostname()})
+    reply = receive()
+    if "error" in reply:
+        say("the driver refused this machine: %s" % reply["error"])
+        return 1
+
+    def fetch():
+        send("need")
+        data = rfile.read(reply["size"])
+        if len(data) != reply["size"]:
+            raise EOFError("the code bundle was cut short")
+        return data
+
+    root = _bundle_root()
+    bundle = _bundle_install(root, reply["bundle"], fetch)
+    send("have")
+    workdir = _machine_workdir(root)
+    try:
+        code = _bundle_unpack(bundle, os.path.join(workdir, "code"))
+        sys.path.insert(0, code)
+        library = importlib.import_module(reply["library"])
+        return library._enrolled(conn, rfile, code, workdir)
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
+def _enrolled(conn, rfile, code, workdir):
+    """The rest of an enrolling machine's first stage, from the bundle's bigmachine: make the
+    machine's key and socket, get its certificate, run it, stream its output. Returns the exit
+    status."""
+    import subprocess
+
+    def send(message):
+        conn.sendall(json.dumps(message).encode() + b"\n")
+
+    key = _Ed25519Key()
+    # Listen on the address this host reached the driver from: the driver and the other
+    # machines reach it there too.
+    listener = socket.create_server((conn.getsockname()[0], 0), backlog=512)
+    send({"public_key": key.public.hex(), "port": listener.getsockname()[1]})
+    line = rfile.readline()
+    reply = json.loads(line.decode()) if line else {"error": "the driver closed the connection"}
+    if "error" in reply:
+        _write_stderr("bigmachine enrolment: refused: %s\n" % reply["error"])
+        return 1
+    config = dict(reply["config"], fd=listener.fileno(), credentials={
+        "cert_pem": reply["cert"], "key_pem": _private_key_pem(key), "ca_pem": reply["ca"]})
+    launcher = ("import sys; sys.path.insert(0, %r); import %s as library; "
+                "library._machine_main(code=%r, workdir=%r)" % (code, __name__, code, workdir))
+    child = subprocess.Popen([sys.executable, "-u", "-c", launcher], cwd=workdir,
+                             stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                             stderr=subprocess.STDOUT, pass_fds=[listener.fileno()])
+    listener.close()                  # the machine's now
+    # Its stdin stays open: EOF would mean that this process died, and the machine would exit.
+    child.stdin.write(json.dumps(config).encode() + b"\n")
+    child.stdin.flush()
+    conn.settimeout(None)
+    with contextlib.suppress(OSError):
+        conn.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+    stream = [conn]
+
+    def forward(data):
+        if stream:
+            try:
+                stream[0].sendall(data)
+            except OSError:
+                del stream[:]         # the driver went: the machine's lease ends it soon
+        else:
+            _write_stderr(data.decode("utf-8", "replace"))
+
+    forward(b"%s started %d\n" % (_MARK.encode(), child.pid))
+    for line in iter(child.stdout.readline, b""):
+        forward(line)
+    status = child.wait()
+    forward(b"%s exited %d\n" % (_MARK.encode(), status))
+    with contextlib.suppress(OSError):
+        conn.close()
+    return status if status >= 0 else 128 - status
+
+
+_enrol_functions = None
+
+
+def _enrol_source():
+    """The enrolment stage's source, compressed, as a Python expression that defines it."""
+    global _enrol_functions
+    if _enrol_functions is None:
+        import inspect
+        import zlib
+        source = "".join(inspect.getsource(f) + "\n" for f in (
+            _bundle_root, _bundle_install, _bundle_unpack, _machine_workdir, _enrol_stage))
+        _enrol_functions = base64.b64encode(zlib.compress(source.encode(), 9)).decode()
+    return "exec(zlib.decompress(base64.b64decode(%r)))" % _enrol_functions
+
+
+def _enrol_program(settings, pick=None):
+    """A Python program (source) that enrols with settings; pick, if given, is an expression
+    choosing settings["token"] among settings["tokens"] (one script for a job array)."""
+    lines = ["import base64, os, sys, zlib", _enrol_source(), "settings = %r" % (settings,)]
+    if pick:
+        lines.append("settings['token'] = settings.pop('tokens')[%s]" % pick)
+    lines.append("sys.exit(_enrol_stage(settings))")
+    return "\n".join(lines) + "\n"
+
+
+class Enrolment:
+    """One machine's admission to a session by a one-time token: see `B.enrol` and the
+    Enrolment section of bigmachine.py."""
+
+    def __init__(self, server, machine, token, bundle, env, on_exit):
+        self.machine = machine
+        self.token = token
+        self._server = server
+        self._bundle = bundle
+        self._env = env
+        self._on_exit = on_exit
+        self._enrolled = threading.Event()
+        self._done = threading.Event()        # enrolled, refused or revoked: no waiting more
+        self.error = None                     # why it was refused, if it was
+
+    def settings(self, wait):
+        """What the stage needs: the driver's address, its certificate's hash, the token;
+        wait is how long the stage keeps trying to reach the driver."""
+        return {"driver": [self._server.host, self._server.port],
+                "fingerprint": self._server.fingerprint, "token": self.token,
+                "wait": int(wait)}
+
+    def command(self, python="python3", wait=60):
+        """A shell command that brings the machine up wherever it runs, given the Python
+        (same major.minor as the driver's) to run there; wait is how many seconds it keeps
+        trying to reach the driver."""
+        import shlex
+        return "%s -u -c %s" % (shlex.quote(python),
+                                shlex.quote(_enrol_program(self.settings(wait))))
+
+    @property
+    def enrolled(self) -> bool:
+        return self._enrolled.is_set()
+
+    def wait(self, timeout=None) -> bool:
+        """Wait until the machine has enrolled (True: its address is set, it serves), or was
+        refused (raises the reason), or timeout seconds pass (False)."""
+        self._done.wait(timeout)
+        if self.error is not None:
+            raise self.error
+        return self._enrolled.is_set()
+
+    def revoke(self):
+        """Make the token useless from now on (the machine stopped, or took too long)."""
+        self._server.forget(self.token)
+        self._done.set()
+
+    def _refuse(self, error):
+        self.error = error
+        self._server.forget(self.token)
+        self._done.set()
+
+
+class _EnrolmentServer:
+    """The driver's end of enrolment, one per session (see the section's introduction)."""
+
+    def __init__(self, b, host, port=0):
+        self.b = b
+        self.host = host
+        try:
+            _ip_address_bytes(host)
+            bind = host
+        except ValueError:
+            bind = ""                          # a name: every interface
+        self._listener = socket.create_server((bind, port), backlog=128, family=socket.AF_INET6
+                                              if ":" in bind else socket.AF_INET)
+        self.port = self._listener.getsockname()[1]
+        names = {}
+        if bind:
+            names["ip_addresses"] = [host]
+        credentials = b.issue_certificate("bigmachine enrolment", **names)
+        self.fingerprint = _sha256_hex(ssl.PEM_cert_to_DER_cert(credentials.cert_pem))
+        self._context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        credentials.load_into(self._context)
+        self._lock = threading.Lock()
+        self._tokens = {}                      # token -> Enrolment
+        self._closed = False
+        self._conns = set()
+        threading.Thread(target=self._accept, name="bigmachine-enrolment", daemon=True).start()
+
+    def add(self, machine, bundle, env, on_exit):
+        token = base64.urlsafe_b64encode(os.urandom(24)).decode().rstrip("=")
+        enrolment = Enrolment(self, machine, token, bundle, env, on_exit)
+        with self._lock:
+            self._tokens[token] = enrolment
+        return enrolment
+
+    def forget(self, token):
+        with self._lock:
+            self._tokens.pop(token, None)
+
+    def _accept(self):
+        while True:
+            try:
+                raw, peer = self._listener.accept()
+            except OSError:
+                return
+            threading.Thread(target=self._serve, args=(raw, peer), name="bigmachine-enrol",
+                             daemon=True).start()
+
+    def _serve(self, raw, peer):
+        _block_async_signals()
+        enrolment = conn = None
+        try:
+            raw.settimeout(30)
+            try:
+                conn = self._context.wrap_socket(raw, server_side=True)
+            except (OSError, ValueError) as e:
+                log.debug("enrolment from %s: TLS failed: %s", peer[0], e)
+                raw.close()
+                return
+            with self._lock:
+                if self._closed:
+                    conn.close()
+                    return
+                self._conns.add(conn)
+            rfile = conn.makefile("rb")
+            enrolment = self._enrol(conn, rfile, peer)
+            if enrolment is not None:
+                self._stream(enrolment, conn, rfile)
+        except Exception as e:
+            log.debug("enrolment from %s failed: %s", peer[0], e)
+            if enrolment is not None and not enrolment.enrolled:
+                enrolment._refuse(Error("machine %s: its enrolment from %s failed: %s"
+                                        % (enrolment.machine.addr, peer[0], e)))
+        finally:
+            with self._lock:
+                self._conns.discard(conn)
+            with contextlib.suppress(OSError):
+                (conn or raw).close()
+
+    def _enrol(self, conn, rfile, peer):
+        def send(message):
+            conn.sendall(json.dumps(message).encode() + b"\n")
+
+        def receive():
+            line = rfile.readline(1 << 16)
+            if not line:
+                raise EOFError("the machine closed the connection")
+            return json.loads(line.decode())
+
+        hello = receive()
+        token = hello.get("token") if isinstance(hello, dict) else None
+        with self._lock:
+            enrolment = self._tokens.pop(token, None) if isinstance(token, str) else None
+        machine = enrolment.machine if enrolment is not None else None
+        if enrolment is None or machine.state is STOPPED or self.b.closed:
+            log.warning("refused an enrolment from %s: its token is unknown, used already, "
+                        "or expired", peer[0])
+            send({"error": "this token is unknown, used already, or expired"})
+            return None
+        if hello.get("python") != PYTHON:
+            send({"error": "the driver runs Python %s" % PYTHON})
+            enrolment._refuse(VersionMismatch(
+                "the driver runs Python %s (%s); machine %s, on host %s, runs Python %s (%s)"
+                % (PYTHON, sys.executable, machine.addr, hello.get("host"), hello.get("python"),
+                   hello.get("executable"))))
+            return None
+        bundle = enrolment._bundle
+        send({"bundle": bundle.sha256, "size": len(bundle.data), "library": bundle.library})
+        while True:
+            answer = receive()
+            if answer == "need":
+                conn.sendall(bundle.data)
+                log.debug("sent the code bundle %s (%d bytes) to %s", bundle.sha256[:12],
+                          len(bundle.data), peer[0])
+            elif answer == "have":
+                break
+            else:
+                raise Error("unexpected answer %r" % (answer,))
+        conn.settimeout(self.b.system.boot_timeout)     # it unpacks and imports meanwhile
+        keys = receive()
+        public_key, port = bytes.fromhex(keys["public_key"]), int(keys["port"])
+        host = peer[0]
+        credentials = self.b.issue_certificate("bigmachine enrolled machine",
+                                               ip_addresses=[host], public_key=public_key)
+        addr = "https://%s:%d/" % (_url_host(host), port)
+        self.b.readdress(machine, addr)
+        env = dict(enrolment._env, BIGMACHINE_MODE="machine",
+                   BIGMACHINE_SYSTEM=self.b.system.name)
+        config = _machine_bootstrap(self.b.system, None, bundle.main, addr=addr, env=env)
+        send({"cert": credentials.cert_pem, "ca": credentials.ca_pem, "config": config})
+        line = rfile.readline()
+        if not line.startswith(_MARK.encode() + b" started "):
+            raise Error("the machine did not start: %r" % line[:200])
+        enrolment._enrolled.set()
+        enrolment._done.set()
+        return enrolment
+
+    def _stream(self, enrolment, conn, rfile):
+        """The machine's output, to the driver's stderr, until it exits; then its on_exit."""
+        machine = enrolment.machine
+        system = self.b.system
+        output = _MachineOutput(system.output_rate, system.output_burst)
+        tail = collections.deque(maxlen=_ChildProcess._TAIL)
+        prefix = machine.addr + ": "
+        status = None
+        conn.settimeout(None)
+        with contextlib.suppress(OSError):
+            conn.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+        try:
+            for line in iter(rfile.readline, b""):
+                if line.startswith(_MARK.encode() + b" exited "):
+                    with contextlib.suppress(ValueError, IndexError):
+                        status = int(line.split()[2])
+                else:
+                    tail.append(output.line(line, prefix, machine.addr))
+        except (OSError, ValueError) as e:
+            log.debug("%s: the enrolment stream broke: %s", machine.addr, e)
+        finally:
+            output.close(prefix)
+        enrolment._on_exit(machine, status, "".join(tail).rstrip())
+
+    def close(self):
+        with self._lock:
+            self._closed = True
+            conns, self._conns = list(self._conns), set()
+            enrolments, self._tokens = list(self._tokens.values()), {}
+        with contextlib.suppress(OSError):
+            self._listener.close()
+        for conn in conns:
+            with contextlib.suppress(OSError):
+                conn.shutdown(socket.SHUT_RDWR)
+            with contextlib.suppress(OSError):
+                conn.close()
+        for enrolment in enrolments:
+            enrolment._done.set()
+
+
+def _sha256_hex(data):
+    import hashlib
+    return hashlib.sha256(data).hexdigest()
+
+
+def _enrolled_exit(machine, status, output):
+    """What stops an enrolled machine by default when its process ends: its exit status (None:
+    the connection broke)."""
+    if status is None:
+        err = Error("machine %s: lost (its enrolment connection broke)" % machine.addr)
+    else:
+        err = Error("machine %s %s%s" % (
+            machine.addr, _exit_reason(status),
+            "; its last output:\n" + output if output and machine.state < RUNNING else ""))
+        err.exit_code = status
+    machine.report_stopped(err)
+
+
+# --------------------------------------------------------------------------------------
+# Slurm: machines as jobs on an HPC cluster
+# --------------------------------------------------------------------------------------
+#
+# On a cluster the driver runs on a login node, and compute nodes are reached only through the
+# scheduler. `b.start(n)` submits one `sbatch` job array of n tasks, through the cluster's own
+# commands (so SLURM_CONF and the user's Slurm defaults apply), each task a machine with
+# `cpus` CPUs (its maxprocs), `mem` MiB, a `time_limit` in minutes, in `partition` under
+# `account`, plus any `sbatch_args`. A task that starts enrols (see Enrolment): its job script
+# holds the enrolment stage, the driver's address and certificate hash, and one one-time token
+# per task -- nothing that outlives the machine's start -- and the code bundle, the machine's
+# certificate and its configuration travel over the enrolment's TLS connection, whether or
+# not the cluster shares a filesystem. The machine reports its address as it enrols, and the
+# other machines reach it there, as the driver does.
+#
+# Watching. One thread per session asks `squeue` about the session's jobs every
+# poll_interval seconds. A pending task's machine is STARTING, and says why it waits (Slurm's
+# reason: Resources, Priority...) on the status page; a task that has run for boot_timeout
+# without enrolling is cancelled and its token revoked. A task that leaves the queue (or shows
+# an ending state) stops its machine with an error naming the job and Slurm's state and reason
+# (CANCELLED, TIMEOUT, PREEMPTED, NODE_FAIL, OUT_OF_MEMORY, FAILED...), from `scontrol show
+# job`, which remembers a job for MinJobAge (300 s by default) after it ends. A machine whose
+# process exits while its job goes on says how it exited.
+#
+# Ending. `b.shutdown()` cancels every job of the session (`scancel --name`); a machine whose
+# driver is killed ends within its lease (its watchdog), and its job with it; a task that
+# starts after its driver is gone finds no driver and ends. Jobs are named
+# bigmachine-SESSION, with the user's program in their comment, and `python bigmachine.py
+# slurm list` / `slurm kill [SESSION]` find and end whatever is left.
+
+#: Job states in which a task is still on its way or running (squeue's long names).
+_SLURM_LIVE = ("PENDING", "CONFIGURING", "RUNNING", "SUSPENDED", "REQUEUED", "REQUEUE_HOLD",
+               "REQUEUE_FED", "RESIZING", "SIGNALING", "STAGE_OUT", "RESV_DEL_HOLD")
+
+
+def _slurm_run(args, what, input=None, timeout=60.0):
+    """Run a Slurm command; its stdout, or an Error naming what failed and why."""
+    import shutil
+    import subprocess
+    if shutil.which(args[0]) is None:
+        raise Error("the Slurm system needs %s, which is not on PATH: run the driver where the "
+                    "cluster's commands are (a login node), or put them on PATH" % args[0])
+    try:
+        done = subprocess.run(args, input=input, capture_output=True, timeout=timeout,
+                              stdin=None if input is not None else subprocess.DEVNULL)
+    except subprocess.TimeoutExpired:
+        raise Error("%s did not answer in %.0fs (%s)" % (args[0], timeout, what)) from None
+    if done.returncode != 0:
+        why = done.stderr.decode("utf-8", "replace").strip() or _exit_reason(done.returncode)
+        conf = os.environ.get("SLURM_CONF")
+        raise Error("%s failed (%s): %s%s" % (
+            args[0], what, why, " (SLURM_CONF=%s)" % conf if conf else ""))
+    return done.stdout.decode("utf-8", "replace")
+
+
+class SlurmSystem(System):
+    """Machines as jobs on a Slurm cluster: one sbatch job array per `b.start`, a task per
+    machine. See the section's introduction and the README's Slurm section.
+
+    cpus is each machine's CPUs (--cpus-per-task, its maxprocs), mem its memory in MiB (--mem),
+    time_limit its time in minutes (--time), partition and account as for sbatch; sbatch_args
+    go last on sbatch's command line. python runs the machines on the compute nodes (same
+    major.minor as the driver's; default python3). driver_host is the driver's address as the
+    compute nodes reach it (default: this host's fully qualified name) and driver_port the
+    port it serves enrolments on (default: any free one). output is where the jobs' own output
+    goes (sbatch --output; the machines' output comes to the driver anyway). On the command
+    line: --bigm.system=slurm with --bigm.slurm.partition=P, --bigm.slurm.cpus=N and so on, or
+    the variables BIGMACHINE_SLURM_PARTITION and so on."""
+
+    name = "slurm"
+    #: seconds between two looks at the session's jobs (squeue)
+    poll_interval = 1.0
+
+    def __init__(self, *, partition=None, cpus=1, mem=None, time_limit=None, account=None,
+                 sbatch_args=(), python=None, driver_host=None, driver_port=0,
+                 output="/dev/null", **keepalive):
+        super().__init__(**keepalive)
+        for name, value in (("cpus", cpus), ("mem", mem), ("time_limit", time_limit)):
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int)
+                                      or value < 1):
+                raise ValueError("%s must be a positive whole number, not %r" % (name, value))
+        if cpus is None:
+            raise ValueError("cpus must be a positive whole number, not None")
+        if isinstance(sbatch_args, str):
+            import shlex
+            sbatch_args = shlex.split(sbatch_args)
+        self.partition = partition
+        self.cpus = cpus
+        self.mem = mem
+        self.time_limit = time_limit
+        self.account = account
+        self.sbatch_args = tuple(str(a) for a in sbatch_args)
+        self.python = python or "python3"
+        self.driver_host = driver_host
+        self.driver_port = int(driver_port or 0)
+        self.output = output
+        self.session = None
+        self._b = None
+        self._cond = threading.Condition()
+        self._reset()
+
+    def _reset(self):
+        self._closed = False
+        self._jobs = {}                   # Machine -> "JOBID_TASK"
+        self._machines = {}               # "JOBID_TASK" -> Machine
+        self._enrolments = {}             # Machine -> Enrolment
+        self._running_since = {}          # Machine -> time.monotonic() its task began running
+        self._ending = set()              # Machines terminated: their job's end is expected
+        self._gone = set()                # Machines whose process is known to have ended
+        self._monitor = None
+        self._wake = threading.Event()
+
+    def __repr__(self):
+        return "<slurm system: %d cpus%s>" % (
+            self.cpus, " in partition %s" % self.partition if self.partition else "")
+
+    @classmethod
+    def _command_line_options(cls, argv, environ):
+        options = {}
+
+        def value(flag):
+            return _flag_or_variable(argv, environ, "bigm.slurm." + flag,
+                                     "BIGMACHINE_SLURM_" + flag.upper())
+
+        for flag in ("partition", "account", "python", "driver_host", "output"):
+            given = value(flag)
+            if given:
+                options[flag] = given
+        for flag in ("cpus", "mem", "time_limit", "driver_port"):
+            given = value(flag)
+            if given:
+                try:
+                    options[flag] = int(given)
+                except ValueError:
+                    raise ValueError("--bigm.slurm.%s must be a whole number, not %r"
+                                     % (flag, given)) from None
+        given = value("sbatch_args")
+        if given:
+            import shlex
+            options["sbatch_args"] = shlex.split(given)
+        return options
+
+    def maxprocs(self):
+        return self.cpus
+
+    def init(self, b):
+        with self._cond:
+            self._reset()
+        self._b = b
+        self.session = os.urandom(6).hex()
+
+    @property
+    def job_name(self):
+        """The name of this session's jobs: bigmachine-SESSION."""
+        return "bigmachine-%s" % self.session
+
+    # -- machines -------------------------------------------------------------------------
+
+    def start(self, b, n, env):
+        if self._closed:
+            raise Error("the Slurm system was shut down")
+        bundle = _make_bundle()
+        machines, enrolments = [], []
+        for i in range(n):
+            m = Machine(b, "https://slurm-%s-%d.pending:0/" % (self.session, i), owned=True,
+                        maxprocs=self.cpus)
+            enrolments.append(b.enrol(m, env=env, bundle=bundle, host=self.driver_host,
+                                      port=self.driver_port, on_exit=self._machine_exited))
+            machines.append(m)
+        # One script for the whole array; each task picks its own token.
+        settings = enrolments[0].settings(wait=min(self.lease, self.boot_timeout))
+        settings.pop("token")
+        settings["tokens"] = [e.token for e in enrolments]
+        program = _enrol_program(settings, pick="int(os.environ.get('SLURM_ARRAY_TASK_ID', 0))")
+        import shlex
+        script = ("#!/bin/sh\n# bigmachine.py: %d machine%s of session %s (see bigmachine.py's "
+                  "Slurm section)\nexec %s -u -c %s\n" % (
+                      n, "s" if n > 1 else "", self.session, shlex.quote(self.python),
+                      shlex.quote(program)))
+        args = ["sbatch", "--parsable", "--job-name=" + self.job_name,
+                "--comment=" + self._comment(), "--array=0-%d" % (n - 1), "--ntasks=1",
+                "--cpus-per-task=%d" % self.cpus, "--no-requeue", "--output=" + self.output]
+        if self.mem is not None:
+            args.append("--mem=%dM" % self.mem)
+        if self.time_limit is not None:
+            args.append("--time=%d" % self.time_limit)
+        if self.partition:
+            args.append("--partition=" + self.partition)
+        if self.account:
+            args.append("--account=" + self.account)
+        args += list(self.sbatch_args)
+        try:
+            out = _slurm_run(args, "submitting %d machine%s" % (n, "s" if n > 1 else ""),
+                             input=script.encode())
+            job = out.strip().split(";")[0]
+            if not job.isdigit():
+                raise Error("sbatch said %r, not a job id" % out.strip())
+        except BaseException:
+            for e in enrolments:
+                e.revoke()
+            raise
+        with self._cond:
+            for i, (m, e) in enumerate(zip(machines, enrolments)):
+                task = "%s_%d" % (job, i)
+                self._jobs[m], self._machines[task], self._enrolments[m] = task, m, e
+                m.report_status("Slurm job %s submitted" % task)
+            if self._monitor is None:
+                self._monitor = threading.Thread(target=self._watch, name="bigmachine-slurm",
+                                                 daemon=True)
+                self._monitor.start()
+        log.debug("submitted Slurm job %s: %d machines", job, n)
+        self._wake.set()
+        return machines
+
+    def _comment(self):
+        program = os.path.basename(sys.argv[0] if sys.argv and sys.argv[0] else "python")
+        return "bigmachine session=%s user=%s program=%s" % (self.session, _ec2_user(),
+                                                              program or "python")
+
+    def launch(self, b, machine):
+        with self._cond:
+            enrolment = self._enrolments.get(machine)
+            task = self._jobs.get(machine)
+        if enrolment is None:
+            raise Error("machine %s was stopped before it started" % machine.addr)
+        while not enrolment.wait(self.poll_interval):
+            if machine.state is STOPPED or self._closed:
+                raise Error("machine %s (Slurm job %s) was stopped while it started"
+                            % (machine.addr, task))
+            with self._cond:
+                since = self._running_since.get(machine)
+            if since is not None and time.monotonic() - since > self.boot_timeout:
+                enrolment.revoke()
+                raise Error("Slurm job %s ran for %.0fs without its machine coming up (is the "
+                            "driver at %s:%d reachable from the compute nodes? see the job's "
+                            "output: SlurmSystem(output=...))" % (
+                                task, self.boot_timeout, enrolment._server.host,
+                                enrolment._server.port))
+        machine.report_status("")
+
+    def _machine_exited(self, machine, status, output):
+        """The machine's process ended (status None: its stream broke, as when its job is
+        cancelled): the job's own end is the better reason, which the monitor finds."""
+        with self._cond:
+            task = self._jobs.get(machine)
+            expected = machine in self._ending or self._closed or self._b.closed
+            self._gone.add(machine)
+        if status is None or expected:
+            self._wake.set()              # look at the job now
+            return
+        err = Error("machine %s (Slurm job %s) %s%s" % (
+            machine.addr, task, _exit_reason(status),
+            "; its last output:\n" + output if output and machine.state < RUNNING else ""))
+        err.exit_code = status
+        machine.report_stopped(err)
+
+    # -- watching -------------------------------------------------------------------------
+
+    def _watch(self):
+        _block_async_signals()
+        while True:
+            self._wake.wait(self.poll_interval)
+            self._wake.clear()
+            with self._cond:
+                if self._closed:
+                    return
+                watched = dict(self._machines)
+            if not watched:
+                continue
+            try:
+                out = _slurm_run(["squeue", "--noheader", "--array", "--name=" + self.job_name,
+                                  "--format=%i|%T|%r|%N"], "watching the session's jobs",
+                                 timeout=30.0)
+            except Error as e:
+                log.warning("slurm: %s", e)
+                continue
+            seen = {}
+            for line in out.splitlines():
+                fields = line.strip().split("|")
+                if len(fields) == 4:
+                    seen[fields[0]] = fields[1:]
+            for task, m in watched.items():
+                state, reason, node = seen.get(task, (None, None, None))
+                if state in _SLURM_LIVE:
+                    self._job_live(m, task, state, reason, node)
+                elif m.state is not STOPPED:
+                    self._job_ended(m, task, state)
+
+    def _job_live(self, m, task, state, reason, node):
+        if state == "PENDING":
+            m.report_status("Slurm job %s is PENDING (%s)" % (task, reason))
+        elif m.state < RUNNING:
+            with self._cond:
+                self._running_since.setdefault(m, time.monotonic())
+            m.report_status("Slurm job %s is %s on %s; its machine is coming up"
+                            % (task, state, node))
+
+    def _job_ended(self, m, task, state):
+        with self._cond:
+            expected = m in self._ending or self._closed or self._b.closed
+        if expected:
+            return
+        info = {}
+        with contextlib.suppress(Error):
+            out = _slurm_run(["scontrol", "show", "job", "--oneliner", task],
+                             "asking how job %s ended" % task, timeout=30.0)
+            for word in out.split():
+                key, _, value = word.partition("=")
+                info.setdefault(key, value)
+        state = info.get("JobState") or state or "gone"
+        if state in _SLURM_LIVE:
+            return                        # squeue and scontrol disagree for a moment
+        details = ", ".join("%s %s" % (k.lower(), info[k]) for k in ("Reason", "ExitCode")
+                            if info.get(k) and info[k] != "None")
+        m.report_stopped(Error("machine %s: Slurm job %s ended: %s%s" % (
+            m.addr, task, state, " (%s)" % details if details else "")))
+
+    def lost(self, machine):
+        with self._cond:
+            return machine in self._gone
+
+    # -- ending -----------------------------------------------------------------------------
+
+    def terminate(self, machine, deadline):
+        with self._cond:
+            task = self._jobs.get(machine)
+            enrolment = self._enrolments.pop(machine, None)
+            self._ending.add(machine)
+        if enrolment is not None:
+            enrolment.revoke()
+        if task is not None:
+            try:
+                _slurm_run(["scancel", task], "cancelling job %s" % task,
+                           timeout=max(5.0, deadline - time.monotonic()))
+            except Error as e:
+                log.warning("slurm: %s; to end what this session left: python bigmachine.py "
+                            "slurm kill %s", e, self.session)
+
+    def shutdown(self):
+        with self._cond:
+            if self._closed or self.session is None:
+                return
+            self._closed = True
+            enrolments = list(self._enrolments.values())
+            submitted = bool(self._jobs)
+            self._cond.notify_all()
+        self._wake.set()
+        for enrolment in enrolments:
+            enrolment.revoke()
+        if submitted:
+            try:
+                _slurm_run(["scancel", "--name=" + self.job_name], "cancelling the session's "
+                           "jobs", timeout=30.0)
+            except Error as e:
+                log.warning("slurm: %s; to end what this session left: python bigmachine.py "
+                            "slurm kill %s", e, self.session)
+
+
+def _slurm_command(args):
+    """`slurm list` and `slurm kill [SESSION]`: the jobs of bigmachine sessions on this cluster
+    (this user's), and ending them."""
+    try:
+        import getpass
+        user = getpass.getuser()
+        out = _slurm_run(["squeue", "--noheader", "--array", "--user=" + user,
+                          "--format=%i|%j|%T|%M|%N|%r|%k"], "listing jobs")
+    except Error as e:
+        print("bigmachine: %s" % e, file=sys.stderr)
+        return 1
+    jobs = []
+    for line in out.splitlines():
+        fields = line.strip().split("|", 6)
+        if len(fields) == 7 and fields[1].startswith("bigmachine-"):
+            session = fields[1][len("bigmachine-"):]
+            if args.session in (None, session):
+                jobs.append([fields[0], fields[2], session, fields[3], fields[4] or fields[5],
+                             fields[6]])
+    if args.slurm_command == "list":
+        rows = [["JOB", "STATE", "SESSION", "TIME", "NODE/REASON", "COMMENT"]] + jobs
+        widths = [max(len(row[k]) for row in rows) for k in range(len(rows[0]))]
+        for row in rows:
+            print("  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip())
+        print("%d job%s of bigmachine sessions" % (len(jobs), "" if len(jobs) == 1 else "s"))
+        return 0
+    if jobs:
+        try:
+            _slurm_run(["scancel"] + [job[0] for job in jobs], "cancelling jobs")
+        except Error as e:
+            print("bigmachine: %s" % e, file=sys.stderr)
+            return 1
+    for job in jobs:
+        print("cancelled %s (session %s)" % (job[0], job[2]))
+    print("%d job%s cancelled" % (len(jobs), "" if len(jobs) == 1 else "s"))
+    return 0
+
+
 # ======================================================================================
 # Debug: profiles, variables, stacks, status and logs (Go: profile.go, status.go,
 # expvar.go, rpc/stats.go)
@@ -7538,7 +8403,8 @@ def _status_page(b, refresh):
             links if m.state is RUNNING else "")]
         cells.append("<td><span class='state %s'>%s</span>%s</td>" % (
             m.state.name, m.state.name,
-            "<div class=err>%s</div>" % esc(str(m.err))[:600] if m.err is not None else ""))
+            "<div class=err>%s</div>" % esc(str(m.err))[:600] if m.err is not None else
+            "<div class=dim>%s</div>" % esc(m.status) if m.status and m.state < RUNNING else ""))
         replies = list(m.keepalive_replies)
         if replies:
             keepalive = "<span class=num>%.1f ms</span><div class=dim>avg %.1f ms of %d</div>" % (
@@ -7613,7 +8479,7 @@ def _status_page(b, refresh):
 # ======================================================================================
 
 _SYSTEMS = {"local": Local, "test": TestSystem, "testsystem": TestSystem, "ssh": SSHSystem,
-            "ec2": EC2System}
+            "ec2": EC2System, "slurm": SlurmSystem}
 
 
 def start(system: typing.Union[System, str, None] = None, **options: typing.Any) -> B:
@@ -7962,7 +8828,20 @@ def _main(argv):
     for command in (ec2_list, ec2_kill):
         command.add_argument("--region", help="the AWS region (default: the AWS configuration's; "
                                               "AWS_ENDPOINT_URL and the like apply too)")
+    slurm = commands.add_parser("slurm", help="list or cancel the Slurm jobs of bigmachine "
+                                              "sessions (those their drivers left)")
+    slurm_commands = slurm.add_subparsers(dest="slurm_command")
+    slurm_commands.add_parser("list", help="list this user's jobs of bigmachine sessions")
+    slurm_kill = slurm_commands.add_parser("kill", help="cancel this user's jobs of bigmachine "
+                                                        "sessions (of SESSION only, if given)")
+    slurm_kill.add_argument("session", nargs="?", help="the session whose jobs to cancel")
     args = parser.parse_args(argv)
+    if args.command == "slurm":
+        if args.slurm_command is None:
+            slurm.print_help()
+            return 2
+        args.session = getattr(args, "session", None)
+        return _slurm_command(args)
     if args.command == "ec2":
         if args.ec2_command is None:
             ec2.print_help()

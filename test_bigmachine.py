@@ -106,6 +106,10 @@ class Echo:
     def environ(self, name):
         return os.environ.get(name)
 
+    def system(self):
+        """What this machine knows of its system: (name, maxprocs)."""
+        return self.b.system.name, self.b.system.maxprocs()
+
     def fail(self, message):
         raise ValueError(message)
 
@@ -4962,3 +4966,157 @@ def test_other_pythons_isolated_with_unwritable_home(python, memfd, tmp_path):
     )
     assert result.returncode == 0 and result.stdout.startswith("OK"), result.stderr
     assert os.listdir(str(tmpdir)) == []
+
+
+# ======================================================================================
+# Slurm: machines as jobs of a real one-node cluster (slurmctld + slurmd + munged on
+# loopback, started by the tests), and enrolment (issue #19)
+# ======================================================================================
+
+SLURM_DAEMONS = {name: shutil.which(name) or next(
+    (p for p in ("/usr/sbin/" + name, "/usr/local/sbin/" + name) if os.access(p, os.X_OK)), None)
+    for name in ("slurmctld", "slurmd", "munged")}
+
+
+class SlurmCluster(typing.NamedTuple):
+    conf: str                 # its slurm.conf: SLURM_CONF for every client command
+    dir: str
+    cpus: int                 # the one node's CPUs
+
+    def run(self, *args):
+        return subprocess.run(list(args), capture_output=True, text=True, timeout=60,
+                              env=dict(os.environ, SLURM_CONF=self.conf))
+
+    def jobs(self, name=None):
+        """squeue's jobs (of job name, if given): {"JOBID_TASK": STATE}."""
+        args = ["squeue", "--noheader", "--array", "--format=%i|%T|%j"]
+        out = self.run(*args).stdout
+        return {f[0]: f[1] for f in (line.split("|") for line in out.splitlines())
+                if len(f) == 3 and (name is None or f[2] == name)}
+
+
+@pytest.fixture(scope="session")
+def slurm_cluster():
+    """A Slurm cluster of one node on 127.0.0.1, for the whole test session: munged (as user
+    munge, with a socket of its own), slurmctld and slurmd on free ports, all state in a
+    temporary directory, stopped by pid at the end. Skipped only where Slurm is not installed
+    (apt-get install slurm-wlm munge)."""
+    missing = [name for name, path in SLURM_DAEMONS.items() if not path]
+    missing += [c for c in ("sbatch", "squeue", "scancel", "scontrol") if not shutil.which(c)]
+    if missing:
+        pytest.skip("Slurm's %s not found (apt-get install slurm-wlm munge)" % ", ".join(missing))
+    import tempfile
+    d = tempfile.mkdtemp(prefix="bigmachine-slurm-")
+    os.chmod(d, 0o755)                # munged checks every directory up to its socket
+    munge = pwd.getpwnam("munge")
+    munge_dir = os.path.join(d, "munge")
+    os.mkdir(munge_dir, 0o755)
+    os.chown(munge_dir, munge.pw_uid, munge.pw_gid)
+    socket_path = os.path.join(munge_dir, "socket")
+    procs = []
+    saved = os.environ.get("SLURM_CONF")
+    try:
+        log = open(os.path.join(d, "daemons.log"), "w")
+        procs.append(subprocess.Popen(
+            [SLURM_DAEMONS["munged"], "-F", "--socket=" + socket_path,
+             "--pid-file=%s/pid" % munge_dir, "--log-file=%s/log" % munge_dir,
+             "--seed-file=%s/seed" % munge_dir], user=munge.pw_uid, group=munge.pw_gid,
+            stdin=subprocess.DEVNULL, stdout=log, stderr=log))
+        eventually(lambda: os.path.exists(socket_path), 10, "munged's socket")
+        conf = os.path.join(d, "slurm.conf")
+        cpus = 8
+        with open(conf, "w") as f:
+            f.write(textwrap.dedent("""\
+                ClusterName=bigmachinetest
+                SlurmctldHost=localhost(127.0.0.1)
+                SlurmctldPort=%(ctld)d
+                SlurmdPort=%(slurmd)d
+                AuthType=auth/munge
+                CredType=cred/munge
+                AuthInfo=socket=%(socket)s
+                SlurmUser=root
+                MailProg=/bin/true
+                ProctrackType=proctrack/linuxproc
+                TaskPlugin=task/none
+                JobAcctGatherType=jobacct_gather/none
+                MpiDefault=none
+                SelectType=select/cons_tres
+                SelectTypeParameters=CR_Core
+                SchedulerType=sched/backfill
+                KillWait=2
+                StateSaveLocation=%(d)s/state
+                SlurmdSpoolDir=%(d)s/spool
+                SlurmctldLogFile=%(d)s/slurmctld.log
+                SlurmdLogFile=%(d)s/slurmd.log
+                SlurmctldPidFile=%(d)s/slurmctld.pid
+                SlurmdPidFile=%(d)s/slurmd.pid
+                SlurmdParameters=config_overrides
+                ReturnToService=2
+                NodeName=localhost NodeAddr=127.0.0.1 CPUs=%(cpus)d RealMemory=4000 State=UNKNOWN
+                PartitionName=debug Nodes=localhost Default=YES MaxTime=INFINITE State=UP
+                """ % dict(ctld=bigmachine._free_port(), slurmd=bigmachine._free_port(),
+                           socket=socket_path, d=d, cpus=cpus)))
+        for sub in ("state", "spool"):
+            os.mkdir(os.path.join(d, sub))
+        os.environ["SLURM_CONF"] = conf
+        for args in ([SLURM_DAEMONS["slurmctld"], "-D", "-f", conf],
+                     [SLURM_DAEMONS["slurmd"], "-D", "-f", conf, "-N", "localhost"]):
+            procs.append(subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=log,
+                                          stderr=log))
+        cluster = SlurmCluster(conf, d, cpus)
+        eventually(lambda: cluster.run("sinfo", "--noheader", "--format=%T").stdout.strip()
+                   == "idle", 30, "the Slurm node to be idle")
+        yield cluster
+    finally:
+        if saved is None:
+            os.environ.pop("SLURM_CONF", None)
+        else:
+            os.environ["SLURM_CONF"] = saved
+        for proc in reversed(procs):
+            proc.terminate()
+            try:
+                proc.wait(10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+        shutil.rmtree(d, ignore_errors=True)
+
+
+@pytest.fixture
+def slurm(slurm_cluster):
+    """The cluster, checked after the test: no job of any bigmachine session is left."""
+    yield slurm_cluster
+    deadline = time.monotonic() + 15
+    while True:
+        left = {job: state for job, state in slurm_cluster.jobs().items()}
+        if not left:
+            return
+        if time.monotonic() > deadline:
+            slurm_cluster.run("scancel", "--user=%s" % pwd.getpwuid(UID).pw_name)
+            pytest.fail("Slurm jobs left behind: %s" % left)
+        time.sleep(0.1)
+
+
+def slurm_system(**options):
+    settings = dict(FAST, python=sys.executable, driver_host="127.0.0.1")
+    settings.update(options)
+    return bigmachine.SlurmSystem(**settings)
+
+
+def test_slurm_cluster_serves_calls(slurm):
+    system = slurm_system(cpus=2)
+    with bigmachine.start(system) as b:
+        machines = b.start(2, {"Echo": Echo("slurm")}, env={"BIGMACHINE_TEST_VAR": "in a job"})
+        for m in machines:
+            assert m.wait(RUNNING, timeout=60) is RUNNING, m.err
+        jobs = slurm.jobs(system.job_name)
+        assert len(jobs) == 2 and set(jobs.values()) == {"RUNNING"}, jobs
+        pids = [m.call("Echo.pid") for m in machines]
+        assert len(set(pids)) == 2 and os.getpid() not in pids
+        for m in machines:
+            assert m.maxprocs == 2 == b.system.maxprocs()
+            assert m.call("Echo.environ", "SLURM_JOB_ID") is not None
+            assert m.call("Echo.environ", "BIGMACHINE_TEST_VAR") == "in a job"
+            assert m.call("Echo.system") == ("slurm", 2)
+        check_remote_cluster(machines, pids, "slurm", "on the cluster")
+    eventually(lambda: slurm.jobs(system.job_name) == {}, 15, "the jobs to end")
