@@ -6968,6 +6968,13 @@ def _enrolled_exit(machine, status, output):
 # bigmachine-SESSION, with the user's program in their comment, and `python bigmachine.py
 # slurm list` / `slurm kill [SESSION]` find and end whatever is left.
 
+#: Reasons for which a pending job would wait for ever (unless an administrator changes the
+#: cluster): a cluster that does not enforce its partitions' limits at submission accepts such
+#: jobs and leaves them PENDING with one of these.
+_SLURM_NEVER = ("PartitionConfig", "PartitionNodeLimit", "PartitionTimeLimit", "BadConstraints",
+                "InvalidAccount", "InvalidQOS", "AccountNotAllowed", "QOSNotAllowed",
+                "DependencyNeverSatisfied", "FrontEndDown")
+
 #: Job states in which a task is still on its way or running (squeue's long names).
 _SLURM_LIVE = ("PENDING", "CONFIGURING", "RUNNING", "SUSPENDED", "REQUEUED", "REQUEUE_HOLD",
                "REQUEUE_FED", "RESIZING", "SIGNALING", "STAGE_OUT", "RESV_DEL_HOLD")
@@ -6980,14 +6987,20 @@ def _slurm_run(args, what, input=None, timeout=60.0):
     if shutil.which(args[0]) is None:
         raise Error("the Slurm system needs %s, which is not on PATH: run the driver where the "
                     "cluster's commands are (a login node), or put them on PATH" % args[0])
+    conf = os.environ.get("SLURM_CONF")
+    if conf and not os.access(conf, os.R_OK):
+        # Slurm's commands would retry reading it for a minute before failing.
+        raise Error("SLURM_CONF=%s names no readable file (%s): point it at the cluster's "
+                    "slurm.conf, or unset it" % (conf, "it is not there" if not
+                                                 os.path.exists(conf) else "not readable"))
     try:
         done = subprocess.run(args, input=input, capture_output=True, timeout=timeout,
                               stdin=None if input is not None else subprocess.DEVNULL)
     except subprocess.TimeoutExpired:
-        raise Error("%s did not answer in %.0fs (%s)" % (args[0], timeout, what)) from None
+        raise Error("%s did not answer in %.0fs (%s): is the Slurm controller up%s?" % (
+            args[0], timeout, what, ", and SLURM_CONF=%s right" % conf if conf else "")) from None
     if done.returncode != 0:
         why = done.stderr.decode("utf-8", "replace").strip() or _exit_reason(done.returncode)
-        conf = os.environ.get("SLURM_CONF")
         raise Error("%s failed (%s): %s%s" % (
             args[0], what, why, " (SLURM_CONF=%s)" % conf if conf else ""))
     return done.stdout.decode("utf-8", "replace")
@@ -7096,9 +7109,48 @@ class SlurmSystem(System):
 
     # -- machines -------------------------------------------------------------------------
 
+    def _check_request(self):
+        """What sbatch may accept and leave pending for ever, refused here with a clear error:
+        a partition that does not exist, more CPUs or memory than any of its nodes has."""
+        import shutil
+        if shutil.which("sbatch") is None:
+            raise Error("the Slurm system needs sbatch, which is not on PATH: run the driver "
+                        "where the cluster's commands are (a login node), or put them on PATH")
+        out = _slurm_run(["sinfo", "--noheader", "--format=%P|%c|%m"],
+                         "reading the cluster's partitions", timeout=30.0)
+        partitions, default = {}, None
+        for line in out.split():
+            fields = line.split("|")
+            if len(fields) != 3:
+                continue
+            name = fields[0].rstrip("*")
+            if fields[0].endswith("*"):
+                default = name
+            sizes = [int(f.rstrip("+")) if f.rstrip("+").isdigit() else 0 for f in fields[1:]]
+            known = partitions.setdefault(name, [0, 0])
+            partitions[name] = [max(known[0], sizes[0]), max(known[1], sizes[1])]
+        if any(a in ("-p", "--partition") or a.startswith("--partition=")
+               for a in self.sbatch_args) or (self.partition and "," in self.partition):
+            return                        # the user's own choice: sbatch judges it
+        name = self.partition or default
+        if name is None:
+            return
+        if name not in partitions:
+            raise Error("there is no partition %r on this Slurm cluster (it has: %s): give "
+                        "SlurmSystem(partition=...) or --bigm.slurm.partition one of those"
+                        % (name, ", ".join(sorted(partitions)) or "none"))
+        cpus, mem = partitions[name]
+        if cpus and self.cpus > cpus:
+            raise Error("cpus=%d: no node of partition %s has more than %d CPUs"
+                        % (self.cpus, name, cpus))
+        if mem and self.mem is not None and self.mem > mem:
+            raise Error("mem=%d: no node of partition %s has more than %d MiB of memory"
+                        % (self.mem, name, mem))
+
     def start(self, b, n, env):
         if self._closed:
             raise Error("the Slurm system was shut down")
+        self._check_request()
         bundle = _make_bundle()
         machines, enrolments = [], []
         for i in range(n):
@@ -7176,7 +7228,8 @@ class SlurmSystem(System):
                             "output: SlurmSystem(output=...))" % (
                                 task, self.boot_timeout, enrolment._server.host,
                                 enrolment._server.port))
-        machine.report_status("")
+        with self._cond:
+            machine.report_status("")
 
     def _machine_exited(self, machine, status, output):
         """The machine's process ended (status None: its stream broke, as when its job is
@@ -7227,13 +7280,25 @@ class SlurmSystem(System):
                     self._job_ended(m, task, state)
 
     def _job_live(self, m, task, state, reason, node):
-        if state == "PENDING":
-            m.report_status("Slurm job %s is PENDING (%s)" % (task, reason))
-        elif m.state < RUNNING:
-            with self._cond:
+        with self._cond:             # launch clears the status under it once enrolled
+            enrolment = self._enrolments.get(m)
+            if enrolment is None or enrolment.enrolled:
+                return
+            if state == "PENDING" and reason in _SLURM_NEVER:
+                never = True
+            elif state == "PENDING":
+                never = False
+                m.report_status("Slurm job %s is PENDING (%s)" % (task, reason))
+            else:
                 self._running_since.setdefault(m, time.monotonic())
-            m.report_status("Slurm job %s is %s on %s; its machine is coming up"
-                            % (task, state, node))
+                m.report_status("Slurm job %s is %s on %s; its machine is coming up"
+                                % (task, state, node))
+                return
+        if never:
+            m.report_stopped(Error(
+                "machine %s: Slurm job %s can never start: it is PENDING (%s), which the "
+                "cluster's configuration does not allow (partition, CPUs, memory, time "
+                "limit, account...); it was cancelled" % (m.addr, task, reason)))
 
     def _job_ended(self, m, task, state):
         with self._cond:
@@ -7248,8 +7313,10 @@ class SlurmSystem(System):
                 key, _, value = word.partition("=")
                 info.setdefault(key, value)
         state = info.get("JobState") or state or "gone"
-        if state in _SLURM_LIVE:
-            return                        # squeue and scontrol disagree for a moment
+        if state in _SLURM_LIVE or state == "COMPLETING":
+            # squeue and scontrol disagree for a moment, or the job's processes are still
+            # being ended, after which scontrol says how it ended: look again next round.
+            return
         details = ", ".join("%s %s" % (k.lower(), info[k]) for k in ("Reason", "ExitCode")
                             if info.get(k) and info[k] != "None")
         m.report_stopped(Error("machine %s: Slurm job %s ended: %s%s" % (

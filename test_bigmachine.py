@@ -5120,3 +5120,149 @@ def test_slurm_cluster_serves_calls(slurm):
             assert m.call("Echo.system") == ("slurm", 2)
         check_remote_cluster(machines, pids, "slurm", "on the cluster")
     eventually(lambda: slurm.jobs(system.job_name) == {}, 15, "the jobs to end")
+
+
+def test_slurm_pending_jobs_wait_and_say_why_and_ended_jobs_stop_their_machines(slurm):
+    # Each machine takes every CPU of the one node: the second waits for the first's.
+    system = slurm_system(cpus=slurm.cpus)
+    with bigmachine.start(system) as b:
+        m1, m2 = b.start(2, {"Echo": Echo()})
+        assert m1.wait(RUNNING, timeout=60) is RUNNING, m1.err
+        assert m2.wait(RUNNING, timeout=1) is STARTING          # returns: it does not hang
+        eventually(lambda: "PENDING (Resources)" in m2.status, 10, "Slurm's reason")
+        job1, job2 = (system._jobs[m] for m in (m1, m2))
+        assert job2 in m2.status
+        page = bigmachine._status_page(b, 0)
+        assert "PENDING (Resources)" in page and job2 in page
+        # The job ends under the machine (an administrator cancels it, say).
+        assert slurm.run("scancel", job1).returncode == 0
+        assert m1.wait(STOPPED, timeout=30) is STOPPED
+        assert job1 in str(m1.err) and "CANCELLED" in str(m1.err), m1.err
+        with pytest.raises(bigmachine.MachineStopped):
+            m1.call("Echo.pid")
+        # Its CPUs are free: the pending one runs now.
+        assert m2.wait(RUNNING, timeout=60) is RUNNING, m2.err
+        assert m2.status == "" and m2.call("Echo.environ", "SLURM_CPUS_PER_TASK") == str(slurm.cpus)
+    assert m2.state is STOPPED and "shut down" in str(m2.err)
+    eventually(lambda: slurm.jobs(system.job_name) == {}, 15, "the jobs to end")
+
+
+def test_slurm_job_held_forever_does_not_hang_and_shutdown_cancels_it(slurm):
+    system = slurm_system(sbatch_args=["--hold"])
+    b = bigmachine.start(system)
+    try:
+        m, = b.start(1, {"Echo": Echo()})
+        assert m.wait(RUNNING, timeout=1.5) is STARTING
+        eventually(lambda: "PENDING" in m.status, 10, "Slurm's reason")
+        assert "Held" in m.status, m.status                     # JobHeldUser
+        assert list(slurm.jobs(system.job_name).values()) == ["PENDING"]
+        with pytest.raises(bigmachine.Timeout):
+            m.options(timeout=0.5).call("Echo.pid")
+    finally:
+        b.shutdown()
+    assert m.state is STOPPED
+    eventually(lambda: slurm.jobs(system.job_name) == {}, 15, "the job to be cancelled")
+
+
+def test_slurm_bad_input_is_refused_before_anything_runs(slurm, tmp_path):
+    cases = [
+        (dict(partition="nosuchpartition"), "no partition 'nosuchpartition' .*it has: debug"),
+        (dict(cpus=1000), "cpus=1000: no node of partition debug has more than 8 CPUs"),
+        (dict(mem=10 ** 8), "no node of partition debug has more than 4000 MiB"),
+        # What only sbatch itself judges: its own message.
+        (dict(sbatch_args=["--mem=99999999"]), "sbatch failed .submitting 1 machine.*Memory"),
+        (dict(sbatch_args=["--partition=nosuch"]), "sbatch failed .*invalid partition"),
+    ]
+    for options, message in cases:
+        system = slurm_system(**options)
+        with bigmachine.start(system) as b:
+            with pytest.raises(bigmachine.Error, match=message):
+                b.start(1, {"Echo": Echo()})
+            assert b.machines() == [] and slurm.jobs(system.job_name) == {}
+    # A job that sbatch accepts but that can never run (this cluster does not enforce its
+    # partitions' limits at submission): its machine stops, saying why, and it is cancelled.
+    system = slurm_system(sbatch_args=["--partition=debug", "--cpus-per-task=1000"])
+    with bigmachine.start(system) as b:
+        m, = b.start(1, {"Echo": Echo()})
+        assert m.wait(RUNNING, timeout=30) is STOPPED
+        assert "can never start" in str(m.err) and "PartitionConfig" in str(m.err), m.err
+        eventually(lambda: slurm.jobs(system.job_name) == {}, 15, "the job to be cancelled")
+    # No Slurm here: no sbatch on PATH, or a configuration that is not there.
+    saved = dict(os.environ)
+    try:
+        os.environ["PATH"] = str(tmp_path)
+        with bigmachine.start(slurm_system()) as b:
+            with pytest.raises(bigmachine.Error, match="needs sbatch, which is not on PATH"):
+                b.start(1, {"Echo": Echo()})
+        os.environ.update(PATH=saved["PATH"], SLURM_CONF=str(tmp_path / "nowhere.conf"))
+        with bigmachine.start(slurm_system()) as b:
+            with pytest.raises(bigmachine.Error, match="SLURM_CONF=.*nowhere.conf"):
+                b.start(1, {"Echo": Echo()})
+    finally:
+        os.environ.clear()
+        os.environ.update(saved)
+    with pytest.raises(ValueError, match="cpus"):
+        bigmachine.SlurmSystem(cpus=0)
+
+
+def test_slurm_job_script_holds_only_a_one_time_token(slurm, tmp_path):
+    system = slurm_system()
+    with bigmachine.start(system) as b:
+        m, = running(b)
+        job = system._jobs[m]
+        script = slurm.run("scontrol", "write", "batch_script", job.split("_")[0], "-").stdout
+        assert "#!/bin/sh" in script and system.session in script
+        # What an administrator can read: no key of any kind, no certificate.
+        assert "PRIVATE KEY" not in script and "CERTIFICATE" not in script
+        key_pem = b.credentials.key_pem.split("-----")[2].strip()
+        assert key_pem[:40] not in script
+        # The token in it was used: running the script again (as someone who read it would)
+        # is refused, and the machine is not disturbed.
+        replay = subprocess.run(["sh", "-c", script], capture_output=True, text=True, timeout=60,
+                                env=dict(os.environ, SLURM_ARRAY_TASK_ID="0"))
+        assert replay.returncode == 1, replay.stderr
+        assert "refused this machine" in replay.stderr and "used already" in replay.stderr
+        assert m.call("Echo.pid") > 0 and m.state is RUNNING
+
+
+def test_slurm_killed_driver_jobs_end_within_the_lease(slurm, tmp_path):
+    driver = textwrap.dedent("""
+        import os, signal, sys
+        import bigmachine
+        from test_bigmachine import Echo
+
+        if __name__ == "__main__":
+            system = bigmachine.SlurmSystem(python=sys.executable, driver_host="127.0.0.1",
+                                            lease=3.0, keepalive_period=0.5)
+            b = bigmachine.start(system)
+            m, = b.start(1, {"Echo": Echo()})
+            assert m.wait(bigmachine.RUNNING, timeout=60) is bigmachine.RUNNING, m.err
+            print(system.job_name, flush=True)
+            os.kill(os.getpid(), signal.SIGKILL)
+    """)
+    result = run_script(tmp_path, driver, timeout=120)
+    assert result.returncode == -signal.SIGKILL, result.stderr
+    name = result.stdout.strip()
+    assert name.startswith("bigmachine-")
+    eventually(lambda: slurm.jobs(name) == {}, 30, "the dead driver's job to end")
+
+
+def test_slurm_list_and_kill_find_the_jobs_of_sessions(slurm):
+    system = slurm_system()
+    with bigmachine.start(system) as b:
+        m, = running(b)
+        command = [sys.executable, os.path.join(HERE, "bigmachine.py"), "slurm"]
+        listed = subprocess.run(command + ["list"], capture_output=True, text=True, timeout=60)
+        assert listed.returncode == 0, listed.stderr
+        job = system._jobs[m]
+        line, = [l for l in listed.stdout.splitlines() if l.startswith(job + " ")]
+        assert system.session in line and "RUNNING" in line
+        other = subprocess.run(command + ["kill", "000000000000"], capture_output=True,
+                               text=True, timeout=60)
+        assert other.returncode == 0 and "0 jobs cancelled" in other.stdout
+        assert m.state is RUNNING
+        killed = subprocess.run(command + ["kill", system.session], capture_output=True,
+                                text=True, timeout=60)
+        assert killed.returncode == 0 and "cancelled %s" % job in killed.stdout, killed.stderr
+        assert m.wait(STOPPED, timeout=30) is STOPPED
+        assert "CANCELLED" in str(m.err) and job in str(m.err)
