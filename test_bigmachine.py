@@ -5266,3 +5266,79 @@ def test_slurm_list_and_kill_find_the_jobs_of_sessions(slurm):
         assert killed.returncode == 0 and "cancelled %s" % job in killed.stdout, killed.stderr
         assert m.wait(STOPPED, timeout=30) is STOPPED
         assert "CANCELLED" in str(m.err) and job in str(m.err)
+
+
+class ShellSystem(bigmachine.System):
+    """A system written from outside the library, on its public interface alone (README:
+    "Writing a system"): each machine is `sh -c COMMAND` on this host, COMMAND its enrolment's,
+    as a scheduler or a cloud's startup script would run it somewhere."""
+
+    name = "shell"
+
+    def __init__(self, **keepalive):
+        super().__init__(**keepalive)
+        self.enrolments, self.procs = {}, {}
+
+    def start(self, b, n, env):
+        machines = []
+        for i in range(n):
+            m = bigmachine.Machine(b, "https://shell-%d.pending:0/" % i, owned=True, maxprocs=1)
+            self.enrolments[m] = b.enrol(m, env=env, host="127.0.0.1")
+            machines.append(m)
+        return machines
+
+    def launch(self, b, machine):
+        enrolment = self.enrolments[machine]
+        machine.report_status("running its command")
+        self.procs[machine] = subprocess.Popen(
+            ["sh", "-c", enrolment.command(sys.executable)], start_new_session=True)
+        if not enrolment.wait(60):
+            raise bigmachine.Error("machine %s did not enrol in 60s" % machine.addr)
+
+    def terminate(self, machine, deadline):
+        enrolment, proc = self.enrolments.pop(machine, None), self.procs.pop(machine, None)
+        if enrolment is not None:
+            enrolment.revoke()
+        if proc is not None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+
+    def shutdown(self):
+        for machine in list(self.enrolments):
+            self.terminate(machine, 0)
+
+
+def test_a_system_written_on_the_public_interface_enrols_its_machines(tmp_path):
+    system = ShellSystem(**FAST)
+    with bigmachine.start(system) as b:
+        machines = b.start(2, {"Echo": Echo("shell")}, env={"BIGMACHINE_TEST_VAR": "enrolled"})
+        for m in machines:
+            assert m.wait(RUNNING, timeout=60) is RUNNING, m.err
+            assert m.hostname == "127.0.0.1" and m.call("Echo.environ", "BIGMACHINE_TEST_VAR") \
+                == "enrolled"
+            assert m.call("Echo.system") == ("shell", 1)
+        pids = [m.call("Echo.pid") for m in machines]
+        check_remote_cluster(machines, pids, "shell", "enrolled")
+        m1, m2 = machines
+        assert all(system.enrolments[m].enrolled for m in machines)
+        assert b._enrolment._tokens == {}            # used tokens are forgotten at once
+        # A machine whose process ends stops with how it ended.
+        os.kill(m1.call("Echo.pid"), signal.SIGKILL)
+        assert m1.wait(STOPPED, timeout=10) is STOPPED
+        assert "SIGKILL" in str(m1.err), m1.err
+        assert m2.call("Echo.echo", 1) == 1
+        # A command that meets another server than its driver's says so and sends nothing.
+        m3, = b.start(1, {"Echo": Echo()})
+        enrolment = system.enrolments[m3]
+        settings = enrolment.settings(wait=5)
+        settings["fingerprint"] = "0" * 64
+        impostor = subprocess.run([sys.executable, "-c", bigmachine._enrol_program(settings)],
+                                  capture_output=True, text=True, timeout=60)
+        assert impostor.returncode == 1 and "is not this machine's driver" in impostor.stderr
+        assert m3.wait(RUNNING, timeout=60) is RUNNING, m3.err     # its token was not spent
+        command = enrolment.command(sys.executable)
+        assert "PRIVATE KEY" not in command and enrolment.token in command
+        replay = subprocess.run(["sh", "-c", command], capture_output=True, text=True,
+                                timeout=60)
+        assert replay.returncode == 1 and "used already" in replay.stderr
