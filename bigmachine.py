@@ -62,7 +62,11 @@ Systems (Go: system.go, local.go, testsystem)
     `multiprocessing`'s spawn method loads `__main__`. `SSHSystem` runs them on hosts reached
     over ssh, with the driver's code shipped as a content-addressed bundle. `EC2System` launches
     an EC2 instance per machine, whose user data holds only that machine's credentials and a
-    small bootstrap, to which the driver sends the same bundle over mutual TLS.
+    small bootstrap, to which the driver sends the same bundle over mutual TLS. `SlurmSystem`
+    submits a job array, whose tasks *enrol*: they dial the driver with a one-time token, make
+    their own keys, and get their certificates and the bundle from it -- the mechanism any
+    system that can only run a command somewhere uses (`B.enrol`). Every system is written on
+    a public interface (see `System`), so users can write their own.
 
 Debug (Go: profile.go, status.go, expvar.go, rpc/stats.go)
     Seeing the whole cluster from the driver: CPU profiles sampled on every machine at once
@@ -72,7 +76,8 @@ Debug (Go: profile.go, status.go, expvar.go, rpc/stats.go)
 
 Command line
     `python bigmachine.py selftest` checks the whole system on the machine at hand;
-    `python bigmachine.py ec2 list` and `ec2 kill` find and end the EC2 instances of sessions.
+    `python bigmachine.py ec2 list` and `ec2 kill` find and end the EC2 instances of sessions;
+    `slurm list` and `slurm kill` their Slurm jobs.
 """
 
 from __future__ import annotations
@@ -3921,8 +3926,11 @@ atexit.register(_shutdown_sessions)
 # ======================================================================================
 #
 # A System is where machines come from. `start` makes `Machine`s whose addresses are known at
-# once; `launch` (in each machine's boot thread) brings the machine's process up; `terminate`
-# makes sure it is gone. Keepalive settings are the system's, with Go's defaults per system.
+# once (or provisional); `launch` (in each machine's boot thread) brings the machine's process
+# up; `terminate` makes sure it is gone. Keepalive settings are the system's, with Go's defaults
+# per system. Systems use public names only -- `b.issue_certificate`, `b.enrol`, `b.readdress`,
+# `machine.report_status`, `machine.report_stopped` -- so that one can be written outside this
+# file as well as in it (see `System` and the README's "Writing a system").
 
 class System:
     """Base class of machine systems (Go's System interface). Every built-in system is written
