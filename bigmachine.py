@@ -4503,6 +4503,8 @@ def _run_machine(config):
         preparation = _bundle_preparation(preparation, config["code"], workdir)
     _load_main(preparation)
     process.server.start()
+    if config.get("announce_serving"):
+        _announce("serving")
     process.exited.wait()
     return exit_code[0] if exit_code else 0
 
@@ -6624,7 +6626,6 @@ def _enrolled(conn, rfile, code, workdir):
     """The rest of an enrolling machine's first stage, from the bundle's bigmachine: make the
     machine's key and socket, get its certificate, run it, stream its output. Returns the exit
     status."""
-    import subprocess
 
     def send(message):
         conn.sendall(json.dumps(message).encode() + b"\n")
@@ -6639,17 +6640,35 @@ def _enrolled(conn, rfile, code, workdir):
     if "error" in reply:
         _write_stderr("bigmachine enrolment: refused: %s\n" % reply["error"])
         return 1
-    config = dict(reply["config"], fd=listener.fileno(), credentials={
+    config = dict(reply["config"], fd=listener.fileno(), announce_serving=True, credentials={
         "cert_pem": reply["cert"], "key_pem": _private_key_pem(key), "ca_pem": reply["ca"]})
-    launcher = ("import sys; sys.path.insert(0, %r); import %s as library; "
-                "library._machine_main(code=%r, workdir=%r)" % (code, __name__, code, workdir))
-    child = subprocess.Popen([sys.executable, "-u", "-c", launcher], cwd=workdir,
-                             stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                             stderr=subprocess.STDOUT, pass_fds=[listener.fileno()])
+    # The machine is a child of this process, forked: it has bigmachine loaded already (no
+    # second interpreter to start), and this process stays to tell the driver how it ended.
+    # Its stdin is a pipe from here: EOF means this process died, and the machine exits.
+    output_r, output_w = os.pipe()
+    input_r, input_w = os.pipe()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    pid = os.fork()                   # no threads yet: forking is safe
+    if pid == 0:
+        status = 1
+        try:
+            os.close(conn.fileno())   # the driver's stream is this process's business
+            os.dup2(input_r, 0)
+            os.dup2(output_w, 1)
+            os.dup2(output_w, 2)
+            for fd in (output_r, output_w, input_r, input_w):
+                os.close(fd)
+            _machine_main(bootstrap=config, code=code, workdir=workdir)   # never returns
+        except SystemExit as e:
+            status = e.code if isinstance(e.code, int) else 1
+        except BaseException:
+            traceback.print_exc()
+        finally:
+            os._exit(status)
+    for fd in (output_w, input_r):
+        os.close(fd)
     listener.close()                  # the machine's now
-    # Its stdin stays open: EOF would mean that this process died, and the machine would exit.
-    child.stdin.write(json.dumps(config).encode() + b"\n")
-    child.stdin.flush()
     conn.settimeout(None)
     with contextlib.suppress(OSError):
         conn.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
@@ -6664,10 +6683,13 @@ def _enrolled(conn, rfile, code, workdir):
         else:
             _write_stderr(data.decode("utf-8", "replace"))
 
-    forward(b"%s started %d\n" % (_MARK.encode(), child.pid))
-    for line in iter(child.stdout.readline, b""):
-        forward(line)
-    status = child.wait()
+    forward(b"%s started %d\n" % (_MARK.encode(), pid))
+    with os.fdopen(output_r, "rb") as output:
+        for line in iter(output.readline, b""):
+            forward(line)
+    _, status = os.waitpid(pid, 0)
+    os.close(input_w)
+    status = -os.WTERMSIG(status) if os.WIFSIGNALED(status) else os.WEXITSTATUS(status)
     forward(b"%s exited %d\n" % (_MARK.encode(), status))
     with contextlib.suppress(OSError):
         conn.close()
@@ -6735,7 +6757,8 @@ class Enrolment:
 
     def wait(self, timeout=None) -> bool:
         """Wait until the machine has enrolled (True: its address is set, it serves), or was
-        refused (raises the reason), or timeout seconds pass (False)."""
+        refused (raises the reason), or timeout seconds pass or it ended before it served
+        (False)."""
         self._done.wait(timeout)
         if self.error is not None:
             raise self.error
@@ -6884,8 +6907,6 @@ class _EnrolmentServer:
         line = rfile.readline()
         if not line.startswith(_MARK.encode() + b" started "):
             raise Error("the machine did not start: %r" % line[:200])
-        enrolment._enrolled.set()
-        enrolment._done.set()
         return enrolment
 
     def _stream(self, enrolment, conn, rfile):
@@ -6904,13 +6925,17 @@ class _EnrolmentServer:
                 if line.startswith(_MARK.encode() + b" exited "):
                     with contextlib.suppress(ValueError, IndexError):
                         status = int(line.split()[2])
-                else:
+                elif line.startswith(_MARK.encode() + b" serving"):
+                    enrolment._enrolled.set()         # it serves: launch may return
+                    enrolment._done.set()
+                elif not line.startswith(_MARK.encode() + b" "):
                     tail.append(output.line(line, prefix, machine.addr))
         except (OSError, ValueError) as e:
             log.debug("%s: the enrolment stream broke: %s", machine.addr, e)
         finally:
             output.close(prefix)
         enrolment._on_exit(machine, status, "".join(tail).rstrip())
+        enrolment._done.set()                 # it ended, if it had not served
 
     def close(self):
         with self._lock:
@@ -7224,6 +7249,10 @@ class SlurmSystem(System):
         if enrolment is None:
             raise Error("machine %s was stopped before it started" % machine.addr)
         while not enrolment.wait(self.poll_interval):
+            if enrolment._done.is_set():      # its process ended before it served
+                machine.wait(STOPPED, 10 * self.poll_interval)
+                raise machine.err or Error("machine %s (Slurm job %s) ended before it served"
+                                           % (machine.addr, task))
             if machine.state is STOPPED or self._closed:
                 raise Error("machine %s (Slurm job %s) was stopped while it started"
                             % (machine.addr, task))
