@@ -52,7 +52,7 @@ def wait_for(predicate, timeout, what):
 class Cluster:
     """A one-node cluster with `cpus` CPUs on 127.0.0.1, all state in a temporary directory."""
 
-    def __init__(self, cpus):
+    def __init__(self, cpus, scheduler_parameters=None):
         self.dir = tempfile.mkdtemp(prefix="bigmachine-bench-slurm-")
         os.chmod(self.dir, 0o755)
         self.procs = []
@@ -82,6 +82,7 @@ class Cluster:
                 "SlurmctldLogFile=%s/slurmctld.log" % d, "SlurmdLogFile=%s/slurmd.log" % d,
                 "SlurmctldPidFile=%s/slurmctld.pid" % d, "SlurmdPidFile=%s/slurmd.pid" % d,
                 "SlurmdParameters=config_overrides", "ReturnToService=2",
+                "SchedulerParameters=" + scheduler_parameters if scheduler_parameters else "",
                 "NodeName=localhost NodeAddr=127.0.0.1 CPUs=%d RealMemory=4000 State=UNKNOWN"
                 % cpus,
                 "PartitionName=debug Nodes=localhost Default=YES MaxTime=INFINITE State=UP",
@@ -147,8 +148,11 @@ def main():
     ap.add_argument("--machines", type=int, default=8)
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--json-out")
+    ap.add_argument("--scheduler-parameters", metavar="P",
+                    help="SchedulerParameters of the cluster (Slurm's default: none), e.g. "
+                         "batch_sched_delay=0 to start batch jobs without batching them up")
     opts = ap.parse_args()
-    cluster = Cluster(cpus=max(8, opts.machines))
+    cluster = Cluster(cpus=max(8, opts.machines), scheduler_parameters=opts.scheduler_parameters)
     srun, sbatch, bm = [], [], []
     try:
         for _ in range(opts.reps):
@@ -170,7 +174,8 @@ def main():
                         statistics.median(sbatch)))
     print("| `b.start(%d)` until all %d Slurm machines RUNNING | %s | %.2f |" % (
         opts.machines, opts.machines, " ".join("%.2f" % t for t in bm), statistics.median(bm)))
-    print("\nbigmachine / srun: %.2fx (target <= 2x): %s; bigmachine / bare sbatch array: %.2fx; "
+    print("\ncluster: SchedulerParameters=%s" % (opts.scheduler_parameters or "(Slurm's default)"))
+    print("bigmachine / srun: %.2fx (target <= 2x): %s; bigmachine / bare sbatch array: %.2fx; "
           "load average %s" % (ratio, "met" if ratio <= 2 else "NOT met",
                                statistics.median(bm) / statistics.median(sbatch),
                                " ".join("%.2f" % x for x in os.getloadavg())))
