@@ -61,8 +61,9 @@ Systems (Go: system.go, local.go, testsystem)
     own TLS server, for fast tests. `Local` runs each one as a child process, loaded the way
     `multiprocessing`'s spawn method loads `__main__`. `SSHSystem` runs them on hosts reached
     over ssh, with the driver's code shipped as a content-addressed bundle. `EC2System` launches
-    an EC2 instance per machine, whose user data holds only that machine's credentials and a
-    small bootstrap, to which the driver sends the same bundle over mutual TLS. `SlurmSystem`
+    an EC2 instance per machine, whose user data holds only a small bootstrap and its short-lived,
+    server-only certificate; the driver sends it the same bundle over mutual TLS, and certifies
+    the key the machine makes there. `SlurmSystem`
     submits a job array, whose tasks *enrol*: they dial the driver with a one-time token, make
     their own keys, and get their certificates and the bundle from it -- the mechanism any
     system that can only run a command somewhere uses (`B.enrol`). Every system is written on
@@ -3675,17 +3676,23 @@ class B:
     def issue_certificate(self, common_name: str = "bigmachine machine", *,
                           ip_addresses: typing.Iterable[str] = (),
                           dns_names: typing.Iterable[str] = (),
-                          public_key: typing.Optional[bytes] = None) -> Credentials:
+                          public_key: typing.Optional[bytes] = None, client: bool = True,
+                          lifetime: typing.Optional[float] = None) -> Credentials:
         """For systems: credentials for one machine, signed by the session's certificate
         authority, good as TLS server and client, naming the machine's ip_addresses and
         dns_names. With public_key (an Ed25519 public key made by the machine itself) only the
-        certificate is made, and key_pem is empty. The CA's own key never leaves the driver, so
-        only the driver issues certificates."""
+        certificate is made, and key_pem is empty. client=False makes a server-only
+        certificate, which no machine accepts from a caller, and lifetime (seconds) one that
+        expires: for a bootstrap that must prove itself to the driver before its machine has
+        credentials of its own (EC2). The CA's own key never leaves the driver, so only the
+        driver issues certificates."""
         if self._authority is None:
             raise Error("only the driver issues certificates; a machine cannot")
-        return self._authority.issue(common_name, server=True, client=True,
+        not_after = None if lifetime is None else (
+            datetime.datetime.now(datetime.timezone.utc) + datetime.timedelta(seconds=lifetime))
+        return self._authority.issue(common_name, server=True, client=client,
                                      ip_addresses=ip_addresses, dns_names=dns_names,
-                                     public_key=public_key)
+                                     public_key=public_key, not_after=not_after)
 
     def readdress(self, m: Machine, addr: str) -> None:
         """For systems: give m the address it turned out to have. A system that learns a
@@ -5410,13 +5417,16 @@ def _free_port():
 # InstanceInitiatedShutdownBehavior=terminate, so powering off terminates them.
 #
 # What user data holds. Any process on the instance can read user data (from the metadata
-# service), and so can any AWS principal allowed ec2:DescribeInstanceAttribute. So it holds only
-# what this one machine needs: its own certificate and key, issued by the session CA for this
-# instance alone; the CA's certificate; the SHA-256 of the driver's certificate; and the
-# bootstrap's source (`_ec2_boot` and the self-contained functions it calls). Never the CA's key,
-# which the Go original shipped to every instance: whoever reads user data can pass for that one
-# machine, to that one session, while its driver lives -- and cannot admit anyone else. It holds
-# no code of the program either, and stays under EC2's 16 KB (checked before launching).
+# service), and so can any AWS principal allowed ec2:DescribeInstanceAttribute, for the
+# instance's whole life. So it holds no key of a machine, and never the CA's (which the Go
+# original shipped to every instance): only the bootstrap's own certificate and key, issued by
+# the session CA for serving alone (no client use: no machine accepts it from a caller) and
+# expiring an hour after the boot timeout; the CA's certificate; the SHA-256 of the driver's
+# certificate; and the bootstrap's source (`_ec2_boot` and the self-contained functions it
+# calls). The machine's key is made on the instance, as an enrolling machine's is (see
+# Enrolment): whoever reads user data can at most pose as the bootstrap to a driver that
+# dials it, before it expires. It holds no code of the program either, and stays under EC2's
+# 16 KB (checked before launching).
 #
 # The bootstrap serves the driver alone: mutual TLS against the session CA, and then only the
 # client whose certificate has the driver's hash; the session's other machines are refused too.
@@ -5425,8 +5435,11 @@ def _free_port():
 #      major.minor (else VersionMismatch, naming both);
 #   2. PUTs the code bundle (see Code bundles) to /<instance-id>/bigmachine/bundle/<sha256>; the
 #      bootstrap keeps it only if it hashes right;
-#   3. POSTs the machine's bootstrap configuration (`_machine_bootstrap`, less the credentials,
-#      which the bootstrap adds from its user data) to /<instance-id>/bigmachine/start. The
+#   3. POSTs to /<instance-id>/bigmachine/key: the bootstrap unpacks the bundle, makes the
+#      machine's key with the bundle's bigmachine, and answers its public half, which the
+#      driver certifies;
+#   4. POSTs the machine's bootstrap configuration (`_machine_bootstrap`, less the key, which
+#      stays on the instance) and its certificate to /<instance-id>/bigmachine/start. The
 #      bootstrap stops accepting connections, unpacks the bundle in the machine's own directory
 #      and runs `_machine_main` in a child process that inherits the listening socket: the machine
 #      serves at the same address, behind mutual TLS of its own. The reply to the POST is the
@@ -5554,6 +5567,7 @@ def _ec2_boot(settings):
     starting = threading.Event()      # a start request came: stop accepting connections
     stopped = threading.Event()       # accepting stopped: the listening socket can go
     ended = []                        # the exit status, when it is time to return it
+    made = {}                         # the machine's key and where its bundle was unpacked
     done = threading.Event()
     slots = threading.BoundedSemaphore(64)
 
@@ -5561,15 +5575,29 @@ def _ec2_boot(settings):
         ended.append(status)
         done.set()
 
-    def run_machine(request):
-        import subprocess
+    def make_key(request):
+        # The bundle's bigmachine makes the machine's key: this script has no such code.
+        import importlib
         library = request["library"]
         if not all(part.isidentifier() for part in library.split(".")):
             raise ValueError("not a module name: %r" % (library,))
         workdir = _machine_workdir(root)
         code = _bundle_unpack(bundles[request["bundle"]], os.path.join(workdir, "code"))
+        sys.path.insert(0, code)
+        module = importlib.import_module(library)
+        key = module._Ed25519Key()
+        made.update(workdir=workdir, code=code, bundle=request["bundle"],
+                    key=module._private_key_pem(key))
+        return key.public.hex()
+
+    def run_machine(request):
+        import subprocess
+        library = request["library"]
+        if made.get("bundle") != request["bundle"] or "cert" not in request:
+            raise ValueError("no key was made for this bundle: POST key first")
+        workdir, code = made["workdir"], made["code"]
         config = dict(request["config"], fd=listener.fileno(), credentials={
-            "cert_pem": settings["cert"], "key_pem": settings["key"], "ca_pem": settings["ca"]})
+            "cert_pem": request["cert"], "key_pem": made["key"], "ca_pem": settings["ca"]})
         launcher = ("import sys; sys.path.insert(0, %r); import %s as library; "
                     "library._machine_main(code=%r, workdir=%r)" % (code, library, code, workdir))
         listener.setblocking(True)
@@ -5622,12 +5650,24 @@ def _ec2_boot(settings):
 
         def do_POST(self):
             data = self.body()
-            if self.path != prefix + "start":
+            if self.path not in (prefix + "start", prefix + "key"):
                 return self.reply(404, b"no such page\n")
             try:
                 request = json.loads(data.decode())
             except ValueError:
                 return self.reply(400, b"not JSON\n")
+            if self.path == prefix + "key":
+                with lock:
+                    if starting.is_set() or made:
+                        return self.reply(409, b"the machine has its key already\n")
+                    if request.get("bundle") not in bundles:
+                        return self.reply(409, b"no such bundle: PUT it first\n")
+                    try:
+                        public = make_key(request)
+                    except Exception:
+                        return self.reply(500, traceback.format_exc().encode())
+                return self.reply(200, json.dumps({"public_key": public}).encode(),
+                                  "application/json")
             with lock:
                 if starting.is_set():
                     return self.reply(409, b"the machine was started already\n")
@@ -6136,7 +6176,11 @@ class EC2System(System):
         if bundle is None:
             raise Error("machine %s was stopped before it started" % machine.addr)
         deadline = time.monotonic() + self.boot_timeout
-        credentials = b.issue_certificate("bigmachine ec2 machine")
+        # User data holds the bootstrap's credentials only: good for serving the driver (not for
+        # calling anyone), until the machine has had time to boot. The machine's own key is
+        # made on the instance; the driver certifies it (see _EC2Boot.run).
+        credentials = b.issue_certificate("bigmachine ec2 bootstrap", client=False,
+                                          lifetime=self.boot_timeout + 3600)
         user_data = _ec2_user_data(self.session, self.port, self.lease,
                                    b.credentials.cert_pem, credentials)
         instance_id = self._run_instance(user_data, batch)
@@ -6452,8 +6496,14 @@ class _EC2Boot:
                    timeout=max(60.0, deadline - time.monotonic()))
         log.debug("sent the code bundle %s (%d files, %d bytes) to instance %s",
                   bundle.sha256[:12], len(bundle.files), len(bundle.data), self.instance_id)
+        # The machine's own key, made on the instance by the bundle's bigmachine; the driver
+        # certifies its public half. No key of a machine ever travels.
+        made = json.loads(self._call("POST", "key", json.dumps({
+            "bundle": bundle.sha256, "library": bundle.library}).encode()))
+        certificate = self.system._b.issue_certificate(
+            "bigmachine ec2 machine", public_key=bytes.fromhex(made["public_key"]))
         body = json.dumps({"bundle": bundle.sha256, "library": bundle.library,
-                           "config": config}).encode()
+                           "config": config, "cert": certificate.cert_pem}).encode()
         status, text, sock, rfile = self._request("POST", "start", body)
         line = rfile.readline() if status == 200 else b""
         if not line.startswith(_MARK.encode() + b" started "):

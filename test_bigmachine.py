@@ -5342,3 +5342,35 @@ def test_a_system_written_on_the_public_interface_enrols_its_machines(tmp_path):
         replay = subprocess.run(["sh", "-c", command], capture_output=True, text=True,
                                 timeout=60)
         assert replay.returncode == 1 and "used already" in replay.stderr
+
+
+def test_ec2_user_data_holds_no_machine_key(ec2):
+    """EC2 on the enrolment's principle: what user data holds (readable from the instance's
+    metadata and by AWS principals) is a bootstrap's server-only certificate that expires; the
+    machine makes its own key on the instance and the driver certifies it."""
+    import ast
+    system = ec2_system()
+    with bigmachine.start(system) as b:
+        m1, m2 = running(b, 2)
+        text = base64.b64decode(ec2.ec2.describe_instance_attribute(
+            InstanceId=instance_id_of(m1), Attribute="userData")["UserData"]["Value"]).decode()
+        settings = ast.literal_eval(text.split("sys.exit(_ec2_boot(")[1].split("))\n")[0])
+        leaked = bigmachine.Credentials(settings["cert"], settings["key"], settings["ca"])
+        # Whoever reads it cannot call the machines: they refuse a certificate without
+        # client use, as the TLS handshake shows.
+        stranger = bigmachine._Client(leaked)
+        try:
+            for m in (m1, m2):
+                with pytest.raises(bigmachine.AuthenticationError):
+                    stranger.peer(m.addr).call("Supervisor.ping", (1,), {},
+                                               time.monotonic() + 10)
+        finally:
+            stranger.close()
+        # The machine serves with a key of its own, which user data never held.
+        host, port = m1.hostname, urllib.parse.urlsplit(m1.addr).port
+        context = bigmachine.client_context(b.credentials)
+        with socket.create_connection((host, port), 10) as raw:
+            with context.wrap_socket(raw) as sock:
+                served = ssl.DER_cert_to_PEM_cert(sock.getpeercert(True))
+        assert served.strip() != settings["cert"].strip() and served not in text
+        assert m1.call("Echo.dial_and_call", m2.addr, "Echo.pid") == m2.call("Echo.pid")
