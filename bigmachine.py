@@ -7133,9 +7133,11 @@ class SlurmSystem(System):
         self.session = None
         self._b = None
         self._cond = threading.Condition()
+        self._generation = 0              # one per session: a monitor serves one session
         self._reset()
 
     def _reset(self):
+        self._generation += 1
         self._closed = False
         self._jobs = {}                   # Machine -> "JOBID_TASK"
         self._machines = {}               # "JOBID_TASK" -> Machine
@@ -7280,8 +7282,8 @@ class SlurmSystem(System):
                 self._jobs[m], self._machines[task], self._enrolments[m] = task, m, e
                 m.report_status("Slurm job %s submitted" % task)
             if self._monitor is None:
-                self._monitor = threading.Thread(target=self._watch, name="bigmachine-slurm",
-                                                 daemon=True)
+                self._monitor = threading.Thread(target=self._watch, args=(self._generation,),
+                                                 name="bigmachine-slurm", daemon=True)
                 self._monitor.start()
         log.debug("submitted Slurm job %s: %d machines", job, n)
         self._wake.set()
@@ -7336,13 +7338,14 @@ class SlurmSystem(System):
 
     # -- watching -------------------------------------------------------------------------
 
-    def _watch(self):
+    def _watch(self, generation):
         _block_async_signals()
+        wake = self._wake
         while True:
-            self._wake.wait(self.poll_interval)
-            self._wake.clear()
+            wake.wait(self.poll_interval)
+            wake.clear()
             with self._cond:
-                if self._closed:
+                if self._closed or self._generation != generation:
                     return
                 watched = dict(self._machines)
             if not watched:

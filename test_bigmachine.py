@@ -14,6 +14,7 @@ import collections
 import concurrent.futures
 import contextlib
 import datetime
+import functools
 import gc
 import hashlib
 import html
@@ -4995,6 +4996,13 @@ class SlurmCluster(typing.NamedTuple):
                 if len(f) == 3 and (name is None or f[2] == name)}
 
 
+def become(user):
+    """In a child, before exec: be user (Popen's user= and group= need Python 3.9)."""
+    os.setgid(user.pw_gid)
+    os.setgroups([user.pw_gid])
+    os.setuid(user.pw_uid)
+
+
 @pytest.fixture(scope="session")
 def slurm_cluster():
     """A Slurm cluster of one node on 127.0.0.1, for the whole test session: munged (as user
@@ -5020,7 +5028,7 @@ def slurm_cluster():
         procs.append(subprocess.Popen(
             [SLURM_DAEMONS["munged"], "-F", "--socket=" + socket_path,
              "--pid-file=%s/pid" % munge_dir, "--log-file=%s/log" % munge_dir,
-             "--seed-file=%s/seed" % munge_dir], user=munge.pw_uid, group=munge.pw_gid,
+             "--seed-file=%s/seed" % munge_dir], preexec_fn=functools.partial(become, munge),
             stdin=subprocess.DEVNULL, stdout=log, stderr=log))
         eventually(lambda: os.path.exists(socket_path), 10, "munged's socket")
         conf = os.path.join(d, "slurm.conf")

@@ -14,6 +14,7 @@ about 2 s on Slurm 22.05's defaults.
 """
 
 import argparse
+import functools
 import json
 import os
 import pwd
@@ -33,6 +34,13 @@ import bigmachine  # noqa: E402
 class Work:
     def pid(self):
         return os.getpid()
+
+
+def become(user):
+    """In a child, before exec: be user (Popen's user= and group= need Python 3.9)."""
+    os.setgid(user.pw_gid)
+    os.setgroups([user.pw_gid])
+    os.setuid(user.pw_uid)
 
 
 def free_port():
@@ -65,7 +73,7 @@ class Cluster:
         self.procs.append(subprocess.Popen(
             ["/usr/sbin/munged", "-F", "--socket=" + sock, "--pid-file=%s/pid" % munge_dir,
              "--log-file=%s/log" % munge_dir, "--seed-file=%s/seed" % munge_dir],
-            user=munge.pw_uid, group=munge.pw_gid, stdout=log, stderr=log))
+            preexec_fn=functools.partial(become, munge), stdout=log, stderr=log))
         wait_for(lambda: os.path.exists(sock), 10, "munged")
         self.conf = os.path.join(self.dir, "slurm.conf")
         d = self.dir
