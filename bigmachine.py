@@ -7412,6 +7412,9 @@ class SlurmSystem(System):
         m.report_stopped(Error("machine %s: Slurm job %s ended: %s%s" % (
             m.addr, task, state, " (%s)" % details if details else "")))
 
+    def keepalive_failed(self, machine, error):
+        self._wake.set()                  # has its job ended? look now
+
     def lost(self, machine):
         with self._cond:
             return machine in self._gone

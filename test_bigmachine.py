@@ -5382,3 +5382,19 @@ def test_ec2_user_data_holds_no_machine_key(ec2):
                 served = ssl.DER_cert_to_PEM_cert(sock.getpeercert(True))
         assert served.strip() != settings["cert"].strip() and served not in text
         assert m1.call("Echo.dial_and_call", m2.addr, "Echo.pid") == m2.call("Echo.pid")
+        # On the machine, b.system is the EC2 system's view: an m5.large's 2 vCPUs (#16).
+        assert m1.call("Echo.system") == ("ec2", 2) and b.system.maxprocs() == 2
+
+
+def test_machines_know_their_system_and_its_maxprocs(sshd):
+    """Issue #16: on a machine, b.system says which system it belongs to and what each of its
+    machines offers, as the driver's system does."""
+    for system, expected in ((bigmachine.Local(maxprocs=3, **FAST), ("local", 3)),
+                             (bigmachine.TestSystem(maxprocs=2, **FAST), ("test", 2)),
+                             (ssh_system(sshd, per_host=2),
+                              ("ssh", max(1, os.cpu_count() // 2)))):
+        with bigmachine.start(system) as b:
+            m, = running(b, services={"Echo": Echo()})
+            assert m.call("Echo.system") == expected
+            assert (b.system.name, b.system.maxprocs()) == expected == (
+                b.system.name, m.maxprocs)
