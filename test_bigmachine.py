@@ -5398,3 +5398,46 @@ def test_machines_know_their_system_and_its_maxprocs(sshd):
             assert m.call("Echo.system") == expected
             assert (b.system.name, b.system.maxprocs()) == expected == (
                 b.system.name, m.maxprocs)
+
+
+def _other_python():
+    """A CPython of another major.minor than this one's, if pyenv has one (3.8+)."""
+    for version in sorted(os.listdir(PYENV)) if os.path.isdir(PYENV) else ():
+        parts = version.split(".")
+        path = os.path.join(PYENV, version, "bin", "python3")
+        if len(parts) == 3 and parts[0] == "3" and 8 <= int(parts[1]) and \
+                "%s.%s" % tuple(parts[:2]) != bigmachine.PYTHON and os.path.exists(path):
+            return path
+    return None
+
+
+def test_slurm_node_with_another_python_is_a_version_mismatch(slurm):
+    python = _other_python()
+    if python is None:
+        pytest.skip("no other CPython 3.8+ under %s" % PYENV)
+    system = slurm_system(python=python)
+    with bigmachine.start(system) as b:
+        m, = b.start(1, {"Echo": Echo()})
+        assert m.wait(RUNNING, timeout=60) is STOPPED
+        assert isinstance(m.err, bigmachine.VersionMismatch), m.err
+        assert bigmachine.PYTHON in str(m.err) and python in str(m.err)
+    eventually(lambda: slurm.jobs(system.job_name) == {}, 15, "the job to end")
+
+
+def test_slurm_flags_and_variables(monkeypatch):
+    options = bigmachine.SlurmSystem._command_line_options(
+        ["prog", "--bigm.slurm.cpus=4", "--bigm.slurm.partition", "short", "-n", "3"],
+        {"BIGMACHINE_SLURM_MEM": "512", "BIGMACHINE_SLURM_SBATCH_ARGS": "--qos=low --nice=5",
+         "BIGMACHINE_SLURM_CPUS": "2", "BIGMACHINE_SLURM_TIME_LIMIT": "30"})
+    assert options == {"cpus": 4, "partition": "short", "mem": 512, "time_limit": 30,
+                       "sbatch_args": ["--qos=low", "--nice=5"]}
+    monkeypatch.setattr(sys, "argv", ["prog", "--bigm.system=slurm", "--bigm.slurm.cpus=3",
+                                      "--bigm.slurm.account", "physics"])
+    b = bigmachine.start()
+    try:
+        assert isinstance(b.system, bigmachine.SlurmSystem)
+        assert (b.system.cpus, b.system.account, b.system.maxprocs()) == (3, "physics", 3)
+    finally:
+        b.shutdown()
+    with pytest.raises(ValueError, match="cpus must be a whole number"):
+        bigmachine.SlurmSystem._command_line_options(["prog", "--bigm.slurm.cpus=many"], {})
