@@ -3720,7 +3720,14 @@ class B:
             if self._closed:
                 raise Error("this session is shut down")
             if self._enrolment is None:
-                self._enrolment = _EnrolmentServer(self, host or socket.getfqdn(), port)
+                host = host or socket.getfqdn()
+                try:
+                    self._enrolment = _EnrolmentServer(self, host, port)
+                except OSError as e:
+                    raise Error("cannot serve enrolments at %s:%d (%s): give the driver's "
+                                "address as the machines reach it, and a free port (Slurm: "
+                                "--bigm.slurm.driver_host, --bigm.slurm.driver_port)"
+                                % (host, port, e)) from e
             server = self._enrolment
         return server.add(machine, bundle if bundle is not None else _make_bundle(),
                           dict(env or {}), on_exit or _enrolled_exit)
