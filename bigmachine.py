@@ -6605,6 +6605,7 @@ def _enrol_stage(settings):
     before bigmachine.py is on the host."""
     import hashlib
     import importlib
+    import importlib.util
     import json
     import os
     import shutil
@@ -6669,11 +6670,31 @@ def _enrol_stage(settings):
     root = _bundle_root()
     bundle = _bundle_install(root, reply["bundle"], fetch)
     send("have")
+    # bigmachine.py's code, compiled by the driver: the same Python (major.minor and bytecode
+    # magic) need not compile it again on every machine.
+    compiled = rfile.read(reply.get("compiled_size") or 0)
     workdir = _machine_workdir(root)
     try:
         code = _bundle_unpack(bundle, os.path.join(workdir, "code"))
         sys.path.insert(0, code)
-        library = importlib.import_module(reply["library"])
+        name, library = reply["library"], None
+        if compiled and "." not in name and reply.get("magic") == \
+                importlib.util.MAGIC_NUMBER.hex():
+            import _imp
+            import marshal
+            path = os.path.join(code, name + ".py")
+            library = importlib.util.module_from_spec(
+                importlib.util.spec_from_file_location(name, path))
+            program = marshal.loads(compiled)
+            _imp._fix_co_filename(program, path)
+            sys.modules[name] = library
+            try:
+                exec(program, library.__dict__)
+            except BaseException:
+                del sys.modules[name]
+                raise
+        if library is None:
+            library = importlib.import_module(name)
         return library._enrolled(conn, rfile, code, workdir)
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
@@ -6938,7 +6959,9 @@ class _EnrolmentServer:
                    hello.get("executable"))))
             return None
         bundle = enrolment._bundle
-        send({"bundle": bundle.sha256, "size": len(bundle.data), "library": bundle.library})
+        magic, compiled = _compiled_library(bundle)
+        send({"bundle": bundle.sha256, "size": len(bundle.data), "library": bundle.library,
+              "magic": magic, "compiled_size": len(compiled)})
         while True:
             answer = receive()
             if answer == "need":
@@ -6949,6 +6972,7 @@ class _EnrolmentServer:
                 break
             else:
                 raise Error("unexpected answer %r" % (answer,))
+        conn.sendall(compiled)
         conn.settimeout(self.b.system.boot_timeout)     # it unpacks and imports meanwhile
         keys = receive()
         public_key, port = bytes.fromhex(keys["public_key"]), int(keys["port"])
@@ -7013,6 +7037,29 @@ class _EnrolmentServer:
 def _sha256_hex(data):
     import hashlib
     return hashlib.sha256(data).hexdigest()
+
+
+_compiled = {}                        # bundle sha256 -> (bytecode magic, marshalled code)
+
+
+def _compiled_library(bundle):
+    """bigmachine.py as the bundle holds it, compiled once per bundle: what an enrolling
+    machine of the same Python runs instead of compiling it itself (b"" if it cannot be)."""
+    import importlib.util
+    import marshal
+    found = _compiled.get(bundle.sha256)
+    if found is None:
+        import zipfile
+        name = bundle.library.replace(".", "/") + ".py"
+        try:
+            with zipfile.ZipFile(io.BytesIO(bundle.data)) as archive:
+                source = archive.read(name)              # exactly what the machine unpacks
+            found = marshal.dumps(compile(source, name, "exec", dont_inherit=True))
+        except (KeyError, SyntaxError, ValueError):
+            found = b""
+        _compiled.clear()                 # the newest bundle's only
+        _compiled[bundle.sha256] = found
+    return importlib.util.MAGIC_NUMBER.hex(), found
 
 
 def _enrolled_exit(machine, status, output):
