@@ -6,7 +6,8 @@ private munged, as the tests do; needs root and Debian's slurm-wlm and munge).
     python bench/slurm.py [--machines 8] [--reps 3] [--json-out FILE]
 
 The measures alternate (srun, sbatch, bigmachine, srun...), each from an idle cluster with no
-job in the queue, so that all meet the same load; the report gives every repetition, the
+job in the queue and 3.5 s after the last one ended (Slurm's batch_sched_delay is 3 s), so that
+all meet the same load and the same scheduler; the report gives every repetition, the
 medians and their ratio, against the target of 2x. The third measure, one bare `sbatch` job
 array of the same tasks until the queue is empty, is the batch floor: sbatch's jobs are started
 by slurmctld's scheduling pass, not at submission as srun's allocations are, which alone takes
@@ -110,6 +111,9 @@ class Cluster:
     def idle(self):
         wait_for(lambda: self.out("squeue", "--noheader") == "" and
                  self.out("sinfo", "--noheader", "--format=%T") == "idle", 60, "an idle cluster")
+        # slurmctld starts batch jobs at most every batch_sched_delay (3 s by default) after
+        # its last start: wait that out, so that no measure inherits the previous one's.
+        time.sleep(3.5)
 
     def close(self):
         subprocess.run(["scancel", "--user=" + pwd.getpwuid(os.getuid()).pw_name])
