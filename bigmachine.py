@@ -7199,6 +7199,7 @@ class SlurmSystem(System):
         self._running_since = {}          # Machine -> time.monotonic() its task began running
         self._ending = set()              # Machines terminated: their job's end is expected
         self._gone = set()                # Machines whose process is known to have ended
+        self._serial = itertools.count()  # provisional addresses, unique in the session
         self._monitor = None
         self._wake = threading.Event()
 
@@ -7292,9 +7293,9 @@ class SlurmSystem(System):
         self._check_request()
         bundle = _make_bundle()
         machines, enrolments = [], []
-        for i in range(n):
-            m = Machine(b, "https://slurm-%s-%d.pending:0/" % (self.session, i), owned=True,
-                        maxprocs=self.cpus)
+        for _ in range(n):
+            m = Machine(b, "https://slurm-%s-%d.pending:0/" % (self.session, next(self._serial)),
+                        owned=True, maxprocs=self.cpus)
             enrolments.append(b.enrol(m, env=env, bundle=bundle, host=self.driver_host,
                                       port=self.driver_port, on_exit=self._machine_exited))
             machines.append(m)

@@ -5127,6 +5127,10 @@ def test_slurm_cluster_serves_calls(slurm):
             assert m.call("Echo.environ", "BIGMACHINE_TEST_VAR") == "in a job"
             assert m.call("Echo.system") == ("slurm", 2)
         check_remote_cluster(machines, pids, "slurm", "on the cluster")
+        # Another b.start of the same session: a job array of its own.
+        m3, = running(b, 1, {"Echo": Echo("slurm")})
+        assert len(slurm.jobs(system.job_name)) == 3 and len(b.machines()) == 3
+        assert m3.call("Echo.dial_and_call", machines[0].addr, "Echo.pid") == pids[0]
     eventually(lambda: slurm.jobs(system.job_name) == {}, 15, "the jobs to end")
 
 
