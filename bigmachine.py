@@ -6878,6 +6878,7 @@ class _EnrolmentServer:
         self._tokens = {}                      # token -> Enrolment
         self._closed = False
         self._conns = set()
+        self._slots = threading.BoundedSemaphore(256)    # connections served at once, at most
         threading.Thread(target=self._accept, name="bigmachine-enrolment", daemon=True).start()
 
     def add(self, machine, bundle, env, on_exit):
@@ -6897,6 +6898,9 @@ class _EnrolmentServer:
                 raw, peer = self._listener.accept()
             except OSError:
                 return
+            if not self._slots.acquire(False):
+                raw.close()
+                continue
             threading.Thread(target=self._serve, args=(raw, peer), name="bigmachine-enrol",
                              daemon=True).start()
 
@@ -6922,14 +6926,12 @@ class _EnrolmentServer:
                 self._stream(enrolment, conn, rfile)
         except Exception as e:
             log.debug("enrolment from %s failed: %s", peer[0], e)
-            if enrolment is not None and not enrolment.enrolled:
-                enrolment._refuse(Error("machine %s: its enrolment from %s failed: %s"
-                                        % (enrolment.machine.addr, peer[0], e)))
         finally:
             with self._lock:
                 self._conns.discard(conn)
             with contextlib.suppress(OSError):
                 (conn or raw).close()
+            self._slots.release()
 
     def _enrol(self, conn, rfile, peer):
         def send(message):
@@ -6951,6 +6953,16 @@ class _EnrolmentServer:
                         "or expired", peer[0])
             send({"error": "this token is unknown, used already, or expired"})
             return None
+        try:
+            return self._admit(enrolment, conn, rfile, peer, hello, send, receive)
+        except Exception as e:
+            # The token is spent: whatever broke, its machine will not come up this way.
+            enrolment._refuse(Error("machine %s: its enrolment from %s failed: %s"
+                                    % (machine.addr, peer[0], e)))
+            raise
+
+    def _admit(self, enrolment, conn, rfile, peer, hello, send, receive):
+        machine = enrolment.machine
         if hello.get("python") != PYTHON:
             send({"error": "the driver runs Python %s" % PYTHON})
             enrolment._refuse(VersionMismatch(
