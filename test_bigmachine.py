@@ -5445,3 +5445,16 @@ def test_slurm_flags_and_variables(monkeypatch):
         b.shutdown()
     with pytest.raises(ValueError, match="cpus must be a whole number"):
         bigmachine.SlurmSystem._command_line_options(["prog", "--bigm.slurm.cpus=many"], {})
+
+
+def test_slurm_machine_that_exits_says_how_and_its_job_ends(slurm):
+    system = slurm_system()
+    with bigmachine.start(system) as b:
+        m, other = running(b, 2)
+        job = system._jobs[m]
+        assert m.call("Supervisor.shutdown", 0, 3) is True
+        assert m.wait(STOPPED, timeout=30) is STOPPED
+        assert "exited with code 3" in str(m.err) and job in str(m.err), m.err
+        assert m.err.exit_code == 3
+        eventually(lambda: job not in slurm.jobs(system.job_name), 15, "its job to end")
+        assert other.call("Echo.echo", 1) == 1 and other.state is RUNNING
