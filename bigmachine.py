@@ -7165,7 +7165,8 @@ class SlurmSystem(System):
     major.minor as the driver's; default python3). driver_host is the driver's address as the
     compute nodes reach it (default: this host's fully qualified name) and driver_port the
     port it serves enrolments on (default: any free one). output is where the jobs' own output
-    goes (sbatch --output; the machines' output comes to the driver anyway). On the command
+    goes (sbatch --output; the machines' output comes to the driver anyway). setup is shell
+    code the job runs first (`module load python/3.11`, activating an environment). On the command
     line: --bigm.system=slurm with --bigm.slurm.partition=P, --bigm.slurm.cpus=N and so on, or
     the variables BIGMACHINE_SLURM_PARTITION and so on."""
 
@@ -7175,7 +7176,7 @@ class SlurmSystem(System):
 
     def __init__(self, *, partition=None, cpus=1, mem=None, time_limit=None, account=None,
                  sbatch_args=(), python=None, driver_host=None, driver_port=0,
-                 output="/dev/null", **keepalive):
+                 output="/dev/null", setup="", **keepalive):
         super().__init__(**keepalive)
         for name, value in (("cpus", cpus), ("mem", mem), ("time_limit", time_limit)):
             if value is not None and (isinstance(value, bool) or not isinstance(value, int)
@@ -7196,6 +7197,7 @@ class SlurmSystem(System):
         self.driver_host = driver_host
         self.driver_port = int(driver_port or 0)
         self.output = output
+        self.setup = str(setup or "")
         self.session = None
         self._b = None
         self._cond = threading.Condition()
@@ -7227,7 +7229,7 @@ class SlurmSystem(System):
             return _flag_or_variable(argv, environ, "bigm.slurm." + flag,
                                      "BIGMACHINE_SLURM_" + flag.upper())
 
-        for flag in ("partition", "account", "python", "driver_host", "output"):
+        for flag in ("partition", "account", "python", "driver_host", "output", "setup"):
             given = value(flag)
             if given:
                 options[flag] = given
@@ -7318,9 +7320,10 @@ class SlurmSystem(System):
         program = _enrol_program(settings, pick="int(os.environ.get('SLURM_ARRAY_TASK_ID', 0))")
         import shlex
         script = ("#!/bin/sh\n# bigmachine.py: %d machine%s of session %s (see bigmachine.py's "
-                  "Slurm section)\nexec %s -u -c %s\n" % (
-                      n, "s" if n > 1 else "", self.session, shlex.quote(self.python),
-                      shlex.quote(program)))
+                  "Slurm section)\n%sexec %s -u -c %s\n" % (
+                      n, "s" if n > 1 else "", self.session,
+                      self.setup.rstrip("\n") + "\n" if self.setup else "",
+                      shlex.quote(self.python), shlex.quote(program)))
         args = ["sbatch", "--parsable", "--job-name=" + self.job_name,
                 "--comment=" + self._comment(), "--array=0-%d" % (n - 1), "--ntasks=1",
                 "--cpus-per-task=%d" % self.cpus, "--no-requeue", "--output=" + self.output]

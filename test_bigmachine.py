@@ -5448,10 +5448,12 @@ def test_slurm_flags_and_variables(monkeypatch):
 
 
 def test_slurm_machine_that_exits_says_how_and_its_job_ends(slurm):
-    system = slurm_system()
+    # setup runs in the job before the machine (here: what `module load` would do).
+    system = slurm_system(setup="BIGMACHINE_SETUP_RAN=yes; export BIGMACHINE_SETUP_RAN")
     with bigmachine.start(system) as b:
         m, other = running(b, 2)
         job = system._jobs[m]
+        assert other.call("Echo.environ", "BIGMACHINE_SETUP_RAN") == "yes"
         assert m.call("Supervisor.shutdown", 0, 3) is True
         assert m.wait(STOPPED, timeout=30) is STOPPED
         assert "exited with code 3" in str(m.err) and job in str(m.err), m.err
