@@ -64,8 +64,13 @@ Systems (Go: system.go, local.go, testsystem)
     own TLS server, for fast tests. `Local` runs each one as a child process, loaded the way
     `multiprocessing`'s spawn method loads `__main__`. `SSHSystem` runs them on hosts reached
     over ssh, with the driver's code shipped as a content-addressed bundle. `EC2System` launches
-    an EC2 instance per machine, whose user data holds only that machine's credentials and a
-    small bootstrap, to which the driver sends the same bundle over mutual TLS.
+    an EC2 instance per machine, whose user data holds only a small bootstrap and its short-lived,
+    server-only certificate; the driver sends it the same bundle over mutual TLS, and certifies
+    the key the machine makes there. `SlurmSystem`
+    submits a job array, whose tasks *enrol*: they dial the driver with a one-time token, make
+    their own keys, and get their certificates and the bundle from it -- the mechanism any
+    system that can only run a command somewhere uses (`B.enrol`). Every system is written on
+    a public interface (see `System`), so users can write their own.
 
 Debug (Go: profile.go, status.go, expvar.go, rpc/stats.go)
     Seeing the whole cluster from the driver: CPU profiles sampled on every machine at once
@@ -76,7 +81,8 @@ Debug (Go: profile.go, status.go, expvar.go, rpc/stats.go)
 
 Command line
     `python bigmachine.py selftest` checks the whole system on the machine at hand;
-    `python bigmachine.py ec2 list` and `ec2 kill` find and end the EC2 instances of sessions.
+    `python bigmachine.py ec2 list` and `ec2 kill` find and end the EC2 instances of sessions;
+    `slurm list` and `slurm kill` their Slurm jobs.
 """
 
 from __future__ import annotations
@@ -119,6 +125,7 @@ __all__ = [
     "SerializationError", "AuthenticationError", "VersionMismatch", "Cancelled",
     "CertificateAuthority", "Credentials", "Backoff", "publish", "unpublish", "Counter",
     "Stream", "MemInfo", "DiskInfo", "LoadInfo", "MachineEvent", "OutOfMemory",
+    "SlurmSystem", "Enrolment",
 ]
 
 log = logging.getLogger("bigmachine")
@@ -795,13 +802,16 @@ class CertificateAuthority:
         ip_addresses: typing.Iterable[str] = (),
         not_before: typing.Optional[datetime.datetime] = None,
         not_after: typing.Optional[datetime.datetime] = None,
+        public_key: typing.Optional[bytes] = None,
     ) -> Credentials:
         """Make a new key and a certificate for it signed by this CA.
 
         server and client select the extended key usages (serverAuth, clientAuth); a driver
         needs client only, machines need both. dns_names and ip_addresses, if any, go into
         a subjectAltName. not_before and not_after are datetimes in UTC (aware, or naive
-        meaning UTC), by default an hour ago and ten years from now."""
+        meaning UTC), by default an hour ago and ten years from now. public_key (the 32 bytes
+        of an Ed25519 public key) certifies a key made elsewhere -- by a machine that enrols,
+        whose private key never leaves it -- instead of a new one; key_pem is then empty."""
         if not (server or client):
             raise ValueError("a certificate must allow server use, client use, or both")
         subject = _name(common_name)
@@ -809,7 +819,12 @@ class CertificateAuthority:
             # The leaf would look self-issued, which confuses path building.
             raise ValueError("a certificate cannot share the CA's common name")
         now = datetime.datetime.now(datetime.timezone.utc)
-        key = _Ed25519Key()
+        if public_key is None:
+            key = _Ed25519Key()
+        else:
+            if not isinstance(public_key, bytes) or len(public_key) != 32:
+                raise ValueError("an Ed25519 public key is 32 bytes, not %r" % (public_key,))
+            key = types.SimpleNamespace(public=public_key)      # all a certificate needs of it
         usages = [_der_oid(oid) for oid, wanted in
                   ((_OID_SERVER_AUTH, server), (_OID_CLIENT_AUTH, client)) if wanted]
         dns_names, ip_addresses = _name_list(dns_names), _name_list(ip_addresses)
@@ -835,7 +850,8 @@ class CertificateAuthority:
             not_after=now + _LEAF_LIFETIME if not_after is None else not_after,
             extensions=extensions,
         )
-        return Credentials(cert_pem, _private_key_pem(key), self.cert_pem)
+        return Credentials(cert_pem, "" if public_key is not None else _private_key_pem(key),
+                           self.cert_pem)
 
 
 # --------------------------------------------------------------------------------------
@@ -3348,6 +3364,7 @@ class Supervisor:
             "protocol": PROTOCOL,
             "pid": os.getpid(),
             "cpus": os.cpu_count() or 1,
+            "maxprocs": self._machine.b.system.maxprocs(),
             "platform": sys.platform,
             "hostname": socket.gethostname(),
             "started": self._started,
@@ -3736,6 +3753,7 @@ class Machine(_Calls):
         self.owned = owned
         self.hostname = urllib.parse.urlsplit(addr).hostname or "unknown"
         self.err = None
+        self.status = ""              # what its system says it waits for (see report_status)
         self.keepalive_replies = collections.deque(maxlen=10)   # latencies, newest last
         self.next_keepalive = None                               # time.time() the lease ends
         self._b = b
@@ -3818,6 +3836,20 @@ class Machine(_Calls):
     def load_info(self) -> typing.Optional[LoadInfo]:
         """The machine's host's 1, 5 and 15-minute load averages and its processors."""
         return _load_info(self.call("Supervisor.status"))
+
+    # -- what its system reports (the public System interface) ---------------------------
+
+    def report_stopped(self, err: BaseException) -> bool:
+        """For systems: the machine is gone, because of err (an exception saying why, which
+        becomes `m.err`). It moves to STOPPED at once, its calls fail with `MachineStopped`,
+        and the session asks the system to terminate it. Returns False if it had stopped
+        already (the first reason given wins)."""
+        return self._stop(err)
+
+    def report_status(self, text: str) -> None:
+        """For systems: say in a few words what the machine waits for while it starts (a
+        scheduler's queue reason, say); the status page shows it. "" clears it."""
+        self.status = str(text or "")
 
     # -- state ------------------------------------------------------------------------
 
@@ -4035,6 +4067,7 @@ class B:
         #: Where the driver saves what it learns of a machine that turns unhealthy (its heap and
         #: variables): BIGMACHINE_DIAGNOSTICS_DIR, else the temporary directory.
         self.diagnostics_dir = os.environ.get("BIGMACHINE_DIAGNOSTICS_DIR") or None
+        self._enrolment = None           # the _EnrolmentServer, once a system enrols a machine
         if self._is_driver:
             system.init(self)
             _sessions.add(self)
@@ -4136,7 +4169,7 @@ class B:
                 raise VersionMismatch("the driver runs Python %s; machine %s runs Python %s"
                                       % (PYTHON, m.addr, info["python"]))
             if m.maxprocs is None:
-                m.maxprocs = info["cpus"]
+                m.maxprocs = info.get("maxprocs") or info["cpus"]
             m._boot_call("Supervisor.register", services_blob, timeout=system.boot_timeout)
         except BaseException as e:
             m._stop(e)
@@ -4145,10 +4178,79 @@ class B:
             log.debug("%s: RUNNING", m.addr)
             m._watch(system, "Supervisor.keepalive", system.lease)
 
+    # -- for systems (the public System interface) ----------------------------------------
+
+    @property
+    def closed(self) -> bool:
+        """True once `shutdown` has begun: machines that end now were asked to."""
+        return self._closed
+
+    @property
+    def credentials(self) -> Credentials:
+        """This participant's own credentials (the driver's, on the driver): for a system that
+        talks to its machines' bootstraps over mutual TLS (see `client_context`)."""
+        return self._credentials
+
+    def issue_certificate(self, common_name: str = "bigmachine machine", *,
+                          ip_addresses: typing.Iterable[str] = (),
+                          dns_names: typing.Iterable[str] = (),
+                          public_key: typing.Optional[bytes] = None, client: bool = True,
+                          lifetime: typing.Optional[float] = None) -> Credentials:
+        """For systems: credentials for one machine, signed by the session's certificate
+        authority, good as TLS server and client, naming the machine's ip_addresses and
+        dns_names. With public_key (an Ed25519 public key made by the machine itself) only the
+        certificate is made, and key_pem is empty. client=False makes a server-only
+        certificate, which no machine accepts from a caller, and lifetime (seconds) one that
+        expires: for a bootstrap that must prove itself to the driver before its machine has
+        credentials of its own (EC2). The CA's own key never leaves the driver, so only the
+        driver issues certificates."""
+        if self._authority is None:
+            raise Error("only the driver issues certificates; a machine cannot")
+        not_after = None if lifetime is None else (
+            datetime.datetime.now(datetime.timezone.utc) + datetime.timedelta(seconds=lifetime))
+        return self._authority.issue(common_name, server=True, client=client,
+                                     ip_addresses=ip_addresses, dns_names=dns_names,
+                                     public_key=public_key, not_after=not_after)
+
+    def readdress(self, m: Machine, addr: str) -> None:
+        """For systems: give m the address it turned out to have. A system that learns a
+        machine's address only as the machine comes up (SSH: the port the machine bound;
+        Slurm: the node the job landed on) makes the Machine with a provisional one and calls
+        this from launch, before the machine is pinged."""
+        self._readdress(m, addr)
+
+    def enrol(self, machine: Machine, *, env: typing.Optional[typing.Mapping[str, str]] = None,
+              bundle=None, host: typing.Optional[str] = None, port: int = 0,
+              on_exit=None) -> Enrolment:
+        """For systems whose machines dial the driver (a scheduler's jobs, a cloud's startup
+        scripts): a one-time admission for machine. Run `enrolment.command(python)` wherever the
+        machine should be: it fetches the driver's code, makes the machine's own key, gets its
+        certificate and reports its address (this B readdresses machine); `enrolment.wait()`
+        says when. The command holds a token that is useless once used or revoked, and no key.
+        env is the machine's environment variables; host (default: this host's fully qualified
+        name) and port (default: any) are where the driver serves enrolments, given by the
+        first call of a session. on_exit(machine, status, output) is called when the machine's
+        process ends (status None: its connection broke); by default it stops the machine
+        with the exit status. See the Enrolment section of bigmachine.py."""
+        if not self._is_driver:
+            raise Error("only the driver enrols machines")
+        with self._lock:
+            if self._closed:
+                raise Error("this session is shut down")
+            if self._enrolment is None:
+                host = host or socket.getfqdn()
+                try:
+                    self._enrolment = _EnrolmentServer(self, host, port)
+                except OSError as e:
+                    raise Error("cannot serve enrolments at %s:%d (%s): give the driver's "
+                                "address as the machines reach it, and a free port (Slurm: "
+                                "--bigm.slurm.driver_host, --bigm.slurm.driver_port)"
+                                % (host, port, e)) from e
+            server = self._enrolment
+        return server.add(machine, bundle if bundle is not None else _make_bundle(),
+                          dict(env or {}), on_exit or _enrolled_exit)
+
     def _readdress(self, m, addr):
-        """Give m the address it turned out to have. A system that learns a machine's address
-        only as the machine comes up (SSH: the port the machine bound) makes the Machine with a
-        provisional one and calls this from launch, before the machine is pinged."""
         import urllib.parse
         _parse_addr(addr)
         with m._cond:
@@ -4401,6 +4503,8 @@ class B:
             m._stop(Error("the session was shut down"))
         if self._is_driver:
             self.system.shutdown()
+        if self._enrolment is not None:
+            self._enrolment.close()
         self._client.close()
         _sessions.discard(self)
         if self._events is not None:
@@ -4479,11 +4583,42 @@ atexit.register(_shutdown_sessions)
 # ======================================================================================
 #
 # A System is where machines come from. `start` makes `Machine`s whose addresses are known at
-# once; `launch` (in each machine's boot thread) brings the machine's process up; `terminate`
-# makes sure it is gone. Keepalive settings are the system's, with Go's defaults per system.
+# once (or provisional); `launch` (in each machine's boot thread) brings the machine's process
+# up; `terminate` makes sure it is gone. Keepalive settings are the system's, with Go's defaults
+# per system. Systems use public names only -- `b.issue_certificate`, `b.enrol`, `b.readdress`,
+# `machine.report_status`, `machine.report_stopped` -- so that one can be written outside this
+# file as well as in it (see `System` and the README's "Writing a system").
 
 class System:
-    """Base class of machine systems (Go's System interface)."""
+    """Base class of machine systems (Go's System interface). Every built-in system is written
+    on the public interface below, so a system of your own can be too (README: "Writing a
+    system").
+
+    A system implements:
+      name                     a short name ("slurm"); shown on the status page
+      maxprocs()               the processors each of its machines offers
+      start(b, n, env)         make up to n `Machine(b, addr, owned=True, maxprocs=...)` at once,
+                               without waiting: addr may be provisional ("https://x-1:0/"); env
+                               is the environment variables to set on the machines
+      launch(b, machine)       bring the machine up; runs in the machine's own boot thread, so
+                               it may block (a queue, a boot); returns once the machine serves
+                               at its address, or raises to stop it with that error
+      terminate(machine, deadline)  make sure it is gone by deadline (time.monotonic())
+      shutdown()               release everything; machines were terminated already
+    and may override init(b) (once per session), lost(machine) (is it known to be gone?),
+    keepalive_failed(machine, error), `defaults` (keepalive period, timeout, rpc timeout,
+    lease) and boot_timeout. It may use, and only needs:
+      b.issue_certificate(...) credentials for a machine, or a certificate for the machine's
+                               own key (the session CA's key never leaves the driver)
+      b.enrol(machine, ...)    a one-time command that, run wherever the machine should be,
+                               fetches the driver's code, gets the machine's certificate and
+                               reports its address: for systems that only run commands
+      b.readdress(machine, addr)  the machine's real address, once known
+      b.credentials            the driver's own (to talk to a bootstrap over mutual TLS)
+      machine.report_status(text)   what a starting machine waits for (status page)
+      machine.report_stopped(err)   the machine is gone, and why
+    On a machine, `b.system` is a System describing the one the machine belongs to: its name
+    and maxprocs()."""
 
     name = "system"
     #: Go's defaults: (keepalive period, keepalive timeout, keepalive rpc timeout, lease).
@@ -4537,6 +4672,7 @@ class System:
         return False
 
     def maxprocs(self):
+        """The processors each machine of this system offers."""
         return 1
 
     def _why_fewer(self, asked, started):
@@ -4545,6 +4681,11 @@ class System:
 
     def shutdown(self):
         """Release the system's resources; machines were already terminated."""
+
+    def _machine_view(self):
+        """What a machine of this system is told about it: {"name", "maxprocs"} (maxprocs
+        None: the machine's processors divided by "share"). See `_MachineSystem`."""
+        return {"name": self.name, "maxprocs": self.maxprocs()}
 
     @classmethod
     def _command_line_options(cls, argv, environ):
@@ -4587,8 +4728,8 @@ class TestSystem(System):
     def start(self, b, n, env):
         machines = []
         for _ in range(n):
-            credentials = b._authority.issue("bigmachine test machine", server=True, client=True,
-                                             ip_addresses=["127.0.0.1"])
+            credentials = b.issue_certificate("bigmachine test machine",
+                                              ip_addresses=["127.0.0.1"])
             process = _MachineProcess(b, credentials, None, self.lease, self.watchdog_tick,
                                       exit=None)
             process._exit = functools.partial(self._exited, process)
@@ -4706,8 +4847,8 @@ class Local(System):
         with self._lock:
             sock, env = self._sockets.pop(machine.addr)
         try:
-            credentials = b._authority.issue("bigmachine local machine", server=True, client=True,
-                                             ip_addresses=["127.0.0.1"], dns_names=["localhost"])
+            credentials = b.issue_certificate("bigmachine local machine",
+                                              ip_addresses=["127.0.0.1"], dns_names=["localhost"])
             process = _LocalProcess(self, b, machine, sock, credentials, env)
             with self._lock:
                 self._procs[machine.addr] = process
@@ -4751,6 +4892,7 @@ def _machine_bootstrap(system, credentials, main, **more):
     config = {
         "python": PYTHON,
         "protocol": PROTOCOL,
+        "system": system._machine_view(),
         "lease": system.lease,
         "watchdog_tick": system.watchdog_tick,
         "log_level": logging.getLogger().getEffectiveLevel(),
@@ -4835,7 +4977,7 @@ class _ChildProcess:
         else:
             err = self.exit_error(code, _exit_reason(code), "".join(self.tail).rstrip())
         err.exit_code = code
-        self.machine._stop(err)
+        self.machine.report_stopped(err)
 
     def memory_cgroup_at_exit(self):
         """The memory cgroup the process dies in (for telling an OOM kill), or None: it waits
@@ -5130,7 +5272,7 @@ def _run_machine(config):
     _raise_file_limit()
     _forward_logging(config["log_level"])
     credentials = Credentials(**config["credentials"])
-    system = Local(lease=config["lease"])
+    system = _MachineSystem(config.get("system") or {}, lease=config["lease"])
     b = B(system, _credentials=credentials)
     if config.get("fd") is not None:
         sock = socket.socket(fileno=config["fd"])
@@ -5154,8 +5296,27 @@ def _run_machine(config):
         preparation = _bundle_preparation(preparation, config["code"], workdir)
     _load_main(preparation)
     process.server.start()
+    if config.get("announce_serving"):
+        _announce("serving")
     process.exited.wait()
     return exit_code[0] if exit_code else 0
+
+
+class _MachineSystem(System):
+    """What a machine knows of the system it belongs to (its b.system): the name and the
+    processors each machine offers, which the driver's system told it (`System._machine_view`),
+    or, for a system that cannot know them in advance (SSH), this host's processors divided
+    among the machines it may run ("share"). Its keepalive settings are what its own dials use."""
+
+    def __init__(self, view, **keepalive):
+        super().__init__(**keepalive)
+        self.name = str(view.get("name") or "local")
+        given = view.get("maxprocs")
+        self._maxprocs = given if isinstance(given, int) and given > 0 else max(
+            1, (os.cpu_count() or 1) // max(1, int(view.get("share") or 1)))
+
+    def maxprocs(self):
+        return self._maxprocs
 
 
 def _listen(host, port):
@@ -5610,8 +5771,7 @@ class SSHSystem(System):
             names["ip_addresses"] = [host.host]
         if not names and host.host.replace("-", "").replace(".", "").isalnum():
             names["dns_names"] = [host.host]
-        credentials = b._authority.issue("bigmachine ssh machine", server=True, client=True,
-                                         **names)
+        credentials = b.issue_certificate("bigmachine ssh machine", **names)
         env = dict(env, BIGMACHINE_MODE="machine", BIGMACHINE_SYSTEM=self.name)
         config = _machine_bootstrap(self, credentials, bundle.main, host=host.host,
                                     bind=self.bind, port=0, announce=True, env=env)
@@ -5639,8 +5799,19 @@ class SSHSystem(System):
             addr = "https://127.0.0.1:%d/" % tunnel.port
         else:
             addr = "https://%s:%d/" % (_url_host(host.host), port)
-        b._readdress(machine, addr)
+        b.readdress(machine, addr)
         process.addressed = True
+
+    def maxprocs(self):
+        """Each machine offers its host's processors divided among the per_host machines the
+        host may run; known once a machine has booted (the smallest such, if hosts differ),
+        1 before."""
+        with self._lock:
+            known = [m.maxprocs for m in self._hosts if m.maxprocs]
+        return min(known) if known else 1
+
+    def _machine_view(self):
+        return {"name": self.name, "maxprocs": None, "share": self.per_host}
 
     def _host_lock(self, host):
         return self._host_locks[host.spec]
@@ -6039,13 +6210,16 @@ def _free_port():
 # InstanceInitiatedShutdownBehavior=terminate, so powering off terminates them.
 #
 # What user data holds. Any process on the instance can read user data (from the metadata
-# service), and so can any AWS principal allowed ec2:DescribeInstanceAttribute. So it holds only
-# what this one machine needs: its own certificate and key, issued by the session CA for this
-# instance alone; the CA's certificate; the SHA-256 of the driver's certificate; and the
-# bootstrap's source (`_ec2_boot` and the self-contained functions it calls). Never the CA's key,
-# which the Go original shipped to every instance: whoever reads user data can pass for that one
-# machine, to that one session, while its driver lives -- and cannot admit anyone else. It holds
-# no code of the program either, and stays under EC2's 16 KB (checked before launching).
+# service), and so can any AWS principal allowed ec2:DescribeInstanceAttribute, for the
+# instance's whole life. So it holds no key of a machine, and never the CA's (which the Go
+# original shipped to every instance): only the bootstrap's own certificate and key, issued by
+# the session CA for serving alone (no client use: no machine accepts it from a caller) and
+# expiring an hour after the boot timeout; the CA's certificate; the SHA-256 of the driver's
+# certificate; and the bootstrap's source (`_ec2_boot` and the self-contained functions it
+# calls). The machine's key is made on the instance, as an enrolling machine's is (see
+# Enrolment): whoever reads user data can at most pose as the bootstrap to a driver that
+# dials it, before it expires. It holds no code of the program either, and stays under EC2's
+# 16 KB (checked before launching).
 #
 # The bootstrap serves the driver alone: mutual TLS against the session CA, and then only the
 # client whose certificate has the driver's hash; the session's other machines are refused too.
@@ -6054,8 +6228,11 @@ def _free_port():
 #      major.minor (else VersionMismatch, naming both);
 #   2. PUTs the code bundle (see Code bundles) to /<instance-id>/bigmachine/bundle/<sha256>; the
 #      bootstrap keeps it only if it hashes right;
-#   3. POSTs the machine's bootstrap configuration (`_machine_bootstrap`, less the credentials,
-#      which the bootstrap adds from its user data) to /<instance-id>/bigmachine/start. The
+#   3. POSTs to /<instance-id>/bigmachine/key: the bootstrap unpacks the bundle, makes the
+#      machine's key with the bundle's bigmachine, and answers its public half, which the
+#      driver certifies;
+#   4. POSTs the machine's bootstrap configuration (`_machine_bootstrap`, less the key, which
+#      stays on the instance) and its certificate to /<instance-id>/bigmachine/start. The
 #      bootstrap stops accepting connections, unpacks the bundle in the machine's own directory
 #      and runs `_machine_main` in a child process that inherits the listening socket: the machine
 #      serves at the same address, behind mutual TLS of its own. The reply to the POST is the
@@ -6243,6 +6420,7 @@ def _ec2_boot(settings):
     starting = threading.Event()      # a start request came: stop accepting connections
     stopped = threading.Event()       # accepting stopped: the listening socket can go
     ended = []                        # the exit status, when it is time to return it
+    made = {}                         # the machine's key and where its bundle was unpacked
     done = threading.Event()
     slots = threading.BoundedSemaphore(64)
 
@@ -6250,15 +6428,29 @@ def _ec2_boot(settings):
         ended.append(status)
         done.set()
 
-    def run_machine(request):
-        import subprocess
+    def make_key(request):
+        # The bundle's bigmachine makes the machine's key: this script has no such code.
+        import importlib
         library = request["library"]
         if not all(part.isidentifier() for part in library.split(".")):
             raise ValueError("not a module name: %r" % (library,))
         workdir = _machine_workdir(root)
         code = _bundle_unpack(bundles[request["bundle"]], os.path.join(workdir, "code"))
+        sys.path.insert(0, code)
+        module = importlib.import_module(library)
+        key = module._Ed25519Key()
+        made.update(workdir=workdir, code=code, bundle=request["bundle"],
+                    key=module._private_key_pem(key))
+        return key.public.hex()
+
+    def run_machine(request):
+        import subprocess
+        library = request["library"]
+        if made.get("bundle") != request["bundle"] or "cert" not in request:
+            raise ValueError("no key was made for this bundle: POST key first")
+        workdir, code = made["workdir"], made["code"]
         config = dict(request["config"], fd=listener.fileno(), credentials={
-            "cert_pem": settings["cert"], "key_pem": settings["key"], "ca_pem": settings["ca"]})
+            "cert_pem": request["cert"], "key_pem": made["key"], "ca_pem": settings["ca"]})
         launcher = ("import sys; sys.path.insert(0, %r); import %s as library; "
                     "library._machine_main(code=%r, workdir=%r)" % (code, library, code, workdir))
         listener.setblocking(True)
@@ -6311,12 +6503,24 @@ def _ec2_boot(settings):
 
         def do_POST(self):
             data = self.body()
-            if self.path != prefix + "start":
+            if self.path not in (prefix + "start", prefix + "key"):
                 return self.reply(404, b"no such page\n")
             try:
                 request = json.loads(data.decode())
             except ValueError:
                 return self.reply(400, b"not JSON\n")
+            if self.path == prefix + "key":
+                with lock:
+                    if starting.is_set() or made:
+                        return self.reply(409, b"the machine has its key already\n")
+                    if request.get("bundle") not in bundles:
+                        return self.reply(409, b"no such bundle: PUT it first\n")
+                    try:
+                        public = make_key(request)
+                    except Exception:
+                        return self.reply(500, traceback.format_exc().encode())
+                return self.reply(200, json.dumps({"public_key": public}).encode(),
+                                  "application/json")
             with lock:
                 if starting.is_set():
                     return self.reply(409, b"the machine was started already\n")
@@ -6585,6 +6789,7 @@ class EC2System(System):
         self._botocore = sys.modules["botocore"]
         self.region = self.ec2.meta.region_name
         self.session = None               # this session's id, from init
+        self._b = None                    # this session's B, from init
         self._prepare_lock = threading.Lock()
         self._spec = None                 # what every launch has in common, once checked
         self.vcpus = None
@@ -6642,6 +6847,7 @@ class EC2System(System):
     def init(self, b):
         with self._cond:
             self._reset()
+        self._b = b
         self.session = os.urandom(6).hex()
 
     def _instance_type(self):
@@ -6819,6 +7025,12 @@ class EC2System(System):
             parts.append(_EC2_BOOT_SCRIPT_SECTION.replace("@SCRIPT@", self.boot_script.rstrip()))
         return "".join(parts)
 
+    def maxprocs(self):
+        """The instance type's vCPUs (asking EC2 once)."""
+        if self.vcpus is None:
+            self._prepare()
+        return self.vcpus
+
     def _tag_specifications(self):
         program = os.path.basename(sys.argv[0] if sys.argv and sys.argv[0] else "python")
         tags = dict(self.tags)
@@ -6862,9 +7074,13 @@ class EC2System(System):
         if bundle is None:
             raise Error("machine %s was stopped before it started" % machine.addr)
         deadline = time.monotonic() + self.boot_timeout
-        credentials = b._authority.issue("bigmachine ec2 machine", server=True, client=True)
+        # User data holds the bootstrap's credentials only: good for serving the driver (not for
+        # calling anyone), until the machine has had time to boot. The machine's own key is
+        # made on the instance; the driver certifies it (see _EC2Boot.run).
+        credentials = b.issue_certificate("bigmachine ec2 bootstrap", client=False,
+                                          lifetime=self.boot_timeout + 3600)
         user_data = _ec2_user_data(self.session, self.port, self.lease,
-                                   b._credentials.cert_pem, credentials,
+                                   b.credentials.cert_pem, credentials,
                                    boot=self._boot_section(), keep=self.keep_instances)
         instance_id = self._run_instance(user_data, batch)
         machine.details.update(instance_id=instance_id, instance_type=self.instance_type,
@@ -6878,8 +7094,8 @@ class EC2System(System):
             raise Error("machine %s was stopped while instance %s launched"
                         % (machine.addr, instance_id))
         host, port = self._await_address(machine, instance_id, deadline)
-        b._readdress(machine, "https://%s:%d/%s/" % (_url_host(host), port, instance_id))
-        boot = _EC2Boot(self, machine, instance_id, host, port, b._client.context)
+        b.readdress(machine, "https://%s:%d/%s/" % (_url_host(host), port, instance_id))
+        boot = _EC2Boot(self, machine, instance_id, host, port, client_context(b.credentials))
         with self._cond:
             self._boots[machine] = boot
         env = dict(env, BIGMACHINE_MODE="machine", BIGMACHINE_SYSTEM=self.name)
@@ -7011,7 +7227,7 @@ class EC2System(System):
             for machine, instance in gone:
                 if machine is not None and machine.state is not STOPPED:
                     log.debug("%s: %s", machine.addr, self._dead(instance))
-                    machine._stop(Error(self._dead(instance)))
+                    machine.report_stopped(Error(self._dead(instance)))
             with self._cond:
                 self._cond.wait_for(over, self.poll_interval)
 
@@ -7036,7 +7252,7 @@ class EC2System(System):
         is its last lines."""
         with self._cond:
             self._boots.pop(machine, None)
-            expected = machine in self._stopping or self._closed or machine._b._closed
+            expected = machine in self._stopping or self._closed or self._b.closed
         if status is None:
             if not expected:
                 self.keepalive_failed(machine, None)      # is the instance still there?
@@ -7052,7 +7268,7 @@ class EC2System(System):
                 machine.addr, instance_id, _exit_reason(status),
                 "; its last output:\n" + output if output and machine.state < RUNNING else ""))
         err.exit_code = status
-        machine._stop(err)
+        machine.report_stopped(err)
 
     # -- ending ---------------------------------------------------------------------------
 
@@ -7179,7 +7395,7 @@ class _EC2Boot:
                     raise why
                 raise Error("the bootstrap of instance %s did not answer at %s:%d in %.0fs: %s" % (
                     self.instance_id, self.host, self.port, self.system.boot_timeout, why))
-            self.machine._stopped.wait(wait)
+            self.machine.wait(STOPPED, wait)
 
     def run(self, bundle, config, deadline):
         info = self._hello(deadline)
@@ -7194,8 +7410,14 @@ class _EC2Boot:
                    timeout=max(60.0, deadline - time.monotonic()))
         log.debug("sent the code bundle %s (%d files, %d bytes) to instance %s",
                   bundle.sha256[:12], len(bundle.files), len(bundle.data), self.instance_id)
+        # The machine's own key, made on the instance by the bundle's bigmachine; the driver
+        # certifies its public half. No key of a machine ever travels.
+        made = json.loads(self._call("POST", "key", json.dumps({
+            "bundle": bundle.sha256, "library": bundle.library}).encode()))
+        certificate = self.system._b.issue_certificate(
+            "bigmachine ec2 machine", public_key=bytes.fromhex(made["public_key"]))
         body = json.dumps({"bundle": bundle.sha256, "library": bundle.library,
-                           "config": config}).encode()
+                           "config": config, "cert": certificate.cert_pem}).encode()
         status, text, sock, rfile = self._request("POST", "start", body)
         line = rfile.readline() if status == 200 else b""
         if not line.startswith(_MARK.encode() + b" started "):
@@ -7247,6 +7469,1006 @@ class _EC2Boot:
                 sock.shutdown(socket.SHUT_RDWR)
             with contextlib.suppress(OSError):
                 sock.close()
+
+
+# --------------------------------------------------------------------------------------
+# Enrolment: machines that dial the driver, carrying nothing but a one-time token
+# --------------------------------------------------------------------------------------
+#
+# Local, SSH and EC2 machines are started by a driver that can talk to them from the first
+# moment: over a pipe, an ssh channel, or a bootstrap the driver dials. A scheduler (Slurm,
+# Kubernetes) or a cloud's metadata (GCP) only runs a command for us, later, somewhere not
+# known in advance, and stores that command where its administrators can read it for as long
+# as they like. So such a machine comes up by *enrolling*: it dials the driver.
+#
+# `b.enrol(machine)` makes a one-time token for that machine and returns an `Enrolment`, whose
+# `command()` is a shell command holding only the token, the driver's address, the SHA-256 of
+# the certificate the driver's enrolment server presents, and a small self-contained stage (the
+# bundle functions and `_enrol_stage`). No key. Run anywhere that can reach the driver, it:
+#   1. connects to the driver over TLS and checks the server's certificate against the hash
+#      it carries: the driver is authenticated before anything is sent;
+#   2. sends the token. The driver accepts a token once, only while the machine waits for
+#      it, and only if it names a machine that is still starting; it then sends the code
+#      bundle, unless the host's cache holds it already (see Code bundles);
+#   3. unpacks the bundle, imports bigmachine from it, makes the machine's own Ed25519 key and
+#      its listening socket, and sends the public key and the port;
+#   4. gets back a certificate for that key, issued by the session CA for the address the
+#      driver saw it come from, the CA's certificate and the machine's bootstrap configuration.
+#      The driver readdresses the Machine to https://THAT-ADDRESS:PORT/;
+#   5. runs the machine in a child process on that socket, and streams its output back over
+#      the same connection until it exits, then its exit status, as EC2's bootstrap does.
+# The private key never leaves the machine. What the command holds is useless once the machine
+# has enrolled, once the system revokes it (Slurm: a boot timeout after the job started), and
+# once the driver is gone; whoever reads it first can enrol in the machine's place, which the
+# real machine then finds refused, and the driver reports.
+#
+# The driver serves enrolments on one TLS port per session (`_EnrolmentServer`), opened by the
+# first `b.enrol`; it reads JSON lines, never a pickle.
+
+def _enrol_stage(settings):
+    """The first stage of an enrolling machine (see the section's introduction): reach the
+    driver, check it is the one expected, present the token, get the code bundle, and hand over
+    to bigmachine's `_enrolled` from the bundle. Returns the exit status. Self-contained: it runs
+    before bigmachine.py is on the host."""
+    import hashlib
+    import importlib
+    import importlib.util
+    import json
+    import os
+    import shutil
+    import socket
+    import ssl
+    import sys
+    import time
+
+    def say(text):
+        sys.stderr.write("bigmachine enrolment: %s\n" % text)
+        sys.stderr.flush()
+
+    host, port = settings["driver"]
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    context.check_hostname = False
+    context.verify_mode = ssl.CERT_NONE          # checked below, by the certificate's hash
+    deadline = time.monotonic() + settings["wait"]
+    while True:
+        try:
+            raw = socket.create_connection((host, port), timeout=30)
+            try:
+                conn = context.wrap_socket(raw)
+            except BaseException:
+                raw.close()
+                raise
+            break
+        except OSError as e:
+            if time.monotonic() > deadline:
+                say("cannot reach the driver at %s:%d for %ds: %s" % (host, port,
+                                                                     settings["wait"], e))
+                return 1
+            time.sleep(1)
+    if hashlib.sha256(conn.getpeercert(True)).hexdigest() != settings["fingerprint"]:
+        say("%s:%d is not this machine's driver: its certificate is not the one expected"
+            % (host, port))
+        return 1
+    rfile = conn.makefile("rb")
+
+    def send(message):
+        conn.sendall(json.dumps(message).encode() + b"\n")
+
+    def receive():
+        line = rfile.readline()
+        if not line:
+            raise EOFError("the driver closed the connection")
+        return json.loads(line.decode())
+
+    send({"token": settings["token"], "python": "%d.%d" % sys.version_info[:2],
+          "executable": sys.executable, "host": socket.gethostname()})
+    reply = receive()
+    if "error" in reply:
+        say("the driver refused this machine: %s" % reply["error"])
+        return 1
+
+    def fetch():
+        send("need")
+        data = rfile.read(reply["size"])
+        if len(data) != reply["size"]:
+            raise EOFError("the code bundle was cut short")
+        return data
+
+    root = _bundle_root()
+    bundle = _bundle_install(root, reply["bundle"], fetch)
+    send("have")
+    # bigmachine.py's code, compiled by the driver: the same Python (major.minor and bytecode
+    # magic) need not compile it again on every machine.
+    compiled = rfile.read(reply.get("compiled_size") or 0)
+    workdir = _machine_workdir(root)
+    try:
+        code = _bundle_unpack(bundle, os.path.join(workdir, "code"))
+        sys.path.insert(0, code)
+        name, library = reply["library"], None
+        if compiled and "." not in name and reply.get("magic") == \
+                importlib.util.MAGIC_NUMBER.hex():
+            import _imp
+            import marshal
+            path = os.path.join(code, name + ".py")
+            library = importlib.util.module_from_spec(
+                importlib.util.spec_from_file_location(name, path))
+            program = marshal.loads(compiled)
+            _imp._fix_co_filename(program, path)
+            sys.modules[name] = library
+            try:
+                exec(program, library.__dict__)
+            except BaseException:
+                del sys.modules[name]
+                raise
+        if library is None:
+            library = importlib.import_module(name)
+        return library._enrolled(conn, rfile, code, workdir)
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
+def _enrolled(conn, rfile, code, workdir):
+    """The rest of an enrolling machine's first stage, from the bundle's bigmachine: make the
+    machine's key and socket, get its certificate, run it, stream its output. Returns the exit
+    status."""
+
+    def send(message):
+        conn.sendall(json.dumps(message).encode() + b"\n")
+
+    key = _Ed25519Key()
+    # Listen on the address this host reached the driver from: the driver and the other
+    # machines reach it there too.
+    listener = socket.create_server((conn.getsockname()[0], 0), backlog=512)
+    send({"public_key": key.public.hex(), "port": listener.getsockname()[1]})
+    line = rfile.readline()
+    reply = json.loads(line.decode()) if line else {"error": "the driver closed the connection"}
+    if "error" in reply:
+        _write_stderr("bigmachine enrolment: refused: %s\n" % reply["error"])
+        return 1
+    config = dict(reply["config"], fd=listener.fileno(), announce_serving=True, credentials={
+        "cert_pem": reply["cert"], "key_pem": _private_key_pem(key), "ca_pem": reply["ca"]})
+    # The machine is a child of this process, forked: it has bigmachine loaded already (no
+    # second interpreter to start), and this process stays to tell the driver how it ended.
+    # Its stdin is a pipe from here: EOF means this process died, and the machine exits.
+    output_r, output_w = os.pipe()
+    input_r, input_w = os.pipe()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    pid = os.fork()                   # no threads yet: forking is safe
+    if pid == 0:
+        status = 1
+        try:
+            os.close(conn.fileno())   # the driver's stream is this process's business
+            os.dup2(input_r, 0)
+            os.dup2(output_w, 1)
+            os.dup2(output_w, 2)
+            for fd in (output_r, output_w, input_r, input_w):
+                os.close(fd)
+            _machine_main(bootstrap=config, code=code, workdir=workdir)   # never returns
+        except SystemExit as e:
+            status = e.code if isinstance(e.code, int) else 1
+        except BaseException:
+            traceback.print_exc()
+        finally:
+            os._exit(status)
+    for fd in (output_w, input_r):
+        os.close(fd)
+    listener.close()                  # the machine's now
+    conn.settimeout(None)
+    with contextlib.suppress(OSError):
+        conn.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+    stream = [conn]
+
+    def forward(data):
+        if stream:
+            try:
+                stream[0].sendall(data)
+            except OSError:
+                del stream[:]         # the driver went: the machine's lease ends it soon
+        else:
+            _write_stderr(data.decode("utf-8", "replace"))
+
+    forward(b"%s started %d\n" % (_MARK.encode(), pid))
+    with os.fdopen(output_r, "rb") as output:
+        for line in iter(output.readline, b""):
+            forward(line)
+    _, status = os.waitpid(pid, 0)
+    os.close(input_w)
+    status = -os.WTERMSIG(status) if os.WIFSIGNALED(status) else os.WEXITSTATUS(status)
+    forward(b"%s exited %d\n" % (_MARK.encode(), status))
+    with contextlib.suppress(OSError):
+        conn.close()
+    return status if status >= 0 else 128 - status
+
+
+_enrol_functions = None
+
+
+def _enrol_source():
+    """The enrolment stage's source, compressed, as a Python expression that defines it."""
+    global _enrol_functions
+    if _enrol_functions is None:
+        import inspect
+        import zlib
+        source = "".join(inspect.getsource(f) + "\n" for f in (
+            _bundle_root, _bundle_install, _bundle_unpack, _machine_workdir, _enrol_stage))
+        _enrol_functions = base64.b64encode(zlib.compress(source.encode(), 9)).decode()
+    return "exec(zlib.decompress(base64.b64decode(%r)))" % _enrol_functions
+
+
+def _enrol_program(settings, pick=None):
+    """A Python program (source) that enrols with settings; pick, if given, is an expression
+    choosing settings["token"] among settings["tokens"] (one script for a job array)."""
+    lines = ["import base64, os, sys, zlib", _enrol_source(), "settings = %r" % (settings,)]
+    if pick:
+        lines.append("settings['token'] = settings.pop('tokens')[%s]" % pick)
+    lines.append("sys.exit(_enrol_stage(settings))")
+    return "\n".join(lines) + "\n"
+
+
+class Enrolment:
+    """One machine's admission to a session by a one-time token: see `B.enrol` and the
+    Enrolment section of bigmachine.py."""
+
+    def __init__(self, server, machine, token, bundle, env, on_exit):
+        self.machine = machine
+        self.token = token
+        self._server = server
+        self._bundle = bundle
+        self._env = env
+        self._on_exit = on_exit
+        self._enrolled = threading.Event()
+        self._done = threading.Event()        # enrolled, refused or revoked: no waiting more
+        self.error = None                     # why it was refused, if it was
+
+    def settings(self, wait):
+        """What the stage needs: the driver's address, its certificate's hash, the token;
+        wait is how long the stage keeps trying to reach the driver."""
+        return {"driver": [self._server.host, self._server.port],
+                "fingerprint": self._server.fingerprint, "token": self.token,
+                "wait": int(wait)}
+
+    def command(self, python="python3", wait=60):
+        """A shell command that brings the machine up wherever it runs, given the Python
+        (same major.minor as the driver's) to run there; wait is how many seconds it keeps
+        trying to reach the driver."""
+        import shlex
+        return "%s -u -c %s" % (shlex.quote(python),
+                                shlex.quote(_enrol_program(self.settings(wait))))
+
+    @property
+    def enrolled(self) -> bool:
+        return self._enrolled.is_set()
+
+    def wait(self, timeout=None) -> bool:
+        """Wait until the machine has enrolled (True: its address is set, it serves), or was
+        refused (raises the reason), or timeout seconds pass or it ended before it served
+        (False)."""
+        self._done.wait(timeout)
+        if self.error is not None:
+            raise self.error
+        return self._enrolled.is_set()
+
+    def revoke(self):
+        """Make the token useless from now on (the machine stopped, or took too long)."""
+        self._server.forget(self.token)
+        self._done.set()
+
+    def _refuse(self, error):
+        self.error = error
+        self._server.forget(self.token)
+        self._done.set()
+
+
+class _EnrolmentServer:
+    """The driver's end of enrolment, one per session (see the section's introduction)."""
+
+    def __init__(self, b, host, port=0):
+        self.b = b
+        self.host = host
+        try:
+            _ip_address_bytes(host)
+            bind = host
+        except ValueError:
+            bind = ""                          # a name: every interface
+        self._listener = socket.create_server((bind, port), backlog=128, family=socket.AF_INET6
+                                              if ":" in bind else socket.AF_INET)
+        self.port = self._listener.getsockname()[1]
+        names = {}
+        if bind:
+            names["ip_addresses"] = [host]
+        credentials = b.issue_certificate("bigmachine enrolment", **names)
+        self.fingerprint = _sha256_hex(ssl.PEM_cert_to_DER_cert(credentials.cert_pem))
+        self._context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        credentials.load_into(self._context)
+        self._lock = threading.Lock()
+        self._tokens = {}                      # token -> Enrolment
+        self._closed = False
+        self._conns = set()
+        self._slots = threading.BoundedSemaphore(256)    # connections served at once, at most
+        threading.Thread(target=self._accept, name="bigmachine-enrolment", daemon=True).start()
+
+    def add(self, machine, bundle, env, on_exit):
+        token = base64.urlsafe_b64encode(os.urandom(24)).decode().rstrip("=")
+        enrolment = Enrolment(self, machine, token, bundle, env, on_exit)
+        with self._lock:
+            self._tokens[token] = enrolment
+        return enrolment
+
+    def forget(self, token):
+        with self._lock:
+            self._tokens.pop(token, None)
+
+    def _accept(self):
+        while True:
+            try:
+                raw, peer = self._listener.accept()
+            except OSError:
+                return
+            if not self._slots.acquire(False):
+                raw.close()
+                continue
+            threading.Thread(target=self._serve, args=(raw, peer), name="bigmachine-enrol",
+                             daemon=True).start()
+
+    def _serve(self, raw, peer):
+        _block_async_signals()
+        enrolment = conn = None
+        try:
+            raw.settimeout(30)
+            try:
+                conn = self._context.wrap_socket(raw, server_side=True)
+            except (OSError, ValueError) as e:
+                log.debug("enrolment from %s: TLS failed: %s", peer[0], e)
+                raw.close()
+                return
+            with self._lock:
+                if self._closed:
+                    conn.close()
+                    return
+                self._conns.add(conn)
+            rfile = conn.makefile("rb")
+            enrolment = self._enrol(conn, rfile, peer)
+            if enrolment is not None:
+                self._stream(enrolment, conn, rfile)
+        except Exception as e:
+            log.debug("enrolment from %s failed: %s", peer[0], e)
+        finally:
+            with self._lock:
+                self._conns.discard(conn)
+            with contextlib.suppress(OSError):
+                (conn or raw).close()
+            self._slots.release()
+
+    def _enrol(self, conn, rfile, peer):
+        def send(message):
+            conn.sendall(json.dumps(message).encode() + b"\n")
+
+        def receive():
+            line = rfile.readline(1 << 16)
+            if not line:
+                raise EOFError("the machine closed the connection")
+            return json.loads(line.decode())
+
+        hello = receive()
+        token = hello.get("token") if isinstance(hello, dict) else None
+        with self._lock:
+            enrolment = self._tokens.pop(token, None) if isinstance(token, str) else None
+        machine = enrolment.machine if enrolment is not None else None
+        if enrolment is None or machine.state is STOPPED or self.b.closed:
+            log.warning("refused an enrolment from %s: its token is unknown, used already, "
+                        "or expired", peer[0])
+            send({"error": "this token is unknown, used already, or expired"})
+            return None
+        try:
+            return self._admit(enrolment, conn, rfile, peer, hello, send, receive)
+        except Exception as e:
+            # The token is spent: whatever broke, its machine will not come up this way.
+            enrolment._refuse(Error("machine %s: its enrolment from %s failed: %s"
+                                    % (machine.addr, peer[0], e)))
+            raise
+
+    def _admit(self, enrolment, conn, rfile, peer, hello, send, receive):
+        machine = enrolment.machine
+        if hello.get("python") != PYTHON:
+            send({"error": "the driver runs Python %s" % PYTHON})
+            enrolment._refuse(VersionMismatch(
+                "the driver runs Python %s (%s); machine %s, on host %s, runs Python %s (%s)"
+                % (PYTHON, sys.executable, machine.addr, hello.get("host"), hello.get("python"),
+                   hello.get("executable"))))
+            return None
+        bundle = enrolment._bundle
+        magic, compiled = _compiled_library(bundle)
+        send({"bundle": bundle.sha256, "size": len(bundle.data), "library": bundle.library,
+              "magic": magic, "compiled_size": len(compiled)})
+        while True:
+            answer = receive()
+            if answer == "need":
+                conn.sendall(bundle.data)
+                log.debug("sent the code bundle %s (%d bytes) to %s", bundle.sha256[:12],
+                          len(bundle.data), peer[0])
+            elif answer == "have":
+                break
+            else:
+                raise Error("unexpected answer %r" % (answer,))
+        conn.sendall(compiled)
+        conn.settimeout(self.b.system.boot_timeout)     # it unpacks and imports meanwhile
+        keys = receive()
+        public_key, port = bytes.fromhex(keys["public_key"]), int(keys["port"])
+        host = peer[0]
+        credentials = self.b.issue_certificate("bigmachine enrolled machine",
+                                               ip_addresses=[host], public_key=public_key)
+        addr = "https://%s:%d/" % (_url_host(host), port)
+        self.b.readdress(machine, addr)
+        env = dict(enrolment._env, BIGMACHINE_MODE="machine",
+                   BIGMACHINE_SYSTEM=self.b.system.name)
+        config = _machine_bootstrap(self.b.system, None, bundle.main, addr=addr, env=env)
+        send({"cert": credentials.cert_pem, "ca": credentials.ca_pem, "config": config})
+        line = rfile.readline()
+        if not line.startswith(_MARK.encode() + b" started "):
+            raise Error("the machine did not start: %r" % line[:200])
+        return enrolment
+
+    def _stream(self, enrolment, conn, rfile):
+        """The machine's output, to the driver's stderr, until it exits; then its on_exit."""
+        machine = enrolment.machine
+        system = self.b.system
+        output = _MachineOutput(system.output_rate, system.output_burst)
+        tail = collections.deque(maxlen=_ChildProcess._TAIL)
+        prefix = machine.addr + ": "
+        status = None
+        conn.settimeout(None)
+        with contextlib.suppress(OSError):
+            conn.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+        try:
+            for line in iter(rfile.readline, b""):
+                if line.startswith(_MARK.encode() + b" exited "):
+                    with contextlib.suppress(ValueError, IndexError):
+                        status = int(line.split()[2])
+                elif line.startswith(_MARK.encode() + b" serving"):
+                    enrolment._enrolled.set()         # it serves: launch may return
+                    enrolment._done.set()
+                elif not line.startswith(_MARK.encode() + b" "):
+                    tail.append(output.line(line, prefix, machine.addr))
+        except (OSError, ValueError) as e:
+            log.debug("%s: the enrolment stream broke: %s", machine.addr, e)
+        finally:
+            output.close(prefix)
+        enrolment._on_exit(machine, status, "".join(tail).rstrip())
+        enrolment._done.set()                 # it ended, if it had not served
+
+    def close(self):
+        with self._lock:
+            self._closed = True
+            conns, self._conns = list(self._conns), set()
+            enrolments, self._tokens = list(self._tokens.values()), {}
+        with contextlib.suppress(OSError):
+            self._listener.close()
+        for conn in conns:
+            with contextlib.suppress(OSError):
+                conn.shutdown(socket.SHUT_RDWR)
+            with contextlib.suppress(OSError):
+                conn.close()
+        for enrolment in enrolments:
+            enrolment._done.set()
+
+
+def _sha256_hex(data):
+    import hashlib
+    return hashlib.sha256(data).hexdigest()
+
+
+_compiled = {}                        # bundle sha256 -> (bytecode magic, marshalled code)
+
+
+def _compiled_library(bundle):
+    """bigmachine.py as the bundle holds it, compiled once per bundle: what an enrolling
+    machine of the same Python runs instead of compiling it itself (b"" if it cannot be)."""
+    import importlib.util
+    import marshal
+    found = _compiled.get(bundle.sha256)
+    if found is None:
+        import zipfile
+        name = bundle.library.replace(".", "/") + ".py"
+        try:
+            with zipfile.ZipFile(io.BytesIO(bundle.data)) as archive:
+                source = archive.read(name)              # exactly what the machine unpacks
+            found = marshal.dumps(compile(source, name, "exec", dont_inherit=True))
+        except (KeyError, SyntaxError, ValueError):
+            found = b""
+        _compiled.clear()                 # the newest bundle's only
+        _compiled[bundle.sha256] = found
+    return importlib.util.MAGIC_NUMBER.hex(), found
+
+
+def _enrolled_exit(machine, status, output):
+    """What stops an enrolled machine by default when its process ends: its exit status (None:
+    the connection broke)."""
+    if status is None:
+        err = Error("machine %s: lost (its enrolment connection broke)" % machine.addr)
+    else:
+        err = Error("machine %s %s%s" % (
+            machine.addr, _exit_reason(status),
+            "; its last output:\n" + output if output and machine.state < RUNNING else ""))
+        err.exit_code = status
+    machine.report_stopped(err)
+
+
+# --------------------------------------------------------------------------------------
+# Slurm: machines as jobs on an HPC cluster
+# --------------------------------------------------------------------------------------
+#
+# On a cluster the driver runs on a login node, and compute nodes are reached only through the
+# scheduler. `b.start(n)` submits one `sbatch` job array of n tasks, through the cluster's own
+# commands (so SLURM_CONF and the user's Slurm defaults apply), each task a machine with
+# `cpus` CPUs (its maxprocs), `mem` MiB, a `time_limit` in minutes, in `partition` under
+# `account`, plus any `sbatch_args`. A task that starts enrols (see Enrolment): its job script
+# holds the enrolment stage, the driver's address and certificate hash, and one one-time token
+# per task -- nothing that outlives the machine's start -- and the code bundle, the machine's
+# certificate and its configuration travel over the enrolment's TLS connection, whether or
+# not the cluster shares a filesystem. The machine reports its address as it enrols, and the
+# other machines reach it there, as the driver does.
+#
+# Watching. One thread per session asks `squeue` about the session's jobs every
+# poll_interval seconds. A pending task's machine is STARTING, and says why it waits (Slurm's
+# reason: Resources, Priority...) on the status page; a task that has run for boot_timeout
+# without enrolling is cancelled and its token revoked. A task that leaves the queue (or shows
+# an ending state) stops its machine with an error naming the job and Slurm's state and reason
+# (CANCELLED, TIMEOUT, PREEMPTED, NODE_FAIL, OUT_OF_MEMORY, FAILED...), from `scontrol show
+# job`, which remembers a job for MinJobAge (300 s by default) after it ends. A machine whose
+# process exits while its job goes on says how it exited.
+#
+# Ending. `b.shutdown()` cancels every job of the session (`scancel --name`); a machine whose
+# driver is killed ends within its lease (its watchdog), and its job with it; a task that
+# starts after its driver is gone finds no driver and ends. Jobs are named
+# bigmachine-SESSION, with the user's program in their comment, and `python bigmachine.py
+# slurm list` / `slurm kill [SESSION]` find and end whatever is left.
+
+#: Reasons for which a pending job would wait for ever (unless an administrator changes the
+#: cluster): a cluster that does not enforce its partitions' limits at submission accepts such
+#: jobs and leaves them PENDING with one of these.
+_SLURM_NEVER = ("PartitionConfig", "PartitionNodeLimit", "PartitionTimeLimit", "BadConstraints",
+                "InvalidAccount", "InvalidQOS", "AccountNotAllowed", "QOSNotAllowed",
+                "DependencyNeverSatisfied", "FrontEndDown")
+
+#: Job states in which a task is still on its way or running (squeue's long names).
+_SLURM_LIVE = ("PENDING", "CONFIGURING", "RUNNING", "SUSPENDED", "REQUEUED", "REQUEUE_HOLD",
+               "REQUEUE_FED", "RESIZING", "SIGNALING", "STAGE_OUT", "RESV_DEL_HOLD")
+
+
+def _slurm_run(args, what, input=None, timeout=60.0):
+    """Run a Slurm command; its stdout, or an Error naming what failed and why."""
+    import shutil
+    import subprocess
+    if shutil.which(args[0]) is None:
+        raise Error("the Slurm system needs %s, which is not on PATH: run the driver where the "
+                    "cluster's commands are (a login node), or put them on PATH" % args[0])
+    conf = os.environ.get("SLURM_CONF")
+    if conf and not os.access(conf, os.R_OK):
+        # Slurm's commands would retry reading it for a minute before failing.
+        raise Error("SLURM_CONF=%s names no readable file (%s): point it at the cluster's "
+                    "slurm.conf, or unset it" % (conf, "it is not there" if not
+                                                 os.path.exists(conf) else "not readable"))
+    try:
+        done = subprocess.run(args, input=input, capture_output=True, timeout=timeout,
+                              stdin=None if input is not None else subprocess.DEVNULL)
+    except subprocess.TimeoutExpired:
+        raise Error("%s did not answer in %.0fs (%s): is the Slurm controller up%s?" % (
+            args[0], timeout, what, ", and SLURM_CONF=%s right" % conf if conf else "")) from None
+    if done.returncode != 0:
+        why = done.stderr.decode("utf-8", "replace").strip() or _exit_reason(done.returncode)
+        raise Error("%s failed (%s): %s%s" % (
+            args[0], what, why, " (SLURM_CONF=%s)" % conf if conf else ""))
+    return done.stdout.decode("utf-8", "replace")
+
+
+class SlurmSystem(System):
+    """Machines as jobs on a Slurm cluster: one sbatch job array per `b.start`, a task per
+    machine. See the section's introduction and the README's Slurm section.
+
+    cpus is each machine's CPUs (--cpus-per-task, its maxprocs), mem its memory in MiB (--mem),
+    time_limit its time in minutes (--time), partition and account as for sbatch; sbatch_args
+    go last on sbatch's command line. python runs the machines on the compute nodes (same
+    major.minor as the driver's; default python3). driver_host is the driver's address as the
+    compute nodes reach it (default: this host's fully qualified name) and driver_port the
+    port it serves enrolments on (default: any free one). output is where the jobs' own output
+    goes (sbatch --output; the machines' output comes to the driver anyway). setup is shell
+    code the job runs first (`module load python/3.11`, activating an environment). On the command
+    line: --bigm.system=slurm with --bigm.slurm.partition=P, --bigm.slurm.cpus=N and so on, or
+    the variables BIGMACHINE_SLURM_PARTITION and so on."""
+
+    name = "slurm"
+    #: seconds between two looks at the session's jobs (squeue)
+    poll_interval = 1.0
+
+    def __init__(self, *, partition=None, cpus=1, mem=None, time_limit=None, account=None,
+                 sbatch_args=(), python=None, driver_host=None, driver_port=0,
+                 output="/dev/null", setup="", **keepalive):
+        super().__init__(**keepalive)
+        for name, value in (("cpus", cpus), ("mem", mem), ("time_limit", time_limit)):
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int)
+                                      or value < 1):
+                raise ValueError("%s must be a positive whole number, not %r" % (name, value))
+        if cpus is None:
+            raise ValueError("cpus must be a positive whole number, not None")
+        if isinstance(sbatch_args, str):
+            import shlex
+            sbatch_args = shlex.split(sbatch_args)
+        self.partition = partition
+        self.cpus = cpus
+        self.mem = mem
+        self.time_limit = time_limit
+        self.account = account
+        self.sbatch_args = tuple(str(a) for a in sbatch_args)
+        self.python = python or "python3"
+        self.driver_host = driver_host
+        self.driver_port = int(driver_port or 0)
+        self.output = output
+        self.setup = str(setup or "")
+        self.session = None
+        self._b = None
+        self._cond = threading.Condition()
+        self._generation = 0              # one per session: a monitor serves one session
+        self._reset()
+
+    def _reset(self):
+        self._generation += 1
+        self._closed = False
+        self._jobs = {}                   # Machine -> "JOBID_TASK"
+        self._machines = {}               # "JOBID_TASK" -> Machine
+        self._enrolments = {}             # Machine -> Enrolment
+        self._running_since = {}          # Machine -> time.monotonic() its task began running
+        self._ending = set()              # Machines terminated: their job's end is expected
+        self._gone = set()                # Machines whose process is known to have ended
+        self._serial = itertools.count()  # provisional addresses, unique in the session
+        self._monitor = None
+        self._wake = threading.Event()
+
+    def __repr__(self):
+        return "<slurm system: %d cpus%s>" % (
+            self.cpus, " in partition %s" % self.partition if self.partition else "")
+
+    @classmethod
+    def _command_line_options(cls, argv, environ):
+        options = {}
+
+        def value(flag):
+            return _flag_or_variable(argv, environ, "bigm.slurm." + flag,
+                                     "BIGMACHINE_SLURM_" + flag.upper())
+
+        for flag in ("partition", "account", "python", "driver_host", "output", "setup"):
+            given = value(flag)
+            if given:
+                options[flag] = given
+        for flag in ("cpus", "mem", "time_limit", "driver_port"):
+            given = value(flag)
+            if given:
+                try:
+                    options[flag] = int(given)
+                except ValueError:
+                    raise ValueError("--bigm.slurm.%s must be a whole number, not %r"
+                                     % (flag, given)) from None
+        given = value("sbatch_args")
+        if given:
+            import shlex
+            options["sbatch_args"] = shlex.split(given)
+        return options
+
+    def maxprocs(self):
+        return self.cpus
+
+    def init(self, b):
+        with self._cond:
+            self._reset()
+        self._b = b
+        self.session = os.urandom(6).hex()
+
+    @property
+    def job_name(self):
+        """The name of this session's jobs: bigmachine-SESSION."""
+        return "bigmachine-%s" % self.session
+
+    # -- machines -------------------------------------------------------------------------
+
+    def _check_request(self):
+        """What sbatch may accept and leave pending for ever, refused here with a clear error:
+        a partition that does not exist, more CPUs or memory than any of its nodes has."""
+        import shutil
+        if shutil.which("sbatch") is None:
+            raise Error("the Slurm system needs sbatch, which is not on PATH: run the driver "
+                        "where the cluster's commands are (a login node), or put them on PATH")
+        out = _slurm_run(["sinfo", "--noheader", "--format=%P|%c|%m"],
+                         "reading the cluster's partitions", timeout=30.0)
+        partitions, default = {}, None
+        for line in out.split():
+            fields = line.split("|")
+            if len(fields) != 3:
+                continue
+            name = fields[0].rstrip("*")
+            if fields[0].endswith("*"):
+                default = name
+            sizes = [int(f.rstrip("+")) if f.rstrip("+").isdigit() else 0 for f in fields[1:]]
+            known = partitions.setdefault(name, [0, 0])
+            partitions[name] = [max(known[0], sizes[0]), max(known[1], sizes[1])]
+        if any(a in ("-p", "--partition") or a.startswith("--partition=")
+               for a in self.sbatch_args) or (self.partition and "," in self.partition):
+            return                        # the user's own choice: sbatch judges it
+        name = self.partition or default
+        if name is None:
+            return
+        if name not in partitions:
+            raise Error("there is no partition %r on this Slurm cluster (it has: %s): give "
+                        "SlurmSystem(partition=...) or --bigm.slurm.partition one of those"
+                        % (name, ", ".join(sorted(partitions)) or "none"))
+        cpus, mem = partitions[name]
+        if cpus and self.cpus > cpus:
+            raise Error("cpus=%d: no node of partition %s has more than %d CPUs"
+                        % (self.cpus, name, cpus))
+        if mem and self.mem is not None and self.mem > mem:
+            raise Error("mem=%d: no node of partition %s has more than %d MiB of memory"
+                        % (self.mem, name, mem))
+
+    def start(self, b, n, env):
+        if self._closed:
+            raise Error("the Slurm system was shut down")
+        self._check_request()
+        bundle = _make_bundle()
+        machines, enrolments = [], []
+        for _ in range(n):
+            m = Machine(b, "https://slurm-%s-%d.pending:0/" % (self.session, next(self._serial)),
+                        owned=True, maxprocs=self.cpus)
+            enrolments.append(b.enrol(m, env=env, bundle=bundle, host=self.driver_host,
+                                      port=self.driver_port, on_exit=self._machine_exited))
+            machines.append(m)
+        # One script for the whole array; each task picks its own token.
+        settings = enrolments[0].settings(wait=min(self.lease, self.boot_timeout))
+        settings.pop("token")
+        settings["tokens"] = [e.token for e in enrolments]
+        program = _enrol_program(settings, pick="int(os.environ.get('SLURM_ARRAY_TASK_ID', 0))")
+        import shlex
+        script = ("#!/bin/sh\n# bigmachine.py: %d machine%s of session %s (see bigmachine.py's "
+                  "Slurm section)\n%sexec %s -u -c %s\n" % (
+                      n, "s" if n > 1 else "", self.session,
+                      self.setup.rstrip("\n") + "\n" if self.setup else "",
+                      shlex.quote(self.python), shlex.quote(program)))
+        args = ["sbatch", "--parsable", "--job-name=" + self.job_name,
+                "--comment=" + self._comment(), "--array=0-%d" % (n - 1), "--ntasks=1",
+                "--cpus-per-task=%d" % self.cpus, "--no-requeue", "--output=" + self.output]
+        if self.mem is not None:
+            args.append("--mem=%dM" % self.mem)
+        if self.time_limit is not None:
+            args.append("--time=%d" % self.time_limit)
+        if self.partition:
+            args.append("--partition=" + self.partition)
+        if self.account:
+            args.append("--account=" + self.account)
+        args += list(self.sbatch_args)
+        try:
+            out = _slurm_run(args, "submitting %d machine%s" % (n, "s" if n > 1 else ""),
+                             input=script.encode())
+            job = out.strip().split(";")[0]
+            if not job.isdigit():
+                raise Error("sbatch said %r, not a job id" % out.strip())
+        except BaseException:
+            for e in enrolments:
+                e.revoke()
+            raise
+        with self._cond:
+            for i, (m, e) in enumerate(zip(machines, enrolments)):
+                task = "%s_%d" % (job, i)
+                self._jobs[m], self._machines[task], self._enrolments[m] = task, m, e
+                m.report_status("Slurm job %s submitted" % task)
+            if self._monitor is None:
+                self._monitor = threading.Thread(target=self._watch, args=(self._generation,),
+                                                 name="bigmachine-slurm", daemon=True)
+                self._monitor.start()
+        log.debug("submitted Slurm job %s: %d machines", job, n)
+        self._wake.set()
+        return machines
+
+    def _comment(self):
+        program = os.path.basename(sys.argv[0] if sys.argv and sys.argv[0] else "python")
+        return "bigmachine session=%s user=%s program=%s" % (self.session, _ec2_user(),
+                                                              program or "python")
+
+    def launch(self, b, machine):
+        with self._cond:
+            enrolment = self._enrolments.get(machine)
+            task = self._jobs.get(machine)
+        if enrolment is None:
+            raise Error("machine %s was stopped before it started" % machine.addr)
+        while not enrolment.wait(self.poll_interval):
+            if enrolment._done.is_set():      # its process ended before it served
+                machine.wait(STOPPED, 10 * self.poll_interval)
+                raise machine.err or Error("machine %s (Slurm job %s) ended before it served"
+                                           % (machine.addr, task))
+            if machine.state is STOPPED or self._closed:
+                raise Error("machine %s (Slurm job %s) was stopped while it started"
+                            % (machine.addr, task))
+            with self._cond:
+                since = self._running_since.get(machine)
+            if since is not None and time.monotonic() - since > self.boot_timeout:
+                enrolment.revoke()
+                raise Error("Slurm job %s ran for %.0fs without its machine coming up (is the "
+                            "driver at %s:%d reachable from the compute nodes? see the job's "
+                            "output: SlurmSystem(output=...))" % (
+                                task, self.boot_timeout, enrolment._server.host,
+                                enrolment._server.port))
+        with self._cond:
+            machine.report_status("")
+
+    def _machine_exited(self, machine, status, output):
+        """The machine's process ended (status None: its stream broke, as when its job is
+        cancelled): the job's own end is the better reason, which the monitor finds."""
+        with self._cond:
+            task = self._jobs.get(machine)
+            expected = machine in self._ending or self._closed or self._b.closed
+            self._gone.add(machine)
+        if status is None or expected:
+            self._wake.set()              # look at the job now
+            return
+        err = Error("machine %s (Slurm job %s) %s%s" % (
+            machine.addr, task, _exit_reason(status),
+            "; its last output:\n" + output if output and machine.state < RUNNING else ""))
+        err.exit_code = status
+        machine.report_stopped(err)
+
+    # -- watching -------------------------------------------------------------------------
+
+    def _watch(self, generation):
+        _block_async_signals()
+        wake = self._wake
+        while True:
+            wake.wait(self.poll_interval)
+            wake.clear()
+            with self._cond:
+                if self._closed or self._generation != generation:
+                    return
+                watched = dict(self._machines)
+            if not watched:
+                continue
+            try:
+                out = _slurm_run(["squeue", "--noheader", "--array", "--name=" + self.job_name,
+                                  "--format=%i|%T|%r|%N"], "watching the session's jobs",
+                                 timeout=30.0)
+            except Error as e:
+                log.warning("slurm: %s", e)
+                continue
+            seen = {}
+            for line in out.splitlines():
+                fields = line.strip().split("|")
+                if len(fields) == 4:
+                    seen[fields[0]] = fields[1:]
+            for task, m in watched.items():
+                state, reason, node = seen.get(task, (None, None, None))
+                if state in _SLURM_LIVE:
+                    self._job_live(m, task, state, reason, node)
+                elif m.state is not STOPPED:
+                    self._job_ended(m, task, state)
+
+    def _job_live(self, m, task, state, reason, node):
+        with self._cond:             # launch clears the status under it once enrolled
+            enrolment = self._enrolments.get(m)
+            if enrolment is None or enrolment.enrolled:
+                return
+            if state == "PENDING" and reason in _SLURM_NEVER:
+                never = True
+            elif state == "PENDING":
+                never = False
+                m.report_status("Slurm job %s is PENDING (%s)" % (task, reason))
+            else:
+                self._running_since.setdefault(m, time.monotonic())
+                m.report_status("Slurm job %s is %s on %s; its machine is coming up"
+                                % (task, state, node))
+                return
+        if never:
+            m.report_stopped(Error(
+                "machine %s: Slurm job %s can never start: it is PENDING (%s), which the "
+                "cluster's configuration does not allow (partition, CPUs, memory, time "
+                "limit, account...); it was cancelled" % (m.addr, task, reason)))
+
+    def _job_ended(self, m, task, state):
+        with self._cond:
+            expected = m in self._ending or self._closed or self._b.closed
+        if expected:
+            return
+        info = {}
+        with contextlib.suppress(Error):
+            out = _slurm_run(["scontrol", "show", "job", "--oneliner", task],
+                             "asking how job %s ended" % task, timeout=30.0)
+            for word in out.split():
+                key, _, value = word.partition("=")
+                info.setdefault(key, value)
+        state = info.get("JobState") or state or "gone"
+        if state in _SLURM_LIVE or state == "COMPLETING":
+            # squeue and scontrol disagree for a moment, or the job's processes are still
+            # being ended, after which scontrol says how it ended: look again next round.
+            return
+        details = ", ".join("%s %s" % (k.lower(), info[k]) for k in ("Reason", "ExitCode")
+                            if info.get(k) and info[k] != "None")
+        m.report_stopped(Error("machine %s: Slurm job %s ended: %s%s" % (
+            m.addr, task, state, " (%s)" % details if details else "")))
+
+    def keepalive_failed(self, machine, error):
+        self._wake.set()                  # has its job ended? look now
+
+    def lost(self, machine):
+        with self._cond:
+            return machine in self._gone
+
+    # -- ending -----------------------------------------------------------------------------
+
+    def terminate(self, machine, deadline):
+        with self._cond:
+            task = self._jobs.get(machine)
+            enrolment = self._enrolments.pop(machine, None)
+            self._ending.add(machine)
+        if enrolment is not None:
+            enrolment.revoke()
+        if task is not None:
+            try:
+                _slurm_run(["scancel", task], "cancelling job %s" % task,
+                           timeout=max(5.0, deadline - time.monotonic()))
+            except Error as e:
+                log.warning("slurm: %s; to end what this session left: python bigmachine.py "
+                            "slurm kill %s", e, self.session)
+
+    def shutdown(self):
+        with self._cond:
+            if self._closed or self.session is None:
+                return
+            self._closed = True
+            enrolments = list(self._enrolments.values())
+            submitted = bool(self._jobs)
+            self._cond.notify_all()
+        self._wake.set()
+        for enrolment in enrolments:
+            enrolment.revoke()
+        if submitted:
+            try:
+                _slurm_run(["scancel", "--name=" + self.job_name], "cancelling the session's "
+                           "jobs", timeout=30.0)
+            except Error as e:
+                log.warning("slurm: %s; to end what this session left: python bigmachine.py "
+                            "slurm kill %s", e, self.session)
+
+
+def _slurm_command(args):
+    """`slurm list` and `slurm kill [SESSION]`: the jobs of bigmachine sessions on this cluster
+    (this user's), and ending them."""
+    try:
+        import getpass
+        user = getpass.getuser()
+        out = _slurm_run(["squeue", "--noheader", "--array", "--user=" + user,
+                          "--format=%i|%j|%T|%M|%N|%r|%k"], "listing jobs")
+    except Error as e:
+        print("bigmachine: %s" % e, file=sys.stderr)
+        return 1
+    jobs = []
+    for line in out.splitlines():
+        fields = line.strip().split("|", 6)
+        if len(fields) == 7 and fields[1].startswith("bigmachine-"):
+            session = fields[1][len("bigmachine-"):]
+            if args.session in (None, session):
+                jobs.append([fields[0], fields[2], session, fields[3], fields[4] or fields[5],
+                             fields[6]])
+    if args.slurm_command == "list":
+        rows = [["JOB", "STATE", "SESSION", "TIME", "NODE/REASON", "COMMENT"]] + jobs
+        widths = [max(len(row[k]) for row in rows) for k in range(len(rows[0]))]
+        for row in rows:
+            print("  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip())
+        print("%d job%s of bigmachine sessions" % (len(jobs), "" if len(jobs) == 1 else "s"))
+        return 0
+    if jobs:
+        try:
+            _slurm_run(["scancel"] + [job[0] for job in jobs], "cancelling jobs")
+        except Error as e:
+            print("bigmachine: %s" % e, file=sys.stderr)
+            return 1
+    for job in jobs:
+        print("cancelled %s (session %s)" % (job[0], job[2]))
+    print("%d job%s cancelled" % (len(jobs), "" if len(jobs) == 1 else "s"))
+    return 0
 
 
 # ======================================================================================
@@ -8550,7 +9772,8 @@ def _status_page(b, refresh):
             links if m.state is RUNNING else "")]
         cells.append("<td><span class='state %s'>%s</span>%s</td>" % (
             m.state.name, m.state.name,
-            "<div class=err>%s</div>" % esc(str(m.err))[:600] if m.err is not None else ""))
+            "<div class=err>%s</div>" % esc(str(m.err))[:600] if m.err is not None else
+            "<div class=dim>%s</div>" % esc(m.status) if m.status and m.state < RUNNING else ""))
         replies = list(m.keepalive_replies)
         if replies:
             keepalive = "<span class=num>%.1f ms</span><div class=dim>avg %.1f ms of %d</div>" % (
@@ -8624,7 +9847,7 @@ def _status_page(b, refresh):
 # ======================================================================================
 
 _SYSTEMS = {"local": Local, "test": TestSystem, "testsystem": TestSystem, "ssh": SSHSystem,
-            "ec2": EC2System}
+            "ec2": EC2System, "slurm": SlurmSystem}
 
 
 def start(system: typing.Union[System, str, None] = None, **options: typing.Any) -> B:
@@ -8999,7 +10222,20 @@ def _main(argv):
     for command in (ec2_list, ec2_kill):
         command.add_argument("--region", help="the AWS region (default: the AWS configuration's; "
                                               "AWS_ENDPOINT_URL and the like apply too)")
+    slurm = commands.add_parser("slurm", help="list or cancel the Slurm jobs of bigmachine "
+                                              "sessions (those their drivers left)")
+    slurm_commands = slurm.add_subparsers(dest="slurm_command")
+    slurm_commands.add_parser("list", help="list this user's jobs of bigmachine sessions")
+    slurm_kill = slurm_commands.add_parser("kill", help="cancel this user's jobs of bigmachine "
+                                                        "sessions (of SESSION only, if given)")
+    slurm_kill.add_argument("session", nargs="?", help="the session whose jobs to cancel")
     args = parser.parse_args(argv)
+    if args.command == "slurm":
+        if args.slurm_command is None:
+            slurm.print_help()
+            return 2
+        args.session = getattr(args, "session", None)
+        return _slurm_command(args)
     if args.command == "ec2":
         if args.ec2_command is None:
             ec2.print_help()

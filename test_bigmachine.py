@@ -14,6 +14,7 @@ import collections
 import concurrent.futures
 import contextlib
 import datetime
+import functools
 import gc
 import hashlib
 import html
@@ -116,6 +117,10 @@ class Echo:
 
     def environ(self, name):
         return os.environ.get(name)
+
+    def system(self):
+        """What this machine knows of its system: (name, maxprocs)."""
+        return self.b.system.name, self.b.system.maxprocs()
 
     def fail(self, message):
         raise ValueError(message)
@@ -1215,7 +1220,8 @@ def test_ssh_cluster_serves_calls(sshd, capsys):
             url = urllib.parse.urlsplit(m.addr)
             assert (url.scheme, url.hostname, m.hostname) == ("https", "127.0.0.1", "127.0.0.1")
             assert url.port > 0 and m.call("Supervisor.info")["addr"] == m.addr
-            assert m.maxprocs == os.cpu_count()                # the host's processors
+            # The host's processors, divided among the machines it may run (issue #16).
+            assert m.maxprocs == max(1, os.cpu_count() // 2) == b.system.maxprocs()
         assert sorted(m.addr for m in b.machines()) == sorted(m.addr for m in machines)
         pids = [m.call("Echo.pid") for m in machines]
         workdirs = [m.call("Echo.environ", "TMPDIR") for m in machines]
@@ -5985,3 +5991,485 @@ def test_faults_a_machines_processes_end_with_it_over_ssh(sshd):
             for pid in pids:
                 with contextlib.suppress(OSError):
                     os.kill(pid, signal.SIGKILL)
+
+
+# ======================================================================================
+# Slurm: machines as jobs of a real one-node cluster (slurmctld + slurmd + munged on
+# loopback, started by the tests), and enrolment (issue #19)
+# ======================================================================================
+
+SLURM_DAEMONS = {name: shutil.which(name) or next(
+    (p for p in ("/usr/sbin/" + name, "/usr/local/sbin/" + name) if os.access(p, os.X_OK)), None)
+    for name in ("slurmctld", "slurmd", "munged")}
+
+
+class SlurmCluster(typing.NamedTuple):
+    conf: str                 # its slurm.conf: SLURM_CONF for every client command
+    dir: str
+    cpus: int                 # the one node's CPUs
+
+    def run(self, *args):
+        return subprocess.run(list(args), capture_output=True, text=True, timeout=60,
+                              env=dict(os.environ, SLURM_CONF=self.conf))
+
+    def jobs(self, name=None):
+        """squeue's jobs (of job name, if given): {"JOBID_TASK": STATE}."""
+        args = ["squeue", "--noheader", "--array", "--format=%i|%T|%j"]
+        out = self.run(*args).stdout
+        return {f[0]: f[1] for f in (line.split("|") for line in out.splitlines())
+                if len(f) == 3 and (name is None or f[2] == name)}
+
+
+def become(user):
+    """In a child, before exec: be user (Popen's user= and group= need Python 3.9)."""
+    os.setgid(user.pw_gid)
+    os.setgroups([user.pw_gid])
+    os.setuid(user.pw_uid)
+
+
+@pytest.fixture(scope="session")
+def slurm_cluster():
+    """A Slurm cluster of one node on 127.0.0.1, for the whole test session: munged (as user
+    munge, with a socket of its own), slurmctld and slurmd on free ports, all state in a
+    temporary directory, stopped by pid at the end. Skipped only where Slurm is not installed
+    (apt-get install slurm-wlm munge)."""
+    missing = [name for name, path in SLURM_DAEMONS.items() if not path]
+    missing += [c for c in ("sbatch", "squeue", "scancel", "scontrol") if not shutil.which(c)]
+    if missing:
+        pytest.skip("Slurm's %s not found (apt-get install slurm-wlm munge)" % ", ".join(missing))
+    import tempfile
+    d = tempfile.mkdtemp(prefix="bigmachine-slurm-")
+    os.chmod(d, 0o755)                # munged checks every directory up to its socket
+    munge = pwd.getpwnam("munge")
+    munge_dir = os.path.join(d, "munge")
+    os.mkdir(munge_dir, 0o755)
+    os.chown(munge_dir, munge.pw_uid, munge.pw_gid)
+    socket_path = os.path.join(munge_dir, "socket")
+    procs = []
+    saved = os.environ.get("SLURM_CONF")
+    try:
+        log = open(os.path.join(d, "daemons.log"), "w")
+        procs.append(subprocess.Popen(
+            [SLURM_DAEMONS["munged"], "-F", "--socket=" + socket_path,
+             "--pid-file=%s/pid" % munge_dir, "--log-file=%s/log" % munge_dir,
+             "--seed-file=%s/seed" % munge_dir], preexec_fn=functools.partial(become, munge),
+            stdin=subprocess.DEVNULL, stdout=log, stderr=log))
+        eventually(lambda: os.path.exists(socket_path), 10, "munged's socket")
+        conf = os.path.join(d, "slurm.conf")
+        cpus = 8
+        with open(conf, "w") as f:
+            f.write(textwrap.dedent("""\
+                ClusterName=bigmachinetest
+                SlurmctldHost=localhost(127.0.0.1)
+                SlurmctldPort=%(ctld)d
+                SlurmdPort=%(slurmd)d
+                AuthType=auth/munge
+                CredType=cred/munge
+                AuthInfo=socket=%(socket)s
+                SlurmUser=root
+                MailProg=/bin/true
+                ProctrackType=proctrack/linuxproc
+                TaskPlugin=task/none
+                JobAcctGatherType=jobacct_gather/none
+                MpiDefault=none
+                SelectType=select/cons_tres
+                SelectTypeParameters=CR_Core
+                SchedulerType=sched/backfill
+                KillWait=2
+                StateSaveLocation=%(d)s/state
+                SlurmdSpoolDir=%(d)s/spool
+                SlurmctldLogFile=%(d)s/slurmctld.log
+                SlurmdLogFile=%(d)s/slurmd.log
+                SlurmctldPidFile=%(d)s/slurmctld.pid
+                SlurmdPidFile=%(d)s/slurmd.pid
+                SlurmdParameters=config_overrides
+                ReturnToService=2
+                NodeName=localhost NodeAddr=127.0.0.1 CPUs=%(cpus)d RealMemory=4000 State=UNKNOWN
+                PartitionName=debug Nodes=localhost Default=YES MaxTime=INFINITE State=UP
+                """ % dict(ctld=bigmachine._free_port(), slurmd=bigmachine._free_port(),
+                           socket=socket_path, d=d, cpus=cpus)))
+        for sub in ("state", "spool"):
+            os.mkdir(os.path.join(d, sub))
+        os.environ["SLURM_CONF"] = conf
+        for args in ([SLURM_DAEMONS["slurmctld"], "-D", "-f", conf],
+                     [SLURM_DAEMONS["slurmd"], "-D", "-f", conf, "-N", "localhost"]):
+            procs.append(subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=log,
+                                          stderr=log))
+        cluster = SlurmCluster(conf, d, cpus)
+        eventually(lambda: cluster.run("sinfo", "--noheader", "--format=%T").stdout.strip()
+                   == "idle", 30, "the Slurm node to be idle")
+        yield cluster
+    finally:
+        if saved is None:
+            os.environ.pop("SLURM_CONF", None)
+        else:
+            os.environ["SLURM_CONF"] = saved
+        for proc in reversed(procs):
+            proc.terminate()
+            try:
+                proc.wait(10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+        shutil.rmtree(d, ignore_errors=True)
+
+
+@pytest.fixture
+def slurm(slurm_cluster):
+    """The cluster, checked after the test: no job of any bigmachine session is left."""
+    yield slurm_cluster
+    deadline = time.monotonic() + 15
+    while True:
+        left = {job: state for job, state in slurm_cluster.jobs().items()}
+        if not left:
+            return
+        if time.monotonic() > deadline:
+            slurm_cluster.run("scancel", "--user=%s" % pwd.getpwuid(UID).pw_name)
+            pytest.fail("Slurm jobs left behind: %s" % left)
+        time.sleep(0.1)
+
+
+def slurm_system(**options):
+    settings = dict(FAST, python=sys.executable, driver_host="127.0.0.1")
+    settings.update(options)
+    return bigmachine.SlurmSystem(**settings)
+
+
+def test_slurm_cluster_serves_calls(slurm):
+    system = slurm_system(cpus=2)
+    with bigmachine.start(system) as b:
+        machines = b.start(2, {"Echo": Echo("slurm")}, env={"BIGMACHINE_TEST_VAR": "in a job"})
+        for m in machines:
+            assert m.wait(RUNNING, timeout=60) is RUNNING, m.err
+        jobs = slurm.jobs(system.job_name)
+        assert len(jobs) == 2 and set(jobs.values()) == {"RUNNING"}, jobs
+        pids = [m.call("Echo.pid") for m in machines]
+        assert len(set(pids)) == 2 and os.getpid() not in pids
+        for m in machines:
+            assert m.maxprocs == 2 == b.system.maxprocs()
+            assert m.call("Echo.environ", "SLURM_JOB_ID") is not None
+            assert m.call("Echo.environ", "BIGMACHINE_TEST_VAR") == "in a job"
+            assert m.call("Echo.system") == ("slurm", 2)
+        check_remote_cluster(machines, pids, "slurm", "on the cluster")
+        # Another b.start of the same session: a job array of its own.
+        m3, = running(b, 1, {"Echo": Echo("slurm")})
+        assert len(slurm.jobs(system.job_name)) == 3 and len(b.machines()) == 3
+        assert m3.call("Echo.dial_and_call", machines[0].addr, "Echo.pid") == pids[0]
+    eventually(lambda: slurm.jobs(system.job_name) == {}, 15, "the jobs to end")
+
+
+def test_slurm_pending_jobs_wait_and_say_why_and_ended_jobs_stop_their_machines(slurm):
+    # Each machine takes every CPU of the one node: the second waits for the first's.
+    system = slurm_system(cpus=slurm.cpus)
+    with bigmachine.start(system) as b:
+        m1, m2 = b.start(2, {"Echo": Echo()})
+        assert m1.wait(RUNNING, timeout=60) is RUNNING, m1.err
+        assert m2.wait(RUNNING, timeout=1) is STARTING          # returns: it does not hang
+        eventually(lambda: "PENDING (Resources)" in m2.status, 10, "Slurm's reason")
+        job1, job2 = (system._jobs[m] for m in (m1, m2))
+        assert job2 in m2.status
+        page = bigmachine._status_page(b, 0)
+        assert "PENDING (Resources)" in page and job2 in page
+        # The job ends under the machine (an administrator cancels it, say).
+        assert slurm.run("scancel", job1).returncode == 0
+        assert m1.wait(STOPPED, timeout=30) is STOPPED
+        assert job1 in str(m1.err) and "CANCELLED" in str(m1.err), m1.err
+        with pytest.raises(bigmachine.MachineStopped):
+            m1.call("Echo.pid")
+        # Its CPUs are free: the pending one runs now.
+        assert m2.wait(RUNNING, timeout=60) is RUNNING, m2.err
+        assert m2.status == "" and m2.call("Echo.environ", "SLURM_CPUS_PER_TASK") == str(slurm.cpus)
+    assert m2.state is STOPPED and "shut down" in str(m2.err)
+    eventually(lambda: slurm.jobs(system.job_name) == {}, 15, "the jobs to end")
+
+
+def test_slurm_job_held_forever_does_not_hang_and_shutdown_cancels_it(slurm):
+    system = slurm_system(sbatch_args=["--hold"])
+    b = bigmachine.start(system)
+    try:
+        m, = b.start(1, {"Echo": Echo()})
+        assert m.wait(RUNNING, timeout=1.5) is STARTING
+        eventually(lambda: "PENDING" in m.status, 10, "Slurm's reason")
+        assert "Held" in m.status, m.status                     # JobHeldUser
+        assert list(slurm.jobs(system.job_name).values()) == ["PENDING"]
+        with pytest.raises(bigmachine.Timeout):
+            m.options(timeout=0.5).call("Echo.pid")
+    finally:
+        b.shutdown()
+    assert m.state is STOPPED
+    eventually(lambda: slurm.jobs(system.job_name) == {}, 15, "the job to be cancelled")
+
+
+def test_slurm_bad_input_is_refused_before_anything_runs(slurm, tmp_path):
+    cases = [
+        (dict(partition="nosuchpartition"), "no partition 'nosuchpartition' .*it has: debug"),
+        (dict(cpus=1000), "cpus=1000: no node of partition debug has more than 8 CPUs"),
+        (dict(mem=10 ** 8), "no node of partition debug has more than 4000 MiB"),
+        # What only sbatch itself judges: its own message.
+        (dict(sbatch_args=["--mem=99999999"]), "sbatch failed .submitting 1 machine.*Memory"),
+        (dict(sbatch_args=["--partition=nosuch"]), "sbatch failed .*invalid partition"),
+    ]
+    for options, message in cases:
+        system = slurm_system(**options)
+        with bigmachine.start(system) as b:
+            with pytest.raises(bigmachine.Error, match=message):
+                b.start(1, {"Echo": Echo()})
+            assert b.machines() == [] and slurm.jobs(system.job_name) == {}
+    # A job that sbatch accepts but that can never run (this cluster does not enforce its
+    # partitions' limits at submission): its machine stops, saying why, and it is cancelled.
+    system = slurm_system(sbatch_args=["--partition=debug", "--cpus-per-task=1000"])
+    with bigmachine.start(system) as b:
+        m, = b.start(1, {"Echo": Echo()})
+        assert m.wait(RUNNING, timeout=30) is STOPPED
+        assert "can never start" in str(m.err) and "PartitionConfig" in str(m.err), m.err
+        eventually(lambda: slurm.jobs(system.job_name) == {}, 15, "the job to be cancelled")
+    # No Slurm here: no sbatch on PATH, or a configuration that is not there.
+    saved = dict(os.environ)
+    try:
+        os.environ["PATH"] = str(tmp_path)
+        with bigmachine.start(slurm_system()) as b:
+            with pytest.raises(bigmachine.Error, match="needs sbatch, which is not on PATH"):
+                b.start(1, {"Echo": Echo()})
+        os.environ.update(PATH=saved["PATH"], SLURM_CONF=str(tmp_path / "nowhere.conf"))
+        with bigmachine.start(slurm_system()) as b:
+            with pytest.raises(bigmachine.Error, match="SLURM_CONF=.*nowhere.conf"):
+                b.start(1, {"Echo": Echo()})
+    finally:
+        os.environ.clear()
+        os.environ.update(saved)
+    with pytest.raises(ValueError, match="cpus"):
+        bigmachine.SlurmSystem(cpus=0)
+
+
+def test_slurm_job_script_holds_only_a_one_time_token(slurm, tmp_path):
+    system = slurm_system()
+    with bigmachine.start(system) as b:
+        m, = running(b)
+        job = system._jobs[m]
+        script = slurm.run("scontrol", "write", "batch_script", job.split("_")[0], "-").stdout
+        assert "#!/bin/sh" in script and system.session in script
+        # What an administrator can read: no key of any kind, no certificate.
+        assert "PRIVATE KEY" not in script and "CERTIFICATE" not in script
+        key_pem = b.credentials.key_pem.split("-----")[2].strip()
+        assert key_pem[:40] not in script
+        # The token in it was used: running the script again (as someone who read it would)
+        # is refused, and the machine is not disturbed.
+        replay = subprocess.run(["sh", "-c", script], capture_output=True, text=True, timeout=60,
+                                env=dict(os.environ, SLURM_ARRAY_TASK_ID="0"))
+        assert replay.returncode == 1, replay.stderr
+        assert "refused this machine" in replay.stderr and "used already" in replay.stderr
+        assert m.call("Echo.pid") > 0 and m.state is RUNNING
+
+
+def test_slurm_killed_driver_jobs_end_within_the_lease(slurm, tmp_path):
+    driver = textwrap.dedent("""
+        import os, signal, sys
+        import bigmachine
+        from test_bigmachine import Echo
+
+        if __name__ == "__main__":
+            system = bigmachine.SlurmSystem(python=sys.executable, driver_host="127.0.0.1",
+                                            lease=3.0, keepalive_period=0.5)
+            b = bigmachine.start(system)
+            m, = b.start(1, {"Echo": Echo()})
+            assert m.wait(bigmachine.RUNNING, timeout=60) is bigmachine.RUNNING, m.err
+            print(system.job_name, flush=True)
+            os.kill(os.getpid(), signal.SIGKILL)
+    """)
+    result = run_script(tmp_path, driver, timeout=120)
+    assert result.returncode == -signal.SIGKILL, result.stderr
+    name = result.stdout.strip()
+    assert name.startswith("bigmachine-")
+    eventually(lambda: slurm.jobs(name) == {}, 30, "the dead driver's job to end")
+
+
+def test_slurm_list_and_kill_find_the_jobs_of_sessions(slurm):
+    system = slurm_system()
+    with bigmachine.start(system) as b:
+        m, = running(b)
+        command = [sys.executable, os.path.join(HERE, "bigmachine.py"), "slurm"]
+        listed = subprocess.run(command + ["list"], capture_output=True, text=True, timeout=60)
+        assert listed.returncode == 0, listed.stderr
+        job = system._jobs[m]
+        line, = [l for l in listed.stdout.splitlines() if l.startswith(job + " ")]
+        assert system.session in line and "RUNNING" in line
+        other = subprocess.run(command + ["kill", "000000000000"], capture_output=True,
+                               text=True, timeout=60)
+        assert other.returncode == 0 and "0 jobs cancelled" in other.stdout
+        assert m.state is RUNNING
+        killed = subprocess.run(command + ["kill", system.session], capture_output=True,
+                                text=True, timeout=60)
+        assert killed.returncode == 0 and "cancelled %s" % job in killed.stdout, killed.stderr
+        assert m.wait(STOPPED, timeout=30) is STOPPED
+        assert "CANCELLED" in str(m.err) and job in str(m.err)
+
+
+class ShellSystem(bigmachine.System):
+    """A system written from outside the library, on its public interface alone (README:
+    "Writing a system"): each machine is `sh -c COMMAND` on this host, COMMAND its enrolment's,
+    as a scheduler or a cloud's startup script would run it somewhere."""
+
+    name = "shell"
+
+    def __init__(self, **keepalive):
+        super().__init__(**keepalive)
+        self.enrolments, self.procs = {}, {}
+
+    def start(self, b, n, env):
+        machines = []
+        for i in range(n):
+            m = bigmachine.Machine(b, "https://shell-%d.pending:0/" % i, owned=True, maxprocs=1)
+            self.enrolments[m] = b.enrol(m, env=env, host="127.0.0.1")
+            machines.append(m)
+        return machines
+
+    def launch(self, b, machine):
+        enrolment = self.enrolments[machine]
+        machine.report_status("running its command")
+        self.procs[machine] = subprocess.Popen(
+            ["sh", "-c", enrolment.command(sys.executable)], start_new_session=True)
+        if not enrolment.wait(60):
+            raise bigmachine.Error("machine %s did not enrol in 60s" % machine.addr)
+
+    def terminate(self, machine, deadline):
+        enrolment, proc = self.enrolments.pop(machine, None), self.procs.pop(machine, None)
+        if enrolment is not None:
+            enrolment.revoke()
+        if proc is not None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+
+    def shutdown(self):
+        for machine in list(self.enrolments):
+            self.terminate(machine, 0)
+
+
+def test_a_system_written_on_the_public_interface_enrols_its_machines(tmp_path):
+    system = ShellSystem(**FAST)
+    with bigmachine.start(system) as b:
+        machines = b.start(2, {"Echo": Echo("shell")}, env={"BIGMACHINE_TEST_VAR": "enrolled"})
+        for m in machines:
+            assert m.wait(RUNNING, timeout=60) is RUNNING, m.err
+            assert m.hostname == "127.0.0.1" and m.call("Echo.environ", "BIGMACHINE_TEST_VAR") \
+                == "enrolled"
+            assert m.call("Echo.system") == ("shell", 1)
+        pids = [m.call("Echo.pid") for m in machines]
+        check_remote_cluster(machines, pids, "shell", "enrolled")
+        m1, m2 = machines
+        assert all(system.enrolments[m].enrolled for m in machines)
+        assert b._enrolment._tokens == {}            # used tokens are forgotten at once
+        # A machine whose process ends stops with how it ended.
+        os.kill(m1.call("Echo.pid"), signal.SIGKILL)
+        assert m1.wait(STOPPED, timeout=10) is STOPPED
+        assert "SIGKILL" in str(m1.err), m1.err
+        assert m2.call("Echo.echo", 1) == 1
+        # A command that meets another server than its driver's says so and sends nothing.
+        m3, = b.start(1, {"Echo": Echo()})
+        enrolment = system.enrolments[m3]
+        settings = enrolment.settings(wait=5)
+        settings["fingerprint"] = "0" * 64
+        impostor = subprocess.run([sys.executable, "-c", bigmachine._enrol_program(settings)],
+                                  capture_output=True, text=True, timeout=60)
+        assert impostor.returncode == 1 and "is not this machine's driver" in impostor.stderr
+        assert m3.wait(RUNNING, timeout=60) is RUNNING, m3.err     # its token was not spent
+        command = enrolment.command(sys.executable)
+        assert "PRIVATE KEY" not in command and enrolment.token in command
+        replay = subprocess.run(["sh", "-c", command], capture_output=True, text=True,
+                                timeout=60)
+        assert replay.returncode == 1 and "used already" in replay.stderr
+
+
+def test_ec2_user_data_holds_no_machine_key(ec2):
+    """EC2 on the enrolment's principle: what user data holds (readable from the instance's
+    metadata and by AWS principals) is a bootstrap's server-only certificate that expires; the
+    machine makes its own key on the instance and the driver certifies it."""
+    import ast
+    system = ec2_system()
+    with bigmachine.start(system) as b:
+        m1, m2 = running(b, 2)
+        text = base64.b64decode(ec2.ec2.describe_instance_attribute(
+            InstanceId=instance_id_of(m1), Attribute="userData")["UserData"]["Value"]).decode()
+        settings = ast.literal_eval(text.split("sys.exit(_ec2_boot(")[1].split("))\n")[0])
+        leaked = bigmachine.Credentials(settings["cert"], settings["key"], settings["ca"])
+        # Whoever reads it cannot call the machines: they refuse a certificate without
+        # client use, as the TLS handshake shows.
+        stranger = bigmachine._Client(leaked)
+        try:
+            for m in (m1, m2):
+                with pytest.raises(bigmachine.AuthenticationError):
+                    stranger.peer(m.addr).call("Supervisor.ping", (1,), {},
+                                               time.monotonic() + 10)
+        finally:
+            stranger.close()
+        # The machine serves with a key of its own, which user data never held.
+        host, port = m1.hostname, urllib.parse.urlsplit(m1.addr).port
+        context = bigmachine.client_context(b.credentials)
+        with socket.create_connection((host, port), 10) as raw:
+            with context.wrap_socket(raw) as sock:
+                served = ssl.DER_cert_to_PEM_cert(sock.getpeercert(True))
+        assert served.strip() != settings["cert"].strip() and served not in text
+        assert m1.call("Echo.dial_and_call", m2.addr, "Echo.pid") == m2.call("Echo.pid")
+        # On the machine, b.system is the EC2 system's view: an m5.large's 2 vCPUs (#16).
+        assert m1.call("Echo.system") == ("ec2", 2) and b.system.maxprocs() == 2
+
+
+def test_machines_know_their_system_and_its_maxprocs(sshd):
+    """Issue #16: on a machine, b.system says which system it belongs to and what each of its
+    machines offers, as the driver's system does."""
+    for system, expected in ((bigmachine.Local(maxprocs=3, **FAST), ("local", 3)),
+                             (bigmachine.TestSystem(maxprocs=2, **FAST), ("test", 2)),
+                             (ssh_system(sshd, per_host=2),
+                              ("ssh", max(1, os.cpu_count() // 2)))):
+        with bigmachine.start(system) as b:
+            m, = running(b, services={"Echo": Echo()})
+            assert m.call("Echo.system") == expected
+            assert (b.system.name, b.system.maxprocs()) == expected == (
+                b.system.name, m.maxprocs)
+
+
+def test_slurm_node_with_another_python_is_a_version_mismatch(slurm):
+    python = _other_python()
+    if python is None:
+        pytest.skip("no other CPython 3.8+ under %s" % PYENV)
+    system = slurm_system(python=python)
+    with bigmachine.start(system) as b:
+        m, = b.start(1, {"Echo": Echo()})
+        assert m.wait(RUNNING, timeout=60) is STOPPED
+        assert isinstance(m.err, bigmachine.VersionMismatch), m.err
+        assert bigmachine.PYTHON in str(m.err) and python in str(m.err)
+    eventually(lambda: slurm.jobs(system.job_name) == {}, 15, "the job to end")
+
+
+def test_slurm_flags_and_variables(monkeypatch):
+    options = bigmachine.SlurmSystem._command_line_options(
+        ["prog", "--bigm.slurm.cpus=4", "--bigm.slurm.partition", "short", "-n", "3"],
+        {"BIGMACHINE_SLURM_MEM": "512", "BIGMACHINE_SLURM_SBATCH_ARGS": "--qos=low --nice=5",
+         "BIGMACHINE_SLURM_CPUS": "2", "BIGMACHINE_SLURM_TIME_LIMIT": "30"})
+    assert options == {"cpus": 4, "partition": "short", "mem": 512, "time_limit": 30,
+                       "sbatch_args": ["--qos=low", "--nice=5"]}
+    monkeypatch.setattr(sys, "argv", ["prog", "--bigm.system=slurm", "--bigm.slurm.cpus=3",
+                                      "--bigm.slurm.account", "physics"])
+    b = bigmachine.start()
+    try:
+        assert isinstance(b.system, bigmachine.SlurmSystem)
+        assert (b.system.cpus, b.system.account, b.system.maxprocs()) == (3, "physics", 3)
+    finally:
+        b.shutdown()
+    with pytest.raises(ValueError, match="cpus must be a whole number"):
+        bigmachine.SlurmSystem._command_line_options(["prog", "--bigm.slurm.cpus=many"], {})
+
+
+def test_slurm_machine_that_exits_says_how_and_its_job_ends(slurm):
+    # setup runs in the job before the machine (here: what `module load` would do).
+    system = slurm_system(setup="BIGMACHINE_SETUP_RAN=yes; export BIGMACHINE_SETUP_RAN")
+    with bigmachine.start(system) as b:
+        m, other = running(b, 2)
+        job = system._jobs[m]
+        assert other.call("Echo.environ", "BIGMACHINE_SETUP_RAN") == "yes"
+        assert m.call("Supervisor.shutdown", 0, 3) is True
+        assert m.wait(STOPPED, timeout=30) is STOPPED
+        assert "exited with code 3" in str(m.err) and job in str(m.err), m.err
+        assert m.err.exit_code == 3
+        eventually(lambda: job not in slurm.jobs(system.job_name), 15, "its job to end")
+        assert other.call("Echo.echo", 1) == 1 and other.state is RUNNING
