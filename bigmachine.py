@@ -4517,6 +4517,7 @@ def _make_bundle(packages="auto"):
     program's own code that it has imported (their whole top-level regular package, if any).
     packages (a system's `packages`) says what else travels with it: see Packages."""
     import hashlib
+    wanted = packages
     shared = _shared_code_dirs()
     library = __name__
     files = {library.replace(".", "/") + ".py": os.path.abspath(__file__)}
@@ -4545,7 +4546,7 @@ def _make_bundle(packages="auto"):
         files[name] = path
         main["init_main_from_path"] = name
     data = _zip_files(files)
-    shipped = _make_packages(packages, shared)
+    shipped = _make_packages(wanted, shared)
     if shipped is not None:
         main["packages"] = shipped.digest        # the machine waits for them before main
     return _Bundle(data, hashlib.sha256(data).hexdigest(), main, library, files, shipped)
