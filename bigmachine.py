@@ -5026,11 +5026,13 @@ _warned = set()
 
 
 def _warn_once(message):
+    # Said at the info level: an edited file (a CA added to a certificate bundle) is common
+    # and harmless, as what travels is what the driver has.
     with _packages_lock:
         if message in _warned:
             return
         _warned.add(message)
-    log.warning("%s", message)
+    log.info("%s", message)
 
 
 def _loose_entry(site, top, paths):
@@ -5365,17 +5367,43 @@ class _PackageStage:
 
     @staticmethod
     def _host_has(dist):
-        """Has this machine's Python the same distribution (the same RECORD) already?"""
+        """Has this machine's Python the same distribution already? The same RECORD says so;
+        else the same version whose RECORD gives the same hashes, and whose files that do
+        not match their RECORD (edited after they were installed) hash the same here."""
+        import csv
         import hashlib
         import importlib.metadata
-        if not dist.get("record"):
-            return False
         try:
-            record = importlib.metadata.distribution(dist["name"]).read_text("RECORD")
+            found = importlib.metadata.distribution(dist["name"])
+            record = found.read_text("RECORD")
         except Exception:
             return False
-        return record is not None and \
-            hashlib.sha256(record.encode("utf-8")).hexdigest() == dist["record"]
+        if record is None:
+            return False
+        if dist.get("record") and \
+                hashlib.sha256(record.encode("utf-8")).hexdigest() == dist["record"]:
+            return True
+        if found.version != dist["version"]:
+            return False
+        rows = {os.path.normpath(row[0]): row[1] for row in csv.reader(record.splitlines())
+                if len(row) > 1 and row[0]}
+        for rel, sha256, size, _ in dist["files"]:
+            listed = rows.get(os.path.normpath(rel))
+            if listed is None:
+                return False
+            ours = base64.urlsafe_b64encode(bytes.fromhex(sha256)).rstrip(b"=").decode()
+            if listed.rstrip("=") == "sha256=" + ours:
+                continue
+            try:
+                path = str(found.locate_file(rel))
+                if os.path.getsize(path) != size:
+                    return False
+                with open(path, "rb") as f:
+                    if hashlib.sha256(f.read()).hexdigest() != sha256:
+                        return False
+            except OSError:
+                return False
+        return True
 
     # -- 3. receiving ---------------------------------------------------------------------
 

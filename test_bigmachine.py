@@ -5004,27 +5004,34 @@ def address(instance):
     port = tags.get("bigmachine-test:port")
     return ("127.0.0.1", int(port)) if port else None
 
-settings = json.loads(sys.argv[1])
-if settings.pop("alien", False):
-    import bmtest_alien
-fast = dict(keepalive_period=0.5, keepalive_timeout=5.0, keepalive_rpc_timeout=2.0, lease=10.0)
-if settings.pop("system") == "ssh":
-    system = bigmachine.SSHSystem(settings.pop("hosts"), **fast, **settings)
-else:
-    system = bigmachine.EC2System(address=address, **fast, **settings)
-out = {}
-try:
-    with bigmachine.start(system) as b:
-        m, = b.start(1, {"Probe": Probe()})
-        m.wait(bigmachine.RUNNING, timeout=120)
-        out["state"] = m.state.name
-        out["err"] = str(m.err) if m.err else None
-        if m.state is bigmachine.RUNNING:
-            out["result"] = m.call("Probe.use")
-except Exception as e:
-    out["error"] = "%s: %s" % (type(e).__name__, e)
-out["sent"] = system.packages_sent
-print("RESULT " + json.dumps(out))
+def main():
+    import logging
+    logging.basicConfig(level=logging.INFO)
+    settings = json.loads(sys.argv[1])
+    if settings.pop("alien", False):
+        import bmtest_alien
+    fast = dict(keepalive_period=0.5, keepalive_timeout=5.0, keepalive_rpc_timeout=2.0,
+                lease=10.0)
+    if settings.pop("system") == "ssh":
+        system = bigmachine.SSHSystem(settings.pop("hosts"), **fast, **settings)
+    else:
+        system = bigmachine.EC2System(address=address, **fast, **settings)
+    out = {}
+    try:
+        with bigmachine.start(system) as b:
+            m, = b.start(1, {"Probe": Probe()})
+            m.wait(bigmachine.RUNNING, timeout=120)
+            out["state"] = m.state.name
+            out["err"] = str(m.err) if m.err else None
+            if m.state is bigmachine.RUNNING:
+                out["result"] = m.call("Probe.use")
+    except Exception as e:
+        out["error"] = "%s: %s" % (type(e).__name__, e)
+    out["sent"] = system.packages_sent
+    print("RESULT " + json.dumps(out))
+
+if __name__ == "__main__":
+    main()
 """
 
 
@@ -5239,7 +5246,8 @@ def test_ec2_machine_imports_the_drivers_packages(ec2, packages_venv, tmp_path):
     settings = {"system": "ec2"}
     first, err = run_packages_driver(packages_venv, settings, tmp_path)
     used = check_packages_used(first, packages_venv)
-    assert used["value"] == "first" and first["sent"] > 0
+    # The venv's distributions travel; those the instance's Python has (boto3...) do not.
+    assert used["value"] == "first" and 0 < first["sent"] < 1 << 20
     off, _ = run_packages_driver(packages_venv, dict(settings, packages=None), tmp_path)
     assert off["state"] == "STOPPED" and off["sent"] == 0
     assert "No module named 'bmtest_ext'" in off["err"], off
