@@ -5273,10 +5273,12 @@ def test_package_files_arrive_whole_or_not_at_all(tmp_path):
     assert sorted(os.listdir(str(objects))) == [sha, sha + ".x"]
     assert os.stat(str(objects / sha)).st_mode & 0o777 == 0o444
     assert os.stat(str(objects / (sha + ".x"))).st_mode & 0o777 == 0o555
-    # A damaged object is caught when an environment is made from it, and removed.
+    # A damaged object is caught when a later machine makes an environment from it, and
+    # removed.
     os.chmod(str(objects / sha), 0o644)
     with open(str(objects / sha), "ab") as f:
         f.write(b"damage")
+    stage = bigmachine._PackageStage(str(tmp_path), "0" * 64)
     stage.missing({"dists": [{"name": "p", "version": "1", "record": None, "tags": [],
                               "compiled": False, "files": [["p/x.txt", sha, len(data), False]]}]})
     with pytest.raises(bigmachine.Error, match="was damaged: it is removed"):
