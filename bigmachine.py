@@ -62,7 +62,10 @@ Systems (Go: system.go, local.go, testsystem)
     `multiprocessing`'s spawn method loads `__main__`. `SSHSystem` runs them on hosts reached
     over ssh, with the driver's code shipped as a content-addressed bundle. `EC2System` launches
     an EC2 instance per machine, whose user data holds only that machine's credentials and a
-    small bootstrap, to which the driver sends the same bundle over mutual TLS.
+    small bootstrap, to which the driver sends the same bundle over mutual TLS. With the bundle
+    go the installed distributions the driver imported (packages="auto"), which a machine
+    receives over its own mutual TLS before it loads main: content-addressed files, cached
+    per host, hashed on arrival, linked into a directory that is complete or absent.
 
 Debug (Go: profile.go, status.go, expvar.go, rpc/stats.go)
     Seeing the whole cluster from the driver: CPU profiles sampled on every machine at once
@@ -5645,7 +5648,8 @@ class SSHSystem(System):
     (-T, BatchMode=yes, ConnectTimeout=30), which they can therefore override. bind is where
     machines listen on their hosts: by default the address the ssh connection came in on, or
     loopback with tunnel=True, which reaches machines through `ssh -L` port forwards for hosts
-    whose ports are firewalled. See the section's introduction."""
+    whose ports are firewalled. packages (every system's option) says which installed
+    distributions travel: see Packages. See the section's introduction."""
 
     name = "ssh"
 
