@@ -5008,6 +5008,7 @@ def main():
     import logging
     logging.basicConfig(level=logging.INFO)
     settings = json.loads(sys.argv[1])
+    n = settings.pop("n", 1)
     if settings.pop("alien", False):
         import bmtest_alien
     fast = dict(keepalive_period=0.5, keepalive_timeout=5.0, keepalive_rpc_timeout=2.0,
@@ -5019,12 +5020,15 @@ def main():
     out = {}
     try:
         with bigmachine.start(system) as b:
-            m, = b.start(1, {"Probe": Probe()})
-            m.wait(bigmachine.RUNNING, timeout=120)
-            out["state"] = m.state.name
-            out["err"] = str(m.err) if m.err else None
-            if m.state is bigmachine.RUNNING:
-                out["result"] = m.call("Probe.use")
+            machines = b.start(n, {"Probe": Probe()})
+            for m in machines:
+                m.wait(bigmachine.RUNNING, timeout=120)
+            out["states"] = [m.state.name for m in machines]
+            out["state"] = machines[0].state.name
+            out["err"] = str(machines[0].err) if machines[0].err else None
+            if all(m.state is bigmachine.RUNNING for m in machines):
+                out["results"] = [m.call("Probe.use") for m in machines]
+                out["result"] = out["results"][0]
     except Exception as e:
         out["error"] = "%s: %s" % (type(e).__name__, e)
     out["sent"] = system.packages_sent
@@ -5148,9 +5152,14 @@ def test_ssh_machine_imports_the_drivers_packages(sshd, packages_venv, tmp_path)
     shutil.rmtree(os.path.join(host_dir(sshd), "packages"), ignore_errors=True)
     settings = {"system": "ssh", "hosts": [sshd.host], "python": sys.executable,
                 "ssh_options": sshd.options}
-    first, _ = run_packages_driver(packages_venv, settings, tmp_path)
+    # Two machines start on a host that lacks the packages: one of them is sent them.
+    first, _ = run_packages_driver(packages_venv, dict(settings, n=2, per_host=2), tmp_path)
+    assert first["states"] == ["RUNNING", "RUNNING"], first
     used = check_packages_used(first, packages_venv)
-    assert used["value"] == "first"
+    assert used["value"] == "first" and first["results"][1]["ext"] == used["ext"]
+    objects = os.path.join(host_dir(sshd), "packages", "objects")
+    assert first["sent"] == sum(os.path.getsize(os.path.join(objects, name))
+                                for name in package_cache(host_dir(sshd)))
     # The driver's packages come after the bundle and the standard library, and before the
     # host's own installed packages.
     path = used["path"]
@@ -5292,3 +5301,24 @@ def test_packages_option_is_checked():
     for bad in ("numpy", [], ["--index-url=http://x"], [3]):
         with pytest.raises(ValueError, match="packages is 'auto'"):
             bigmachine.SSHSystem(["h"], packages=bad)
+
+
+def test_a_record_that_lists_a_missing_file_stops_b_start(tmp_path, monkeypatch):
+    site = tmp_path / "lib" / "site-packages"
+    (site / "bmtest_liar").mkdir(parents=True)
+    (site / "bmtest_liar" / "__init__.py").write_text("X = 1\n")
+    info = site / "bmtest_liar-2.0.dist-info"
+    info.mkdir()
+    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: bmtest_liar\nVersion: 2.0\n\n")
+    (info / "RECORD").write_text("bmtest_liar/__init__.py,,\nbmtest_liar/gone.py,sha256=x,3\n"
+                                 "bmtest_liar-2.0.dist-info/RECORD,,\n")
+    monkeypatch.syspath_prepend(str(site))
+    monkeypatch.delitem(sys.modules, "bmtest_liar", raising=False)
+    importlib.import_module("bmtest_liar")
+    with pytest.raises(bigmachine.Error) as caught:
+        bigmachine._make_bundle("auto")
+    message = str(caught.value)
+    assert "bmtest_liar 2.0" in message and str(site / "bmtest_liar" / "gone.py") in message
+    assert "pip install --force-reinstall 'bmtest_liar==2.0'" in message
+    assert "packages=None" in message
+    assert bigmachine._make_bundle(None).packages is None            # shipping off: no error
