@@ -4751,9 +4751,12 @@ def _machine_workdir(root):
 # distribution owns, with its SHA-256), and describes them -- name, version, wheel tags, files
 # and hashes -- in a *manifest*. Modules in an installed-packages directory that no RECORD
 # claims (an egg-info install, a file copied there) travel as their top-level package, whole.
-# A file whose bytes do not match its RECORD stops `b.start` with an error that names it: it
-# was changed after it was installed, or the RECORD lies, and either way the machines would
-# run something other than what the driver thinks it ships.
+# The driver hashes every file itself (once per process, while the file stays the same): what
+# travels is what the driver has. A file that does not match its RECORD (edited after it was
+# installed -- a CA appended to certifi's bundle is common -- or the RECORD lies) is said in
+# the log and travels as it is, and the host's copy of that distribution is not taken for the
+# driver's on the RECORD's word. A file the RECORD lists that cannot be read stops `b.start`
+# with an error that names it and says what to do.
 #
 # The manifest's hash rides in the bootstrap (as `main["packages"]`), so every system that
 # ships a code bundle ships packages too, without knowing about them. A machine that has it
@@ -4765,16 +4768,17 @@ def _machine_workdir(root):
 #      if not, the machine stops with an err naming the distributions, both platforms, and
 #      what to do (packages=[requirements], installed there by pip; or packages=None);
 #   2. asks which files the host lacks (Supervisor.packages_missing). Distributions that the
-#      machine's own Python has, with the same RECORD, are the host's already and stay
-#      out; of the rest, the files the host's cache has are not sent again;
+#      machine's own Python has -- the same RECORD, or the same version whose files hash the
+#      same -- are the host's already and stay out; of the rest, the files the host's cache
+#      has are not sent again;
 #   3. streams the missing ones (Supervisor.packages_put): each is written under a temporary
 #      name, hashed as it arrives, and renamed into <root>/packages/objects/<sha256> only if
 #      the hash is right -- a transfer that breaks, a file that changed on the driver while it
 #      was read, a full or unwritable disk leave at most a .part file, never an object;
 #   4. says go (Supervisor.packages_ready): the host builds the set of distributions this
 #      machine needs as one directory of hard links to the objects, envs/<hash of the set>,
-#      under a temporary name, hashing each object once more, and renames it into place: a
-#      directory there is complete. The machine puts it on sys.path after the bundle and the
+#      under a temporary name, hashing once more each object it did not just receive, and
+#      renames it into place: a directory there is complete. The machine puts it on sys.path after the bundle and the
 #      host's standard library, ahead of the host's own installed packages (so the driver's
 #      versions of the distributions it imported win, and nothing else changes), then loads
 #      main, and the boot goes on as for any machine.
