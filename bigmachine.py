@@ -4414,12 +4414,10 @@ def _run_machine(config):
         if packages is None:
             process.exited.wait()
             return exit_code[0] if exit_code else 0
-        try:
-            _load_main(_bundle_preparation(preparation, config["code"], workdir, packages))
-        except BaseException as e:
-            stage.loaded(e)           # the driver's call says why; the driver ends the machine
-        else:
-            stage.loaded(None)
+        # A main that fails to load ends the machine as it would without packages: its
+        # traceback is the last output the driver shows.
+        _load_main(_bundle_preparation(preparation, config["code"], workdir, packages))
+        stage.loaded()
         process.exited.wait()
         return exit_code[0] if exit_code else 0
     if config.get("code"):
@@ -5245,7 +5243,13 @@ def _send_packages(system, m, wanted):
                     wheels = "index"
                 m._boot_call("Supervisor.packages_pip", packages.manifest, wheels,
                              timeout=timeout)
-    where = m._boot_call("Supervisor.packages_ready", timeout=timeout)
+    try:
+        where = m._boot_call("Supervisor.packages_ready", timeout=timeout)
+    except NetworkError:
+        # The machine went away as it loaded main (which failed, say): how it ended, with its
+        # last output, is its system's to say, and about to be said.
+        m._stopped.wait(5.0)
+        raise
     log.debug("%s: packages ready at %s", m.addr, where)
 
 
@@ -5335,7 +5339,6 @@ class _PackageStage:
         self._env = None                   # their directory: envs/<hash of them>
         self._pip = None                   # or pip's directory
         self._loaded = threading.Event()
-        self._error = None
         self._fresh = set()                # objects this machine received, hashed on arrival
 
     def _dir(self, *names):
@@ -5573,9 +5576,6 @@ class _PackageStage:
                 self.path = self._pip if self._pip else self._assemble() or ""
                 self.handed.set()
         self._loaded.wait()
-        if self._error is not None:
-            raise Error("the driver's main failed to load on this machine, with packages "
-                        "from %s:\n%s" % (self.path or "the host", self._error))
         return {"path": self.path,
                 "distributions": [d["name"] for d in self._needed] if not self._pip else None}
 
@@ -5589,10 +5589,7 @@ class _PackageStage:
                 return None
         return self.path
 
-    def loaded(self, error):
-        if error is not None:
-            self._error = "".join(traceback.format_exception(type(error), error,
-                                                             error.__traceback__))
+    def loaded(self):
         self._loaded.set()
 
 
