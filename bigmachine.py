@@ -4809,6 +4809,8 @@ _file_hashes = {}                     # (path, size, mtime, ctime, inode) -> SHA
 _site_indexes = {}                    # directory -> (its mtime, {relative path: dist-info})
 _host_send_locks = {}                 # (system id, host) -> Lock: one machine of a host sends
 _wheel_downloads = {}                 # (requirements, platform tags) -> [wheel paths], or None
+_real_paths = {}                      # a module's __file__ -> its real path
+_entries = {}                         # (site, dist-info) -> (the files' stats, manifest entry)
 
 
 def _check_packages(packages):
@@ -4875,7 +4877,9 @@ def _auto_packages(shared):
         path = getattr(module, "__file__", None)
         if not isinstance(path, str):
             continue
-        real = os.path.realpath(_absolute_path(path))
+        real = _real_paths.get(path)
+        if real is None:
+            real = _real_paths[path] = os.path.realpath(_absolute_path(path))
         if not _is_installed_package(real, shared, stdlib) or not os.path.isfile(real):
             continue
         site = next((e for e in entries if real.startswith(e)), None)
@@ -4956,8 +4960,36 @@ def _is_compiled(rel):
     return name.endswith((".so", ".pyd", ".dylib", ".dll")) or ".so." in name
 
 
+def _stat_key(path):
+    info = os.stat(path)
+    return (info.st_size, info.st_mtime_ns, info.st_ctime_ns, info.st_ino)
+
+
 def _distribution_entry(site, dist, paths):
-    """The manifest entry of the distribution whose dist-info directory is site/dist."""
+    """The manifest entry of the distribution whose dist-info directory is site/dist; made
+    again only when one of its files (its RECORD included) changed since the last time."""
+    key = (site, dist)
+    with _packages_lock:
+        known = _entries.get(key)
+    if known is not None:
+        stats, entry, objects = known
+        try:
+            if all(_stat_key(path) == stat for path, stat in stats):
+                paths.update(objects)
+                return entry
+        except OSError:
+            pass
+    objects = {}
+    entry = _make_distribution_entry(site, dist, objects)
+    stats = [(path, _stat_key(path)) for path in
+             [os.path.join(site, dist, "RECORD")] + sorted(set(objects.values()))]
+    with _packages_lock:
+        _entries[key] = (stats, entry, objects)
+    paths.update(objects)
+    return entry
+
+
+def _make_distribution_entry(site, dist, paths):
     import csv
     import hashlib
     directory = os.path.join(site, dist)

@@ -5195,7 +5195,8 @@ def test_ssh_machine_imports_the_drivers_packages(sshd, packages_venv, tmp_path)
     off, _ = run_packages_driver(packages_venv, dict(settings, packages=None), tmp_path)
     assert off["state"] == "STOPPED" and off["sent"] == 0
     assert "No module named 'bmtest_ext'" in off["err"], off
-    assert machine_dirs(sshd) == [] and ssh_clients(sshd) == []
+    eventually(lambda: machine_dirs(sshd) == [] and ssh_clients(sshd) == [], timeout=20,
+               what="the machines and their ssh clients to go")
 
 
 def test_ssh_packages_for_another_platform_stop_the_machine(sshd, packages_venv, tmp_path):
@@ -5209,7 +5210,8 @@ def test_ssh_packages_for_another_platform_stop_the_machine(sshd, packages_venv,
     facts = bigmachine._platform_facts()
     assert err.count("CPython %s on linux %s" % (bigmachine.PYTHON, facts["machine"])) == 2
     assert "packages=['bmtest_alien==1.0']" in err and "packages=None" in err
-    assert machine_dirs(sshd) == [] and ssh_clients(sshd) == []
+    eventually(lambda: machine_dirs(sshd) == [] and ssh_clients(sshd) == [], timeout=20,
+               what="the machines and their ssh clients to go")
 
 
 def test_ssh_packages_installed_by_pip_from_wheels_the_driver_ships(sshd, packages_venv,
@@ -5231,7 +5233,8 @@ def test_ssh_packages_installed_by_pip_from_wheels_the_driver_ships(sshd, packag
     bad, _ = run_packages_driver(packages_venv, dict(settings, packages=["bmtest_none==9"]),
                                  tmp_path, env)
     assert bad["state"] == "STOPPED" and "pip could not install bmtest_none==9" in bad["err"]
-    assert machine_dirs(sshd) == [] and ssh_clients(sshd) == []
+    eventually(lambda: machine_dirs(sshd) == [] and ssh_clients(sshd) == [], timeout=20,
+               what="the machines and their ssh clients to go")
 
 
 def test_ssh_unwritable_package_cache_is_a_clear_error(sshd, packages_venv, tmp_path):
@@ -5248,7 +5251,8 @@ def test_ssh_unwritable_package_cache_is_a_clear_error(sshd, packages_venv, tmp_
         assert "cannot write the package cache at %s" % root in result["err"], result
     finally:
         os.unlink(root)
-    assert machine_dirs(sshd) == [] and ssh_clients(sshd) == []
+    eventually(lambda: machine_dirs(sshd) == [] and ssh_clients(sshd) == [], timeout=20,
+               what="the machines and their ssh clients to go")
 
 
 def test_ec2_machine_imports_the_drivers_packages(ec2, packages_venv, tmp_path):
