@@ -5009,6 +5009,7 @@ def main():
     logging.basicConfig(level=logging.INFO)
     settings = json.loads(sys.argv[1])
     n = settings.pop("n", 1)
+    machine_env = settings.pop("env", {})
     if settings.pop("alien", False):
         import bmtest_alien
     fast = dict(keepalive_period=0.5, keepalive_timeout=5.0, keepalive_rpc_timeout=2.0,
@@ -5020,7 +5021,7 @@ def main():
     out = {}
     try:
         with bigmachine.start(system) as b:
-            machines = b.start(n, {"Probe": Probe()})
+            machines = b.start(n, {"Probe": Probe()}, env=machine_env)
             for m in machines:
                 m.wait(bigmachine.RUNNING, timeout=120)
             out["states"] = [m.state.name for m in machines]
@@ -5214,8 +5215,7 @@ def test_ssh_packages_for_another_platform_stop_the_machine(sshd, packages_venv,
                what="the machines and their ssh clients to go")
 
 
-def test_ssh_packages_installed_by_pip_from_wheels_the_driver_ships(sshd, packages_venv,
-                                                                    tmp_path):
+def test_ssh_packages_installed_by_pip_on_the_machine(sshd, packages_venv, tmp_path):
     shutil.rmtree(os.path.join(host_dir(sshd), "packages", "pip"), ignore_errors=True)
     # The driver's pip finds the wheels in a directory (its "index" here: no network).
     env = {"PIP_NO_INDEX": "1", "PIP_FIND_LINKS": packages_venv.wheels}
@@ -5229,6 +5229,16 @@ def test_ssh_packages_installed_by_pip_from_wheels_the_driver_ships(sshd, packag
     again, _ = run_packages_driver(packages_venv, settings, tmp_path, env)
     assert again["state"] == "RUNNING" and again["sent"] == 0
     assert again["result"]["ext"] == used["ext"]               # the cached environment
+    # A driver that cannot download them (no index here): the machine's pip installs them
+    # from the machine's own index (a directory of wheels, in the machines' environment).
+    local, err = run_packages_driver(
+        packages_venv, dict(settings, packages=["bmtest_ext", "bmtest_pure==1.0"],
+                            env={"PIP_NO_INDEX": "1", "PIP_FIND_LINKS": packages_venv.wheels}),
+        tmp_path, {"PIP_NO_INDEX": "1", "PIP_FIND_LINKS": ""})
+    assert local["state"] == "RUNNING", (local, err[-2000:])
+    assert local["sent"] == 0 and "pip download for the machines' platform failed" in err
+    assert local["result"]["sum"] == 5 and "/packages/pip/" in local["result"]["ext"]
+    assert local["result"]["ext"] != used["ext"]
     # A requirement that nobody can satisfy: pip's own words reach the driver.
     bad, _ = run_packages_driver(packages_venv, dict(settings, packages=["bmtest_none==9"]),
                                  tmp_path, env)
