@@ -5244,7 +5244,9 @@ def _send_packages(system, m, wanted):
                     "machine %s cannot load distributions that the driver imported: %s. The "
                     "driver runs %s; the machine runs %s (%s). Start the machines with "
                     "packages=[%s] to have pip install them there, for the machine's platform "
-                    "(or packages=None if the machine's Python has its own)" % (
+                    "(the list replaces the driver's packages: add whatever else the machines' "
+                    "Python lacks), or with packages=None if the machine's Python has its "
+                    "own" % (
                         m.addr, "; ".join("%s %s (%s)" % (d["name"], d["version"], why)
                                           for d, why in bad),
                         _platform_words(packages.platform), _platform_words(machine),
