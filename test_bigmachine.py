@@ -5307,6 +5307,13 @@ def test_package_files_arrive_whole_or_not_at_all(tmp_path):
     with pytest.raises(bigmachine.Error, match="was damaged: it is removed"):
         stage._assemble()
     assert not (objects / sha).exists() and not os.listdir(str(tmp_path / "packages" / "envs"))
+    # The driver's side: a file that shrank after it was hashed is an error, not short data;
+    # one that grew sends the bytes it had.
+    source = tmp_path / "source"
+    source.write_bytes(b"12345")
+    with pytest.raises(OSError, match="changed on the driver while it was sent"):
+        bigmachine._FilesReader([(str(source), 9)]).read()
+    assert bigmachine._FilesReader([(str(source), 3), (str(source), 5)]).read() == b"12312345"
 
 
 def test_packages_option_is_checked():
