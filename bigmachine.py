@@ -4776,10 +4776,10 @@ def _machine_workdir(root):
 #   4. says go (Supervisor.packages_ready): the host builds the set of distributions this
 #      machine needs as one directory of hard links to the objects, envs/<hash of the set>,
 #      under a temporary name, hashing once more each object it did not just receive, and
-#      renames it into place: a directory there is complete. The machine puts it on sys.path after the bundle and the
-#      host's standard library, ahead of the host's own installed packages (so the driver's
-#      versions of the distributions it imported win, and nothing else changes), then loads
-#      main, and the boot goes on as for any machine.
+#      renames it into place: a directory there is complete. The machine puts it on sys.path
+#      after the bundle and the host's standard library, ahead of the host's own installed
+#      packages (so the driver's versions of the distributions it imported win, and nothing
+#      else changes), then loads main, and the boot goes on as for any machine.
 # A second start on the same host finds the directory and sends nothing; one machine of a host
 # sends at a time, so machines starting together send once. `.pth` files travel but are not
 # run. Entry-point scripts (bin/) do not travel. Caches are never pruned: <root> is the
@@ -8460,7 +8460,12 @@ def start(system: typing.Union[System, str, None] = None, **options: typing.Any)
         if cls is None:
             raise ValueError("unknown bigmachine system %r; known systems: %s"
                              % (system, ", ".join(sorted(_SYSTEMS))))
-        system = cls(**dict(cls._command_line_options(sys.argv, os.environ), **options))
+        flags = dict(cls._command_line_options(sys.argv, os.environ))
+        packages = _flag_or_variable(sys.argv, os.environ, "bigm.packages", "BIGMACHINE_PACKAGES")
+        if packages:                  # every system's: auto, none, or requirements a,b
+            flags["packages"] = None if packages.strip().lower() in ("none", "off") else \
+                "auto" if packages.strip() == "auto" else packages.replace(",", " ").split()
+        system = cls(**dict(flags, **options))
     elif options:
         raise TypeError("options are for a system given by name; configure the %s instance "
                         "itself" % type(system).__name__)

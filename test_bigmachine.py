@@ -5044,9 +5044,11 @@ def make_wheel(directory, name, files, tag, purelib=True):
     """A wheel of name 1.0 holding files ({path: bytes}), tagged tag, made by hand."""
     info = "%s-1.0.dist-info" % name
     files = dict(files)
-    files[info + "/METADATA"] = ("Metadata-Version: 2.1\nName: %s\nVersion: 1.0\n\n" % name).encode()
+    files[info + "/METADATA"] = ("Metadata-Version: 2.1\nName: %s\nVersion: 1.0\n\n"
+                                 % name).encode()
     files[info + "/WHEEL"] = ("Wheel-Version: 1.0\nGenerator: bigmachine-tests\n"
-                              "Root-Is-Purelib: %s\nTag: %s\n" % (str(purelib).lower(), tag)).encode()
+                              "Root-Is-Purelib: %s\nTag: %s\n"
+                              % (str(purelib).lower(), tag)).encode()
     record = []
     for path, data in sorted(files.items()):
         digest = base64.urlsafe_b64encode(hashlib.sha256(data).digest()).rstrip(b"=").decode()
@@ -5089,7 +5091,8 @@ def packages_venv(tmp_path_factory):
     wheels.mkdir()
     made = [
         make_wheel(wheels, "bmtest_ext", {
-            "bmtest_ext/__init__.py": b"from bmtest_ext._speed import add\nfrom bmtest_ext import _speed\n",
+            "bmtest_ext/__init__.py": b"from bmtest_ext._speed import add\n"
+                                      b"from bmtest_ext import _speed\n",
             "bmtest_ext/" + built.name: built.read_bytes()},
             "%s-%s-%s" % (cp, cp, facts["tags"][-1]), purelib=False),
         make_wheel(wheels, "bmtest_pure", {
@@ -5108,8 +5111,9 @@ def packages_venv(tmp_path_factory):
     pip = [python, "-m", "pip", "install", "-q", "--disable-pip-version-check", "--no-index",
            "--no-deps", "--ignore-installed"]
     subprocess.run(pip + made[:2], check=True)
-    site = subprocess.run([python, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
-                          check=True, stdout=subprocess.PIPE).stdout.decode().strip()
+    site = subprocess.run(
+        [python, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+        check=True, stdout=subprocess.PIPE).stdout.decode().strip()
     # The foreign wheel goes in the way pip installs for another platform: --target.
     subprocess.run(pip + ["--target", site, "--platform", "linux_riscv64", "--only-binary=:all:",
                           "--python-version", bigmachine.PYTHON, "--implementation", "cp",
@@ -5317,11 +5321,29 @@ def test_package_files_arrive_whole_or_not_at_all(tmp_path):
 
 
 def test_packages_option_is_checked():
-    for good, kept in (("auto", "auto"), (None, None), (["numpy==2.1", " six "], ("numpy==2.1", "six"))):
+    for good, kept in (("auto", "auto"), (None, None),
+                       (["numpy==2.1", " six "], ("numpy==2.1", "six"))):
         assert bigmachine.SSHSystem(["h"], packages=good).packages == kept
     for bad in ("numpy", [], ["--index-url=http://x"], [3]):
         with pytest.raises(ValueError, match="packages is 'auto'"):
             bigmachine.SSHSystem(["h"], packages=bad)
+
+
+@pytest.mark.parametrize("argv, variable, expected", [
+    ([], None, "auto"), (["--bigm.packages=none"], None, None), ([], "off", None),
+    (["--bigm.packages", "numpy==2.1,six"], None, ("numpy==2.1", "six")),
+    (["--bigm.packages=auto"], "none", "auto")])
+def test_packages_from_the_command_line(monkeypatch, argv, variable, expected):
+    monkeypatch.setattr(sys, "argv", ["prog", "--bigm.ssh.hosts=h"] + argv)
+    if variable is None:
+        monkeypatch.delenv("BIGMACHINE_PACKAGES", raising=False)
+    else:
+        monkeypatch.setenv("BIGMACHINE_PACKAGES", variable)
+    b = bigmachine.start("ssh")
+    try:
+        assert b.system.packages == expected
+    finally:
+        b.shutdown()
 
 
 def test_a_record_that_lists_a_missing_file_stops_b_start(tmp_path, monkeypatch):
