@@ -77,16 +77,15 @@ def machine_python(given):
 
 
 @contextlib.contextmanager
-def sshd():
-    """An sshd of the bench's own on 127.0.0.1 (as the tests start one); yields
-    (host, ssh options, the remote TMPDIR)."""
+def sshd(host_tmp=None):
+    """An sshd of the bench's own on 127.0.0.1 (as the tests start one), whose sessions have a
+    TMPDIR of their own (in host_tmp, if given); yields (host, ssh options, that TMPDIR)."""
     d = tempfile.mkdtemp(prefix="bench-sshd-")
     for key in ("host_key", "client_key"):
         subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f",
                         os.path.join(d, key)], check=True)
     shutil.copy(os.path.join(d, "client_key.pub"), os.path.join(d, "authorized_keys"))
-    remote_tmp = os.path.join(d, "tmp")
-    os.mkdir(remote_tmp)
+    remote_tmp = tempfile.mkdtemp(prefix="bench-host-tmp-", dir=host_tmp or d)
     if os.geteuid() == 0:
         os.makedirs("/run/sshd", 0o755, exist_ok=True)
     port = bigmachine._free_port()
@@ -121,6 +120,7 @@ def sshd():
     finally:
         proc.terminate()
         proc.wait()
+        shutil.rmtree(remote_tmp, ignore_errors=True)
         shutil.rmtree(d, ignore_errors=True)
 
 
@@ -166,6 +166,9 @@ def main():
     parser.add_argument("--reps", type=int, default=5)
     parser.add_argument("--machine-python")
     parser.add_argument("--json-out")
+    parser.add_argument("--host-tmp", help="where the host's TMPDIR goes (its caches and "
+                        "machine directories): by default the system's temporary directory; "
+                        "/dev/shm takes the disk out of the measure")
     opts = parser.parse_args()
     python = machine_python(opts.machine_python)
     shipped = Shipped()
@@ -174,7 +177,7 @@ def main():
     logging.getLogger("bigmachine").propagate = False
     results = {"cold_s": [], "cold_bytes": [], "ship_mbps": [], "bulk_mbps": [], "disk_mbps": [],
                "warm_s": [], "warm_bytes": [], "none_s": []}
-    with sshd() as (host, options, remote_tmp):
+    with sshd(opts.host_tmp) as (host, options, remote_tmp):
         cache = os.path.join(remote_tmp, "bigmachine-%d" % os.getuid(), "packages")
         # A first start caches the code bundle; the measures below are of packages alone.
         _, _, _, b, _ = start_one(host, options, python, None, shipped)
@@ -204,8 +207,8 @@ def main():
     best = {"ship_mbps": max(results["ship_mbps"]), "bulk_mbps": max(results["bulk_mbps"])}
     ratio_ship = median["ship_mbps"] / median["bulk_mbps"]
     ratio_warm = median["warm_s"] / median["none_s"]
-    print("# Packages over SSH on loopback: numpy %s, driver %s, machine %s"
-          % (numpy.__version__, sys.executable, python))
+    print("# Packages over SSH on loopback: numpy %s, driver %s, machine %s, host TMPDIR in %s"
+          % (numpy.__version__, sys.executable, python, opts.host_tmp or tempfile.gettempdir()))
     print()
     print("| measure | median of %d | best |" % opts.reps)
     print("|---|---|---|")
