@@ -5336,6 +5336,9 @@ def _download_wheels(requirements, machine):
     return wheels
 
 
+_STOP = object()                      # the end of a queue's work
+
+
 def _package_stage_of(process):
     stage = process.package_stage
     if stage is None:
@@ -5453,52 +5456,83 @@ class _PackageStage:
     # -- 3. receiving ---------------------------------------------------------------------
 
     def receive(self, files, stream):
-        import hashlib
+        """Store files ([[sha256, size, executable], ...]) read one after another from stream.
+        This thread reads the connection; another hashes and writes, so that the two overlap."""
         objects = self._dir("objects")
+        chunks = queue.Queue(32)          # a file's chunks, None after its last, then _STOP
+        failed = []                       # the store's error, if any
+        store = threading.Thread(target=self._store, args=(files, objects, chunks, failed),
+                                 name="bigmachine-packages", daemon=True)
+        store.start()
         received = 0
-        for index, (sha256, size, executable) in enumerate(files):
-            final = os.path.join(objects, _object_name(sha256, executable))
-            part = "%s.%d-%d.part" % (final, os.getpid(), threading.get_ident())
-            digest = hashlib.sha256()
-            try:
+        try:
+            for index, (sha256, size, executable) in enumerate(files):
+                left = size
+                while left and not failed:
+                    chunk = stream.read(min(left, 1 << 20))     # errors: the transfer's
+                    if not chunk:
+                        raise Error("the driver's packages stopped arriving after %d bytes "
+                                    "(%d of %d files): start the machine again"
+                                    % (received, index, len(files)))
+                    chunks.put(chunk)
+                    left -= len(chunk)
+                    received += len(chunk)
+                if failed:
+                    break
+                chunks.put(None)
+        finally:
+            chunks.put(_STOP)             # the store drains whatever is left, and goes
+            store.join()
+        if failed:
+            raise failed[0]
+        return received
+
+    def _store(self, files, objects, chunks, failed):
+        """receive's other half: each file is written under a temporary name, hashed, and
+        renamed to its hash only if that is right; a file left unfinished is removed."""
+        import hashlib
+        index, f, part = 0, None, None
+        try:
+            while True:
+                chunk = chunks.get()
+                if chunk is _STOP:
+                    return
+                if failed:
+                    continue              # drain: the reader stops soon
                 try:
-                    f = open(os.open(part, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "wb")
-                except OSError as e:
-                    raise self._cache_error(objects, e) from None
-                with f:
-                    left = size
-                    while left:
-                        chunk = stream.read(min(left, 1 << 20))     # errors: the transfer's
-                        if not chunk:
-                            raise Error("the driver's packages stopped arriving after %d bytes "
-                                        "(%d of %d files): start the machine again"
-                                        % (received, index, len(files)))
+                    if f is None:
+                        sha256, _, executable = files[index]
+                        final = os.path.join(objects, _object_name(sha256, executable))
+                        part = "%s.%d-%d.part" % (final, os.getpid(), threading.get_ident())
+                        f = open(os.open(part, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600),
+                                 "wb")
+                        digest = hashlib.sha256()
+                    if chunk is not None:
                         digest.update(chunk)
-                        try:
-                            f.write(chunk)
-                        except OSError as e:
-                            raise self._cache_error(objects, e) from None
-                        left -= len(chunk)
-                        received += len(chunk)
-                    try:
-                        f.flush()
-                    except OSError as e:
-                        raise self._cache_error(objects, e) from None
-                if digest.hexdigest() != sha256:
-                    raise Error("a package file arrived with SHA-256 %s, not %s: it changed on "
-                                "the driver while it was sent; start the machine again"
-                                % (digest.hexdigest(), sha256))
-                try:
+                        f.write(chunk)
+                        continue
+                    f.close()
+                    f = None
+                    if digest.hexdigest() != sha256:
+                        raise Error("a package file arrived with SHA-256 %s, not %s: it "
+                                    "changed on the driver while it was sent; start the "
+                                    "machine again" % (digest.hexdigest(), sha256))
                     os.chmod(part, 0o555 if executable else 0o444)
-                    os.replace(part, final)       # whole, and right, or not there at all
+                    os.replace(part, final)   # whole, and right, or not there at all
+                    part = None
+                    self._fresh.add(os.path.basename(final))
+                    index += 1
                 except OSError as e:
-                    raise self._cache_error(objects, e) from None
-                self._fresh.add(os.path.basename(final))
-            except BaseException:
+                    failed.append(self._cache_error(objects, e))
+                except BaseException as e:
+                    failed.append(e)
+        finally:
+            if f is not None:
+                with contextlib.suppress(OSError):
+                    f.close()
+            if part is not None:
                 with contextlib.suppress(OSError):
                     os.unlink(part)
-                raise
-        return received
 
     # -- pip ------------------------------------------------------------------------------
 
