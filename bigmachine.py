@@ -70,7 +70,10 @@ Systems (Go: system.go, local.go, testsystem)
     submits a job array, whose tasks *enrol*: they dial the driver with a one-time token, make
     their own keys, and get their certificates and the bundle from it -- the mechanism any
     system that can only run a command somewhere uses (`B.enrol`). Every system is written on
-    a public interface (see `System`), so users can write their own.
+    a public interface (see `System`), so users can write their own. With the bundle go the
+    installed distributions the driver imported (packages="auto"), which a machine receives
+    over its own mutual TLS before it loads main: content-addressed files, cached per host,
+    hashed on arrival, linked into a directory that is complete or absent.
 
 Debug (Go: profile.go, status.go, expvar.go, rpc/stats.go)
     Seeing the whole cluster from the driver: CPU profiles sampled on every machine at once
@@ -3349,6 +3352,26 @@ class Supervisor:
         """The names of the services installed on this machine."""
         return sorted(self._machine.dispatcher.services)
 
+    # -- packages, before the driver's main is loaded (see Packages) ----------------------
+
+    def packages_missing(self, manifest):
+        """Of the driver's distributions (manifest), which files this host lacks (SHA-256s)."""
+        return _package_stage_of(self._machine).missing(manifest)
+
+    def packages_put(self, files, stream):
+        """Receive files ([[sha256, size, executable], ...]) from stream, one after another,
+        into this host's package cache, each checked against its hash."""
+        return _package_stage_of(self._machine).receive(files, stream)
+
+    def packages_pip(self, requirements, wheels):
+        """Install requirements with pip into a cached environment: from the wheels the
+        driver sent (by SHA-256: [[sha256, name], ...]), or this host's package index."""
+        return _package_stage_of(self._machine).pip(requirements, wheels)
+
+    def packages_ready(self):
+        """Put the packages on the import path and load the driver's main; returns where."""
+        return _package_stage_of(self._machine).ready()
+
     # -- facts --------------------------------------------------------------------------
 
     def getpid(self):
@@ -3369,6 +3392,7 @@ class Supervisor:
             "hostname": socket.gethostname(),
             "started": self._started,
             "addr": self._machine.addr,
+            **_package_stage_info(self._machine),
         }
 
     def stacks(self):
@@ -3578,6 +3602,7 @@ class _MachineProcess:
         self.exited = threading.Event()
         self._exit = exit
         self.dispatcher = _Dispatcher(addr or "machine")
+        self.package_stage = None         # a _PackageStage while the driver sends packages
         self.supervisor = Supervisor(self)
         self.dispatcher.register("Supervisor", self.supervisor)
         self.server = _Server(credentials, self.dispatcher, sock=sock, host=host, port=port,
@@ -4011,6 +4036,32 @@ class Machine(_Calls):
                 return
 
 
+@contextlib.contextmanager
+def _lease_kept(m, system):
+    """Renew m's lease while the block runs. A machine's lease runs from its start, and the
+    keepalive loop begins only once it is RUNNING: the boot steps between (packages to
+    receive, the services' `init` to run) may take longer than a lease, and the machine must
+    not give up on a driver that is busy with it. The renewing thread lives only as long as
+    the block, and sends nothing unless the block outlasts a third of the lease."""
+    done = threading.Event()
+    period = min(system.keepalive_period, system.lease / 3)
+
+    def renew():
+        _block_async_signals()
+        while not done.wait(period):
+            try:
+                m._peer.call("Supervisor.keepalive", (system.lease,), {},
+                             time.monotonic() + system.keepalive_rpc_timeout)
+            except Exception as e:           # the boot step itself will fail and say why
+                log.debug("%s: keepalive while booting: %s", m.addr, e)
+
+    threading.Thread(target=renew, name="bigmachine-boot-lease", daemon=True).start()
+    try:
+        yield
+    finally:
+        done.set()
+
+
 # ======================================================================================
 # B: one cluster session (Go: bigmachine.go, driver)
 # ======================================================================================
@@ -4170,7 +4221,10 @@ class B:
                                       % (PYTHON, m.addr, info["python"]))
             if m.maxprocs is None:
                 m.maxprocs = info.get("maxprocs") or info["cpus"]
-            m._boot_call("Supervisor.register", services_blob, timeout=system.boot_timeout)
+            with _lease_kept(m, system):
+                if info.get("packages"):
+                    _send_packages(system, m, info["packages"])    # see Packages
+                m._boot_call("Supervisor.register", services_blob, timeout=system.boot_timeout)
         except BaseException as e:
             m._stop(e)
             return
@@ -4247,7 +4301,9 @@ class B:
                                 "--bigm.slurm.driver_host, --bigm.slurm.driver_port)"
                                 % (host, port, e)) from e
             server = self._enrolment
-        return server.add(machine, bundle if bundle is not None else _make_bundle(),
+        if bundle is None:
+            bundle = _make_bundle(getattr(self.system, "packages", "auto"))
+        return server.add(machine, bundle,
                           dict(env or {}), on_exit or _enrolled_exit)
 
     def _readdress(self, m, addr):
@@ -4629,8 +4685,13 @@ class System:
     output_rate = 1000.0
     output_burst = 10000
 
+    #: What travels to machines besides the code bundle (systems whose machines do not share
+    #: the driver's disk): see "Packages" under Code bundles. Local machines ignore it.
+    packages = "auto"
+    packages_sent = 0               # bytes of package files sent to hosts that lacked them
+
     def __init__(self, *, keepalive_period=None, keepalive_timeout=None,
-                 keepalive_rpc_timeout=None, lease=None, boot_timeout=None):
+                 keepalive_rpc_timeout=None, lease=None, boot_timeout=None, packages="auto"):
         values = (keepalive_period, keepalive_timeout, keepalive_rpc_timeout, lease)
         for name, value in zip(("keepalive_period", "keepalive_timeout",
                                 "keepalive_rpc_timeout", "lease"), values):
@@ -4641,6 +4702,7 @@ class System:
          self.lease) = (float(d if v is None else v) for v, d in zip(values, self.defaults))
         if boot_timeout is not None:
             self.boot_timeout = float(boot_timeout)
+        self.packages = _check_packages(packages)
 
     def __repr__(self):
         return "<%s system>" % self.name
@@ -5292,6 +5354,24 @@ def _run_machine(config):
     threading.Thread(target=process.supervisor._watch, name="bigmachine-watchdog",
                      daemon=True).start()
     preparation = config["main"]
+    if config.get("code") and preparation.get("packages"):
+        # The driver sends the packages its main may import over the machine's own server,
+        # which therefore serves before main is loaded: see Packages.
+        stage = process.package_stage = _PackageStage(
+            os.path.dirname(workdir) if workdir else _bundle_root(), preparation["packages"])
+        process.server.start()
+        if config.get("announce_serving"):
+            _announce("serving")
+        packages = stage.await_packages(process.exited)
+        if packages is None:
+            process.exited.wait()
+            return exit_code[0] if exit_code else 0
+        # A main that fails to load ends the machine as it would without packages: its
+        # traceback is the last output the driver shows.
+        _load_main(_bundle_preparation(preparation, config["code"], workdir, packages))
+        stage.loaded()
+        process.exited.wait()
+        return exit_code[0] if exit_code else 0
     if config.get("code"):
         preparation = _bundle_preparation(preparation, config["code"], workdir)
     _load_main(preparation)
@@ -5401,12 +5481,15 @@ class _Bundle(typing.NamedTuple):
     main: dict                        # how to load __main__: see `_bundle_preparation`
     library: str                      # the name the machine imports bigmachine by
     files: typing.Dict[str, str]      # archive name -> the file it holds
+    packages: typing.Optional["_Packages"] = None    # what else travels: see Packages
 
 
-def _make_bundle():
+def _make_bundle(packages="auto"):
     """Bundle the driver's code: bigmachine.py, the main module, and the modules of the
-    program's own code that it has imported (their whole top-level regular package, if any)."""
+    program's own code that it has imported (their whole top-level regular package, if any).
+    packages (a system's `packages`) says what else travels with it: see Packages."""
     import hashlib
+    wanted = packages
     shared = _shared_code_dirs()
     library = __name__
     files = {library.replace(".", "/") + ".py": os.path.abspath(__file__)}
@@ -5435,7 +5518,10 @@ def _make_bundle():
         files[name] = path
         main["init_main_from_path"] = name
     data = _zip_files(files)
-    return _Bundle(data, hashlib.sha256(data).hexdigest(), main, library, files)
+    shipped = _make_packages(wanted, shared)
+    if shipped is not None:
+        main["packages"] = shipped.digest        # the machine waits for them before main
+    return _Bundle(data, hashlib.sha256(data).hexdigest(), main, library, files, shipped)
 
 
 def _absolute_path(path):
@@ -5527,15 +5613,21 @@ def _zip_files(files):
     return out.getvalue()
 
 
-def _bundle_preparation(main, code, workdir):
+def _bundle_preparation(main, code, workdir, packages=None):
     """multiprocessing's spawn preparation for a machine running from a bundle unpacked at
     code: main (the bundle's) names the main module, or its path inside the bundle; sys.path
-    is the bundle, then this host's own entries; the working directory is the machine's."""
+    is the bundle, then this host's own entries, with packages (the directory of the driver's
+    distributions, if any) just ahead of the host's installed packages; the working directory
+    is the machine's."""
     preparation = dict(main)
+    preparation.pop("packages", None)
     if "init_main_from_path" in preparation:
         preparation["init_main_from_path"] = os.path.join(code, preparation["init_main_from_path"])
     cwd = os.getcwd()
-    preparation["sys_path"] = [code] + [p for p in sys.path if p and p not in (code, cwd)]
+    path = [p for p in sys.path if p and p not in (code, cwd, packages)]
+    if packages:
+        path.insert(_site_packages_index(path), packages)
+    preparation["sys_path"] = [code] + path
     if workdir:
         preparation["dir"] = preparation["orig_dir"] = workdir
     return preparation
@@ -5618,6 +5710,929 @@ def _machine_workdir(root):
 
 
 # --------------------------------------------------------------------------------------
+# Packages: the driver's installed distributions, for machines that lack them
+# --------------------------------------------------------------------------------------
+#
+# A program is its own code, which the bundle carries, and the distributions it imports (numpy,
+# pandas, ...), which the bundle leaves to the host. By default (`packages="auto"`) they travel
+# too: at `b.start` the driver looks at the modules it has imported from installed packages,
+# finds the distribution each belongs to by the RECORD that the installer wrote (every file the
+# distribution owns, with its SHA-256), and describes them -- name, version, wheel tags, files
+# and hashes -- in a *manifest*. Modules in an installed-packages directory that no RECORD
+# claims (an egg-info install, a file copied there) travel as their top-level package, whole.
+# The driver hashes every file itself (once per process, while the file stays the same): what
+# travels is what the driver has. A file that does not match its RECORD (edited after it was
+# installed -- a CA appended to certifi's bundle is common -- or the RECORD lies) is said in
+# the log and travels as it is, and the host's copy of that distribution is not taken for the
+# driver's on the RECORD's word. A file the RECORD lists that cannot be read stops `b.start`
+# with an error that names it and says what to do.
+#
+# The manifest's hash rides in the bootstrap (as `main["packages"]`), so every system that
+# ships a code bundle ships packages too, without knowing about them. A machine that has it
+# starts serving *before* it loads the driver's main, which may import those packages, and
+# says so in Supervisor.info, with its platform. The driver then, over the machine's own mutual
+# TLS (the transport every call uses, at its bulk rate):
+#   1. checks that the machine can load what has compiled code (the same interpreter ABI for
+#      extension modules; wheel platform tags the machine supports; a glibc at least as new);
+#      if not, the machine stops with an err naming the distributions, both platforms, and
+#      what to do (packages=[requirements], installed there by pip; or packages=None);
+#   2. asks which files the host lacks (Supervisor.packages_missing). Distributions that the
+#      machine's own Python has -- the same RECORD, or the same version whose files hash the
+#      same -- are the host's already and stay out; of the rest, the files the host's cache
+#      has are not sent again;
+#   3. streams the missing ones (Supervisor.packages_put): each is written under a temporary
+#      name, hashed as it arrives, and renamed into <root>/packages/objects/<sha256> only if
+#      the hash is right -- a transfer that breaks, a file that changed on the driver while it
+#      was read, a full or unwritable disk leave at most a .part file, never an object;
+#   4. says go (Supervisor.packages_ready): the host builds the set of distributions this
+#      machine needs as one directory of hard links to the objects, envs/<hash of the set>,
+#      under a temporary name, hashing once more each object it did not just receive, and
+#      renames it into place: a directory there is complete. The machine puts it on sys.path
+#      after the bundle and the host's standard library, ahead of the host's own installed
+#      packages (so the driver's versions of the distributions it imported win, and nothing
+#      else changes), then loads main, and the boot goes on as for any machine.
+# A second start on the same host finds the directory and sends nothing; one machine of a host
+# sends at a time, so machines starting together send once. `.pth` files travel but are not
+# run. Entry-point scripts (bin/) do not travel. Caches are never pruned: <root> is the
+# system's temporary directory, which the host cleans in its own time.
+#
+# `packages=[requirements]` is for machines whose platform differs from the driver's: the
+# driver tries `pip download` of the requirements for the machine's platform (its own index
+# or pip configuration) and ships the wheels, content-addressed like any file; the machine's
+# Python installs them with pip (--no-index) into <root>/packages/pip/<hash>, again under a
+# temporary name first. If the driver cannot download them, the machine's pip installs them
+# from the machine's own package index.
+
+class _Packages(typing.NamedTuple):
+    """What travels besides the bundle: see the section's introduction."""
+
+    digest: str                       # the manifest's hash: the machine asks for it by this
+    kind: str                         # "files" (the driver's distributions) or "pip"
+    manifest: list                    # files: [{name, version, record, tags, compiled, files}];
+                                      # pip: the requirement strings
+    paths: dict                       # object name -> the driver's file holding it
+    platform: dict                    # the driver's `_platform_facts()`
+
+
+_packages_lock = threading.Lock()
+_package_sets = collections.OrderedDict()   # digest -> _Packages, for the boot threads
+_file_hashes = {}                     # (path, size, mtime, ctime, inode) -> SHA-256 (hex)
+_site_indexes = {}                    # directory -> (its mtime, {relative path: dist-info})
+_host_send_locks = {}                 # (system id, host) -> Lock: one machine of a host sends
+_wheel_downloads = {}                 # (requirements, platform tags) -> [wheel paths], or None
+_real_paths = {}                      # a module's __file__ -> its real path
+_entries = {}                         # (site, dist-info) -> (the files' stats, manifest entry)
+
+
+def _check_packages(packages):
+    """A system's packages option, checked: "auto", None, or a tuple of requirements."""
+    if packages is None or packages == "auto":
+        return packages
+    if isinstance(packages, (list, tuple)) and packages and all(
+            isinstance(r, str) and r.strip() and not r.strip().startswith("-") for r in packages):
+        return tuple(r.strip() for r in packages)
+    raise ValueError("packages is 'auto' (ship the driver's imported distributions), None "
+                     "(ship none) or a list of pip requirements such as ['numpy==2.1'], not %r"
+                     % (packages,))
+
+
+def _object_name(sha256, executable):
+    return sha256 + (".x" if executable else "")
+
+
+def _make_packages(packages, shared):
+    """The _Packages that go with a bundle made now, or None if nothing is to travel."""
+    if packages is None:
+        return None
+    import hashlib
+    if packages == "auto":
+        made = _auto_packages(shared)
+    else:
+        requirements = list(packages)
+        digest = hashlib.sha256(json.dumps(["pip", requirements]).encode()).hexdigest()
+        made = _Packages(digest, "pip", requirements, {}, _platform_facts())
+    if made is not None:
+        with _packages_lock:
+            _package_sets[made.digest] = made
+            _package_sets.move_to_end(made.digest)
+            while len(_package_sets) > 32:
+                _package_sets.popitem(last=False)
+    return made
+
+
+def _stdlib_dirs():
+    import sysconfig
+    paths = sysconfig.get_paths()
+    return tuple(sorted({os.path.join(os.path.realpath(paths[key]), "")
+                         for key in ("stdlib", "platstdlib") if paths.get(key)}))
+
+
+def _is_installed_package(real, shared, stdlib):
+    """Is real (a module's real path) in installed packages, as opposed to the standard library
+    or the program's own code?"""
+    parts = real.split(os.sep)
+    if "site-packages" in parts or "dist-packages" in parts:
+        return True
+    return real.startswith(shared) and not real.startswith(stdlib)
+
+
+def _auto_packages(shared):
+    """The driver's imported distributions as a _Packages (None if there are none)."""
+    import hashlib
+    stdlib = _stdlib_dirs()
+    entries = sorted({os.path.join(os.path.realpath(p), "") for p in sys.path
+                      if p and os.path.isdir(p)}, key=len, reverse=True)
+    owned = {}                        # (site, dist-info) -> None
+    loose = {}                        # (site, top-level name) -> None
+    for name, module in list(sys.modules.items()):
+        path = getattr(module, "__file__", None)
+        if not isinstance(path, str):
+            continue
+        real = _real_paths.get(path)
+        if real is None:
+            real = _real_paths[path] = os.path.realpath(_absolute_path(path))
+        if not _is_installed_package(real, shared, stdlib) or not os.path.isfile(real):
+            continue
+        site = next((e for e in entries if real.startswith(e)), None)
+        if site is None:
+            continue
+        site = site[:-1]
+        rel = os.path.relpath(real, site)
+        dist = _site_index(site).get(rel)
+        if dist is not None:
+            owned[(site, dist)] = None
+        else:
+            loose[(site, rel.split(os.sep)[0])] = None
+    manifest, paths = [], {}
+    for site, dist in owned:
+        manifest.append(_distribution_entry(site, dist, paths))
+    for site, top in loose:
+        if not any(top in {f[0].split("/")[0] for f in d["files"]} for d in manifest):
+            manifest.append(_loose_entry(site, top, paths))
+    manifest = [d for d in manifest if d["files"]]
+    if not manifest:
+        return None
+    manifest.sort(key=lambda d: (d["name"].lower(), d["version"]))
+    digest = hashlib.sha256(json.dumps(["files", manifest], sort_keys=True).encode()).hexdigest()
+    return _Packages(digest, "files", manifest, paths, _platform_facts())
+
+
+def _site_index(site):
+    """{path relative to site: the dist-info directory whose RECORD lists it}, cached while the
+    directory's entries stay the same."""
+    import csv
+    try:
+        mtime = os.stat(site).st_mtime_ns
+    except OSError:
+        return {}
+    with _packages_lock:
+        cached = _site_indexes.get(site)
+    if cached is not None and cached[0] == mtime:
+        return cached[1]
+    index = {}
+    for entry in sorted(os.listdir(site)):
+        if not entry.endswith(".dist-info"):
+            continue
+        try:
+            with open(os.path.join(site, entry, "RECORD"), newline="", encoding="utf-8") as f:
+                rows = list(csv.reader(f))
+        except (OSError, UnicodeDecodeError, csv.Error):
+            continue
+        for row in rows:
+            if row and row[0]:
+                rel = os.path.normpath(row[0])
+                if not os.path.isabs(rel) and not rel.startswith(".."):
+                    index.setdefault(rel, entry)
+    with _packages_lock:
+        _site_indexes[site] = (mtime, index)
+    return index
+
+
+def _file_sha256(path):
+    """The SHA-256 of the file at path, and its stat; remembered while the file stays the same."""
+    import hashlib
+    info = os.stat(path)
+    key = (path, info.st_size, info.st_mtime_ns, info.st_ctime_ns, info.st_ino)
+    with _packages_lock:
+        known = _file_hashes.get(key)
+    if known is None:
+        digest = hashlib.sha256()
+        with open(path, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                digest.update(block)
+        known = digest.hexdigest()
+        with _packages_lock:
+            _file_hashes[key] = known
+    return known, info
+
+
+def _is_compiled(rel):
+    name = os.path.basename(rel)
+    return name.endswith((".so", ".pyd", ".dylib", ".dll")) or ".so." in name
+
+
+def _stat_key(path):
+    info = os.stat(path)
+    return (info.st_size, info.st_mtime_ns, info.st_ctime_ns, info.st_ino)
+
+
+def _distribution_entry(site, dist, paths):
+    """The manifest entry of the distribution whose dist-info directory is site/dist; made
+    again only when one of its files (its RECORD included) changed since the last time."""
+    key = (site, dist)
+    with _packages_lock:
+        known = _entries.get(key)
+    if known is not None:
+        stats, entry, objects = known
+        try:
+            if all(_stat_key(path) == stat for path, stat in stats):
+                paths.update(objects)
+                return entry
+        except OSError:
+            pass
+    objects = {}
+    entry = _make_distribution_entry(site, dist, objects)
+    stats = [(path, _stat_key(path)) for path in
+             [os.path.join(site, dist, "RECORD")] + sorted(set(objects.values()))]
+    with _packages_lock:
+        _entries[key] = (stats, entry, objects)
+    paths.update(objects)
+    return entry
+
+
+def _make_distribution_entry(site, dist, paths):
+    import csv
+    import hashlib
+    directory = os.path.join(site, dist)
+    with open(os.path.join(directory, "RECORD"), "rb") as f:
+        record = f.read()
+    metadata, tags, purelib = {}, [], True
+    with contextlib.suppress(OSError), open(os.path.join(directory, "METADATA"),
+                                            encoding="utf-8", errors="replace") as f:
+        for line in f:
+            if not line.strip():
+                break
+            key, _, value = line.partition(":")
+            metadata.setdefault(key.strip().lower(), value.strip())
+    with contextlib.suppress(OSError), open(os.path.join(directory, "WHEEL"),
+                                            encoding="utf-8", errors="replace") as f:
+        for line in f:
+            key, _, value = line.partition(":")
+            if key.strip() == "Tag":
+                tags.append(value.strip())
+            elif key.strip() == "Root-Is-Purelib":
+                purelib = value.strip().lower() == "true"
+    name = metadata.get("name") or dist[:-len(".dist-info")].rpartition("-")[0] or dist
+    version = metadata.get("version", "")
+    files, altered = [], False
+    for row in csv.reader(io.StringIO(record.decode("utf-8", "replace"))):
+        if not row or not row[0]:
+            continue
+        rel = os.path.normpath(row[0])
+        parts = rel.split(os.sep)
+        if os.path.isabs(rel) or parts[0] == ".." or "__pycache__" in parts or \
+                rel.endswith((".pyc", ".pyo")):
+            continue                  # scripts outside the directory; compiled bytecode
+        path = os.path.join(site, rel)
+        try:
+            sha256, info = _file_sha256(path)
+        except OSError as e:
+            raise Error("cannot ship distribution %s %s: its RECORD lists %s, which cannot be "
+                        "read (%s): reinstall it (pip install --force-reinstall '%s==%s'), or "
+                        "start with packages=None" % (name, version, path, e.strerror or e,
+                                                      name, version)) from None
+        expected = row[1] if len(row) > 1 else ""
+        if expected and not _matches_record(sha256, info.st_size, expected, row[2:3]):
+            # Edited after it was installed (a CA appended to certifi's bundle, say), or the
+            # RECORD lies: what travels is what this driver has, and the host's copy of the
+            # distribution, whatever its RECORD, is not taken for the same.
+            altered = True
+            _warn_once("%s %s: %s does not match its RECORD (%s); shipping the file as it is "
+                       "here" % (name, version, path, expected))
+        executable = bool(info.st_mode & 0o111)
+        paths[_object_name(sha256, executable)] = path
+        files.append([rel.replace(os.sep, "/"), sha256, info.st_size, executable])
+    files.sort()
+    # The RECORD as the machine's importlib.metadata reads it (universal newlines).
+    text = record.decode("utf-8", "replace").replace("\r\n", "\n").replace("\r", "\n")
+    return {"name": name, "version": version, "tags": tags,
+            "record": None if altered else hashlib.sha256(text.encode("utf-8")).hexdigest(),
+            "compiled": not purelib or any(_is_compiled(f[0]) for f in files), "files": files}
+
+
+def _matches_record(sha256, size, expected, sizes):
+    """Does a file (its SHA-256 in hex, its size) match its RECORD row's hash and size?"""
+    algorithm, _, value = expected.partition("=")
+    if algorithm == "sha256":
+        ours = base64.urlsafe_b64encode(bytes.fromhex(sha256)).rstrip(b"=").decode()
+        if ours != value.rstrip("="):
+            return False
+    return not (sizes and sizes[0].isdigit() and int(sizes[0]) != size)
+
+
+_warned = set()
+
+
+def _warn_once(message):
+    # Said at the info level: an edited file (a CA added to a certificate bundle) is common
+    # and harmless, as what travels is what the driver has.
+    with _packages_lock:
+        if message in _warned:
+            return
+        _warned.add(message)
+    log.info("%s", message)
+
+
+def _loose_entry(site, top, paths):
+    """A manifest entry for top-level module or package top in site, which no RECORD claims."""
+    root = os.path.join(site, top)
+    found = []
+    if os.path.isdir(root):
+        for directory, subdirectories, names in os.walk(root):
+            subdirectories[:] = sorted(d for d in subdirectories if d != "__pycache__")
+            found.extend(os.path.join(directory, n) for n in names
+                         if not n.endswith((".pyc", ".pyo")))
+    elif os.path.isfile(root):
+        found.append(root)
+    files = []
+    for path in found:
+        with contextlib.suppress(OSError):
+            sha256, info = _file_sha256(path)
+            executable = bool(info.st_mode & 0o111)
+            paths[_object_name(sha256, executable)] = path
+            files.append([os.path.relpath(path, site).replace(os.sep, "/"), sha256,
+                          info.st_size, executable])
+    files.sort()
+    log.debug("no RECORD claims %s in %s: shipping it whole", top, site)
+    return {"name": top, "version": "", "tags": [], "record": None,
+            "compiled": any(_is_compiled(f[0]) for f in files), "files": files}
+
+
+def _platform_facts():
+    """This interpreter's platform, as far as loading compiled code goes."""
+    import importlib.machinery
+    import platform
+    import sysconfig
+    libc, libc_version = "", ""
+    try:
+        libc, _, libc_version = (os.confstr("CS_GNU_LIBC_VERSION") or "").partition(" ")
+    except (AttributeError, ValueError, OSError):
+        pass
+    machine = platform.machine().lower()
+    machine = {"amd64": "x86_64", "arm64": "aarch64"}.get(machine, machine) \
+        if sys.platform.startswith("linux") else machine
+    facts = {"python": PYTHON, "implementation": sys.implementation.cache_tag or "",
+             "system": sys.platform, "machine": machine, "libc": libc,
+             "libc_version": libc_version,
+             "ext_suffixes": list(importlib.machinery.EXTENSION_SUFFIXES),
+             "platform": sysconfig.get_platform(), "executable": sys.executable}
+    facts["tags"] = _platform_tags(facts)
+    return facts
+
+
+def _platform_tags(facts):
+    """The wheel platform tags an interpreter with these facts can load, best first."""
+    machine = facts["machine"]
+    if facts["system"].startswith("linux"):
+        tags = []
+        if facts["libc"] == "glibc" and facts["libc_version"].startswith("2."):
+            with contextlib.suppress(ValueError):
+                minor = int(facts["libc_version"].split(".")[1])
+                for m in range(minor, 4, -1):
+                    tags.append("manylinux_2_%d_%s" % (m, machine))
+                    legacy = {17: "manylinux2014", 12: "manylinux2010", 5: "manylinux1"}.get(m)
+                    if legacy:
+                        tags.append("%s_%s" % (legacy, machine))
+        return tags + ["linux_%s" % machine]
+    return [facts["platform"].replace("-", "_").replace(".", "_")]
+
+
+def _platform_words(facts):
+    """A platform in words: 'CPython 3.11 on linux x86_64 with glibc 2.36'."""
+    libc = " with %s %s" % (facts["libc"], facts["libc_version"]) if facts.get("libc") else ""
+    return "%s %s on %s %s%s (%s)" % (
+        "CPython" if facts["implementation"].startswith("cpython") else facts["implementation"],
+        facts["python"], facts["system"], facts["machine"], libc,
+        facts["ext_suffixes"][0] if facts["ext_suffixes"] else "no extension modules")
+
+
+def _cannot_load(dist, driver, machine):
+    """Why machine (its platform facts) cannot load dist, which has compiled code for driver;
+    None if it can."""
+    if not dist["compiled"]:
+        return None
+    suffixes = tuple(machine["ext_suffixes"])
+    for rel, _, _, _ in dist["files"]:
+        specific = next((s for s in driver["ext_suffixes"] if rel.endswith(s) and s != ".so"),
+                        None)
+        if specific is not None and not rel.endswith(suffixes):
+            return "its extension module %s is for %s" % (rel, specific)
+    if dist["tags"]:
+        platforms = {p for tag in dist["tags"] for p in tag.split("-")[-1].split(".")}
+        if not platforms & (set(machine["tags"]) | {"any"}):
+            return "it is built for %s" % ", ".join(sorted(platforms))
+        if platforms & set(machine["tags"]) <= {"linux_" + machine["machine"]} and \
+                _glibc(machine) < _glibc(driver):
+            return "it was built here, against %s %s" % (driver["libc"], driver["libc_version"])
+        return None
+    if (driver["platform"], driver["libc"]) != (machine["platform"], machine["libc"]) or \
+            _glibc(machine) < _glibc(driver):
+        return "it was built for the driver's platform"
+    return None
+
+
+def _glibc(facts):
+    with contextlib.suppress(ValueError):
+        return tuple(int(x) for x in facts["libc_version"].split(".")[:2])
+    return (0, 0)
+
+
+def _host_send_lock(system, host):
+    with _packages_lock:
+        return _host_send_locks.setdefault((id(system), host), threading.Lock())
+
+
+class _FilesReader(io.RawIOBase):
+    """Files read one after another as one stream, each exactly the size it had when it was
+    hashed: a file that shrank is an error, and bytes it gained are not sent."""
+
+    def __init__(self, files):
+        super().__init__()
+        self._files = list(files)     # [(path, size)]
+        self._file = None
+        self._left = 0
+        self.sent = 0
+
+    def readable(self):
+        return True
+
+    def readinto(self, b):
+        view = memoryview(b).cast("B")
+        n = 0
+        while n < len(view):
+            if self._file is None:
+                if not self._files:
+                    break
+                path, self._left = self._files.pop(0)
+                self._file = open(path, "rb", buffering=0)
+                self._path = path
+            if self._left:
+                got = self._file.readinto(view[n:n + self._left])
+                if not got:
+                    raise OSError("%s changed on the driver while it was sent (it is shorter "
+                                  "now): start again" % self._path)
+                n += got
+                self._left -= got
+            if not self._left:
+                self._file.close()
+                self._file = None
+        self.sent += n
+        return n
+
+    def close(self):
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+        super().close()
+
+
+def _send_packages(system, m, wanted):
+    """The driver's part of a machine's boot when the machine waits for packages (wanted, from
+    its Supervisor.info): see the section's introduction. Raises Error if they cannot go."""
+    with _packages_lock:
+        packages = _package_sets.get(wanted.get("digest"))
+    if packages is None:
+        raise Error("machine %s waits for packages %s, which this driver does not know"
+                    % (m.addr, wanted.get("digest")))
+    machine = wanted["platform"]
+    timeout = system.boot_timeout
+    with _host_send_lock(system, m.hostname):
+        if packages.kind == "files":
+            bad = [(d, _cannot_load(d, packages.platform, machine)) for d in packages.manifest]
+            bad = [(d, why) for d, why in bad if why]
+            if bad:
+                raise Error(
+                    "machine %s cannot load distributions that the driver imported: %s. The "
+                    "driver runs %s; the machine runs %s (%s). Start the machines with "
+                    "packages=[%s] to have pip install them there, for the machine's platform "
+                    "(the list replaces the driver's packages: add whatever else the machines' "
+                    "Python lacks), or with packages=None if the machine's Python has its "
+                    "own" % (
+                        m.addr, "; ".join("%s %s (%s)" % (d["name"], d["version"], why)
+                                          for d, why in bad),
+                        _platform_words(packages.platform), _platform_words(machine),
+                        machine.get("executable", "?"),
+                        ", ".join(repr("%s==%s" % (d["name"], d["version"]) if d["version"]
+                                       else d["name"]) for d, _ in bad)))
+            missing = m._boot_call("Supervisor.packages_missing", {"dists": packages.manifest},
+                                   timeout=timeout)
+            _put_objects(system, m, packages.paths, missing, timeout)
+        else:
+            if not m._boot_call("Supervisor.packages_pip", packages.manifest, None,
+                                timeout=timeout):
+                wheels = _download_wheels(packages.manifest, machine)
+                if wheels:
+                    objects = {}
+                    for path in wheels:
+                        sha256, info = _file_sha256(path)
+                        objects[_object_name(sha256, False)] = (path, info.st_size,
+                                                               os.path.basename(path))
+                    missing = m._boot_call(
+                        "Supervisor.packages_missing",
+                        {"objects": [[n.split(".")[0], o[1], False] for n, o in objects.items()]},
+                        timeout=timeout)
+                    _put_objects(system, m, {n: o[0] for n, o in objects.items()}, missing,
+                                 timeout)
+                    wheels = [[n.split(".")[0], o[2]] for n, o in sorted(objects.items())]
+                else:
+                    wheels = "index"
+                m._boot_call("Supervisor.packages_pip", packages.manifest, wheels,
+                             timeout=timeout)
+    try:
+        where = m._boot_call("Supervisor.packages_ready", timeout=timeout)
+    except NetworkError:
+        # The machine went away as it loaded main (which failed, say): how it ended, with its
+        # last output, is its system's to say, and about to be said.
+        m._stopped.wait(5.0)
+        raise
+    log.debug("%s: packages ready at %s", m.addr, where)
+
+
+def _put_objects(system, m, paths, missing, timeout):
+    """Send the objects missing ([[sha256, size, executable], ...]) to m, from paths."""
+    if not missing:
+        return
+    size = sum(f[1] for f in missing)
+    reader = _FilesReader([(paths[_object_name(f[0], f[2])], f[1]) for f in missing])
+    began = time.monotonic()
+    m._boot_call("Supervisor.packages_put", missing, reader, timeout=timeout)
+    with _packages_lock:
+        system.packages_sent += size
+    seconds = time.monotonic() - began
+    log.debug("%s: sent %d package files, %d bytes in %.3fs (%.0f MB/s)", m.addr, len(missing),
+              size, seconds, size / 1e6 / max(seconds, 1e-9))
+
+
+def _download_wheels(requirements, machine):
+    """Wheels of requirements for machine's platform, from the driver's pip and index (cached
+    for the driver's life); None if they cannot be had here."""
+    import atexit
+    import shutil
+    import subprocess
+    import tempfile
+    key = (tuple(requirements), tuple(machine["tags"]), machine["implementation"])
+    with _packages_lock:
+        if key in _wheel_downloads:
+            return _wheel_downloads[key]
+    directory = tempfile.mkdtemp(prefix="bigmachine-wheels-")
+    atexit.register(shutil.rmtree, directory, True)
+    python = machine["python"]
+    args = [sys.executable, "-m", "pip", "download", "--disable-pip-version-check",
+            "--no-input", "--only-binary=:all:", "--dest", directory,
+            "--python-version", python, "--implementation", "cp" if machine[
+                "implementation"].startswith("cpython") else "py"]
+    for tag in machine["tags"]:
+        args += ["--platform", tag]
+    args += list(requirements)
+    done = subprocess.run(args, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                          stderr=subprocess.STDOUT)
+    wheels = sorted(os.path.join(directory, n) for n in os.listdir(directory)
+                    if n.endswith(".whl")) if done.returncode == 0 else None
+    if wheels is None:
+        log.info("pip download for the machines' platform failed here; the machines' pip will "
+                 "use their own package index: %s",
+                 done.stdout.decode("utf-8", "replace").strip()[-2000:])
+    with _packages_lock:
+        _wheel_downloads[key] = wheels
+    return wheels
+
+
+_STOP = object()                      # the end of a queue's work
+
+
+def _package_stage_of(process):
+    stage = process.package_stage
+    if stage is None:
+        raise Error("machine %s is not waiting for packages" % process.addr)
+    return stage
+
+
+def _package_stage_info(process):
+    stage = process.package_stage
+    if stage is None or stage.handed.is_set():
+        return {}
+    return {"packages": {"digest": stage.digest, "platform": _platform_facts()}}
+
+
+def _site_packages_index(path):
+    """Where in path (a sys.path) the host's installed packages begin: len(path) if nowhere."""
+    for i, entry in enumerate(path):
+        parts = os.path.realpath(entry).split(os.sep)
+        if "site-packages" in parts or "dist-packages" in parts:
+            return i
+    return len(path)
+
+
+class _PackageStage:
+    """A machine's side of receiving packages, before it loads the driver's main (see the
+    section's introduction): root is the host's bigmachine directory."""
+
+    def __init__(self, root, digest):
+        self.root = os.path.join(root, "packages")
+        self.digest = digest
+        self.handed = threading.Event()   # the main thread may load main, from path
+        self.path = None
+        self._lock = threading.Lock()
+        self._needed = []                  # manifest entries of what the host lacks
+        self._env = None                   # their directory: envs/<hash of them>
+        self._pip = None                   # or pip's directory
+        self._loaded = threading.Event()
+        self._fresh = set()                # objects this machine received, hashed on arrival
+
+    def _dir(self, *names):
+        path = os.path.join(self.root, *names)
+        try:
+            os.makedirs(path, 0o700, exist_ok=True)
+        except OSError as e:
+            raise self._cache_error(path, e) from None
+        return path
+
+    def _cache_error(self, path, e):
+        return Error("cannot write the package cache at %s on host %s: %s. Free space there or "
+                     "make it writable (it is under the machine's TMPDIR), or start with "
+                     "packages=None" % (path, socket.gethostname(), e))
+
+    # -- 2. what is missing ---------------------------------------------------------------
+
+    def missing(self, request):
+        import hashlib
+        objects = self._dir("objects")
+        if "dists" in request:
+            needed = [d for d in request["dists"] if not self._host_has(d)]
+            with self._lock:
+                self._needed = needed
+                key = hashlib.sha256(json.dumps(needed, sort_keys=True).encode()).hexdigest()
+                self._env = os.path.join(self.root, "envs", key) if needed else None
+            if not needed or os.path.isdir(self._env):
+                return []
+            wanted = {}
+            for d in needed:
+                for rel, sha256, size, executable in d["files"]:
+                    wanted[_object_name(sha256, executable)] = [sha256, size, executable]
+        else:
+            wanted = {_object_name(f[0], f[2]): f for f in request["objects"]}
+        return [f for name, f in sorted(wanted.items())
+                if not os.path.isfile(os.path.join(objects, name))]
+
+    @staticmethod
+    def _host_has(dist):
+        """Has this machine's Python the same distribution already? The same RECORD says so;
+        else the same version whose RECORD gives the same hashes, and whose files that do
+        not match their RECORD (edited after they were installed) hash the same here."""
+        import csv
+        import hashlib
+        import importlib.metadata
+        try:
+            found = importlib.metadata.distribution(dist["name"])
+            record = found.read_text("RECORD")
+        except Exception:
+            return False
+        if record is None:
+            return False
+        if dist.get("record") and \
+                hashlib.sha256(record.encode("utf-8")).hexdigest() == dist["record"]:
+            return True
+        if found.version != dist["version"]:
+            return False
+        rows = {os.path.normpath(row[0]): row[1] for row in csv.reader(record.splitlines())
+                if len(row) > 1 and row[0]}
+        for rel, sha256, size, _ in dist["files"]:
+            listed = rows.get(os.path.normpath(rel))
+            if listed is None:
+                return False
+            ours = base64.urlsafe_b64encode(bytes.fromhex(sha256)).rstrip(b"=").decode()
+            if listed.rstrip("=") == "sha256=" + ours:
+                continue
+            try:
+                path = str(found.locate_file(rel))
+                if os.path.getsize(path) != size:
+                    return False
+                with open(path, "rb") as f:
+                    if hashlib.sha256(f.read()).hexdigest() != sha256:
+                        return False
+            except OSError:
+                return False
+        return True
+
+    # -- 3. receiving ---------------------------------------------------------------------
+
+    def receive(self, files, stream):
+        """Store files ([[sha256, size, executable], ...]) read one after another from stream.
+        This thread reads the connection; another hashes and writes, so that the two overlap."""
+        objects = self._dir("objects")
+        chunks = queue.Queue(32)          # a file's chunks, None after its last, then _STOP
+        failed = []                       # the store's error, if any
+        store = threading.Thread(target=self._store, args=(files, objects, chunks, failed),
+                                 name="bigmachine-packages", daemon=True)
+        store.start()
+        received = 0
+        try:
+            for index, (sha256, size, executable) in enumerate(files):
+                left = size
+                while left and not failed:
+                    chunk = stream.read(min(left, 1 << 20))     # errors: the transfer's
+                    if not chunk:
+                        raise Error("the driver's packages stopped arriving after %d bytes "
+                                    "(%d of %d files): start the machine again"
+                                    % (received, index, len(files)))
+                    chunks.put(chunk)
+                    left -= len(chunk)
+                    received += len(chunk)
+                if failed:
+                    break
+                chunks.put(None)
+        finally:
+            chunks.put(_STOP)             # the store drains whatever is left, and goes
+            store.join()
+        if failed:
+            raise failed[0]
+        return received
+
+    def _store(self, files, objects, chunks, failed):
+        """receive's other half: each file is written under a temporary name, hashed, and
+        renamed to its hash only if that is right; a file left unfinished is removed."""
+        import hashlib
+        index, f, part = 0, None, None
+        try:
+            while True:
+                chunk = chunks.get()
+                if chunk is _STOP:
+                    return
+                if failed:
+                    continue              # drain: the reader stops soon
+                try:
+                    if f is None:
+                        sha256, _, executable = files[index]
+                        final = os.path.join(objects, _object_name(sha256, executable))
+                        part = "%s.%d-%d.part" % (final, os.getpid(), threading.get_ident())
+                        f = open(os.open(part, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600),
+                                 "wb")
+                        digest = hashlib.sha256()
+                    if chunk is not None:
+                        digest.update(chunk)
+                        f.write(chunk)
+                        continue
+                    f.close()
+                    f = None
+                    if digest.hexdigest() != sha256:
+                        raise Error("a package file arrived with SHA-256 %s, not %s: it "
+                                    "changed on the driver while it was sent; start the "
+                                    "machine again" % (digest.hexdigest(), sha256))
+                    os.chmod(part, 0o555 if executable else 0o444)
+                    os.replace(part, final)   # whole, and right, or not there at all
+                    part = None
+                    self._fresh.add(os.path.basename(final))
+                    index += 1
+                except OSError as e:
+                    failed.append(self._cache_error(objects, e))
+                except BaseException as e:
+                    failed.append(e)
+        finally:
+            if f is not None:
+                with contextlib.suppress(OSError):
+                    f.close()
+            if part is not None:
+                with contextlib.suppress(OSError):
+                    os.unlink(part)
+
+    # -- pip ------------------------------------------------------------------------------
+
+    def pip(self, requirements, wheels):
+        """wheels None: is the environment of requirements cached (True/False)? Else install
+        it, from the objects of wheels ([[sha256, file name], ...]) or from "index"."""
+        import hashlib
+        import shutil
+        import subprocess
+        import tempfile
+        facts = _platform_facts()
+        key = hashlib.sha256(json.dumps([requirements, facts["tags"], facts["ext_suffixes"],
+                                         os.path.realpath(sys.executable)]).encode()).hexdigest()
+        final = os.path.join(self.root, "pip", key)
+        if os.path.isdir(final):
+            self._pip = final
+            return True
+        if wheels is None:
+            return False
+        self._dir("pip")
+        work = tempfile.mkdtemp(prefix="%s.%d." % (key, os.getpid()), suffix=".tmp",
+                                dir=os.path.dirname(final))
+        try:
+            args = [sys.executable, "-m", "pip", "install", "--disable-pip-version-check",
+                    "--no-input", "--no-warn-script-location", "--target",
+                    os.path.join(work, "env")]
+            if wheels != "index":
+                found = os.path.join(work, "wheels")
+                os.mkdir(found)
+                for sha256, name in wheels:
+                    if os.sep in name or name.startswith("."):
+                        raise ValueError("not a wheel's file name: %r" % (name,))
+                    self._link(_object_name(sha256, False), sha256, os.path.join(found, name))
+                args += ["--no-index", "--find-links", found]
+            done = subprocess.run(args + list(requirements), stdin=subprocess.DEVNULL,
+                                  stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+            if done.returncode != 0:
+                raise Error("pip could not install %s on host %s (%s, from %s): %s" % (
+                    ", ".join(requirements), socket.gethostname(), sys.executable,
+                    "the wheels the driver sent" if wheels != "index" else "its package index",
+                    done.stdout.decode("utf-8", "replace").strip()[-3000:]))
+            try:
+                os.rename(os.path.join(work, "env"), final)
+            except OSError:
+                if not os.path.isdir(final):  # else another machine was first: use its
+                    raise
+        except OSError as e:
+            raise self._cache_error(os.path.dirname(final), e) from None
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
+        self._pip = final
+        return True
+
+    # -- 4. ready -------------------------------------------------------------------------
+
+    def _link(self, name, sha256, target):
+        """Link (or copy) object name to target, after checking its hash once more."""
+        import hashlib
+        import shutil
+        source = os.path.join(self.root, "objects", name)
+        digest = hashlib.sha256()
+        if name not in self._fresh:
+            with open(source, "rb") as f:
+                for block in iter(lambda: f.read(1 << 20), b""):
+                    digest.update(block)
+        if name not in self._fresh and digest.hexdigest() != sha256:
+            os.unlink(source)
+            raise Error("the cached package file %s on host %s was damaged: it is removed; "
+                        "start the machine again" % (source, socket.gethostname()))
+        try:
+            os.link(source, target)
+        except FileExistsError:
+            pass                          # two distributions with one file: one copy does
+        except OSError:
+            shutil.copy2(source, target)
+
+    def _assemble(self):
+        """The directory of the distributions this host lacks, made if need be."""
+        import shutil
+        final = self._env
+        if final is None or os.path.isdir(final):
+            return final
+        self._dir("envs")
+        work = "%s.%d.tmp" % (final, os.getpid())
+        shutil.rmtree(work, ignore_errors=True)
+        try:
+            for d in self._needed:
+                for rel, sha256, size, executable in d["files"]:
+                    parts = rel.split("/")
+                    if rel.startswith("/") or ".." in parts or "" in parts:
+                        raise ValueError("not a relative path: %r" % (rel,))
+                    target = os.path.join(work, *parts)
+                    os.makedirs(os.path.dirname(target), 0o700, exist_ok=True)
+                    self._link(_object_name(sha256, executable), sha256, target)
+            try:
+                os.rename(work, final)
+            except OSError:
+                if not os.path.isdir(final):  # else another machine was first: use its
+                    raise
+        except OSError as e:
+            raise self._cache_error(os.path.dirname(final), e) from None
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
+        return final
+
+    def ready(self):
+        with self._lock:
+            if not self.handed.is_set():
+                self.path = self._pip if self._pip else self._assemble() or ""
+                self.handed.set()
+        self._loaded.wait()
+        return {"path": self.path,
+                "distributions": [d["name"] for d in self._needed] if not self._pip else None}
+
+    # -- the main thread's side -------------------------------------------------------------
+
+    def await_packages(self, exited):
+        """The directory to put on sys.path ("" for none), once the driver says go; None if
+        the machine exits first."""
+        while not self.handed.wait(0.2):
+            if exited.is_set():
+                return None
+        return self.path
+
+    def loaded(self):
+        self._loaded.set()
+
+
+# --------------------------------------------------------------------------------------
 # SSH: machines on any host the user can ssh into
 # --------------------------------------------------------------------------------------
 #
@@ -5673,7 +6688,8 @@ class SSHSystem(System):
     (-T, BatchMode=yes, ConnectTimeout=30), which they can therefore override. bind is where
     machines listen on their hosts: by default the address the ssh connection came in on, or
     loopback with tunnel=True, which reaches machines through `ssh -L` port forwards for hosts
-    whose ports are firewalled. See the section's introduction."""
+    whose ports are firewalled. packages (every system's option) says which installed
+    distributions travel: see Packages. See the section's introduction."""
 
     name = "ssh"
 
@@ -5740,7 +6756,7 @@ class SSHSystem(System):
         return options
 
     def start(self, b, n, env):
-        bundle = _make_bundle()
+        bundle = _make_bundle(self.packages)
         machines = []
         with self._lock:
             for _ in range(n):
@@ -7055,7 +8071,7 @@ class EC2System(System):
 
     def start(self, b, n, env):
         self._prepare()
-        bundle = _make_bundle()
+        bundle = _make_bundle(self.packages)
         batch = {}                        # what the machines of this b.start share: spot failed?
         machines = []
         with self._cond:
@@ -8212,7 +9228,7 @@ class SlurmSystem(System):
         if self._closed:
             raise Error("the Slurm system was shut down")
         self._check_request()
-        bundle = _make_bundle()
+        bundle = _make_bundle(self.packages)
         machines, enrolments = [], []
         for _ in range(n):
             m = Machine(b, "https://slurm-%s-%d.pending:0/" % (self.session, next(self._serial)),
@@ -9875,7 +10891,12 @@ def start(system: typing.Union[System, str, None] = None, **options: typing.Any)
         if cls is None:
             raise ValueError("unknown bigmachine system %r; known systems: %s"
                              % (system, ", ".join(sorted(_SYSTEMS))))
-        system = cls(**dict(cls._command_line_options(sys.argv, os.environ), **options))
+        flags = dict(cls._command_line_options(sys.argv, os.environ))
+        packages = _flag_or_variable(sys.argv, os.environ, "bigm.packages", "BIGMACHINE_PACKAGES")
+        if packages:                  # every system's: auto, none, or requirements a,b
+            flags["packages"] = None if packages.strip().lower() in ("none", "off") else \
+                "auto" if packages.strip() == "auto" else packages.replace(",", " ").split()
+        system = cls(**dict(flags, **options))
     elif options:
         raise TypeError("options are for a system given by name; configure the %s instance "
                         "itself" % type(system).__name__)

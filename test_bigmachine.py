@@ -5993,6 +5993,30 @@ def test_faults_a_machines_processes_end_with_it_over_ssh(sshd):
                     os.kill(pid, signal.SIGKILL)
 
 
+class SlowToStart:
+    """A service whose init takes longer than a short lease."""
+
+    def __init__(self, seconds):
+        self.seconds = seconds
+
+    def init(self, b):
+        time.sleep(self.seconds)
+
+    def ready(self):
+        return True
+
+
+def test_a_boot_longer_than_the_lease_keeps_its_machine():
+    """The lease runs from a machine's start, the keepalive loop from RUNNING: the driver
+    renews the lease through the boot steps between (here a slow init), or the machine would
+    give up on its driver while the driver waits for it."""
+    settings = dict(FAST, lease=1.0, keepalive_period=0.2)
+    with bigmachine.start(bigmachine.Local(**settings)) as b:
+        m, = b.start(1, {"Slow": SlowToStart(3.0)})
+        assert m.wait(RUNNING, timeout=60) is RUNNING, m.err
+        assert m.call("Slow.ready") is True
+
+
 # ======================================================================================
 # Slurm: machines as jobs of a real one-node cluster (slurmctld + slurmd + munged on
 # loopback, started by the tests), and enrolment (issue #19)
@@ -6473,3 +6497,407 @@ def test_slurm_machine_that_exits_says_how_and_its_job_ends(slurm):
         assert m.err.exit_code == 3
         eventually(lambda: job not in slurm.jobs(system.job_name), 15, "its job to end")
         assert other.call("Echo.echo", 1) == 1 and other.state is RUNNING
+
+
+# ======================================================================================
+# Packages: the driver's distributions on machines whose Python lacks them
+# ======================================================================================
+#
+# A driver in a virtual environment of its own holds distributions that the machines' Python
+# (this interpreter, outside that environment) lacks: bmtest_ext, with an extension module
+# compiled here by setuptools and gcc; bmtest_pure, Python with a data file; and bmtest_alien,
+# whose wheel says it was built for another architecture. Each is a wheel made here and
+# installed by pip, so each has the RECORD that pip writes. The driver runs as a process of
+# its own (PACKAGES_DRIVER) against the tests' sshd or moto, and prints what it saw as JSON.
+
+PACKAGES_EXT_C = r"""
+#include <Python.h>
+static PyObject *add(PyObject *self, PyObject *args) {
+    long a, b;
+    if (!PyArg_ParseTuple(args, "ll", &a, &b)) return NULL;
+    return PyLong_FromLong(a + b);
+}
+static PyMethodDef methods[] = {{"add", add, METH_VARARGS, "a + b, in C"}, {NULL, NULL, 0, NULL}};
+static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_speed", NULL, -1, methods};
+PyMODINIT_FUNC PyInit__speed(void) { return PyModule_Create(&module); }
+"""
+
+PACKAGES_DRIVER = r"""
+import importlib, json, os, sys
+import bigmachine
+import bmtest_ext                          # at the top: machines load it with main
+import bmtest_pure
+
+class Probe:
+    def use(self):
+        import bmtest_ext, bmtest_pure, importlib.metadata
+        return {"sum": bmtest_ext.add(2, 3), "ext": bmtest_ext._speed.__file__,
+                "value": bmtest_pure.VALUE, "data": bmtest_pure.data(),
+                "version": importlib.metadata.version("bmtest_ext"), "path": sys.path}
+
+def address(instance):
+    tags = {t["Key"]: t["Value"] for t in instance.get("Tags") or ()}
+    port = tags.get("bigmachine-test:port")
+    return ("127.0.0.1", int(port)) if port else None
+
+def main():
+    import logging
+    logging.basicConfig(level=logging.INFO)
+    settings = json.loads(sys.argv[1])
+    n = settings.pop("n", 1)
+    machine_env = settings.pop("env", {})
+    if settings.pop("alien", False):
+        import bmtest_alien
+    fast = dict(keepalive_period=0.5, keepalive_timeout=5.0, keepalive_rpc_timeout=2.0,
+                lease=10.0)
+    if settings.pop("system") == "ssh":
+        system = bigmachine.SSHSystem(settings.pop("hosts"), **fast, **settings)
+    else:
+        system = bigmachine.EC2System(address=address, **fast, **settings)
+    out = {}
+    try:
+        with bigmachine.start(system) as b:
+            machines = b.start(n, {"Probe": Probe()}, env=machine_env)
+            for m in machines:
+                m.wait(bigmachine.RUNNING, timeout=120)
+            out["states"] = [m.state.name for m in machines]
+            out["state"] = machines[0].state.name
+            out["err"] = str(machines[0].err) if machines[0].err else None
+            if all(m.state is bigmachine.RUNNING for m in machines):
+                out["results"] = [m.call("Probe.use") for m in machines]
+                out["result"] = out["results"][0]
+    except Exception as e:
+        out["error"] = "%s: %s" % (type(e).__name__, e)
+    out["sent"] = system.packages_sent
+    print("RESULT " + json.dumps(out))
+
+if __name__ == "__main__":
+    main()
+"""
+
+
+def make_wheel(directory, name, files, tag, purelib=True):
+    """A wheel of name 1.0 holding files ({path: bytes}), tagged tag, made by hand."""
+    info = "%s-1.0.dist-info" % name
+    files = dict(files)
+    files[info + "/METADATA"] = ("Metadata-Version: 2.1\nName: %s\nVersion: 1.0\n\n"
+                                 % name).encode()
+    files[info + "/WHEEL"] = ("Wheel-Version: 1.0\nGenerator: bigmachine-tests\n"
+                              "Root-Is-Purelib: %s\nTag: %s\n"
+                              % (str(purelib).lower(), tag)).encode()
+    record = []
+    for path, data in sorted(files.items()):
+        digest = base64.urlsafe_b64encode(hashlib.sha256(data).digest()).rstrip(b"=").decode()
+        record.append("%s,sha256=%s,%d\n" % (path, digest, len(data)))
+    record.append(info + "/RECORD,,\n")
+    files[info + "/RECORD"] = "".join(record).encode()
+    wheel = os.path.join(str(directory), "%s-1.0-%s.whl" % (name, tag))
+    with zipfile.ZipFile(wheel, "w") as z:
+        for path, data in sorted(files.items()):
+            z.writestr(path, data)
+    return wheel
+
+
+class PackagesVenv(typing.NamedTuple):
+    python: str                   # the driver's interpreter, in the venv
+    site: str                     # the venv's site-packages
+    wheels: str                   # the directory of the wheels made
+    dir: str
+
+
+@pytest.fixture(scope="module")
+def packages_venv(tmp_path_factory):
+    if not shutil.which("gcc") or not os.path.exists(os.path.join(
+            __import__("sysconfig").get_paths()["include"], "Python.h")):
+        pytest.skip("building an extension module needs gcc and Python's headers")
+    d = tmp_path_factory.mktemp("packages")
+    project = d / "project"
+    (project / "bmtest_ext").mkdir(parents=True)
+    (project / "bmtest_ext" / "_speed.c").write_text(PACKAGES_EXT_C)
+    subprocess.run([sys.executable, "-c",
+                    "from setuptools import setup, Extension; setup(name='bmtest_ext', "
+                    "ext_modules=[Extension('bmtest_ext._speed', ['bmtest_ext/_speed.c'])], "
+                    "script_args=['-q', 'build_ext', '--inplace'])"],
+                   cwd=str(project), check=True, stdout=subprocess.DEVNULL)
+    built, = [p for p in (project / "bmtest_ext").iterdir() if p.name.startswith("_speed.")
+              and p.suffix == ".so"]
+    facts = bigmachine._platform_facts()
+    cp = "cp%d%d" % sys.version_info[:2]
+    wheels = d / "wheels"
+    wheels.mkdir()
+    made = [
+        make_wheel(wheels, "bmtest_ext", {
+            "bmtest_ext/__init__.py": b"from bmtest_ext._speed import add\n"
+                                      b"from bmtest_ext import _speed\n",
+            "bmtest_ext/" + built.name: built.read_bytes()},
+            "%s-%s-%s" % (cp, cp, facts["tags"][-1]), purelib=False),
+        make_wheel(wheels, "bmtest_pure", {
+            "bmtest_pure/__init__.py": b"import os\nVALUE = 'first'\n"
+                                       b"def data():\n    with open(os.path.join(os.path.dirname("
+                                       b"__file__), 'data.txt')) as f:\n        return f.read()\n",
+            "bmtest_pure/data.txt": b"shipped data\n"}, "py3-none-any"),
+        make_wheel(wheels, "bmtest_alien", {"bmtest_alien/__init__.py": b"X = 1\n"},
+                   "%s-%s-linux_riscv64" % (cp, cp), purelib=False),
+    ]
+    venv = d / "venv"
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", "--system-site-packages",
+                    str(venv)], check=True)
+    python = str(venv / "bin" / "python")
+    # pip from the base environment installs into the venv (sys.prefix), and writes RECORDs.
+    pip = [python, "-m", "pip", "install", "-q", "--disable-pip-version-check", "--no-index",
+           "--no-deps", "--ignore-installed"]
+    subprocess.run(pip + made[:2], check=True)
+    site = subprocess.run(
+        [python, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+        check=True, stdout=subprocess.PIPE).stdout.decode().strip()
+    # The foreign wheel goes in the way pip installs for another platform: --target.
+    subprocess.run(pip + ["--target", site, "--platform", "linux_riscv64", "--only-binary=:all:",
+                          "--python-version", bigmachine.PYTHON, "--implementation", "cp",
+                          made[2]], check=True)
+    for name in ("bmtest_ext", "bmtest_pure", "bmtest_alien"):
+        assert importlib.util.find_spec(name) is None      # the machines' Python lacks them
+    yield PackagesVenv(python, site, str(wheels), str(d))
+
+
+def run_packages_driver(venv, settings, tmp_path, env=None):
+    """Run PACKAGES_DRIVER in the venv with settings; returns (its JSON result, its stderr)."""
+    script = tmp_path / "driver.py"
+    script.write_text(PACKAGES_DRIVER)
+    here = os.path.dirname(os.path.abspath(bigmachine.__file__))
+    environ = dict(os.environ, PYTHONPATH=here, **(env or {}))
+    done = subprocess.run([venv.python, str(script), json.dumps(settings)], cwd=str(tmp_path),
+                          env=environ, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                          stderr=subprocess.PIPE, timeout=240)
+    out = done.stdout.decode()
+    err = done.stderr.decode(errors="replace")
+    lines = [l for l in out.splitlines() if l.startswith("RESULT ")]
+    assert lines, "the driver printed no result (exit %d): %s" % (done.returncode, err[-3000:])
+    return json.loads(lines[-1][len("RESULT "):]), err
+
+
+def package_cache(root):
+    objects = os.path.join(root, "packages", "objects")
+    return sorted(os.listdir(objects)) if os.path.isdir(objects) else []
+
+
+def check_packages_used(result, venv):
+    assert result["state"] == "RUNNING", result
+    used = result["result"]
+    assert used["sum"] == 5 and used["data"] == "shipped data\n" and used["version"] == "1.0"
+    assert not used["ext"].startswith(venv.dir)                 # the machine's copy
+    assert "/packages/envs/" in used["ext"]
+    return used
+
+
+def test_ssh_machine_imports_the_drivers_packages(sshd, packages_venv, tmp_path):
+    shutil.rmtree(os.path.join(host_dir(sshd), "packages"), ignore_errors=True)
+    settings = {"system": "ssh", "hosts": [sshd.host], "python": sys.executable,
+                "ssh_options": sshd.options}
+    # Two machines start on a host that lacks the packages: one of them is sent them.
+    first, _ = run_packages_driver(packages_venv, dict(settings, n=2, per_host=2), tmp_path)
+    assert first["states"] == ["RUNNING", "RUNNING"], first
+    used = check_packages_used(first, packages_venv)
+    assert used["value"] == "first" and first["results"][1]["ext"] == used["ext"]
+    objects = os.path.join(host_dir(sshd), "packages", "objects")
+    assert first["sent"] == sum(os.path.getsize(os.path.join(objects, name))
+                                for name in package_cache(host_dir(sshd)))
+    # The driver's packages come after the bundle and the standard library, and before the
+    # host's own installed packages.
+    path = used["path"]
+    env = next(i for i, p in enumerate(path) if "/packages/envs/" in p)
+    site = next(i for i, p in enumerate(path) if "site-packages" in p.split("/"))
+    assert env < site and "/code" in path[0]
+    assert first["sent"] > os.path.getsize(os.path.join(
+        packages_venv.site, "bmtest_ext", os.path.basename(used["ext"])))
+    objects = package_cache(host_dir(sshd))
+    for name in objects:                                       # each one is what it says
+        with open(os.path.join(host_dir(sshd), "packages", "objects", name), "rb") as f:
+            assert hashlib.sha256(f.read()).hexdigest() == name.split(".")[0]
+    # Again: the host has them all, and nothing travels.
+    second, _ = run_packages_driver(packages_venv, settings, tmp_path)
+    assert check_packages_used(second, packages_venv) and second["sent"] == 0
+    assert package_cache(host_dir(sshd)) == objects
+    # A file edited on the driver after it was installed no longer matches its RECORD: the
+    # driver says so, and ships the file as it is, alone.
+    module = os.path.join(packages_venv.site, "bmtest_pure", "__init__.py")
+    with open(module) as f:
+        source = f.read()
+    try:
+        with open(module, "w") as f:
+            f.write(source.replace("'first'", "'edited'"))
+        third, err = run_packages_driver(packages_venv, settings, tmp_path)
+        assert "does not match its RECORD" in err and "bmtest_pure" in err
+        assert check_packages_used(third, packages_venv)["value"] == "edited"
+        assert 0 < third["sent"] < 1000
+    finally:
+        with open(module, "w") as f:
+            f.write(source)
+    # packages=None: the machine's Python lacks them, and the machine says which.
+    off, _ = run_packages_driver(packages_venv, dict(settings, packages=None), tmp_path)
+    assert off["state"] == "STOPPED" and off["sent"] == 0
+    assert "No module named 'bmtest_ext'" in off["err"], off
+    eventually(lambda: machine_dirs(sshd) == [] and ssh_clients(sshd) == [], timeout=20,
+               what="the machines and their ssh clients to go")
+
+
+def test_ssh_packages_for_another_platform_stop_the_machine(sshd, packages_venv, tmp_path):
+    settings = {"system": "ssh", "hosts": [sshd.host], "python": sys.executable,
+                "ssh_options": sshd.options, "alien": True}
+    result, _ = run_packages_driver(packages_venv, settings, tmp_path)
+    assert result["state"] == "STOPPED" and result["sent"] == 0
+    err = result["err"]
+    assert "bmtest_alien 1.0 (it is built for linux_riscv64)" in err, err
+    assert "bmtest_ext" not in err.split("cannot load")[1].split(". The driver")[0]
+    facts = bigmachine._platform_facts()
+    assert err.count("CPython %s on linux %s" % (bigmachine.PYTHON, facts["machine"])) == 2
+    assert "packages=['bmtest_alien==1.0']" in err and "packages=None" in err
+    eventually(lambda: machine_dirs(sshd) == [] and ssh_clients(sshd) == [], timeout=20,
+               what="the machines and their ssh clients to go")
+
+
+def test_ssh_packages_installed_by_pip_on_the_machine(sshd, packages_venv, tmp_path):
+    shutil.rmtree(os.path.join(host_dir(sshd), "packages", "pip"), ignore_errors=True)
+    # The driver's pip finds the wheels in a directory (its "index" here: no network).
+    env = {"PIP_NO_INDEX": "1", "PIP_FIND_LINKS": packages_venv.wheels}
+    settings = {"system": "ssh", "hosts": [sshd.host], "python": sys.executable,
+                "ssh_options": sshd.options, "packages": ["bmtest_ext==1.0", "bmtest_pure"]}
+    result, err = run_packages_driver(packages_venv, settings, tmp_path, env)
+    assert result["state"] == "RUNNING", (result, err[-2000:])
+    used = result["result"]
+    assert used["sum"] == 5 and used["value"] == "first" and "/packages/pip/" in used["ext"]
+    assert result["sent"] > 0
+    again, _ = run_packages_driver(packages_venv, settings, tmp_path, env)
+    assert again["state"] == "RUNNING" and again["sent"] == 0
+    assert again["result"]["ext"] == used["ext"]               # the cached environment
+    # A driver that cannot download them (no index here): the machine's pip installs them
+    # from the machine's own index (a directory of wheels, in the machines' environment).
+    local, err = run_packages_driver(
+        packages_venv, dict(settings, packages=["bmtest_ext", "bmtest_pure==1.0"],
+                            env={"PIP_NO_INDEX": "1", "PIP_FIND_LINKS": packages_venv.wheels}),
+        tmp_path, {"PIP_NO_INDEX": "1", "PIP_FIND_LINKS": ""})
+    assert local["state"] == "RUNNING", (local, err[-2000:])
+    assert local["sent"] == 0 and "pip download for the machines' platform failed" in err
+    assert local["result"]["sum"] == 5 and "/packages/pip/" in local["result"]["ext"]
+    assert local["result"]["ext"] != used["ext"]
+    # A requirement that nobody can satisfy: pip's own words reach the driver.
+    bad, _ = run_packages_driver(packages_venv, dict(settings, packages=["bmtest_none==9"]),
+                                 tmp_path, env)
+    assert bad["state"] == "STOPPED" and "pip could not install bmtest_none==9" in bad["err"]
+    eventually(lambda: machine_dirs(sshd) == [] and ssh_clients(sshd) == [], timeout=20,
+               what="the machines and their ssh clients to go")
+
+
+def test_ssh_unwritable_package_cache_is_a_clear_error(sshd, packages_venv, tmp_path):
+    root = os.path.join(host_dir(sshd), "packages")
+    shutil.rmtree(root, ignore_errors=True)
+    os.makedirs(host_dir(sshd), exist_ok=True)
+    with open(root, "w") as f:                 # a file where the cache's directory goes
+        f.write("in the way\n")
+    try:
+        settings = {"system": "ssh", "hosts": [sshd.host], "python": sys.executable,
+                    "ssh_options": sshd.options}
+        result, _ = run_packages_driver(packages_venv, settings, tmp_path)
+        assert result["state"] == "STOPPED" and result["sent"] == 0
+        assert "cannot write the package cache at %s" % root in result["err"], result
+    finally:
+        os.unlink(root)
+    eventually(lambda: machine_dirs(sshd) == [] and ssh_clients(sshd) == [], timeout=20,
+               what="the machines and their ssh clients to go")
+
+
+def test_ec2_machine_imports_the_drivers_packages(ec2, packages_venv, tmp_path):
+    settings = {"system": "ec2"}
+    first, err = run_packages_driver(packages_venv, settings, tmp_path)
+    used = check_packages_used(first, packages_venv)
+    # The venv's distributions travel; those the instance's Python has (boto3...) do not.
+    assert used["value"] == "first" and 0 < first["sent"] < 1 << 20
+    off, _ = run_packages_driver(packages_venv, dict(settings, packages=None), tmp_path)
+    assert off["state"] == "STOPPED" and off["sent"] == 0
+    assert "No module named 'bmtest_ext'" in off["err"], off
+    eventually(lambda: not ec2.alive(), timeout=20, what="the instances to end")
+
+
+def test_package_files_arrive_whole_or_not_at_all(tmp_path):
+    stage = bigmachine._PackageStage(str(tmp_path), "0" * 64)
+    data = b"a package file\n" * 1000
+    sha = hashlib.sha256(data).hexdigest()
+    objects = tmp_path / "packages" / "objects"
+    # A transfer cut short: an error, and nothing in the cache, not even a part.
+    with pytest.raises(bigmachine.Error, match="stopped arriving after 1000 bytes"):
+        stage.receive([[sha, len(data), False]], io.BytesIO(data[:1000]))
+    assert os.listdir(str(objects)) == []
+    # Bytes that are not the ones hashed (changed on the driver while it sent them).
+    with pytest.raises(bigmachine.Error, match="changed on the driver while it was sent"):
+        stage.receive([[sha, len(data), False]], io.BytesIO(data[:-1] + b"?"))
+    assert os.listdir(str(objects)) == []
+    # Whole: kept under its hash, read-only; an executable one keeps its mode.
+    assert stage.receive([[sha, len(data), False], [sha, len(data), True]],
+                         io.BytesIO(data + data)) == 2 * len(data)
+    assert sorted(os.listdir(str(objects))) == [sha, sha + ".x"]
+    assert os.stat(str(objects / sha)).st_mode & 0o777 == 0o444
+    assert os.stat(str(objects / (sha + ".x"))).st_mode & 0o777 == 0o555
+    # A damaged object is caught when a later machine makes an environment from it, and
+    # removed.
+    os.chmod(str(objects / sha), 0o644)
+    with open(str(objects / sha), "ab") as f:
+        f.write(b"damage")
+    stage = bigmachine._PackageStage(str(tmp_path), "0" * 64)
+    stage.missing({"dists": [{"name": "p", "version": "1", "record": None, "tags": [],
+                              "compiled": False, "files": [["p/x.txt", sha, len(data), False]]}]})
+    with pytest.raises(bigmachine.Error, match="was damaged: it is removed"):
+        stage._assemble()
+    assert not (objects / sha).exists() and not os.listdir(str(tmp_path / "packages" / "envs"))
+    # The driver's side: a file that shrank after it was hashed is an error, not short data;
+    # one that grew sends the bytes it had.
+    source = tmp_path / "source"
+    source.write_bytes(b"12345")
+    with pytest.raises(OSError, match="changed on the driver while it was sent"):
+        bigmachine._FilesReader([(str(source), 9)]).read()
+    assert bigmachine._FilesReader([(str(source), 3), (str(source), 5)]).read() == b"12312345"
+
+
+def test_packages_option_is_checked():
+    for good, kept in (("auto", "auto"), (None, None),
+                       (["numpy==2.1", " six "], ("numpy==2.1", "six"))):
+        assert bigmachine.SSHSystem(["h"], packages=good).packages == kept
+    for bad in ("numpy", [], ["--index-url=http://x"], [3]):
+        with pytest.raises(ValueError, match="packages is 'auto'"):
+            bigmachine.SSHSystem(["h"], packages=bad)
+
+
+@pytest.mark.parametrize("argv, variable, expected", [
+    ([], None, "auto"), (["--bigm.packages=none"], None, None), ([], "off", None),
+    (["--bigm.packages", "numpy==2.1,six"], None, ("numpy==2.1", "six")),
+    (["--bigm.packages=auto"], "none", "auto")])
+def test_packages_from_the_command_line(monkeypatch, argv, variable, expected):
+    monkeypatch.setattr(sys, "argv", ["prog", "--bigm.ssh.hosts=h"] + argv)
+    if variable is None:
+        monkeypatch.delenv("BIGMACHINE_PACKAGES", raising=False)
+    else:
+        monkeypatch.setenv("BIGMACHINE_PACKAGES", variable)
+    b = bigmachine.start("ssh")
+    try:
+        assert b.system.packages == expected
+    finally:
+        b.shutdown()
+
+
+def test_a_record_that_lists_a_missing_file_stops_b_start(tmp_path, monkeypatch):
+    site = tmp_path / "lib" / "site-packages"
+    (site / "bmtest_liar").mkdir(parents=True)
+    (site / "bmtest_liar" / "__init__.py").write_text("X = 1\n")
+    info = site / "bmtest_liar-2.0.dist-info"
+    info.mkdir()
+    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: bmtest_liar\nVersion: 2.0\n\n")
+    (info / "RECORD").write_text("bmtest_liar/__init__.py,,\nbmtest_liar/gone.py,sha256=x,3\n"
+                                 "bmtest_liar-2.0.dist-info/RECORD,,\n")
+    monkeypatch.syspath_prepend(str(site))
+    monkeypatch.delitem(sys.modules, "bmtest_liar", raising=False)
+    importlib.import_module("bmtest_liar")
+    with pytest.raises(bigmachine.Error) as caught:
+        bigmachine._make_bundle("auto")
+    message = str(caught.value)
+    assert "bmtest_liar 2.0" in message and str(site / "bmtest_liar" / "gone.py") in message
+    assert "pip install --force-reinstall 'bmtest_liar==2.0'" in message
+    assert "packages=None" in message
+    assert bigmachine._make_bundle(None).packages is None            # shipping off: no error
