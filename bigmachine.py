@@ -4233,8 +4233,12 @@ class _LocalProcess(_ChildProcess):
         child_env["BIGMACHINE_MODE"] = "machine"
         child_env["BIGMACHINE_SYSTEM"] = system.name
         here = os.path.dirname(os.path.abspath(__file__))
-        code = ("import sys; sys.path.insert(0, %r); import bigmachine; "
-                "bigmachine._machine_main()" % here)
+        compiled = _compiled_module() if _same_python(system.python) else None
+        if compiled is None:
+            code = ("import sys; sys.path.insert(0, %r); import bigmachine; "
+                    "bigmachine._machine_main()" % here)
+        else:
+            code = _LOAD_COMPILED % (here, compiled, os.path.abspath(__file__))
         args = [system.python] + _interpreter_flags(system.python) + ["-u", "-c", code]
         super().__init__(machine, args, pass_fds=[fd], env=child_env)
         bootstrap = system.bootstrap(b, machine, credentials, fd)
@@ -4249,6 +4253,94 @@ class _LocalProcess(_ChildProcess):
         except OSError:
             pass                       # the child died already: the waiter will say why
         self.watch()
+
+
+# A machine process loads this module before anything else, and Python compiles it first
+# unless it finds bytecode it wrote before: where the user's environment forbids writing it
+# (PYTHONDONTWRITEBYTECODE=1, a read-only tree), every machine compiled the whole module
+# again, which took longer than the rest of its startup. So the driver keeps the module's
+# compiled code (marshal) in a cache of the library's own, in this user's private directory
+# (`_bundle_root`: <tmp>/bigmachine-<uid>, never the user's tree or HOME), keyed by the
+# hash of the source and the interpreter's bytecode tag, and a Local machine on the same
+# interpreter loads it from there. Writers race harmlessly: each writes a file of its own
+# and renames it into place, whole. Where nothing can be written, or the file cannot be
+# read, machines import the module the ordinary way.
+_compiled_lock = threading.Lock()
+_compiled_path = []               # [path or None], once known
+
+
+def _same_python(python):
+    return os.path.realpath(python) == os.path.realpath(sys.executable or "")
+
+
+def _compiled_module():
+    """The path of this module's compiled code in the library's cache, made if need be; None
+    when it cannot be had (no source, nowhere to write)."""
+    with _compiled_lock:
+        if not _compiled_path:
+            try:
+                _compiled_path.append(_write_compiled_module())
+            except (OSError, ValueError, SyntaxError) as e:
+                log.debug("no compiled copy of bigmachine.py for machines: %s", e)
+                _compiled_path.append(None)
+        return _compiled_path[0]
+
+
+def _write_compiled_module():
+    import hashlib
+    import importlib.util
+    import marshal
+    source_path = os.path.abspath(__file__)
+    if not source_path.endswith(".py"):
+        return None
+    with open(source_path, "rb") as f:
+        source = f.read()
+    tag = sys.implementation.cache_tag or "python"
+    key = "%s-%s-O%d" % (hashlib.sha256(source + importlib.util.MAGIC_NUMBER).hexdigest()[:40],
+                         tag, sys.flags.optimize)
+    directory = os.path.join(_bundle_root(), "compiled")
+    os.makedirs(directory, mode=0o700, exist_ok=True)
+    path = os.path.join(directory, key + ".marshal")
+    if os.path.exists(path):
+        return path
+    code = compile(source, source_path, "exec", dont_inherit=True,
+                   optimize=sys.flags.optimize)
+    partial = "%s.%d.%d.part" % (path, os.getpid(), threading.get_ident())
+    fd = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            marshal.dump(code, f)
+        os.replace(partial, path)     # whole or not at all, even with drivers racing
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(partial)
+        raise
+    return path
+
+
+# The first thing a Local machine runs (python -c): bigmachine from its compiled code when
+# that loads, else imported the ordinary way; then the machine's life.
+_LOAD_COMPILED = """\
+import sys; sys.path.insert(0, %r)
+def _load(compiled, source):
+    import importlib.util, marshal
+    try:
+        with open(compiled, "rb") as f:
+            code = marshal.load(f)
+    except Exception:
+        return
+    spec = importlib.util.spec_from_file_location("bigmachine", source)
+    spec.cached = compiled              # the module's __cached__: where its code came from
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["bigmachine"] = module
+    try:
+        exec(code, module.__dict__)
+    except BaseException:
+        del sys.modules["bigmachine"]
+        raise
+_load(%r, %r)
+import bigmachine; bigmachine._machine_main()
+"""
 
 
 _stderr_lock = threading.Lock()

@@ -4961,3 +4961,64 @@ def test_other_pythons_isolated_with_unwritable_home(python, memfd, tmp_path):
     )
     assert result.returncode == 0 and result.stdout.startswith("OK"), result.stderr
     assert os.listdir(str(tmpdir)) == []
+
+
+# ======================================================================================
+# Performance: startup from the library's compiled copy of itself
+# ======================================================================================
+
+COMPILED_DRIVER = """
+import os, sys, bigmachine
+
+class Where:
+    def cached(self):
+        return sys.modules["bigmachine"].__cached__
+
+if __name__ == "__main__":
+    with bigmachine.start("local") as b:
+        m, = b.start(1, {"Where": Where()})
+        assert m.wait(bigmachine.RUNNING, timeout=60) == bigmachine.RUNNING, m.err
+        print(m.call("Where.cached"))
+"""
+
+
+def _compiled_run(tmp_path, tmpdir, **env):
+    """Run COMPILED_DRIVER on a copy of bigmachine.py of its own (so no bytecode of it exists
+    anywhere), with TMPDIR tmpdir: (machine's bigmachine.__cached__, the copy's directory)."""
+    src = tmp_path / "src"
+    src.mkdir()
+    shutil.copy(os.path.join(HERE, "bigmachine.py"), str(src))
+    env = dict(env, PYTHONPATH=str(src), TMPDIR=str(tmpdir))
+    result = run_script(tmp_path, COMPILED_DRIVER, env=env)
+    assert result.returncode == 0, result.stderr
+    return result.stdout.strip().splitlines()[-1], src
+
+
+def test_local_machines_load_the_compiled_module_from_the_librarys_cache(tmp_path):
+    # PYTHONDONTWRITEBYTECODE=1: nothing is written into the user's tree, yet the machine does
+    # not compile bigmachine.py: it loads the code the driver cached in its private directory.
+    tmpdir = tmp_path / "tmp"
+    tmpdir.mkdir()
+    cached, src = _compiled_run(tmp_path, tmpdir, PYTHONDONTWRITEBYTECODE="1")
+    compiled = tmpdir / ("bigmachine-%d" % os.getuid()) / "compiled"
+    files = os.listdir(str(compiled))
+    assert len(files) == 1 and files[0].endswith(".marshal"), files
+    assert cached == str(compiled / files[0])
+    assert oct(os.stat(str(compiled)).st_mode & 0o777) == oct(0o700)
+    assert not (src / "__pycache__").exists()
+    # A second driver finds the same file (same source, same interpreter) and keeps it.
+    before = os.stat(str(compiled / files[0])).st_mtime_ns
+    shutil.rmtree(str(src))
+    cached2, _ = _compiled_run(tmp_path, tmpdir, PYTHONDONTWRITEBYTECODE="1")
+    assert cached2 == cached and os.stat(cached).st_mtime_ns == before
+
+
+def test_local_machines_import_the_module_when_the_cache_cannot_be_written(tmp_path):
+    # The library's directory cannot be made (a file holds its name; mode bits would not stop
+    # root): machines start all the same, importing the module the ordinary way.
+    tmpdir = tmp_path / "tmp"
+    tmpdir.mkdir()
+    (tmpdir / ("bigmachine-%d" % os.getuid())).write_text("not a directory")
+    cached, src = _compiled_run(tmp_path, tmpdir, PYTHONDONTWRITEBYTECODE="1")
+    assert not cached.endswith(".marshal"), cached
+    assert not (src / "__pycache__").exists()
