@@ -178,6 +178,11 @@ RATIO_ROWS = [
 
 # bigmachine only, absolute: (label, key, kind)
 BM_MORE = [
+    ("2 machines RUNNING, a fresh driver with PYTHONDONTWRITEBYTECODE=1, ms",
+     "startup_nobytecode_ms", "num"),
+    ("2 machines RUNNING, a fresh driver without it, ms", "startup_bytecode_ms", "num"),
+    ("64 machines RUNNING, a fresh driver, ms", "startup64_ms", "num"),
+    ("  driver CPU while the 64 sit RUNNING and idle, %", "idle64_cpu_pct", "num"),
     ("bigpi, one plain Python process, samples/s", "bigpi_one_sps", "int"),
     ("bigpi, 2 local machines (bigpi's driver code), samples/s", "bigpi_two_sps", "int"),
     ("  2 machines / one process", "bigpi_ratio", "ratio"),
@@ -269,7 +274,7 @@ def report(results, notes, opts, cols):
             for label, key, kind in BM_MORE]
     if any(r[1] != "n/a" for r in rows):
         lines.append("")
-        lines.append("## bigmachine: bigpi scaling and streams")
+        lines.append("## bigmachine: startup, bigpi scaling and streams")
         lines.append("")
         lines.append("bigpi: %s samples of examples/bigpi.py's CirclePI.sample, best of %s; "
                      "the machines' clock starts once both are RUNNING. Streams: read "
