@@ -255,8 +255,14 @@ class RawWorker:
         view = memoryview(buf)
         data = C.payload(n)
         out = {}
+        # And the reply read the same way into a new buffer each time: a transfer that makes
+        # a new object pays for first touching its memory (zeroing and a page fault per page;
+        # on a VM that costs about as much as the transfer itself), which a preallocated
+        # buffer does not.
+        fresh = lambda: self._read_reply_into(memoryview(bytearray(n)), n)
         for name, run in (("reply", lambda: self._read_reply_into(view, n)),
-                          ("arg", lambda: c.op(b"U", n, data))):
+                          ("arg", lambda: c.op(b"U", n, data)),
+                          ("fresh_reply", fresh)):
             run()                      # untimed: both buffers are allocated and touched
             rates = []
             give_up = time.perf_counter() + budget

@@ -160,6 +160,8 @@ ROWS = [
      "recv_into_reply_MBps", "num"),
     ("64 MiB argument read with recv_into into one preallocated buffer, MB/s",
      "recv_into_arg_MBps", "num"),
+    ("64 MiB reply read with recv_into into a new buffer each time, MB/s",
+     "recv_into_fresh_reply_MBps", "num"),
     ("2 workers ready, ms", "startup_ms", "num"),
 ]
 
@@ -171,6 +173,8 @@ RATIO_ROWS = [
      ("recv_into argument", "raw TLS 1.3", "recv_into_arg_MBps")),
     ("64 MiB reply / recv_into floor", "reply_MBps",
      ("recv_into reply", "raw TLS 1.3", "recv_into_reply_MBps")),
+    ("64 MiB reply / recv_into into a new buffer", "reply_MBps",
+     ("recv_into new buffer", "raw TLS 1.3", "recv_into_fresh_reply_MBps")),
     ("64 MiB argument / blocking raw TLS (threaded server)", "arg_MBps", "raw TLS 1.3"),
     ("64 MiB reply / blocking raw TLS (threaded server)", "reply_MBps", "raw TLS 1.3"),
     ("2 workers ready / 100 ms (lower is better)", "startup_ms", 100.0),
