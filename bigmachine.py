@@ -4358,7 +4358,7 @@ def _load(compiled, source):
     import importlib.util, marshal
     try:
         with open(compiled, "rb") as f:
-            code = marshal.load(f)
+            code = marshal.loads(f.read())   # load(f) reads it in small pieces
     except Exception:
         return
     spec = importlib.util.spec_from_file_location("bigmachine", source)
