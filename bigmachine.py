@@ -2096,7 +2096,7 @@ class _Client:
     """A process's RPC client: its TLS context and one `_Peer` per machine address."""
 
     def __init__(self, credentials):
-        self.context = _read_ahead(client_context(credentials))
+        self._credentials, self._context = credentials, None
         self._peers = {}
         self._lock = threading.Lock()
         self.stats = _RPCStats()             # the calls made, per method and per machine
@@ -2106,6 +2106,18 @@ class _Client:
         # clients' ids never meet in practice, and one cannot cancel the other's call.
         self._ids = itertools.count((int.from_bytes(os.urandom(8), "big") >> 2) + 1)
         self.next_call_id = functools.partial(next, self._ids)
+
+    @property
+    def context(self):
+        """The client TLS context, made at the first connection: most machines never call
+        out, and a context costs a machine's startup milliseconds (64 at once: many)."""
+        context = self._context
+        if context is None:
+            with self._lock:
+                if self._context is None:
+                    self._context = _read_ahead(client_context(self._credentials))
+                context = self._context
+        return context
 
     def peer(self, addr):
         peer = self._peers.get(addr)
