@@ -4311,6 +4311,7 @@ class _LocalProcess(_ChildProcess):
 # read, machines import the module the ordinary way.
 _compiled_lock = threading.Lock()
 _compiled_path = []               # [path or None], once known
+_COMPILED_KEPT = 7 * 86400        # seconds an unused compiled copy is kept
 
 
 def _same_python(python):
@@ -4321,13 +4322,15 @@ def _compiled_module():
     """The path of this module's compiled code in the library's cache, made if need be; None
     when it cannot be had (no source, nowhere to write)."""
     with _compiled_lock:
-        if not _compiled_path:
-            try:
-                _compiled_path.append(_write_compiled_module())
-            except (OSError, ValueError, SyntaxError) as e:
-                log.debug("no compiled copy of bigmachine.py for machines: %s", e)
-                _compiled_path.append(None)
-        return _compiled_path[0]
+        if _compiled_path and (_compiled_path[0] is None or os.path.exists(_compiled_path[0])):
+            return _compiled_path[0]
+        try:
+            path = _write_compiled_module()
+        except (OSError, ValueError, SyntaxError) as e:
+            log.debug("no compiled copy of bigmachine.py for machines: %s", e)
+            path = None
+        _compiled_path[:] = [path]
+        return path
 
 
 def _write_compiled_module():
@@ -4345,7 +4348,16 @@ def _write_compiled_module():
     directory = os.path.join(_bundle_root(), "compiled")
     os.makedirs(directory, mode=0o700, exist_ok=True)
     path = os.path.join(directory, key + ".marshal")
+    # Each version of the module leaves its file: those no driver has used for a week go.
+    # (One that goes while a driver uses it is written again at its next launch; a machine
+    # that finds it gone imports the module the ordinary way.)
+    for name in os.listdir(directory):
+        old = os.path.join(directory, name)
+        with contextlib.suppress(OSError):
+            if old != path and time.time() - os.stat(old).st_mtime > _COMPILED_KEPT:
+                os.unlink(old)
     if os.path.exists(path):
+        os.utime(path)                # in use
         return path
     code = compile(source, source_path, "exec", dont_inherit=True,
                    optimize=sys.flags.optimize)

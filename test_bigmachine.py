@@ -5006,11 +5006,17 @@ def test_local_machines_load_the_compiled_module_from_the_librarys_cache(tmp_pat
     assert cached == str(compiled / files[0])
     assert oct(os.stat(str(compiled)).st_mode & 0o777) == oct(0o700)
     assert not (src / "__pycache__").exists()
-    # A second driver finds the same file (same source, same interpreter) and keeps it.
-    before = os.stat(str(compiled / files[0])).st_mtime_ns
+    # A second driver finds the same file (same source, same interpreter) and uses it; the
+    # copy of another version, unused for more than a week, goes.
+    stale = compiled / "0000-another-version.marshal"
+    stale.write_bytes(b"")
+    week_ago = time.time() - 8 * 86400
+    os.utime(str(stale), (week_ago, week_ago))
+    os.utime(cached, (week_ago, week_ago))
     shutil.rmtree(str(src))
     cached2, _ = _compiled_run(tmp_path, tmpdir, PYTHONDONTWRITEBYTECODE="1")
-    assert cached2 == cached and os.stat(cached).st_mtime_ns == before
+    assert cached2 == cached and os.stat(cached).st_mtime > week_ago + 86400
+    assert os.listdir(str(compiled)) == files
 
 
 def test_local_machines_import_the_module_when_the_cache_cannot_be_written(tmp_path):
