@@ -57,21 +57,26 @@ def _spin_want():
     return (BlockingIOError, ssl.SSLWantReadError, ssl.SSLWantWriteError)
 
 
-def spin_send(s, data, want):
+# Each poll that finds nothing yields the core (sched_yield): on a quiet host that returns at
+# once, and on a host with more runnable processes than cores it lets the other end run
+# instead of spinning away a whole time slice while it waits for this core.
+
+def spin_send(s, data, want, pass_core=os.sched_yield):
     view, done = memoryview(data), 0
     while done < len(view):
         try:
             done += s.send(view[done:])
         except want:
-            pass
+            pass_core()
 
 
-def spin_recv_exact(s, view, want):
+def spin_recv_exact(s, view, want, pass_core=os.sched_yield):
     got, n = 0, len(view)
     while got < n:
         try:
             k = s.recv_into(view[got:])
         except want:
+            pass_core()
             continue
         if k == 0:
             return False

@@ -290,7 +290,10 @@ def report(results, notes, opts, cols):
     idle = []
     for c in ("raw TCP", "raw TLS 1.3"):
         blocking, spin = get(results, c, "small_us"), get(results, c, "spin_us")
-        if blocking and spin:
+        if blocking and spin and spin > blocking:
+            idle.append("%s: blocking %s µs, spin-polled %s µs (spinning lost: the host had "
+                        "no core to spare)" % (c, fmt(blocking, "num"), fmt(spin, "num")))
+        elif blocking and spin:
             idle.append("%s: blocking %s µs, spin-polled %s µs (%s µs, %.1fx)"
                         % (c, fmt(blocking, "num"), fmt(spin, "num"),
                            fmt(blocking - spin, "num"), blocking / spin))
