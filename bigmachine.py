@@ -1667,10 +1667,11 @@ class _Peer:
     # Only a peer's only call in flight spins: callers in many threads keep each other's
     # cores busy anyway, and spinning would take the GIL from the others. The spin costs at
     # most this much CPU a call, and a reply to a quick call comes within it. A spin that
-    # ends without a reply (a slow method, or a machine short of cores: on a loaded host a
-    # spinning caller takes the core its machine needs) is not repeated for the next
-    # _spin_backoff calls, twice as many after each vain one (up to 15), so that a caller of
-    # slow methods, or one on a busy host, spins on a small fraction of its calls.
+    # ends without a reply (a slow method; a machine short of cores: on a loaded host a
+    # spinning caller takes the core its machine needs; a machine in this very process,
+    # which needs the GIL the spinning caller holds) is not repeated for the next
+    # _spin_backoff calls, twice as many after each vain one (up to 255), so that such a
+    # caller spins on a small fraction of its calls, and one reply in time resets it.
     _CALLER_SPIN = 0.0001
     _spin_skip = _spin_backoff = 0
 
@@ -1835,7 +1836,7 @@ class _Peer:
                 until = clock() + self._CALLER_SPIN
                 while not readable():
                     if clock() > until:       # in vain: spin again only after a while
-                        self._spin_backoff = min(2 * self._spin_backoff + 1, 15)
+                        self._spin_backoff = min(2 * self._spin_backoff + 1, 255)
                         self._spin_skip = self._spin_backoff
                         break
                 else:
