@@ -5131,10 +5131,62 @@ def _ssh_stage1_line(bundle):
     if _ssh_stage1_functions is None:
         import inspect
         _ssh_stage1_functions = "".join(inspect.getsource(f) + "\n" for f in (
-            _bundle_root, _bundle_install, _bundle_unpack, _machine_workdir, _ssh_stage1))
+            _bundle_root, _bundle_install, _bundle_unpack, _machine_workdir, _import_compiled,
+            _ssh_stage1))
     source = _ssh_stage1_functions + "_ssh_stage1(%r, %d, %r)\n" % (
         bundle.sha256, len(bundle.data), bundle.library)
     return ("exec(%r)\n" % source).encode("utf-8")
+
+
+def _import_compiled(root, directory, name):
+    """Import module name (a .py file) from directory, from the compiled copy of it kept in
+    root/compiled (see `_compiled_module`; the first machine of a version on a host makes it).
+    Each SSH machine unpacks its code afresh, so without it every one compiled this whole
+    library again, whether or not the host lets Python write bytecode. Anything amiss with
+    the copy, and it is compiled here. Self-contained."""
+    import hashlib
+    import importlib
+    import importlib.util
+    import marshal
+    import os
+    import sys
+    source_path = os.path.join(directory, name + ".py")
+    try:
+        with open(source_path, "rb") as f:
+            source = f.read()
+    except OSError:
+        return importlib.import_module(name)        # a package, say
+    key = "%s-%s-O%d" % (hashlib.sha256(source + importlib.util.MAGIC_NUMBER).hexdigest()[:40],
+                         sys.implementation.cache_tag or "python", sys.flags.optimize)
+    path = os.path.join(root, "compiled", key + ".marshal")
+    try:
+        with open(path, "rb") as f:
+            code = marshal.loads(f.read())
+        os.utime(path)
+    except (OSError, ValueError, EOFError, TypeError):
+        code = compile(source, source_path, "exec", dont_inherit=True, optimize=sys.flags.optimize)
+        partial = "%s.%d.part" % (path, os.getpid())
+        try:
+            os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
+            with os.fdopen(os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600),
+                           "wb") as f:
+                marshal.dump(code, f)
+            os.replace(partial, path)               # whole or not at all
+        except OSError:
+            try:
+                os.unlink(partial)
+            except OSError:
+                pass
+    spec = importlib.util.spec_from_file_location(name, source_path)
+    spec.cached = path
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    try:
+        exec(code, module.__dict__)
+    except BaseException:
+        del sys.modules[name]
+        raise
+    return module
 
 
 def _ssh_stage1(sha256, size, library):
@@ -5144,7 +5196,6 @@ def _ssh_stage1(sha256, size, library):
     machine ends, killed by the OOM killer included, its directory goes and the driver learns
     how it ended ("exited CODE", CODE negative for a signal). Self-contained: it runs before
     bigmachine.py is on the host."""
-    import importlib
     import os
     import shutil
     import sys
@@ -5173,7 +5224,7 @@ def _ssh_stage1(sha256, size, library):
         status = 1
         try:
             sys.path.insert(0, code)
-            importlib.import_module(library)._machine_main(code=code, workdir=workdir)
+            _import_compiled(root, code, library)._machine_main(code=code, workdir=workdir)
         except SystemExit as e:
             status = e.code if isinstance(e.code, int) else 1
         except BaseException:

@@ -5056,3 +5056,28 @@ def test_a_caller_that_spins_in_vain_backs_off_and_gets_its_replies(tb):
     # Calls from many threads at once all get their own replies (only a lone call spins).
     with concurrent.futures.ThreadPoolExecutor(8) as pool:
         assert list(pool.map(lambda x: m.call("Echo.echo", x), range(200))) == list(range(200))
+
+
+class CompiledFrom:
+    """Says where a machine's bigmachine module came from."""
+
+    def cached(self):
+        return sys.modules["bigmachine"].__cached__
+
+
+def test_ssh_machines_share_one_compiled_copy_of_the_library(sshd):
+    # Each SSH machine unpacks the driver's code afresh: the first one compiles the library
+    # and keeps the code in the host's bigmachine directory; the others load it from there.
+    compiled = os.path.join(host_dir(sshd), "compiled")
+    shutil.rmtree(compiled, ignore_errors=True)
+    inodes = []
+    for _ in range(2):
+        with bigmachine.start(ssh_system(sshd)) as b:
+            m, = running(b, 1, {"Where": CompiledFrom()})
+            cached = m.call("Where.cached")
+            assert os.path.dirname(cached) == compiled, cached
+            inodes.append(os.stat(cached).st_ino)
+    files = os.listdir(compiled)
+    assert files == [os.path.basename(cached)] and files[0].endswith(".marshal")
+    assert os.stat(compiled).st_mode & 0o777 == 0o700
+    assert inodes[0] == inodes[1]          # loaded again, not written again (that renames)
