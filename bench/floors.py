@@ -16,6 +16,19 @@ against a minimal threaded server in a separate process on 127.0.0.1:
   * "2 workers ready": two fresh interpreters started in parallel, each
     serving and answering one call (with a TLS handshake for TLS).
 
+That server blocks in recv, and so does its client: each message wakes a core, and on a
+VM an idle core takes tens of microseconds to wake. So two floors that are limits come on
+top, and bigmachine's targets are set against them:
+
+  * spin_us: the round trip on a connection of its own where both ends are non-blocking
+    and busy-poll (no thread ever sleeps, no core is woken), for TCP and TLS.
+  * recv_into_*_MBps (TLS): a 64 MiB reply read with recv_into into one preallocated,
+    already touched buffer, and a 64 MiB argument the server reads the same way; and the
+    reply into a new buffer each time (recv_into_fresh_reply_MBps), which pays for first
+    touching its memory, as any transfer that makes a new object does.
+
+Every round trip measure also gives the calls per CPU-second of the calling process.
+
 "pickle" gives dumps/loads cost of a small int tuple (µs) and of 64 MiB of
 bytes (MB/s), the serialization share of any pickle-based RPC.
 """
