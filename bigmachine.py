@@ -1810,7 +1810,7 @@ def _classify_connect_error(e, addr):
 class _Connection:
     """One upgraded connection to a peer, owned by one call at a time."""
 
-    __slots__ = ("sock", "writer", "rfile", "last_used", "timeout", "expired")
+    __slots__ = ("sock", "writer", "rfile", "last_used", "timeout", "expired", "readable")
 
     def __init__(self, sock):
         self.sock = sock
@@ -1819,6 +1819,11 @@ class _Connection:
         self.last_used = time.monotonic()
         self.timeout = None
         self.expired = False          # broken on purpose when its call's deadline passed
+        # poll(0) of the socket: has a reply begun to arrive? (See _Peer._CALLER_SPIN.)
+        poller = select.poll() if hasattr(select, "poll") else None
+        if poller is not None:
+            poller.register(sock.fileno(), select.POLLIN)
+        self.readable = poller and functools.partial(poller.poll, 0)
 
     def settimeout(self, timeout):
         if timeout != self.timeout:
@@ -1881,6 +1886,21 @@ class _Peer:
     # this (a process needs tens of milliseconds to start), as does anything else that closes
     # an idle connection.
     _STALE_CHECK = 0.01
+
+    # A thread that waits for a reply asleep in recv is woken by the kernel when it comes, and
+    # on a VM an idle core takes tens of microseconds to wake: as long as a quick call itself.
+    # So the caller of a call on the fast path first looks for its reply for this long, with
+    # poll(0), before it sleeps, as the machine does for the next frame (_FrameLoop._SPIN).
+    # Only a peer's only call in flight spins: callers in many threads keep each other's
+    # cores busy anyway, and spinning would take the GIL from the others. The spin costs at
+    # most this much CPU a call, and a reply to a quick call comes within it. A spin that
+    # ends without a reply (a slow method; a machine short of cores: on a loaded host a
+    # spinning caller takes the core its machine needs; a machine in this very process,
+    # which needs the GIL the spinning caller holds) is not repeated for the next
+    # _spin_backoff calls, twice as many after each vain one (up to 255), so that such a
+    # caller spins on a small fraction of its calls, and one reply in time resets it.
+    _CALLER_SPIN = 0.0001
+    _spin_skip = _spin_backoff = 0
 
     def __init__(self, client, addr):
         self.client, self.addr = client, addr
@@ -2035,6 +2055,19 @@ class _Peer:
             else:
                 conn.writer.sendall(_HEADER.pack(CALL, 0, 0, len(meta), call_id, sent)
                                     + meta + body[0])
+            readable = conn.readable
+            if self._spin_skip > 0:            # (threads may race here: any count will do)
+                self._spin_skip -= 1
+            elif readable and len(self._busy) == 1 and not readable():
+                clock = time.perf_counter
+                until = clock() + self._CALLER_SPIN
+                while not readable():
+                    if clock() > until:       # in vain: spin again only after a while
+                        self._spin_backoff = min(2 * self._spin_backoff + 1, 255)
+                        self._spin_skip = self._spin_backoff
+                        break
+                else:
+                    self._spin_backoff = 0
             head = conn.rfile.read(_HEADER.size)
             if len(head) != _HEADER.size:
                 raise EOFError("connection closed by peer")
@@ -2291,7 +2324,7 @@ class _Client:
     """A process's RPC client: its TLS context and one `_Peer` per machine address."""
 
     def __init__(self, credentials):
-        self.context = _read_ahead(client_context(credentials))
+        self._credentials, self._context = credentials, None
         self._peers = {}
         self._lock = threading.Lock()
         self.stats = _RPCStats()             # the calls made, per method and per machine
@@ -2301,6 +2334,18 @@ class _Client:
         # clients' ids never meet in practice, and one cannot cancel the other's call.
         self._ids = itertools.count((int.from_bytes(os.urandom(8), "big") >> 2) + 1)
         self.next_call_id = functools.partial(next, self._ids)
+
+    @property
+    def context(self):
+        """The client TLS context, made at the first connection: most machines never call
+        out, and a context costs a machine's startup milliseconds (64 at once: many)."""
+        context = self._context
+        if context is None:
+            with self._lock:
+                if self._context is None:
+                    self._context = _read_ahead(client_context(self._credentials))
+                context = self._context
+        return context
 
     def peer(self, addr):
         peer = self._peers.get(addr)
@@ -5125,8 +5170,12 @@ class _LocalProcess(_ChildProcess):
         child_env["BIGMACHINE_MODE"] = "machine"
         child_env["BIGMACHINE_SYSTEM"] = system.name
         here = os.path.dirname(os.path.abspath(__file__))
-        code = ("import sys; sys.path.insert(0, %r); import bigmachine; "
-                "bigmachine._machine_main()" % here)
+        compiled = _compiled_module() if _same_python(system.python) else None
+        if compiled is None:
+            code = ("import sys; sys.path.insert(0, %r); import bigmachine; "
+                    "bigmachine._machine_main()" % here)
+        else:
+            code = _LOAD_COMPILED % (here, compiled, os.path.abspath(__file__))
         args = [system.python] + _interpreter_flags(system.python) + ["-u", "-c", code]
         super().__init__(machine, args, pass_fds=[fd], env=child_env)
         bootstrap = system.bootstrap(b, machine, credentials, fd)
@@ -5148,6 +5197,106 @@ class _LocalProcess(_ChildProcess):
         except OSError:
             pass                       # the child died already: the waiter will say why
         self.watch()
+
+
+# A machine process loads this module before anything else, and Python compiles it first
+# unless it finds bytecode it wrote before: where the user's environment forbids writing it
+# (PYTHONDONTWRITEBYTECODE=1, a read-only tree), every machine compiled the whole module
+# again, which took longer than the rest of its startup. So the driver keeps the module's
+# compiled code (marshal) in a cache of the library's own, in this user's private directory
+# (`_bundle_root`: <tmp>/bigmachine-<uid>, never the user's tree or HOME), keyed by the
+# hash of the source and the interpreter's bytecode tag, and a Local machine on the same
+# interpreter loads it from there. Writers race harmlessly: each writes a file of its own
+# and renames it into place, whole. Where nothing can be written, or the file cannot be
+# read, machines import the module the ordinary way.
+_compiled_lock = threading.Lock()
+_compiled_path = []               # [path or None], once known
+_COMPILED_KEPT = 7 * 86400        # seconds an unused compiled copy is kept
+
+
+def _same_python(python):
+    return os.path.realpath(python) == os.path.realpath(sys.executable or "")
+
+
+def _compiled_module():
+    """The path of this module's compiled code in the library's cache, made if need be; None
+    when it cannot be had (no source, nowhere to write)."""
+    with _compiled_lock:
+        if _compiled_path and (_compiled_path[0] is None or os.path.exists(_compiled_path[0])):
+            return _compiled_path[0]
+        try:
+            path = _write_compiled_module()
+        except (OSError, ValueError, SyntaxError) as e:
+            log.debug("no compiled copy of bigmachine.py for machines: %s", e)
+            path = None
+        _compiled_path[:] = [path]
+        return path
+
+
+def _write_compiled_module():
+    import hashlib
+    import importlib.util
+    import marshal
+    source_path = os.path.abspath(__file__)
+    if not source_path.endswith(".py"):
+        return None
+    with open(source_path, "rb") as f:
+        source = f.read()
+    tag = sys.implementation.cache_tag or "python"
+    key = "%s-%s-O%d" % (hashlib.sha256(source + importlib.util.MAGIC_NUMBER).hexdigest()[:40],
+                         tag, sys.flags.optimize)
+    directory = os.path.join(_bundle_root(), "compiled")
+    os.makedirs(directory, mode=0o700, exist_ok=True)
+    path = os.path.join(directory, key + ".marshal")
+    # Each version of the module leaves its file: those no driver has used for a week go.
+    # (One that goes while a driver uses it is written again at its next launch; a machine
+    # that finds it gone imports the module the ordinary way.)
+    for name in os.listdir(directory):
+        old = os.path.join(directory, name)
+        with contextlib.suppress(OSError):
+            if old != path and time.time() - os.stat(old).st_mtime > _COMPILED_KEPT:
+                os.unlink(old)
+    if os.path.exists(path):
+        os.utime(path)                # in use
+        return path
+    code = compile(source, source_path, "exec", dont_inherit=True,
+                   optimize=sys.flags.optimize)
+    partial = "%s.%d.%d.part" % (path, os.getpid(), threading.get_ident())
+    fd = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            marshal.dump(code, f)
+        os.replace(partial, path)     # whole or not at all, even with drivers racing
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(partial)
+        raise
+    return path
+
+
+# The first thing a Local machine runs (python -c): bigmachine from its compiled code when
+# that loads, else imported the ordinary way; then the machine's life.
+_LOAD_COMPILED = """\
+import sys; sys.path.insert(0, %r)
+def _load(compiled, source):
+    import importlib.util, marshal
+    try:
+        with open(compiled, "rb") as f:
+            code = marshal.loads(f.read())   # load(f) reads it in small pieces
+    except Exception:
+        return
+    spec = importlib.util.spec_from_file_location("bigmachine", source)
+    spec.cached = compiled              # the module's __cached__: where its code came from
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["bigmachine"] = module
+    try:
+        exec(code, module.__dict__)
+    except BaseException:
+        del sys.modules["bigmachine"]
+        raise
+_load(%r, %r)
+import bigmachine; bigmachine._machine_main()
+"""
 
 
 _stderr_lock = threading.Lock()
@@ -6955,10 +7104,62 @@ def _ssh_stage1_line(bundle):
     if _ssh_stage1_functions is None:
         import inspect
         _ssh_stage1_functions = "".join(inspect.getsource(f) + "\n" for f in (
-            _bundle_root, _bundle_install, _bundle_unpack, _machine_workdir, _ssh_stage1))
+            _bundle_root, _bundle_install, _bundle_unpack, _machine_workdir, _import_compiled,
+            _ssh_stage1))
     source = _ssh_stage1_functions + "_ssh_stage1(%r, %d, %r)\n" % (
         bundle.sha256, len(bundle.data), bundle.library)
     return ("exec(%r)\n" % source).encode("utf-8")
+
+
+def _import_compiled(root, directory, name):
+    """Import module name (a .py file) from directory, from the compiled copy of it kept in
+    root/compiled (see `_compiled_module`; the first machine of a version on a host makes it).
+    Each SSH machine unpacks its code afresh, so without it every one compiled this whole
+    library again, whether or not the host lets Python write bytecode. Anything amiss with
+    the copy, and it is compiled here. Self-contained."""
+    import hashlib
+    import importlib
+    import importlib.util
+    import marshal
+    import os
+    import sys
+    source_path = os.path.join(directory, name + ".py")
+    try:
+        with open(source_path, "rb") as f:
+            source = f.read()
+    except OSError:
+        return importlib.import_module(name)        # a package, say
+    key = "%s-%s-O%d" % (hashlib.sha256(source + importlib.util.MAGIC_NUMBER).hexdigest()[:40],
+                         sys.implementation.cache_tag or "python", sys.flags.optimize)
+    path = os.path.join(root, "compiled", key + ".marshal")
+    try:
+        with open(path, "rb") as f:
+            code = marshal.loads(f.read())
+        os.utime(path)
+    except (OSError, ValueError, EOFError, TypeError):
+        code = compile(source, source_path, "exec", dont_inherit=True, optimize=sys.flags.optimize)
+        partial = "%s.%d.part" % (path, os.getpid())
+        try:
+            os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
+            with os.fdopen(os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600),
+                           "wb") as f:
+                marshal.dump(code, f)
+            os.replace(partial, path)               # whole or not at all
+        except OSError:
+            try:
+                os.unlink(partial)
+            except OSError:
+                pass
+    spec = importlib.util.spec_from_file_location(name, source_path)
+    spec.cached = path
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    try:
+        exec(code, module.__dict__)
+    except BaseException:
+        del sys.modules[name]
+        raise
+    return module
 
 
 def _ssh_stage1(sha256, size, library):
@@ -6968,7 +7169,6 @@ def _ssh_stage1(sha256, size, library):
     machine ends, killed by the OOM killer included, its directory goes and the driver learns
     how it ended ("exited CODE", CODE negative for a signal). Self-contained: it runs before
     bigmachine.py is on the host."""
-    import importlib
     import os
     import shutil
     import sys
@@ -6997,7 +7197,7 @@ def _ssh_stage1(sha256, size, library):
         status = 1
         try:
             sys.path.insert(0, code)
-            importlib.import_module(library)._machine_main(code=code, workdir=workdir)
+            _import_compiled(root, code, library)._machine_main(code=code, workdir=workdir)
         except SystemExit as e:
             status = e.code if isinstance(e.code, int) else 1
         except BaseException:

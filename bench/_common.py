@@ -198,13 +198,15 @@ class PeakRSS:
 # Measures.
 
 def measure_small(call, duration, max_calls, warmup=50):
-    """Median and spread (µs) of sequential call(x) round trips."""
+    """Median and spread (µs) of sequential call(x) round trips, and the calls per CPU-second
+    of this process (all its threads) meanwhile."""
     for i in range(warmup):
         if call(i) != i + 1:
             raise AssertionError("inc returned a wrong value")
     times = []
     deadline = time.perf_counter() + duration
     pc = time.perf_counter
+    cpu0, wall0 = time.process_time(), pc()
     i = 0
     while i < max_calls:
         t0 = pc()
@@ -216,9 +218,13 @@ def measure_small(call, duration, max_calls, warmup=50):
         i += 1
         if t1 > deadline:
             break
+    cpu, wall = time.process_time() - cpu0, pc() - wall0
     times.sort()
     n = len(times)
     return {
+        # what a call costs the calling process: a caller that spins buys latency with CPU
+        "small_cps_per_cpu_s": n / cpu if cpu > 0 else None,
+        "small_cpu_per_wall": cpu / wall,
         "small_us": statistics.median(times) * 1e6,
         "small_p10_us": times[n // 10] * 1e6,
         "small_p90_us": times[(n * 9) // 10] * 1e6,

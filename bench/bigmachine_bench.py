@@ -154,7 +154,8 @@ class BMPeer:
             self.b = None
 
     def extra_steps(self, w, opts):
-        return [("async", lambda: measure_async(w.m, opts.duration, opts.max_calls)),
+        return [("startup_env", lambda: measure_startup_env(opts)),
+                ("async", lambda: measure_async(w.m, opts.duration, opts.max_calls)),
                 ("bytearray", lambda: measure_bytearray(w, opts)),
                 ("stream", lambda: measure_stream(w, opts.stream, opts.bulk_reps))]
 
@@ -243,6 +244,57 @@ def measure_stream(w, nbytes, reps, budget=8.0):
             out[key + "_client_rss_delta_MiB"] = max(client)
             out[key + "_machine_rss_delta_MiB"] = max(machine)
             out[key + "_rss_delta_MiB"] = max(client + machine)
+    return out
+
+
+def startup_probe(n, reps, idle):
+    """Run as a fresh driver (see measure_startup_env): start n machines reps times, each time
+    from a new session until all are RUNNING; print one JSON line with the median ms and, if
+    idle, the driver's CPU (all its threads) over idle seconds with the n machines RUNNING."""
+    import json
+    bm = C.import_bigmachine()
+    times, idle_pct = [], None
+    for _ in range(reps):
+        with bm.start("local") as b:
+            t0 = time.perf_counter()
+            wait_running(bm, b.start(n, {"Echo": Echo()}))
+            times.append((time.perf_counter() - t0) * 1e3)
+            if idle:
+                c0, w0 = time.process_time(), time.perf_counter()
+                time.sleep(idle)
+                idle_pct = 100 * (time.process_time() - c0) / (time.perf_counter() - w0)
+    print(json.dumps({"ms": statistics.median(times), "all_ms": [round(t) for t in times],
+                      "idle_pct": idle_pct}))
+
+
+def measure_startup_env(opts):
+    """Machines RUNNING from a fresh driver process, as a user runs one: 2 machines with
+    PYTHONDONTWRITEBYTECODE=1 set and without it (the driver's own flags pass to its machines,
+    so each setting needs its own driver), and 64 machines, with the driver's CPU while they
+    sit RUNNING and idle (their keepalives are all it should do)."""
+    import json
+    out = {}
+    runs = [("startup_nobytecode", 2, opts.reps, 0, {"PYTHONDONTWRITEBYTECODE": "1"}),
+            ("startup_bytecode", 2, opts.reps, 0, {"PYTHONDONTWRITEBYTECODE": None}),
+            ("startup64", 64, 1, 1.0 if opts.quick else 3.0, {})]
+    for key, n, reps, idle, change in runs:
+        env = dict(os.environ)
+        for k, v in change.items():
+            if v is None:
+                env.pop(k, None)
+            else:
+                env[k] = v
+        code = ("import sys; sys.path.insert(0, %r); import bigmachine_bench; "
+                "bigmachine_bench.startup_probe(%d, %d, %r)" % (HERE, n, reps, idle))
+        p = subprocess.run([sys.executable, "-c", code], env=env, cwd=HERE, timeout=600,
+                           stdout=subprocess.PIPE)
+        if p.returncode:
+            raise RuntimeError("%s: the driver exited with %d" % (key, p.returncode))
+        r = json.loads(p.stdout.decode().strip().splitlines()[-1])
+        out[key + "_ms"] = r["ms"]
+        out[key + "_all_ms"] = r["all_ms"]
+        if idle:
+            out["idle64_cpu_pct"] = r["idle_pct"]
     return out
 
 
@@ -361,6 +413,7 @@ def main(argv=None):
             C.log("[bigmachine] bigpi failed: %r" % (e,))
         C.log("[bigmachine] bigpi done in %.1fs" % (time.perf_counter() - t0))
         res["version"] = getattr(bm, "__version__", "?")
+        res["payload_plus_10_MiB"] = opts.bulk_mib * 1.1
     C.emit({"bigmachine": res}, opts, "bigmachine")
 
 

@@ -16,6 +16,19 @@ against a minimal threaded server in a separate process on 127.0.0.1:
   * "2 workers ready": two fresh interpreters started in parallel, each
     serving and answering one call (with a TLS handshake for TLS).
 
+That server blocks in recv, and so does its client: each message wakes a core, and on a
+VM an idle core takes tens of microseconds to wake. So two floors that are limits come on
+top, and bigmachine's targets are set against them:
+
+  * spin_us: the round trip on a connection of its own where both ends are non-blocking
+    and busy-poll (no thread ever sleeps, no core is woken), for TCP and TLS.
+  * recv_into_*_MBps (TLS): a 64 MiB reply read with recv_into into one preallocated,
+    already touched buffer, and a 64 MiB argument the server reads the same way; and the
+    reply into a new buffer each time (recv_into_fresh_reply_MBps), which pays for first
+    touching its memory, as any transfer that makes a new object does.
+
+Every round trip measure also gives the calls per CPU-second of the calling process.
+
 "pickle" gives dumps/loads cost of a small int tuple (µs) and of 64 MiB of
 bytes (MB/s), the serialization share of any pickle-based RPC.
 """
@@ -36,14 +49,66 @@ HDR = struct.Struct("!cQ")
 U64 = struct.Struct("!Q")
 
 
-def recv_into_exact(sock, view):
+def recv_into_exact(sock, view, chunk=1 << 20):
     got, n = 0, len(view)
     while got < n:
-        k = sock.recv_into(view[got:], min(n - got, 1 << 20))
+        k = sock.recv_into(view[got:], min(n - got, chunk))
         if k == 0:
             return False
         got += k
     return True
+
+
+# The spin-polled round trip: both ends non-blocking, each polling its socket in a loop, so
+# that no thread ever sleeps in the kernel. On a VM an idle core that has to be woken for
+# every message adds tens of microseconds to a round trip (the same blocking ping-pong
+# measures very differently on a quiet machine and a loaded one); spinning removes that
+# wake-up, and what is left is TCP, TLS and the interpreter: the limit of a round trip.
+
+def _spin_want():
+    import ssl
+    return (BlockingIOError, ssl.SSLWantReadError, ssl.SSLWantWriteError)
+
+
+# Each poll that finds nothing yields the core (sched_yield): on a quiet host that returns at
+# once, and on a host with more runnable processes than cores it lets the other end run
+# instead of spinning away a whole time slice while it waits for this core.
+
+def spin_send(s, data, want, pass_core=os.sched_yield):
+    view, done = memoryview(data), 0
+    while done < len(view):
+        try:
+            done += s.send(view[done:])
+        except want:
+            pass_core()
+
+
+def spin_recv_exact(s, view, want, pass_core=os.sched_yield):
+    got, n = 0, len(view)
+    while got < n:
+        try:
+            k = s.recv_into(view[got:])
+        except want:
+            pass_core()
+            continue
+        if k == 0:
+            return False
+        got += k
+    return True
+
+
+def spin_serve(c):
+    """Answer pings (op p) on c, spin-polling, until the connection ends."""
+    want = _spin_want()
+    c.setblocking(False)
+    hdr = bytearray(HDR.size)
+    hv = memoryview(hdr)
+    unpack, pack = HDR.unpack, U64.pack
+    while spin_recv_exact(c, hv, want):
+        op, n = unpack(hdr)
+        if op != b"p":
+            return
+        spin_send(c, pack(n + 1), want)
 
 
 # ----------------------------------------------------------------------------
@@ -72,6 +137,7 @@ def handle(c, ctx):
             c = ctx.wrap_socket(c, server_side=True)
         hdr = bytearray(HDR.size)
         hv = memoryview(hdr)
+        keep = None
         while recv_into_exact(c, hv):
             op, n = HDR.unpack(hdr)
             if op == b"p":
@@ -89,8 +155,19 @@ def handle(c, ctx):
                 p = C.payload(n)
                 c.sendall(U64.pack(n))
                 c.sendall(p)
+            elif op == b"U":
+                # the argument floor: into one buffer of the connection's, kept between calls
+                if keep is None or len(keep) != n:
+                    keep = bytearray(n)
+                if not recv_into_exact(c, memoryview(keep), n):
+                    return
+                c.sendall(U64.pack(n))
             elif op == b"i":
                 c.sendall(U64.pack(os.getpid()))
+            elif op == b"s":
+                c.sendall(U64.pack(n))
+                spin_serve(c)
+                return
             else:
                 return
     except (OSError, EOFError):
@@ -165,6 +242,77 @@ class RawWorker:
     def close(self):
         self.conn.close()
 
+    def spin_round_trip(self, duration, max_calls):
+        """Round trips on a connection of their own, both ends spin-polling (see
+        spin_serve): median µs, and calls per CPU-second of this (the calling) process."""
+        c = self.peer.connect(self.addr)
+        try:
+            if c.op(b"s", 0) != 0:
+                raise AssertionError("the server did not switch to spinning")
+            s, want = c.s, _spin_want()
+            s.setblocking(False)
+            b8, v8 = c.b8, c.v8
+            pack, unpack = HDR.pack, U64.unpack
+
+            def call(x):
+                spin_send(s, pack(b"p", x), want)
+                if not spin_recv_exact(s, v8, want):
+                    raise EOFError("server closed")
+                return unpack(b8)[0]
+            return measure_small_cpu(call, duration, max_calls, "spin_")
+        finally:
+            c.close()
+
+    def recv_into_floor(self, n, reps, budget=8.0):
+        """The bulk floor: an n-byte reply read with recv_into into one preallocated (and
+        already touched) buffer, and an n-byte argument the server reads the same way: MB/s,
+        best of reps. What is left is the kernel's copy, TLS and the interpreter's loop."""
+        c = self.conn
+        self.prep(n)
+        buf = bytearray(n)
+        view = memoryview(buf)
+        data = C.payload(n)
+        out = {}
+        # And the reply read the same way into a new buffer each time: a transfer that makes
+        # a new object pays for first touching its memory (zeroing and a page fault per page;
+        # on a VM that costs about as much as the transfer itself), which a preallocated
+        # buffer does not.
+        fresh = lambda: self._read_reply_into(memoryview(bytearray(n)), n)
+        for name, run in (("reply", lambda: self._read_reply_into(view, n)),
+                          ("arg", lambda: c.op(b"U", n, data)),
+                          ("fresh_reply", fresh)):
+            run()                      # untimed: both buffers are allocated and touched
+            rates = []
+            give_up = time.perf_counter() + budget
+            for _ in range(reps):
+                if rates and time.perf_counter() > give_up:
+                    break
+                t0 = time.perf_counter()
+                got = run()
+                dt = time.perf_counter() - t0
+                if got != n:
+                    raise AssertionError("recv_into %s: %d bytes, want %d" % (name, got, n))
+                rates.append(n / dt / 1e6)
+            out["recv_into_%s_MBps" % name] = max(rates)
+            out["recv_into_%s_median_MBps" % name] = statistics.median(rates)
+        return out
+
+    def _read_reply_into(self, view, n):
+        c = self.conn
+        c.s.sendall(HDR.pack(b"d", n))
+        if not recv_into_exact(c.s, c.v8):
+            raise EOFError("server closed")
+        m = U64.unpack(c.b8)[0]
+        if m != n or not recv_into_exact(c.s, view, n):
+            raise EOFError("server closed")
+        return n
+
+
+def measure_small_cpu(call, duration, max_calls, prefix):
+    """measure_small, its keys renamed small_* -> prefix*."""
+    r = C.measure_small(call, duration, max_calls)
+    return {prefix + k[len("small_"):]: v for k, v in r.items()}
+
 
 class RawPeer:
     def __init__(self, kind, certs):
@@ -194,6 +342,12 @@ class RawPeer:
         if hasattr(s, "version"):
             self.negotiated = "%s, %s" % (s.version(), s.cipher()[0])
         return self.workers
+
+    def extra_steps(self, w, opts):
+        steps = [("spin", lambda: w.spin_round_trip(opts.duration, opts.max_calls))]
+        if self.kind == "tls":
+            steps.append(("recv_into", lambda: w.recv_into_floor(opts.bulk, opts.bulk_reps)))
+        return steps
 
     def stop(self):
         for w in self.workers:

@@ -36,14 +36,27 @@ DEFAULT_VENV_PY = "/tmp/bench-venv/bin/python"
 PYC_PREFIX = "/tmp/bench-pycache"
 
 # Targets for bigmachine: (key, label, reference, goal, higher is better). The reference is
-# a column (its value of the same key), a number (an absolute limit), or (label, key) of
-# bigmachine's own results. {stream} in a label is the size the stream measures used.
+# a column (its value of the same key), a number (an absolute limit), (label, key) of
+# bigmachine's own results, or (label, column, key): another key of a column (the floors
+# that are limits: the spin-polled round trip, the recv_into read). {stream} in a label is
+# the size the stream measures used.
+SPIN_TLS = ("spin-polled TLS round trip", "raw TLS 1.3", "spin_us")
 TARGETS = [
-    ("small_us", "small call <= 1.5x raw TLS round trip", "raw TLS 1.3", 1.5, False),
-    ("threads_cps", "32 threads >= 0.8x mp.managers calls/s", "mp.managers", 0.8, True),
-    ("arg_MBps", "64 MiB argument >= 70% of raw TLS", "raw TLS 1.3", 0.7, True),
-    ("reply_MBps", "64 MiB reply >= 70% of raw TLS", "raw TLS 1.3", 0.7, True),
+    ("small_us", "small call <= 1.5x spin-polled TLS 1.3 round trip", SPIN_TLS, 1.5, False),
+    ("threads_cps", "32 threads >= 1.6x mp.managers calls/s", "mp.managers", 1.6, True),
+    ("arg_MBps", "64 MiB argument >= 85% of the recv_into floor",
+     ("recv_into argument", "raw TLS 1.3", "recv_into_arg_MBps"), 0.85, True),
+    ("reply_MBps", "64 MiB reply >= 85% of the recv_into floor",
+     ("recv_into reply", "raw TLS 1.3", "recv_into_reply_MBps"), 0.85, True),
+    ("arg_rss_delta_MiB", "64 MiB argument: receiver peak RSS <= payload + 10%",
+     ("payload + 10%", "bigmachine", "payload_plus_10_MiB"), 1.0, False),
+    ("reply_rss_delta_MiB", "64 MiB reply: receiver peak RSS <= payload + 10%",
+     ("payload + 10%", "bigmachine", "payload_plus_10_MiB"), 1.0, False),
     ("startup_ms", "2 machines RUNNING <= 100 ms", 100.0, 1.0, False),
+    ("startup_nobytecode_ms", "2 machines RUNNING <= 100 ms, PYTHONDONTWRITEBYTECODE=1",
+     100.0, 1.0, False),
+    ("startup64_ms", "64 machines RUNNING <= 2.5 s", 2500.0, 1.0, False),
+    ("idle64_cpu_pct", "driver CPU with 64 idle machines < 1%", 1.0, 1.0, False),
     ("bigpi_two_sps", "bigpi: 2 machines >= 1.9x one process, samples/s",
      ("one process", "bigpi_one_sps"), 1.9, True),
     ("stream_reply_rss_delta_MiB", "{stream} streamed reply in constant memory: peak RSS "
@@ -133,25 +146,47 @@ def table(header, rows):
 
 
 ROWS = [
-    ("small call int->int, median µs", "small_us", "num"),
+    ("small call int->int, median µs (floors: blocking, threaded server)", "small_us", "num"),
+    ("  calls per CPU-second of the caller", "small_cps_per_cpu_s", "int"),
+    ("spin-polled round trip, median µs (both ends busy-poll: no idle-core wake-up)",
+     "spin_us", "num"),
+    ("  calls per CPU-second of the caller", "spin_cps_per_cpu_s", "int"),
     ("32 client threads, calls/s", "threads_cps", "int"),
     ("64 MiB argument, MB/s", "arg_MBps", "num"),
     ("  receiver peak RSS over baseline, MiB", "arg_rss_delta_MiB", "num"),
     ("64 MiB reply, MB/s", "reply_MBps", "num"),
     ("  receiver peak RSS over baseline, MiB", "reply_rss_delta_MiB", "num"),
+    ("64 MiB reply read with recv_into into one preallocated buffer, MB/s",
+     "recv_into_reply_MBps", "num"),
+    ("64 MiB argument read with recv_into into one preallocated buffer, MB/s",
+     "recv_into_arg_MBps", "num"),
+    ("64 MiB reply read with recv_into into a new buffer each time, MB/s",
+     "recv_into_fresh_reply_MBps", "num"),
     ("2 workers ready, ms", "startup_ms", "num"),
 ]
 
 RATIO_ROWS = [
-    ("small call / raw TLS (lower is better)", "small_us", "raw TLS 1.3"),
+    ("small call / spin-polled TLS round trip (lower is better)", "small_us", SPIN_TLS),
+    ("small call / blocking raw TLS round trip (lower is better)", "small_us", "raw TLS 1.3"),
     ("32 threads / mp.managers", "threads_cps", "mp.managers"),
-    ("64 MiB argument / raw TLS", "arg_MBps", "raw TLS 1.3"),
-    ("64 MiB reply / raw TLS", "reply_MBps", "raw TLS 1.3"),
+    ("64 MiB argument / recv_into floor", "arg_MBps",
+     ("recv_into argument", "raw TLS 1.3", "recv_into_arg_MBps")),
+    ("64 MiB reply / recv_into floor", "reply_MBps",
+     ("recv_into reply", "raw TLS 1.3", "recv_into_reply_MBps")),
+    ("64 MiB reply / recv_into into a new buffer", "reply_MBps",
+     ("recv_into new buffer", "raw TLS 1.3", "recv_into_fresh_reply_MBps")),
+    ("64 MiB argument / blocking raw TLS (threaded server)", "arg_MBps", "raw TLS 1.3"),
+    ("64 MiB reply / blocking raw TLS (threaded server)", "reply_MBps", "raw TLS 1.3"),
     ("2 workers ready / 100 ms (lower is better)", "startup_ms", 100.0),
 ]
 
 # bigmachine only, absolute: (label, key, kind)
 BM_MORE = [
+    ("2 machines RUNNING, a fresh driver with PYTHONDONTWRITEBYTECODE=1, ms",
+     "startup_nobytecode_ms", "num"),
+    ("2 machines RUNNING, a fresh driver without it, ms", "startup_bytecode_ms", "num"),
+    ("64 machines RUNNING, a fresh driver, ms", "startup64_ms", "num"),
+    ("  driver CPU while the 64 sit RUNNING and idle, %", "idle64_cpu_pct", "num"),
     ("bigpi, one plain Python process, samples/s", "bigpi_one_sps", "int"),
     ("bigpi, 2 local machines (bigpi's driver code), samples/s", "bigpi_two_sps", "int"),
     ("  2 machines / one process", "bigpi_ratio", "ratio"),
@@ -175,6 +210,8 @@ def reference(results, ref, key):
     (label, key) of bigmachine's own results."""
     if isinstance(ref, (int, float)):
         return "limit", float(ref)
+    if isinstance(ref, tuple) and len(ref) == 3:
+        return ref[0], get(results, ref[1], ref[2])
     if isinstance(ref, tuple):
         return ref[0], get(results, "bigmachine", ref[1])
     return ref, get(results, ref, key)
@@ -212,8 +249,9 @@ def report(results, notes, opts, cols):
         rows.append([label] + [fmt(get(results, c, key), kind) for c in cols])
     lines.append(table(["measure"] + cols, rows))
     lines.append("")
-    lines.append("## Ratios (reference: raw TLS for call latency and 64 MiB, "
-                 "mp.managers for 32 threads, 100 ms for startup)")
+    lines.append("## Ratios (references: the floors that are limits -- the spin-polled TLS "
+                 "round trip and the recv_into read -- and, for comparison, the blocking "
+                 "threaded raw TLS server; mp.managers for 32 threads; 100 ms for startup)")
     lines.append("")
     rows = []
     for label, key, ref in RATIO_ROWS:
@@ -240,7 +278,7 @@ def report(results, notes, opts, cols):
             for label, key, kind in BM_MORE]
     if any(r[1] != "n/a" for r in rows):
         lines.append("")
-        lines.append("## bigmachine: bigpi scaling and streams")
+        lines.append("## bigmachine: startup, bigpi scaling and streams")
         lines.append("")
         lines.append("bigpi: %s samples of examples/bigpi.py's CirclePI.sample, best of %s; "
                      "the machines' clock starts once both are RUNNING. Streams: read "
@@ -249,6 +287,21 @@ def report(results, notes, opts, cols):
                         bmr.get("stream_reply_reps", "n/a")))
         lines.append("")
         lines.append(table(["measure", "bigmachine"], rows))
+    idle = []
+    for c in ("raw TCP", "raw TLS 1.3"):
+        blocking, spin = get(results, c, "small_us"), get(results, c, "spin_us")
+        if blocking and spin and spin > blocking:
+            idle.append("%s: blocking %s µs, spin-polled %s µs (spinning lost: the host had "
+                        "no core to spare)" % (c, fmt(blocking, "num"), fmt(spin, "num")))
+        elif blocking and spin:
+            idle.append("%s: blocking %s µs, spin-polled %s µs (%s µs, %.1fx)"
+                        % (c, fmt(blocking, "num"), fmt(spin, "num"),
+                           fmt(blocking - spin, "num"), blocking / spin))
+    if idle:
+        lines.append("")
+        lines.append("Idle-core effect, this run: the same round trip with both ends blocking "
+                     "in the kernel, against both ends spin-polling (an idle core woken for "
+                     "each message): " + "; ".join(idle) + ".")
     pk = results.get("pickle")
     if pk:
         lines.append("")
