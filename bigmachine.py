@@ -4258,6 +4258,10 @@ _worker_busy = False
 def _worker_main(fd):
     """The life of a worker process of a machine (see `_Worker`); never returns."""
     code = 0
+    if hasattr(signal, "pthread_sigmask"):
+        # Spawned from a library thread, which blocks the signals a program handles: the
+        # mask is inherited, and a worker must die of SIGTERM like any process.
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, _ASYNC_SIGNALS)
     try:
         sock = socket.socket(fileno=fd)
         rfile = sock.makefile("rb")
@@ -4635,7 +4639,16 @@ class Executor(concurrent.futures.Executor):
                                     {}, None, inflight)
                     outcomes = _loads(reply, (), "the results of %s from %s"
                                       % (future._task, m.addr))
-                except (MachineStopped, NetworkError) as e:
+                except BaseException as e:
+                    if m._state is STOPPED and not isinstance(e, Error):
+                        # A machine stopped from this side (cancel) may break the call's
+                        # connection under its reader with something other than an Error.
+                        lost = m._stopped_error(future._task)
+                        lost.__context__ = e
+                        e = lost
+                    if not isinstance(e, (MachineStopped, NetworkError)):
+                        self._finish(task, error=e)
+                        continue
                     if task.attempts < self.retries and not future.cancelled() and \
                             not self._b._closed:
                         task.attempts += 1
@@ -4645,8 +4658,6 @@ class Executor(concurrent.futures.Executor):
                             self.retried += 1
                             queue.appendleft(task)
                         continue
-                    self._finish(task, error=e)
-                except BaseException as e:
                     self._finish(task, error=e)
                 else:
                     self._finish(task, outcomes=outcomes)
