@@ -4924,6 +4924,9 @@ class Local(System):
         if not self.python:
             raise Error("cannot find the Python interpreter to run machines; pass "
                         "Local(python='/path/to/python3')")
+        if not isinstance(maxprocs, int) or isinstance(maxprocs, bool) or maxprocs < 1:
+            raise ValueError("Local(maxprocs=...) is the number of processors each machine "
+                             "offers, a whole number of at least 1, not %r" % (maxprocs,))
         self._maxprocs = maxprocs
         self._lock = threading.Lock()
         self._procs = {}                # addr -> _LocalProcess
@@ -4931,6 +4934,20 @@ class Local(System):
 
     def maxprocs(self):
         return self._maxprocs
+
+    @classmethod
+    def _command_line_options(cls, argv, environ):
+        # --bigm.local.maxprocs=N: local machines that offer N processors each (their
+        # Executor tasks and Pooled services then run in N worker processes).
+        maxprocs = _flag_or_variable(argv, environ, "bigm.local.maxprocs",
+                                     "BIGMACHINE_LOCAL_MAXPROCS")
+        if maxprocs is None:
+            return {}
+        try:
+            return {"maxprocs": int(maxprocs)}
+        except ValueError:
+            raise ValueError("--bigm.local.maxprocs (BIGMACHINE_LOCAL_MAXPROCS) is a whole "
+                             "number of processors, not %r" % (maxprocs,)) from None
 
     def start(self, b, n, env):
         machines = []

@@ -4590,6 +4590,21 @@ def test_pooled_service_replicas_use_every_processor(tmp_path):
         b.shutdown()
 
 
+def test_bigpi_on_one_local_machine_with_two_processors():
+    result = subprocess.run([sys.executable, os.path.join(HERE, "examples", "bigpi.py"),
+                             "-n", "200000", "-nmach", "1", "--bigm.local.maxprocs=2"],
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert "distributing work among 2 cores" in result.stderr
+    assert abs(float(result.stdout.split("π = ")[1]) - 3.14159) < 0.05
+    with pytest.raises(ValueError, match="maxprocs"):
+        bigmachine.Local(maxprocs=0)
+    with pytest.raises(ValueError, match="bigm.local.maxprocs"):
+        bigmachine.Local._command_line_options(["x", "--bigm.local.maxprocs=two"], {})
+    assert bigmachine.Local._command_line_options([], {"BIGMACHINE_LOCAL_MAXPROCS": "3"}) == \
+        {"maxprocs": 3}
+
+
 # ======================================================================================
 # Command line and the example
 # ======================================================================================
