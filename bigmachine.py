@@ -3090,8 +3090,16 @@ class Supervisor:
         dispatcher = self._machine.dispatcher
         facts["uptime"] = time.time() - self._started
         facts["calls"], facts["errors"] = dispatcher.stats.totals()
-        facts["in_flight"] = sum(1 for context in list(dispatcher._calls.values())
-                                 if not context.method.startswith("Supervisor."))
+        now = time.monotonic()
+        # The calls in flight, by method, with their age: the Supervisor's own are left out
+        # (this very call among them), but not the Executor's tasks, which are user work.
+        in_flight = [(context.method, now - context.started)
+                     for context in list(dispatcher._calls.values())
+                     if not context.method.startswith("Supervisor.")
+                     or context.method == "Supervisor.run_tasks"]
+        facts["in_flight"] = len(in_flight)
+        facts["in_flight_calls"] = sorted(in_flight, key=lambda c: -c[1])[:50]
+        facts["workers"] = len(self.worker_pids())
         return facts
 
     # -- many tasks (see the Executor) ----------------------------------------------------
@@ -4623,7 +4631,7 @@ class Executor(concurrent.futures.Executor):
                     cond.notify_all()
                     return
                 task = queue.popleft()
-                self._running[m] = self._running.get(m, 0) + 1
+                self._running[m] = self._running.get(m, 0) + task.count
             future = task.future
             try:
                 if not task.started:
@@ -4663,7 +4671,7 @@ class Executor(concurrent.futures.Executor):
                     self._finish(task, outcomes=outcomes)
             finally:
                 with cond:
-                    self._running[m] -= 1
+                    self._running[m] -= task.count
                     cond.notify_all()
 
     def _finish(self, task, outcomes=None, error=None):
@@ -8316,6 +8324,40 @@ def _bar(fraction):
         "high" if fraction > 0.9 else "", round(100 * fraction))
 
 
+def _in_flight_html(result):
+    """A machine's calls in flight on the status page: per method, how many and the oldest."""
+    import html
+    by_method = {}
+    for method, age in result.get("in_flight_calls", ()):
+        if method == "Supervisor.run_tasks":
+            method = "Executor tasks"
+        count, oldest = by_method.get(method, (0, 0.0))
+        by_method[method] = (count + 1, max(oldest, age))
+    lines = ["<div class='dim in-flight'>%s &times;%d, oldest %s</div>" % (
+        html.escape(method), count, _duration(oldest))
+        for method, (count, oldest) in sorted(by_method.items(), key=lambda i: -i[1][1])]
+    if result.get("workers"):
+        lines.append("<div class=dim>%d worker processes</div>" % result["workers"])
+    return "".join(lines)
+
+
+def _executors_html(b):
+    """The session's Executors on the status page: their tasks queued, running and done."""
+    executors = list(b._executors)
+    if not executors:
+        return ""
+    rows = "".join(
+        "<tr class=executor><td class=mono>executor %d</td><td class=num>%d</td>"
+        "<td class=num>%d</td><td class=num>%d</td><td class=num>%d</td><td class=num>%d</td>"
+        "<td class=num>%d</td></tr>" % (
+            i + 1, c["queued"], c["running"], c["done"], c["failed"], c["retried"],
+            c["machines"])
+        for i, c in enumerate(ex.counts() for ex in executors))
+    return ("<h2>Executors</h2><table><thead><tr><th></th><th>queued</th><th>running</th>"
+            "<th>done</th><th>failed</th><th>retried</th><th>machines</th></tr></thead>"
+            "<tbody>%s</tbody></table>" % rows)
+
+
 def _status_page(b, refresh):
     """The HTML of /debug/bigmachine/status."""
     import html
@@ -8383,9 +8425,10 @@ def _status_page(b, refresh):
         cells.append("<td class=num>%s<div class=dim>%d cpu%s &middot; %s cpu time</div></td>" % (
             " ".join("%.2f" % x for x in load) if load else "?", result["cpus"],
             "" if result["cpus"] == 1 else "s", _duration(result["cpu_seconds"])))
-        cells.append("<td class=num>%d<div class=dim>%s%d running</div></td>" % (
+        cells.append("<td class=num>%d<div class=dim>%s%d running</div>%s</td>" % (
             result["calls"], "<span class=bad>%d errors</span> &middot; " % result["errors"]
-            if result["errors"] else "0 errors &middot; ", result["in_flight"]))
+            if result["errors"] else "0 errors &middot; ", result["in_flight"],
+            _in_flight_html(result)))
         rows.append("<tr>%s</tr>" % "".join(cells))
     if not rows:
         rows.append("<tr><td colspan=9 class=dim>no machines yet</td></tr>")
@@ -8400,6 +8443,7 @@ def _status_page(b, refresh):
     table = ("<table><thead><tr><th>machine</th><th>state</th><th>uptime</th><th>keepalive"
              "</th><th>memory</th><th>disk</th><th>load</th><th>calls</th></tr></thead>"
              "<tbody>%s</tbody></table>" % "".join(rows))
+    table += _executors_html(b)
     subtitle = "%s system &middot; driver pid %d on %s &middot; %s%s" % (
         esc(b.system.name), os.getpid(), esc(socket.gethostname()),
         time.strftime("%H:%M:%S"),

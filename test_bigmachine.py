@@ -4590,6 +4590,43 @@ def test_pooled_service_replicas_use_every_processor(tmp_path):
         b.shutdown()
 
 
+def test_executor_progress_line(lb, capsys):
+    running(lb, 1)
+    with lb.executor(progress=True) as ex:
+        assert list(ex.map(task_square, range(20), chunksize=5)) == [x * x for x in range(20)]
+    err = capsys.readouterr().err
+    assert "\r" in err and "bigmachine: 20/20 tasks done" in err and "0 failed" in err
+    assert err.endswith("\n") and "on 1 machines" in err
+    with lb.executor() as ex:                 # stderr is not a terminal here: no line
+        assert ex.submit(task_square, 3).result(30) == 9
+    with lb.executor(progress=False) as ex:
+        assert ex.submit(task_square, 3).result(30) == 9
+    assert "tasks done" not in capsys.readouterr().err
+
+
+def test_status_page_shows_calls_in_flight_and_executors(lb, tmp_path):
+    m, = running(lb, 1)
+    addr = lb.serve_debug("127.0.0.1:0")
+    sleeping = m.call_async("Echo.sleep", 60)
+    ex = lb.executor(progress=False, per_machine=1)
+    try:
+        tasks = [ex.submit(task_marked_sleep, str(tmp_path), x, 60) for x in range(4)]
+        eventually(lambda: os.listdir(tmp_path) and ex.counts()["queued"] == 2, timeout=60)
+
+        def shown():
+            status, _, body = get(addr, "/debug/bigmachine/status")
+            page = body.decode()
+            return status == 200 and "Echo.sleep &times;1" in page and \
+                "Executor tasks &times;2" in page and "<h2>Executors</h2>" in page and \
+                re.search(r"<tr class=executor><td class=mono>executor 1</td>"
+                          r"<td class=num>2</td><td class=num>2</td><td class=num>0</td>", page)
+        eventually(shown, timeout=30, what="the status page to show the calls and the executor")
+    finally:
+        ex.shutdown(wait=False, cancel_futures=True)
+        for f in [sleeping] + tasks:
+            f.cancel()
+
+
 def test_bigpi_on_one_local_machine_with_two_processors():
     result = subprocess.run([sys.executable, os.path.join(HERE, "examples", "bigpi.py"),
                              "-n", "200000", "-nmach", "1", "--bigm.local.maxprocs=2"],
