@@ -56,6 +56,13 @@ Machine (Go: machine.go)
 B (Go: bigmachine.go, driver)
     One cluster session: starts machines, dials them, shuts everything down in bounded time.
 
+Many tasks
+    `B.executor()` is a `concurrent.futures.Executor` over the session's machines: tasks wait
+    in a queue on the driver (as `call_async`'s calls do), each machine runs `per_machine` at
+    a time, tasks of a lost machine run again elsewhere. A machine with several processors
+    runs them in worker processes of its own, reached over a private socketpair, so that
+    CPU-bound Python uses every processor; `Pooled(service)` replicates a service in them.
+
 Systems (Go: system.go, local.go, testsystem)
     Where machines come from. `TestSystem` runs them inside the driver's process, each with its
     own TLS server, for fast tests. `Local` runs each one as a child process, loaded the way
@@ -4453,7 +4460,7 @@ class Executor(concurrent.futures.Executor):
         if progress is None:
             progress = bool(getattr(sys.stderr, "isatty", None) and sys.stderr.isatty())
         self._progress = progress
-        self._progress_drawn = False
+        self._progress_drawn = None             # the line last drawn
         self._refresh()
         b._executors.add(self)
         self._thread = threading.Thread(target=self._watch, name="bigmachine-executor",
@@ -4508,6 +4515,7 @@ class Executor(concurrent.futures.Executor):
                 "the arguments of %s" % name, e)) from e
         future = _TaskFuture()
         future._task = name
+        future._inflight = _InFlight()         # what a cancel reaches (each attempt has one)
         task = _Task(future, payload, method, len(items), chunk)
         with self._cond:
             if self._shutdown:
@@ -4638,10 +4646,12 @@ class Executor(concurrent.futures.Executor):
                     if not future.set_running_or_notify_cancel():
                         continue
                     task.started = True
-                elif future.cancelled():
-                    continue
+                    inflight = future._inflight
+                else:                          # a retry: a fresh attempt to cancel
+                    future._inflight = inflight = _InFlight()
+                    if future.cancelled():
+                        continue
                 future._machine_addr = m.addr
-                future._inflight = inflight = _InFlight()
                 try:
                     reply = m._call("Supervisor.run_tasks", (task.payload, slots, task.method),
                                     {}, None, inflight)
@@ -4704,7 +4714,8 @@ class Executor(concurrent.futures.Executor):
         while True:
             with self._cond:
                 self._cond.wait(self._TICK)
-                finished = self._shutdown and not self._queue and not any(self._running.values())
+                finished = (self._shutdown or self._b._closed) and not self._queue and \
+                    not any(self._running.values())
             self._refresh()
             if self._b._closed:
                 self._fail_queued(Error("the session was shut down"))
@@ -4740,8 +4751,12 @@ class Executor(concurrent.futures.Executor):
 
     def _draw(self, final=False):
         line = self.progress_line()
-        _write_stderr("\r\x1b[K" + line + ("\n" if final else ""))
-        self._progress_drawn = not final
+        if final:
+            if self._progress_drawn or self.submitted:
+                _write_stderr("\r\x1b[K" + line + "\n")
+        elif line != self._progress_drawn and self.submitted:
+            _write_stderr("\r\x1b[K" + line)
+            self._progress_drawn = line
 
     def __exit__(self, *exc):
         self.shutdown(wait=True)
