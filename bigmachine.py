@@ -4499,11 +4499,12 @@ class Executor(concurrent.futures.Executor):
         try:
             blob = pickle.dumps(fn, _PICKLE_PROTOCOL)
         except Exception as e:
-            raise SerializationError(
-                "cannot pickle the task %s: %s; a task's function travels to the machines by "
-                "name, so use a function (or class) defined at the top level of a module "
-                "that the machines can import, not a lambda, a closure or a local function"
-                % (name, _describe_pickling_failure(fn, "the task %s" % name, e))) from e
+            message = _describe_pickling_failure(fn, "the task %s" % name, e)
+            if "top level" not in message:    # it holds something that does not pickle
+                message += ("; a task travels to the machines by pickle: use a function (or "
+                            "class) defined at the top level of a module, with picklable "
+                            "arguments bound to it")
+            raise SerializationError(message) from e
         return None, blob, name
 
     def _enqueue(self, method, blob, name, items, kwargs, chunk):
