@@ -4267,9 +4267,6 @@ def _machine_run_tasks(machine, payload, slots, method):
         return _run_items(fn, items, kwargs, machine.addr)
 
 
-_worker_busy = False
-
-
 def _worker_main(fd):
     """The life of a worker process of a machine (see `_Worker`); never returns."""
     code = 0
