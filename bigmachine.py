@@ -4449,6 +4449,8 @@ class Executor(concurrent.futures.Executor):
         self._cond = threading.Condition()
         self._queue = collections.deque()
         self._lanes = {}                       # Machine -> lanes running for it
+        self._lane_count = 0                   # lanes running, on all machines
+        self._lane_room = 0                    # lanes the running machines may have
         self._machines = []                    # the RUNNING machines, as last seen
         self._running = {}                     # Machine -> tasks in flight on it
         self.submitted = self.done = self.failed = self.retried = 0
@@ -4560,7 +4562,8 @@ class Executor(concurrent.futures.Executor):
             return chunksize * max(8, 4 * slots)
 
         def fill():
-            while not state["exhausted"] and len(pending) * chunksize < limit():
+            most = limit()
+            while not state["exhausted"] and len(pending) * chunksize < most:
                 items = list(itertools.islice(inputs, chunksize))
                 if not items:
                     state["exhausted"] = True
@@ -4614,6 +4617,8 @@ class Executor(concurrent.futures.Executor):
 
     def _lanes_to_start(self):
         """The machines to start a lane for now (the lock held)."""
+        if self._lane_count >= self._lane_room:
+            return ()                          # every machine has all its lanes
         starts, wanted = [], len(self._queue)
         for m in self._machines:
             if not wanted:
@@ -4623,6 +4628,7 @@ class Executor(concurrent.futures.Executor):
             if room > 0 and m._state is RUNNING:
                 n = min(room, wanted)
                 self._lanes[m] = have + n
+                self._lane_count += n
                 starts.extend([m] * n)
                 wanted -= n
         return starts
@@ -4634,6 +4640,7 @@ class Executor(concurrent.futures.Executor):
             with cond:
                 if not queue or m._state is not RUNNING:
                     self._lanes[m] -= 1
+                    self._lane_count -= 1
                     cond.notify_all()
                     return
                 task = queue.popleft()
@@ -4705,7 +4712,10 @@ class Executor(concurrent.futures.Executor):
 
     def _refresh(self):
         machines = self._only if self._only is not None else self._b.machines()
-        self._machines = [m for m in machines if m._state is RUNNING]
+        running = [m for m in machines if m._state is RUNNING]
+        with self._cond:
+            self._machines = running
+            self._lane_room = sum(self._slots(m) + 1 for m in running)
 
     def _watch(self):
         _block_async_signals()

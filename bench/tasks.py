@@ -2,8 +2,9 @@
 
     python bench/tasks.py [--quick] [--json] [--only bigmachine,ppe,pool,dask,ray]
 
-Workloads (every task is busy Python: a loop on time.perf_counter, so that one
-process does them one after the other and two processors at most twice as fast):
+Workloads (every task is a fixed amount of pure-Python work, measured to take that long
+in this process before anything starts, so that one process does them one after the
+other and two processors at most twice as fast):
   * 1ms:      2,000 tasks of 1 ms; bigmachine on 2 local machines through
               Executor.map and through call_async + as_completed
   * 0.1ms:    5,000 tasks of 0.1 ms, with chunksize (map)
@@ -36,12 +37,31 @@ sys.path.insert(0, os.path.join(ROOT, "examples"))
 import _common as C  # noqa: E402
 
 
-def busy(ms):
-    """ms milliseconds of pure-Python work."""
-    end = time.perf_counter() + ms / 1000.0
-    while time.perf_counter() < end:
-        pass
-    return ms
+def spin(n):
+    """n rounds of pure-Python work: a fixed amount, so that processes sharing a processor
+    take longer (a loop until a deadline would not)."""
+    x = 0
+    for i in range(n):
+        x += i
+    return x
+
+
+_ROUNDS_PER_MS = []
+
+
+def rounds(ms):
+    """The rounds of `spin` that take ms milliseconds here, measured once (best of 5)."""
+    if not _ROUNDS_PER_MS:
+        n = 200000
+        best = min(timed(lambda: spin(n)) for _ in range(5))
+        _ROUNDS_PER_MS.append(n / (best * 1000))
+    return max(1, int(ms * _ROUNDS_PER_MS[0]))
+
+
+def busy(n):
+    """A task: n rounds of work (n from `rounds`)."""
+    spin(n)
+    return n
 
 
 def ident(x):
@@ -51,8 +71,8 @@ def ident(x):
 class Burner:
     """A CPU-bound service, for Pooled."""
 
-    def burn(self, ms):
-        return busy(ms)
+    def burn(self, n):
+        return busy(n)
 
 
 class _PeakThreads:
@@ -81,11 +101,16 @@ def timed(fn):
     return time.perf_counter() - t
 
 
+R1 = R01 = R25 = None        # rounds of work of a 1 ms, 0.1 ms and 25 ms task, set by main
+
+
 def serial_times(opts):
+    global R1, R01, R25
+    R1, R01, R25 = rounds(1), rounds(0.1), rounds(25)
     return {
-        "1ms": timed(lambda: [busy(1) for _ in range(opts.n1)]),
-        "0.1ms": timed(lambda: [busy(0.1) for _ in range(opts.n01)]),
-        "cpu": timed(lambda: [busy(25) for _ in range(opts.ncpu)]),
+        "1ms": timed(lambda: [busy(R1) for _ in range(opts.n1)]),
+        "0.1ms": timed(lambda: [busy(R01) for _ in range(opts.n01)]),
+        "cpu": timed(lambda: [busy(R25) for _ in range(opts.ncpu)]),
     }
 
 
@@ -99,17 +124,17 @@ def run_bigmachine(opts, out):
             if m.wait(bigmachine.RUNNING) is not bigmachine.RUNNING:
                 raise m.err
         with b.executor(progress=False) as ex:
-            list(ex.map(busy, [1] * 20))                           # warm
+            list(ex.map(busy, [R1] * 20))                           # warm
             with _PeakThreads() as p:
-                r["1ms_map_s"] = timed(lambda: list(ex.map(busy, [1] * opts.n1)))
+                r["1ms_map_s"] = timed(lambda: list(ex.map(busy, [R1] * opts.n1)))
             r["1ms_map_threads"] = p.peak
             with _PeakThreads() as p:
                 r["0.1ms_chunked_s"] = timed(lambda: list(
-                    ex.map(busy, [0.1] * opts.n01, chunksize=opts.n01 // 40)))
+                    ex.map(busy, [R01] * opts.n01, chunksize=opts.n01 // 40)))
             r["0.1ms_chunked_threads"] = p.peak
 
             def async_calls():
-                futures = [machines[i % 2].call_async("Burner.burn", 1) for i in range(opts.n1)]
+                futures = [machines[i % 2].call_async("Burner.burn", R1) for i in range(opts.n1)]
                 for f in concurrent.futures.as_completed(futures):
                     f.result()
             with _PeakThreads() as p:
@@ -127,14 +152,14 @@ def run_bigmachine(opts, out):
         if m.wait(bigmachine.RUNNING) is not bigmachine.RUNNING:
             raise m.err
         with b.executor(progress=False) as ex:
-            list(ex.map(busy, [1] * 4))                            # the workers start
+            list(ex.map(busy, [R1] * 4))                            # the workers start
             with _PeakThreads() as p:
-                r["cpu_map_s"] = timed(lambda: list(ex.map(busy, [25] * opts.ncpu)))
+                r["cpu_map_s"] = timed(lambda: list(ex.map(busy, [R25] * opts.ncpu)))
             r["cpu_map_threads"] = p.peak
-        m.call("Burner.burn", 1)
-        one = min(timed(lambda: m.call("Burner.burn", opts.pooled_ms)) for _ in range(2))
+        m.call("Burner.burn", R1)
+        one = min(timed(lambda: m.call("Burner.burn", rounds(opts.pooled_ms))) for _ in range(2))
         two = min(timed(lambda: [f.result() for f in [
-            m.call_async("Burner.burn", opts.pooled_ms) for _ in range(2)]]) for _ in range(2))
+            m.call_async("Burner.burn", rounds(opts.pooled_ms)) for _ in range(2)]]) for _ in range(2))
         r["pooled_speedup"] = 2 * one / two
         n = opts.pi
         serial = timed(lambda: CirclePI().sample(n))
@@ -150,13 +175,13 @@ def run_stdlib(opts, out, name, make):
     with make() as pool:
         submit = pool.submit if hasattr(pool, "submit") else pool.apply_async
         get = (lambda f: f.result()) if hasattr(pool, "submit") else (lambda f: f.get())
-        list(pool.map(busy, [1] * 20))                             # the workers start
+        list(pool.map(busy, [R1] * 20))                             # the workers start
         with _PeakThreads() as p:
-            r["1ms_map_s"] = timed(lambda: list(pool.map(busy, [1] * opts.n1)))
+            r["1ms_map_s"] = timed(lambda: list(pool.map(busy, [R1] * opts.n1)))
         r["1ms_map_threads"] = p.peak
 
         def each():
-            for f in [submit(busy, (1,)) if not hasattr(pool, "submit") else submit(busy, 1)
+            for f in [submit(busy, (R1,)) if not hasattr(pool, "submit") else submit(busy, R1)
                       for _ in range(opts.n1)]:
                 get(f)
         with _PeakThreads() as p:
@@ -164,9 +189,9 @@ def run_stdlib(opts, out, name, make):
         r["1ms_async_threads"] = p.peak
         with _PeakThreads() as p:
             r["0.1ms_chunked_s"] = timed(lambda: list(
-                pool.map(busy, [0.1] * opts.n01, chunksize=opts.n01 // 40)))
+                pool.map(busy, [R01] * opts.n01, chunksize=opts.n01 // 40)))
         r["0.1ms_chunked_threads"] = p.peak
-        r["cpu_map_s"] = timed(lambda: list(pool.map(busy, [25] * opts.ncpu)))
+        r["cpu_map_s"] = timed(lambda: list(pool.map(busy, [R25] * opts.ncpu)))
     out.update({name + ":" + k: v for k, v in r.items()})
 
 
@@ -175,12 +200,12 @@ def run_dask(opts, out):
     r = {}
     with LocalCluster(n_workers=2, threads_per_worker=1, processes=True,
                       dashboard_address=None) as cluster, Client(cluster) as client:
-        client.gather(client.map(busy, [1] * 20, pure=False))
+        client.gather(client.map(busy, [R1] * 20, pure=False))
         with _PeakThreads() as p:
-            r["1ms_map_s"] = timed(lambda: client.gather(client.map(busy, [1] * opts.n1,
+            r["1ms_map_s"] = timed(lambda: client.gather(client.map(busy, [R1] * opts.n1,
                                                                     pure=False)))
         r["1ms_map_threads"] = p.peak
-        r["cpu_map_s"] = timed(lambda: client.gather(client.map(busy, [25] * opts.ncpu,
+        r["cpu_map_s"] = timed(lambda: client.gather(client.map(busy, [R25] * opts.ncpu,
                                                                 pure=False)))
     out.update({"dask:" + k: v for k, v in r.items()})
 
@@ -190,12 +215,12 @@ def run_ray(opts, out):
     ray.init(num_cpus=2, include_dashboard=False, logging_level="ERROR")
     try:
         remote = ray.remote(busy)
-        ray.get([remote.remote(1) for _ in range(20)])
+        ray.get([remote.remote(R1) for _ in range(20)])
         r = {}
         with _PeakThreads() as p:
-            r["1ms_map_s"] = timed(lambda: ray.get([remote.remote(1) for _ in range(opts.n1)]))
+            r["1ms_map_s"] = timed(lambda: ray.get([remote.remote(R1) for _ in range(opts.n1)]))
         r["1ms_map_threads"] = p.peak
-        r["cpu_map_s"] = timed(lambda: ray.get([remote.remote(25) for _ in range(opts.ncpu)]))
+        r["cpu_map_s"] = timed(lambda: ray.get([remote.remote(R25) for _ in range(opts.ncpu)]))
     finally:
         ray.shutdown()
     out.update({"ray:" + k: v for k, v in r.items()})
