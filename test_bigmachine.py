@@ -4410,7 +4410,7 @@ def test_call_async_cancel_drops_a_queued_call(tb):
     assert m.call("R.marks") == ["later"]
 
 
-def test_executor_submit_map_and_bad_input(lb):
+def test_executor_submit_map_and_bad_input(lb, tmp_path):
     m1, m2 = running(lb, 2)
     with lb.executor(progress=False) as ex:
         assert isinstance(ex, bigmachine.Executor)
@@ -4442,6 +4442,9 @@ def test_executor_submit_map_and_bad_input(lb):
             ex.map(task_square, range(3), chunksize=0)
         with pytest.raises(bigmachine.NotFound):
             ex.submit("Nope.echo").result(30)
+        spin = str(tmp_path / "spin")
+        with pytest.raises(concurrent.futures.TimeoutError):   # and the task is cancelled
+            list(ex.map(task_spin_marked, [spin], timeout=0.5))
     with pytest.raises(RuntimeError, match="after shutdown"):
         ex.submit(task_square, 1)
     with pytest.raises(ValueError, match="per_machine"):
