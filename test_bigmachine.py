@@ -4630,6 +4630,23 @@ def test_status_page_shows_calls_in_flight_and_executors(lb, tmp_path):
             f.cancel()
 
 
+def test_ssh_machine_runs_tasks_and_replicas_in_workers(sshd, tmp_path):
+    """On a remote machine the workers load the driver's code from the machine's bundle."""
+    if (os.cpu_count() or 1) < 2:
+        pytest.skip("the SSH host offers one processor: no workers")
+    with bigmachine.start(ssh_system(sshd, per_host=1)) as b:
+        m, = b.start(1, {"P": bigmachine.Pooled(Replica())})
+        assert m.wait(RUNNING, timeout=60) is RUNNING, m.err
+        machine_pid = m.call("Supervisor.getpid")
+        with b.executor(progress=False, per_machine=2) as ex:
+            pids = list(ex.map(task_rendezvous, [str(tmp_path)] * 2, [2, 2], "ab"))
+        assert len(set(pids)) == 2 and machine_pid not in pids
+        replica_pid, calls, has_b = m.call("P.bump")
+        assert has_b and replica_pid not in pids + [machine_pid]
+        workers = m.call("Supervisor.worker_pids")
+    assert _wait_gone(workers) == []
+
+
 def test_bigpi_on_one_local_machine_with_two_processors():
     result = subprocess.run([sys.executable, os.path.join(HERE, "examples", "bigpi.py"),
                              "-n", "200000", "-nmach", "1", "--bigm.local.maxprocs=2"],
