@@ -4455,6 +4455,7 @@ class Executor(concurrent.futures.Executor):
         self._running = {}                     # Machine -> tasks in flight on it
         self.submitted = self.done = self.failed = self.retried = 0
         self._shutdown = False
+        self._wake = threading.Event()         # wakes the watcher early: shutdown
         self._began = time.monotonic()
         if progress is None:
             progress = bool(getattr(sys.stderr, "isatty", None) and sys.stderr.isatty())
@@ -4596,6 +4597,7 @@ class Executor(concurrent.futures.Executor):
     def shutdown(self, wait=True, *, cancel_futures=False):
         """As in `concurrent.futures`: no new tasks; cancel_futures cancels the queued ones;
         wait waits for the rest to finish."""
+        self._wake.set()
         with self._cond:
             self._shutdown = True
             dropped = []
@@ -4641,7 +4643,8 @@ class Executor(concurrent.futures.Executor):
                 if not queue or m._state is not RUNNING:
                     self._lanes[m] -= 1
                     self._lane_count -= 1
-                    cond.notify_all()
+                    if self._shutdown:
+                        cond.notify_all()
                     return
                 task = queue.popleft()
                 self._running[m] = self._running.get(m, 0) + task.count
@@ -4687,7 +4690,8 @@ class Executor(concurrent.futures.Executor):
             finally:
                 with cond:
                     self._running[m] -= task.count
-                    cond.notify_all()
+                    if self._shutdown:             # only shutdown(wait=True) waits for this
+                        cond.notify_all()
 
     def _finish(self, task, outcomes=None, error=None):
         future = task.future
@@ -4720,8 +4724,9 @@ class Executor(concurrent.futures.Executor):
     def _watch(self):
         _block_async_signals()
         while True:
+            if self._wake.wait(self._TICK):
+                self._wake.clear()
             with self._cond:
-                self._cond.wait(self._TICK)
                 finished = (self._shutdown or self._b._closed) and not self._queue and \
                     not any(self._running.values())
             self._refresh()
