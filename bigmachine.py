@@ -3607,6 +3607,12 @@ class Machine(_Calls):
         try:
             result = self._call(method, args, kwargs, deadline, future._inflight)
         except BaseException as e:
+            if self._state is STOPPED and not isinstance(e, Error):
+                # Stopped from this side (cancel), the machine's connections are closed under
+                # their readers, which may then fail with something other than an Error.
+                stopped = self._stopped_error(method)
+                stopped.__context__ = e
+                e = stopped
             future._settle(error=e)
         else:
             future._settle(result)

@@ -4410,6 +4410,15 @@ def test_call_async_cancel_drops_a_queued_call(tb):
     assert m.call("R.marks") == ["later"]
 
 
+def test_call_async_calls_of_a_cancelled_machine_fail_with_machine_stopped(lb):
+    m, = running(lb, 1)
+    futures = [m.call_async("Echo.sleep", 60) for _ in range(5)]     # some run, some queue
+    eventually(lambda: m.call("Supervisor.status")["in_flight"] >= 2)
+    m.cancel()
+    for f in futures:
+        assert isinstance(f.exception(30), bigmachine.MachineStopped), f.exception()
+
+
 def test_executor_submit_map_and_bad_input(lb, tmp_path):
     m1, m2 = running(lb, 2)
     with lb.executor(progress=False) as ex:
