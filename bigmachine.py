@@ -3111,12 +3111,13 @@ class Supervisor:
 
     # -- many tasks (see the Executor) ----------------------------------------------------
 
-    def run_tasks(self, payload, slots=1, method=None):
-        """Run a chunk of an Executor's tasks: payload is the pickled (function, [argument
-        tuples], keyword arguments), the function None when method names a service's method.
-        At most slots run at once, in worker processes when the machine offers several
-        processors. Returns the pickled outcomes, one per input."""
-        return _machine_run_tasks(self._machine, payload, slots, method)
+    def run_tasks(self, payloads, slots=1, method=None):
+        """Run some of an Executor's tasks, one after the other: each payload is a pickled
+        (function, [argument tuples], keyword arguments), the function None when method names
+        a service's method. At most slots calls run at once, in worker processes when the
+        machine offers several processors. Returns, per payload, the pickled outcomes, one
+        per input."""
+        return _machine_run_tasks(self._machine, payloads, slots, method)
 
     def worker_pids(self):
         """The process ids of this machine's worker processes (Executor tasks and Pooled)."""
@@ -4258,19 +4259,41 @@ class _Gate:
                 self.cond.notify()
 
 
-def _machine_run_tasks(machine, payload, slots, method):
-    """Run a chunk of tasks on this machine (see `Supervisor.run_tasks`)."""
+def _machine_run_tasks(machine, payloads, slots, method):
+    """Run tasks on this machine, one after the other in one slot (see `Supervisor.run_tasks`):
+    a list of the pickled outcomes of each payload."""
     slots = max(1, int(slots))
     if method is None and (machine.maxprocs or 1) > 1:
         with machine.lock:
             if machine.workers is None:
                 machine.workers = _WorkerPool(machine)
             workers = machine.workers
-        return workers.request(slots, _WORKER_TASKS, payload)
-    fn, items, kwargs = _loads(payload, (), "a chunk of tasks")
-    fn = machine.dispatcher.lookup(method) if method is not None else _task_function(fn)
+        replies = []
+        worker = workers.take(slots)
+        try:
+            for payload in payloads:
+                try:
+                    replies.append(worker.request(_WORKER_TASKS, payload))
+                except Error as e:
+                    # Its worker died under it (the task ended the process, say): that
+                    # payload's inputs fail with the reason, the rest go on in a new worker.
+                    _, items, _ = _loads(payload, (), "a chunk of tasks")
+                    replies.append(pickle.dumps([(False, _error_payload(e, machine.addr))]
+                                                * len(items), _PICKLE_PROTOCOL))
+                    workers.give(worker)
+                    worker = None
+                    worker = workers.take(slots)
+        finally:
+            if worker is not None:
+                workers.give(worker)
+        return replies
+    found = machine.dispatcher.lookup(method) if method is not None else None
+    replies = []
     with machine.gate.entered(slots):
-        return _run_items(fn, items, kwargs, machine.addr)
+        for payload in payloads:
+            fn, items, kwargs = _loads(payload, (), "a chunk of tasks")
+            replies.append(_run_items(found or _task_function(fn), items, kwargs, machine.addr))
+    return replies
 
 
 def _worker_main(fd):
@@ -4545,8 +4568,8 @@ class Executor(concurrent.futures.Executor):
     def map(self, fn, *iterables, timeout=None, chunksize=1, buffersize=None):
         """Like `ProcessPoolExecutor.map`: fn over the zipped iterables, results in order.
         Inputs are read lazily, at most buffersize ahead of the results consumed (default:
-        four chunks per free slot of the machines, at least eight chunks), so an endless
-        iterable works; chunksize inputs travel in one call."""
+        sixteen chunks per slot of the machines, at least 32 chunks), so an endless iterable
+        works; chunksize inputs travel in one call."""
         if not isinstance(chunksize, int) or chunksize < 1:
             raise ValueError("chunksize is a number of inputs, at least 1, not %r" % (chunksize,))
         if buffersize is not None and (not isinstance(buffersize, int) or buffersize < 1):
@@ -4566,7 +4589,7 @@ class Executor(concurrent.futures.Executor):
             if buffersize is not None:
                 return max(buffersize, 1)
             slots = sum(self._slots(m) for m in self._machines) or 1
-            return chunksize * max(8, 4 * slots)
+            return chunksize * max(32, 16 * slots)
 
         def fill():
             most = limit()
@@ -4641,6 +4664,24 @@ class Executor(concurrent.futures.Executor):
                 wanted -= n
         return starts
 
+    _BATCH = 16                        # tasks at most in one call (see _take)
+
+    def _take(self, m):
+        """The next tasks for a lane on m (the lock held): the head of the queue and, while
+        the queue is long, the tasks behind it that go the same way (a function, or the same
+        "Service.method"), up to one lane's fair share. Sent in one call, which the machine
+        runs one after the other, they cost one round trip: small tasks given one by one
+        then run nearly as fast as if the user had chunked them, and the batches shrink to
+        single tasks as the queue drains, so that the machines finish together."""
+        queue = self._queue
+        task = queue.popleft()
+        batch = [task]
+        share = min(self._BATCH, len(queue) // max(1, self._lane_count))
+        while len(batch) < share and queue and queue[0].method == task.method:
+            batch.append(queue.popleft())
+        self._running[m] = self._running.get(m, 0) + sum(t.count for t in batch)
+        return batch
+
     def _lane(self, m):
         slots = self._slots(m)
         queue, cond = self._queue, self._cond
@@ -4652,52 +4693,74 @@ class Executor(concurrent.futures.Executor):
                     if self._shutdown:
                         cond.notify_all()
                     return
-                task = queue.popleft()
-                self._running[m] = self._running.get(m, 0) + task.count
-            future = task.future
+                batch = self._take(m)
+            count = sum(t.count for t in batch)
             try:
-                if not task.started:
-                    if not future.set_running_or_notify_cancel():
-                        continue
-                    task.started = True
-                    inflight = future._inflight
-                else:                          # a retry: a fresh attempt to cancel
-                    future._inflight = inflight = _InFlight()
-                    if future.cancelled():
-                        continue
-                future._machine_addr = m.addr
-                try:
-                    reply = m._call("Supervisor.run_tasks", (task.payload, slots, task.method),
-                                    {}, None, inflight)
-                    outcomes = _loads(reply, (), "the results of %s from %s"
-                                      % (future._task, m.addr))
-                except BaseException as e:
-                    if m._state is STOPPED and not isinstance(e, Error):
-                        # A machine stopped from this side (cancel) may break the call's
-                        # connection under its reader with something other than an Error.
-                        lost = m._stopped_error(future._task)
-                        lost.__context__ = e
-                        e = lost
-                    if not isinstance(e, (MachineStopped, NetworkError)):
-                        self._finish(task, error=e)
-                        continue
-                    if task.attempts < self.retries and not future.cancelled() and \
-                            not self._b._closed:
-                        task.attempts += 1
-                        log.info("%s: %s lost (%s); running it again elsewhere (retry %d of %d)",
-                                 m.addr, future._task, e, task.attempts, self.retries)
-                        with cond:
-                            self.retried += 1
-                            queue.appendleft(task)
-                        continue
-                    self._finish(task, error=e)
-                else:
-                    self._finish(task, outcomes=outcomes)
+                self._run_batch(m, slots, batch)
             finally:
                 with cond:
-                    self._running[m] -= task.count
+                    self._running[m] -= count
                     if self._shutdown:             # only shutdown(wait=True) waits for this
                         cond.notify_all()
+
+    def _run_batch(self, m, slots, batch):
+        """Make one call for a batch of tasks; settle their futures, or put them back."""
+        live = []
+        for task in batch:
+            future = task.future
+            if not task.started:
+                if not future.set_running_or_notify_cancel():
+                    continue
+                task.started = True
+            elif future.cancelled():
+                continue
+            live.append(task)
+        if not live:
+            return
+        # One call, so one thing a cancel reaches: cancelling any task of the batch cancels
+        # the call, and the others go back to the queue (below).
+        inflight = _InFlight()
+        for task in live:
+            task.future._inflight = inflight
+            task.future._machine_addr = m.addr
+            if task.future.cancelled():
+                inflight.cancel()
+        first = live[0].future._task
+        try:
+            replies = m._call("Supervisor.run_tasks", ([t.payload for t in live], slots,
+                                                       live[0].method), {}, None, inflight)
+            outcomes = [_loads(reply, (), "the results of %s from %s" % (t.future._task, m.addr))
+                        for t, reply in zip(live, replies)]
+        except BaseException as e:
+            if m._state is STOPPED and not isinstance(e, Error):
+                # A machine stopped from this side (cancel) may break the call's
+                # connection under its reader with something other than an Error.
+                lost = m._stopped_error(first)
+                lost.__context__ = e
+                e = lost
+            again = []
+            for task in live:
+                if task.future.cancelled():
+                    continue
+                if isinstance(e, Cancelled) and inflight.cancelled:
+                    again.append(task)         # another task of its batch was cancelled
+                elif not isinstance(e, (MachineStopped, NetworkError)):
+                    self._finish(task, error=e)
+                elif task.attempts < self.retries and not self._b._closed:
+                    task.attempts += 1
+                    log.info("%s: %s lost (%s); running it again elsewhere (retry %d of %d)",
+                             m.addr, task.future._task, e, task.attempts, self.retries)
+                    again.append(task)
+                else:
+                    self._finish(task, error=e)
+            if again:
+                with self._cond:
+                    if isinstance(e, (MachineStopped, NetworkError)):
+                        self.retried += len(again)
+                    self._queue.extendleft(reversed(again))
+            return
+        for task, outcome in zip(live, outcomes):
+            self._finish(task, outcomes=outcome)
 
     def _finish(self, task, outcomes=None, error=None):
         future = task.future

@@ -4555,6 +4555,46 @@ def test_executor_cancel_queued_and_running_tasks(tmp_path):
         b.shutdown()
 
 
+def task_exit(code):
+    os._exit(code)
+
+
+def test_executor_batches_queued_tasks_and_a_cancel_spares_the_rest(lb, tmp_path):
+    ex = lb.executor(progress=False, per_machine=1)
+    try:
+        futures = [ex.submit(task_marked_sleep, str(tmp_path), x, 0.2) for x in range(40)]
+        m, = running(lb, 1)                          # 40 waiting: they go in batches
+
+        def waiting_in_a_batch():
+            marks = os.listdir(tmp_path)
+            return [(x, f) for x, f in enumerate(futures) if f.running()
+                    and not any(n.startswith("start-%d-" % x) for n in marks)]
+        eventually(lambda: len(waiting_in_a_batch()) >= 2, timeout=60)
+        x, victim = waiting_in_a_batch()[-1]
+        assert victim.cancel()
+        for y, f in enumerate(futures):
+            if y != x:
+                assert f.result(120) == y * y
+        assert not any(n.startswith("start-%d-" % x) for n in os.listdir(tmp_path))
+    finally:
+        ex.shutdown(wait=False, cancel_futures=True)
+
+
+def test_executor_a_task_that_ends_its_worker_fails_alone(tmp_path):
+    b = bigmachine.start(bigmachine.Local(**LOCAL2))
+    ex = b.executor(progress=False)
+    try:
+        futures = [ex.submit(task_square, x) for x in range(10)] + [ex.submit(task_exit, 3)] + \
+            [ex.submit(task_square, x) for x in range(10, 20)]
+        running(b, 1)
+        with pytest.raises(bigmachine.Error, match="worker process .* ended"):
+            futures[10].result(60)
+        assert [f.result(60) for f in futures[:10] + futures[11:]] == [x * x for x in range(20)]
+    finally:
+        ex.shutdown(wait=False, cancel_futures=True)
+        b.shutdown()
+
+
 def test_executor_uses_every_processor_and_workers_end_with_the_machine(tmp_path):
     b = bigmachine.start(bigmachine.Local(**LOCAL2))
     try:
