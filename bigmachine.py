@@ -4022,10 +4022,12 @@ atexit.register(_shutdown_sessions)
 # driver, never in a thread each; each machine gets `per_machine` + 1 *lanes* (threads of the
 # shared pool), each making one call at a time: per_machine tasks run, and one more waits on
 # the machine, ready to start the moment a running one ends, so the machine does not idle
-# while a reply travels. A task is one `Supervisor.run_tasks` call carrying its function (or
-# "Service.method") and a chunk of inputs, pickled once on the driver into bytes that the
-# machine hands on unread when it runs them in a worker. Each input's outcome comes back on
-# its own, so one failing input fails that input only. A call that fails because its machine
+# while a reply travels. A task is its function (or "Service.method") and a chunk of inputs,
+# pickled once on the driver into bytes that the machine hands on unread when it runs them in
+# a worker; a `Supervisor.run_tasks` call carries one task, or, while the queue is long, a
+# batch of them that the machine runs one after the other (so that many small tasks cost
+# few round trips). Each input's outcome comes back on its own, so one failing input fails
+# that input only. A call that fails because its machine
 # went (MachineStopped, NetworkError) is put back at the head of the deque for another lane,
 # at most `retries` times; an exception raised by the task's own code is an outcome, never
 # retried. Machines that come up later are found by the executor's one thread, which also
