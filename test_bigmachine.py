@@ -4373,6 +4373,24 @@ def _gone(pid):
         return True
 
 
+def _tcp_sockets(pid):
+    """The TCP sockets (any state) that process pid holds open."""
+    inodes = set()
+    for fd in os.listdir("/proc/%d/fd" % pid):
+        with contextlib.suppress(OSError):
+            target = os.readlink("/proc/%d/fd/%s" % (pid, fd))
+            if target.startswith("socket:["):
+                inodes.add(target[8:-1])
+    found = []
+    for table in ("/proc/%d/net/tcp" % pid, "/proc/%d/net/tcp6" % pid):
+        with contextlib.suppress(OSError), open(table) as f:
+            for line in list(f)[1:]:
+                fields = line.split()
+                if fields[9] in inodes:
+                    found.append((table, fields[1], fields[3]))
+    return found
+
+
 def _wait_gone(pids, timeout=15):
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline and not all(_gone(p) for p in pids):
@@ -4606,6 +4624,8 @@ def test_executor_uses_every_processor_and_workers_end_with_the_machine(tmp_path
             assert len(set(pids)) == 2 and m.call("Supervisor.getpid") not in pids
         workers = m.call("Supervisor.worker_pids")
         assert set(pids) <= set(workers)
+        for pid in workers:                # reached over a socketpair only: no TCP at all
+            assert _tcp_sockets(pid) == [], pid
         os.kill(m.call("Supervisor.getpid"), signal.SIGKILL)   # killed outright, even
         assert m.wait(STOPPED, timeout=30) is STOPPED
         assert _wait_gone(workers) == []
