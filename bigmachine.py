@@ -59,6 +59,13 @@ B (Go: bigmachine.go, driver)
     One cluster session: starts machines, dials them, tells subscribers what happens to them
     (`subscribe`), saves what an unhealthy machine holds, shuts everything down in bounded time.
 
+Many tasks
+    `B.executor()` is a `concurrent.futures.Executor` over the session's machines: tasks wait
+    in a queue on the driver (as `call_async`'s calls do), each machine runs `per_machine` at
+    a time, tasks of a lost machine run again elsewhere. A machine with several processors
+    runs them in worker processes of its own, reached over a private socketpair, so that
+    CPU-bound Python uses every processor; `Pooled(service)` replicates a service in them.
+
 Systems (Go: system.go, local.go, testsystem)
     Where machines come from. `TestSystem` runs them inside the driver's process, each with its
     own TLS server, for fast tests. `Local` runs each one as a child process, loaded the way
@@ -129,6 +136,7 @@ __all__ = [
     "CertificateAuthority", "Credentials", "Backoff", "publish", "unpublish", "Counter",
     "Stream", "MemInfo", "DiskInfo", "LoadInfo", "MachineEvent", "OutOfMemory",
     "SlurmSystem", "Enrolment",
+    "Executor", "Pooled",
 ]
 
 log = logging.getLogger("bigmachine")
@@ -3382,11 +3390,16 @@ class Supervisor:
 
     # -- services ---------------------------------------------------------------------
 
-    def register(self, services_pickle):
-        """Install services (a pickled {name: service}) and run their `init(b)` hooks."""
+    def register(self, services_pickle, maxprocs=None):
+        """Install services (a pickled {name: service}) and run their `init(b)` hooks.
+        maxprocs is the number of processors the driver counts this machine as offering."""
         services = _loads(services_pickle, (), "the services")
+        if isinstance(maxprocs, int) and maxprocs >= 1:
+            self._machine.maxprocs = maxprocs
         for name, service in services.items():
             self._machine.dispatcher.register(name, service)
+            if isinstance(service, Pooled):
+                service._attach(self._machine, name)
         for name, service in services.items():
             init = getattr(service, "init", None)
             if callable(init):
@@ -3478,9 +3491,35 @@ class Supervisor:
         dispatcher = self._machine.dispatcher
         facts["uptime"] = time.time() - self._started
         facts["calls"], facts["errors"] = dispatcher.stats.totals()
-        facts["in_flight"] = sum(1 for context in list(dispatcher._calls.values())
-                                 if not context.method.startswith("Supervisor."))
+        now = time.monotonic()
+        # The calls in flight, by method, with their age: the Supervisor's own are left out
+        # (this very call among them), but not the Executor's tasks, which are user work.
+        in_flight = [(context.method, now - context.started)
+                     for context in list(dispatcher._calls.values())
+                     if not context.method.startswith("Supervisor.")
+                     or context.method == "Supervisor.run_tasks"]
+        facts["in_flight"] = len(in_flight)
+        facts["in_flight_calls"] = sorted(in_flight, key=lambda c: -c[1])[:50]
+        facts["workers"] = len(self.worker_pids())
         return facts
+
+    # -- many tasks (see the Executor) ----------------------------------------------------
+
+    def run_tasks(self, payloads, slots=1, method=None):
+        """Run some of an Executor's tasks, one after the other: each payload is a pickled
+        (function, [argument tuples], keyword arguments), the function None when method names
+        a service's method. At most slots calls run at once, in worker processes when the
+        machine offers several processors. Returns, per payload, the pickled outcomes, one
+        per input."""
+        return _machine_run_tasks(self._machine, payloads, slots, method)
+
+    def worker_pids(self):
+        """The process ids of this machine's worker processes (Executor tasks and Pooled)."""
+        pids = []
+        for pool in [self._machine.workers] + self._machine.pools:
+            if pool is not None:
+                pids.extend(pool.pids())
+        return sorted(pids)
 
     # -- ending -------------------------------------------------------------------------
 
@@ -3646,6 +3685,16 @@ class _MachineProcess:
         self.watchdog_tick = watchdog_tick
         self.exited = threading.Event()
         self._exit = exit
+        self.credentials = credentials
+        # Many tasks: the processors the driver says this machine offers, the worker
+        # processes of Executor tasks and of Pooled services, and the gate that holds the
+        # tasks run in this process to their executor's per_machine.
+        self.maxprocs = 1
+        self.main_preparation = None          # how workers load the driver's main
+        self.lock = threading.Lock()
+        self.workers = None
+        self.pools = []
+        self.gate = _Gate()
         self.dispatcher = _Dispatcher(addr or "machine")
         self.package_stage = None         # a _PackageStage while the driver sends packages
         self.supervisor = Supervisor(self)
@@ -3669,6 +3718,9 @@ class _MachineProcess:
         # what they did) before the machine goes. A call blocked in C cannot be interrupted;
         # the machine waits for it a second at most.
         self.dispatcher.cancel_all("cancelled: the machine is shutting down", wait=1.0)
+        for pool in [self.workers] + self.pools:
+            if pool is not None:
+                pool.close()                 # worker processes end with their machine
         self.exited.set()
         self.supervisor._wake()
         self._exit(code)
@@ -3757,6 +3809,114 @@ class _CallFuture(concurrent.futures.Future):
             pass                     # cancelled in between
 
 
+class _CallQueue:
+    """The calls of `call_async` to one machine that wait their turn on the driver.
+
+    A call in flight occupies a thread (it blocks reading its reply, which is what keeps the
+    synchronous call cheap), so a thread per outstanding call would mean a thousand threads
+    for a thousand futures. Instead calls wait here, in a deque, and a few *lanes* -- threads
+    of the shared pool, each making one call at a time over a connection of its own -- take
+    them in order. A machine gets maxprocs + 1 lanes: one per processor, and one more so that
+    the machine has its next call at hand while a reply travels back. So the driver's threads
+    grow with its machines, not with the calls in flight.
+
+    Fixed lanes would deadlock calls that wait for one another (a barrier, a call blocked
+    until a later call arrives), which a thread per call never did. So a lane is added when
+    the queue has made no progress -- no call started or finished -- for several times the
+    usual length of a call (`_StallWatch`), up to `_MAX_LANES`: calls that merely take long
+    get few lanes, calls that are stuck get more. A cancelled call still in the deque is
+    dropped when its turn comes (its future is already CANCELLED)."""
+
+    _MAX_LANES = 64
+
+    __slots__ = ("machine", "pending", "lock", "lanes", "progress", "typical")
+
+    def __init__(self, machine):
+        self.machine = machine
+        self.pending = collections.deque()
+        self.lock = threading.Lock()
+        self.lanes = 0
+        self.progress = time.monotonic()     # when a call last started or finished
+        self.typical = 0.0                   # a moving average of calls' durations
+
+    def put(self, item):
+        with self.lock:
+            self.pending.append(item)
+            if self.lanes < (self.machine.maxprocs or 1) + 1:
+                self.lanes += 1
+            else:
+                _stall_watch.watch(self)
+                return
+        _background(self._drain)
+
+    def grow(self, now):
+        """Called by `_StallWatch`: add a lane if the queue is stuck. Returns whether the
+        queue still needs watching."""
+        with self.lock:
+            if not self.pending:
+                return False
+            if now - self.progress < max(0.1, 4 * self.typical) or self.lanes >= self._MAX_LANES:
+                return True
+            self.lanes += 1
+            self.progress = now
+        _background(self._drain)
+        return True
+
+    def _drain(self):
+        run = self.machine._run_future
+        pending, lock = self.pending, self.lock
+        while True:
+            with lock:
+                if not pending:
+                    self.lanes -= 1
+                    return
+                item = pending.popleft()
+                began = self.progress = time.monotonic()
+            run(*item)
+            del item
+            now = self.progress = time.monotonic()
+            self.typical += (now - began - self.typical) / 8
+
+    def __len__(self):
+        return len(self.pending)
+
+
+class _StallWatch:
+    """One thread, while any call queue has calls waiting beyond its lanes, that lets a stuck
+    queue grow (see `_CallQueue`); it ends when no queue needs watching."""
+
+    _TICK = 0.05
+
+    def __init__(self):
+        self._queues = set()
+        self._lock = threading.Lock()
+        self._running = False
+
+    def watch(self, queue):
+        with self._lock:
+            self._queues.add(queue)
+            if self._running:
+                return
+            self._running = True
+        _background(self._run)
+
+    def _run(self):
+        while True:
+            time.sleep(self._TICK)
+            now = time.monotonic()
+            with self._lock:
+                queues = list(self._queues)
+            done = [q for q in queues if not q.grow(now)]
+            with self._lock:
+                self._queues.difference_update(done)
+                if not self._queues:
+                    self._running = False
+                    return
+
+
+_stall_watch = _StallWatch()
+
+
 class _Calls:
     """The calling methods of a Machine, with the options of a view (`Machine.options`)."""
 
@@ -3776,7 +3936,7 @@ class _Calls:
         deadline = None if timeout is None else time.monotonic() + timeout
         future = _CallFuture()
         future._inflight = _InFlight()
-        _background(self._machine._run_future, future, method, args, kwargs, deadline)
+        self._machine._queue.put((future, method, args, kwargs, deadline))
         return future
 
     def retry_call(self, method: str, *args: typing.Any, **kwargs: typing.Any) -> typing.Any:
@@ -3841,6 +4001,7 @@ class Machine(_Calls):
         self._memory_seen = None          # the memory facts of its latest keepalive reply
         self._leaving = False             # shutdown() asked it to go: failures are expected
         self._inject = getattr(b.system, "inject_failures", 0.0) or 0.0
+        self._queue = _CallQueue(self)      # the calls of call_async waiting their turn
 
     def _options(self):
         return None, None
@@ -4028,6 +4189,12 @@ class Machine(_Calls):
         try:
             result = self._call(method, args, kwargs, deadline, future._inflight)
         except BaseException as e:
+            if self._state is STOPPED and not isinstance(e, Error):
+                # Stopped from this side (cancel), the machine's connections are closed under
+                # their readers, which may then fail with something other than an Error.
+                stopped = self._stopped_error(method)
+                stopped.__context__ = e
+                e = stopped
             future._settle(error=e)
         else:
             future._settle(result)
@@ -4157,6 +4324,7 @@ class B:
         self._credentials = _credentials
         self._client = _Client(_credentials)
         self._stopped_machines = collections.deque(maxlen=100)   # for the status page
+        self._executors = weakref.WeakSet()  # the Executors over this session, for the status page
         self._debug_servers = []
         self._subscribers = []            # B.subscribe's callbacks
         self._events = None               # their queue, and its delivering thread, once needed
@@ -4269,7 +4437,8 @@ class B:
             with _lease_kept(m, system):
                 if info.get("packages"):
                     _send_packages(system, m, info["packages"])    # see Packages
-                m._boot_call("Supervisor.register", services_blob, timeout=system.boot_timeout)
+                m._boot_call("Supervisor.register", services_blob, m.maxprocs,
+                             timeout=system.boot_timeout)
         except BaseException as e:
             m._stop(e)
             return
@@ -4372,6 +4541,19 @@ class B:
         """The machines this session knows: started and dialed, not yet stopped."""
         with self._lock:
             return list(self._machines.values())
+
+    def executor(self, machines: typing.Optional[typing.Iterable[Machine]] = None, *,
+                 per_machine: typing.Optional[int] = None, retries: int = 3,
+                 progress: typing.Optional[bool] = None) -> Executor:
+        """A `concurrent.futures.Executor` over machines (default: every machine of this
+        session, including those that reach RUNNING later): see `Executor` and the "Many
+        tasks" section. Each machine runs at most per_machine tasks at once (default: its
+        maxprocs); a task whose machine is lost runs again elsewhere, at most retries times;
+        progress draws a progress line on stderr (None: when stderr is a terminal)."""
+        if self._closed:
+            raise Error("this session is shut down: it has no machines to run tasks on")
+        return Executor(self, machines, per_machine=per_machine, retries=retries,
+                        progress=progress)
 
     def dial(self, addr: str) -> Machine:
         """A Machine for the machine at addr, for calls to it (from a service, say)."""
@@ -4680,6 +4862,840 @@ atexit.register(_shutdown_sessions)
 
 
 # ======================================================================================
+# Many tasks: the Executor, worker processes and Pooled services
+# ======================================================================================
+#
+# Users of a cluster mostly run many tasks. `B.executor` gives them a
+# `concurrent.futures.Executor` over the session's machines. Its tasks wait in a deque on the
+# driver, never in a thread each; each machine gets `per_machine` + 1 *lanes* (threads of the
+# shared pool), each making one call at a time: per_machine tasks run, and one more waits on
+# the machine, ready to start the moment a running one ends, so the machine does not idle
+# while a reply travels. A task is its function (or "Service.method") and a chunk of inputs,
+# pickled once on the driver into bytes that the machine hands on unread when it runs them in
+# a worker; a `Supervisor.run_tasks` call carries one task, or, while the queue is long, a
+# batch of them that the machine runs one after the other (so that many small tasks cost
+# few round trips). Each input's outcome comes back on its own, so one failing input fails
+# that input only. A call that fails because its machine
+# went (MachineStopped, NetworkError) is put back at the head of the deque for another lane,
+# at most `retries` times; an exception raised by the task's own code is an outcome, never
+# retried. Machines that come up later are found by the executor's one thread, which also
+# draws the progress line.
+#
+# Python runs one thread of Python at a time, so a machine offering several processors runs
+# CPU-bound tasks in *worker processes*: children of the machine process, spawned on first
+# need (at most the executor's per_machine of them), which load the driver's main module the
+# way the machine did and talk to it over a socketpair. The socketpair is private to the two
+# processes, so the pickles that cross it come only from the authenticated peers the machine
+# itself serves: the wire stays mutual TLS end to end. A worker ends with its machine (it
+# watches its parent) and is killed when a call it runs is cancelled (a cancel must stop
+# CPU-bound code, and a process is the unit that can be stopped at any moment).
+#
+# `Pooled(service)` replicates a service in such workers: one replica per processor, each
+# with its own state and its own `init(b)`, and a call goes to a free replica. A plain service
+# stays Go's one object per machine, in the machine's own process.
+
+_WORKER_TASKS, _WORKER_INSTALL, _WORKER_CALL, _WORKER_REPLY = b"T", b"I", b"C", b"R"
+_WORKER_FRAME = struct.Struct(">cQ")
+
+
+def _send_worker_frame(sock, kind, body):
+    sock.sendall(_WORKER_FRAME.pack(kind, len(body)) + body)
+
+
+def _read_worker_frame(rfile):
+    head = rfile.read(_WORKER_FRAME.size)
+    if len(head) != _WORKER_FRAME.size:
+        raise EOFError("the other end of the worker's socket closed")
+    kind, size = _WORKER_FRAME.unpack(head)
+    body = rfile.read(size)
+    if len(body) != size:
+        raise EOFError("the other end of the worker's socket closed")
+    return kind, body
+
+
+def _run_items(fn, items, kwargs, where):
+    """Run fn on each of items (argument tuples); the outcomes, pickled: a list of (True,
+    result) or (False, error payload) pairs, one per input."""
+    outcomes = []
+    for args in items:
+        try:
+            outcomes.append((True, fn(*args, **kwargs)))
+        except Exception as e:
+            outcomes.append((False, _error_payload(e, where)))
+    try:
+        return pickle.dumps(outcomes, _PICKLE_PROTOCOL)
+    except Exception:
+        pass
+    for i, (ok, value) in enumerate(outcomes):     # say which result would not pickle
+        if ok:
+            try:
+                pickle.dumps(value, _PICKLE_PROTOCOL)
+            except Exception as e:
+                error = SerializationError(_describe_pickling_failure(
+                    value, "the result of a task on %s" % where, e))
+                outcomes[i] = (False, _error_payload(error, where))
+    return pickle.dumps(outcomes, _PICKLE_PROTOCOL)
+
+
+_task_functions = {}          # pickled function -> function, in a machine or worker
+
+
+def _task_function(fn):
+    """A task's function from its pickle (unpickled once per process and function)."""
+    if type(fn) is not bytes:
+        return fn
+    found = _task_functions.get(fn)
+    if found is None:
+        found = _loads(fn, (), "a task's function")
+        if len(_task_functions) > 64:
+            _task_functions.clear()
+        _task_functions[fn] = found
+    return found
+
+
+class _Worker:
+    """A worker process of a machine, as the machine sees it: one request at a time."""
+
+    def __init__(self, machine, install=None):
+        import subprocess
+        parent, child = socket.socketpair()
+        here = os.path.dirname(os.path.abspath(__file__))
+        code = ("import sys; sys.path.insert(0, %r); import bigmachine; "
+                "bigmachine._worker_main(%d)" % (here, child.fileno()))
+        try:
+            self.proc = subprocess.Popen(
+                [sys.executable] + _interpreter_flags(sys.executable) + ["-u", "-c", code],
+                pass_fds=[child.fileno()], stdin=subprocess.DEVNULL, close_fds=True)
+        except BaseException:
+            parent.close()
+            raise
+        finally:
+            child.close()
+        self.sock = parent
+        self.rfile = parent.makefile("rb")
+        self.where = "%s (worker %d)" % (machine.addr, self.proc.pid)
+        bootstrap = {"main": machine.main_preparation or _main_preparation(),
+                     "credentials": machine.credentials._asdict(), "lease": machine.lease,
+                     "where": self.where}
+        try:
+            parent.sendall((json.dumps(bootstrap) + "\n").encode())
+            if install is not None:
+                self.request(_WORKER_INSTALL, install)
+        except BaseException:
+            self.kill()
+            raise
+
+    def request(self, kind, body):
+        """Send a request and wait for its reply; a cancel of the call being served (an
+        interrupt) kills the worker, which is the one sure way to stop what it runs."""
+        try:
+            _send_worker_frame(self.sock, kind, body)
+            while not select.select([self.sock], [], [], 0.05)[0]:
+                pass
+            kind, reply = _read_worker_frame(self.rfile)
+        except (OSError, EOFError) as e:
+            self.kill()
+            raise Error("worker process %d of %s ended (exit status %s) while it ran a task: %s"
+                        % (self.proc.pid, self.where, self.proc.returncode, e)) from None
+        except BaseException:
+            self.kill()
+            raise
+        if kind == _WORKER_REPLY:
+            return reply
+        raise _rebuild_error(reply)
+
+    def kill(self):
+        with contextlib.suppress(OSError):
+            self.proc.kill()
+        with contextlib.suppress(Exception):
+            self.proc.wait(5.0)
+        with contextlib.suppress(OSError):
+            self.rfile.close()
+        with contextlib.suppress(OSError):
+            self.sock.close()
+
+
+class _WorkerPool:
+    """The worker processes of a machine: taken one request at a time, spawned on demand up
+    to the number the caller allows, replaced when one is killed or dies."""
+
+    def __init__(self, machine, install=None):
+        self.machine = machine
+        self.install = install               # what each new worker installs (Pooled)
+        self.idle = []
+        self.all = set()
+        self.starting = 0
+        self.cond = threading.Condition()
+        self.closed = False
+
+    def take(self, limit):
+        with self.cond:
+            while True:
+                if self.closed:
+                    raise Error("machine %s is shutting down" % self.machine.addr)
+                if self.idle:
+                    return self.idle.pop()
+                if len(self.all) + self.starting < limit:
+                    self.starting += 1
+                    break
+                self.cond.wait(0.05)         # a timeout: a cancel's interrupt lands in Python
+        worker = None
+        try:
+            worker = _Worker(self.machine, self.install)
+        finally:
+            with self.cond:
+                self.starting -= 1
+                if worker is not None:
+                    self.all.add(worker)
+                if self.closed and worker is not None:
+                    self.all.discard(worker)
+                    worker.kill()
+                    worker = None
+                self.cond.notify()
+        if worker is None:
+            raise Error("machine %s is shutting down" % self.machine.addr)
+        return worker
+
+    def give(self, worker):
+        with self.cond:
+            if worker.proc.poll() is not None or worker.sock.fileno() < 0 or self.closed:
+                self.all.discard(worker)
+                dead = True
+            else:
+                self.idle.append(worker)
+                dead = False
+            self.cond.notify()
+        if dead:
+            worker.kill()
+
+    def request(self, limit, kind, body):
+        worker = self.take(limit)
+        try:
+            return worker.request(kind, body)
+        finally:
+            self.give(worker)
+
+    def pids(self):
+        with self.cond:
+            return sorted(w.proc.pid for w in self.all)
+
+    def close(self):
+        with self.cond:
+            self.closed = True
+            workers, self.all, self.idle = list(self.all), set(), []
+            self.cond.notify_all()
+        for worker in workers:
+            worker.kill()
+
+
+class _Gate:
+    """At most limit tasks at once in a machine's own process (limit may differ per call)."""
+
+    def __init__(self):
+        self.busy = 0
+        self.cond = threading.Condition()
+
+    @contextlib.contextmanager
+    def entered(self, limit):
+        with self.cond:
+            while self.busy >= limit:
+                self.cond.wait(0.05)         # a timeout: a cancel's interrupt lands in Python
+            self.busy += 1
+        try:
+            yield
+        finally:
+            with self.cond:
+                self.busy -= 1
+                self.cond.notify()
+
+
+def _machine_run_tasks(machine, payloads, slots, method):
+    """Run tasks on this machine, one after the other in one slot (see `Supervisor.run_tasks`):
+    a list of the pickled outcomes of each payload."""
+    slots = max(1, int(slots))
+    if method is None and (machine.maxprocs or 1) > 1:
+        with machine.lock:
+            if machine.workers is None:
+                machine.workers = _WorkerPool(machine)
+            workers = machine.workers
+        replies = []
+        worker = workers.take(slots)
+        try:
+            for payload in payloads:
+                try:
+                    replies.append(worker.request(_WORKER_TASKS, payload))
+                except Error as e:
+                    # Its worker died under it (the task ended the process, say): that
+                    # payload's inputs fail with the reason, the rest go on in a new worker.
+                    _, items, _ = _loads(payload, (), "a chunk of tasks")
+                    replies.append(pickle.dumps([(False, _error_payload(e, machine.addr))]
+                                                * len(items), _PICKLE_PROTOCOL))
+                    workers.give(worker)
+                    worker = None
+                    worker = workers.take(slots)
+        finally:
+            if worker is not None:
+                workers.give(worker)
+        return replies
+    found = machine.dispatcher.lookup(method) if method is not None else None
+    replies = []
+    with machine.gate.entered(slots):
+        for payload in payloads:
+            fn, items, kwargs = _loads(payload, (), "a chunk of tasks")
+            replies.append(_run_items(found or _task_function(fn), items, kwargs, machine.addr))
+    return replies
+
+
+def _worker_main(fd):
+    """The life of a worker process of a machine (see `_Worker`); never returns."""
+    code = 0
+    if hasattr(signal, "pthread_sigmask"):
+        # Spawned from a library thread, which blocks the signals a program handles: the
+        # mask is inherited, and a worker must die of SIGTERM like any process.
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, _ASYNC_SIGNALS)
+    try:
+        sock = socket.socket(fileno=fd)
+        rfile = sock.makefile("rb")
+        config = json.loads(rfile.readline() or b"null")
+        parent = os.getppid()
+
+        def watch_parent():
+            # The machine may be killed outright: a worker must not outlive it.
+            while os.getppid() == parent:
+                time.sleep(0.1)
+            os._exit(1)
+        threading.Thread(target=watch_parent, name="bigmachine-parent", daemon=True).start()
+        where = config["where"]
+        _load_main(config["main"])
+        replicas = {}
+        while True:
+            try:
+                kind, body = _read_worker_frame(rfile)
+            except EOFError:
+                break
+            try:
+                if kind == _WORKER_TASKS:
+                    fn, items, kwargs = _loads(body, (), "a chunk of tasks")
+                    reply = _run_items(_task_function(fn), items, kwargs, where)
+                elif kind == _WORKER_CALL:
+                    name, attr, args, kwargs = _loads(body, (), "a call")
+                    reply = _run_items(getattr(replicas[name], attr), [args], kwargs, where)
+                elif kind == _WORKER_INSTALL:
+                    name, service_pickle = _loads(body, (), "a pooled service")
+                    service = replicas[name] = _loads(service_pickle, (), "the service %s" % name)
+                    init = getattr(service, "init", None)
+                    if callable(init):
+                        credentials = Credentials(**config["credentials"])
+                        init(B(Local(lease=config["lease"]), _credentials=credentials))
+                    reply = b""
+                else:
+                    raise Error("a worker got a request of kind %r" % kind)
+            except Exception as e:
+                _send_worker_frame(sock, b"E", _error_payload(e, where))
+                continue
+            _send_worker_frame(sock, _WORKER_REPLY, reply)
+    except BaseException:
+        traceback.print_exc()
+        code = 1
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(Exception):
+            stream.flush()
+    os._exit(code)
+
+
+class Pooled:
+    """A service replicated in the worker processes of each machine: see the module's "Many
+    tasks" section. `Pooled(service)` has one replica per processor the machine offers
+    (`procs` overrides that); each replica is a copy of service with its own state, and its
+    `init(b)` runs in each. A call goes to a free replica (waiting for one if all are busy),
+    so CPU-bound methods use every processor. Results are pickled (no streams)."""
+
+    def __init__(self, service, procs=None):
+        if isinstance(service, Pooled):
+            raise ValueError("Pooled(Pooled(...)): a service is pooled once")
+        if procs is not None and (not isinstance(procs, int) or procs < 1):
+            raise ValueError("procs is a number of replicas, at least 1, not %r" % (procs,))
+        self.service = service
+        self.procs = procs
+        self._pool = None
+        self._name = None
+        self._machine = None
+
+    def __getstate__(self):
+        return {"service": self.service, "procs": self.procs}
+
+    def __setstate__(self, state):
+        self.__init__(state["service"], state["procs"])
+
+    def __repr__(self):
+        return "Pooled(%r)" % (self.service,)
+
+    def __dir__(self):
+        return [n for n in _public_methods(self.service)]
+
+    def _attach(self, machine, name):
+        """Called on the machine as the service is registered, before `init`."""
+        self._machine, self._name = machine, name
+
+    def init(self, b):
+        procs = self.procs or (self._machine.maxprocs if self._machine is not None else 1) or 1
+        if procs <= 1 or self._machine is None:
+            init = getattr(self.service, "init", None)
+            if callable(init):
+                init(b)
+            return
+        install = pickle.dumps((self._name, pickle.dumps(self.service, _PICKLE_PROTOCOL)),
+                               _PICKLE_PROTOCOL)
+        self._pool = pool = _WorkerPool(self._machine, install)
+        self._machine.pools.append(pool)
+        # Every replica now, and their init hooks, so that a failing init stops the machine
+        # before it is RUNNING, as a plain service's does.
+        workers = []
+        try:
+            for _ in range(procs):
+                workers.append(pool.take(procs))
+        finally:
+            for worker in workers:
+                pool.give(worker)
+        self._procs = procs
+
+    def __getattr__(self, attr):
+        if attr.startswith("_") or attr == "init" or "service" not in self.__dict__:
+            raise AttributeError(attr)
+        target = getattr(self.service, attr)
+        if not callable(target) or self._pool is None:
+            return target
+
+        def call(*args, **kwargs):
+            body = pickle.dumps((self._name, attr, args, kwargs), _PICKLE_PROTOCOL)
+            (ok, value), = pickle.loads(self._pool.request(self._procs, _WORKER_CALL, body))
+            if ok:
+                return value
+            raise _rebuild_error(value)
+        call.__name__ = attr
+        return call
+
+
+class _TaskFuture(_CallFuture):
+    """A future of an Executor task: its repr names the task and the machine running it."""
+
+    _task = "task"
+    _machine_addr = None
+
+    def __repr__(self):
+        base = super().__repr__()[:-1]
+        return "%s task=%s machine=%s>" % (base, self._task, self._machine_addr or "none yet")
+
+
+class _Task:
+    __slots__ = ("future", "payload", "method", "count", "attempts", "started", "chunk")
+
+    def __init__(self, future, payload, method, count, chunk):
+        self.future, self.payload, self.method = future, payload, method
+        self.count, self.chunk = count, chunk
+        self.attempts = 0
+        self.started = False
+
+
+def _task_name(fn):
+    if isinstance(fn, str):
+        return fn
+    name = getattr(fn, "__qualname__", None) or getattr(getattr(fn, "func", None), "__qualname__",
+                                                          None) or type(fn).__qualname__
+    return name
+
+
+class Executor(concurrent.futures.Executor):
+    """A `concurrent.futures.Executor` over a session's machines: see `B.executor`."""
+
+    _TICK = 0.1                        # how often it looks for machines and redraws progress
+
+    def __init__(self, b, machines=None, *, per_machine=None, retries=3, progress=None):
+        if per_machine is not None and (not isinstance(per_machine, int) or per_machine < 1):
+            raise ValueError("per_machine is a number of tasks at once, at least 1, not %r"
+                             % (per_machine,))
+        if not isinstance(retries, int) or retries < 0:
+            raise ValueError("retries is a number of times, 0 or more, not %r" % (retries,))
+        if machines is not None:
+            machines = list(machines)
+            for m in machines:
+                if not isinstance(m, Machine):
+                    raise TypeError("machines are Machine objects (from b.start), not %r" % (m,))
+        self._b = b
+        self._only = machines
+        self.per_machine = per_machine
+        self.retries = retries
+        self._cond = threading.Condition()
+        self._queue = collections.deque()
+        self._lanes = {}                       # Machine -> lanes running for it
+        self._lane_count = 0                   # lanes running, on all machines
+        self._lane_room = 0                    # lanes the running machines may have
+        self._machines = []                    # the RUNNING machines, as last seen
+        self._running = {}                     # Machine -> tasks in flight on it
+        self.submitted = self.done = self.failed = self.retried = 0
+        self._shutdown = False
+        self._wake = threading.Event()         # wakes the watcher early: shutdown
+        self._began = time.monotonic()
+        if progress is None:
+            progress = bool(getattr(sys.stderr, "isatty", None) and sys.stderr.isatty())
+        self._progress = progress
+        self._progress_drawn = None             # the line last drawn
+        self._refresh()
+        b._executors.add(self)
+        self._thread = threading.Thread(target=self._watch, name="bigmachine-executor",
+                                        daemon=True)
+        self._thread.start()
+
+    def __repr__(self):
+        return "<Executor %d queued, %d running, %d done, %d failed on %d machines>" % (
+            self.queued, sum(self._running.values()), self.done, self.failed,
+            len(self._machines))
+
+    @property
+    def queued(self):
+        """Tasks waiting on the driver for a machine."""
+        return len(self._queue)
+
+    def counts(self):
+        """{queued, running, done, failed, retried, machines}: what the status page shows."""
+        with self._cond:
+            return {"queued": len(self._queue), "running": sum(self._running.values()),
+                    "done": self.done, "failed": self.failed, "retried": self.retried,
+                    "machines": len(self._machines)}
+
+    # -- tasks --------------------------------------------------------------------------
+
+    def _function(self, fn):
+        """(method name or None, the function's pickle or None, its name)."""
+        if isinstance(fn, str):
+            service, dot, attr = fn.partition(".")
+            if not dot or not service or not attr or "." in attr:
+                raise ValueError("a task given by name is \"Service.method\", not %r" % (fn,))
+            return fn, None, fn
+        if not callable(fn):
+            raise TypeError("a task is a callable or a \"Service.method\" string, not %r" % (fn,))
+        name = _task_name(fn)
+        try:
+            blob = pickle.dumps(fn, _PICKLE_PROTOCOL)
+        except Exception as e:
+            message = _describe_pickling_failure(fn, "the task %s" % name, e)
+            if "top level" not in message:    # it holds something that does not pickle
+                message += ("; a task travels to the machines by pickle: use a function (or "
+                            "class) defined at the top level of a module, with picklable "
+                            "arguments bound to it")
+            raise SerializationError(message) from e
+        return None, blob, name
+
+    def _enqueue(self, method, blob, name, items, kwargs, chunk):
+        try:
+            payload = pickle.dumps((blob, items, kwargs), _PICKLE_PROTOCOL)
+        except Exception as e:
+            raise SerializationError(_describe_pickling_failure(
+                (tuple(items[0]) if len(items) == 1 else tuple(items), kwargs, None),
+                "the arguments of %s" % name, e)) from e
+        future = _TaskFuture()
+        future._task = name
+        future._inflight = _InFlight()         # what a cancel reaches (each attempt has one)
+        task = _Task(future, payload, method, len(items), chunk)
+        with self._cond:
+            if self._shutdown:
+                raise RuntimeError("cannot schedule new futures after shutdown")
+            self._queue.append(task)
+            self.submitted += len(items)
+            starts = self._lanes_to_start()
+        for m in starts:
+            _background(self._lane, m)
+        return future
+
+    def submit(self, fn, /, *args, **kwargs):
+        """Run fn(*args, **kwargs) on some machine; fn is a picklable callable or a
+        "Service.method" string. Returns a Future whose result is fn's."""
+        if self._shutdown:
+            raise RuntimeError("cannot schedule new futures after shutdown")
+        method, blob, name = self._function(fn)
+        return self._enqueue(method, blob, name, [args], kwargs, False)
+
+    def map(self, fn, *iterables, timeout=None, chunksize=1, buffersize=None):
+        """Like `ProcessPoolExecutor.map`: fn over the zipped iterables, results in order.
+        Inputs are read lazily, at most buffersize ahead of the results consumed (default:
+        sixteen chunks per slot of the machines, at least 32 chunks), so an endless iterable
+        works; chunksize inputs travel in one call."""
+        if not isinstance(chunksize, int) or chunksize < 1:
+            raise ValueError("chunksize is a number of inputs, at least 1, not %r" % (chunksize,))
+        if buffersize is not None and (not isinstance(buffersize, int) or buffersize < 1):
+            raise ValueError("buffersize is a number of inputs, at least 1, not %r"
+                             % (buffersize,))
+        if not iterables:
+            raise TypeError("map() needs at least one iterable")
+        if self._shutdown:
+            raise RuntimeError("cannot schedule new futures after shutdown")
+        method, blob, name = self._function(fn)
+        end = None if timeout is None else time.monotonic() + timeout
+        inputs = zip(*iterables)
+        pending = collections.deque()
+        state = {"exhausted": False, "chunk": 0}
+
+        def limit():
+            if buffersize is not None:
+                return max(buffersize, 1)
+            slots = sum(self._slots(m) for m in self._machines) or 1
+            return chunksize * max(32, 16 * slots)
+
+        def fill():
+            most = limit()
+            while not state["exhausted"] and len(pending) * chunksize < most:
+                items = list(itertools.islice(inputs, chunksize))
+                if not items:
+                    state["exhausted"] = True
+                    return
+                state["chunk"] += 1
+                label = "%s[chunk %d]" % (name, state["chunk"]) if chunksize > 1 else \
+                    "%s[%d]" % (name, state["chunk"] - 1)
+                pending.append(self._enqueue(method, blob, label, items, {}, True))
+
+        fill()
+
+        def results():
+            try:
+                while pending:
+                    future = pending[0]
+                    left = None if end is None else end - time.monotonic()
+                    outcomes = future.result(left)
+                    pending.popleft()
+                    fill()
+                    for ok, value in outcomes:
+                        if not ok:
+                            raise _rebuild_error(value)
+                        yield value
+                    del outcomes
+            finally:
+                for future in pending:
+                    future.cancel()
+        return results()
+
+    def shutdown(self, wait=True, *, cancel_futures=False):
+        """As in `concurrent.futures`: no new tasks; cancel_futures cancels the queued ones;
+        wait waits for the rest to finish."""
+        self._wake.set()
+        with self._cond:
+            self._shutdown = True
+            dropped = []
+            if cancel_futures:
+                dropped, self._queue = list(self._queue), collections.deque()
+            self._cond.notify_all()
+        for task in dropped:
+            task.future.cancel()
+        if wait:
+            with self._cond:
+                while self._queue or any(self._running.values()):
+                    self._cond.wait(self._TICK)
+            self._thread.join()
+
+    # -- lanes --------------------------------------------------------------------------
+
+    def _slots(self, m):
+        return self.per_machine or m.maxprocs or 1
+
+    def _lanes_to_start(self):
+        """The machines to start a lane for now (the lock held)."""
+        if self._lane_count >= self._lane_room:
+            return ()                          # every machine has all its lanes
+        starts, wanted = [], len(self._queue)
+        for m in self._machines:
+            if not wanted:
+                break
+            have = self._lanes.get(m, 0)
+            room = self._slots(m) + 1 - have
+            if room > 0 and m._state is RUNNING:
+                n = min(room, wanted)
+                self._lanes[m] = have + n
+                self._lane_count += n
+                starts.extend([m] * n)
+                wanted -= n
+        return starts
+
+    _BATCH = 16                        # tasks at most in one call (see _take)
+
+    def _take(self, m):
+        """The next tasks for a lane on m (the lock held): the head of the queue and, while
+        the queue is long, the tasks behind it that go the same way (a function, or the same
+        "Service.method"), up to one lane's fair share. Sent in one call, which the machine
+        runs one after the other, they cost one round trip: small tasks given one by one
+        then run nearly as fast as if the user had chunked them, and the batches shrink to
+        single tasks as the queue drains, so that the machines finish together."""
+        queue = self._queue
+        task = queue.popleft()
+        batch = [task]
+        share = min(self._BATCH, len(queue) // max(1, self._lane_count))
+        while len(batch) < share and queue and queue[0].method == task.method:
+            batch.append(queue.popleft())
+        self._running[m] = self._running.get(m, 0) + sum(t.count for t in batch)
+        return batch
+
+    def _lane(self, m):
+        slots = self._slots(m)
+        queue, cond = self._queue, self._cond
+        while True:
+            with cond:
+                if not queue or m._state is not RUNNING:
+                    self._lanes[m] -= 1
+                    self._lane_count -= 1
+                    if self._shutdown:
+                        cond.notify_all()
+                    return
+                batch = self._take(m)
+            count = sum(t.count for t in batch)
+            try:
+                self._run_batch(m, slots, batch)
+            finally:
+                with cond:
+                    self._running[m] -= count
+                    if self._shutdown:             # only shutdown(wait=True) waits for this
+                        cond.notify_all()
+
+    def _run_batch(self, m, slots, batch):
+        """Make one call for a batch of tasks; settle their futures, or put them back."""
+        live = []
+        for task in batch:
+            future = task.future
+            if not task.started:
+                if not future.set_running_or_notify_cancel():
+                    continue
+                task.started = True
+            elif future.cancelled():
+                continue
+            live.append(task)
+        if not live:
+            return
+        # One call, so one thing a cancel reaches: cancelling any task of the batch cancels
+        # the call, and the others go back to the queue (below).
+        inflight = _InFlight()
+        for task in live:
+            task.future._inflight = inflight
+            task.future._machine_addr = m.addr
+            if task.future.cancelled():
+                inflight.cancel()
+        first = live[0].future._task
+        try:
+            replies = m._call("Supervisor.run_tasks", ([t.payload for t in live], slots,
+                                                       live[0].method), {}, None, inflight)
+            outcomes = [_loads(reply, (), "the results of %s from %s" % (t.future._task, m.addr))
+                        for t, reply in zip(live, replies)]
+        except BaseException as e:
+            if m._state is STOPPED and not isinstance(e, Error):
+                # A machine stopped from this side (cancel) may break the call's
+                # connection under its reader with something other than an Error.
+                lost = m._stopped_error(first)
+                lost.__context__ = e
+                e = lost
+            again = []
+            for task in live:
+                if task.future.cancelled():
+                    continue
+                if isinstance(e, Cancelled) and inflight.cancelled:
+                    again.append(task)         # another task of its batch was cancelled
+                elif not isinstance(e, (MachineStopped, NetworkError)):
+                    self._finish(task, error=e)
+                elif task.attempts < self.retries and not self._b._closed:
+                    task.attempts += 1
+                    log.info("%s: %s lost (%s); running it again elsewhere (retry %d of %d)",
+                             m.addr, task.future._task, e, task.attempts, self.retries)
+                    again.append(task)
+                else:
+                    self._finish(task, error=e)
+            if again:
+                with self._cond:
+                    if isinstance(e, (MachineStopped, NetworkError)):
+                        self.retried += len(again)
+                    self._queue.extendleft(reversed(again))
+            return
+        for task, outcome in zip(live, outcomes):
+            self._finish(task, outcomes=outcome)
+
+    def _finish(self, task, outcomes=None, error=None):
+        future = task.future
+        if error is not None:
+            failed = task.count
+            future._settle(error=error)
+        elif task.chunk:
+            failed = sum(1 for ok, _ in outcomes if not ok)
+            future._settle(outcomes)
+        else:
+            (ok, value), = outcomes
+            failed = 0 if ok else 1
+            if ok:
+                future._settle(value)
+            else:
+                future._settle(error=_rebuild_error(value))
+        with self._cond:
+            self.done += task.count
+            self.failed += failed
+
+    # -- machines and progress ----------------------------------------------------------
+
+    def _refresh(self):
+        machines = self._only if self._only is not None else self._b.machines()
+        running = [m for m in machines if m._state is RUNNING]
+        with self._cond:
+            self._machines = running
+            self._lane_room = sum(self._slots(m) + 1 for m in running)
+
+    def _watch(self):
+        _block_async_signals()
+        while True:
+            if self._wake.wait(self._TICK):
+                self._wake.clear()
+            with self._cond:
+                finished = (self._shutdown or self._b._closed) and not self._queue and \
+                    not any(self._running.values())
+            self._refresh()
+            if self._b._closed:
+                self._fail_queued(Error("the session was shut down"))
+            elif self._only is not None and all(m._state is STOPPED for m in self._only):
+                self._fail_queued(Error("every machine of this executor stopped"))
+            with self._cond:
+                starts = self._lanes_to_start() if self._queue else []
+            for m in starts:
+                _background(self._lane, m)
+            if self._progress:
+                self._draw(final=finished)
+            if finished:
+                self._b._executors.discard(self)
+                return
+
+    def _fail_queued(self, error):
+        with self._cond:
+            dropped, self._queue = list(self._queue), collections.deque()
+        for task in dropped:
+            if task.started or task.future.set_running_or_notify_cancel():
+                self._finish(task, error=error)
+
+    def progress_line(self):
+        """The progress line: done/total, rate, failures, machines."""
+        counts = self.counts()
+        took = max(time.monotonic() - self._began, 1e-9)
+        line = "bigmachine: %d/%d tasks done, %.0f/s, %d failed, %d running on %d machines" % (
+            counts["done"], self.submitted, counts["done"] / took, counts["failed"],
+            counts["running"], counts["machines"])
+        if not counts["machines"] and counts["queued"]:
+            line += ", waiting for machines"
+        return line
+
+    def _draw(self, final=False):
+        line = self.progress_line()
+        if final:
+            if self._progress_drawn or self.submitted:
+                _write_stderr("\r\x1b[K" + line + "\n")
+        elif line != self._progress_drawn and self.submitted:
+            _write_stderr("\r\x1b[K" + line)
+            self._progress_drawn = line
+
+    def __exit__(self, *exc):
+        self.shutdown(wait=True)
+        return False
+
+
+# ======================================================================================
 # Systems (Go: system.go, testsystem, local.go)
 # ======================================================================================
 #
@@ -4931,6 +5947,9 @@ class Local(System):
         if not self.python:
             raise Error("cannot find the Python interpreter to run machines; pass "
                         "Local(python='/path/to/python3')")
+        if not isinstance(maxprocs, int) or isinstance(maxprocs, bool) or maxprocs < 1:
+            raise ValueError("Local(maxprocs=...) is the number of processors each machine "
+                             "offers, a whole number of at least 1, not %r" % (maxprocs,))
         self._maxprocs = maxprocs
         self._lock = threading.Lock()
         self._procs = {}                # addr -> _LocalProcess
@@ -4938,6 +5957,20 @@ class Local(System):
 
     def maxprocs(self):
         return self._maxprocs
+
+    @classmethod
+    def _command_line_options(cls, argv, environ):
+        # --bigm.local.maxprocs=N: local machines that offer N processors each (their
+        # Executor tasks and Pooled services then run in N worker processes).
+        maxprocs = _flag_or_variable(argv, environ, "bigm.local.maxprocs",
+                                     "BIGMACHINE_LOCAL_MAXPROCS")
+        if maxprocs is None:
+            return {}
+        try:
+            return {"maxprocs": int(maxprocs)}
+        except ValueError:
+            raise ValueError("--bigm.local.maxprocs (BIGMACHINE_LOCAL_MAXPROCS) is a whole "
+                             "number of processors, not %r" % (maxprocs,)) from None
 
     def start(self, b, n, env):
         machines = []
@@ -5523,6 +6556,7 @@ def _run_machine(config):
         return exit_code[0] if exit_code else 0
     if config.get("code"):
         preparation = _bundle_preparation(preparation, config["code"], workdir)
+    process.main_preparation = preparation
     _load_main(preparation)
     process.server.start()
     if config.get("announce_serving"):
@@ -10966,6 +12000,40 @@ def _bar(fraction):
         "high" if fraction > 0.9 else "", round(100 * fraction))
 
 
+def _in_flight_html(result):
+    """A machine's calls in flight on the status page: per method, how many and the oldest."""
+    import html
+    by_method = {}
+    for method, age in result.get("in_flight_calls", ()):
+        if method == "Supervisor.run_tasks":
+            method = "Executor tasks"
+        count, oldest = by_method.get(method, (0, 0.0))
+        by_method[method] = (count + 1, max(oldest, age))
+    lines = ["<div class='dim in-flight'>%s &times;%d, oldest %s</div>" % (
+        html.escape(method), count, _duration(oldest))
+        for method, (count, oldest) in sorted(by_method.items(), key=lambda i: -i[1][1])]
+    if result.get("workers"):
+        lines.append("<div class=dim>%d worker processes</div>" % result["workers"])
+    return "".join(lines)
+
+
+def _executors_html(b):
+    """The session's Executors on the status page: their tasks queued, running and done."""
+    executors = list(b._executors)
+    if not executors:
+        return ""
+    rows = "".join(
+        "<tr class=executor><td class=mono>executor %d</td><td class=num>%d</td>"
+        "<td class=num>%d</td><td class=num>%d</td><td class=num>%d</td><td class=num>%d</td>"
+        "<td class=num>%d</td></tr>" % (
+            i + 1, c["queued"], c["running"], c["done"], c["failed"], c["retried"],
+            c["machines"])
+        for i, c in enumerate(ex.counts() for ex in executors))
+    return ("<h2>Executors</h2><table><thead><tr><th></th><th>queued</th><th>running</th>"
+            "<th>done</th><th>failed</th><th>retried</th><th>machines</th></tr></thead>"
+            "<tbody>%s</tbody></table>" % rows)
+
+
 def _status_page(b, refresh):
     """The HTML of /debug/bigmachine/status."""
     import html
@@ -11033,9 +12101,10 @@ def _status_page(b, refresh):
         cells.append("<td class=num>%s<div class=dim>%d cpu%s &middot; %s cpu time</div></td>" % (
             " ".join("%.2f" % x for x in load[:3]) if load else "?", result["cpus"],
             "" if result["cpus"] == 1 else "s", _duration(result["cpu_seconds"])))
-        cells.append("<td class=num>%d<div class=dim>%s%d running</div></td>" % (
+        cells.append("<td class=num>%d<div class=dim>%s%d running</div>%s</td>" % (
             result["calls"], "<span class=bad>%d errors</span> &middot; " % result["errors"]
-            if result["errors"] else "0 errors &middot; ", result["in_flight"]))
+            if result["errors"] else "0 errors &middot; ", result["in_flight"],
+            _in_flight_html(result)))
         rows.append("<tr>%s</tr>" % "".join(cells))
     if not rows:
         rows.append("<tr><td colspan=9 class=dim>no machines yet</td></tr>")
@@ -11050,6 +12119,7 @@ def _status_page(b, refresh):
     table = ("<table><thead><tr><th>machine</th><th>state</th><th>uptime</th><th>keepalive"
              "</th><th>memory</th><th>disk</th><th>load</th><th>calls</th></tr></thead>"
              "<tbody>%s</tbody></table>" % "".join(rows))
+    table += _executors_html(b)
     subtitle = "%s system &middot; driver pid %d on %s &middot; %s%s" % (
         esc(b.system.name), os.getpid(), esc(socket.gethostname()),
         time.strftime("%H:%M:%S"),

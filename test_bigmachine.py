@@ -23,6 +23,7 @@ import http.server
 import importlib
 import importlib.util
 import io
+import itertools
 import json
 import logging
 import mmap
@@ -4271,6 +4272,487 @@ def test_soak_calls_starts_and_kills_leave_nothing_behind(tmp_path, monkeypatch)
         tracemalloc.stop()
     print("soak: %d rounds in %.0fs; before %s; after %s" % (rounds, took, baseline, after))
     assert after["rss"] < baseline["rss"] + (64 << 20)
+
+
+# ======================================================================================
+# Many tasks: call_async's queue, the Executor, worker processes, Pooled services
+# ======================================================================================
+
+LOCAL2 = dict(FAST, maxprocs=2)
+
+
+def task_square(x):
+    return x * x
+
+
+def task_pid(_=None):
+    return os.getpid()
+
+
+def task_add(a, b, c=0):
+    return a + b + c
+
+
+def task_fail_counted(directory, x):
+    """Raises its own error, leaving a mark for each run: such a task is never retried."""
+    with open(os.path.join(directory, "run-%d-%d" % (x, os.getpid())), "w"):
+        pass
+    raise CustomError(x, "task %d failed" % x)
+
+
+def task_marked_sleep(directory, x, seconds):
+    with open(os.path.join(directory, "start-%d-%d" % (x, os.getpid())), "w"):
+        pass
+    time.sleep(seconds)
+    return x * x
+
+
+def task_rendezvous(directory, parties, tag):
+    """Arrive, and wait until parties tasks have: finishes only if they run at once."""
+    with open(os.path.join(directory, "%s-%d" % (tag, os.getpid())), "w"):
+        pass
+    deadline = time.monotonic() + 60
+    while len(os.listdir(directory)) < parties:
+        if time.monotonic() > deadline:
+            raise TimeoutError("only %d of %d tasks ran at once" % (len(os.listdir(directory)),
+                                                                     parties))
+        time.sleep(0.01)
+    return os.getpid()
+
+
+def task_spin_marked(path):
+    with open(path, "w"):
+        pass
+    while True:
+        pass
+
+
+class Rendezvous:
+    """A service whose calls wait for one another: queued calls must not deadlock them."""
+
+    def __init__(self, parties):
+        self.parties = parties
+
+    def init(self, b):
+        self.barrier = threading.Barrier(self.parties)
+        self.ran = []
+
+    def meet(self):
+        return self.barrier.wait(30)
+
+    def mark(self, key):
+        self.ran.append(key)
+
+    def marks(self):
+        return list(self.ran)
+
+
+class Replica:
+    """A Pooled service: state per replica, init in each."""
+
+    def init(self, b):
+        self.pid = os.getpid()
+        self.calls = 0
+        self.has_b = b is not None
+
+    def bump(self):
+        self.calls += 1
+        return self.pid, self.calls, self.has_b
+
+    def meet(self, directory, parties, tag):
+        return task_rendezvous(directory, parties, tag)
+
+
+class BadReplica:
+    def init(self, b):
+        raise CustomError(7, "replica init failed")
+
+    def hello(self):
+        return "hello"
+
+
+def _thread_peak(stop, peak):
+    while not stop.is_set():
+        peak[0] = max(peak[0], threading.active_count())
+        time.sleep(0.001)
+
+
+@contextlib.contextmanager
+def _peak_threads():
+    peak, stop = [threading.active_count()], threading.Event()
+    sampler = threading.Thread(target=_thread_peak, args=(stop, peak), daemon=True)
+    sampler.start()
+    try:
+        yield peak
+    finally:
+        stop.set()
+        sampler.join()
+
+
+def _gone(pid):
+    try:
+        with open("/proc/%d/stat" % pid) as f:
+            return f.read().rsplit(")", 1)[1].split()[0] in ("Z", "X")
+    except OSError:
+        return True
+
+
+def _tcp_sockets(pid):
+    """The TCP sockets (any state) that process pid holds open."""
+    inodes = set()
+    for fd in os.listdir("/proc/%d/fd" % pid):
+        with contextlib.suppress(OSError):
+            target = os.readlink("/proc/%d/fd/%s" % (pid, fd))
+            if target.startswith("socket:["):
+                inodes.add(target[8:-1])
+    found = []
+    for table in ("/proc/%d/net/tcp" % pid, "/proc/%d/net/tcp6" % pid):
+        with contextlib.suppress(OSError), open(table) as f:
+            for line in list(f)[1:]:
+                fields = line.split()
+                if fields[9] in inodes:
+                    found.append((table, fields[1], fields[3]))
+    return found
+
+
+def _wait_gone(pids, timeout=15):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and not all(_gone(p) for p in pids):
+        time.sleep(0.05)
+    return [p for p in pids if not _gone(p)]
+
+
+def test_call_async_queues_calls_not_threads(lb):
+    m1, m2 = running(lb, 2)
+    before = threading.active_count()
+    with _peak_threads() as peak:
+        futures = [(i, m.call_async("Echo.echo", i)) for i in range(600) for m in (m1, m2)]
+        done = [f.result(60) == i for i, f in futures]
+    assert all(done) and len(done) == 1200
+    # 1,200 calls outstanding at once; a thread per call would have made hundreds.
+    assert peak[0] - before <= 16, (before, peak[0])
+
+
+def test_call_async_calls_that_wait_for_each_other_still_finish(tb):
+    m, = running(tb, 1, {"R": Rendezvous(8)})
+    futures = [m.call_async("R.meet") for _ in range(8)]    # more than the machine's lanes
+    assert sorted(f.result(60) for f in futures) == list(range(8))
+
+
+def test_call_async_cancel_drops_a_queued_call(tb):
+    m, = running(tb, 1, {"R": Rendezvous(2), "Echo": Echo()})
+    blockers = [m.call_async("Echo.sleep", 30) for _ in range(2)]    # both of its lanes
+    eventually(lambda: m.call("Supervisor.status")["in_flight"] == 2)
+    queued = m.call_async("R.mark", "queued")
+    assert queued.cancel() and queued.cancelled()
+    for f in blockers:                       # running: cancelled on the machine too
+        assert f.cancel()
+    eventually(lambda: m.call("Supervisor.status")["in_flight"] == 0)
+    assert m.call_async("R.mark", "later").result(10) is None
+    assert m.call("R.marks") == ["later"]
+
+
+def test_call_async_calls_of_a_cancelled_machine_fail_with_machine_stopped(lb):
+    m, = running(lb, 1)
+    futures = [m.call_async("Echo.sleep", 60) for _ in range(5)]     # some run, some queue
+    eventually(lambda: m.call("Supervisor.status")["in_flight"] >= 2)
+    m.cancel()
+    for f in futures:
+        assert isinstance(f.exception(30), bigmachine.MachineStopped), f.exception()
+
+
+def test_executor_submit_map_and_bad_input(lb, tmp_path):
+    m1, m2 = running(lb, 2)
+    with lb.executor(progress=False) as ex:
+        assert isinstance(ex, bigmachine.Executor)
+        assert isinstance(ex, concurrent.futures.Executor)
+        assert ex.submit(task_add, 1, 2, c=3).result(30) == 6
+        assert ex.submit("Echo.echo", "by name").result(30) == "by name"
+        assert list(ex.map(task_square, range(50), chunksize=7)) == [x * x for x in range(50)]
+        assert list(ex.map(task_add, range(5), range(100))) == [0, 2, 4, 6, 8]   # shortest
+        assert list(ex.map("Echo.echo", "abc")) == ["a", "b", "c"]
+        assert {ex.submit(task_pid).result(30) for _ in range(20)} <= {
+            m1.call("Supervisor.getpid"), m2.call("Supervisor.getpid")}
+        future = ex.submit(task_square, 9)
+        future.result(30)
+        assert "task_square" in repr(future) and future._machine_addr in (m1.addr, m2.addr)
+        assert future._machine_addr in repr(future)
+        with pytest.raises(bigmachine.SerializationError, match="top level"):
+            ex.submit(lambda x: x, 1)
+        factor = 3
+
+        def closure(x):
+            return x * factor
+        with pytest.raises(bigmachine.SerializationError, match="top level"):
+            ex.map(closure, range(3))
+        with pytest.raises(bigmachine.SerializationError, match="args"):
+            ex.submit(task_square, threading.Lock())
+        with pytest.raises(ValueError, match="Service.method"):
+            ex.submit("nodot")
+        with pytest.raises(ValueError, match="chunksize"):
+            ex.map(task_square, range(3), chunksize=0)
+        with pytest.raises(bigmachine.NotFound):
+            ex.submit("Nope.echo").result(30)
+        spin = str(tmp_path / "spin")
+        with pytest.raises(concurrent.futures.TimeoutError):   # and the task is cancelled
+            list(ex.map(task_spin_marked, [spin], timeout=0.5))
+    with pytest.raises(RuntimeError, match="after shutdown"):
+        ex.submit(task_square, 1)
+    with pytest.raises(ValueError, match="per_machine"):
+        lb.executor(per_machine=0)
+
+
+def test_executor_task_errors_arrive_as_themselves_and_are_not_retried(lb, tmp_path):
+    running(lb, 2)
+    with lb.executor(progress=False) as ex:
+        future = ex.submit(task_fail_counted, str(tmp_path), 5)
+        with pytest.raises(CustomError) as info:
+            future.result(30)
+        assert info.value.code == 5 and "Remote traceback" in str(info.value.__cause__)
+        results = ex.map(task_fail_counted, [str(tmp_path)] * 3, [10, 11, 12], chunksize=3)
+        with pytest.raises(CustomError) as info:
+            list(results)
+        assert info.value.code == 10
+    assert sorted(n.split("-")[1] for n in os.listdir(tmp_path)) == ["10", "11", "12", "5"]
+    assert ex.counts()["failed"] == 4 and ex.counts()["retried"] == 0
+
+
+def test_executor_map_reads_lazily_and_an_endless_iterator_works(lb):
+    running(lb, 2)
+    read = [0]
+
+    def endless():
+        for i in itertools.count():
+            read[0] = i + 1
+            yield i
+    with lb.executor(progress=False) as ex:
+        results = ex.map(task_square, endless(), chunksize=4, buffersize=40)
+        first = [next(results) for _ in range(100)]
+        assert first == [x * x for x in range(100)]
+        assert read[0] <= 100 + 40 + 4                      # never far ahead of the reader
+        results.close()                                     # what is in flight is cancelled
+        assert list(ex.map(task_square, iter([]))) == []
+
+
+def test_executor_runs_lost_tasks_again_elsewhere(lb, tmp_path):
+    m1, m2 = running(lb, 2)
+    pid1, pid2 = m1.call("Supervisor.getpid"), m2.call("Supervisor.getpid")
+    with lb.executor(progress=False, retries=2) as ex:
+        futures = [ex.submit(task_marked_sleep, str(tmp_path), x, 1.0) for x in range(6)]
+        eventually(lambda: any(n.endswith("-%d" % pid1) for n in os.listdir(tmp_path)))
+        os.kill(pid1, signal.SIGKILL)
+        assert [f.result(60) for f in futures] == [x * x for x in range(6)]
+        assert m1.wait(STOPPED, timeout=30) is STOPPED
+        marks = os.listdir(tmp_path)
+        lost = {n.split("-")[1] for n in marks if n.endswith("-%d" % pid1)}
+        assert lost and all("start-%s-%d" % (x, pid2) in marks for x in lost)
+        assert ex.counts()["retried"] >= 1
+    # With no retries left, the loss reaches the caller as itself.
+    m3, = running(lb, 1)
+    with lb.executor([m3], progress=False, retries=0) as ex:
+        future = ex.submit(task_marked_sleep, str(tmp_path), 99, 30)
+        eventually(lambda: any(n.startswith("start-99-") for n in os.listdir(tmp_path)))
+        m3.cancel()
+        with pytest.raises(bigmachine.MachineStopped):
+            future.result(30)
+
+
+def test_executor_waits_for_machines_and_later_machines_join(lb):
+    with lb.executor(progress=False) as ex:
+        futures = [ex.submit(task_square, x) for x in range(10)]
+        assert "waiting for machines" in ex.progress_line()
+        m, = running(lb, 1)
+        assert [f.result(60) for f in futures] == [x * x for x in range(10)]
+        assert {f._machine_addr for f in futures} == {m.addr}
+    b = bigmachine.start(bigmachine.Local(**FAST))
+    try:
+        ex = b.executor(progress=False)
+        futures = [ex.submit(task_square, x) for x in range(3)]
+        ex.shutdown(wait=True, cancel_futures=True)         # returns, with no machine at all
+        assert all(f.cancelled() for f in futures)
+    finally:
+        b.shutdown()
+
+
+def test_executor_cancel_queued_and_running_tasks(tmp_path):
+    b = bigmachine.start(bigmachine.Local(**LOCAL2))
+    ex = b.executor(progress=False, per_machine=2)
+    try:
+        m, = running(b, 1)
+        marks = [str(tmp_path / ("spin%d" % i)) for i in range(2)]
+        spinning = [ex.submit(task_spin_marked, p) for p in marks]
+        eventually(lambda: all(os.path.exists(p) for p in marks), timeout=60,
+                   what="both tasks to start: %r" % (spinning,))
+        queued = [ex.submit(task_marked_sleep, str(tmp_path), x, 0) for x in range(5)]
+        workers = m.call("Supervisor.worker_pids")
+        for f in queued:
+            assert f.cancel()
+        for f in spinning:                 # CPU-bound, in a worker: the worker is ended
+            assert f.cancel()
+        assert _wait_gone(workers) == []
+        assert ex.submit(task_square, 4).result(60) == 16       # a new worker serves
+        assert not [n for n in os.listdir(tmp_path) if n.startswith("start-")]
+    finally:
+        ex.shutdown(wait=False, cancel_futures=True)
+        b.shutdown()
+
+
+def task_exit(code):
+    os._exit(code)
+
+
+def test_executor_batches_queued_tasks_and_a_cancel_spares_the_rest(lb, tmp_path):
+    ex = lb.executor(progress=False, per_machine=1)
+    try:
+        futures = [ex.submit(task_marked_sleep, str(tmp_path), x, 0.2) for x in range(40)]
+        m, = running(lb, 1)                          # 40 waiting: they go in batches
+
+        def waiting_in_a_batch():
+            marks = os.listdir(tmp_path)
+            return [(x, f) for x, f in enumerate(futures) if f.running()
+                    and not any(n.startswith("start-%d-" % x) for n in marks)]
+        eventually(lambda: len(waiting_in_a_batch()) >= 2, timeout=60)
+        x, victim = waiting_in_a_batch()[-1]
+        assert victim.cancel()
+        for y, f in enumerate(futures):
+            if y != x:
+                assert f.result(120) == y * y
+        assert not any(n.startswith("start-%d-" % x) for n in os.listdir(tmp_path))
+    finally:
+        ex.shutdown(wait=False, cancel_futures=True)
+
+
+def test_executor_a_task_that_ends_its_worker_fails_alone(tmp_path):
+    b = bigmachine.start(bigmachine.Local(**LOCAL2))
+    ex = b.executor(progress=False)
+    try:
+        futures = [ex.submit(task_square, x) for x in range(10)] + [ex.submit(task_exit, 3)] + \
+            [ex.submit(task_square, x) for x in range(10, 20)]
+        running(b, 1)
+        with pytest.raises(bigmachine.Error, match="worker process .* ended"):
+            futures[10].result(60)
+        assert [f.result(60) for f in futures[:10] + futures[11:]] == [x * x for x in range(20)]
+    finally:
+        ex.shutdown(wait=False, cancel_futures=True)
+        b.shutdown()
+
+
+def test_executor_uses_every_processor_and_workers_end_with_the_machine(tmp_path):
+    b = bigmachine.start(bigmachine.Local(**LOCAL2))
+    try:
+        m, = running(b, 1)
+        assert m.maxprocs == 2
+        with b.executor(progress=False) as ex:
+            # Two tasks that finish only if they run at the same time, in two processes.
+            pids = list(ex.map(task_rendezvous, [str(tmp_path)] * 2, [2, 2], ["a", "b"]))
+            assert len(set(pids)) == 2 and m.call("Supervisor.getpid") not in pids
+        workers = m.call("Supervisor.worker_pids")
+        assert set(pids) <= set(workers)
+        for pid in workers:                # reached over a socketpair only: no TCP at all
+            assert _tcp_sockets(pid) == [], pid
+        os.kill(m.call("Supervisor.getpid"), signal.SIGKILL)   # killed outright, even
+        assert m.wait(STOPPED, timeout=30) is STOPPED
+        assert _wait_gone(workers) == []
+    finally:
+        b.shutdown()
+
+
+def test_pooled_service_replicas_use_every_processor(tmp_path):
+    b = bigmachine.start(bigmachine.Local(**LOCAL2))
+    try:
+        m, = running(b, 1, {"P": bigmachine.Pooled(Replica()), "Echo": Echo()})
+        machine_pid = m.call("Supervisor.getpid")
+        assert m.call("Echo.pid") == machine_pid                # plain: the machine's own
+        futures = [m.call_async("P.meet", str(tmp_path), 2, t) for t in "ab"]
+        pids = {f.result(60) for f in futures}
+        assert len(pids) == 2 and machine_pid not in pids      # two replicas at once
+        replies = [m.call("P.bump") for _ in range(4)]
+        assert all(has_b for _, _, has_b in replies)           # init(b) ran in each
+        counts = collections.Counter(pid for pid, _, _ in replies)
+        for pid, calls, _ in replies:                          # state is per replica
+            assert pid in pids and calls <= counts[pid]
+        workers = m.call("Supervisor.worker_pids")
+        assert pids <= set(workers)
+        b.shutdown()
+        assert _wait_gone(workers) == []
+    finally:
+        b.shutdown()
+    b = bigmachine.start(bigmachine.Local(**LOCAL2))
+    try:
+        m, = b.start(1, {"Bad": bigmachine.Pooled(BadReplica())})
+        assert m.wait(RUNNING, timeout=60) is STOPPED
+        assert "replica init failed" in str(m.err)
+    finally:
+        b.shutdown()
+
+
+def test_executor_progress_line(lb, capsys):
+    running(lb, 1)
+    with lb.executor(progress=True) as ex:
+        assert list(ex.map(task_square, range(20), chunksize=5)) == [x * x for x in range(20)]
+    err = capsys.readouterr().err
+    assert "\r" in err and "bigmachine: 20/20 tasks done" in err and "0 failed" in err
+    assert err.endswith("\n") and "on 1 machines" in err
+    with lb.executor() as ex:                 # stderr is not a terminal here: no line
+        assert ex.submit(task_square, 3).result(30) == 9
+    with lb.executor(progress=False) as ex:
+        assert ex.submit(task_square, 3).result(30) == 9
+    assert "tasks done" not in capsys.readouterr().err
+
+
+def test_status_page_shows_calls_in_flight_and_executors(lb, tmp_path):
+    m, = running(lb, 1)
+    addr = lb.serve_debug("127.0.0.1:0")
+    sleeping = m.call_async("Echo.sleep", 60)
+    ex = lb.executor(progress=False, per_machine=1)
+    try:
+        tasks = [ex.submit(task_marked_sleep, str(tmp_path), x, 60) for x in range(4)]
+        eventually(lambda: os.listdir(tmp_path) and ex.counts()["queued"] == 2, timeout=60)
+
+        def shown():
+            status, _, body = get(addr, "/debug/bigmachine/status")
+            page = body.decode()
+            return status == 200 and "Echo.sleep &times;1" in page and \
+                "Executor tasks &times;2" in page and "<h2>Executors</h2>" in page and \
+                re.search(r"<tr class=executor><td class=mono>executor 1</td>"
+                          r"<td class=num>2</td><td class=num>2</td><td class=num>0</td>", page)
+        eventually(shown, timeout=30, what="the status page to show the calls and the executor")
+    finally:
+        ex.shutdown(wait=False, cancel_futures=True)
+        for f in [sleeping] + tasks:
+            f.cancel()
+
+
+def test_ssh_machine_runs_tasks_and_replicas_in_workers(sshd, tmp_path):
+    """On a remote machine the workers load the driver's code from the machine's bundle."""
+    if (os.cpu_count() or 1) < 2:
+        pytest.skip("the SSH host offers one processor: no workers")
+    with bigmachine.start(ssh_system(sshd, per_host=1)) as b:
+        m, = b.start(1, {"P": bigmachine.Pooled(Replica())})
+        assert m.wait(RUNNING, timeout=60) is RUNNING, m.err
+        machine_pid = m.call("Supervisor.getpid")
+        with b.executor(progress=False, per_machine=2) as ex:
+            pids = list(ex.map(task_rendezvous, [str(tmp_path)] * 2, [2, 2], "ab"))
+        assert len(set(pids)) == 2 and machine_pid not in pids
+        replica_pid, calls, has_b = m.call("P.bump")
+        assert has_b and replica_pid not in pids + [machine_pid]
+        workers = m.call("Supervisor.worker_pids")
+    assert _wait_gone(workers) == []
+
+
+def test_bigpi_on_one_local_machine_with_two_processors():
+    result = subprocess.run([sys.executable, os.path.join(HERE, "examples", "bigpi.py"),
+                             "-n", "200000", "-nmach", "1", "--bigm.local.maxprocs=2"],
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert "distributing work among 2 cores" in result.stderr
+    assert abs(float(result.stdout.split("π = ")[1]) - 3.14159) < 0.05
+    with pytest.raises(ValueError, match="maxprocs"):
+        bigmachine.Local(maxprocs=0)
+    with pytest.raises(ValueError, match="bigm.local.maxprocs"):
+        bigmachine.Local._command_line_options(["x", "--bigm.local.maxprocs=two"], {})
+    assert bigmachine.Local._command_line_options([], {"BIGMACHINE_LOCAL_MAXPROCS": "3"}) == \
+        {"maxprocs": 3}
 
 
 # ======================================================================================

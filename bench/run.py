@@ -61,6 +61,23 @@ TARGETS = [
      ("one process", "bigpi_one_sps"), 1.9, True),
     ("stream_reply_rss_delta_MiB", "{stream} streamed reply in constant memory: peak RSS "
      "<= 64 MiB over baseline, both ends", 64.0, 1.0, False),
+    # Many tasks (bench/tasks.py): ratios against one plain process, ideal = serial / 2.
+    ("tasks_1ms_map_eff", "2,000 x 1 ms tasks, Executor.map on 2 machines >= 90% of ideal",
+     1.0, 0.9, True),
+    ("tasks_1ms_async_eff", "2,000 x 1 ms tasks, call_async on 2 machines >= 90% of ideal",
+     1.0, 0.9, True),
+    ("tasks_peak_threads", "driver threads <= 16 + 2 per machine (2 machines)", 20.0, 1.0,
+     False),
+    ("tasks_chunked_speedup", "5,000 x 0.1 ms tasks with chunksize >= 1.5x one process",
+     1.0, 1.5, True),
+    ("tasks_cpu_map_speedup", "1 machine of 2 processors: map of CPU-bound tasks >= 1.8x "
+     "one process", 1.0, 1.8, True),
+    ("tasks_pooled_speedup", "1 machine of 2 processors: 2 Pooled calls at once >= 1.8x one",
+     1.0, 1.8, True),
+    ("tasks_bigpi_speedup", "bigpi on one Local(maxprocs=2) machine >= 1.9x one process",
+     1.0, 1.9, True),
+    ("tasks_1e6_rss_delta_MiB", "map over 10^6 inputs: driver RSS <= 100 MiB over baseline",
+     100.0, 1.0, False),
 ]
 
 
@@ -302,6 +319,26 @@ def report(results, notes, opts, cols):
         lines.append("Idle-core effect, this run: the same round trip with both ends blocking "
                      "in the kernel, against both ends spin-polling (an idle core woken for "
                      "each message): " + "; ".join(idle) + ".")
+    tasks = results.get("tasks") or {}
+    if tasks.get("tasks_table"):
+        lines.append("")
+        lines.append("## Many tasks (bench/tasks.py)")
+        lines.append("")
+        lines.append("Seconds, the share of ideal (one process's time / 2 processors) and the "
+                     "driver's peak thread count. Ideal needs both cores free: the driver "
+                     "and the machines share them.")
+        lines.append("")
+        lines.append(tasks["tasks_table"])
+        netns = results.get("tasks_netns") or {}
+        if netns.get("tasks_table"):
+            lines.append("")
+            lines.append("Dask and Ray, run apart inside `unshare -n` (their own one-process "
+                         "time):")
+            lines.append("")
+            lines.append(netns["tasks_table"])
+        for n in tasks.get("tasks_notes", []) + netns.get("tasks_notes", []):
+            lines.append("")
+            lines.append("- " + n)
     pk = results.get("pickle")
     if pk:
         lines.append("")
@@ -407,6 +444,19 @@ def main(argv=None):
         part("floors", [py, "floors.py"] + common)
     if not opts.no_bigmachine:
         part("bigmachine", [py, "bigmachine_bench.py"] + common)
+        part("tasks", [py, "tasks.py", "--only", "bigmachine,ppe,pool"] + common)
+        # Dask and Ray probe the network by themselves: measured apart, in a netns.
+        netns = [p for p in ("dask", "ray") if p in peers]
+        cmd = netns_wrap([py, os.path.join(HERE, "tasks.py"), "--only", ",".join(netns)]
+                         + common) if netns else None
+        if cmd is not None:
+            more, note = run_part("tasks in netns", cmd, timeout)
+            if note:
+                notes.append(note)
+            results["tasks_netns"] = more.get("tasks") or {}
+        results.setdefault("bigmachine", {}).update(
+            (k, v) for k, v in (results.get("tasks") or {}).items()
+            if isinstance(v, (int, float)))
     plain = [p for p in peers if p not in NETNS_PEERS]
     isolated = [p for p in peers if p in NETNS_PEERS]
     if plain:

@@ -6,6 +6,7 @@ spreads the samples over every processor of every machine and sums the counts.
 
     python3 examples/bigpi.py -n 20000000 -nmach 2
     python3 examples/bigpi.py --bigm.system=ec2 -nmach 5 -n 1e10
+    python3 examples/bigpi.py -nmach 1 --bigm.local.maxprocs=2   # one machine, two processors
 
 Flags:
     -n N          samples to take in all (default 1e8, about ten seconds on two
@@ -84,8 +85,10 @@ def main():
             addr = b.serve_debug(args.debug)
             log.info("debug pages at http://%s/debug/bigmachine/status", addr)
 
-        # Start the machines, each with the CirclePI service, and wait for them.
-        machines = b.start(args.nmach, {"PI": CirclePI()})
+        # Start the machines, each with the CirclePI service, and wait for them. Pooled:
+        # a replica of it in each of a machine's processors (worker processes), so that
+        # sampling, CPU-bound Python, uses them all despite the GIL.
+        machines = b.start(args.nmach, {"PI": bigmachine.Pooled(CirclePI())})
         log.info("waiting for machines to come online")
         for m in machines:
             state = m.wait(bigmachine.RUNNING)

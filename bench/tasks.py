@@ -1,0 +1,313 @@
+"""Many tasks: the workloads of issue 14, side by side, with the driver's peak thread count.
+
+    python bench/tasks.py [--quick] [--json] [--only bigmachine,ppe,pool,dask,ray]
+
+Workloads (every task is a fixed amount of pure-Python work, measured to take that long
+in this process before anything starts, so that one process does them one after the
+other and two processors at most twice as fast):
+  * 1ms:      2,000 tasks of 1 ms; bigmachine on 2 local machines through
+              Executor.map and through call_async + as_completed
+  * 0.1ms:    5,000 tasks of 0.1 ms, with chunksize (map)
+  * cpu:      one machine offering 2 processors (Local(maxprocs=2)): map of 40
+              CPU-bound tasks of 25 ms; two calls of a Pooled service at once
+              against one; bigpi's sampler
+  * 1e6:      Executor.map over 10^6 inputs, chunksize 1,000: the driver's peak RSS
+              over its baseline
+Against: one plain process (the serial time; ideal on 2 processors is half of it),
+concurrent.futures.ProcessPoolExecutor(2) and multiprocessing.Pool(2), always; Dask
+(client.map) and Ray (remote tasks) when they import, run by bench/run.py inside
+`unshare -n` since they probe the network by themselves.
+
+The machine processes load this file as __mp_main__: module top level stays import-safe.
+"""
+
+import concurrent.futures
+import json
+import multiprocessing
+import os
+import sys
+import threading
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+sys.path.insert(0, HERE)
+sys.path.insert(0, ROOT)
+sys.path.insert(0, os.path.join(ROOT, "examples"))
+import _common as C  # noqa: E402
+
+
+def spin(n):
+    """n rounds of pure-Python work: a fixed amount, so that processes sharing a processor
+    take longer (a loop until a deadline would not)."""
+    x = 0
+    for i in range(n):
+        x += i
+    return x
+
+
+_ROUNDS_PER_MS = []
+
+
+def rounds(ms):
+    """The rounds of `spin` that take ms milliseconds here, measured once (best of 5)."""
+    if not _ROUNDS_PER_MS:
+        n = 200000
+        best = min(timed(lambda: spin(n)) for _ in range(5))
+        _ROUNDS_PER_MS.append(n / (best * 1000))
+    return max(1, int(ms * _ROUNDS_PER_MS[0]))
+
+
+def busy(n):
+    """A task: n rounds of work (n from `rounds`)."""
+    spin(n)
+    return n
+
+
+def ident(x):
+    return x
+
+
+class Burner:
+    """A CPU-bound service, for Pooled."""
+
+    def burn(self, n):
+        return busy(n)
+
+
+class _PeakThreads:
+    """The driver's peak thread count while in the with block (the sampler not counted)."""
+
+    def __enter__(self):
+        self.peak = threading.active_count()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+        self._thread.start()
+        return self
+
+    def _sample(self):
+        while not self._stop.is_set():
+            self.peak = max(self.peak, threading.active_count() - 1)
+            time.sleep(0.0005)
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+
+
+def timed(fn):
+    t = time.perf_counter()
+    fn()
+    return time.perf_counter() - t
+
+
+R1 = R01 = R25 = None        # rounds of work of a 1 ms, 0.1 ms and 25 ms task, set by main
+
+
+def serial_times(opts):
+    global R1, R01, R25
+    R1, R01, R25 = rounds(1), rounds(0.1), rounds(25)
+    return {
+        "1ms": timed(lambda: [busy(R1) for _ in range(opts.n1)]),
+        "0.1ms": timed(lambda: [busy(R01) for _ in range(opts.n01)]),
+        "cpu": timed(lambda: [busy(R25) for _ in range(opts.ncpu)]),
+    }
+
+
+def run_bigmachine(opts, out):
+    import bigmachine
+    from bigpi import CirclePI
+    r = {}
+    with bigmachine.start(bigmachine.Local()) as b:
+        machines = b.start(2, {"Burner": Burner()})
+        for m in machines:
+            if m.wait(bigmachine.RUNNING) is not bigmachine.RUNNING:
+                raise m.err
+        with b.executor(progress=False) as ex:
+            list(ex.map(busy, [R1] * 20))                           # warm
+            with _PeakThreads() as p:
+                r["1ms_map_s"] = timed(lambda: list(ex.map(busy, [R1] * opts.n1)))
+            r["1ms_map_threads"] = p.peak
+            with _PeakThreads() as p:
+                r["0.1ms_chunked_s"] = timed(lambda: list(
+                    ex.map(busy, [R01] * opts.n01, chunksize=opts.n01 // 40)))
+            r["0.1ms_chunked_threads"] = p.peak
+
+            def async_calls():
+                futures = [machines[i % 2].call_async("Burner.burn", R1) for i in range(opts.n1)]
+                for f in concurrent.futures.as_completed(futures):
+                    f.result()
+            with _PeakThreads() as p:
+                r["1ms_async_s"] = timed(async_calls)
+            r["1ms_async_threads"] = p.peak
+            rss = C.PeakRSS(os.getpid())
+            total = 0
+            for x in ex.map(ident, range(opts.n6), chunksize=1000):
+                total += x
+            assert total == opts.n6 * (opts.n6 - 1) // 2
+            r["1e6_rss_delta_MiB"] = rss.delta()[1]
+    with bigmachine.start(bigmachine.Local(maxprocs=2)) as b:
+        m, = b.start(1, {"Burner": bigmachine.Pooled(Burner()),
+                         "PI": bigmachine.Pooled(CirclePI())})
+        if m.wait(bigmachine.RUNNING) is not bigmachine.RUNNING:
+            raise m.err
+        with b.executor(progress=False) as ex:
+            list(ex.map(busy, [R1] * 4))                            # the workers start
+            with _PeakThreads() as p:
+                r["cpu_map_s"] = timed(lambda: list(ex.map(busy, [R25] * opts.ncpu)))
+            r["cpu_map_threads"] = p.peak
+        m.call("Burner.burn", R1)
+        one = min(timed(lambda: m.call("Burner.burn", rounds(opts.pooled_ms))) for _ in range(2))
+        two = min(timed(lambda: [f.result() for f in [
+            m.call_async("Burner.burn", rounds(opts.pooled_ms)) for _ in range(2)]]) for _ in range(2))
+        r["pooled_speedup"] = 2 * one / two
+        n = opts.pi
+        serial = timed(lambda: CirclePI().sample(n))
+        m.call("PI.sample", 1000)
+        pooled = timed(lambda: sum(f.result() for f in [
+            m.call_async("PI.sample", n // 2) for _ in range(2)]))
+        r["bigpi_speedup"] = serial / pooled
+    out.update(r)
+
+
+def run_stdlib(opts, out, name, make):
+    r = {}
+    with make() as pool:
+        submit = pool.submit if hasattr(pool, "submit") else pool.apply_async
+        get = (lambda f: f.result()) if hasattr(pool, "submit") else (lambda f: f.get())
+        list(pool.map(busy, [R1] * 20))                             # the workers start
+        with _PeakThreads() as p:
+            r["1ms_map_s"] = timed(lambda: list(pool.map(busy, [R1] * opts.n1)))
+        r["1ms_map_threads"] = p.peak
+
+        def each():
+            for f in [submit(busy, (R1,)) if not hasattr(pool, "submit") else submit(busy, R1)
+                      for _ in range(opts.n1)]:
+                get(f)
+        with _PeakThreads() as p:
+            r["1ms_async_s"] = timed(each)
+        r["1ms_async_threads"] = p.peak
+        with _PeakThreads() as p:
+            r["0.1ms_chunked_s"] = timed(lambda: list(
+                pool.map(busy, [R01] * opts.n01, chunksize=opts.n01 // 40)))
+        r["0.1ms_chunked_threads"] = p.peak
+        r["cpu_map_s"] = timed(lambda: list(pool.map(busy, [R25] * opts.ncpu)))
+    out.update({name + ":" + k: v for k, v in r.items()})
+
+
+def run_dask(opts, out):
+    from dask.distributed import Client, LocalCluster
+    r = {}
+    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True,
+                      dashboard_address=None) as cluster, Client(cluster) as client:
+        client.gather(client.map(busy, [R1] * 20, pure=False))
+        with _PeakThreads() as p:
+            r["1ms_map_s"] = timed(lambda: client.gather(client.map(busy, [R1] * opts.n1,
+                                                                    pure=False)))
+        r["1ms_map_threads"] = p.peak
+        r["cpu_map_s"] = timed(lambda: client.gather(client.map(busy, [R25] * opts.ncpu,
+                                                                pure=False)))
+    out.update({"dask:" + k: v for k, v in r.items()})
+
+
+def run_ray(opts, out):
+    import ray
+    ray.init(num_cpus=2, include_dashboard=False, logging_level="ERROR")
+    try:
+        remote = ray.remote(busy)
+        ray.get([remote.remote(R1) for _ in range(20)])
+        r = {}
+        with _PeakThreads() as p:
+            r["1ms_map_s"] = timed(lambda: ray.get([remote.remote(R1) for _ in range(opts.n1)]))
+        r["1ms_map_threads"] = p.peak
+        r["cpu_map_s"] = timed(lambda: ray.get([remote.remote(R25) for _ in range(opts.ncpu)]))
+    finally:
+        ray.shutdown()
+    out.update({"ray:" + k: v for k, v in r.items()})
+
+
+def table(serial, results, n1, n01, ncpu):
+    """The workloads side by side, as markdown: seconds (and % of ideal), peak threads."""
+    ideal = {k: v / 2 for k, v in serial.items()}
+    cols = [("bigmachine", ""), ("ProcessPoolExecutor", "ppe:"), ("multiprocessing.Pool", "pool:"),
+            ("Dask", "dask:"), ("Ray", "ray:")]
+    cols = [(t, p) for t, p in cols if any(k.startswith(p) and (p or ":" not in k)
+                                           for k in results)]
+    rows = [("%d x 1 ms, map" % n1, "1ms_map", "1ms"),
+            ("%d x 1 ms, one future each" % n1, "1ms_async", "1ms"),
+            ("%d x 0.1 ms, chunksize %d" % (n01, n01 // 40), "0.1ms_chunked", "0.1ms"),
+            ("%d x 25 ms CPU-bound, 1 machine of 2 processors" % ncpu, "cpu_map", "cpu")]
+    lines = ["| workload | one process | " + " | ".join(t for t, _ in cols) + " |",
+             "|---" * (2 + len(cols)) + "|"]
+    for label, key, w in rows:
+        cells = []
+        for _, prefix in cols:
+            s = results.get(prefix + key + "_s")
+            if s is None:
+                cells.append("n/a")
+                continue
+            th = results.get(prefix + key + "_threads")
+            cells.append("%.2f s (%.0f%% of ideal)%s" % (
+                s, 100 * ideal[w] / s, ", %d threads" % th if th is not None else ""))
+        lines.append("| %s | %.2f s | %s |" % (label, serial[w], " | ".join(cells)))
+    return "\n".join(lines)
+
+
+def main():
+    import argparse
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--json", action="store_true")
+    ap.add_argument("--only", default="bigmachine,ppe,pool,dask,ray")
+    opts = ap.parse_args()
+    only = set(opts.only.split(","))
+    opts.n1, opts.n01, opts.ncpu, opts.n6 = 2000, 5000, 40, 10 ** 6
+    opts.pooled_ms, opts.pi = 400, 4 * 10 ** 6
+    if opts.quick:
+        opts.n1, opts.n01, opts.ncpu, opts.n6, opts.pooled_ms, opts.pi = \
+            400, 2000, 16, 10 ** 5, 200, 10 ** 6
+    serial = serial_times(opts)
+    results, notes = {}, []
+    parts = [("bigmachine", run_bigmachine),
+             ("ppe", lambda o, out: run_stdlib(
+                 o, out, "ppe", lambda: concurrent.futures.ProcessPoolExecutor(2))),
+             ("pool", lambda o, out: run_stdlib(o, out, "pool", lambda: multiprocessing.Pool(2))),
+             ("dask", run_dask), ("ray", run_ray)]
+    for name, run in parts:
+        if name not in only:
+            continue
+        C.log("== tasks: %s" % name)
+        try:
+            run(opts, results)
+        except ImportError as e:
+            notes.append("%s: not installed (%s)" % (name, e))
+        except Exception as e:
+            notes.append("%s: failed: %s: %s" % (name, type(e).__name__, e))
+    tasks = {"tasks_serial_" + k: v for k, v in serial.items()}
+    tasks.update(("tasks_" + k.replace(":", "_"), v) for k, v in results.items())
+    # The targets as ratios (see bench/run.py's TARGETS).
+    if "1ms_map_s" in results:
+        tasks["tasks_1ms_map_eff"] = serial["1ms"] / 2 / results["1ms_map_s"]
+        tasks["tasks_1ms_async_eff"] = serial["1ms"] / 2 / results["1ms_async_s"]
+        tasks["tasks_peak_threads"] = max(results[k] for k in results
+                                          if k.endswith("_threads") and ":" not in k)
+        tasks["tasks_chunked_speedup"] = serial["0.1ms"] / results["0.1ms_chunked_s"]
+        tasks["tasks_cpu_map_speedup"] = serial["cpu"] / results["cpu_map_s"]
+        tasks["tasks_pooled_speedup"] = results["pooled_speedup"]
+        tasks["tasks_bigpi_speedup"] = results["bigpi_speedup"]
+        tasks["tasks_1e6_rss_delta_MiB"] = results["1e6_rss_delta_MiB"]
+    tasks["tasks_table"] = table(serial, results, opts.n1, opts.n01, opts.ncpu) if results else ""
+    tasks["tasks_notes"] = notes
+    if opts.json:
+        sys.stdout.write(C.JSON_TAG + json.dumps({"tasks": tasks}) + "\n")
+    else:
+        print(tasks["tasks_table"])
+        for k, v in sorted(tasks.items()):
+            if k not in ("tasks_table", "tasks_notes"):
+                print("%s: %s" % (k, "%.3f" % v if isinstance(v, float) else v))
+        for n in notes:
+            print("note:", n)
+
+
+if __name__ == "__main__":
+    main()
