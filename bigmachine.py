@@ -6840,7 +6840,6 @@ def _bundle_install(root, sha256, fetch):
     """The path of bundle sha256 in root's cache, after calling fetch() for its bytes if the
     cache lacks it (or holds a copy that does not hash right). Self-contained."""
     import hashlib
-    import hashlib
     import os
     if len(sha256) != 64 or set(sha256) - set("0123456789abcdef"):
         raise ValueError("not a SHA-256: %r" % (sha256,))
@@ -7694,9 +7693,7 @@ class _PackageStage:
         """wheels None: is the environment of requirements cached (True/False)? Else install
         it, from the objects of wheels ([[sha256, file name], ...]) or from "index"."""
         import hashlib
-        import shutil
         import subprocess
-        import tempfile
         facts = _platform_facts()
         key = hashlib.sha256(json.dumps([requirements, facts["tags"], facts["ext_suffixes"],
                                          os.path.realpath(sys.executable)]).encode()).hexdigest()
@@ -7707,12 +7704,10 @@ class _PackageStage:
         if wheels is None:
             return False
         self._dir("pip")
-        work = tempfile.mkdtemp(prefix="%s.%d." % (key, os.getpid()), suffix=".tmp",
-                                dir=os.path.dirname(final))
-        try:
+        with self._built_whole(final) as work:
             args = [sys.executable, "-m", "pip", "install", "--disable-pip-version-check",
                     "--no-input", "--no-warn-script-location", "--target",
-                    os.path.join(work, "env")]
+                    os.path.join(work, "whole")]
             if wheels != "index":
                 found = os.path.join(work, "wheels")
                 os.mkdir(found)
@@ -7728,15 +7723,6 @@ class _PackageStage:
                     ", ".join(requirements), socket.gethostname(), sys.executable,
                     "the wheels the driver sent" if wheels != "index" else "its package index",
                     done.stdout.decode("utf-8", "replace").strip()[-3000:]))
-            try:
-                os.rename(os.path.join(work, "env"), final)
-            except OSError:
-                if not os.path.isdir(final):  # else another machine was first: use its
-                    raise
-        except OSError as e:
-            raise self._cache_error(os.path.dirname(final), e) from None
-        finally:
-            shutil.rmtree(work, ignore_errors=True)
         self._pip = final
         return True
 
@@ -7765,24 +7751,35 @@ class _PackageStage:
 
     def _assemble(self):
         """The directory of the distributions this host lacks, made if need be."""
-        import shutil
         final = self._env
         if final is None or os.path.isdir(final):
             return final
         self._dir("envs")
-        work = "%s.%d.tmp" % (final, os.getpid())
-        shutil.rmtree(work, ignore_errors=True)
-        try:
+        with self._built_whole(final) as work:
             for d in self._needed:
                 for rel, sha256, size, executable in d["files"]:
                     parts = rel.split("/")
                     if rel.startswith("/") or ".." in parts or "" in parts:
                         raise ValueError("not a relative path: %r" % (rel,))
-                    target = os.path.join(work, *parts)
+                    target = os.path.join(work, "whole", *parts)
                     os.makedirs(os.path.dirname(target), 0o700, exist_ok=True)
                     self._link(_object_name(sha256, executable), sha256, target)
+        return final
+
+    @contextlib.contextmanager
+    def _built_whole(self, final):
+        """A directory built in a work directory of its own (what the block puts in its
+        "whole" folder), then renamed to final in one step: a later machine finds it complete
+        or not at all, and of two machines of a host building the same one at once, the
+        second uses the first's."""
+        import shutil
+        import tempfile
+        work = tempfile.mkdtemp(prefix="%s.%d." % (os.path.basename(final), os.getpid()),
+                                suffix=".tmp", dir=os.path.dirname(final))
+        try:
+            yield work
             try:
-                os.rename(work, final)
+                os.rename(os.path.join(work, "whole"), final)
             except OSError:
                 if not os.path.isdir(final):  # else another machine was first: use its
                     raise
@@ -7790,7 +7787,6 @@ class _PackageStage:
             raise self._cache_error(os.path.dirname(final), e) from None
         finally:
             shutil.rmtree(work, ignore_errors=True)
-        return final
 
     def ready(self):
         with self._lock:
@@ -8617,7 +8613,6 @@ def _ec2_boot(settings):
     its output to the driver, and return its exit status when it ends. Returns 1 if the driver
     stays silent for settings["wait"] seconds before that. Self-contained: it runs before
     bigmachine.py is on the instance, on whatever Python the instance has (3.8 or newer)."""
-    import urllib.parse
     import hashlib
     import http.server
     import json
@@ -8694,7 +8689,6 @@ def _ec2_boot(settings):
         return key.public.hex()
 
     def run_machine(request):
-        import subprocess
         library = request["library"]
         if made.get("bundle") != request["bundle"] or "cert" not in request:
             raise ValueError("no key was made for this bundle: POST key first")
@@ -8817,7 +8811,6 @@ def _ec2_boot(settings):
             finish(status if status >= 0 else 128 - status)
 
     def serve(raw, peer):
-        import hashlib
         try:
             raw.settimeout(10)
             try:
