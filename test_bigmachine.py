@@ -7087,6 +7087,7 @@ def packages_venv(tmp_path_factory):
     if not shutil.which("gcc") or not os.path.exists(os.path.join(
             __import__("sysconfig").get_paths()["include"], "Python.h")):
         pytest.skip("building an extension module needs gcc and Python's headers")
+    pytest.importorskip("setuptools", reason="building an extension module needs setuptools")
     d = tmp_path_factory.mktemp("packages")
     project = d / "project"
     (project / "bmtest_ext").mkdir(parents=True)
