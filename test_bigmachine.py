@@ -4861,6 +4861,29 @@ def test_wordcount_example(tmp_path):
         sum(expected.values()), len(expected))
 
 
+def test_sweep_example():
+    """A parameter sweep through the Executor with a Pooled service: the same answer as the
+    sweep computed here, one point after another, and a progress line that counts every task."""
+    spec = importlib.util.spec_from_file_location(
+        "sweep_example", os.path.join(HERE, "examples", "sweep.py"))
+    sweep = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(sweep)
+    epidemic = sweep.Epidemic(people=2000, runs=3)
+    rates = [0.02 + 0.28 * i / 3 for i in range(4)]
+    reaching = [(size, rate, share) for rate, size, share in
+                (epidemic.evaluate(point) for point in itertools.product(rates, range(1, 13)))
+                if share >= 0.5]
+    size, rate, share = min(reaching)
+    result = subprocess.run([sys.executable, os.path.join(HERE, "examples", "sweep.py"),
+                             "-rates", "4", "-sizes", "12", "-progress"],
+                            capture_output=True, text=True, timeout=300, encoding="utf-8")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == (
+        "cheapest setting reaching half: %d contacts, rate %.3f -> %.0f%% infected"
+        % (size, rate, 100 * share))
+    assert "48/48 tasks done" in result.stderr and "0 failed" in result.stderr
+
+
 def test_multisys_example():
     """Two sessions on two systems in one program, each sampling with its own machines; a
     session whose system fails is reported without taking the others down."""
