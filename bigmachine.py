@@ -1655,6 +1655,15 @@ def _send_stream_argument(sock, call_id, source):
         log.debug("streaming the argument of call %d stopped: %s", call_id, e)
 
 
+def _shut_and_close(sock):
+    """End a connection both ways, then close it, whatever state it is in. The shutdown wakes a
+    thread blocked reading it, which close alone would not do."""
+    with contextlib.suppress(OSError):
+        sock.shutdown(socket.SHUT_RDWR)
+    with contextlib.suppress(OSError):
+        sock.close()
+
+
 def _is_socket_error(e, sock):
     """Did this OSError come from the socket (and not from reading the user's file)?"""
     return isinstance(e, (ssl.SSLError, ConnectionError, socket.timeout)) or sock.fileno() < 0
@@ -2555,15 +2564,9 @@ class _Server:
         # Closing a listening socket does not wake a thread blocked in accept() on it, and the
         # port stays taken until that accept returns; shutting it down first does both, so a
         # machine restarted at once can bind its old address again.
-        with contextlib.suppress(OSError):
-            self.sock.shutdown(socket.SHUT_RDWR)
-        with contextlib.suppress(OSError):
-            self.sock.close()
+        _shut_and_close(self.sock)
         for s in conns:
-            with contextlib.suppress(OSError):
-                s.shutdown(socket.SHUT_RDWR)
-            with contextlib.suppress(OSError):
-                s.close()
+            _shut_and_close(s)
 
 
     # -- HTTP ------------------------------------------------------------------------------
@@ -9708,10 +9711,7 @@ class _EC2Boot:
         self._closed = True
         sock = self._sock
         if sock is not None:
-            with contextlib.suppress(OSError):
-                sock.shutdown(socket.SHUT_RDWR)
-            with contextlib.suppress(OSError):
-                sock.close()
+            _shut_and_close(sock)
 
 
 # --------------------------------------------------------------------------------------
@@ -10188,10 +10188,7 @@ class _EnrolmentServer:
         with contextlib.suppress(OSError):
             self._listener.close()
         for conn in conns:
-            with contextlib.suppress(OSError):
-                conn.shutdown(socket.SHUT_RDWR)
-            with contextlib.suppress(OSError):
-                conn.close()
+            _shut_and_close(conn)
         for enrolment in enrolments:
             enrolment._done.set()
 

@@ -1069,7 +1069,7 @@ def test_driver_killed_machines_exit(tmp_path):
 def _alive(pid):
     try:
         with open("/proc/%d/stat" % pid) as f:
-            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+            return f.read().rsplit(")", 1)[1].split()[0] not in ("Z", "X")   # zombie, dead
     except OSError:
         return False
 
@@ -4393,14 +4393,6 @@ def _peak_threads():
         sampler.join()
 
 
-def _gone(pid):
-    try:
-        with open("/proc/%d/stat" % pid) as f:
-            return f.read().rsplit(")", 1)[1].split()[0] in ("Z", "X")
-    except OSError:
-        return True
-
-
 def _tcp_sockets(pid):
     """The TCP sockets (any state) that process pid holds open."""
     inodes = set()
@@ -4421,9 +4413,9 @@ def _tcp_sockets(pid):
 
 def _wait_gone(pids, timeout=15):
     deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline and not all(_gone(p) for p in pids):
+    while time.monotonic() < deadline and any(_alive(p) for p in pids):
         time.sleep(0.05)
-    return [p for p in pids if not _gone(p)]
+    return [p for p in pids if _alive(p)]
 
 
 def test_call_async_queues_calls_not_threads(lb):
