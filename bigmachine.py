@@ -6071,6 +6071,7 @@ class _ChildProcess:
         self._output = _MachineOutput(system.output_rate, system.output_burst)
         self.expected_exit = False
         self._forwarders = []
+        self._waiter = None               # the thread that reaps it and reports its end
 
     def prefix(self):
         """What the lines of its output are prefixed with."""
@@ -6095,7 +6096,8 @@ class _ChildProcess:
 
     def watch(self):
         """Stop the machine when the process exits."""
-        threading.Thread(target=self._wait, name="bigmachine-wait", daemon=True).start()
+        self._waiter = threading.Thread(target=self._wait, name="bigmachine-wait", daemon=True)
+        self._waiter.start()
 
     def _wait(self):
         cgroup = self.memory_cgroup_at_exit()
@@ -6182,6 +6184,10 @@ class _ChildProcess:
                 continue
         for t in self._forwarders:
             t.join(max(0.1, deadline - time.monotonic()))
+        # The waiter reports how the machine stopped; a shutdown that went on before it did
+        # would overwrite "was shut down" with its own, vaguer reason.
+        if self._waiter is not None and self._waiter is not threading.current_thread():
+            self._waiter.join(max(0.1, deadline - time.monotonic()))
 
 
 def _exit_reason(code):
