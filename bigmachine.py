@@ -1339,11 +1339,15 @@ def _send_frame(sock, kind, call_id, meta=b"", body=b"", buffers=(), flags=0):
     go out as they are: large ones from their own memory, small ones joined to what precedes
     them so that a frame costs few writes."""
     pieces = body if type(body) is list else (body,)
-    size = len(pieces[0]) if len(pieces) == 1 else sum(map(len, pieces))
+    if len(pieces) == 1 and not buffers:
+        size = len(pieces[0])
+        if size < _SMALL:                 # one write
+            sock.sendall(_HEADER.pack(kind, flags, 0, len(meta), call_id, size) + meta
+                         + pieces[0])
+            return
+    else:
+        size = sum(map(len, pieces))
     header = _HEADER.pack(kind, flags, len(buffers), len(meta), call_id, size)
-    if not buffers and size < _SMALL:
-        sock.sendall(b"".join((header, meta, *pieces)))
-        return
     views = [b.raw() if isinstance(b, pickle.PickleBuffer) else memoryview(b).cast("B")
              for b in buffers]
     pending = [header, meta]
@@ -1906,8 +1910,8 @@ class _Peer:
 
     # A thread that waits for a reply asleep in recv is woken by the kernel when it comes, and
     # on a VM an idle core takes tens of microseconds to wake: as long as a quick call itself.
-    # So the caller of a call on the fast path first looks for its reply for this long, with
-    # poll(0), before it sleeps, as the machine does for the next frame (_FrameLoop._SPIN).
+    # So the caller of a call (one without a streamed argument) first looks for its reply for
+    # this long, with poll(0), before it sleeps, as the machine does for the next frame (_FrameLoop._SPIN).
     # Only a peer's only call in flight spins: callers in many threads keep each other's
     # cores busy anyway, and spinning would take the GIL from the others. The spin costs at
     # most this much CPU a call, and a reply to a quick call comes within it. A spin that
@@ -2039,131 +2043,43 @@ class _Peer:
     def call(self, method, args, kwargs, deadline=None, inflight=None):
         """Call method on the peer and return its result; raises what the method raised.
 
-        Most calls take the fast path below: no deadline, nobody who may cancel them, plain
-        positional arguments and an idle connection to reuse. It does in one function what
-        `_call` does in several, because on the hot path every Python call counts (see
-        `_serve_frames`). Everything else, and every failure, goes through `_call`. Both
-        count the call in the client's statistics."""
-        if deadline is not None or inflight is not None or kwargs or not self._idle:
-            return self._call(method, args, kwargs, deadline, inflight)
-        for a in args:
-            if type(a) not in _PLAIN_TYPES:
-                return self._call(method, args, kwargs, deadline, inflight)
+        Every call takes this one path, whatever it carries (a deadline, someone who may
+        cancel it, a streamed argument or reply), and is counted in the client's statistics
+        here, once, failed or not. The work is in `_exchange`."""
         began = time.perf_counter()
-        try:
-            body, buffers = _pickle((args, kwargs, None))
-            sent = len(body[0]) if len(body) == 1 and not buffers else _size(body, buffers)
-            conn = self._idle.pop()
-        except Exception:        # unpicklable (say so, with the path), or no idle connection
-            return self._call(method, args, kwargs, deadline, inflight)
-        if conn.timeout is not None or (time.monotonic() - conn.last_used > self._STALE_CHECK
-                                        and _is_stale(conn)):
-            self._idle.append(conn)
-            return self._call(method, args, kwargs, deadline, inflight)
-        self._busy.add(conn)
-        if self._closed:                          # closed in between: close() missed it
-            self.discard(conn)
-            raise NetworkError("connections to %s are closed" % self.addr)
-        call_id = next(self.client._ids)
-        try:
-            meta = method.encode()
-            if buffers or len(body) != 1 or sent >= _SMALL:
-                _send_frame(conn.writer, CALL, call_id, meta, body, buffers)
-            else:
-                conn.writer.sendall(_HEADER.pack(CALL, 0, 0, len(meta), call_id, sent)
-                                    + meta + body[0])
-            readable = conn.readable
-            if self._spin_skip > 0:            # (threads may race here: any count will do)
-                self._spin_skip -= 1
-            elif readable and len(self._busy) == 1 and not readable():
-                clock = time.perf_counter
-                until = clock() + self._CALLER_SPIN
-                while not readable():
-                    if clock() > until:       # in vain: spin again only after a while
-                        self._spin_backoff = min(2 * self._spin_backoff + 1, 255)
-                        self._spin_skip = self._spin_backoff
-                        break
-                else:
-                    self._spin_backoff = 0
-            head = conn.rfile.read(_HEADER.size)
-            if len(head) != _HEADER.size:
-                raise EOFError("connection closed by peer")
-            kind, flags, nbuffers, meta_len, _id, body_len = _HEADER.unpack(head)
-            if meta_len:
-                raise _ProtocolError("unexpected reply frame")
-            if flags & _STREAMED and kind == REPLY:
-                self.client.stats.record((self.addr, method), time.perf_counter() - began,
-                                         sent, 0, False)
-                return self._stream_reply(conn, call_id, None)
-            if nbuffers or body_len >= _LARGE:
-                reply, reply_buffers = _read_body(conn.rfile, nbuffers, body_len)
-                if type(reply) is _PendingPickle:         # read it before the next call
-                    reply = (_loads(reply, reply_buffers, "the result of %s from %s"
-                                    % (method, self.addr)),)
-                    kind = _UNPICKLED
-            else:
-                reply, reply_buffers = conn.rfile.read(body_len), ()
-                if len(reply) != body_len:
-                    raise EOFError("connection closed by peer")
-        except BaseException as e:
-            self.discard(conn)
-            self.client.stats.record((self.addr, method), time.perf_counter() - began,
-                                     sent, 0, True)
-            if not isinstance(e, (OSError, EOFError, _ProtocolError)):
-                self.cancel_remote(call_id)      # KeyboardInterrupt, say: mid-message
-                raise
-            raise NetworkError("call %s on %s failed: %s"
-                               % (method, self.addr, e or type(e).__name__)) from e
-        conn.last_used = time.monotonic()
-        self._busy.discard(conn)
-        self._idle.append(conn)
-        if self._closed:
-            self.reset()
-        got = body_len + (sum(len(b) for b in reply_buffers) if nbuffers else 0)
-        if kind == REPLY:
-            try:
-                result = pickle.loads(reply, buffers=reply_buffers)
-            except Exception:
-                pass                              # _loads says what went wrong
-            else:
-                self.client.stats.record((self.addr, method), time.perf_counter() - began,
-                                         sent, got, False)
-                return result
-        self.client.stats.record((self.addr, method), time.perf_counter() - began, sent, got,
-                                 kind != _UNPICKLED)
-        return self._result(method, kind, reply, reply_buffers)
-
-    def _result(self, method, kind, reply, reply_buffers):
-        if kind == _UNPICKLED:
-            return reply[0]
-        if kind == REPLY:
-            return _loads(reply, reply_buffers, "the result of %s from %s" % (method, self.addr))
-        if kind == ERROR:
-            raise _rebuild_error(reply)
-        raise NetworkError("%s answered %s with a frame of kind %d" % (self.addr, method, kind))
-
-    def _call(self, method, args, kwargs, deadline=None, inflight=None):
-        """The general path of `call`: deadlines, cancellation, streams, first connections."""
         sizes = [0, 0]                       # request and reply bytes, as far as they got
-        began = time.perf_counter()
+        failed = True
         try:
-            result = self._call_general(method, args, kwargs, deadline, inflight, sizes)
-        except BaseException:
+            result = self._exchange(method, args, kwargs, deadline, inflight, sizes)
+            failed = False
+        finally:
             self.client.stats.record((self.addr, method), time.perf_counter() - began,
-                                     sizes[0], sizes[1], True)
-            raise
-        self.client.stats.record((self.addr, method), time.perf_counter() - began,
-                                 sizes[0], sizes[1], False)
+                                     sizes[0], sizes[1], failed)
         return result
 
-    def _call_general(self, method, args, kwargs, deadline, inflight, sizes):
-        stream, args, kwargs = _split_stream_argument(args, kwargs)
-        timeout = None if deadline is None else deadline - time.monotonic()
-        if timeout is not None and timeout <= 0:
-            raise Timeout("deadline passed before calling %s on %s" % (method, self.addr))
-        body, buffers = _dumps((args, kwargs, timeout), "the arguments of %s" % method)
-        sizes[0] = _size(body, buffers)
-        call_id = self.client.next_call_id()
+    def _exchange(self, method, args, kwargs, deadline, inflight, sizes):
+        """Send the call, wait for its reply and return its result: the hot path of every call
+        on the caller. What only some calls need (a timeout, a stream, a cancel) costs the
+        others a test of None each; the rest is written flat (see `_serve_frame`)."""
+        stream = None
+        if kwargs:
+            stream, args, kwargs = _split_stream_argument(args, kwargs)
+        else:
+            for a in args:
+                if type(a) not in _PLAIN_TYPES:
+                    stream, args, kwargs = _split_stream_argument(args, kwargs)
+                    break
+        timeout = None
+        if deadline is not None:
+            timeout = deadline - time.monotonic()
+            if timeout <= 0:
+                raise Timeout("deadline passed before calling %s on %s" % (method, self.addr))
+        try:
+            body, buffers = _pickle((args, kwargs, timeout))
+        except Exception:            # say which part of the arguments would not pickle
+            body, buffers = _dumps((args, kwargs, timeout), "the arguments of %s" % method)
+        sizes[0] = len(body[0]) if len(body) == 1 and not buffers else _size(body, buffers)
+        call_id = next(self.client._ids)
         conn = self.checkout(deadline)
         if inflight is not None and not inflight.attach(self, conn, call_id):
             self.checkin(conn)
@@ -2181,7 +2097,7 @@ class _Peer:
                                         (conn,))
                 alarm.daemon = True
                 alarm.start()
-            else:
+            elif conn.timeout != timeout:
                 conn.settimeout(timeout)
             _send_frame(conn.writer, CALL, call_id, method.encode(), body, buffers,
                         _STREAMED if stream is not None else 0)
@@ -2190,27 +2106,44 @@ class _Peer:
                                           args=(conn.writer, call_id, stream),
                                           name="bigmachine-stream-send", daemon=True)
                 sender.start()
-            elif deadline is not None:
-                conn.settimeout(max(0.001, deadline - time.monotonic()))
-            kind, flags, nbuffers, _meta, _id, body_len = _read_header(conn.rfile)
+            else:
+                if deadline is not None:
+                    conn.settimeout(max(0.001, deadline - time.monotonic()))
+                if self._spin_skip > 0:        # (threads may race here: any count will do)
+                    self._spin_skip -= 1
+                elif conn.readable and len(self._busy) == 1:
+                    self._spin(conn.readable)
+            head = conn.rfile.read(_HEADER.size)       # (_read_header, inline)
+            if len(head) != _HEADER.size:
+                raise EOFError("connection closed by peer")
+            kind, flags, nbuffers, meta_len, _id, body_len = _HEADER.unpack(head)
+            if meta_len:
+                raise _ProtocolError("a reply frame with metadata")
             if kind == REPLY and flags & _STREAMED:
                 if sender is not None:
                     sender.join()
                 conn.settimeout(None)
                 return self._stream_reply(conn, call_id, inflight)
-            reply, reply_buffers = _read_body(conn.rfile, nbuffers, body_len)
-            sizes[1] = body_len + (sum(len(b) for b in reply_buffers) if reply_buffers else 0)
-            if type(reply) is _PendingPickle:
-                if kind == REPLY:
-                    reply = (_loads(reply, reply_buffers, "the result of %s from %s"
-                                    % (method, self.addr)),)
-                    kind = _UNPICKLED
-                else:
-                    _discard(reply)
-                    raise _ProtocolError("a %d-byte error frame" % body_len)
+            if nbuffers or body_len >= _LARGE:
+                reply, reply_buffers = _read_body(conn.rfile, nbuffers, body_len)
+                sizes[1] = body_len + (sum(len(b) for b in reply_buffers) if nbuffers else 0)
+                if type(reply) is _PendingPickle:
+                    if kind == REPLY:        # read it before the connection goes back
+                        reply = (_loads(reply, reply_buffers, "the result of %s from %s"
+                                        % (method, self.addr)),)
+                        kind = _UNPICKLED
+                    else:
+                        _discard(reply)
+                        raise _ProtocolError("a %d-byte error frame" % body_len)
+            else:
+                reply, reply_buffers = conn.rfile.read(body_len), ()
+                if len(reply) != body_len:
+                    raise EOFError("connection closed by peer")
+                sizes[1] = body_len
             if sender is not None:
                 sender.join()
-            conn.settimeout(None)
+            if timeout is not None:
+                conn.settimeout(None)
         except socket.timeout:
             self.discard(conn)
             self.cancel_remote(call_id)
@@ -2241,7 +2174,35 @@ class _Peer:
             self.discard(conn)
         else:
             self.checkin(conn)
+        if kind == REPLY:
+            try:
+                return pickle.loads(reply, buffers=reply_buffers)
+            except Exception:
+                pass                      # _result says what went wrong
         return self._result(method, kind, reply, reply_buffers)
+
+    def _spin(self, readable):
+        """Look for the reply for up to _CALLER_SPIN seconds before sleeping in recv; after a
+        vain spin, skip the next ones (see _CALLER_SPIN)."""
+        if readable():
+            return
+        clock = time.perf_counter
+        until = clock() + self._CALLER_SPIN
+        while not readable():
+            if clock() > until:               # in vain: spin again only after a while
+                self._spin_backoff = min(2 * self._spin_backoff + 1, 255)
+                self._spin_skip = self._spin_backoff
+                return
+        self._spin_backoff = 0
+
+    def _result(self, method, kind, reply, reply_buffers):
+        if kind == _UNPICKLED:
+            return reply[0]
+        if kind == REPLY:
+            return _loads(reply, reply_buffers, "the result of %s from %s" % (method, self.addr))
+        if kind == ERROR:
+            raise _rebuild_error(reply)
+        raise NetworkError("%s answered %s with a frame of kind %d" % (self.addr, method, kind))
 
     def _discard_after(self, conn, sender):
         """Discard a connection that a stream-sending thread may still be writing to: break it
@@ -2261,7 +2222,7 @@ class _Peer:
 
     @staticmethod
     def _expire(conn):
-        """A call's deadline passed: break its connection (see _call_general)."""
+        """A call's deadline passed: break its connection (see _Peer._exchange)."""
         conn.expired = True
         conn.interrupt()
 
@@ -5961,6 +5922,17 @@ class Local(System):
     def maxprocs(self):
         return self._maxprocs
 
+    def init(self, b):
+        # The fork server starts now, so that its interpreter boots while the driver goes on.
+        _ForkServer.prepare(self.python, self._machine_environment({}))
+
+    def _machine_environment(self, env):
+        child_env = dict(os.environ)
+        child_env.update(env)
+        child_env["BIGMACHINE_MODE"] = "machine"
+        child_env["BIGMACHINE_SYSTEM"] = self.name
+        return child_env
+
     @classmethod
     def _command_line_options(cls, argv, environ):
         # --bigm.local.maxprocs=N: local machines that offer N processors each (their
@@ -6060,10 +6032,11 @@ class _ChildProcess:
 
     _TAIL = 20                        # lines of output kept to explain an early exit
 
-    def __init__(self, machine, args, **popen):
+    def __init__(self, machine, args, forked=None, **popen):
         import subprocess
         self.machine = machine
-        self.proc = subprocess.Popen(
+        self.forked = forked is not None      # by the fork server (Local): not our child
+        self.proc = forked or subprocess.Popen(
             args, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
             start_new_session=True, close_fds=True, **popen)
         self.tail = collections.deque(maxlen=self._TAIL)
@@ -6101,7 +6074,7 @@ class _ChildProcess:
 
     def _wait(self):
         cgroup = self.memory_cgroup_at_exit()
-        if hasattr(os, "waitid"):
+        if hasattr(os, "waitid") and not self.forked:   # (the fork server does this itself)
             # Wait without reaping first: until it is reaped its pid, which is also its process
             # group's id, cannot be taken by another process. Then end what is left of its
             # group, the processes its code started (see _end_descendants for the machine's
@@ -6145,6 +6118,8 @@ class _ChildProcess:
         can be asked while the waiter blocks in wait()."""
         if self.proc.returncode is not None:
             return True
+        if self.forked:
+            return False                  # the fork server reports the exit
         if not hasattr(os, "waitid"):
             return True          # cannot tell: let the caller wait for the waiter to say
         try:
@@ -6174,7 +6149,10 @@ class _ChildProcess:
                     self.proc.stdin.close()
             elif step == "kill":
                 with contextlib.suppress(OSError):
-                    os.killpg(self.proc.pid, signal.SIGKILL)
+                    if self.forked:
+                        self.proc.kill_group()
+                    else:
+                        os.killpg(self.proc.pid, signal.SIGKILL)
             left = deadline - time.monotonic()
             try:
                 self.proc.wait(5.0 if step == "kill" else max(0.0, min(1.0, left) if step ==
@@ -6207,23 +6185,23 @@ class _LocalProcess(_ChildProcess):
 
     def __init__(self, system, b, machine, sock, credentials, env):
         fd = sock.fileno()
-        child_env = dict(os.environ)
-        child_env.update(env)
-        child_env["BIGMACHINE_MODE"] = "machine"
-        child_env["BIGMACHINE_SYSTEM"] = system.name
-        here = os.path.dirname(os.path.abspath(__file__))
-        compiled = _compiled_module() if _same_python(system.python) else None
-        if compiled is None:
-            code = ("import sys; sys.path.insert(0, %r); import bigmachine; "
-                    "bigmachine._machine_main()" % here)
+        child_env = system._machine_environment(env)
+        forked = _ForkServer.fork(system.python, child_env, sock)
+        if forked is not None:
+            super().__init__(machine, None, forked=forked)
+            fd = forked.listener_fd            # the socket's number in the machine
         else:
-            code = _LOAD_COMPILED % (here, compiled, os.path.abspath(__file__))
-        args = [system.python] + _interpreter_flags(system.python) + ["-u", "-c", code]
-        super().__init__(machine, args, pass_fds=[fd], env=child_env)
+            here = os.path.dirname(os.path.abspath(__file__))
+            code = _machine_code(here, "_machine_main()", _same_python(system.python))
+            args = [system.python] + _interpreter_flags(system.python) + ["-u", "-c", code]
+            super().__init__(machine, args, pass_fds=[fd], env=child_env)
         bootstrap = system.bootstrap(b, machine, credentials, fd)
         self._stdin_data = (json.dumps(bootstrap) + "\n").encode()
 
     def memory_cgroup_at_exit(self):
+        if self.forked:
+            self.proc.wait()                 # the fork server read it before reaping it
+            return self.proc.cgroup
         try:
             os.waitid(os.P_PID, self.proc.pid, os.WEXITED | os.WNOWAIT)
         except (OSError, AttributeError):         # reaped already, or not Linux
@@ -6337,8 +6315,314 @@ def _load(compiled, source):
         del sys.modules["bigmachine"]
         raise
 _load(%r, %r)
-import bigmachine; bigmachine._machine_main()
+import bigmachine; bigmachine.%s
 """
+
+
+def _machine_code(here, entry, compiled=True):
+    """The program (python -c) of a Local machine or of the fork server: load bigmachine,
+    from the library's compiled copy where there is one, and run bigmachine.<entry>."""
+    path = _compiled_module() if compiled else None
+    if path is None:
+        return "import sys; sys.path.insert(0, %r); import bigmachine; bigmachine.%s" % (
+            here, entry)
+    return _LOAD_COMPILED % (here, path, os.path.abspath(__file__), entry)
+
+
+# -- the fork server --------------------------------------------------------------------
+#
+# Most of a Local machine's start-up is the same in every machine: an interpreter starts
+# (with whatever the site's .pth files import) and loads this module. So the driver starts
+# one process that does that once, the fork server, and asks it for each machine: it forks,
+# and the child becomes the machine, as a fresh process would have: a session of its own,
+# the pipes the driver made as its stdin, stdout and stderr, the environment and working
+# directory the driver has at the launch, and then the same `_machine_main`. N machines cost
+# one interpreter start plus N forks. The fork server stays single-threaded (it only
+# selects, forks and reaps), so a fork copies no lock held by another thread.
+#
+# Its requests come over a Unix socket pair, never in process arguments: the descriptors
+# (the machine's pipes and its listening socket) travel with SCM_RIGHTS. The fork server is
+# the machines' parent, so it waits for them: it ends what is left of a machine's process
+# group before it reaps the machine (as `_ChildProcess._wait` does) and reports the exit
+# status, and the memory cgroup the machine died in, to the driver; the driver asks it to
+# kill a machine's group rather than signalling a pid the fork server may have reaped.
+# When the driver goes away the socket reaches EOF and the fork server exits; the
+# machines' stdin reaches EOF too, and they exit as they always do.
+#
+# What a fork cannot change per machine is what an interpreter fixes as it starts: the
+# PYTHON* variables, its flags, resource limits, the umask. The fork server is keyed by
+# these as the driver had them when it started it; a launch whose key differs, a Python
+# other than the driver's, a system without fork and SCM_RIGHTS, or
+# BIGMACHINE_FORK_SERVER=0 start a fresh interpreter as before, as does any failure to
+# reach the fork server.
+
+_FORK_SERVER_SETTING = "BIGMACHINE_FORK_SERVER"
+
+
+def _start_settings(python, env):
+    """What a new interpreter fixes as it starts, for env and python: the fork server's key."""
+    import resource
+    limits = []
+    for name in sorted(n for n in dir(resource) if n.startswith("RLIMIT_")):
+        with contextlib.suppress(OSError, ValueError):
+            limits.append((name, resource.getrlimit(getattr(resource, name))))
+    umask = None
+    with contextlib.suppress(OSError):
+        with open("/proc/self/status") as f:
+            umask = [line for line in f if line.startswith("Umask:")]
+    return (os.path.realpath(python), tuple(_interpreter_flags(python)),
+            tuple(sorted((k, v) for k, v in env.items() if k.startswith("PYTHON"))),
+            tuple(limits), tuple(umask or ()))
+
+
+def _send_message(sock, message, fds=()):
+    import array
+    data = json.dumps(message).encode()
+    if fds:
+        sock.sendmsg([data], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))])
+    else:
+        sock.send(data)
+
+
+def _receive_message(sock, nfds=0):
+    """One message from the socket pair: (message, descriptors); (None, []) at EOF."""
+    import array
+    data, ancillary, _flags, _addr = sock.recvmsg(1 << 22, socket.CMSG_SPACE(4 * nfds)
+                                                   if nfds else 0)
+    fds = array.array("i")
+    for level, kind, payload in ancillary:
+        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+            fds.frombytes(payload[:len(payload) - len(payload) % fds.itemsize])
+    if not data:
+        for fd in fds:
+            os.close(fd)
+        return None, []
+    return json.loads(data), list(fds)
+
+
+class _ForkedProcess:
+    """A machine the fork server forked, as the driver sees it: the part of Popen's interface
+    that `_ChildProcess` uses, its exit as the fork server reported it."""
+
+    def __init__(self, server, pid, stdin, stdout, stderr):
+        self.server, self.pid, self.args = server, pid, "machine %d" % pid
+        self.stdin = os.fdopen(stdin, "wb")
+        self.stdout = os.fdopen(stdout, "rb")
+        self.stderr = os.fdopen(stderr, "rb")
+        self.returncode = self.cgroup = None
+        self._exited = threading.Event()
+
+    def exited(self, code, cgroup):
+        self.returncode, self.cgroup = code, cgroup
+        self._exited.set()
+
+    def poll(self):
+        return self.returncode
+
+    def wait(self, timeout=None):
+        if not self._exited.wait(timeout):
+            import subprocess
+            raise subprocess.TimeoutExpired(self.args, timeout)
+        return self.returncode
+
+    def kill_group(self):
+        """SIGKILL its process group, unless the fork server has reaped it already."""
+        self.server.kill(self.pid)
+
+
+class _ForkServer:
+    """The driver's fork server (see above), started at the first Local launch that can use
+    it, then kept for the driver's life."""
+
+    _lock = threading.Lock()
+    _running = None
+
+    @classmethod
+    def prepare(cls, python, env):
+        """The fork server for machines of python with env, started if need be; or None."""
+        if (os.environ.get(_FORK_SERVER_SETTING, "1") == "0" or not hasattr(os, "fork")
+                or not hasattr(socket, "AF_UNIX") or not hasattr(socket, "SCM_RIGHTS")
+                or not _same_python(python)):
+            return None
+        key = _start_settings(python, env)
+        with cls._lock:
+            server = cls._running
+            if server is None or server.closed:
+                try:
+                    server = cls._running = cls(python, env, key)
+                except (OSError, ValueError) as e:
+                    log.debug("no fork server: %s", e)
+                    return None
+        return server if server.key == key else None
+
+    @classmethod
+    def fork(cls, python, env, listener):
+        """A _ForkedProcess running a machine with env, serving listener; or None: start a
+        fresh interpreter."""
+        server = cls.prepare(python, env)
+        if server is None:
+            return None
+        try:
+            return server.request(env, listener)
+        except (OSError, ValueError, EOFError) as e:
+            log.debug("the fork server failed (%s); starting the machine afresh", e)
+            return None
+
+    def __init__(self, python, env, key):
+        import subprocess
+        self.key, self.closed = key, False
+        here = os.path.dirname(os.path.abspath(__file__))
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        try:
+            code = _machine_code(here, "_fork_server_main(%d)" % theirs.fileno())
+            self.proc = subprocess.Popen(
+                [python] + _interpreter_flags(python) + ["-u", "-c", code],
+                stdin=subprocess.DEVNULL, pass_fds=[theirs.fileno()], env=env,
+                start_new_session=True, close_fds=True)
+        except BaseException:
+            ours.close()
+            raise
+        finally:
+            theirs.close()
+        self.sock = ours
+        self._request_lock = threading.Lock()   # one fork at a time: replies come in order
+        self._forked = {}                        # pid -> _ForkedProcess
+        self._started = queue.Queue()            # the fork server's answers to requests
+        threading.Thread(target=self._read, name="bigmachine-fork-server", daemon=True).start()
+
+    def request(self, env, listener):
+        pipes = [os.pipe() for _ in range(3)]
+        ours = [pipes[0][1], pipes[1][0], pipes[2][0]]
+        theirs = [pipes[0][0], pipes[1][1], pipes[2][1], listener.fileno()]
+        try:
+            with self._request_lock:
+                if self.closed:
+                    raise EOFError("the fork server has exited")
+                _send_message(self.sock, {"env": env, "cwd": os.getcwd()},
+                              theirs)
+                answer = self._started.get()
+                if answer is None:
+                    raise EOFError("the fork server has exited")
+                process = _ForkedProcess(self, answer["pid"], *ours)
+                self._forked[process.pid] = process
+        except BaseException:
+            for fd in ours:
+                os.close(fd)
+            raise
+        finally:
+            for fd in theirs[:3]:
+                os.close(fd)
+        process.listener_fd = answer["fd"]
+        return process
+
+    def kill(self, pid):
+        with self._request_lock:
+            if not self.closed and pid in self._forked:
+                with contextlib.suppress(OSError):
+                    _send_message(self.sock, {"kill": pid})
+
+    def _read(self):
+        while True:
+            try:
+                message, _ = _receive_message(self.sock)
+            except (OSError, ValueError):
+                message = None
+            if message is None:
+                break
+            if "exit" in message:
+                process = self._forked.pop(message["exit"], None)
+                if process is not None:
+                    process.exited(message["code"], message["cgroup"])
+            else:
+                self._started.put(message)
+        # The fork server is gone (killed: it exits only when the driver does). Its machines
+        # lose the parent that would report their exit: they are ended, and say why.
+        with self._request_lock:
+            self.closed = True
+            self._started.put(None)
+            orphans, self._forked = list(self._forked.values()), {}
+        for process in orphans:
+            with contextlib.suppress(OSError):
+                os.killpg(process.pid, signal.SIGKILL)
+            process.exited(-signal.SIGKILL, None)
+        self.sock.close()
+
+
+def _fork_server_main(fd):
+    """The life of the fork server: fork a machine for each request on the socket fd, report
+    each one's exit there, and exit when the driver closes it."""
+    sock = socket.socket(fileno=fd)
+    wake_r, wake_w = os.pipe()
+    os.set_blocking(wake_w, False)
+    signal.set_wakeup_fd(wake_w)
+    signal.signal(signal.SIGCHLD, lambda *_: None)
+    forked = set()
+    while True:
+        readable, _, _ = select.select([sock, wake_r], [], [])
+        if wake_r in readable:
+            os.read(wake_r, 1 << 12)
+            _reap_forked(sock, forked)
+        if sock not in readable:
+            continue
+        request, fds = _receive_message(sock, 4)
+        if request is None:
+            os._exit(0)
+        if "kill" in request:
+            if request["kill"] in forked:
+                with contextlib.suppress(OSError):
+                    os.killpg(request["kill"], signal.SIGKILL)
+            continue
+        pid = os.fork()
+        if pid == 0:
+            try:
+                _forked_machine(sock, (wake_r, wake_w), fds, request)
+            except BaseException:
+                traceback.print_exc()
+            finally:
+                os._exit(1)
+        forked.add(pid)
+        for f in fds:
+            os.close(f)
+        _send_message(sock, {"pid": pid, "fd": fds[3]})
+
+
+def _reap_forked(sock, forked):
+    """Report the machines that exited, each once its process group is ended (see
+    `_ChildProcess._wait`: until it is reaped its pid, the group's id, is not reused)."""
+    for pid in list(forked):
+        try:
+            if os.waitid(os.P_PID, pid, os.WEXITED | os.WNOHANG | os.WNOWAIT) is None:
+                continue
+        except ChildProcessError:
+            forked.discard(pid)
+            continue
+        cgroup = _memory_cgroup(pid)
+        with contextlib.suppress(OSError):
+            os.killpg(pid, signal.SIGKILL)
+        _, status = os.waitpid(pid, 0)
+        forked.discard(pid)
+        if os.WIFSIGNALED(status):
+            code = -os.WTERMSIG(status)
+        else:
+            code = os.WEXITSTATUS(status)
+        _send_message(sock, {"exit": pid, "code": code, "cgroup": cgroup})
+
+
+def _forked_machine(sock, wakeup, fds, request):
+    """In the child the fork server forked: become the machine a fresh process would be."""
+    signal.set_wakeup_fd(-1)
+    signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+    sock.close()
+    for fd in wakeup:
+        os.close(fd)
+    os.setsid()
+    for fd, standard in zip(fds[:3], (0, 1, 2)):
+        os.dup2(fd, standard)
+        os.close(fd)
+    os.chdir(request["cwd"])
+    os.environ.clear()
+    os.environ.update(request["env"])
+    _machine_main()
 
 
 _stderr_lock = threading.Lock()

@@ -229,16 +229,21 @@ class InitFails:
 # ======================================================================================
 
 def _children():
-    me = os.getpid()
+    """This process's live children, counting the Local machines its fork server forked (and
+    not the fork server itself, which lives as long as this process)."""
+    parents = {os.getpid()}
+    server = bigmachine._ForkServer._running
+    if server is not None and not server.closed:
+        parents.add(server.proc.pid)
     pids = []
     for entry in os.listdir("/proc"):
-        if entry.isdigit():
+        if entry.isdigit() and int(entry) not in parents:
             try:
                 with open("/proc/%s/stat" % entry) as f:
                     fields = f.read().rsplit(")", 1)[1].split()
             except OSError:
                 continue
-            if int(fields[1]) == me and fields[0] != "Z":
+            if int(fields[1]) in parents and fields[0] != "Z":
                 pids.append(int(entry))
     return pids
 
@@ -7524,3 +7529,176 @@ def test_ssh_machines_share_one_compiled_copy_of_the_library(sshd):
     assert files == [os.path.basename(cached)] and files[0].endswith(".marshal")
     assert os.stat(compiled).st_mode & 0o777 == 0o700
     assert inodes[0] == inodes[1]          # loaded again, not written again (that renames)
+
+
+# ======================================================================================
+# Performance: one call path
+# ======================================================================================
+
+def test_every_kind_of_call_takes_one_path_with_the_same_results_and_statistics():
+    # A plain call, one with keyword arguments, one with a deadline, one a future may cancel,
+    # and one whose argument is a stream all go through _Peer.call: each gets the same result,
+    # each is counted once with its bytes (an error reply as an error), and afterwards every
+    # connection is back in the pool, none left marked busy.
+    with bigmachine.start(bigmachine.TestSystem(
+            keepalive_period=60, keepalive_timeout=120, keepalive_rpc_timeout=10,
+            lease=120)) as b:
+        m, = running(b)
+        eventually(lambda: len(m.keepalive_replies) >= 1, what="the first keepalive")
+        peer, stats = m._peer, b._client.stats
+        payload = b"p" * 1000
+        ways = [
+            ("plain", lambda: m.call("Echo.echo", payload)),
+            ("keywords", lambda: m.call("Echo.echo", x=payload)[1]["x"]),
+            ("deadline", lambda: m.options(timeout=30).call("Echo.echo", payload)),
+            ("future", lambda: m.call_async("Echo.echo", payload).result(30)),
+        ]
+        for name, way in ways:
+            before = stats.snapshot()["machines"][m.addr].get("Echo.echo", {})
+            for _ in range(3):
+                assert way() == payload, name
+            after = stats.snapshot()["machines"][m.addr]["Echo.echo"]
+            assert after["count"] - before.get("count", 0) == 3, name
+            assert after["errors"] == before.get("errors", 0), name
+            sent = after["request_bytes"] - before.get("request_bytes", 0)
+            got = after["reply_bytes"] - before.get("reply_bytes", 0)
+            assert 3 * 1000 < sent < 3 * 1200 and 3 * 1000 < got < 3 * 1200, (name, sent, got)
+            assert not peer._busy and peer._idle, name
+        # A streamed argument and reply, and an error reply (counted as an error, on every
+        # path).
+        for view in (m, m.options(timeout=30)):
+            with view.call("Echo.echo_stream", io.BytesIO(payload)) as f:
+                assert f.read() == payload
+        eventually(lambda: not peer._busy, what="the stream's connection back in the pool")
+        assert stats.snapshot()["machines"][m.addr]["Echo.echo_stream"]["count"] == 2
+        for call in (lambda: m.call("Echo.fail", "no"),
+                     lambda: m.options(timeout=30).call("Echo.fail", "no"),
+                     lambda: m.call_async("Echo.fail", "no").result(30)):
+            with pytest.raises(ValueError, match="no"):
+                call()
+        assert stats.snapshot()["machines"][m.addr]["Echo.fail"]["errors"] == 3
+        with pytest.raises(bigmachine.SerializationError, match="lock"):
+            m.call("Echo.echo", threading.Lock())
+        assert not peer._busy and peer._idle
+        # Connections taken and given back under the pool's lock: many threads at once.
+        with concurrent.futures.ThreadPoolExecutor(8) as pool:
+            got = list(pool.map(lambda x: m.call("Echo.echo", x) if x % 2 else
+                                m.options(timeout=30).call("Echo.echo", x), range(200)))
+        assert got == list(range(200))
+        assert not peer._busy and len(peer._idle) >= 2
+
+
+# ======================================================================================
+# Performance: Local machines forked by the fork server
+# ======================================================================================
+
+class Process:
+    """What a machine process can tell of itself."""
+
+    def facts(self):
+        return {"pid": os.getpid(), "ppid": os.getppid(), "sid": os.getsid(0),
+                "pgrp": os.getpgrp(), "cwd": os.getcwd(), "var": os.environ.get("FORK_VAR"),
+                "mode": os.environ.get("BIGMACHINE_MODE"),
+                "stdin": os.readlink("/proc/self/fd/0"),
+                "threads": threading.active_count(),
+                "fds": sorted(int(fd) for fd in os.listdir("/proc/self/fd"))}
+
+    def spawn(self):
+        return subprocess.Popen(["sleep", "600"]).pid
+
+    def say(self, text):
+        print(text, flush=True)
+
+    def exit(self, code):
+        os._exit(code)
+
+
+def _fork_server_pid():
+    server = bigmachine._ForkServer._running
+    return server.proc.pid if server is not None and not server.closed else None
+
+
+def test_local_machines_are_forked_by_the_fork_server_as_fresh_ones_would_start(
+        tmp_path, monkeypatch, capfd):
+    monkeypatch.chdir(tmp_path)
+    with bigmachine.start(bigmachine.Local(**FAST)) as b:
+        machines = running(b, 2, {"Process": Process()}, env={"FORK_VAR": "asked"})
+        server = _fork_server_pid()
+        assert server is not None
+        facts = [m.call("Process.facts") for m in machines]
+        for f in facts:
+            # Forked by the fork server, in a session of its own, with what this launch asked.
+            assert f["ppid"] == server != os.getpid()
+            assert f["sid"] == f["pgrp"] == f["pid"]
+            assert f["cwd"] == str(tmp_path) and f["var"] == "asked" and f["mode"] == "machine"
+            assert f["stdin"].startswith("pipe:")
+            # Nothing of the fork server's left open: stdio, its listener, TLS and epoll.
+            assert len(f["fds"]) < 20, f["fds"]
+        assert facts[0]["pid"] != facts[1]["pid"]
+        m1, m2 = machines
+        # Output reaches the driver, prefixed; a process the machine starts ends with it.
+        m1.call("Process.say", "hello from a fork")
+        seen = []
+        eventually(lambda: seen.append(capfd.readouterr().err) or
+                   "%s: hello from a fork\n" % m1.addr in "".join(seen), what="forwarded output")
+        sleeper = m1.call("Process.spawn")
+        assert _alive(sleeper)
+        # An exit is reported with its code, a kill with its signal, as for a fresh process.
+        m1.call_async("Process.exit", 7)
+        assert m1.wait(STOPPED, timeout=30) is STOPPED
+        assert "exited with code 7" in str(m1.err), m1.err
+        eventually(lambda: not _alive(sleeper), what="the machine's process group ended")
+        os.kill(facts[1]["pid"], signal.SIGKILL)
+        assert m2.wait(STOPPED, timeout=30) is STOPPED
+        assert "killed by signal SIGKILL" in str(m2.err), m2.err
+        # The fork server stays for the next machines; and it is kept single-threaded.
+        m3, = running(b, 1, {"Process": Process()})
+        assert m3.call("Process.facts")["ppid"] == server
+    assert _fork_server_pid() == server and _alive(server)
+    with open("/proc/%d/status" % server) as f:
+        assert "Threads:\t1\n" in f.read()
+
+
+def test_local_starts_a_fresh_interpreter_when_a_fork_would_differ(monkeypatch):
+    # A launch that asks for what an interpreter fixes at its start (a PYTHON* variable), or a
+    # driver that turned the fork server off, gets a fresh process as before.
+    for setting, env in ((None, {"PYTHONHASHSEED": "7"}), ("0", {})):
+        if setting is not None:
+            monkeypatch.setenv("BIGMACHINE_FORK_SERVER", setting)
+        with bigmachine.start(bigmachine.Local(**FAST)) as b:
+            m, = running(b, 1, {"Process": Process()}, env=env)
+            f = m.call("Process.facts")
+            assert f["ppid"] == os.getpid() and f["sid"] == f["pid"]
+
+
+def test_the_fork_server_and_its_machines_end_with_the_driver(tmp_path):
+    script = tmp_path / "driver.py"
+    script.write_text(textwrap.dedent("""
+        import os, sys, time, bigmachine
+        class S:
+            def pid(self):
+                return os.getpid()
+        if __name__ == "__main__":
+            b = bigmachine.start(bigmachine.Local(keepalive_period=0.5, lease=60))
+            ms = b.start(2, {"S": S()})
+            for m in ms:
+                m.wait()
+            pids = [m.call("S.pid") for m in ms] + [bigmachine._ForkServer._running.proc.pid]
+            print(" ".join(map(str, pids)), flush=True)
+            time.sleep(600)
+    """))
+    driver = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE,
+                              env=dict(os.environ, PYTHONPATH=HERE), text=True)
+    pids = []
+    try:
+        pids = [int(p) for p in driver.stdout.readline().split()]
+        assert len(pids) == 3 and all(_alive(p) for p in pids)
+        os.kill(driver.pid, signal.SIGKILL)
+        eventually(lambda: not any(_alive(p) for p in pids), timeout=10,
+                   what="the machines and the fork server to exit after the driver")
+    finally:
+        driver.kill()
+        driver.wait()
+        for pid in pids:
+            with contextlib.suppress(OSError):
+                os.kill(pid, signal.SIGKILL)
