@@ -1432,6 +1432,8 @@ class _PendingPickle:
 
     def readinto(self, b):
         view = memoryview(b).cast("B")[:self.left]
+        if len(view) >= _HUGE_PAGES_FROM:
+            _advise_huge_pages(view)
         n = self._rfile.readinto(view) if len(view) else 0
         if n != len(view):
             raise ConnectionResetError("connection closed in the middle of a pickle")
@@ -1449,6 +1451,43 @@ class _PendingPickle:
     def discard(self):
         _skip(self._rfile, self.left)
         self.left = 0
+
+
+# A large object unpickled from the connection (a 64 MiB bytes, say) is new memory, and the
+# kernel maps it a 4 KiB page at a time as the data arrives: one page fault per 4 KiB took
+# about as long as the transfer itself. Where the kernel gives huge pages on request
+# (transparent huge pages in "madvise" mode), the buffer is marked for them just before the
+# data is read into it: a fault per 2 MiB instead. The advice changes nothing else (the
+# memory is the object's, and freed with it); where it cannot be given it is not.
+_HUGE_PAGE = 2 << 20
+_HUGE_PAGES_FROM = 8 * _HUGE_PAGE     # smaller buffers: too few pages to matter
+_madvise = []                         # [libc's madvise, or None], once looked up
+
+
+def _advise_huge_pages(view):
+    """Ask the kernel to back the whole 2 MiB pages inside the writable view with huge pages."""
+    if not _madvise:
+        _madvise.append(None)
+        try:
+            import ctypes
+            import mmap
+            advice = mmap.MADV_HUGEPAGE          # Linux only
+            libc = ctypes.CDLL(None, use_errno=True)
+            libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+            _madvise[0] = (libc.madvise, ctypes.c_char.from_buffer, ctypes.addressof, advice)
+        except (ImportError, AttributeError, OSError):
+            pass
+    if _madvise[0] is None:
+        return
+    madvise, from_buffer, addressof, advice = _madvise[0]
+    try:
+        start = addressof(from_buffer(view))
+    except (TypeError, ValueError):           # read-only, or not contiguous
+        return
+    first = (start + _HUGE_PAGE - 1) & ~(_HUGE_PAGE - 1)
+    end = (start + len(view)) & ~(_HUGE_PAGE - 1)
+    if end > first:
+        madvise(first, end - first, advice)
 
 
 def _discard(body):
@@ -6360,7 +6399,7 @@ _FORK_SERVER_SETTING = "BIGMACHINE_FORK_SERVER"
 
 
 def _start_settings(python, env):
-    """What a new interpreter fixes as it starts, for env and python: the fork server's key."""
+    """What a new process fixes as it starts, for env and python: the fork server's key."""
     import resource
     limits = []
     for name in sorted(n for n in dir(resource) if n.startswith("RLIMIT_")):
@@ -6371,7 +6410,7 @@ def _start_settings(python, env):
         with open("/proc/self/status") as f:
             umask = [line for line in f if line.startswith("Umask:")]
     return (os.path.realpath(python), tuple(_interpreter_flags(python)),
-            tuple(sorted((k, v) for k, v in env.items() if k.startswith("PYTHON"))),
+            tuple(sorted(env.items())),
             tuple(limits), tuple(umask or ()))
 
 
@@ -6431,11 +6470,13 @@ class _ForkedProcess:
 
 
 class _ForkServer:
-    """The driver's fork server (see above), started at the first Local launch that can use
-    it, then kept for the driver's life."""
+    """A fork server of the driver's (see above), for machines with one environment: started
+    for the first Local launch that can use it, then kept for the driver's life."""
 
     _lock = threading.Lock()
-    _running = None
+    _servers = {}                 # start settings -> _ForkServer
+    _MAX_SERVERS = 4              # a driver starting machines with more environments than
+                                  # this retires idle ones, or starts fresh interpreters
 
     @classmethod
     def prepare(cls, python, env):
@@ -6446,14 +6487,29 @@ class _ForkServer:
             return None
         key = _start_settings(python, env)
         with cls._lock:
-            server = cls._running
-            if server is None or server.closed:
-                try:
-                    server = cls._running = cls(python, env, key)
-                except (OSError, ValueError) as e:
-                    log.debug("no fork server: %s", e)
+            server = cls._servers.get(key)
+            if server is not None and not server.closed:
+                return server
+            for old_key, old in list(cls._servers.items()):
+                if old.closed:
+                    del cls._servers[old_key]
+            if len(cls._servers) >= cls._MAX_SERVERS:
+                idle = [k for k, old in cls._servers.items() if old.idle()]
+                if not idle:
                     return None
-        return server if server.key == key else None
+                cls._servers.pop(idle[0]).close()
+            try:
+                server = cls._servers[key] = cls(python, env, key)
+            except (OSError, ValueError) as e:
+                log.debug("no fork server: %s", e)
+                return None
+        return server
+
+    @classmethod
+    def pids(cls):
+        """The process ids of the fork servers running now."""
+        with cls._lock:
+            return [server.proc.pid for server in cls._servers.values() if not server.closed]
 
     @classmethod
     def fork(cls, python, env, listener):
@@ -6463,7 +6519,7 @@ class _ForkServer:
         if server is None:
             return None
         try:
-            return server.request(env, listener)
+            return server.request(listener)
         except (OSError, ValueError, EOFError) as e:
             log.debug("the fork server failed (%s); starting the machine afresh", e)
             return None
@@ -6490,7 +6546,7 @@ class _ForkServer:
         self._started = queue.Queue()            # the fork server's answers to requests
         threading.Thread(target=self._read, name="bigmachine-fork-server", daemon=True).start()
 
-    def request(self, env, listener):
+    def request(self, listener):
         pipes = [os.pipe() for _ in range(3)]
         ours = [pipes[0][1], pipes[1][0], pipes[2][0]]
         theirs = [pipes[0][0], pipes[1][1], pipes[2][1], listener.fileno()]
@@ -6498,7 +6554,7 @@ class _ForkServer:
             with self._request_lock:
                 if self.closed:
                     raise EOFError("the fork server has exited")
-                _send_message(self.sock, {"env": env, "cwd": os.getcwd()},
+                _send_message(self.sock, {"cwd": os.getcwd()},
                               theirs)
                 answer = self._started.get()
                 if answer is None:
@@ -6515,6 +6571,16 @@ class _ForkServer:
         process.listener_fd = answer["fd"]
         return process
 
+    def idle(self):
+        return not self._forked
+
+    def close(self):
+        """Let the fork server go (it has no machines): it exits when its socket closes."""
+        with self._request_lock:
+            self.closed = True
+            with contextlib.suppress(OSError):
+                self.sock.shutdown(socket.SHUT_RDWR)
+
     def kill(self, pid):
         with self._request_lock:
             if not self.closed and pid in self._forked:
@@ -6522,6 +6588,7 @@ class _ForkServer:
                     _send_message(self.sock, {"kill": pid})
 
     def _read(self):
+        _block_async_signals()
         while True:
             try:
                 message, _ = _receive_message(self.sock)
@@ -6620,8 +6687,6 @@ def _forked_machine(sock, wakeup, fds, request):
         os.dup2(fd, standard)
         os.close(fd)
     os.chdir(request["cwd"])
-    os.environ.clear()
-    os.environ.update(request["env"])
     _machine_main()
 
 

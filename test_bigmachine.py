@@ -231,10 +231,7 @@ class InitFails:
 def _children():
     """This process's live children, counting the Local machines its fork server forked (and
     not the fork server itself, which lives as long as this process)."""
-    parents = {os.getpid()}
-    server = bigmachine._ForkServer._running
-    if server is not None and not server.closed:
-        parents.add(server.proc.pid)
+    parents = {os.getpid(), *bigmachine._ForkServer.pids()}
     pids = []
     for entry in os.listdir("/proc"):
         if entry.isdigit() and int(entry) not in parents:
@@ -3264,18 +3261,31 @@ if __name__ == "__main__":
 
 
 def _tagged_processes(tag):
-    """Machine processes started with BIGMACHINE_TEST_TAG=tag, wherever they are now."""
+    """Machine processes started with BIGMACHINE_TEST_TAG=tag, wherever they are now (not the
+    fork server they were forked from, which has their environment too)."""
     found = []
     needle = ("BIGMACHINE_TEST_TAG=%s" % tag).encode()
     for entry in os.listdir("/proc"):
         if entry.isdigit():
             try:
                 with open("/proc/%s/environ" % entry, "rb") as f:
-                    if needle in f.read().split(b"\0") and _alive(int(entry)):
-                        found.append(int(entry))
+                    tagged = needle in f.read().split(b"\0")
+                if tagged and _alive(int(entry)) and not _is_fork_server(int(entry)):
+                    found.append(int(entry))
             except OSError:
                 pass
     return found
+
+
+def _is_fork_server(pid):
+    """Is pid a fork server (a machine forked from one runs the same program, but its parent
+    is the fork server)?"""
+    def program(pid):
+        with open("/proc/%d/cmdline" % pid, "rb") as f:
+            return f.read()
+    with open("/proc/%d/stat" % pid) as f:
+        parent = int(f.read().rsplit(")", 1)[1].split()[1])
+    return b"_fork_server_main(" in program(pid) and program(parent) != program(pid)
 
 
 class _Driver:
@@ -7613,9 +7623,10 @@ class Process:
         os._exit(code)
 
 
-def _fork_server_pid():
-    server = bigmachine._ForkServer._running
-    return server.proc.pid if server is not None and not server.closed else None
+def _environ_of(pid):
+    """The environment process pid started with, as /proc shows it."""
+    with open("/proc/%d/environ" % pid, "rb") as f:
+        return dict(v.decode().partition("=")[::2] for v in f.read().split(b"\0") if v)
 
 
 def test_local_machines_are_forked_by_the_fork_server_as_fresh_ones_would_start(
@@ -7623,14 +7634,16 @@ def test_local_machines_are_forked_by_the_fork_server_as_fresh_ones_would_start(
     monkeypatch.chdir(tmp_path)
     with bigmachine.start(bigmachine.Local(**FAST)) as b:
         machines = running(b, 2, {"Process": Process()}, env={"FORK_VAR": "asked"})
-        server = _fork_server_pid()
-        assert server is not None
         facts = [m.call("Process.facts") for m in machines]
+        server = facts[0]["ppid"]
+        assert server in bigmachine._ForkServer.pids()
         for f in facts:
-            # Forked by the fork server, in a session of its own, with what this launch asked.
+            # Forked by the fork server, in a session of its own, with what this launch asked
+            # (also where other processes look: /proc, as `ps e` shows it).
             assert f["ppid"] == server != os.getpid()
             assert f["sid"] == f["pgrp"] == f["pid"]
             assert f["cwd"] == str(tmp_path) and f["var"] == "asked" and f["mode"] == "machine"
+            assert _environ_of(f["pid"])["FORK_VAR"] == "asked"
             assert f["stdin"].startswith("pipe:")
             # Nothing of the fork server's left open: stdio, its listener, TLS and epoll.
             assert len(f["fds"]) < 20, f["fds"]
@@ -7652,23 +7665,32 @@ def test_local_machines_are_forked_by_the_fork_server_as_fresh_ones_would_start(
         assert m2.wait(STOPPED, timeout=30) is STOPPED
         assert "killed by signal SIGKILL" in str(m2.err), m2.err
         # The fork server stays for the next machines; and it is kept single-threaded.
-        m3, = running(b, 1, {"Process": Process()})
+        m3, = running(b, 1, {"Process": Process()}, env={"FORK_VAR": "asked"})
         assert m3.call("Process.facts")["ppid"] == server
-    assert _fork_server_pid() == server and _alive(server)
+    assert server in bigmachine._ForkServer.pids() and _alive(server)
     with open("/proc/%d/status" % server) as f:
         assert "Threads:\t1\n" in f.read()
 
 
-def test_local_starts_a_fresh_interpreter_when_a_fork_would_differ(monkeypatch):
-    # A launch that asks for what an interpreter fixes at its start (a PYTHON* variable), or a
-    # driver that turned the fork server off, gets a fresh process as before.
-    for setting, env in ((None, {"PYTHONHASHSEED": "7"}), ("0", {})):
-        if setting is not None:
-            monkeypatch.setenv("BIGMACHINE_FORK_SERVER", setting)
-        with bigmachine.start(bigmachine.Local(**FAST)) as b:
+def test_local_machines_of_another_environment_fork_from_a_fork_server_of_their_own(
+        monkeypatch):
+    # A process's environment is fixed as it starts (/proc shows that one), as are the
+    # interpreter's PYTHON* settings: machines with another one come from a fork server
+    # started with it. A driver that turned the fork server off starts fresh processes.
+    with bigmachine.start(bigmachine.Local(**FAST)) as b:
+        parents = []
+        for env in ({"FORK_VAR": "one"}, {"FORK_VAR": "two", "PYTHONHASHSEED": "7"}):
             m, = running(b, 1, {"Process": Process()}, env=env)
             f = m.call("Process.facts")
-            assert f["ppid"] == os.getpid() and f["sid"] == f["pid"]
+            assert f["ppid"] in bigmachine._ForkServer.pids() and f["var"] == env["FORK_VAR"]
+            assert _environ_of(f["pid"]).items() >= env.items()
+            parents.append(f["ppid"])
+        assert parents[0] != parents[1]
+    monkeypatch.setenv("BIGMACHINE_FORK_SERVER", "0")
+    with bigmachine.start(bigmachine.Local(**FAST)) as b:
+        m, = running(b, 1, {"Process": Process()}, env={"FORK_VAR": "fresh"})
+        f = m.call("Process.facts")
+        assert f["ppid"] == os.getpid() and f["sid"] == f["pid"] and f["var"] == "fresh"
 
 
 def test_the_fork_server_and_its_machines_end_with_the_driver(tmp_path):
@@ -7683,7 +7705,7 @@ def test_the_fork_server_and_its_machines_end_with_the_driver(tmp_path):
             ms = b.start(2, {"S": S()})
             for m in ms:
                 m.wait()
-            pids = [m.call("S.pid") for m in ms] + [bigmachine._ForkServer._running.proc.pid]
+            pids = [m.call("S.pid") for m in ms] + bigmachine._ForkServer.pids()
             print(" ".join(map(str, pids)), flush=True)
             time.sleep(600)
     """))
@@ -7692,7 +7714,7 @@ def test_the_fork_server_and_its_machines_end_with_the_driver(tmp_path):
     pids = []
     try:
         pids = [int(p) for p in driver.stdout.readline().split()]
-        assert len(pids) == 3 and all(_alive(p) for p in pids)
+        assert len(pids) >= 3 and all(_alive(p) for p in pids)
         os.kill(driver.pid, signal.SIGKILL)
         eventually(lambda: not any(_alive(p) for p in pids), timeout=10,
                    what="the machines and the fork server to exit after the driver")
