@@ -6506,6 +6506,12 @@ class _ForkServer:
         return server
 
     @classmethod
+    def _forget(cls):
+        """In the child of a fork of the driver: the fork servers are the parent's."""
+        cls._lock = threading.Lock()
+        cls._servers = {}
+
+    @classmethod
     def pids(cls):
         """The process ids of the fork servers running now."""
         with cls._lock:
@@ -6540,9 +6546,11 @@ class _ForkServer:
             raise
         finally:
             theirs.close()
-        self.sock = ours
+        self.sock, self.owner = ours, os.getpid()
         self._request_lock = threading.Lock()   # one fork at a time: replies come in order
+        self._exits_lock = threading.Lock()
         self._forked = {}                        # pid -> _ForkedProcess
+        self._early = {}                         # pid -> exit, reported before registered
         self._started = queue.Queue()            # the fork server's answers to requests
         threading.Thread(target=self._read, name="bigmachine-fork-server", daemon=True).start()
 
@@ -6560,7 +6568,11 @@ class _ForkServer:
                 if answer is None:
                     raise EOFError("the fork server has exited")
                 process = _ForkedProcess(self, answer["pid"], *ours)
-                self._forked[process.pid] = process
+                with self._exits_lock:
+                    self._forked[process.pid] = process
+                    early = self._early.pop(process.pid, None)
+                if early is not None:             # it exited already (a chdir failed, say)
+                    process.exited(*early)
         except BaseException:
             for fd in ours:
                 os.close(fd)
@@ -6572,7 +6584,8 @@ class _ForkServer:
         return process
 
     def idle(self):
-        return not self._forked
+        with self._exits_lock:
+            return not self._forked
 
     def close(self):
         """Let the fork server go (it has no machines): it exits when its socket closes."""
@@ -6597,22 +6610,29 @@ class _ForkServer:
             if message is None:
                 break
             if "exit" in message:
-                process = self._forked.pop(message["exit"], None)
+                with self._exits_lock:
+                    process = self._forked.pop(message["exit"], None)
+                    if process is None:
+                        self._early[message["exit"]] = (message["code"], message["cgroup"])
                 if process is not None:
                     process.exited(message["code"], message["cgroup"])
             else:
                 self._started.put(message)
         # The fork server is gone (killed: it exits only when the driver does). Its machines
         # lose the parent that would report their exit: they are ended, and say why.
-        with self._request_lock:
-            self.closed = True
-            self._started.put(None)
+        self.closed = True
+        self._started.put(None)
+        with self._exits_lock:
             orphans, self._forked = list(self._forked.values()), {}
         for process in orphans:
             with contextlib.suppress(OSError):
                 os.killpg(process.pid, signal.SIGKILL)
             process.exited(-signal.SIGKILL, None)
         self.sock.close()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_ForkServer._forget)
 
 
 def _fork_server_main(fd):
