@@ -6639,6 +6639,7 @@ def _fork_server_main(fd):
     """The life of the fork server: fork a machine for each request on the socket fd, report
     each one's exit there, and exit when the driver closes it."""
     sock = socket.socket(fileno=fd)
+    _prepare_for_machines()
     wake_r, wake_w = os.pipe()
     os.set_blocking(wake_w, False)
     signal.set_wakeup_fd(wake_w)
@@ -6671,6 +6672,16 @@ def _fork_server_main(fd):
         for f in fds:
             os.close(f)
         _send_message(sock, {"pid": pid, "fd": fds[3]})
+
+
+def _prepare_for_machines():
+    """Do once, before any fork, what every machine would do alike after it: import what it
+    imports as it starts (to load the driver's main, to run subprocesses) and find OpenSSL
+    for the read-ahead of its connections."""
+    import multiprocessing.spawn   # noqa: F401
+    import subprocess              # noqa: F401
+    with contextlib.suppress(Exception):
+        _read_ahead(ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER))
 
 
 def _reap_forked(sock, forked):
