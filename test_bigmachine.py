@@ -7724,3 +7724,52 @@ def test_the_fork_server_and_its_machines_end_with_the_driver(tmp_path):
         for pid in pids:
             with contextlib.suppress(OSError):
                 os.kill(pid, signal.SIGKILL)
+
+
+# ======================================================================================
+# Performance: large messages read into huge pages
+# ======================================================================================
+
+def _huge_page_advised(obj):
+    """Is some of obj's memory (a large bytes object) marked MADV_HUGEPAGE? /proc/self/smaps
+    lists each mapping's flags; "hg" is that advice."""
+    start, end = id(obj), id(obj) + len(obj)
+    with open("/proc/self/smaps") as f:
+        lines = f.read().splitlines()
+    span = None
+    for line in lines:
+        head = line.split()[0]
+        if "-" in head and not head.endswith(":"):
+            low, high = (int(x, 16) for x in head.split("-"))
+            span = (low, high)
+        elif line.startswith("VmFlags:") and span and span[0] < end and span[1] > start:
+            if "hg" in line.split()[1:]:
+                return True
+    return False
+
+
+class HugePages:
+    def advised(self, blob):
+        return _huge_page_advised(blob)
+
+    def blob(self, n):
+        return bytes(n)
+
+
+def _transparent_huge_pages():
+    try:
+        with open("/sys/kernel/mm/transparent_hugepage/enabled") as f:
+            return "[never]" not in f.read()
+    except OSError:
+        return False
+
+
+@pytest.mark.skipif(not _transparent_huge_pages(), reason="no transparent huge pages here")
+def test_a_large_argument_and_result_are_read_into_memory_advised_for_huge_pages(lb):
+    m, = running(lb, 1, {"HugePages": HugePages()})
+    size = 32 << 20
+    assert m.call("HugePages.advised", b"x" * size) is True          # the machine's side
+    result = m.call("HugePages.blob", size)
+    assert result == bytes(size) and _huge_page_advised(result)        # the caller's side
+    # Small ones are left as they are.
+    assert m.call("HugePages.advised", b"x" * (4 << 20)) is False
