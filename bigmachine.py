@@ -6237,6 +6237,12 @@ class _LocalProcess(_ChildProcess):
         bootstrap = system.bootstrap(b, machine, credentials, fd)
         self._stdin_data = (json.dumps(bootstrap) + "\n").encode()
 
+    def exit_error(self, code, why, output):
+        if self.forked and self.proc.orphaned:
+            why = ("was ended: the fork server it was forked from (pid %d) died, and nothing "
+                   "else could tell its exit" % self.proc.server.proc.pid)
+        return super().exit_error(code, why, output)
+
     def memory_cgroup_at_exit(self):
         if self.forked:
             self.proc.wait()                 # the fork server read it before reaping it
@@ -6449,6 +6455,7 @@ class _ForkedProcess:
         self.stdout = os.fdopen(stdout, "rb")
         self.stderr = os.fdopen(stderr, "rb")
         self.returncode = self.cgroup = None
+        self.orphaned = False             # ended by the driver because its fork server died
         self._exited = threading.Event()
 
     def exited(self, code, cgroup):
@@ -6627,8 +6634,11 @@ class _ForkServer:
         for process in orphans:
             with contextlib.suppress(OSError):
                 os.killpg(process.pid, signal.SIGKILL)
+            process.orphaned = True
             process.exited(-signal.SIGKILL, None)
         self.sock.close()
+        with contextlib.suppress(Exception):
+            self.proc.wait(5.0)
 
 
 if hasattr(os, "register_at_fork"):
