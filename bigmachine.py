@@ -6380,26 +6380,31 @@ def _machine_code(here, entry, compiled=True):
 # (with whatever the site's .pth files import) and loads this module. So the driver starts
 # one process that does that once, the fork server, and asks it for each machine: it forks,
 # and the child becomes the machine, as a fresh process would have: a session of its own,
-# the pipes the driver made as its stdin, stdout and stderr, the environment and working
-# directory the driver has at the launch, and then the same `_machine_main`. N machines cost
-# one interpreter start plus N forks. The fork server stays single-threaded (it only
-# selects, forks and reaps), so a fork copies no lock held by another thread.
+# the pipes the driver made as its stdin, stdout and stderr, the driver's working directory
+# at the launch, and then the same `_machine_main`. N machines cost one interpreter start
+# plus N forks. The fork server stays single-threaded (it only selects, forks and reaps), so
+# a fork copies no lock held by another thread. It is started with the session
+# (`Local.init`), so that it boots while the driver goes on, and kept for the driver's life.
 #
-# Its requests come over a Unix socket pair, never in process arguments: the descriptors
-# (the machine's pipes and its listening socket) travel with SCM_RIGHTS. The fork server is
-# the machines' parent, so it waits for them: it ends what is left of a machine's process
-# group before it reaps the machine (as `_ChildProcess._wait` does) and reports the exit
-# status, and the memory cgroup the machine died in, to the driver; the driver asks it to
-# kill a machine's group rather than signalling a pid the fork server may have reaped.
-# When the driver goes away the socket reaches EOF and the fork server exits; the
-# machines' stdin reaches EOF too, and they exit as they always do.
+# What a fork cannot give a machine is what a process fixes as it starts: its environment
+# (the one /proc shows, and the PYTHON* variables the interpreter read), the interpreter's
+# flags, resource limits, the umask. A fork server is started with exactly the machines'
+# environment and is keyed by all of these: machines started with another `env` get a fork
+# server of their own (a few at most; idle ones are retired for new ones, and past that
+# machines start fresh). A Python other than the driver's, a system without fork and
+# SCM_RIGHTS, any failure to reach the fork server, or BIGMACHINE_FORK_SERVER=0 start a
+# fresh interpreter as before. (`ps` shows a forked machine with its fork server's
+# command line.)
 #
-# What a fork cannot change per machine is what an interpreter fixes as it starts: the
-# PYTHON* variables, its flags, resource limits, the umask. The fork server is keyed by
-# these as the driver had them when it started it; a launch whose key differs, a Python
-# other than the driver's, a system without fork and SCM_RIGHTS, or
-# BIGMACHINE_FORK_SERVER=0 start a fresh interpreter as before, as does any failure to
-# reach the fork server.
+# Requests come over a Unix socket pair, never in process arguments: the descriptors (the
+# machine's pipes and its listening socket) travel with SCM_RIGHTS. The fork server is the
+# machines' parent, so it waits for them: it ends what is left of a machine's process group
+# before it reaps the machine (as `_ChildProcess._wait` does) and reports the exit status,
+# and the memory cgroup the machine died in, to the driver; the driver asks it to kill a
+# machine's group rather than signal a pid the fork server may have reaped. When the driver
+# goes away the socket reaches EOF and the fork server exits; the machines' stdin reaches
+# EOF too, and they exit as they always do. A fork server that dies leaves machines whose
+# exit nobody can report: the driver ends them, saying why.
 
 _FORK_SERVER_SETTING = "BIGMACHINE_FORK_SERVER"
 
@@ -6489,8 +6494,8 @@ class _ForkServer:
     def prepare(cls, python, env):
         """The fork server for machines of python with env, started if need be; or None."""
         if (os.environ.get(_FORK_SERVER_SETTING, "1") == "0" or not hasattr(os, "fork")
-                or not hasattr(socket, "AF_UNIX") or not hasattr(socket, "SCM_RIGHTS")
-                or not _same_python(python)):
+                or not hasattr(os, "waitid") or not hasattr(socket, "SOCK_SEQPACKET")
+                or not hasattr(socket, "SCM_RIGHTS") or not _same_python(python)):
             return None
         key = _start_settings(python, env)
         with cls._lock:
