@@ -5940,7 +5940,10 @@ class Local(System):
     watchdog would end it within the lease anyway. Its stdout and stderr go to the driver's
     stderr, each line prefixed with the machine's address, and its `logging` records, at the
     driver's level, to the driver's logging (see the Debug section); all of it is read to the
-    end before the machine counts as terminated. Its exit is noticed at once."""
+    end before the machine counts as terminated. Its exit is noticed at once. Machines are
+    forked from a fork server that has started the interpreter and loaded this module once
+    (see "the fork server" below), or, where that cannot be done, start as fresh
+    interpreters."""
 
     name = "local"
 
