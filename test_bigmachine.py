@@ -7726,6 +7726,19 @@ def test_the_fork_server_and_its_machines_end_with_the_driver(tmp_path):
                 os.kill(pid, signal.SIGKILL)
 
 
+def test_machines_of_a_fork_server_that_dies_stop_saying_so_and_new_ones_start():
+    with bigmachine.start(bigmachine.Local(**FAST)) as b:
+        m, = running(b, 1, {"Process": Process()}, env={"FORK_VAR": "doomed"})
+        f = m.call("Process.facts")
+        os.kill(f["ppid"], signal.SIGKILL)
+        assert m.wait(STOPPED, timeout=30) is STOPPED
+        assert "fork server it was forked from (pid %d) died" % f["ppid"] in str(m.err), m.err
+        eventually(lambda: not _alive(f["pid"]), what="the orphaned machine to be ended")
+        m2, = running(b, 1, {"Process": Process()}, env={"FORK_VAR": "doomed"})
+        f2 = m2.call("Process.facts")
+        assert f2["ppid"] != f["ppid"] and f2["ppid"] in bigmachine._ForkServer.pids()
+
+
 # ======================================================================================
 # Performance: large messages read into huge pages
 # ======================================================================================
@@ -7773,16 +7786,3 @@ def test_a_large_argument_and_result_are_read_into_memory_advised_for_huge_pages
     assert result == bytes(size) and _huge_page_advised(result)        # the caller's side
     # Small ones are left as they are.
     assert m.call("HugePages.advised", b"x" * (4 << 20)) is False
-
-
-def test_machines_of_a_fork_server_that_dies_stop_saying_so_and_new_ones_start():
-    with bigmachine.start(bigmachine.Local(**FAST)) as b:
-        m, = running(b, 1, {"Process": Process()}, env={"FORK_VAR": "doomed"})
-        f = m.call("Process.facts")
-        os.kill(f["ppid"], signal.SIGKILL)
-        assert m.wait(STOPPED, timeout=30) is STOPPED
-        assert "fork server it was forked from (pid %d) died" % f["ppid"] in str(m.err), m.err
-        eventually(lambda: not _alive(f["pid"]), what="the orphaned machine to be ended")
-        m2, = running(b, 1, {"Process": Process()}, env={"FORK_VAR": "doomed"})
-        f2 = m2.call("Process.facts")
-        assert f2["ppid"] != f["ppid"] and f2["ppid"] in bigmachine._ForkServer.pids()
