@@ -4887,7 +4887,9 @@ atexit.register(_shutdown_sessions)
 # Python runs one thread of Python at a time, so a machine offering several processors runs
 # CPU-bound tasks in *worker processes*: children of the machine process, spawned on first
 # need (at most the executor's per_machine of them), which load the driver's main module the
-# way the machine did and talk to it over a socketpair. The socketpair is private to the two
+# way the machine did and talk to it over a socketpair. A batch of tasks goes to a worker in
+# one frame, and the worker sends each task's outcome back as soon as it is done, so that it
+# goes from task to task without waiting for the machine to hand it the next. The socketpair is private to the two
 # processes, so the pickles that cross it come only from the authenticated peers the machine
 # itself serves: the wire stays mutual TLS end to end. A worker ends with its machine (it
 # watches its parent) and is killed when a call it runs is cancelled (a cancel must stop
@@ -4897,7 +4899,8 @@ atexit.register(_shutdown_sessions)
 # with its own state and its own `init(b)`, and a call goes to a free replica. A plain service
 # stays Go's one object per machine, in the machine's own process.
 
-_WORKER_TASKS, _WORKER_INSTALL, _WORKER_CALL, _WORKER_REPLY = b"T", b"I", b"C", b"R"
+_WORKER_BATCH, _WORKER_INSTALL, _WORKER_CALL, _WORKER_REPLY, _WORKER_ERROR = \
+    b"B", b"I", b"C", b"R", b"E"
 _WORKER_FRAME = struct.Struct(">cQ")
 
 
@@ -4975,7 +4978,7 @@ class _Worker:
         finally:
             child.close()
         self.sock = parent
-        self.rfile = parent.makefile("rb")
+        self.received = bytearray()          # what came from the worker, not yet read
         self.where = "%s (worker %d)" % (machine.addr, self.proc.pid)
         bootstrap = {"main": machine.main_preparation or _main_preparation(),
                      "credentials": machine.credentials._asdict(), "lease": machine.lease,
@@ -4993,13 +4996,9 @@ class _Worker:
         interrupt) kills the worker, which is the one sure way to stop what it runs."""
         try:
             _send_worker_frame(self.sock, kind, body)
-            while not select.select([self.sock], [], [], 0.05)[0]:
-                pass
-            kind, reply = _read_worker_frame(self.rfile)
+            kind, reply = self._receive()
         except (OSError, EOFError) as e:
-            self.kill()
-            raise Error("worker process %d of %s ended (exit status %s) while it ran a task: %s"
-                        % (self.proc.pid, self.where, self.proc.returncode, e)) from None
+            raise self._ended(e) from None
         except BaseException:
             self.kill()
             raise
@@ -5007,13 +5006,52 @@ class _Worker:
             return reply
         raise _rebuild_error(reply)
 
+    def run_tasks(self, payloads, replies):
+        """Run task payloads one after the other, all sent in one frame: the worker goes
+        from one to the next without waiting for the machine, and sends each one's reply
+        as it is done. Appends to replies each payload's reply (kind, body) as it comes, so
+        that if the worker ends, the replies before the payload it was running stand."""
+        try:
+            _send_worker_frame(self.sock, _WORKER_BATCH,
+                               pickle.dumps(payloads, _PICKLE_PROTOCOL))
+            for _ in payloads:
+                replies.append(self._receive())
+        except (OSError, EOFError) as e:
+            raise self._ended(e) from None
+        except BaseException:
+            self.kill()
+            raise
+
+    def _receive(self):
+        """The next frame from the worker. It waits in select with a timeout, not in a
+        blocking read, so that a cancel's interrupt lands in Python; and it frames the bytes
+        itself, since a worker running a batch may send several replies at once."""
+        buf, head = self.received, _WORKER_FRAME.size
+        while True:
+            if len(buf) >= head:
+                kind, size = _WORKER_FRAME.unpack_from(buf)
+                if len(buf) >= head + size:
+                    body = bytes(buf[head:head + size])
+                    del buf[:head + size]
+                    return kind, body
+            while not select.select([self.sock], [], [], 0.05)[0]:
+                pass
+            data = self.sock.recv(1 << 20)
+            if not data:
+                raise EOFError("the other end of the worker's socket closed")
+            buf += data
+
+    def _ended(self, e):
+        """The error for a worker whose socket broke with e (it is killed, to be sure)."""
+        self.kill()
+        return Error("worker process %d of %s ended (exit status %s) while it ran a task: %s"
+                     % (self.proc.pid, self.where, self.proc.returncode, e))
+
     def kill(self):
         with contextlib.suppress(OSError):
             self.proc.kill()
         with contextlib.suppress(Exception):
             self.proc.wait(5.0)
-        with contextlib.suppress(OSError):
-            self.rfile.close()
         with contextlib.suppress(OSError):
             self.sock.close()
 
@@ -5121,21 +5159,30 @@ def _machine_run_tasks(machine, payloads, slots, method):
             if machine.workers is None:
                 machine.workers = _WorkerPool(machine)
             workers = machine.workers
-        replies = []
+        replies, left = [], list(payloads)
         worker = workers.take(slots)
         try:
-            for payload in payloads:
+            while left:
+                got = []
                 try:
-                    replies.append(worker.request(_WORKER_TASKS, payload))
+                    worker.run_tasks(left, got)
                 except Error as e:
-                    # Its worker died under it (the task ended the process, say): that
-                    # payload's inputs fail with the reason, the rest go on in a new worker.
-                    _, items, _ = _loads(payload, (), "a chunk of tasks")
-                    replies.append(pickle.dumps([(False, _error_payload(e, machine.addr))]
-                                                * len(items), _PICKLE_PROTOCOL))
+                    # Its worker died under it (the task ended the process, say): the
+                    # payload it was running fails with the reason, the rest go on in a new
+                    # worker.
+                    got.append((_WORKER_ERROR, _error_payload(e, machine.addr)))
                     workers.give(worker)
                     worker = None
                     worker = workers.take(slots)
+                for payload, (kind, reply) in zip(left, got):
+                    if kind != _WORKER_REPLY:      # the payload failed as a whole
+                        try:
+                            count = len(_loads(payload, (), "a chunk of tasks")[1])
+                        except Exception:
+                            count = 1
+                        reply = pickle.dumps([(False, reply)] * count, _PICKLE_PROTOCOL)
+                    replies.append(reply)
+                left = left[len(got):]
         finally:
             if worker is not None:
                 workers.give(worker)
@@ -5177,10 +5224,18 @@ def _worker_main(fd):
             except EOFError:
                 break
             try:
-                if kind == _WORKER_TASKS:
-                    fn, items, kwargs = _loads(body, (), "a chunk of tasks")
-                    reply = _run_items(_task_function(fn), items, kwargs, where)
-                elif kind == _WORKER_CALL:
+                if kind == _WORKER_BATCH:
+                    # One reply per payload, each as soon as it is done (see _Worker.run_tasks).
+                    for payload in _loads(body, (), "a batch of tasks"):
+                        try:
+                            fn, items, kwargs = _loads(payload, (), "a chunk of tasks")
+                            reply = _run_items(_task_function(fn), items, kwargs, where)
+                        except Exception as e:
+                            _send_worker_frame(sock, _WORKER_ERROR, _error_payload(e, where))
+                        else:
+                            _send_worker_frame(sock, _WORKER_REPLY, reply)
+                    continue
+                if kind == _WORKER_CALL:
                     name, attr, args, kwargs = _loads(body, (), "a call")
                     reply = _run_items(getattr(replicas[name], attr), [args], kwargs, where)
                 elif kind == _WORKER_INSTALL:
@@ -5194,7 +5249,7 @@ def _worker_main(fd):
                 else:
                     raise Error("a worker got a request of kind %r" % kind)
             except Exception as e:
-                _send_worker_frame(sock, b"E", _error_payload(e, where))
+                _send_worker_frame(sock, _WORKER_ERROR, _error_payload(e, where))
                 continue
             _send_worker_frame(sock, _WORKER_REPLY, reply)
     except BaseException:
