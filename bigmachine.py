@@ -5346,10 +5346,10 @@ class _TaskFuture(_CallFuture):
 
 
 class _Task:
-    __slots__ = ("future", "payload", "method", "count", "attempts", "started", "chunk")
+    __slots__ = ("future", "payload", "method", "key", "count", "attempts", "started", "chunk")
 
-    def __init__(self, future, payload, method, count, chunk):
-        self.future, self.payload, self.method = future, payload, method
+    def __init__(self, future, payload, method, key, count, chunk):
+        self.future, self.payload, self.method, self.key = future, payload, method, key
         self.count, self.chunk = count, chunk
         self.attempts = 0
         self.started = False
@@ -5390,6 +5390,7 @@ class Executor(concurrent.futures.Executor):
         self._lane_room = 0                    # lanes the running machines may have
         self._machines = []                    # the RUNNING machines, as last seen
         self._running = {}                     # Machine -> tasks in flight on it
+        self._took = {}                        # function -> seconds a task of it takes
         self.submitted = self.done = self.failed = self.retried = 0
         self._shutdown = False
         self._wake = threading.Event()         # wakes the watcher early: shutdown
@@ -5454,7 +5455,7 @@ class Executor(concurrent.futures.Executor):
         future = _TaskFuture()
         future._task = name
         future._inflight = _InFlight()         # what a cancel reaches (each attempt has one)
-        task = _Task(future, payload, method, len(items), chunk)
+        task = _Task(future, payload, method, method or blob, len(items), chunk)
         with self._cond:
             if self._shutdown:
                 raise RuntimeError("cannot schedule new futures after shutdown")
@@ -5493,11 +5494,16 @@ class Executor(concurrent.futures.Executor):
         pending = collections.deque()
         state = {"exhausted": False, "chunk": 0}
 
+        key = method or blob
+
         def limit():
             if buffersize is not None:
                 return max(buffersize, 1)
             slots = sum(self._slots(m) for m in self._machines) or 1
-            return chunksize * max(32, 16 * slots)
+            # Enough queued for each lane to take a full batch (see _take), up to a bound:
+            # small tasks, which batch, are usually small inputs too.
+            batched = min(2 * self._lane_room * self._batch_size(key), 8192 // chunksize)
+            return chunksize * max(32, 16 * slots, batched)
 
         def fill():
             most = limit()
@@ -5572,20 +5578,31 @@ class Executor(concurrent.futures.Executor):
                 wanted -= n
         return starts
 
-    _BATCH = 16                        # tasks at most in one call (see _take)
+    _BATCH = 64                        # tasks at most in one call (see _take)
+    _BATCH_TIME = 0.02                 # seconds a call of a batch aims to take (see _take)
+
+    def _batch_size(self, key):
+        """How many tasks of a function (or "Service.method") one call may carry: as many as
+        take `_BATCH_TIME` by the times measured so far, and one until a task was timed."""
+        took = self._took.get(key)
+        if took is None:
+            return 1
+        return max(1, min(self._BATCH, int(self._BATCH_TIME / max(took, 1e-6))))
 
     def _take(self, m):
         """The next tasks for a lane on m (the lock held): the head of the queue and, while
-        the queue is long, the tasks behind it that go the same way (a function, or the same
-        "Service.method"), up to one lane's fair share. Sent in one call, which the machine
-        runs one after the other, they cost one round trip: small tasks given one by one
-        then run nearly as fast as if the user had chunked them, and the batches shrink to
+        the queue is long, the tasks behind it of the same function (or "Service.method"),
+        up to one lane's fair share and to what runs in about `_BATCH_TIME`. Sent in one call,
+        which the machine runs one after the other, they cost one round trip: small tasks
+        given one by one then run nearly as fast as if the user had chunked them. Tasks that
+        take long go one by one (a batch would run its tasks in one processor while another
+        idles), as does the first of a function, which measures it; and the batches shrink to
         single tasks as the queue drains, so that the machines finish together."""
         queue = self._queue
         task = queue.popleft()
         batch = [task]
-        share = min(self._BATCH, len(queue) // max(1, self._lane_count))
-        while len(batch) < share and queue and queue[0].method == task.method:
+        share = min(self._batch_size(task.key), len(queue) // max(1, self._lane_count))
+        while len(batch) < share and queue and queue[0].key == task.key:
             batch.append(queue.popleft())
         self._running[m] = self._running.get(m, 0) + sum(t.count for t in batch)
         return batch
@@ -5635,8 +5652,15 @@ class Executor(concurrent.futures.Executor):
                 inflight.cancel()
         first = live[0].future._task
         try:
+            began = time.perf_counter()
             replies = m._call("Supervisor.run_tasks", ([t.payload for t in live], slots,
                                                        live[0].method), {}, None, inflight)
+            # How long a task of this function takes, as the driver sees it (with the round
+            # trip, and the wait for a slot on the machine: batches err on the small side).
+            took = (time.perf_counter() - began) / len(live)
+            key = live[0].key
+            before = self._took.get(key)
+            self._took[key] = took if before is None else before + (took - before) / 4
             outcomes = [_loads(reply, (), "the results of %s from %s" % (t.future._task, m.addr))
                         for t, reply in zip(live, replies)]
         except BaseException as e:

@@ -4599,6 +4599,7 @@ def task_exit(code):
 
 def test_executor_batches_queued_tasks_and_a_cancel_spares_the_rest(lb, tmp_path):
     ex = lb.executor(progress=False, per_machine=1)
+    ex._BATCH_TIME = 3600.0        # these tasks count as short: they go in batches
     try:
         futures = [ex.submit(task_marked_sleep, str(tmp_path), x, 0.2) for x in range(40)]
         m, = running(lb, 1)                          # 40 waiting: they go in batches
@@ -7524,3 +7525,50 @@ def test_ssh_machines_share_one_compiled_copy_of_the_library(sshd):
     assert files == [os.path.basename(cached)] and files[0].endswith(".marshal")
     assert os.stat(compiled).st_mode & 0o777 == 0o700
     assert inodes[0] == inodes[1]          # loaded again, not written again (that renames)
+
+
+# ======================================================================================
+# Many tasks at full speed: batches sized by time, a worker fed a batch in one frame
+# ======================================================================================
+
+def _run_tasks_calls(b, m):
+    """How many Supervisor.run_tasks calls machine m has served."""
+    methods = b.vars()[m.addr]["rpc.server"]["methods"]
+    return methods.get("Supervisor.run_tasks", {}).get("count", 0)
+
+
+def test_executor_sends_long_tasks_one_by_one_and_short_ones_in_batches(lb, tmp_path):
+    m, = running(lb, 1)
+    with lb.executor(progress=False, per_machine=1) as ex:
+        # Tasks that take longer than a batch aims to take go one call each, however long
+        # the queue: batched, they would wait in one slot while another idles.
+        ex.submit(task_marked_sleep, str(tmp_path), 0, 0.1).result(60)   # timed: long
+        before = _run_tasks_calls(lb, m)
+        args = [str(tmp_path)] * 12, range(12), [0.1] * 12
+        assert list(ex.map(task_marked_sleep, *args)) == [x * x for x in range(12)]
+        assert _run_tasks_calls(lb, m) - before == 12
+        # Short ones travel many to a call. (What counts as short is made generous here, so
+        # that a loaded host cannot make these tasks look long.)
+        ex._BATCH_TIME = 60.0
+        ex.submit(task_square, 1).result(60)                               # timed: short
+        before = _run_tasks_calls(lb, m)
+        assert list(ex.map(task_square, range(400))) == [x * x for x in range(400)]
+        assert _run_tasks_calls(lb, m) - before < 200
+
+
+def test_a_worker_runs_a_batch_and_a_task_that_ends_it_fails_alone(tmp_path):
+    b = bigmachine.start(bigmachine.Local(**LOCAL2))
+    ex = b.executor(progress=False, per_machine=1)
+    ex._BATCH_TIME = 60.0          # every task here counts as short: they go in batches
+    try:
+        futures = [ex.submit(task_square, x) for x in range(20)] + [ex.submit(task_exit, 3)] + \
+            [ex.submit(task_square, x) for x in range(20, 40)]
+        m, = running(b, 1)
+        with pytest.raises(bigmachine.Error, match="worker process .* ended"):
+            futures[20].result(60)
+        assert [f.result(60) for f in futures[:20] + futures[21:]] == [x * x for x in range(40)]
+        assert _run_tasks_calls(b, m) < 41 - 10                   # they went in batches
+        assert len(m.call("Supervisor.worker_pids")) == 1         # the one that took over
+    finally:
+        ex.shutdown(wait=False, cancel_futures=True)
+        b.shutdown()
