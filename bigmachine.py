@@ -3508,13 +3508,14 @@ class Supervisor:
 
     # -- many tasks (see the Executor) ----------------------------------------------------
 
-    def run_tasks(self, payloads, slots=1, method=None):
+    def run_tasks(self, payloads, slots=1, method=None, budget=None):
         """Run some of an Executor's tasks, one after the other: each payload is a pickled
         (function, [argument tuples], keyword arguments), the function None when method names
         a service's method. At most slots calls run at once, in worker processes when the
-        machine offers several processors. Returns, per payload, the pickled outcomes, one
-        per input."""
-        return _machine_run_tasks(self._machine, payloads, slots, method)
+        machine offers several processors. Returns, per payload run, the pickled outcomes,
+        one per input: once budget seconds have gone by running them, no further payload
+        starts, and those left out were not run (at least one always is)."""
+        return _machine_run_tasks(self._machine, payloads, slots, method, budget)
 
     def worker_pids(self):
         """The process ids of this machine's worker processes (Executor tasks and Pooled)."""
@@ -4899,8 +4900,8 @@ atexit.register(_shutdown_sessions)
 # with its own state and its own `init(b)`, and a call goes to a free replica. A plain service
 # stays Go's one object per machine, in the machine's own process.
 
-_WORKER_BATCH, _WORKER_INSTALL, _WORKER_CALL, _WORKER_REPLY, _WORKER_ERROR = \
-    b"B", b"I", b"C", b"R", b"E"
+_WORKER_BATCH, _WORKER_INSTALL, _WORKER_CALL, _WORKER_REPLY, _WORKER_ERROR, _WORKER_STOP = \
+    b"B", b"I", b"C", b"R", b"E", b"S"
 _WORKER_FRAME = struct.Struct(">cQ")
 
 
@@ -5006,16 +5007,22 @@ class _Worker:
             return reply
         raise _rebuild_error(reply)
 
-    def run_tasks(self, payloads, replies):
+    def run_tasks(self, payloads, replies, budget=None):
         """Run task payloads one after the other, all sent in one frame: the worker goes
         from one to the next without waiting for the machine, and sends each one's reply
         as it is done. Appends to replies each payload's reply (kind, body) as it comes, so
-        that if the worker ends, the replies before the payload it was running stand."""
+        that if the worker ends, the replies before the payload it was running stand.
+        Returns whether the worker stopped early, its budget of seconds spent (see
+        `Supervisor.run_tasks`)."""
         try:
             _send_worker_frame(self.sock, _WORKER_BATCH,
-                               pickle.dumps(payloads, _PICKLE_PROTOCOL))
+                               pickle.dumps((budget, payloads), _PICKLE_PROTOCOL))
             for _ in payloads:
-                replies.append(self._receive())
+                reply = self._receive()
+                if reply[0] == _WORKER_STOP:
+                    return True
+                replies.append(reply)
+            return False
         except (OSError, EOFError) as e:
             raise self._ended(e) from None
         except BaseException:
@@ -5150,9 +5157,9 @@ class _Gate:
                 self.cond.notify()
 
 
-def _machine_run_tasks(machine, payloads, slots, method):
+def _machine_run_tasks(machine, payloads, slots, method, budget=None):
     """Run tasks on this machine, one after the other in one slot (see `Supervisor.run_tasks`):
-    a list of the pickled outcomes of each payload."""
+    a list of the pickled outcomes of each payload run."""
     slots = max(1, int(slots))
     if method is None and (machine.maxprocs or 1) > 1:
         with machine.lock:
@@ -5162,10 +5169,11 @@ def _machine_run_tasks(machine, payloads, slots, method):
         replies, left = [], list(payloads)
         worker = workers.take(slots)
         try:
-            while left:
+            stopped = False
+            while left and not stopped:
                 got = []
                 try:
-                    worker.run_tasks(left, got)
+                    stopped = worker.run_tasks(left, got, budget)
                 except Error as e:
                     # Its worker died under it (the task ended the process, say): the
                     # payload it was running fails with the reason, the rest go on in a new
@@ -5190,7 +5198,10 @@ def _machine_run_tasks(machine, payloads, slots, method):
     found = machine.dispatcher.lookup(method) if method is not None else None
     replies = []
     with machine.gate.entered(slots):
+        began = time.perf_counter()
         for payload in payloads:
+            if budget is not None and replies and time.perf_counter() - began >= budget:
+                break
             fn, items, kwargs = _loads(payload, (), "a chunk of tasks")
             replies.append(_run_items(found or _task_function(fn), items, kwargs, machine.addr))
     return replies
@@ -5226,7 +5237,12 @@ def _worker_main(fd):
             try:
                 if kind == _WORKER_BATCH:
                     # One reply per payload, each as soon as it is done (see _Worker.run_tasks).
-                    for payload in _loads(body, (), "a batch of tasks"):
+                    budget, payloads = _loads(body, (), "a batch of tasks")
+                    began = time.perf_counter()
+                    for i, payload in enumerate(payloads):
+                        if i and budget is not None and time.perf_counter() - began >= budget:
+                            _send_worker_frame(sock, _WORKER_STOP, b"")
+                            break
                         try:
                             fn, items, kwargs = _loads(payload, (), "a chunk of tasks")
                             reply = _run_items(_task_function(fn), items, kwargs, where)
@@ -5653,14 +5669,26 @@ class Executor(concurrent.futures.Executor):
         first = live[0].future._task
         try:
             began = time.perf_counter()
+            # A batch sized by a guess that proved wrong (the tasks of a function may take
+            # longer now) comes back once it has run for a while, with the tasks it did not
+            # start, which go back to the head of the queue.
+            budget = 2 * self._BATCH_TIME if len(live) > 1 else None
             replies = m._call("Supervisor.run_tasks", ([t.payload for t in live], slots,
-                                                       live[0].method), {}, None, inflight)
+                                                       live[0].method, budget), {}, None,
+                              inflight)
             # How long a task of this function takes, as the driver sees it (with the round
             # trip, and the wait for a slot on the machine: batches err on the small side).
-            took = (time.perf_counter() - began) / len(live)
+            # Longer times count at once, shorter ones by degrees.
+            took = (time.perf_counter() - began) / max(1, len(replies))
             key = live[0].key
             before = self._took.get(key)
-            self._took[key] = took if before is None else before + (took - before) / 4
+            self._took[key] = took if before is None or took > before else \
+                before + (took - before) / 4
+            left = live[len(replies):]
+            live = live[:len(replies)]
+            if left:
+                with self._cond:
+                    self._queue.extendleft(reversed(left))
             outcomes = [_loads(reply, (), "the results of %s from %s" % (t.future._task, m.addr))
                         for t, reply in zip(live, replies)]
         except BaseException as e:

@@ -7572,3 +7572,22 @@ def test_a_worker_runs_a_batch_and_a_task_that_ends_it_fails_alone(tmp_path):
     finally:
         ex.shutdown(wait=False, cancel_futures=True)
         b.shutdown()
+
+
+def test_a_batch_sized_by_a_wrong_guess_comes_back_with_the_tasks_it_did_not_start(
+        lb, tmp_path):
+    m, = running(lb, 1)
+    with lb.executor(progress=False, per_machine=1) as ex:
+        ex._BATCH_TIME = 0.1       # a batch aims at 0.1 s, and comes back after 0.2 s
+        warm = tmp_path / "warm"
+        warm.mkdir()
+        ex.submit(task_marked_sleep, str(warm), 0, 0).result(60)       # timed: quick
+        before = _run_tasks_calls(lb, m)
+        # Now its tasks take 0.3 s: the batches the old guess made stop after their first
+        # task, and what they did not start runs later, once.
+        futures = [ex.submit(task_marked_sleep, str(tmp_path), x, 0.3) for x in range(8)]
+        assert [f.result(120) for f in futures] == [x * x for x in range(8)]
+        assert _run_tasks_calls(lb, m) - before == 8
+        starts = sorted(int(n.split("-")[1]) for n in os.listdir(str(tmp_path))
+                        if n.startswith("start-"))
+        assert starts == list(range(8))
