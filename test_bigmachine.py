@@ -7574,9 +7574,18 @@ def test_a_worker_runs_a_batch_and_a_task_that_ends_it_fails_alone(tmp_path):
         b.shutdown()
 
 
+@pytest.mark.parametrize("maxprocs", [1, 2])     # in the machine's process; in a worker
 def test_a_batch_sized_by_a_wrong_guess_comes_back_with_the_tasks_it_did_not_start(
-        lb, tmp_path):
+        tmp_path, maxprocs):
+    lb = bigmachine.start(bigmachine.Local(**dict(FAST, maxprocs=maxprocs)))
     m, = running(lb, 1)
+    try:
+        _wrong_guess(lb, m, tmp_path)
+    finally:
+        lb.shutdown()
+
+
+def _wrong_guess(lb, m, tmp_path):
     with lb.executor(progress=False, per_machine=1) as ex:
         ex._BATCH_TIME = 0.1       # a batch aims at 0.1 s, and comes back after 0.2 s
         warm = tmp_path / "warm"
