@@ -2852,7 +2852,8 @@ class _FrameLoop:
         epoll: a caller making calls one after another sends its next frame within tens of
         microseconds, and a thread woken from epoll here took ~10 us longer to answer than
         one that blocked in read (60 -> 70 us a call). Go's scheduler spins the same way
-        before it parks a thread. An idle machine does not spin."""
+        before it parks a thread. An idle machine does not spin, nor one whose worker
+        processes are running tasks: they need the processors a spin would take."""
         while True:
             try:
                 return self._lead_frames(me)
@@ -2873,7 +2874,7 @@ class _FrameLoop:
                     return
                 try:
                     events = None
-                    if served:                # look for the next frame before sleeping
+                    if served and not _busy_workers:   # look for the next frame first
                         until = clock() + self._SPIN
                         events = poll(0)
                         while not events and clock() < until:
@@ -5063,6 +5064,9 @@ class _Worker:
             self.sock.close()
 
 
+_busy_workers = set()         # the workers of this process's machine taken for a request
+
+
 class _WorkerPool:
     """The worker processes of a machine: taken one request at a time, spawned on demand up
     to the number the caller allows, replaced when one is killed or dies."""
@@ -5082,7 +5086,9 @@ class _WorkerPool:
                 if self.closed:
                     raise Error("machine %s is shutting down" % self.machine.addr)
                 if self.idle:
-                    return self.idle.pop()
+                    worker = self.idle.pop()
+                    _busy_workers.add(worker)
+                    return worker
                 if len(self.all) + self.starting < limit:
                     self.starting += 1
                     break
@@ -5102,9 +5108,11 @@ class _WorkerPool:
                 self.cond.notify()
         if worker is None:
             raise Error("machine %s is shutting down" % self.machine.addr)
+        _busy_workers.add(worker)
         return worker
 
     def give(self, worker):
+        _busy_workers.discard(worker)
         with self.cond:
             if worker.proc.poll() is not None or worker.sock.fileno() < 0 or self.closed:
                 self.all.discard(worker)
@@ -5132,6 +5140,7 @@ class _WorkerPool:
             self.closed = True
             workers, self.all, self.idle = list(self.all), set(), []
             self.cond.notify_all()
+        _busy_workers.difference_update(workers)
         for worker in workers:
             worker.kill()
 
