@@ -4871,31 +4871,34 @@ atexit.register(_shutdown_sessions)
 # ======================================================================================
 #
 # Users of a cluster mostly run many tasks. `B.executor` gives them a
-# `concurrent.futures.Executor` over the session's machines. Its tasks wait in a deque on the
-# driver, never in a thread each; each machine gets `per_machine` + 1 *lanes* (threads of the
-# shared pool), each making one call at a time: per_machine tasks run, and one more waits on
-# the machine, ready to start the moment a running one ends, so the machine does not idle
-# while a reply travels. A task is its function (or "Service.method") and a chunk of inputs,
-# pickled once on the driver into bytes that the machine hands on unread when it runs them in
-# a worker; a `Supervisor.run_tasks` call carries one task, or, while the queue is long, a
-# batch of them that the machine runs one after the other (so that many small tasks cost
-# few round trips). Each input's outcome comes back on its own, so one failing input fails
-# that input only. A call that fails because its machine
-# went (MachineStopped, NetworkError) is put back at the head of the deque for another lane,
-# at most `retries` times; an exception raised by the task's own code is an outcome, never
-# retried. Machines that come up later are found by the executor's one thread, which also
-# draws the progress line.
+# `concurrent.futures.Executor` over the session's machines. Its tasks wait in a deque on
+# the driver, never in a thread each; each machine gets `per_machine` + 1 *lanes* (threads
+# of the shared pool), each making one call at a time: per_machine tasks run, and one more
+# waits on the machine, ready to start the moment a running one ends, so the machine does
+# not idle while a reply travels. A task is its function (or "Service.method") and a chunk
+# of inputs, pickled once on the driver into bytes that the machine hands on unread when it
+# runs them in a worker; a `Supervisor.run_tasks` call carries one task, or, while the queue
+# is long, a batch of them that the machine runs one after the other (so that many small
+# tasks cost few round trips). A batch is sized by time, not count: as many tasks of a
+# function as take about `Executor._BATCH_TIME` by the times measured so far, since a batch
+# of long tasks would keep them in one processor while another idles. Each input's outcome
+# comes back on its own, so one failing input fails that input only. A call that fails
+# because its machine went (MachineStopped, NetworkError) is put back at the head of the
+# deque for another lane, at most `retries` times; an exception raised by the task's own
+# code is an outcome, never retried. Machines that come up later are found by the executor's
+# one thread, which also draws the progress line.
 #
 # Python runs one thread of Python at a time, so a machine offering several processors runs
 # CPU-bound tasks in *worker processes*: children of the machine process, spawned on first
 # need (at most the executor's per_machine of them), which load the driver's main module the
 # way the machine did and talk to it over a socketpair. A batch of tasks goes to a worker in
 # one frame, and the worker sends each task's outcome back as soon as it is done, so that it
-# goes from task to task without waiting for the machine to hand it the next. The socketpair is private to the two
-# processes, so the pickles that cross it come only from the authenticated peers the machine
-# itself serves: the wire stays mutual TLS end to end. A worker ends with its machine (it
-# watches its parent) and is killed when a call it runs is cancelled (a cancel must stop
-# CPU-bound code, and a process is the unit that can be stopped at any moment).
+# goes from task to task without waiting for the machine to hand it the next. The socketpair
+# is private to the two processes, so the pickles that cross it come only from the
+# authenticated peers the machine itself serves: the wire stays mutual TLS end to end. A
+# worker ends with its machine (it watches its parent) and is killed when a call it runs is
+# cancelled (a cancel must stop CPU-bound code, and a process is the unit that can be
+# stopped at any moment).
 #
 # `Pooled(service)` replicates a service in such workers: one replica per processor, each
 # with its own state and its own `init(b)`, and a call goes to a free replica. A plain service
@@ -5502,8 +5505,9 @@ class Executor(concurrent.futures.Executor):
     def map(self, fn, *iterables, timeout=None, chunksize=1, buffersize=None):
         """Like `ProcessPoolExecutor.map`: fn over the zipped iterables, results in order.
         Inputs are read lazily, at most buffersize ahead of the results consumed (default:
-        sixteen chunks per slot of the machines, at least 32 chunks), so an endless iterable
-        works; chunksize inputs travel in one call."""
+        sixteen chunks per slot of the machines, at least 32 chunks, and for short tasks
+        enough for full batches, up to 8,192 inputs), so an endless iterable works;
+        chunksize inputs travel in one call."""
         if not isinstance(chunksize, int) or chunksize < 1:
             raise ValueError("chunksize is a number of inputs, at least 1, not %r" % (chunksize,))
         if buffersize is not None and (not isinstance(buffersize, int) or buffersize < 1):
