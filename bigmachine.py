@@ -5507,7 +5507,9 @@ class Executor(concurrent.futures.Executor):
         Inputs are read lazily, at most buffersize ahead of the results consumed (default:
         sixteen chunks per slot of the machines, at least 32 chunks, and for short tasks
         enough for full batches, up to 8,192 inputs), so an endless iterable works;
-        chunksize inputs travel in one call."""
+        chunksize inputs travel in one call. With chunksize 1, inputs of a function
+        measured to be quick are chunked all the same, about `_CHUNK_TIME` of work a chunk:
+        the results and the exceptions are those of one input at a time."""
         if not isinstance(chunksize, int) or chunksize < 1:
             raise ValueError("chunksize is a number of inputs, at least 1, not %r" % (chunksize,))
         if buffersize is not None and (not isinstance(buffersize, int) or buffersize < 1):
@@ -5520,8 +5522,8 @@ class Executor(concurrent.futures.Executor):
         method, blob, name = self._function(fn)
         end = None if timeout is None else time.monotonic() + timeout
         inputs = zip(*iterables)
-        pending = collections.deque()
-        state = {"exhausted": False, "chunk": 0}
+        pending = collections.deque()           # (future, inputs) in input order
+        state = {"exhausted": False, "read": 0, "ahead": 0}
 
         key = method or blob
 
@@ -5531,30 +5533,41 @@ class Executor(concurrent.futures.Executor):
             slots = sum(self._slots(m) for m in self._machines) or 1
             # Enough queued for each lane to take a full batch (see _take), up to a bound:
             # small tasks, which batch, are usually small inputs too.
-            batched = min(2 * self._lane_room * self._batch_size(key), 8192 // chunksize)
-            return chunksize * max(32, 16 * slots, batched)
+            batched = min(2 * self._lane_room * (self._per_time(key, self._BATCH_TIME) or 1),
+                          8192)
+            return max(chunksize * max(32, 16 * slots), batched)
 
         def fill():
             most = limit()
-            while not state["exhausted"] and len(pending) * chunksize < most:
-                items = list(itertools.islice(inputs, chunksize))
+            while not state["exhausted"] and state["ahead"] < most:
+                size = chunksize
+                if size == 1:
+                    # Quick inputs, one by one, would cost the driver and the machine more
+                    # than they take to run: they go a few milliseconds' worth at a time.
+                    size = max(1, min(self._per_time(key, self._CHUNK_TIME) or 1, 1024,
+                                      most - state["ahead"]))
+                items = list(itertools.islice(inputs, size))
                 if not items:
                     state["exhausted"] = True
                     return
-                state["chunk"] += 1
-                label = "%s[chunk %d]" % (name, state["chunk"]) if chunksize > 1 else \
-                    "%s[%d]" % (name, state["chunk"] - 1)
-                pending.append(self._enqueue(method, blob, label, items, {}, True))
+                first = state["read"]
+                state["read"] += len(items)
+                state["ahead"] += len(items)
+                label = "%s[%d]" % (name, first) if len(items) == 1 else \
+                    "%s[%d:%d]" % (name, first, first + len(items))
+                pending.append((self._enqueue(method, blob, label, items, {}, True),
+                                len(items)))
 
         fill()
 
         def results():
             try:
                 while pending:
-                    future = pending[0]
+                    future, count = pending[0]
                     left = None if end is None else end - time.monotonic()
                     outcomes = future.result(left)
                     pending.popleft()
+                    state["ahead"] -= count
                     fill()
                     for ok, value in outcomes:
                         if not ok:
@@ -5562,7 +5575,7 @@ class Executor(concurrent.futures.Executor):
                         yield value
                     del outcomes
             finally:
-                for future in pending:
+                for future, _ in pending:
                     future.cancel()
         return results()
 
@@ -5609,14 +5622,21 @@ class Executor(concurrent.futures.Executor):
 
     _BATCH = 64                        # tasks at most in one call (see _take)
     _BATCH_TIME = 0.02                 # seconds a call of a batch aims to take (see _take)
+    _CHUNK_TIME = 0.005                # seconds of work in a chunk that map makes (see map)
 
-    def _batch_size(self, key):
-        """How many tasks of a function (or "Service.method") one call may carry: as many as
-        take `_BATCH_TIME` by the times measured so far, and one until a task was timed."""
+    def _per_time(self, key, seconds):
+        """How many inputs of a function (or "Service.method") run in about seconds, by the
+        times measured so far; None until one was timed."""
         took = self._took.get(key)
         if took is None:
-            return 1
-        return max(1, min(self._BATCH, int(self._BATCH_TIME / max(took, 1e-6))))
+            return None
+        return int(seconds / max(took, 1e-7))
+
+    def _batch_size(self, key, count=1):
+        """How many tasks of count inputs each one call may carry: as many as take
+        `_BATCH_TIME`, and one until a task of the function was timed."""
+        n = self._per_time(key, self._BATCH_TIME)
+        return 1 if n is None else max(1, min(self._BATCH, n // max(1, count)))
 
     def _take(self, m):
         """The next tasks for a lane on m (the lock held): the head of the queue and, while
@@ -5630,7 +5650,8 @@ class Executor(concurrent.futures.Executor):
         queue = self._queue
         task = queue.popleft()
         batch = [task]
-        share = min(self._batch_size(task.key), len(queue) // max(1, self._lane_count))
+        share = min(self._batch_size(task.key, task.count),
+                    len(queue) // max(1, self._lane_count))
         while len(batch) < share and queue and queue[0].key == task.key:
             batch.append(queue.popleft())
         self._running[m] = self._running.get(m, 0) + sum(t.count for t in batch)
@@ -5689,10 +5710,11 @@ class Executor(concurrent.futures.Executor):
             replies = m._call("Supervisor.run_tasks", ([t.payload for t in live], slots,
                                                        live[0].method, budget), {}, None,
                               inflight)
-            # How long a task of this function takes, as the driver sees it (with the round
-            # trip, and the wait for a slot on the machine: batches err on the small side).
-            # Longer times count at once, shorter ones by degrees.
-            took = (time.perf_counter() - began) / max(1, len(replies))
+            # How long an input of this function takes, as the driver sees it (with the
+            # round trip, and the wait for a slot on the machine: batches err on the small
+            # side). Longer times count at once, shorter ones by degrees.
+            took = (time.perf_counter() - began) / max(1, sum(t.count for t in
+                                                              live[:len(replies)]))
             key = live[0].key
             before = self._took.get(key)
             self._took[key] = took if before is None or took > before else \

@@ -7600,3 +7600,20 @@ def _wrong_guess(lb, m, tmp_path):
         starts = sorted(int(n.split("-")[1]) for n in os.listdir(str(tmp_path))
                         if n.startswith("start-"))
         assert starts == list(range(8))
+
+
+def test_map_chunks_quick_inputs_itself_and_still_answers_one_input_at_a_time(lb):
+    m, = running(lb, 1)
+    with lb.executor(progress=False) as ex:
+        ex._CHUNK_TIME = 60.0      # every input here counts as quick: map chunks them
+        ex._BATCH = 1              # and a call carries one chunk, so calls count chunks
+        ex.submit(task_square, 1).result(60)                               # timed
+        before = _run_tasks_calls(lb, m)
+        results = ex.map(task_square, list(range(300)) + ["x"] + list(range(300, 400)))
+        assert [next(results) for _ in range(300)] == [x * x for x in range(300)]
+        with pytest.raises(TypeError, match="can't multiply sequence"):
+            next(results)                      # the failing input, in its place
+        assert _run_tasks_calls(lb, m) - before < 40
+        # An endless input still works: chunks are read as the results are consumed.
+        assert list(itertools.islice(ex.map(task_square, itertools.count()), 5000))[-1] \
+            == 4999 * 4999
