@@ -5418,7 +5418,7 @@ class Executor(concurrent.futures.Executor):
         self._lane_room = 0                    # lanes the running machines may have
         self._machines = []                    # the RUNNING machines, as last seen
         self._running = {}                     # Machine -> tasks in flight on it
-        self._took = {}                        # function -> seconds a task of it takes
+        self._took = {}                        # function -> seconds an input of it takes
         self.submitted = self.done = self.failed = self.retried = 0
         self._shutdown = False
         self._wake = threading.Event()         # wakes the watcher early: shutdown
