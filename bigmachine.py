@@ -2786,6 +2786,11 @@ class _Leader:
         self.calls = 0                # frames it has served
 
 
+# The worker processes of this process's machine that are running a request (see the "Many
+# tasks" section): while there are any, the frame loop does not spin (see _FrameLoop._lead).
+_busy_workers = set()
+
+
 class _FrameLoop:
     """A machine's upgraded connections, served by one thread at a time.
 
@@ -5065,9 +5070,6 @@ class _Worker:
             self.proc.wait(5.0)
         with contextlib.suppress(OSError):
             self.sock.close()
-
-
-_busy_workers = set()         # the workers of this process's machine taken for a request
 
 
 class _WorkerPool:
