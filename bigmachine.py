@@ -3518,9 +3518,11 @@ class Supervisor:
         """Run some of an Executor's tasks, one after the other: each payload is a pickled
         (function, [argument tuples], keyword arguments), the function None when method names
         a service's method. At most slots calls run at once, in worker processes when the
-        machine offers several processors. Returns, per payload run, the pickled outcomes,
-        one per input: once budget seconds have gone by running them, no further payload
-        starts, and those left out were not run (at least one always is)."""
+        machine offers several processors. Returns (replies, seconds): per payload run, the
+        pickled outcomes, one per input; and the seconds spent running them (waits for a
+        slot not counted), which is how the driver learns how long a task takes. Once budget
+        seconds have gone by running them, no further payload starts, and those left out of
+        the replies were not run (at least one always is)."""
         return _machine_run_tasks(self._machine, payloads, slots, method, budget)
 
     def worker_pids(self):
@@ -5173,7 +5175,7 @@ class _Gate:
 
 def _machine_run_tasks(machine, payloads, slots, method, budget=None):
     """Run tasks on this machine, one after the other in one slot (see `Supervisor.run_tasks`):
-    a list of the pickled outcomes of each payload run."""
+    the pickled outcomes of each payload run, and the seconds they took."""
     slots = max(1, int(slots))
     if method is None and (machine.maxprocs or 1) > 1:
         with machine.lock:
@@ -5182,6 +5184,7 @@ def _machine_run_tasks(machine, payloads, slots, method, budget=None):
             workers = machine.workers
         replies, left = [], list(payloads)
         worker = workers.take(slots)
+        began = time.perf_counter()
         try:
             stopped = False
             while left and not stopped:
@@ -5208,7 +5211,7 @@ def _machine_run_tasks(machine, payloads, slots, method, budget=None):
         finally:
             if worker is not None:
                 workers.give(worker)
-        return replies
+        return replies, time.perf_counter() - began
     found = machine.dispatcher.lookup(method) if method is not None else None
     replies = []
     with machine.gate.entered(slots):
@@ -5218,7 +5221,7 @@ def _machine_run_tasks(machine, payloads, slots, method, budget=None):
                 break
             fn, items, kwargs = _loads(payload, (), "a chunk of tasks")
             replies.append(_run_items(found or _task_function(fn), items, kwargs, machine.addr))
-    return replies
+        return replies, time.perf_counter() - began
 
 
 def _worker_main(fd):
@@ -5704,23 +5707,21 @@ class Executor(concurrent.futures.Executor):
                 inflight.cancel()
         first = live[0].future._task
         try:
-            began = time.perf_counter()
             # A batch sized by a guess that proved wrong (the tasks of a function may take
             # longer now) comes back once it has run for a while, with the tasks it did not
             # start, which go back to the head of the queue.
             budget = 2 * self._BATCH_TIME if len(live) > 1 else None
-            replies = m._call("Supervisor.run_tasks", ([t.payload for t in live], slots,
-                                                       live[0].method, budget), {}, None,
-                              inflight)
-            # How long an input of this function takes, as the driver sees it (with the
-            # round trip, and the wait for a slot on the machine: batches err on the small
-            # side). Longer times count at once, shorter ones by degrees.
-            took = (time.perf_counter() - began) / max(1, sum(t.count for t in
-                                                              live[:len(replies)]))
+            replies, ran = m._call("Supervisor.run_tasks", ([t.payload for t in live], slots,
+                                                            live[0].method, budget), {}, None,
+                                   inflight)
+            # How long an input of this function takes to run on a machine (the waits for
+            # a slot and the round trip not counted: they would make the batches of a busy
+            # executor ever smaller), a moving average that follows longer times faster.
+            took = ran / max(1, sum(t.count for t in live[:len(replies)]))
             key = live[0].key
             before = self._took.get(key)
-            self._took[key] = took if before is None or took > before else \
-                before + (took - before) / 4
+            self._took[key] = took if before is None else \
+                before + (took - before) / (2 if took > before else 4)
             left = live[len(replies):]
             live = live[:len(replies)]
             if left:
