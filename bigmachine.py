@@ -2786,6 +2786,11 @@ class _Leader:
         self.calls = 0                # frames it has served
 
 
+# The worker processes of this process's machine that are running a request (see the "Many
+# tasks" section): while there are any, the frame loop does not spin (see _FrameLoop._lead).
+_busy_workers = set()
+
+
 class _FrameLoop:
     """A machine's upgraded connections, served by one thread at a time.
 
@@ -2852,7 +2857,8 @@ class _FrameLoop:
         epoll: a caller making calls one after another sends its next frame within tens of
         microseconds, and a thread woken from epoll here took ~10 us longer to answer than
         one that blocked in read (60 -> 70 us a call). Go's scheduler spins the same way
-        before it parks a thread. An idle machine does not spin."""
+        before it parks a thread. An idle machine does not spin, nor one whose worker
+        processes are running tasks: they need the processors a spin would take."""
         while True:
             try:
                 return self._lead_frames(me)
@@ -2873,7 +2879,7 @@ class _FrameLoop:
                     return
                 try:
                     events = None
-                    if served:                # look for the next frame before sleeping
+                    if served and not _busy_workers:   # look for the next frame first
                         until = clock() + self._SPIN
                         events = poll(0)
                         while not events and clock() < until:
@@ -3508,13 +3514,16 @@ class Supervisor:
 
     # -- many tasks (see the Executor) ----------------------------------------------------
 
-    def run_tasks(self, payloads, slots=1, method=None):
+    def run_tasks(self, payloads, slots=1, method=None, budget=None):
         """Run some of an Executor's tasks, one after the other: each payload is a pickled
         (function, [argument tuples], keyword arguments), the function None when method names
         a service's method. At most slots calls run at once, in worker processes when the
-        machine offers several processors. Returns, per payload, the pickled outcomes, one
-        per input."""
-        return _machine_run_tasks(self._machine, payloads, slots, method)
+        machine offers several processors. Returns (replies, seconds): per payload run, the
+        pickled outcomes, one per input; and the seconds spent running them (waits for a
+        slot not counted), which is how the driver learns how long a task takes. Once budget
+        seconds have gone by running them, no further payload starts, and those left out of
+        the replies were not run (at least one always is)."""
+        return _machine_run_tasks(self._machine, payloads, slots, method, budget)
 
     def worker_pids(self):
         """The process ids of this machine's worker processes (Executor tasks and Pooled)."""
@@ -4869,35 +4878,41 @@ atexit.register(_shutdown_sessions)
 # ======================================================================================
 #
 # Users of a cluster mostly run many tasks. `B.executor` gives them a
-# `concurrent.futures.Executor` over the session's machines. Its tasks wait in a deque on the
-# driver, never in a thread each; each machine gets `per_machine` + 1 *lanes* (threads of the
-# shared pool), each making one call at a time: per_machine tasks run, and one more waits on
-# the machine, ready to start the moment a running one ends, so the machine does not idle
-# while a reply travels. A task is its function (or "Service.method") and a chunk of inputs,
-# pickled once on the driver into bytes that the machine hands on unread when it runs them in
-# a worker; a `Supervisor.run_tasks` call carries one task, or, while the queue is long, a
-# batch of them that the machine runs one after the other (so that many small tasks cost
-# few round trips). Each input's outcome comes back on its own, so one failing input fails
-# that input only. A call that fails because its machine
-# went (MachineStopped, NetworkError) is put back at the head of the deque for another lane,
-# at most `retries` times; an exception raised by the task's own code is an outcome, never
-# retried. Machines that come up later are found by the executor's one thread, which also
-# draws the progress line.
+# `concurrent.futures.Executor` over the session's machines. Its tasks wait in a deque on
+# the driver, never in a thread each; each machine gets `per_machine` + 1 *lanes* (threads
+# of the shared pool), each making one call at a time: per_machine tasks run, and one more
+# waits on the machine, ready to start the moment a running one ends, so the machine does
+# not idle while a reply travels. A task is its function (or "Service.method") and a chunk
+# of inputs, pickled once on the driver into bytes that the machine hands on unread when it
+# runs them in a worker; a `Supervisor.run_tasks` call carries one task, or, while the queue
+# is long, a batch of them that the machine runs one after the other (so that many small
+# tasks cost few round trips). A batch is sized by time, not count: as many tasks of a
+# function as take about `Executor._BATCH_TIME` by the times measured so far, since a batch
+# of long tasks would keep them in one processor while another idles. Each input's outcome
+# comes back on its own, so one failing input fails that input only. A call that fails
+# because its machine went (MachineStopped, NetworkError) is put back at the head of the
+# deque for another lane, at most `retries` times; an exception raised by the task's own
+# code is an outcome, never retried. Machines that come up later are found by the executor's
+# one thread, which also draws the progress line.
 #
 # Python runs one thread of Python at a time, so a machine offering several processors runs
 # CPU-bound tasks in *worker processes*: children of the machine process, spawned on first
 # need (at most the executor's per_machine of them), which load the driver's main module the
-# way the machine did and talk to it over a socketpair. The socketpair is private to the two
-# processes, so the pickles that cross it come only from the authenticated peers the machine
-# itself serves: the wire stays mutual TLS end to end. A worker ends with its machine (it
-# watches its parent) and is killed when a call it runs is cancelled (a cancel must stop
-# CPU-bound code, and a process is the unit that can be stopped at any moment).
+# way the machine did and talk to it over a socketpair. A batch of tasks goes to a worker in
+# one frame, and the worker sends each task's outcome back as soon as it is done, so that it
+# goes from task to task without waiting for the machine to hand it the next. The socketpair
+# is private to the two processes, so the pickles that cross it come only from the
+# authenticated peers the machine itself serves: the wire stays mutual TLS end to end. A
+# worker ends with its machine (it watches its parent) and is killed when a call it runs is
+# cancelled (a cancel must stop CPU-bound code, and a process is the unit that can be
+# stopped at any moment).
 #
 # `Pooled(service)` replicates a service in such workers: one replica per processor, each
 # with its own state and its own `init(b)`, and a call goes to a free replica. A plain service
 # stays Go's one object per machine, in the machine's own process.
 
-_WORKER_TASKS, _WORKER_INSTALL, _WORKER_CALL, _WORKER_REPLY = b"T", b"I", b"C", b"R"
+_WORKER_BATCH, _WORKER_INSTALL, _WORKER_CALL, _WORKER_REPLY, _WORKER_ERROR, _WORKER_STOP = \
+    b"B", b"I", b"C", b"R", b"E", b"S"
 _WORKER_FRAME = struct.Struct(">cQ")
 
 
@@ -4975,7 +4990,7 @@ class _Worker:
         finally:
             child.close()
         self.sock = parent
-        self.rfile = parent.makefile("rb")
+        self.received = bytearray()          # what came from the worker, not yet read
         self.where = "%s (worker %d)" % (machine.addr, self.proc.pid)
         bootstrap = {"main": machine.main_preparation or _main_preparation(),
                      "credentials": machine.credentials._asdict(), "lease": machine.lease,
@@ -4993,13 +5008,9 @@ class _Worker:
         interrupt) kills the worker, which is the one sure way to stop what it runs."""
         try:
             _send_worker_frame(self.sock, kind, body)
-            while not select.select([self.sock], [], [], 0.05)[0]:
-                pass
-            kind, reply = _read_worker_frame(self.rfile)
+            kind, reply = self._receive()
         except (OSError, EOFError) as e:
-            self.kill()
-            raise Error("worker process %d of %s ended (exit status %s) while it ran a task: %s"
-                        % (self.proc.pid, self.where, self.proc.returncode, e)) from None
+            raise self._ended(e) from None
         except BaseException:
             self.kill()
             raise
@@ -5007,13 +5018,58 @@ class _Worker:
             return reply
         raise _rebuild_error(reply)
 
+    def run_tasks(self, payloads, replies, budget=None):
+        """Run task payloads one after the other, all sent in one frame: the worker goes
+        from one to the next without waiting for the machine, and sends each one's reply
+        as it is done. Appends to replies each payload's reply (kind, body) as it comes, so
+        that if the worker ends, the replies before the payload it was running stand.
+        Returns whether the worker stopped early, its budget of seconds spent (see
+        `Supervisor.run_tasks`)."""
+        try:
+            _send_worker_frame(self.sock, _WORKER_BATCH,
+                               pickle.dumps((budget, payloads), _PICKLE_PROTOCOL))
+            for _ in payloads:
+                reply = self._receive()
+                if reply[0] == _WORKER_STOP:
+                    return True
+                replies.append(reply)
+            return False
+        except (OSError, EOFError) as e:
+            raise self._ended(e) from None
+        except BaseException:
+            self.kill()
+            raise
+
+    def _receive(self):
+        """The next frame from the worker. It waits in select with a timeout, not in a
+        blocking read, so that a cancel's interrupt lands in Python; and it frames the bytes
+        itself, since a worker running a batch may send several replies at once."""
+        buf, head = self.received, _WORKER_FRAME.size
+        while True:
+            if len(buf) >= head:
+                kind, size = _WORKER_FRAME.unpack_from(buf)
+                if len(buf) >= head + size:
+                    body = bytes(buf[head:head + size])
+                    del buf[:head + size]
+                    return kind, body
+            while not select.select([self.sock], [], [], 0.05)[0]:
+                pass
+            data = self.sock.recv(1 << 20)
+            if not data:
+                raise EOFError("the other end of the worker's socket closed")
+            buf += data
+
+    def _ended(self, e):
+        """The error for a worker whose socket broke with e (it is killed, to be sure)."""
+        self.kill()
+        return Error("worker process %d of %s ended (exit status %s) while it ran a task: %s"
+                     % (self.proc.pid, self.where, self.proc.returncode, e))
+
     def kill(self):
         with contextlib.suppress(OSError):
             self.proc.kill()
         with contextlib.suppress(Exception):
             self.proc.wait(5.0)
-        with contextlib.suppress(OSError):
-            self.rfile.close()
         with contextlib.suppress(OSError):
             self.sock.close()
 
@@ -5037,7 +5093,9 @@ class _WorkerPool:
                 if self.closed:
                     raise Error("machine %s is shutting down" % self.machine.addr)
                 if self.idle:
-                    return self.idle.pop()
+                    worker = self.idle.pop()
+                    _busy_workers.add(worker)
+                    return worker
                 if len(self.all) + self.starting < limit:
                     self.starting += 1
                     break
@@ -5057,9 +5115,11 @@ class _WorkerPool:
                 self.cond.notify()
         if worker is None:
             raise Error("machine %s is shutting down" % self.machine.addr)
+        _busy_workers.add(worker)
         return worker
 
     def give(self, worker):
+        _busy_workers.discard(worker)
         with self.cond:
             if worker.proc.poll() is not None or worker.sock.fileno() < 0 or self.closed:
                 self.all.discard(worker)
@@ -5087,6 +5147,7 @@ class _WorkerPool:
             self.closed = True
             workers, self.all, self.idle = list(self.all), set(), []
             self.cond.notify_all()
+        _busy_workers.difference_update(workers)
         for worker in workers:
             worker.kill()
 
@@ -5112,41 +5173,55 @@ class _Gate:
                 self.cond.notify()
 
 
-def _machine_run_tasks(machine, payloads, slots, method):
+def _machine_run_tasks(machine, payloads, slots, method, budget=None):
     """Run tasks on this machine, one after the other in one slot (see `Supervisor.run_tasks`):
-    a list of the pickled outcomes of each payload."""
+    the pickled outcomes of each payload run, and the seconds they took."""
     slots = max(1, int(slots))
     if method is None and (machine.maxprocs or 1) > 1:
         with machine.lock:
             if machine.workers is None:
                 machine.workers = _WorkerPool(machine)
             workers = machine.workers
-        replies = []
+        replies, left = [], list(payloads)
         worker = workers.take(slots)
+        began = time.perf_counter()
         try:
-            for payload in payloads:
+            stopped = False
+            while left and not stopped:
+                got = []
                 try:
-                    replies.append(worker.request(_WORKER_TASKS, payload))
+                    stopped = worker.run_tasks(left, got, budget)
                 except Error as e:
-                    # Its worker died under it (the task ended the process, say): that
-                    # payload's inputs fail with the reason, the rest go on in a new worker.
-                    _, items, _ = _loads(payload, (), "a chunk of tasks")
-                    replies.append(pickle.dumps([(False, _error_payload(e, machine.addr))]
-                                                * len(items), _PICKLE_PROTOCOL))
+                    # Its worker died under it (the task ended the process, say): the
+                    # payload it was running fails with the reason, the rest go on in a new
+                    # worker.
+                    got.append((_WORKER_ERROR, _error_payload(e, machine.addr)))
                     workers.give(worker)
                     worker = None
                     worker = workers.take(slots)
+                for payload, (kind, reply) in zip(left, got):
+                    if kind != _WORKER_REPLY:      # the payload failed as a whole
+                        try:
+                            count = len(_loads(payload, (), "a chunk of tasks")[1])
+                        except Exception:
+                            count = 1
+                        reply = pickle.dumps([(False, reply)] * count, _PICKLE_PROTOCOL)
+                    replies.append(reply)
+                left = left[len(got):]
         finally:
             if worker is not None:
                 workers.give(worker)
-        return replies
+        return replies, time.perf_counter() - began
     found = machine.dispatcher.lookup(method) if method is not None else None
     replies = []
     with machine.gate.entered(slots):
+        began = time.perf_counter()
         for payload in payloads:
+            if budget is not None and replies and time.perf_counter() - began >= budget:
+                break
             fn, items, kwargs = _loads(payload, (), "a chunk of tasks")
             replies.append(_run_items(found or _task_function(fn), items, kwargs, machine.addr))
-    return replies
+        return replies, time.perf_counter() - began
 
 
 def _worker_main(fd):
@@ -5177,10 +5252,23 @@ def _worker_main(fd):
             except EOFError:
                 break
             try:
-                if kind == _WORKER_TASKS:
-                    fn, items, kwargs = _loads(body, (), "a chunk of tasks")
-                    reply = _run_items(_task_function(fn), items, kwargs, where)
-                elif kind == _WORKER_CALL:
+                if kind == _WORKER_BATCH:
+                    # One reply per payload, each as soon as it is done (see _Worker.run_tasks).
+                    budget, payloads = _loads(body, (), "a batch of tasks")
+                    began = time.perf_counter()
+                    for i, payload in enumerate(payloads):
+                        if i and budget is not None and time.perf_counter() - began >= budget:
+                            _send_worker_frame(sock, _WORKER_STOP, b"")
+                            break
+                        try:
+                            fn, items, kwargs = _loads(payload, (), "a chunk of tasks")
+                            reply = _run_items(_task_function(fn), items, kwargs, where)
+                        except Exception as e:
+                            _send_worker_frame(sock, _WORKER_ERROR, _error_payload(e, where))
+                        else:
+                            _send_worker_frame(sock, _WORKER_REPLY, reply)
+                    continue
+                if kind == _WORKER_CALL:
                     name, attr, args, kwargs = _loads(body, (), "a call")
                     reply = _run_items(getattr(replicas[name], attr), [args], kwargs, where)
                 elif kind == _WORKER_INSTALL:
@@ -5194,7 +5282,7 @@ def _worker_main(fd):
                 else:
                     raise Error("a worker got a request of kind %r" % kind)
             except Exception as e:
-                _send_worker_frame(sock, b"E", _error_payload(e, where))
+                _send_worker_frame(sock, _WORKER_ERROR, _error_payload(e, where))
                 continue
             _send_worker_frame(sock, _WORKER_REPLY, reply)
     except BaseException:
@@ -5291,10 +5379,10 @@ class _TaskFuture(_CallFuture):
 
 
 class _Task:
-    __slots__ = ("future", "payload", "method", "count", "attempts", "started", "chunk")
+    __slots__ = ("future", "payload", "method", "key", "count", "attempts", "started", "chunk")
 
-    def __init__(self, future, payload, method, count, chunk):
-        self.future, self.payload, self.method = future, payload, method
+    def __init__(self, future, payload, method, key, count, chunk):
+        self.future, self.payload, self.method, self.key = future, payload, method, key
         self.count, self.chunk = count, chunk
         self.attempts = 0
         self.started = False
@@ -5335,6 +5423,7 @@ class Executor(concurrent.futures.Executor):
         self._lane_room = 0                    # lanes the running machines may have
         self._machines = []                    # the RUNNING machines, as last seen
         self._running = {}                     # Machine -> tasks in flight on it
+        self._took = {}                        # function -> seconds an input of it takes
         self.submitted = self.done = self.failed = self.retried = 0
         self._shutdown = False
         self._wake = threading.Event()         # wakes the watcher early: shutdown
@@ -5399,7 +5488,7 @@ class Executor(concurrent.futures.Executor):
         future = _TaskFuture()
         future._task = name
         future._inflight = _InFlight()         # what a cancel reaches (each attempt has one)
-        task = _Task(future, payload, method, len(items), chunk)
+        task = _Task(future, payload, method, method or blob, len(items), chunk)
         with self._cond:
             if self._shutdown:
                 raise RuntimeError("cannot schedule new futures after shutdown")
@@ -5421,8 +5510,11 @@ class Executor(concurrent.futures.Executor):
     def map(self, fn, *iterables, timeout=None, chunksize=1, buffersize=None):
         """Like `ProcessPoolExecutor.map`: fn over the zipped iterables, results in order.
         Inputs are read lazily, at most buffersize ahead of the results consumed (default:
-        sixteen chunks per slot of the machines, at least 32 chunks), so an endless iterable
-        works; chunksize inputs travel in one call."""
+        sixteen chunks per slot of the machines, at least 32 chunks, and for short tasks
+        enough for full batches, up to 8,192 inputs), so an endless iterable works;
+        chunksize inputs travel in one call. With chunksize 1, inputs of a function
+        measured to be quick are chunked all the same, about `_CHUNK_TIME` of work a chunk:
+        the results and the exceptions are those of one input at a time."""
         if not isinstance(chunksize, int) or chunksize < 1:
             raise ValueError("chunksize is a number of inputs, at least 1, not %r" % (chunksize,))
         if buffersize is not None and (not isinstance(buffersize, int) or buffersize < 1):
@@ -5435,36 +5527,52 @@ class Executor(concurrent.futures.Executor):
         method, blob, name = self._function(fn)
         end = None if timeout is None else time.monotonic() + timeout
         inputs = zip(*iterables)
-        pending = collections.deque()
-        state = {"exhausted": False, "chunk": 0}
+        pending = collections.deque()           # (future, inputs) in input order
+        state = {"exhausted": False, "read": 0, "ahead": 0}
+
+        key = method or blob
 
         def limit():
             if buffersize is not None:
                 return max(buffersize, 1)
             slots = sum(self._slots(m) for m in self._machines) or 1
-            return chunksize * max(32, 16 * slots)
+            # Enough queued for each lane to take a full batch (see _take), up to a bound:
+            # small tasks, which batch, are usually small inputs too.
+            batched = min(2 * self._lane_room * (self._per_time(key, self._BATCH_TIME) or 1),
+                          8192)
+            return max(chunksize * max(32, 16 * slots), batched)
 
         def fill():
             most = limit()
-            while not state["exhausted"] and len(pending) * chunksize < most:
-                items = list(itertools.islice(inputs, chunksize))
+            while not state["exhausted"] and state["ahead"] < most:
+                size = chunksize
+                if size == 1:
+                    # Quick inputs, one by one, would cost the driver and the machine more
+                    # than they take to run: they go a few milliseconds' worth at a time.
+                    size = max(1, min(self._per_time(key, self._CHUNK_TIME) or 1, 1024,
+                                      most - state["ahead"]))
+                items = list(itertools.islice(inputs, size))
                 if not items:
                     state["exhausted"] = True
                     return
-                state["chunk"] += 1
-                label = "%s[chunk %d]" % (name, state["chunk"]) if chunksize > 1 else \
-                    "%s[%d]" % (name, state["chunk"] - 1)
-                pending.append(self._enqueue(method, blob, label, items, {}, True))
+                first = state["read"]
+                state["read"] += len(items)
+                state["ahead"] += len(items)
+                label = "%s[%d]" % (name, first) if len(items) == 1 else \
+                    "%s[%d:%d]" % (name, first, first + len(items))
+                pending.append((self._enqueue(method, blob, label, items, {}, True),
+                                len(items)))
 
         fill()
 
         def results():
             try:
                 while pending:
-                    future = pending[0]
+                    future, count = pending[0]
                     left = None if end is None else end - time.monotonic()
                     outcomes = future.result(left)
                     pending.popleft()
+                    state["ahead"] -= count
                     fill()
                     for ok, value in outcomes:
                         if not ok:
@@ -5472,7 +5580,7 @@ class Executor(concurrent.futures.Executor):
                         yield value
                     del outcomes
             finally:
-                for future in pending:
+                for future, _ in pending:
                     future.cancel()
         return results()
 
@@ -5517,20 +5625,39 @@ class Executor(concurrent.futures.Executor):
                 wanted -= n
         return starts
 
-    _BATCH = 16                        # tasks at most in one call (see _take)
+    _BATCH = 64                        # tasks at most in one call (see _take)
+    _BATCH_TIME = 0.02                 # seconds a call of a batch aims to take (see _take)
+    _CHUNK_TIME = 0.005                # seconds of work in a chunk that map makes (see map)
+
+    def _per_time(self, key, seconds):
+        """How many inputs of a function (or "Service.method") run in about seconds, by the
+        times measured so far; None until one was timed."""
+        took = self._took.get(key)
+        if took is None:
+            return None
+        return int(seconds / max(took, 1e-7))
+
+    def _batch_size(self, key, count=1):
+        """How many tasks of count inputs each one call may carry: as many as take
+        `_BATCH_TIME`, and one until a task of the function was timed."""
+        n = self._per_time(key, self._BATCH_TIME)
+        return 1 if n is None else max(1, min(self._BATCH, n // max(1, count)))
 
     def _take(self, m):
         """The next tasks for a lane on m (the lock held): the head of the queue and, while
-        the queue is long, the tasks behind it that go the same way (a function, or the same
-        "Service.method"), up to one lane's fair share. Sent in one call, which the machine
-        runs one after the other, they cost one round trip: small tasks given one by one
-        then run nearly as fast as if the user had chunked them, and the batches shrink to
+        the queue is long, the tasks behind it of the same function (or "Service.method"),
+        up to one lane's fair share and to what runs in about `_BATCH_TIME`. Sent in one call,
+        which the machine runs one after the other, they cost one round trip: small tasks
+        given one by one then run nearly as fast as if the user had chunked them. Tasks that
+        take long go one by one (a batch would run its tasks in one processor while another
+        idles), as does the first of a function, which measures it; and the batches shrink to
         single tasks as the queue drains, so that the machines finish together."""
         queue = self._queue
         task = queue.popleft()
         batch = [task]
-        share = min(self._BATCH, len(queue) // max(1, self._lane_count))
-        while len(batch) < share and queue and queue[0].method == task.method:
+        share = min(self._batch_size(task.key, task.count),
+                    len(queue) // max(1, self._lane_count))
+        while len(batch) < share and queue and queue[0].key == task.key:
             batch.append(queue.popleft())
         self._running[m] = self._running.get(m, 0) + sum(t.count for t in batch)
         return batch
@@ -5580,8 +5707,26 @@ class Executor(concurrent.futures.Executor):
                 inflight.cancel()
         first = live[0].future._task
         try:
-            replies = m._call("Supervisor.run_tasks", ([t.payload for t in live], slots,
-                                                       live[0].method), {}, None, inflight)
+            # A batch sized by a guess that proved wrong (the tasks of a function may take
+            # longer now) comes back once it has run for a while, with the tasks it did not
+            # start, which go back to the head of the queue.
+            budget = 2 * self._BATCH_TIME if len(live) > 1 else None
+            replies, ran = m._call("Supervisor.run_tasks", ([t.payload for t in live], slots,
+                                                            live[0].method, budget), {}, None,
+                                   inflight)
+            # How long an input of this function takes to run on a machine (the waits for
+            # a slot and the round trip not counted: they would make the batches of a busy
+            # executor ever smaller), a moving average that follows longer times faster.
+            took = ran / max(1, sum(t.count for t in live[:len(replies)]))
+            key = live[0].key
+            before = self._took.get(key)
+            self._took[key] = took if before is None else \
+                before + (took - before) / (2 if took > before else 4)
+            left = live[len(replies):]
+            live = live[:len(replies)]
+            if left:
+                with self._cond:
+                    self._queue.extendleft(reversed(left))
             outcomes = [_loads(reply, (), "the results of %s from %s" % (t.future._task, m.addr))
                         for t, reply in zip(live, replies)]
         except BaseException as e:

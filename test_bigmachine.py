@@ -4614,6 +4614,7 @@ def task_exit(code):
 
 def test_executor_batches_queued_tasks_and_a_cancel_spares_the_rest(lb, tmp_path):
     ex = lb.executor(progress=False, per_machine=1)
+    ex._BATCH_TIME = 3600.0        # these tasks count as short: they go in batches
     try:
         futures = [ex.submit(task_marked_sleep, str(tmp_path), x, 0.2) for x in range(40)]
         m, = running(lb, 1)                          # 40 waiting: they go in batches
@@ -7786,3 +7787,95 @@ def test_a_large_argument_and_result_are_read_into_memory_advised_for_huge_pages
     assert result == bytes(size) and _huge_page_advised(result)        # the caller's side
     # Small ones are left as they are.
     assert m.call("HugePages.advised", b"x" * (4 << 20)) is False
+
+
+# ======================================================================================
+# Many tasks at full speed: batches sized by time, a worker fed a batch in one frame
+# ======================================================================================
+
+def _run_tasks_calls(b, m):
+    """How many Supervisor.run_tasks calls machine m has served."""
+    methods = b.vars()[m.addr]["rpc.server"]["methods"]
+    return methods.get("Supervisor.run_tasks", {}).get("count", 0)
+
+
+def test_executor_sends_long_tasks_one_by_one_and_short_ones_in_batches(lb, tmp_path):
+    m, = running(lb, 1)
+    with lb.executor(progress=False, per_machine=1) as ex:
+        # Tasks that take longer than a batch aims to take go one call each, however long
+        # the queue: batched, they would wait in one slot while another idles.
+        ex.submit(task_marked_sleep, str(tmp_path), 0, 0.1).result(60)   # timed: long
+        before = _run_tasks_calls(lb, m)
+        args = [str(tmp_path)] * 12, range(12), [0.1] * 12
+        assert list(ex.map(task_marked_sleep, *args)) == [x * x for x in range(12)]
+        assert _run_tasks_calls(lb, m) - before == 12
+        # Short ones travel many to a call. (What counts as short is made generous here, so
+        # that a loaded host cannot make these tasks look long.)
+        ex._BATCH_TIME = 60.0
+        ex.submit(task_square, 1).result(60)                               # timed: short
+        before = _run_tasks_calls(lb, m)
+        assert list(ex.map(task_square, range(400))) == [x * x for x in range(400)]
+        assert _run_tasks_calls(lb, m) - before < 200
+
+
+def test_a_worker_runs_a_batch_and_a_task_that_ends_it_fails_alone(tmp_path):
+    b = bigmachine.start(bigmachine.Local(**LOCAL2))
+    ex = b.executor(progress=False, per_machine=1)
+    ex._BATCH_TIME = 60.0          # every task here counts as short: they go in batches
+    try:
+        futures = [ex.submit(task_square, x) for x in range(20)] + [ex.submit(task_exit, 3)] + \
+            [ex.submit(task_square, x) for x in range(20, 40)]
+        m, = running(b, 1)
+        with pytest.raises(bigmachine.Error, match="worker process .* ended"):
+            futures[20].result(60)
+        assert [f.result(60) for f in futures[:20] + futures[21:]] == [x * x for x in range(40)]
+        assert _run_tasks_calls(b, m) < 41 - 10                   # they went in batches
+        assert len(m.call("Supervisor.worker_pids")) == 1         # the one that took over
+    finally:
+        ex.shutdown(wait=False, cancel_futures=True)
+        b.shutdown()
+
+
+@pytest.mark.parametrize("maxprocs", [1, 2])     # in the machine's process; in a worker
+def test_a_batch_sized_by_a_wrong_guess_comes_back_with_the_tasks_it_did_not_start(
+        tmp_path, maxprocs):
+    lb = bigmachine.start(bigmachine.Local(**dict(FAST, maxprocs=maxprocs)))
+    m, = running(lb, 1)
+    try:
+        _wrong_guess(lb, m, tmp_path)
+    finally:
+        lb.shutdown()
+
+
+def _wrong_guess(lb, m, tmp_path):
+    with lb.executor(progress=False, per_machine=1) as ex:
+        ex._BATCH_TIME = 0.1       # a batch aims at 0.1 s, and comes back after 0.2 s
+        warm = tmp_path / "warm"
+        warm.mkdir()
+        ex.submit(task_marked_sleep, str(warm), 0, 0).result(60)       # timed: quick
+        before = _run_tasks_calls(lb, m)
+        # Now its tasks take 0.3 s: the batches the old guess made stop after their first
+        # task, and what they did not start runs later, once.
+        futures = [ex.submit(task_marked_sleep, str(tmp_path), x, 0.3) for x in range(8)]
+        assert [f.result(120) for f in futures] == [x * x for x in range(8)]
+        assert _run_tasks_calls(lb, m) - before == 8
+        starts = sorted(int(n.split("-")[1]) for n in os.listdir(str(tmp_path))
+                        if n.startswith("start-"))
+        assert starts == list(range(8))
+
+
+def test_map_chunks_quick_inputs_itself_and_still_answers_one_input_at_a_time(lb):
+    m, = running(lb, 1)
+    with lb.executor(progress=False) as ex:
+        ex._CHUNK_TIME = 60.0      # every input here counts as quick: map chunks them
+        ex._BATCH = 1              # and a call carries one chunk, so calls count chunks
+        ex.submit(task_square, 1).result(60)                               # timed
+        before = _run_tasks_calls(lb, m)
+        results = ex.map(task_square, list(range(300)) + ["x"] + list(range(300, 400)))
+        assert [next(results) for _ in range(300)] == [x * x for x in range(300)]
+        with pytest.raises(TypeError, match="can't multiply sequence"):
+            next(results)                      # the failing input, in its place
+        assert _run_tasks_calls(lb, m) - before < 40
+        # An endless input still works: chunks are read as the results are consumed.
+        assert list(itertools.islice(ex.map(task_square, itertools.count()), 5000))[-1] \
+            == 4999 * 4999

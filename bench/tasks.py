@@ -18,6 +18,11 @@ concurrent.futures.ProcessPoolExecutor(2) and multiprocessing.Pool(2), always; D
 (client.map) and Ray (remote tasks) when they import, run by bench/run.py inside
 `unshare -n` since they probe the network by themselves.
 
+Next to each time, *_cpu_us is the CPU time per task (microseconds) of the driver and every
+process under it (machines, workers, pool processes): unlike wall-clock times it stays put on
+a loaded host, and against tasks_serial_1ms_cpu_us it says what each task costs beyond its
+own work.
+
 The machine processes load this file as __mp_main__: module top level stays import-safe.
 """
 
@@ -101,14 +106,60 @@ def timed(fn):
     return time.perf_counter() - t
 
 
+_TICK = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+
+
+def tree_cpu():
+    """CPU seconds (user + system) used so far by this process and its live descendants
+    (machines, their workers, pool processes), from /proc; None where there is no /proc."""
+    try:
+        parent, cpu = {}, {}
+        for name in os.listdir("/proc"):
+            if name.isdigit():
+                try:
+                    with open("/proc/%s/stat" % name) as f:
+                        fields = f.read().rsplit(")", 1)[1].split()
+                except OSError:
+                    continue
+                parent[int(name)] = int(fields[1])
+                cpu[int(name)] = (int(fields[11]) + int(fields[12])) / _TICK
+    except OSError:
+        return None
+    mine, total = {os.getpid()}, 0.0
+    grew = True
+    while grew:
+        grew = False
+        for pid, ppid in parent.items():
+            if ppid in mine and pid not in mine:
+                mine.add(pid)
+                grew = True
+    for pid in mine:
+        total += cpu.get(pid, 0.0)
+    return total
+
+
+def cpu_timed(fn, n, out, key):
+    """timed(fn), and into out[key + "_cpu_us"] the CPU microseconds per task that this
+    process and its descendants spent: a measure that stays put on a loaded host, where
+    wall-clock times do not (processes still alive at the end are counted)."""
+    before = tree_cpu()
+    took = timed(fn)
+    after = tree_cpu()
+    if before is not None and after is not None:
+        out[key + "_cpu_us"] = 1e6 * (after - before) / n
+    return took
+
+
 R1 = R01 = R25 = None        # rounds of work of a 1 ms, 0.1 ms and 25 ms task, set by main
+SERIAL_CPU = {}              # "1ms_cpu_us": CPU microseconds a 1 ms task takes one process
 
 
 def serial_times(opts):
     global R1, R01, R25
     R1, R01, R25 = rounds(1), rounds(0.1), rounds(25)
     return {
-        "1ms": timed(lambda: [busy(R1) for _ in range(opts.n1)]),
+        "1ms": cpu_timed(lambda: [busy(R1) for _ in range(opts.n1)], opts.n1, SERIAL_CPU,
+                         "1ms"),
         "0.1ms": timed(lambda: [busy(R01) for _ in range(opts.n01)]),
         "cpu": timed(lambda: [busy(R25) for _ in range(opts.ncpu)]),
     }
@@ -126,11 +177,13 @@ def run_bigmachine(opts, out):
         with b.executor(progress=False) as ex:
             list(ex.map(busy, [R1] * 20))                           # warm
             with _PeakThreads() as p:
-                r["1ms_map_s"] = timed(lambda: list(ex.map(busy, [R1] * opts.n1)))
+                r["1ms_map_s"] = cpu_timed(lambda: list(ex.map(busy, [R1] * opts.n1)),
+                                           opts.n1, r, "1ms_map")
             r["1ms_map_threads"] = p.peak
             with _PeakThreads() as p:
-                r["0.1ms_chunked_s"] = timed(lambda: list(
-                    ex.map(busy, [R01] * opts.n01, chunksize=opts.n01 // 40)))
+                r["0.1ms_chunked_s"] = cpu_timed(lambda: list(
+                    ex.map(busy, [R01] * opts.n01, chunksize=opts.n01 // 40)),
+                    opts.n01, r, "0.1ms_chunked")
             r["0.1ms_chunked_threads"] = p.peak
 
             def async_calls():
@@ -138,7 +191,7 @@ def run_bigmachine(opts, out):
                 for f in concurrent.futures.as_completed(futures):
                     f.result()
             with _PeakThreads() as p:
-                r["1ms_async_s"] = timed(async_calls)
+                r["1ms_async_s"] = cpu_timed(async_calls, opts.n1, r, "1ms_async")
             r["1ms_async_threads"] = p.peak
             rss = C.PeakRSS(os.getpid())
             total = 0
@@ -154,7 +207,8 @@ def run_bigmachine(opts, out):
         with b.executor(progress=False) as ex:
             list(ex.map(busy, [R1] * 4))                            # the workers start
             with _PeakThreads() as p:
-                r["cpu_map_s"] = timed(lambda: list(ex.map(busy, [R25] * opts.ncpu)))
+                r["cpu_map_s"] = cpu_timed(lambda: list(ex.map(busy, [R25] * opts.ncpu)),
+                                           opts.ncpu, r, "cpu_map")
             r["cpu_map_threads"] = p.peak
         m.call("Burner.burn", R1)
         one = min(timed(lambda: m.call("Burner.burn", rounds(opts.pooled_ms))) for _ in range(2))
@@ -177,7 +231,8 @@ def run_stdlib(opts, out, name, make):
         get = (lambda f: f.result()) if hasattr(pool, "submit") else (lambda f: f.get())
         list(pool.map(busy, [R1] * 20))                             # the workers start
         with _PeakThreads() as p:
-            r["1ms_map_s"] = timed(lambda: list(pool.map(busy, [R1] * opts.n1)))
+            r["1ms_map_s"] = cpu_timed(lambda: list(pool.map(busy, [R1] * opts.n1)),
+                                       opts.n1, r, "1ms_map")
         r["1ms_map_threads"] = p.peak
 
         def each():
@@ -185,7 +240,7 @@ def run_stdlib(opts, out, name, make):
                       for _ in range(opts.n1)]:
                 get(f)
         with _PeakThreads() as p:
-            r["1ms_async_s"] = timed(each)
+            r["1ms_async_s"] = cpu_timed(each, opts.n1, r, "1ms_async")
         r["1ms_async_threads"] = p.peak
         with _PeakThreads() as p:
             r["0.1ms_chunked_s"] = timed(lambda: list(
@@ -284,6 +339,7 @@ def main():
         except Exception as e:
             notes.append("%s: failed: %s: %s" % (name, type(e).__name__, e))
     tasks = {"tasks_serial_" + k: v for k, v in serial.items()}
+    tasks.update(("tasks_serial_" + k, v) for k, v in SERIAL_CPU.items())
     tasks.update(("tasks_" + k.replace(":", "_"), v) for k, v in results.items())
     # The targets as ratios (see bench/run.py's TARGETS).
     if "1ms_map_s" in results:
