@@ -4771,6 +4771,8 @@ class B:
         try:
             threads = []
             for m in machines:
+                m._leaving = True         # a keepalive that fails from here on is expected
+            for m in machines:
                 if m.owned:
                     t = threading.Thread(target=self._shutdown_machine, args=(m, deadline),
                                          name="bigmachine-shutdown", daemon=True)
