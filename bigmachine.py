@@ -3140,8 +3140,30 @@ class CallContext:
             self._cancelled = True
             if self._event is not None:
                 self._event.set()
-            if self._thread_id is not None and not self._interrupted:
-                self._interrupted = _interrupt_thread(self._thread_id)
+            self._interrupt()
+
+    def _interrupt(self):
+        """Raise the interrupt in the call's thread, if it still runs the call (the caller
+        holds _contexts_lock, which `_leave` takes once a cancel has begun)."""
+        thread_id = self._thread_id           # read once: _leave may clear it meanwhile
+        if thread_id is None or self._interrupted:
+            return
+        interrupted = _interrupt_thread(thread_id)
+        if interrupted is None:               # not now: a thread is starting (see below)
+            _background(self._interrupt_soon)
+        else:
+            self._interrupted = interrupted
+
+    def _interrupt_soon(self):
+        while True:
+            time.sleep(0.001)
+            with _contexts_lock:
+                if self._thread_id is None or self._interrupted:
+                    return
+                interrupted = _interrupt_thread(self._thread_id)
+                if interrupted is not None:
+                    self._interrupted = interrupted
+                    return
 
     def _leave(self):
         """The call is over: no interrupt may reach its thread any more.
@@ -3167,14 +3189,35 @@ def current_call() -> typing.Optional[CallContext]:
     return getattr(_calls, "context", None)
 
 
+# Before Python 3.12 a thread being started has, until it first runs, a thread state that
+# carries its parent's ident, and PyThreadState_SetAsyncExc raises in the first state with the
+# ident it is given: the newest. So an interrupt aimed at a method that is starting a thread
+# could land in the new thread instead, which then died before it began (an "exception
+# ignored in thread started by") while the method waited in Thread.start() for ever. Such a
+# thread stays in threading's _limbo until after it has taken its own ident, and Thread.start
+# puts it there before it makes the thread state, both under _active_limbo_lock: so with the
+# lock held and _limbo empty no thread state carries a borrowed ident, and with _limbo not
+# empty the interrupt waits a millisecond and tries again. (A thread started with _thread
+# directly is not seen; threading is what code uses.)
+_LIMBO = (getattr(threading, "_limbo", None), getattr(threading, "_active_limbo_lock", None)) \
+    if sys.version_info < (3, 12) else (None, None)
+
+
 def _interrupt_thread(thread_id, withdraw=False):
-    """Raise `_Interrupt` asynchronously in a thread (or withdraw a pending one)."""
+    """Raise `_Interrupt` asynchronously in a thread (or withdraw a pending one). True if it
+    was raised, False if it cannot be, None if not now: a thread is starting."""
     try:
         import ctypes
     except ImportError:          # some locked-down builds lack ctypes: cooperative only
         return False
     exc = ctypes.py_object(_Interrupt) if not withdraw else None
-    return ctypes.pythonapi.PyThreadState_SetAsyncExc(ctypes.c_ulong(thread_id), exc) == 1
+    limbo, limbo_lock = _LIMBO
+    if limbo_lock is None or withdraw:        # withdraw: the thread itself, starting nothing
+        return ctypes.pythonapi.PyThreadState_SetAsyncExc(ctypes.c_ulong(thread_id), exc) == 1
+    with limbo_lock:
+        if limbo:
+            return None
+        return ctypes.pythonapi.PyThreadState_SetAsyncExc(ctypes.c_ulong(thread_id), exc) == 1
 
 
 class _Dispatcher:

@@ -7524,3 +7524,78 @@ def test_ssh_machines_share_one_compiled_copy_of_the_library(sshd):
     assert files == [os.path.basename(cached)] and files[0].endswith(".marshal")
     assert os.stat(compiled).st_mode & 0o777 == 0o700
     assert inodes[0] == inodes[1]          # loaded again, not written again (that renames)
+
+
+# ======================================================================================
+# The maintainer's pass (issue 18): the file's rules, each checked
+# ======================================================================================
+
+_STARTER_EVENTS = []
+
+
+class ThreadStarter:
+    """A method that does nothing but start threads, so that a cancel finds it doing so."""
+
+    def run(self, key):
+        _STARTER_EVENTS.append(("start", key))
+        try:
+            while True:
+                thread = threading.Thread(target=int)
+                thread.start()
+                thread.join()
+        finally:
+            _STARTER_EVENTS.append(("end", key))
+
+
+def test_a_cancel_interrupts_the_method_not_a_thread_it_is_starting(tb, monkeypatch):
+    # Before Python 3.12, a thread being started carries its parent's ident until it runs,
+    # and an interrupt raised by ident went to it: it died before it began ("exception
+    # ignored in thread started by") and the method waited for it for ever. On those
+    # versions nearly every one of these cancels found the method inside Thread.start().
+    lost = []
+    monkeypatch.setattr(sys, "unraisablehook", lambda u: lost.append(repr(u.exc_value)))
+    monkeypatch.setattr(threading, "excepthook", lambda a: lost.append(repr(a.exc_value)))
+    m, = running(tb, 1, {"Starter": ThreadStarter()})
+    for key in range(20):
+        future = m.call_async("Starter.run", key)
+        eventually(lambda: ("start", key) in _STARTER_EVENTS, what="the method to run")
+        time.sleep(random.uniform(0, 0.003))
+        future.cancel()
+        eventually(lambda: ("end", key) in _STARTER_EVENTS, timeout=10,
+                   what="cancelled call %d to end on the machine" % key)
+    assert not lost, lost
+
+
+def test_an_interrupt_waits_while_a_thread_is_starting_then_lands():
+    # The same race without the network: many cancels, each at a random moment of a thread
+    # that starts threads; every one ends the loop in that thread and nowhere else.
+    lost = []
+    hook, sys.unraisablehook = sys.unraisablehook, lambda u: lost.append(repr(u.exc_value))
+    try:
+        for i in range(200):
+            box, ready, ended = {}, threading.Event(), []
+
+            def serve():
+                context = box["context"] = bigmachine.CallContext("T.m", i, None)
+                ready.set()
+                try:
+                    try:
+                        while True:
+                            thread = threading.Thread(target=int)
+                            thread.start()
+                            thread.join()
+                    finally:
+                        context._leave()
+                except bigmachine._Interrupt:
+                    ended.append(i)
+
+            server = threading.Thread(target=serve, daemon=True)
+            server.start()
+            ready.wait()
+            time.sleep(random.uniform(0, 0.002))
+            box["context"].cancel()
+            server.join(10)
+            assert not server.is_alive(), "trial %d: the thread hangs in Thread.start()" % i
+            assert ended == [i] and not lost, (i, ended, lost)
+    finally:
+        sys.unraisablehook = hook
