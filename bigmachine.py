@@ -31,6 +31,11 @@ Certificates (Go: internal/authority)
     connection check the other's certificate against the session CA: the servers are
     authenticated too, which the Go original does not do.
 
+Pickling
+    Everything that crosses the wire is pickled (protocol 5, large buffers out of band). When
+    something cannot be pickled, the error names the path to it inside the object
+    (`service.client._sock (socket.socket)`), not just its type.
+
 Wire (Go: rpc)
     A connection is TLS with client certificates required on both sides. Its first exchange is
     an HTTP request (`GET /bigrpc` with `Upgrade: bigrpc/1`, which also compares versions); the
@@ -88,6 +93,11 @@ Debug (Go: profile.go, status.go, expvar.go, rpc/stats.go)
     published variables and per-method call statistics, a status page, and the machines'
     output and logging records forwarded to the driver. `B.serve_debug` serves it over HTTP;
     `B.debug_wsgi` hands the same pages to the user's own web server.
+
+Starting a session (Go: driver)
+    `start(system)` picks the system by object or by name (from the command line's
+    `--bigm.system`, or BIGMACHINE_SYSTEM), and refuses to run where it would start sessions
+    recursively: on a machine, or while a machine imports the driver's unguarded main module.
 
 Command line
     `python bigmachine.py selftest` checks the whole system on the machine at hand;
@@ -907,13 +917,14 @@ def client_context(credentials: Credentials) -> ssl.SSLContext:
 # OpenSSL reads a TLS record with two system calls, its 5-byte header and then the rest,
 # unless its context "reads ahead": then one read takes whatever the kernel holds, up to
 # OpenSSL's buffer. That is one system call fewer for every small message, and half the reads
-# of a bulk transfer (64 MiB over loopback here: 810 -> 1,240 MB/s). Python's ssl module has no
-# switch for it (SSL_CTX_set_read_ahead), so the library sets it with ctypes on the SSL_CTX
-# that an SSLContext wraps: the first field after the object header, in every CPython from
-# 3.6 to 3.14. It is set only where that holds, and only when the pointer proves right:
-# SSL_CTX_get_options on it must give the options the SSLContext reports. Anything else
-# leaves the context as it was. The library's own connections only: server_context() and
-# client_context() give users the stock behaviour. BIGMACHINE_TLS_READ_AHEAD=0 turns it off.
+# of a bulk transfer (bench/'s "64 MiB argument" and "64 MiB reply" measure what that gives).
+# Python's ssl module has no switch for it (SSL_CTX_set_read_ahead), so the library sets it
+# with ctypes on the SSL_CTX that an SSLContext wraps: the first field after the object
+# header, in every CPython from 3.6 to 3.14. It is set only where that holds, and only when
+# the pointer proves right: SSL_CTX_get_options on it must give the options the SSLContext
+# reports. Anything else leaves the context as it was. The library's own connections only:
+# server_context() and client_context() give users the stock behaviour.
+# BIGMACHINE_TLS_READ_AHEAD=0 turns it off.
 _SSL_CTRL_SET_READ_AHEAD = 41      # OpenSSL's ssl.h, the same in 1.1 and 3.x
 _libssl = None
 
@@ -984,11 +995,11 @@ def _pickle(obj):
     and buffers are what pickle sent out of band. Raises whatever pickling raises.
 
     pickle.dumps builds one bytes object, so a 64 MiB argument is first copied into the pickle
-    (48 ms here, a third of sending it). A Pickler that writes to a file hands each large
-    bytes object (64 KiB and more) to the file's write as itself, so the pieces are a few
-    small ones around the caller's own objects, sent from where they are. Each thread keeps
-    its pickler (a new one costs a microsecond, dumps of a small call a third of that; the
-    kept one 0.15 us more than dumps). Its memo is cleared after each use: the memo holds
+    (a large share of sending it: see bench/'s pickle floor). A Pickler that writes to a file
+    hands each large bytes object (64 KiB and more) to the file's write as itself, so the
+    pieces are a few small ones around the caller's own objects, sent from where they are. Each
+    thread keeps its pickler (making one costs more than pickling a small call with it;
+    bench/'s small call measures the whole). Its memo is cleared after each use: the memo holds
     what was pickled, and must not keep a large argument alive after its call. A __reduce__
     that makes a call of its own gets a pickler of its own."""
     sink = getattr(_sinks, "sink", None)
@@ -1472,7 +1483,7 @@ class _TooLarge(SerializationError):
     def explain(self, what, verb, who):
         return ("%s %s %s, more than %s accepts (%s, %s); send large data as a stream: an open "
                 "binary file as an argument, a file or an iterator of bytes as a result"
-                % (what, verb, _format_size(self.size), who, _format_size(self.limit), self.why))
+                % (what, verb, _bytes(self.size), who, _bytes(self.limit), self.why))
 
 
 def _max_message(size):
@@ -1489,7 +1500,7 @@ def _max_message(size):
     if available is None:
         return size, ""
     return available // 2, ("half of the %s of memory available; BIGMACHINE_MAX_MESSAGE sets "
-                            "another limit" % _format_size(available))
+                            "another limit" % _bytes(available))
 
 
 def _memory_available():
@@ -1503,11 +1514,14 @@ def _memory_available():
     return None
 
 
-def _format_size(n):
-    for unit, scale in (("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
-        if n >= scale:
-            return "%.1f %s" % (n / scale, unit)
-    return "%d bytes" % n
+def _bytes(n):
+    """n bytes for people: 512 B, 1.5 KiB, 2.0 GiB."""
+    if n is None:
+        return "?"
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return ("%d %s" if unit == "B" else "%.1f %s") % (n, unit)
+        n /= 1024.0
 
 
 def _skip(rfile, n):
@@ -1897,11 +1911,11 @@ class _Peer:
     """Connections to one machine address: a pool of idle ones, and the calls made over them."""
 
     # A connection idle for longer than this is checked for EOF before it carries a call, so
-    # that one the machine closed (it restarted at the same address, say) is not used: the
-    # call would fail though the machine is up. The check (a select) costs ~8 us on the hot
-    # path, 9% of a call, so calls in quick succession skip it; any restart takes longer than
-    # this (a process needs tens of milliseconds to start), as does anything else that closes
-    # an idle connection.
+    # that one the machine closed (it restarted at the same address, say) is not used: the call
+    # would fail though the machine is up. The check (a select) is a noticeable share of a
+    # small call (bench/'s "small call"), so calls in quick succession skip it; any restart
+    # takes longer than this (a process needs tens of milliseconds to start), as does anything
+    # else that closes an idle connection.
     _STALE_CHECK = 0.01
 
     # A thread that waits for a reply asleep in recv is woken by the kernel when it comes, and
@@ -2850,8 +2864,8 @@ class _FrameLoop:
 
         A leader that has just served a frame spins for `_SPIN` seconds before it sleeps in
         epoll: a caller making calls one after another sends its next frame within tens of
-        microseconds, and a thread woken from epoll here took ~10 us longer to answer than
-        one that blocked in read (60 -> 70 us a call). Go's scheduler spins the same way
+        microseconds, and a thread woken from epoll answers later than one that blocked in
+        read (bench/'s "small call" shows the difference). Go's scheduler spins the same way
         before it parks a thread. An idle machine does not spin."""
         while True:
             try:
@@ -3193,19 +3207,20 @@ def current_call() -> typing.Optional[CallContext]:
 # carries its parent's ident, and PyThreadState_SetAsyncExc raises in the first state with the
 # ident it is given: the newest. So an interrupt aimed at a method that is starting a thread
 # could land in the new thread instead, which then died before it began (an "exception
-# ignored in thread started by") while the method waited in Thread.start() for ever. Such a
-# thread stays in threading's _limbo until after it has taken its own ident, and Thread.start
-# puts it there before it makes the thread state, both under _active_limbo_lock: so with the
-# lock held and _limbo empty no thread state carries a borrowed ident, and with _limbo not
-# empty the interrupt waits a millisecond and tries again. (A thread started with _thread
-# directly is not seen; threading is what code uses.)
+# ignored in thread started by") while the method waited in Thread.start() for ever. The
+# interrupt is therefore raised with threading's _active_limbo_lock held: Thread.start takes
+# it to put the thread in _limbo before it makes the thread state, and the thread leaves
+# _limbo only after it has taken its own ident. If _limbo is empty, no state carries a
+# borrowed ident; if not, and the method's own stack is inside Thread.start, the interrupt
+# waits a millisecond and tries again. (A thread started with _thread directly is not seen;
+# threading is what code uses.)
 _LIMBO = (getattr(threading, "_limbo", None), getattr(threading, "_active_limbo_lock", None)) \
     if sys.version_info < (3, 12) else (None, None)
 
 
 def _interrupt_thread(thread_id, withdraw=False):
     """Raise `_Interrupt` asynchronously in a thread (or withdraw a pending one). True if it
-    was raised, False if it cannot be, None if not now: a thread is starting."""
+    was raised, False if it cannot be, None if not now: the thread is starting a thread."""
     try:
         import ctypes
     except ImportError:          # some locked-down builds lack ctypes: cooperative only
@@ -3215,9 +3230,18 @@ def _interrupt_thread(thread_id, withdraw=False):
     if limbo_lock is None or withdraw:        # withdraw: the thread itself, starting nothing
         return ctypes.pythonapi.PyThreadState_SetAsyncExc(ctypes.c_ulong(thread_id), exc) == 1
     with limbo_lock:
-        if limbo:
+        if limbo and _starting_a_thread(thread_id):
             return None
         return ctypes.pythonapi.PyThreadState_SetAsyncExc(ctypes.c_ulong(thread_id), exc) == 1
+
+
+def _starting_a_thread(thread_id):
+    frame = sys._current_frames().get(thread_id)
+    while frame is not None:
+        if frame.f_code is threading.Thread.start.__code__:
+            return True
+        frame = frame.f_back
+    return False
 
 
 class _Dispatcher:
@@ -3408,10 +3432,6 @@ class Supervisor:
         used = memory.get("used_percent")
         return {"next": float(next_seconds), "memory": memory,
                 "healthy": used is None or used <= self._HEALTH_LIMIT}
-
-    def watchdog_left(self):
-        """Seconds left before the watchdog ends this machine."""
-        return self._deadline - time.monotonic()
 
     def _watch(self):
         # It sleeps until the lease's end (a tick at most), and each keepalive wakes it to
@@ -4020,7 +4040,22 @@ class _MachineView(_Calls):
 
 
 class Machine(_Calls):
-    """One machine of a session. See the module docstring and API.md."""
+    """One machine of a session: the driver's handle on a machine it started (`B.start`), or
+    anyone's on a machine it dialed (`B.dial`). See the section's essay for how it is watched.
+
+    Attributes:
+        addr      its address, an "https://host:port/" URL, unique for the session
+        err       why it stopped, an exception (an `Error`), or None while it has not
+        maxprocs  the processors it offers (Local: 1; EC2: the instance's vCPUs); the Executor
+                  runs that many tasks on it at once
+        hostname  the host part of addr
+        owned     True when started by this session (which may shut it down), False when dialed
+        status    what its system says it waits for while it starts ("" when nothing)
+        details   what its system knows of it (EC2: instance id and type, market); events carry it
+        healthy   False while it reports more than 95% of its memory in use
+        keepalive_replies  the latest keepalive round trips in seconds, newest last
+        next_keepalive     time.time() at which its lease ends
+    """
 
     def __init__(self, b: B, addr: str, *, owned: bool, maxprocs: typing.Optional[int] = 1):
         import urllib.parse
@@ -11187,11 +11222,11 @@ _tracemalloc_since = None            # time.time() when this module started trac
 
 def _heap(limit=200, stop=False, trace=False, seconds=1.0):
     """The allocation sites holding the most memory now, from tracemalloc. Tracing slows
-    allocation down (a job ran 3.5x slower with it on), so a look leaves it as it found it: if
-    it is not running, it runs for seconds (a call's cancellation ends that early) and is
-    stopped again, and the snapshot shows what was allocated in that time and is still held.
-    trace=True starts it for good, so that later looks see everything from then on; stop=True
-    stops it after this look."""
+    allocation down (several times, for allocation-heavy code), so a look leaves it as it
+    found it: if it is not running, it runs for seconds (a call's cancellation ends that early)
+    and is stopped again, and the snapshot shows what was allocated in that time and is still
+    held. trace=True starts it for good, so that later looks see everything from then on;
+    stop=True stops it after this look."""
     global _tracemalloc_since
     import linecache
     import tracemalloc
@@ -11270,16 +11305,6 @@ def _format_heap(results, limit=50):
         if text:
             rows.append("%30s%s" % ("", text))
     return "\n".join(head + lines + [""] + rows) + "\n"
-
-
-def _bytes(n):
-    """n bytes for people: 512 B, 1.5 KiB, 2.0 GiB."""
-    if n is None:
-        return "?"
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if abs(n) < 1024 or unit == "TiB":
-            return ("%d %s" if unit == "B" else "%.1f %s") % (n, unit)
-        n /= 1024.0
 
 
 # --------------------------------------------------------------------------------------
@@ -11544,7 +11569,8 @@ _debug_classes = None
 
 def _debug_server(b, host, port, allow_remote):
     """A running HTTP server of the debug pages. http.server is imported here, not with the
-    module: it is a large import (~25 ms) that machines never need."""
+    module: it is a large import (bench/'s process-start floor shows what imports cost) that
+    machines never need."""
     global _debug_classes
     if _debug_classes is None:
         import http.server
@@ -12283,9 +12309,6 @@ class _SelftestService:
     def sleep(self, seconds):
         context = current_call()
         return context.wait(seconds) if context else time.sleep(seconds)
-
-    def whoami(self):
-        return os.getpid()
 
     def burn(self):
         """Pure Python until cancelled: what a profile must find."""

@@ -7599,3 +7599,30 @@ def test_an_interrupt_waits_while_a_thread_is_starting_then_lands():
             assert ended == [i] and not lost, (i, ended, lost)
     finally:
         sys.unraisablehook = hook
+
+
+def _banner_sections(source):
+    """The titles of the module's top-level banners, in order ('Errors', 'Wire'...)."""
+    lines, titles = source.splitlines(), []
+    for i, line in enumerate(lines[:-2]):
+        if line.startswith("# =====") and lines[i + 2].startswith("# ====="):
+            titles.append(re.split(r":| \(", lines[i + 1][2:])[0].strip())
+    return titles
+
+
+def test_the_module_docstring_names_every_section_in_order():
+    with open(os.path.join(HERE, "bigmachine.py")) as f:
+        sections = _banner_sections(f.read())
+    headings = [re.split(r":| \(", line)[0].strip()
+                for line in bigmachine.__doc__.splitlines()
+                if line[:1].isalpha() and not line.startswith(("A ", "The "))]
+    assert len(sections) >= 10, sections
+    assert [h for h in headings if h in sections] == sections, (headings, sections)
+
+
+def test_help_on_machine_shows_its_attributes():
+    import pydoc
+    text = pydoc.render_doc(bigmachine.Machine, renderer=pydoc.plaintext)
+    for name in ("addr", "err", "maxprocs", "hostname", "owned"):
+        assert re.search(r"^[ |]+%s +\S" % name, text, re.M), name
+    assert "API.md" not in text
