@@ -19,6 +19,11 @@ toolkit, for Python; its sections mirror the Go packages so that a reader of one
 
 The design, in the order of the sections below:
 
+The file's rules
+    What a change must keep, each checked by a test: the standard library only; at module
+    level only the imports every process needs; a flat hot path; the functions a system ships
+    to hosts as source text self-contained; no function longer than 120 lines.
+
 Errors
     Every error the library raises derives from `Error` and says whether retrying can help
     (`temporary`), the way Go's errors carry a severity, and where it happened (`remote`,
@@ -158,6 +163,47 @@ PROTOCOL = 2
 
 #: Python's major.minor: pickles are exchanged only between interpreters that agree on it.
 PYTHON = "%d.%d" % sys.version_info[:2]
+
+
+# ======================================================================================
+# The file's rules
+# ======================================================================================
+#
+# What a change must keep, each checked by a test (the tests' section "The maintainer's pass").
+#
+# One file, the standard library only, in sections under banner comments in dependency order,
+# which the module docstring names in the same order; each section opens with an essay that
+# says why. Comments give reasons; measurements live in bench/, which reports them.
+#
+# Module-level imports: only the standard-library modules of the block above, which every
+# process needs. Every machine imports this file before it does anything, so what only the
+# driver, bundles, certificates or the debug pages need (subprocess, hashlib, inspect, zlib,
+# http.server...) is imported inside the function that uses it, and boto3 only inside the
+# EC2 system. Importing the module starts nothing: no thread, no socket, no key.
+#
+# The hot path stays flat: a call's path on both sides (`_Peer.call`, `_serve_frame`,
+# `_Dispatcher.serve_call`, `_send_frame`, `_pickle`) runs for every call, and in CPython a
+# layer of small functions or a thread per call costs more than the work. bench/ measures it
+# ("small call", "32 threads"); tests never assert a time.
+#
+# Functions shipped as source: some code runs on a host before bigmachine.py is there, so a
+# system sends the source text of a group of functions (`_shipped_source`) and the host runs
+# it with nothing else defined. Each function of a group is therefore self-contained: it
+# imports what it uses from the standard library inside itself, reads no module global, and
+# calls only builtins and the other functions of its group. The groups:
+_SHIPPED_AS_SOURCE = {
+    # SSH's stage 1, sent down the ssh channel (see SSH)
+    "ssh": ("_bundle_root", "_bundle_install", "_bundle_unpack", "_machine_workdir",
+            "_import_compiled", "_ssh_stage1"),
+    # EC2's bootstrap, in the instance's user data (see EC2)
+    "ec2": ("_load_pem_chain", "_pinned_context", "_bundle_root", "_bundle_install",
+            "_bundle_unpack", "_machine_workdir", "_ec2_boot"),
+    # The enrolment stage, in a job script or a command line (see Enrolment)
+    "enrol": ("_bundle_root", "_bundle_install", "_bundle_unpack", "_machine_workdir",
+              "_enrol_stage"),
+}
+#
+# No function is longer than 120 lines: a longer one is several steps, which get names.
 
 
 # ======================================================================================
@@ -6743,6 +6789,25 @@ def _watch_stdin(process):
 # SSH sends it over the ssh channel, EC2 can put it in user data and fetch the bundle over
 # mutual TLS.
 
+_shipped_sources = {}                 # (group, packed) -> its text: see _shipped_source
+
+
+def _shipped_source(group, packed=False):
+    """The source text of a group of `_SHIPPED_AS_SOURCE`, which a host runs before it has
+    bigmachine.py; packed: zlib-compressed and in base64 (lines of it), for where room is short."""
+    text = _shipped_sources.get((group, packed))
+    if text is None:
+        if packed:
+            import zlib
+            text = base64.encodebytes(zlib.compress(_shipped_source(group).encode(), 9)).decode()
+        else:
+            import inspect
+            text = "".join(inspect.getsource(globals()[name]) + "\n"
+                           for name in _SHIPPED_AS_SOURCE[group])
+        _shipped_sources[group, packed] = text
+    return text
+
+
 class _Bundle(typing.NamedTuple):
     """The driver's code as one zip file: see `_make_bundle`."""
 
@@ -8212,18 +8277,9 @@ class _Lines:
             self._pipe.close()
 
 
-_ssh_stage1_functions = None
-
-
 def _ssh_stage1_line(bundle):
     """Stage 1 as the line of Python source that stage 0 runs."""
-    global _ssh_stage1_functions
-    if _ssh_stage1_functions is None:
-        import inspect
-        _ssh_stage1_functions = "".join(inspect.getsource(f) + "\n" for f in (
-            _bundle_root, _bundle_install, _bundle_unpack, _machine_workdir, _import_compiled,
-            _ssh_stage1))
-    source = _ssh_stage1_functions + "_ssh_stage1(%r, %d, %r)\n" % (
+    source = _shipped_source("ssh") + "_ssh_stage1(%r, %d, %r)\n" % (
         bundle.sha256, len(bundle.data), bundle.library)
     return ("exec(%r)\n" % source).encode("utf-8")
 
@@ -8944,31 +9000,20 @@ def _ec2_boot(settings):
     return ended[0]
 
 
-_ec2_boot_functions = None
-
-
 def _ec2_user_data(session, port, wait, driver_pem, credentials, boot="", keep=False):
     """The user data of an EC2 machine: the script of the section's introduction, around the
     bootstrap and the settings it runs with (this machine's credentials among them). boot is
     shell run before the bootstrap (`EC2System._boot_section`); keep leaves the instance up
     when the machine exits."""
     import hashlib
-    global _ec2_boot_functions
-    if _ec2_boot_functions is None:
-        # The functions' source, compressed: as text it would not leave room under the limit.
-        import inspect
-        import zlib
-        source = "".join(inspect.getsource(f) + "\n" for f in (
-            _load_pem_chain, _pinned_context, _bundle_root, _bundle_install, _bundle_unpack,
-            _machine_workdir, _ec2_boot))
-        _ec2_boot_functions = base64.encodebytes(zlib.compress(source.encode(), 9)).decode()
     settings = {
         "session": session, "port": port, "wait": wait,
         "driver": hashlib.sha256(ssl.PEM_cert_to_DER_cert(driver_pem)).hexdigest(),
         "cert": credentials.cert_pem, "key": credentials.key_pem, "ca": credentials.ca_pem,
     }
+    # The functions' source, compressed: as text it would not leave room under the limit.
     bootstrap = ('import base64, sys, zlib\nexec(zlib.decompress(base64.b64decode("""\n%s""")))\n'
-                 'sys.exit(_ec2_boot(%r))\n' % (_ec2_boot_functions, settings))
+                 'sys.exit(_ec2_boot(%r))\n' % (_shipped_source("ec2", packed=True), settings))
     text = (_EC2_USER_DATA.replace("@SESSION@", session).replace("@PYTHON@", PYTHON)
             .replace("@KEEP@", "1" if keep else "0").replace("@BOOT@", boot)
             .replace("@BOOTSTRAP@", bootstrap))
@@ -10008,19 +10053,10 @@ def _enrolled(conn, rfile, code, workdir):
     return status if status >= 0 else 128 - status
 
 
-_enrol_functions = None
-
-
 def _enrol_source():
     """The enrolment stage's source, compressed, as a Python expression that defines it."""
-    global _enrol_functions
-    if _enrol_functions is None:
-        import inspect
-        import zlib
-        source = "".join(inspect.getsource(f) + "\n" for f in (
-            _bundle_root, _bundle_install, _bundle_unpack, _machine_workdir, _enrol_stage))
-        _enrol_functions = base64.b64encode(zlib.compress(source.encode(), 9)).decode()
-    return "exec(zlib.decompress(base64.b64decode(%r)))" % _enrol_functions
+    packed = _shipped_source("enrol", packed=True).replace("\n", "")     # one line
+    return "exec(zlib.decompress(base64.b64decode(%r)))" % packed
 
 
 def _enrol_program(settings, pick=None):

@@ -7613,9 +7613,10 @@ def _banner_sections(source):
 def test_the_module_docstring_names_every_section_in_order():
     with open(os.path.join(HERE, "bigmachine.py")) as f:
         sections = _banner_sections(f.read())
-    headings = [re.split(r":| \(", line)[0].strip()
-                for line in bigmachine.__doc__.splitlines()
-                if line[:1].isalpha() and not line.startswith(("A ", "The "))]
+    lines = bigmachine.__doc__.splitlines()
+    headings = [re.split(r":| \(", line)[0].strip()              # a line, then an indented one
+                for line, after in zip(lines, lines[1:])
+                if line[:1].isalpha() and after.startswith("    ") and after.strip()]
     assert len(sections) >= 10, sections
     assert [h for h in headings if h in sections] == sections, (headings, sections)
 
@@ -7626,3 +7627,74 @@ def test_help_on_machine_shows_its_attributes():
     for name in ("addr", "err", "maxprocs", "hostname", "owned"):
         assert re.search(r"^[ |]+%s +\S" % name, text, re.M), name
     assert "API.md" not in text
+
+
+def _global_names(code):
+    """The global names code (and the code nested in it) reads, by the opcodes that read them."""
+    import dis
+    import types
+    instructions = list(dis.get_instructions(code))
+    stored = {i.argval for i in instructions if i.opname == "STORE_NAME"}
+    names = {i.argval for i in instructions if i.opname == "LOAD_GLOBAL" or
+             (i.opname == "LOAD_NAME" and i.argval not in stored)}     # a class body's
+    for const in code.co_consts:
+        if isinstance(const, types.CodeType):
+            names |= _global_names(const)
+    return names
+
+
+def _writes_globals(code):
+    import dis
+    import types
+    return any(i.opname in ("STORE_GLOBAL", "DELETE_GLOBAL") for i in dis.get_instructions(code)) \
+        or any(_writes_globals(c) for c in code.co_consts if isinstance(c, types.CodeType))
+
+
+@pytest.mark.parametrize("group", sorted(bigmachine._SHIPPED_AS_SOURCE))
+def test_shipped_functions_are_self_contained(group):
+    # What a host runs before bigmachine.py is there: the group's source alone, executed with
+    # nothing but the builtins, defines the group's functions and nothing else, and each of
+    # them needs nothing but the builtins and the others.
+    import ast
+    import builtins
+    names = bigmachine._SHIPPED_AS_SOURCE[group]
+    source = bigmachine._shipped_source(group)
+    assert all(isinstance(node, ast.FunctionDef) for node in ast.parse(source).body)
+    namespace = {"__builtins__": builtins}
+    exec(compile(source, "<shipped %s>" % group, "exec"), namespace)
+    assert set(namespace) - {"__builtins__"} == set(names)
+    allowed = set(dir(builtins)) | set(names)
+    for name in names:
+        code = namespace[name].__code__
+        assert _global_names(code) <= allowed, \
+            "%s needs %s" % (name, sorted(_global_names(code) - allowed))
+        assert not _writes_globals(code), "%s sets a global" % name
+    # The packed form is the same text.
+    packed = bigmachine._shipped_source(group, packed=True)
+    assert zlib.decompress(base64.b64decode(packed)).decode() == source
+
+
+def test_module_level_imports_are_one_block_of_the_standard_library():
+    # The rule of the file's top: every process imports this file, so at module level it
+    # imports only standard-library modules, all in the one block under the docstring (and
+    # pstats for type checkers alone); the rest is imported where it is used.
+    import ast
+    with open(os.path.join(HERE, "bigmachine.py")) as f:
+        tree = ast.parse(f.read())
+    block, elsewhere = [], []
+    for index, node in enumerate(tree.body):
+        if isinstance(node, (ast.Import, ast.ImportFrom)):
+            (block if index <= 40 else elsewhere).append(node)
+        elif isinstance(node, ast.If) and "TYPE_CHECKING" not in ast.dump(node.test) \
+                and "__main__" not in ast.dump(node.test):
+            elsewhere += [n for n in ast.walk(node) if isinstance(n, (ast.Import, ast.ImportFrom))]
+        elif isinstance(node, (ast.Try, ast.With)):
+            elsewhere += [n for n in ast.walk(node) if isinstance(n, (ast.Import, ast.ImportFrom))]
+    assert not elsewhere, [ast.dump(n) for n in elsewhere]
+    modules = {alias.name for node in block if isinstance(node, ast.Import)
+               for alias in node.names}
+    assert modules, "no import block"
+    if hasattr(sys, "stdlib_module_names"):
+        assert {m.split(".")[0] for m in modules} <= set(sys.stdlib_module_names), modules
+    assert not modules & {"subprocess", "hashlib", "random", "secrets", "urllib.parse",
+                          "inspect", "zlib", "http.server", "boto3", "ctypes", "shutil"}
