@@ -3798,8 +3798,6 @@ def _out_of_memory(what, how):
     return OutOfMemory("%s ran out of memory and was killed: %s" % (what, how))
 
 
-
-
 def _killed_for_memory(cgroup, seen, local=True):
     """Why a machine that died by SIGKILL was (most likely) killed for memory, or None.
     cgroup: its memory cgroup when it died; seen: its latest keepalive's memory report; local:
@@ -4460,7 +4458,6 @@ def _lease_kept(m, system):
 #
 # A machine has a B of its own, handed to its services' `init(b)`: it can `dial` other machines
 # and call them with the machine's own certificate. It cannot start machines.
-
 
 
 class MachineEvent(typing.NamedTuple):
@@ -11052,8 +11049,6 @@ class Counter:
 
     def __repr__(self):
         return "Counter(%r)" % (self._value,)
-
-
 
 
 _Value = typing.TypeVar("_Value")

@@ -7709,3 +7709,18 @@ def test_no_function_is_longer_than_120_lines():
             if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef))
             and node.end_lineno - node.lineno + 1 > 120]
     assert not long, long
+
+
+def test_bigoom_example(tmp_path):
+    # Driver and machine in a memory cgroup of their own, as the example's docstring says to
+    # run it: the machine eats until the OOM killer ends it, and the driver says so.
+    with memory_cgroup(200 << 20) as cgroup:
+        wrapper = tmp_path / "in-cgroup"
+        wrapper.write_text("#!/bin/sh\necho $$ > %s/cgroup.procs\nexec %s %s \"$@\"\n" % (
+            cgroup, sys.executable, os.path.join(HERE, "examples", "bigoom.py")))
+        wrapper.chmod(0o755)
+        result = subprocess.run([str(wrapper)], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stdout + result.stderr
+    line, = result.stdout.splitlines()
+    assert ": OutOfMemory: machine https://" in line and "ran out of memory" in line, line
+    assert "oom_kill 1" in line, line
