@@ -61,6 +61,18 @@ PYENV = os.path.join(os.environ.get("PYENV_ROOT", os.path.expanduser("~/.pyenv")
 # Short keepalive settings: tests are about behaviour, not Go's minutes.
 FAST = dict(keepalive_period=0.5, keepalive_timeout=2.0, keepalive_rpc_timeout=0.5, lease=5.0)
 
+# An elapsed-time bound in a test says "this ended, bounded in time, rather than hung", never
+# how fast (bench/ measures that). A loaded machine stretches every such bound alike, so each
+# upper bound is written within(seconds), and so are the waits of `eventually`:
+# BIGMACHINE_TEST_TIME_SCALE (default 1) multiplies them all, read here and nowhere else.
+# Lower bounds ("it waited for the lease") are not scaled: a slow machine does not shorten them.
+TIME_SCALE = float(os.environ.get("BIGMACHINE_TEST_TIME_SCALE") or 1)
+
+
+def within(seconds):
+    """An upper bound on elapsed time, in seconds, scaled by TIME_SCALE."""
+    return seconds * TIME_SCALE
+
 
 # ======================================================================================
 # Services used by the tests (top level, so that machine processes can import them)
@@ -296,7 +308,7 @@ def check_remote_cluster(machines, pids, tag, message):
 
 
 def eventually(predicate, timeout=10.0, what="condition"):
-    deadline = time.monotonic() + timeout
+    deadline = time.monotonic() + within(timeout)
     while time.monotonic() < deadline:
         if predicate():
             return
@@ -490,7 +502,7 @@ def test_init_raising_stops_machine_fast(tb):
     began = time.monotonic()
     m, = tb.start(1, {"Bad": InitFails()})
     assert m.wait(RUNNING, timeout=30) is STOPPED
-    assert time.monotonic() - began < 10
+    assert time.monotonic() - began < within(10)
     assert isinstance(m.err, CustomError) and m.err.code == 3
     with pytest.raises(bigmachine.MachineStopped) as info:
         m.call("Bad.echo", 1)
@@ -504,7 +516,7 @@ def test_call_timeout_cancels_on_machine(tb):
     with pytest.raises(bigmachine.Timeout) as info:
         view.call("Echo.spin", "t1")
     assert isinstance(info.value, TimeoutError)
-    assert 0.25 < time.monotonic() - began < 5
+    assert 0.25 < time.monotonic() - began < within(5)
     eventually(lambda: ("interrupted", "t1", "_Interrupt") in m.call("Echo.get_events"),
                what="the call to be interrupted on the machine")
     assert m.call("Echo.echo", 3) == 3                       # the pool is not poisoned
@@ -547,7 +559,7 @@ def test_in_flight_calls_fail_when_machine_stops(tb):
         with pytest.raises(bigmachine.MachineStopped) as info:
             f.result(5)
         assert info.value.__cause__ is m.err
-    assert time.monotonic() - began < 3
+    assert time.monotonic() - began < within(3)
     with pytest.raises(bigmachine.MachineStopped):
         m.call("Echo.echo", 1)
     assert m not in tb.machines()
@@ -739,7 +751,7 @@ def test_keepalive_renews_lease(tb):
     m, = running(tb)
     eventually(lambda: len(m.keepalive_replies) >= 2, what="two keepalives")
     assert m.next_keepalive > time.time()
-    assert all(0 <= t < 1 for t in m.keepalive_replies)
+    assert all(0 <= t < within(1) for t in m.keepalive_replies)
 
 
 def test_watchdog_ends_machine_without_keepalives():
@@ -798,7 +810,7 @@ def test_shutdown_is_bounded_idempotent_and_final():
     began = time.monotonic()
     b.shutdown()
     b.shutdown()
-    assert time.monotonic() - began < 1
+    assert time.monotonic() - began < within(1)
     with pytest.raises(bigmachine.MachineStopped):
         machines[1].call("Echo.echo", 1)
     with pytest.raises(bigmachine.Error, match="shut down"):
@@ -968,7 +980,7 @@ def test_local_child_exit_noticed_at_once(lb):
     with pytest.raises(bigmachine.MachineStopped):
         future.result(10)
     assert m1.wait(STOPPED, timeout=10) is STOPPED
-    assert time.monotonic() - began < 3
+    assert time.monotonic() - began < within(3)
     assert "SIGKILL" in str(m1.err)
     assert m2.call("Echo.echo", 1) == 1
 
@@ -1058,7 +1070,7 @@ def test_driver_killed_machines_exit(tmp_path):
             eventually(lambda: not any(_alive(p) for p in pids), timeout=10,
                        what="machines to exit after %s" % how)
             took = time.monotonic() - began
-            assert took < (5 if how == "SIGSTOP" else 2), took
+            assert took < within(5 if how == "SIGSTOP" else 2), took
             if how == "SIGSTOP":
                 assert took > 1.0                              # it was the lease, not a pipe
         finally:
@@ -1341,7 +1353,7 @@ def test_ssh_driver_killed_machines_exit(sshd, tmp_path):
             took = time.monotonic() - began
             assert not any(os.path.exists(w) for w in workdirs)
             if how == "SIGSTOP":
-                assert 1.0 < took < 10                         # it was the lease (2s)
+                assert 1.0 < took < within(10)                         # it was the lease (2s)
             else:
                 eventually(lambda: ssh_clients(sshd) == [], timeout=10,
                            what="the orphaned ssh clients to exit")
@@ -2049,7 +2061,7 @@ def test_ec2_instance_terminated_behind_our_back_is_noticed_fast(ec2):
         ec2.ec2.terminate_instances(InstanceIds=[instance_id])     # a spot reclaim, say
         assert m.wait(STOPPED, timeout=30) is STOPPED
         took = time.monotonic() - began
-        assert took < 5, took
+        assert took < within(5), took
         assert "instance %s is terminated" % instance_id in str(m.err), m.err
         with pytest.raises(bigmachine.MachineStopped):
             m.call("Echo.echo", 1)
@@ -2084,7 +2096,7 @@ def test_ec2_driver_killed_instances_terminate_themselves(ec2, tmp_path):
         eventually(lambda: all_terminated(ec2, session) and not ec2.alive(), timeout=20,
                    what="the instances to terminate themselves")
         took = time.monotonic() - began
-        assert 1.0 < took < 3.0 + 3, took                          # within the lease
+        assert 1.0 < took < within(3.0 + 3), took                          # within the lease
         for instance in ec2.session(session):
             assert "watchdog expired" in ec2.log(instance["InstanceId"])
     finally:
@@ -3050,8 +3062,8 @@ def test_fault_sigkill_mid_calls(lb, tmp_path):
     for name, (value, when) in outcomes.items():
         assert isinstance(value, bigmachine.MachineStopped), (name, value)
         assert value.__cause__ is m1.err, name
-        assert when - began < 3, (name, when - began)
-    assert ended - began < 3
+        assert when - began < within(3), (name, when - began)
+    assert ended - began < within(3)
     assert m1.state is STOPPED and "killed by signal SIGKILL" in str(m1.err)
     assert m1.err.exit_code == -signal.SIGKILL
     # Later calls of every kind fail at once, and the same way.
@@ -3062,13 +3074,13 @@ def test_fault_sigkill_mid_calls(lb, tmp_path):
         t = time.monotonic()
         with pytest.raises(bigmachine.MachineStopped, match="killed by signal SIGKILL"):
             later()
-        assert time.monotonic() - t < 0.5
+        assert time.monotonic() - t < within(0.5)
     ok, failures = steady.stop()
     assert failures == [] and ok > 10
     assert m2.call("Victim.echo", "still here") == "still here"
     t = time.monotonic()
     lb.shutdown()
-    assert time.monotonic() - t < 5
+    assert time.monotonic() - t < within(5)
 
 
 def test_fault_stream_source_errors_are_not_connection_breaks(tb):
@@ -3101,15 +3113,15 @@ def test_fault_machine_stops_answering(lb, tmp_path):
         began = time.monotonic()
         with pytest.raises(bigmachine.Timeout):
             m1.options(timeout=0.5).call("Victim.echo", 1)
-        assert 0.45 < time.monotonic() - began < 1.5
+        assert 0.45 < time.monotonic() - began < within(1.5)
         m1._peer.reset()            # no idle connection: the deadline runs out in the handshake
         t = time.monotonic()
         with pytest.raises(bigmachine.Timeout, match="deadline passed while connecting"):
             m1.options(timeout=0.5).call("Victim.echo", 1)
-        assert 0.45 < time.monotonic() - t < 1.5
+        assert 0.45 < time.monotonic() - t < within(1.5)
         assert m1.wait(STOPPED, timeout=budget + 5) is STOPPED
         took = time.monotonic() - began
-        assert took < budget, (took, budget)
+        assert took < within(budget), (took, budget)
         assert "keepalive failed after" in str(m1.err) and "timed out" in str(m1.err)
         assert isinstance(future.exception(5), bigmachine.MachineStopped)
         with pytest.raises(bigmachine.MachineStopped, match="keepalive failed"):
@@ -3118,7 +3130,7 @@ def test_fault_machine_stops_answering(lb, tmp_path):
         assert failures == [] and ok > 10
         t = time.monotonic()
         lb.shutdown()                                  # ends the stopped process too
-        assert time.monotonic() - t < 5
+        assert time.monotonic() - t < within(5)
         eventually(lambda: not _alive(pid), timeout=10, what="the stopped machine to be ended")
     finally:
         with contextlib.suppress(ProcessLookupError):
@@ -3135,7 +3147,7 @@ def test_fault_hung_machine_times_out_and_pool_stays_clean(system):
         began = time.monotonic()
         with pytest.raises(bigmachine.Timeout, match="timed out after 0.3s"):
             m.options(timeout=0.3).call("Victim.hang", 1.0, "h1")    # blocked in C
-        assert 0.28 < time.monotonic() - began < 0.8
+        assert 0.28 < time.monotonic() - began < within(0.8)
         eventually(lambda: ("cancelled", "h1", True, "_Interrupt") in m.call("Victim.get_events"),
                    timeout=5, what="the hung call to be cancelled when it woke")
         with pytest.raises(bigmachine.Timeout):
@@ -3342,7 +3354,7 @@ def test_fault_ctrl_c_to_the_drivers_process_group(tmp_path):
             out, err = driver.finish(timeout=15)
             took = time.monotonic() - began
             assert "interrupted" in out, out + err
-            assert took < 5, took
+            assert took < within(5), took
             eventually(lambda: not _tagged_processes(tag), timeout=5,
                        what="no machine process left")
             if mode == "idle":
@@ -3391,7 +3403,7 @@ def test_fault_ctrl_c_with_calls_in_flight(tmp_path):
         out, err = driver.finish(timeout=15)
         took = time.monotonic() - began
         assert "interrupted" in out, out + err
-        assert took < 5, took
+        assert took < within(5), took
         for name in calls:
             assert driver.ended(name) == "_Interrupt", (name, out, err)
         assert out.count("future: MachineStopped") == 2, out
@@ -3417,7 +3429,7 @@ def test_fault_second_ctrl_c_exits_at_once(tmp_path):
         began = driver.ctrl_c()
         out, err = driver.finish(timeout=10)
         took = time.monotonic() - began
-        assert took < 1.5, took
+        assert took < within(1.5), took
         assert "interrupted" in out, out + err
         eventually(lambda: not any(_alive(p) for p in driver.pids), timeout=2,
                    what="every machine killed")
@@ -3459,7 +3471,7 @@ def test_fault_ctrl_c_in_a_call_discards_its_connection(tb, tmp_path):
         interrupt_when(lambda: time.monotonic() - began > 0.3)
         with pytest.raises(KeyboardInterrupt):
             m.call("Victim.size", pickle.PickleBuffer(blob))
-        assert time.monotonic() - began < 2.5                # long before the send could end
+        assert time.monotonic() - began < within(2.5)                # long before the send could end
     with contextlib.suppress(BufferError):          # a traceback may still hold a view
         blob.close()
     assert all(conn.sock.fileno() >= 0 for conn in m._peer._idle)
@@ -3774,7 +3786,7 @@ def test_attacks_are_refused_and_nothing_is_unpickled(lb, tmp_path):
     assert len(outcomes) == len(attacks) == 15
     for outcome in outcomes:
         assert outcome["result"] == "closed" or outcome["result"].startswith("refused"), outcome
-        assert outcome["seconds"] < 4, outcome                 # by the deadline at the latest
+        assert outcome["seconds"] < within(4), outcome                 # by the deadline at the latest
     assert not marker.exists()                                 # nothing was unpickled
     assert failures == [] and ok > 10                          # the real client was served
     assert m.call("Victim.pid") == pid
@@ -3924,7 +3936,7 @@ def test_attack_slowloris_connections_do_not_exhaust_the_machine(lb, tmp_path):
             finally:
                 client.close()
             assert m.call("Victim.echo", i) == i
-            assert time.monotonic() - t < 1.0
+            assert time.monotonic() - t < within(1.0)
         report = json.loads(attacker.stdout.readline())
     finally:
         attacker.kill()
@@ -3932,7 +3944,7 @@ def test_attack_slowloris_connections_do_not_exhaust_the_machine(lb, tmp_path):
     assert report["open"] == []
     kinds = collections.Counter(kind for kind, _ in report["closed"])
     assert kinds == {"raw": 300, "tls": 30, "trickle": 10}
-    assert max(seconds for _, seconds in report["closed"]) < timeout + 2.5, report
+    assert max(seconds for _, seconds in report["closed"]) < within(timeout + 2.5), report
     eventually(lambda: m.call("Victim.resources")["threads"] <= baseline["threads"] + 2 and
                m.call("Victim.resources")["fds"] <= baseline["fds"] + 2, timeout=10,
                what="the machine's threads and files to come back")
@@ -4208,7 +4220,7 @@ def test_load_64_threads_by_1000_calls_nothing_lost_or_duplicated():
         assert all(m.state is RUNNING for m in machines)
     print("load: %d calls (%s) in %.1fs, %.0f calls/s" % (
         threads_n * calls_n, dict(counts), took, threads_n * calls_n / took))
-    assert took < 60
+    assert took < within(60)
 
 
 def _driver_resources():
