@@ -74,6 +74,14 @@ def within(seconds):
     return seconds * TIME_SCALE
 
 
+# A background job of a non-interactive shell starts with Ctrl-C ignored, and an ignored
+# signal stays ignored in every program it runs: the Ctrl-C tests (in this process and in
+# drivers of their own) would then wait for an interrupt that never comes. Caught here,
+# SIGINT is back to its default in the processes the tests start.
+if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+
+
 # ======================================================================================
 # Services used by the tests (top level, so that machine processes can import them)
 # ======================================================================================
@@ -2835,6 +2843,10 @@ def test_nothing_printed_is_lost_at_shutdown(tmp_path):
 # behind, no one gets in. Every fault is real: real processes, real signals, real sockets.
 # ======================================================================================
 
+# --------------------------------------------------------------------------------------
+# The section's service and helpers
+# --------------------------------------------------------------------------------------
+
 class Victim:
     """The service the fault tests torment. Calls record how they ended in files, which the
     test can read even after the machine is gone."""
@@ -3027,7 +3039,7 @@ class _Steady:
 
 
 # --------------------------------------------------------------------------------------
-# Faults
+# Faults: machines that die, hang, stop answering or restart
 # --------------------------------------------------------------------------------------
 
 def test_fault_sigkill_mid_calls(lb, tmp_path):
@@ -3226,6 +3238,10 @@ def test_fault_restarted_machine_and_stale_connections(tb):
         second.exited.set()
         second.server.close()
 
+
+# --------------------------------------------------------------------------------------
+# Faults: Ctrl-C, to the driver's process group, its main thread, a call in flight
+# --------------------------------------------------------------------------------------
 
 # A driver for the Ctrl-C tests, run as its own process group as a terminal would run it.
 CTRL_C_DRIVER = """
