@@ -3263,7 +3263,7 @@ class CallContext:
         if thread_id is None or self._interrupted:
             return
         interrupted = _interrupt_thread(thread_id)
-        if interrupted is None:               # not now: a thread is starting (see below)
+        if interrupted is None:               # not now: see _interrupt_thread
             _background(self._interrupt_soon)
         else:
             self._interrupted = interrupted
@@ -3272,9 +3272,10 @@ class CallContext:
         while True:
             time.sleep(0.001)
             with _contexts_lock:
-                if self._thread_id is None or self._interrupted:
+                thread_id = self._thread_id
+                if thread_id is None or self._interrupted:
                     return
-                interrupted = _interrupt_thread(self._thread_id)
+                interrupted = _interrupt_thread(thread_id)
                 if interrupted is not None:
                     self._interrupted = interrupted
                     return
@@ -8845,6 +8846,7 @@ class _EC2Bootstrap:
         self.listener = listener
         self.prefix = "/%s/bigmachine/" % instance
         self.root = _bundle_root()
+        self.handler = _ec2_boot_handler(self)
         self.lock = threading.Lock()
         self.bundles = {}                 # sha256 -> its path in the cache, as the driver sent them
         self.heard = time.monotonic()     # when the driver was last heard
@@ -8855,7 +8857,6 @@ class _EC2Bootstrap:
         self.status = None
         self.made = {}                    # the machine's key and where its bundle was unpacked
         self.slots = threading.BoundedSemaphore(64)
-        self.handler = _ec2_boot_handler(self)
 
     def accept(self):
         """Serve the driver's connections, each in a thread, until a start request came. False

@@ -1323,6 +1323,7 @@ def test_ssh_bigpi(sshd):
     assert machine_dirs(sshd) == []
 
 
+@pytest.mark.slow
 def test_ssh_driver_killed_machines_exit(sshd, tmp_path):
     script = tmp_path / "driver.py"
     script.write_text(textwrap.dedent("""
@@ -2075,6 +2076,7 @@ def test_ec2_instance_terminated_behind_our_back_is_noticed_fast(ec2):
             m.call("Echo.echo", 1)
 
 
+@pytest.mark.slow
 def test_ec2_driver_killed_instances_terminate_themselves(ec2, tmp_path):
     script = tmp_path / "driver.py"
     script.write_text(textwrap.dedent("""
@@ -2242,6 +2244,7 @@ def test_ec2_version_mismatch_names_both(ec2):
     eventually(lambda: all_terminated(ec2, system.session), what="the instance to be terminated")
 
 
+@pytest.mark.slow
 def test_ec2_list_and_kill_leftovers(ec2):
     ami = ssm_parameter(AMI_PARAMETER)
 
@@ -2290,6 +2293,7 @@ def test_ec2_list_and_kill_leftovers(ec2):
     ec2.ec2.terminate_instances(InstanceIds=[other])
 
 
+@pytest.mark.slow
 def test_ec2_bigpi(ec2):
     result = subprocess.run(
         [sys.executable, os.path.join(HERE, "examples", "bigpi.py"), "-n", "2000000",
@@ -3635,6 +3639,7 @@ def test_bad_input_calls_after_shutdown():
     assert b.machines() == []
 
 
+@pytest.mark.slow
 def test_bad_input_two_gibibyte_argument():
     """2 GiB in one argument: a machine that can hold it takes it. A message larger than a
     process accepts (BIGMACHINE_MAX_MESSAGE, or half its memory available) is refused clearly
@@ -4182,6 +4187,7 @@ def test_fuzz_authenticated_connection(capfd):
 # Load and soak
 # --------------------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_load_64_threads_by_1000_calls_nothing_lost_or_duplicated():
     """64 threads make 1,000 calls each across 2 machines: small and 1 MiB arguments, one
     call in 13 raising. Every result is right, every error is the right one, and each machine
@@ -4274,6 +4280,7 @@ def _soak_round(kind, tmp_path, rnd):
         assert m2.call("Victim.size", bytearray(1 << 20)) == 1 << 20
 
 
+@pytest.mark.slow
 def test_soak_calls_starts_and_kills_leave_nothing_behind(tmp_path, monkeypatch):
     """Rounds of starts, calls, timeouts, cancels, streams and kills for
     BIGMACHINE_SOAK_SECONDS (15 by default): afterwards the driver's threads, open files and
@@ -7276,6 +7283,7 @@ def test_ssh_packages_for_another_platform_stop_the_machine(sshd, packages_venv,
                what="the machines and their ssh clients to go")
 
 
+@pytest.mark.slow
 def test_ssh_packages_installed_by_pip_on_the_machine(sshd, packages_venv, tmp_path):
     shutil.rmtree(os.path.join(host_dir(sshd), "packages", "pip"), ignore_errors=True)
     # The driver's pip finds the wheels in a directory (its "index" here: no network).
@@ -7326,6 +7334,7 @@ def test_ssh_unwritable_package_cache_is_a_clear_error(sshd, packages_venv, tmp_
                what="the machines and their ssh clients to go")
 
 
+@pytest.mark.slow
 def test_ec2_machine_imports_the_drivers_packages(ec2, packages_venv, tmp_path):
     settings = {"system": "ec2"}
     first, err = run_packages_driver(packages_venv, settings, tmp_path)
@@ -7561,16 +7570,20 @@ def test_ssh_machines_share_one_compiled_copy_of_the_library(sshd):
 _STARTER_EVENTS = []
 
 
+def _start_threads_for_ever():
+    while True:
+        thread = threading.Thread(target=int)
+        thread.start()
+        thread.join()
+
+
 class ThreadStarter:
     """A method that does nothing but start threads, so that a cancel finds it doing so."""
 
     def run(self, key):
         _STARTER_EVENTS.append(("start", key))
         try:
-            while True:
-                thread = threading.Thread(target=int)
-                thread.start()
-                thread.join()
+            _start_threads_for_ever()
         finally:
             _STARTER_EVENTS.append(("end", key))
 
@@ -7608,10 +7621,7 @@ def test_an_interrupt_waits_while_a_thread_is_starting_then_lands():
                 ready.set()
                 try:
                     try:
-                        while True:
-                            thread = threading.Thread(target=int)
-                            thread.start()
-                            thread.join()
+                        _start_threads_for_ever()
                     finally:
                         context._leave()
                 except bigmachine._Interrupt:
