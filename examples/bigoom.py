@@ -14,8 +14,9 @@ Slurm job's --mem, or local machines in a memory cgroup of their own, e.g.
 
     systemd-run --user --scope -p MemoryMax=300M python3 examples/bigoom.py
 
-A machine stops eating at -max MiB (default: half of what its host has available, so that
-an unbounded host is never the one that runs short); -max 0 eats until it is killed.
+A machine stops eating at -max MiB (default: 1 GiB, or half of what its host has available
+if that is less, so that an unbounded host is never the one that runs short); -max 0 eats
+until it is killed.
 """
 
 import argparse
@@ -66,7 +67,7 @@ def main():
         futures = []
         for m in machines:
             limit = (args.max << 20 if args.max is not None
-                     else (m.mem_info().available or 1 << 30) // 2)
+                     else min(1 << 30, (m.mem_info().available or 1 << 30) // 2))
             futures.append(m.call_async("Hog.eat", limit))
         failed = 0
         for m, future in zip(machines, futures):
