@@ -315,6 +315,11 @@ def check_remote_cluster(machines, pids, tag, message):
         assert f.read() == data
 
 
+def _read_text(path):
+    with open(path) as f:
+        return f.read()
+
+
 def eventually(predicate, timeout=10.0, what="condition"):
     deadline = time.monotonic() + within(timeout)
     while time.monotonic() < deadline:
@@ -3478,7 +3483,9 @@ def test_fault_ctrl_c_in_a_call_discards_its_connection(tb, tmp_path):
     interrupt_when(lambda: os.path.exists(held + ".started"))
     with pytest.raises(KeyboardInterrupt):
         m.call("Victim.hold", held)
-    eventually(lambda: os.path.exists(held), what="the call to be cancelled on the machine")
+    # The file exists as soon as it is opened for writing: wait for what it says.
+    eventually(lambda: os.path.exists(held) and _read_text(held),
+               what="the call to be cancelled on the machine")
     with open(held) as f:
         assert f.read() == "_Interrupt"
     assert [m.call("Victim.echo", i) for i in range(20)] == list(range(20))
