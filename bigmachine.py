@@ -19,6 +19,14 @@ toolkit, for Python; its sections mirror the Go packages so that a reader of one
 
 The design, in the order of the sections below:
 
+The file's rules
+    What a change must keep, each checked by a test: the standard library only; at module
+    level only the imports every process needs; a flat hot path; the functions a system ships
+    to hosts as source text self-contained; no function longer than 120 lines.
+
+Module state
+    What the module keeps from call to call, gathered, with the section that owns each.
+
 Errors
     Every error the library raises derives from `Error` and says whether retrying can help
     (`temporary`), the way Go's errors carry a severity, and where it happened (`remote`,
@@ -30,6 +38,11 @@ Certificates (Go: internal/authority)
     process a certificate. The CA's private key never leaves the driver. Both sides of every
     connection check the other's certificate against the session CA: the servers are
     authenticated too, which the Go original does not do.
+
+Pickling
+    Everything that crosses the wire is pickled (protocol 5, large buffers out of band). When
+    something cannot be pickled, the error names the path to it inside the object
+    (`service.client._sock (socket.socket)`), not just its type.
 
 Wire (Go: rpc)
     A connection is TLS with client certificates required on both sides. Its first exchange is
@@ -88,6 +101,11 @@ Debug (Go: profile.go, status.go, expvar.go, rpc/stats.go)
     published variables and per-method call statistics, a status page, and the machines'
     output and logging records forwarded to the driver. `B.serve_debug` serves it over HTTP;
     `B.debug_wsgi` hands the same pages to the user's own web server.
+
+Starting a session (Go: driver)
+    `start(system)` picks the system by object or by name (from the command line's
+    `--bigm.system`, or BIGMACHINE_SYSTEM), and refuses to run where it would start sessions
+    recursively: on a machine, or while a machine imports the driver's unguarded main module.
 
 Command line
     `python bigmachine.py selftest` checks the whole system on the machine at hand;
@@ -148,6 +166,99 @@ PROTOCOL = 2
 
 #: Python's major.minor: pickles are exchanged only between interpreters that agree on it.
 PYTHON = "%d.%d" % sys.version_info[:2]
+
+
+# ======================================================================================
+# The file's rules
+# ======================================================================================
+#
+# What a change must keep, each checked by a test (the tests' section "The maintainer's pass").
+#
+# One file, the standard library only, in sections under banner comments in dependency order,
+# which the module docstring names in the same order; each section opens with an essay that
+# says why. Comments give reasons; measurements live in bench/, which reports them.
+#
+# Module-level imports: only the standard-library modules of the block above, which every
+# process needs. Every machine imports this file before it does anything, so what only the
+# driver, bundles, certificates or the debug pages need (subprocess, hashlib, inspect, zlib,
+# http.server...) is imported inside the function that uses it, and boto3 only inside the
+# EC2 system. Importing the module starts nothing: no thread, no socket, no key.
+#
+# The hot path stays flat: a call's path on both sides (`_Peer.call`, `_serve_frame`,
+# `_Dispatcher.serve_call`, `_send_frame`, `_pickle`) runs for every call, and in CPython a
+# layer of small functions or a thread per call costs more than the work. bench/ measures it
+# ("small call", "32 threads"); tests never assert a time.
+#
+# Functions shipped as source: some code runs on a host before bigmachine.py is there, so a
+# system sends the source text of a group of functions (`_shipped_source`) and the host runs
+# it with nothing else defined. Each function of a group is therefore self-contained: it
+# imports what it uses from the standard library inside itself, reads no module global, and
+# calls only builtins and the other functions of its group. The groups:
+_SHIPPED_AS_SOURCE = {
+    # SSH's stage 1, sent down the ssh channel (see SSH)
+    "ssh": ("_bundle_root", "_bundle_install", "_bundle_unpack", "_machine_workdir",
+            "_import_compiled", "_ssh_stage1"),
+    # EC2's bootstrap, in the instance's user data (see EC2)
+    "ec2": ("_load_pem_chain", "_pinned_context", "_bundle_root", "_bundle_install",
+            "_bundle_unpack", "_machine_workdir", "_ec2_boot", "_ec2_say", "_ec2_instance_id",
+            "_EC2Bootstrap", "_ec2_boot_handler"),
+    # The enrolment stage, in a job script or a command line (see Enrolment)
+    "enrol": ("_bundle_root", "_bundle_install", "_bundle_unpack", "_machine_workdir",
+              "_enrol_stage"),
+}
+#
+# No function is longer than 120 lines: a longer one is several steps, which get names.
+
+
+# ======================================================================================
+# Module state
+# ======================================================================================
+#
+# What the module keeps from call to call, in one place, under the section that owns each
+# (the only code that changes it). Locks guard what threads share; thread-local values need
+# none. What belongs to a session, a machine or a system lives in that object instead, and
+# goes with it. A few are made beside their code: objects of classes defined further down,
+# and the state of parts that change often --
+#   _threads, _background       the background thread pool (Supervisor: `_ThreadPool`)
+#   _stall_watch                calls to machines that stopped answering (Machine)
+#   _sinks                      each thread's pickler (Pickling)
+#   _task_functions             task functions unpickled in this process (Many tasks)
+#   _compiled_lock, _compiled_path, _stderr_lock    Local's compiled library, stderr
+#   _compiled                   the compiled library enrolling machines get (Enrolment)
+# and the exit hook that shuts down the sessions left open, `atexit.register(
+# _shutdown_sessions)`, which follows its function (B).
+
+# Certificates
+_ed25519_base_table: typing.Optional[typing.List[typing.List[tuple]]] = None  # on first use
+_libssl = None                       # libssl through ctypes, for TLS read-ahead, once found
+
+# Services
+_contexts_lock = threading.Lock()    # the CallContexts' one lock: cancels and their calls' ends
+_calls = threading.local()           # .context: the call this thread serves (current_call)
+_oom_lock = threading.Lock()
+_oom_blamed = {}                     # cgroup -> the OOM kills in it blamed on machines so far
+
+# B
+_machine_bootstrapping = False       # true while a machine process imports the driver's main
+_sessions = weakref.WeakSet()        # live driver Bs, shut down at exit if the user did not
+
+# Systems: code bundles and packages (all but the first under _packages_lock)
+_shipped_sources = {}                # (group, packed) -> its text: see _shipped_source
+_packages_lock = threading.Lock()
+_package_sets = collections.OrderedDict()   # digest -> _Packages, for the boot threads
+_file_hashes = {}                    # (path, size, mtime, ctime, inode) -> SHA-256 (hex)
+_site_indexes = {}                   # directory -> (its mtime, {relative path: dist-info})
+_host_send_locks = {}                # (system id, host) -> Lock: one machine of a host sends
+_wheel_downloads = {}                # (requirements, platform tags) -> [wheel paths], or None
+_real_paths = {}                     # a module's __file__ -> its real path
+_entries = {}                        # (site, dist-info) -> (the files' stats, manifest entry)
+_warned = set()                      # the messages `_warn_once` has said
+
+# Debug
+_published = {}                      # name -> value, Counter or callable (under the lock)
+_published_lock = threading.Lock()
+_tracemalloc_since = None            # time.time() when this module started tracemalloc
+_debug_classes = None                # the debug server's handler classes, made on first use
 
 
 # ======================================================================================
@@ -410,8 +521,8 @@ def _ed25519_add(P, Q):
 # write k in base 16, k = sum k_i 16^i, and add up k_i (16^i B) from a table: 64 additions
 # instead of about 255 doublings and 128 additions. The table (64 rows of 16 points, ~300
 # KB) costs about three plain multiplications (a few ms) to build, so it is built on first
-# use rather than at import. Two threads racing to build it both get a correct table.
-_ed25519_base_table: typing.Optional[typing.List[typing.List[tuple]]] = None
+# use rather than at import. Two threads racing to build it both get a correct table
+# (`_ed25519_base_table`, with the module's state).
 
 
 def _ed25519_build_base_table() -> typing.List[typing.List[tuple]]:
@@ -907,15 +1018,15 @@ def client_context(credentials: Credentials) -> ssl.SSLContext:
 # OpenSSL reads a TLS record with two system calls, its 5-byte header and then the rest,
 # unless its context "reads ahead": then one read takes whatever the kernel holds, up to
 # OpenSSL's buffer. That is one system call fewer for every small message, and half the reads
-# of a bulk transfer (64 MiB over loopback here: 810 -> 1,240 MB/s). Python's ssl module has no
-# switch for it (SSL_CTX_set_read_ahead), so the library sets it with ctypes on the SSL_CTX
-# that an SSLContext wraps: the first field after the object header, in every CPython from
-# 3.6 to 3.14. It is set only where that holds, and only when the pointer proves right:
-# SSL_CTX_get_options on it must give the options the SSLContext reports. Anything else
-# leaves the context as it was. The library's own connections only: server_context() and
-# client_context() give users the stock behaviour. BIGMACHINE_TLS_READ_AHEAD=0 turns it off.
+# of a bulk transfer (bench/'s "64 MiB argument" and "64 MiB reply" measure what that gives).
+# Python's ssl module has no switch for it (SSL_CTX_set_read_ahead), so the library sets it
+# with ctypes on the SSL_CTX that an SSLContext wraps: the first field after the object
+# header, in every CPython from 3.6 to 3.14. It is set only where that holds, and only when
+# the pointer proves right: SSL_CTX_get_options on it must give the options the SSLContext
+# reports. Anything else leaves the context as it was. The library's own connections only:
+# server_context() and client_context() give users the stock behaviour.
+# BIGMACHINE_TLS_READ_AHEAD=0 turns it off.
 _SSL_CTRL_SET_READ_AHEAD = 41      # OpenSSL's ssl.h, the same in 1.1 and 3.x
-_libssl = None
 
 
 def _read_ahead(context: ssl.SSLContext) -> ssl.SSLContext:
@@ -984,11 +1095,11 @@ def _pickle(obj):
     and buffers are what pickle sent out of band. Raises whatever pickling raises.
 
     pickle.dumps builds one bytes object, so a 64 MiB argument is first copied into the pickle
-    (48 ms here, a third of sending it). A Pickler that writes to a file hands each large
-    bytes object (64 KiB and more) to the file's write as itself, so the pieces are a few
-    small ones around the caller's own objects, sent from where they are. Each thread keeps
-    its pickler (a new one costs a microsecond, dumps of a small call a third of that; the
-    kept one 0.15 us more than dumps). Its memo is cleared after each use: the memo holds
+    (a large share of sending it: see bench/'s pickle floor). A Pickler that writes to a file
+    hands each large bytes object (64 KiB and more) to the file's write as itself, so the
+    pieces are a few small ones around the caller's own objects, sent from where they are. Each
+    thread keeps its pickler (making one costs more than pickling a small call with it;
+    bench/'s small call measures the whole). Its memo is cleared after each use: the memo holds
     what was pickled, and must not keep a large argument alive after its call. A __reduce__
     that makes a call of its own gets a pickler of its own."""
     sink = getattr(_sinks, "sink", None)
@@ -1515,7 +1626,7 @@ class _TooLarge(SerializationError):
     def explain(self, what, verb, who):
         return ("%s %s %s, more than %s accepts (%s, %s); send large data as a stream: an open "
                 "binary file as an argument, a file or an iterator of bytes as a result"
-                % (what, verb, _format_size(self.size), who, _format_size(self.limit), self.why))
+                % (what, verb, _bytes(self.size), who, _bytes(self.limit), self.why))
 
 
 def _max_message(size):
@@ -1532,7 +1643,7 @@ def _max_message(size):
     if available is None:
         return size, ""
     return available // 2, ("half of the %s of memory available; BIGMACHINE_MAX_MESSAGE sets "
-                            "another limit" % _format_size(available))
+                            "another limit" % _bytes(available))
 
 
 def _memory_available():
@@ -1546,11 +1657,14 @@ def _memory_available():
     return None
 
 
-def _format_size(n):
-    for unit, scale in (("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
-        if n >= scale:
-            return "%.1f %s" % (n / scale, unit)
-    return "%d bytes" % n
+def _bytes(n):
+    """n bytes for people: 512 B, 1.5 KiB, 2.0 GiB."""
+    if n is None:
+        return "?"
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return ("%d %s" if unit == "B" else "%.1f %s") % (n, unit)
+        n /= 1024.0
 
 
 def _skip(rfile, n):
@@ -1940,11 +2054,11 @@ class _Peer:
     """Connections to one machine address: a pool of idle ones, and the calls made over them."""
 
     # A connection idle for longer than this is checked for EOF before it carries a call, so
-    # that one the machine closed (it restarted at the same address, say) is not used: the
-    # call would fail though the machine is up. The check (a select) costs ~8 us on the hot
-    # path, 9% of a call, so calls in quick succession skip it; any restart takes longer than
-    # this (a process needs tens of milliseconds to start), as does anything else that closes
-    # an idle connection.
+    # that one the machine closed (it restarted at the same address, say) is not used: the call
+    # would fail though the machine is up. The check (a select) is a noticeable share of a
+    # small call (bench/'s "small call"), so calls in quick succession skip it; any restart
+    # takes longer than this (a process needs tens of milliseconds to start), as does anything
+    # else that closes an idle connection.
     _STALE_CHECK = 0.01
 
     # A thread that waits for a reply asleep in recv is woken by the kernel when it comes, and
@@ -2126,16 +2240,7 @@ class _Peer:
         sender = alarm = None
         try:
             if stream is not None and deadline is not None:
-                # Two threads on one TLS connection, one sending the stream and one reading
-                # the reply, must keep it blocking: with a timeout the socket is non-blocking
-                # underneath, and OpenSSL then took one thread's state for the other's (one
-                # call in six failed, "EOF in violation of protocol"). The deadline breaks
-                # the connection instead, and the call then raises Timeout.
-                conn.settimeout(None)     # a new connection has the dial's timeout
-                alarm = threading.Timer(max(0.001, deadline - time.monotonic()), self._expire,
-                                        (conn,))
-                alarm.daemon = True
-                alarm.start()
+                alarm = self._alarm(conn, deadline)
             elif conn.timeout != timeout:
                 conn.settimeout(timeout)
             _send_frame(conn.writer, CALL, call_id, method.encode(), body, buffers,
@@ -2219,6 +2324,19 @@ class _Peer:
             except Exception:
                 pass                      # _result says what went wrong
         return self._result(method, kind, reply, reply_buffers)
+
+    def _alarm(self, conn, deadline):
+        """A timer that breaks conn at deadline, for a call with a deadline and a streamed
+        argument. Two threads on one TLS connection, one sending the stream and one reading
+        the reply, must keep it blocking: with a timeout the socket is non-blocking
+        underneath, and OpenSSL then took one thread's state for the other's (one call in six
+        failed, "EOF in violation of protocol"). The deadline breaks the connection instead,
+        and the call then raises Timeout."""
+        conn.settimeout(None)             # a new connection has the dial's timeout
+        alarm = threading.Timer(max(0.001, deadline - time.monotonic()), self._expire, (conn,))
+        alarm.daemon = True
+        alarm.start()
+        return alarm
 
     def _spin(self, readable):
         """Look for the reply for up to _CALLER_SPIN seconds before sleeping in recv; after a
@@ -2855,8 +2973,8 @@ class _FrameLoop:
 
         A leader that has just served a frame spins for `_SPIN` seconds before it sleeps in
         epoll: a caller making calls one after another sends its next frame within tens of
-        microseconds, and a thread woken from epoll here took ~10 us longer to answer than
-        one that blocked in read (60 -> 70 us a call). Go's scheduler spins the same way
+        microseconds, and a thread woken from epoll answers later than one that blocked in
+        read (bench/'s "small call" shows the difference). Go's scheduler spins the same way
         before it parks a thread. An idle machine does not spin, nor one whose worker
         processes are running tasks: they need the processors a spin would take."""
         while True:
@@ -3146,8 +3264,31 @@ class CallContext:
             self._cancelled = True
             if self._event is not None:
                 self._event.set()
-            if self._thread_id is not None and not self._interrupted:
-                self._interrupted = _interrupt_thread(self._thread_id)
+            self._interrupt()
+
+    def _interrupt(self):
+        """Raise the interrupt in the call's thread, if it still runs the call (the caller
+        holds _contexts_lock, which `_leave` takes once a cancel has begun)."""
+        thread_id = self._thread_id           # read once: _leave may clear it meanwhile
+        if thread_id is None or self._interrupted:
+            return
+        interrupted = _interrupt_thread(thread_id)
+        if interrupted is None:               # not now: see _interrupt_thread
+            _background(self._interrupt_soon)
+        else:
+            self._interrupted = interrupted
+
+    def _interrupt_soon(self):
+        while True:
+            time.sleep(0.001)
+            with _contexts_lock:
+                thread_id = self._thread_id
+                if thread_id is None or self._interrupted:
+                    return
+                interrupted = _interrupt_thread(thread_id)
+                if interrupted is not None:
+                    self._interrupted = interrupted
+                    return
 
     def _leave(self):
         """The call is over: no interrupt may reach its thread any more.
@@ -3164,23 +3305,50 @@ class CallContext:
                     _interrupt_thread(threading.get_ident(), withdraw=True)
 
 
-_contexts_lock = threading.Lock()
-_calls = threading.local()
-
-
 def current_call() -> typing.Optional[CallContext]:
     """The `CallContext` of the service call this thread is serving, or None."""
     return getattr(_calls, "context", None)
 
 
+# Before Python 3.12 a thread being started has, until it first runs, a thread state that
+# carries its parent's ident, and PyThreadState_SetAsyncExc raises in the first state with the
+# ident it is given: the newest. So an interrupt aimed at a method that is starting a thread
+# could land in the new thread instead, which then died before it began (an "exception
+# ignored in thread started by") while the method waited in Thread.start() for ever. The
+# interrupt is therefore raised with threading's _active_limbo_lock held: Thread.start takes
+# it to put the thread in _limbo before it makes the thread state, and the thread leaves
+# _limbo only after it has taken its own ident. If _limbo is empty, no state carries a
+# borrowed ident; if not, and the method's own stack is inside Thread.start, the interrupt
+# waits a millisecond and tries again. (A thread started with _thread directly is not seen;
+# threading is what code uses.)
+_LIMBO = (getattr(threading, "_limbo", None), getattr(threading, "_active_limbo_lock", None)) \
+    if sys.version_info < (3, 12) else (None, None)
+
+
 def _interrupt_thread(thread_id, withdraw=False):
-    """Raise `_Interrupt` asynchronously in a thread (or withdraw a pending one)."""
+    """Raise `_Interrupt` asynchronously in a thread (or withdraw a pending one). True if it
+    was raised, False if it cannot be, None if not now: the thread is starting a thread."""
     try:
         import ctypes
     except ImportError:          # some locked-down builds lack ctypes: cooperative only
         return False
     exc = ctypes.py_object(_Interrupt) if not withdraw else None
-    return ctypes.pythonapi.PyThreadState_SetAsyncExc(ctypes.c_ulong(thread_id), exc) == 1
+    limbo, limbo_lock = _LIMBO
+    if limbo_lock is None or withdraw:        # withdraw: the thread itself, starting nothing
+        return ctypes.pythonapi.PyThreadState_SetAsyncExc(ctypes.c_ulong(thread_id), exc) == 1
+    with limbo_lock:
+        if limbo and _starting_a_thread(thread_id):
+            return None
+        return ctypes.pythonapi.PyThreadState_SetAsyncExc(ctypes.c_ulong(thread_id), exc) == 1
+
+
+def _starting_a_thread(thread_id):
+    frame = sys._current_frames().get(thread_id)
+    while frame is not None:
+        if frame.f_code is threading.Thread.start.__code__:
+            return True
+        frame = frame.f_back
+    return False
 
 
 class _Dispatcher:
@@ -3371,10 +3539,6 @@ class Supervisor:
         used = memory.get("used_percent")
         return {"next": float(next_seconds), "memory": memory,
                 "healthy": used is None or used <= self._HEALTH_LIMIT}
-
-    def watchdog_left(self):
-        """Seconds left before the watchdog ends this machine."""
-        return self._deadline - time.monotonic()
 
     def _watch(self):
         # It sleeps until the lease's end (a tick at most), and each keepalive wakes it to
@@ -3646,10 +3810,6 @@ def _out_of_memory(what, how):
     """The error of a machine killed for memory: what names it ("machine ADDR (pid N)"), how
     says how that is known. For the systems: Local here; Slurm from OUT_OF_MEMORY."""
     return OutOfMemory("%s ran out of memory and was killed: %s" % (what, how))
-
-
-_oom_lock = threading.Lock()
-_oom_blamed = {}                     # cgroup -> the OOM kills in it blamed on machines so far
 
 
 def _killed_for_memory(cgroup, seen, local=True):
@@ -3986,7 +4146,22 @@ class _MachineView(_Calls):
 
 
 class Machine(_Calls):
-    """One machine of a session. See the module docstring and API.md."""
+    """One machine of a session: the driver's handle on a machine it started (`B.start`), or
+    anyone's on a machine it dialed (`B.dial`). See the section's essay for how it is watched.
+
+    Attributes:
+        addr      its address, an "https://host:port/" URL, unique for the session
+        err       why it stopped, an exception (an `Error`), or None while it has not
+        maxprocs  the processors it offers (Local: 1; EC2: the instance's vCPUs); the Executor
+                  runs that many tasks on it at once
+        hostname  the host part of addr
+        owned     True when started by this session (which may shut it down), False when dialed
+        status    what its system says it waits for while it starts ("" when nothing)
+        details   what its system knows of it (EC2: instance id and type, market); events carry it
+        healthy   False while it reports more than 95% of its memory in use
+        keepalive_replies  the latest keepalive round trips in seconds, newest last
+        next_keepalive     time.time() at which its lease ends
+    """
 
     def __init__(self, b: B, addr: str, *, owned: bool, maxprocs: typing.Optional[int] = 1):
         import urllib.parse
@@ -4297,9 +4472,6 @@ def _lease_kept(m, system):
 #
 # A machine has a B of its own, handed to its services' `init(b)`: it can `dial` other machines
 # and call them with the machine's own certificate. It cannot start machines.
-
-_machine_bootstrapping = False       # true while a machine process imports the driver's main
-_sessions = weakref.WeakSet()        # live driver Bs, shut down at exit if the user did not
 
 
 class MachineEvent(typing.NamedTuple):
@@ -7210,6 +7382,22 @@ def _watch_stdin(process):
 # SSH sends it over the ssh channel, EC2 can put it in user data and fetch the bundle over
 # mutual TLS.
 
+def _shipped_source(group, packed=False):
+    """The source text of a group of `_SHIPPED_AS_SOURCE`, which a host runs before it has
+    bigmachine.py; packed: zlib-compressed and in base64 (lines of it), for where room is short."""
+    text = _shipped_sources.get((group, packed))
+    if text is None:
+        if packed:
+            import zlib
+            text = base64.encodebytes(zlib.compress(_shipped_source(group).encode(), 9)).decode()
+        else:
+            import inspect
+            text = "".join(inspect.getsource(globals()[name]) + "\n"
+                           for name in _SHIPPED_AS_SOURCE[group])
+        _shipped_sources[group, packed] = text
+    return text
+
+
 class _Bundle(typing.NamedTuple):
     """The driver's code as one zip file: see `_make_bundle`."""
 
@@ -7510,16 +7698,6 @@ class _Packages(typing.NamedTuple):
     platform: dict                    # the driver's `_platform_facts()`
 
 
-_packages_lock = threading.Lock()
-_package_sets = collections.OrderedDict()   # digest -> _Packages, for the boot threads
-_file_hashes = {}                     # (path, size, mtime, ctime, inode) -> SHA-256 (hex)
-_site_indexes = {}                    # directory -> (its mtime, {relative path: dist-info})
-_host_send_locks = {}                 # (system id, host) -> Lock: one machine of a host sends
-_wheel_downloads = {}                 # (requirements, platform tags) -> [wheel paths], or None
-_real_paths = {}                      # a module's __file__ -> its real path
-_entries = {}                         # (site, dist-info) -> (the files' stats, manifest entry)
-
-
 def _check_packages(packages):
     """A system's packages option, checked: "auto", None, or a tuple of requirements."""
     if packages is None or packages == "auto":
@@ -7764,9 +7942,6 @@ def _matches_record(sha256, size, expected, sizes):
         if ours != value.rstrip("="):
             return False
     return not (sizes and sizes[0].isdigit() and int(sizes[0]) != size)
-
-
-_warned = set()
 
 
 def _warn_once(message):
@@ -8679,18 +8854,9 @@ class _Lines:
             self._pipe.close()
 
 
-_ssh_stage1_functions = None
-
-
 def _ssh_stage1_line(bundle):
     """Stage 1 as the line of Python source that stage 0 runs."""
-    global _ssh_stage1_functions
-    if _ssh_stage1_functions is None:
-        import inspect
-        _ssh_stage1_functions = "".join(inspect.getsource(f) + "\n" for f in (
-            _bundle_root, _bundle_install, _bundle_unpack, _machine_workdir, _import_compiled,
-            _ssh_stage1))
-    source = _ssh_stage1_functions + "_ssh_stage1(%r, %d, %r)\n" % (
+    source = _shipped_source("ssh") + "_ssh_stage1(%r, %d, %r)\n" % (
         bundle.sha256, len(bundle.data), bundle.library)
     return ("exec(%r)\n" % source).encode("utf-8")
 
@@ -9165,102 +9331,279 @@ def _ec2_boot(settings):
     driver, and nobody else, over mutual TLS until it has sent the code bundle and the machine's
     configuration; then run the machine in a child process on the same listening socket, stream
     its output to the driver, and return its exit status when it ends. Returns 1 if the driver
-    stays silent for settings["wait"] seconds before that. Self-contained: it runs before
-    bigmachine.py is on the instance, on whatever Python the instance has (3.8 or newer)."""
-    import hashlib
-    import http.server
-    import json
+    stays silent for settings["wait"] seconds before that. Shipped as source (see the file's
+    rules): it runs before bigmachine.py is on the instance, on whatever Python the instance
+    has (3.8 or newer), as do the steps it takes, each below."""
     import os
-    import select
     import socket
-    import subprocess
     import sys
-    import threading
-    import time
-    import traceback
-    import urllib.request
-
     fake = os.environ.get("BIGMACHINE_FAKE_EC2") == "1"
     port = int(os.environ.get("BIGMACHINE_PORT") or settings["port"])
     bind = os.environ.get("BIGMACHINE_BIND", "127.0.0.1" if fake else "")
     imds = (os.environ.get("BIGMACHINE_IMDS") or "http://169.254.169.254").rstrip("/")
+    instance = _ec2_instance_id(imds)
+    if instance is None:
+        return 1
+    context = _pinned_context(True, settings["cert"] + settings["key"], settings["ca"])
+    listener = socket.create_server((bind, port), backlog=128,
+                                    family=socket.AF_INET6 if ":" in bind else socket.AF_INET)
+    boot = _EC2Bootstrap(settings, instance, context, listener)
+    _ec2_say("instance %s, Python %s, port %d" % (instance, sys.version.split()[0], port))
+    if not boot.accept():
+        return 1
+    return boot.wait()
 
-    def say(text):
-        sys.stderr.write("bigmachine bootstrap: %s\n" % text)
-        sys.stderr.flush()
 
-    # The instance id, from the metadata service, the IMDSv2 way (the only one the instance
-    # allows): a token from a PUT first, then the token with the request. Never via a proxy.
+def _ec2_say(text):
+    """A line of the bootstrap's own on its stderr (the instance's console)."""
+    import sys
+    sys.stderr.write("bigmachine bootstrap: %s\n" % text)
+    sys.stderr.flush()
+
+
+def _ec2_instance_id(imds):
+    """The instance id, from the metadata service, the IMDSv2 way (the only one the instance
+    allows): a token from a PUT first, then the token with the request. Never via a proxy.
+    None, said, if the service does not answer for a minute."""
+    import time
+    import urllib.request
     opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
     for attempt in range(60):
         try:
             token = opener.open(urllib.request.Request(
                 imds + "/latest/api/token", method="PUT",
                 headers={"X-aws-ec2-metadata-token-ttl-seconds": "60"}), timeout=5).read()
-            instance = opener.open(urllib.request.Request(
+            return opener.open(urllib.request.Request(
                 imds + "/latest/meta-data/instance-id",
                 headers={"X-aws-ec2-metadata-token": token.decode()}), timeout=5).read().decode()
-            break
         except OSError as e:
             if attempt == 59:
-                say("cannot read the instance id from %s: %s" % (imds, e))
-                return 1
+                _ec2_say("cannot read the instance id from %s: %s" % (imds, e))
+                return None
             time.sleep(1)
-    prefix = "/%s/bigmachine/" % instance
-    context = _pinned_context(True, settings["cert"] + settings["key"], settings["ca"])
-    listener = socket.create_server((bind, port), backlog=128,
-                                    family=socket.AF_INET6 if ":" in bind else socket.AF_INET)
-    root = _bundle_root()
-    say("instance %s, Python %s, port %d" % (instance, sys.version.split()[0], port))
 
-    lock = threading.Lock()
-    bundles = {}                      # sha256 -> its path in the cache, as the driver sent them
-    heard = [time.monotonic(), 0]     # when the driver was last heard, its connections open
-    starting = threading.Event()      # a start request came: stop accepting connections
-    stopped = threading.Event()       # accepting stopped: the listening socket can go
-    ended = []                        # the exit status, when it is time to return it
-    made = {}                         # the machine's key and where its bundle was unpacked
-    done = threading.Event()
-    slots = threading.BoundedSemaphore(64)
 
-    def finish(status):
-        ended.append(status)
-        done.set()
+class _EC2Bootstrap:
+    """The state of an EC2 machine's bootstrap, which its connections' threads share, and its
+    steps: accept the driver's connections, keep the bundle it PUTs, make the machine's key,
+    start the machine and stream its output."""
 
-    def make_key(request):
-        # The bundle's bigmachine makes the machine's key: this script has no such code.
+    def __init__(self, settings, instance, context, listener):
+        import threading
+        import time
+        self.settings, self.instance, self.context = settings, instance, context
+        self.listener = listener
+        self.prefix = "/%s/bigmachine/" % instance
+        self.root = _bundle_root()
+        self.handler = _ec2_boot_handler(self)
+        self.lock = threading.Lock()
+        self.bundles = {}                 # sha256 -> its path in the cache, as the driver sent them
+        self.heard = time.monotonic()     # when the driver was last heard
+        self.connections = 0              # the driver's connections open now
+        self.starting = threading.Event()     # a start request came: stop accepting connections
+        self.stopped = threading.Event()      # accepting stopped: the listening socket can go
+        self.done = threading.Event()         # the machine ended: status is its exit status
+        self.status = None
+        self.made = {}                    # the machine's key and where its bundle was unpacked
+        self.slots = threading.BoundedSemaphore(64)
+
+    def accept(self):
+        """Serve the driver's connections, each in a thread, until a start request came. False
+        if the driver stayed silent too long."""
+        import select
+        import threading
+        import time
+        wait = self.settings["wait"]
+        while not self.starting.is_set():
+            with self.lock:
+                silent = not self.connections and time.monotonic() - self.heard > wait
+            if silent:
+                _ec2_say("no word from the driver for %ds: giving up" % wait)
+                self.listener.close()
+                return False
+            if not select.select([self.listener], [], [], 0.2)[0] or self.starting.is_set():
+                continue
+            try:
+                raw, peer = self.listener.accept()
+            except OSError:
+                continue
+            if not self.slots.acquire(False):
+                raw.close()
+                continue
+            threading.Thread(target=self.serve, args=(raw, peer), daemon=True).start()
+        self.stopped.set()
+        return True
+
+    def wait(self):
+        """The machine's exit status, when it has ended."""
+        self.done.wait()
+        return self.status
+
+    def finish(self, status):
+        self.status = status
+        self.done.set()
+
+    def serve(self, raw, peer):
+        """One connection: the driver's (its certificate's hash says so), or refused."""
+        import hashlib
+        import time
+        try:
+            raw.settimeout(10)
+            try:
+                conn = self.context.wrap_socket(raw, server_side=True)
+            except (OSError, ValueError) as e:
+                _ec2_say("refused %s: %s" % (peer[0], e))
+                return
+            with conn:
+                if hashlib.sha256(conn.getpeercert(True)).hexdigest() != self.settings["driver"]:
+                    _ec2_say("refused %s: a certificate of the session, but not its driver's"
+                             % peer[0])
+                    return
+                with self.lock:
+                    self.heard, self.connections = time.monotonic(), self.connections + 1
+                try:
+                    self.handler(conn, peer, None)
+                finally:
+                    with self.lock:
+                        self.heard, self.connections = time.monotonic(), self.connections - 1
+        except Exception as e:
+            _ec2_say("connection from %s failed: %s" % (peer[0], e))
+        finally:
+            raw.close()
+            self.slots.release()
+
+    def install(self, sha256, data):
+        """Keep a bundle the driver sent, if it hashes right (else ValueError)."""
+        path = _bundle_install(self.root, sha256, lambda: data)
+        with self.lock:
+            self.bundles[sha256] = path
+
+    def make_key(self, request):
+        """Unpack the bundle and make the machine's key with its bigmachine, which this
+        script does not have: the public half, in hex. Called with the lock held."""
         import importlib
+        import os
+        import sys
         library = request["library"]
         if not all(part.isidentifier() for part in library.split(".")):
             raise ValueError("not a module name: %r" % (library,))
-        workdir = _machine_workdir(root)
-        code = _bundle_unpack(bundles[request["bundle"]], os.path.join(workdir, "code"))
+        workdir = _machine_workdir(self.root)
+        code = _bundle_unpack(self.bundles[request["bundle"]], os.path.join(workdir, "code"))
         sys.path.insert(0, code)
         module = importlib.import_module(library)
         key = module._Ed25519Key()
-        made.update(workdir=workdir, code=code, bundle=request["bundle"],
-                    key=module._private_key_pem(key))
+        self.made.update(workdir=workdir, code=code, bundle=request["bundle"],
+                         key=module._private_key_pem(key))
         return key.public.hex()
 
-    def run_machine(request):
+    def run_machine(self, request):
+        """Start the machine: a child process that takes the listening socket over."""
+        import json
+        import subprocess
+        import sys
         library = request["library"]
-        if made.get("bundle") != request["bundle"] or "cert" not in request:
+        if self.made.get("bundle") != request["bundle"] or "cert" not in request:
             raise ValueError("no key was made for this bundle: POST key first")
-        workdir, code = made["workdir"], made["code"]
-        config = dict(request["config"], fd=listener.fileno(), credentials={
-            "cert_pem": request["cert"], "key_pem": made["key"], "ca_pem": settings["ca"]})
+        workdir, code = self.made["workdir"], self.made["code"]
+        config = dict(request["config"], fd=self.listener.fileno(), credentials={
+            "cert_pem": request["cert"], "key_pem": self.made["key"],
+            "ca_pem": self.settings["ca"]})
         launcher = ("import sys; sys.path.insert(0, %r); import %s as library; "
                     "library._machine_main(code=%r, workdir=%r)" % (code, library, code, workdir))
-        listener.setblocking(True)
+        self.listener.setblocking(True)
         child = subprocess.Popen([sys.executable, "-u", "-c", launcher], cwd=workdir,
                                  stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                 stderr=subprocess.STDOUT, pass_fds=[listener.fileno()])
-        listener.close()              # the machine's now
+                                 stderr=subprocess.STDOUT, pass_fds=[self.listener.fileno()])
+        self.listener.close()             # the machine's now
         # The machine reads its configuration from its stdin, which stays open: EOF would mean
         # that this process died, and the machine would exit.
         child.stdin.write(json.dumps(config).encode() + b"\n")
         child.stdin.flush()
         return child
+
+    def stream(self, handler, child):
+        """Answer the start request with the machine's output, line by line, for as long as it
+        runs; then how it ended."""
+        handler.send_response(200)
+        handler.send_header("Content-Type", "text/plain; charset=utf-8")
+        handler.send_header("Connection", "close")
+        handler.end_headers()
+        handler.close_connection = True
+        handler.connection.settimeout(None)
+        self.keep_alive(handler.connection)
+        stream = self.send(handler.wfile, b"@bigmachine@ started %d\n" % child.pid)
+        for line in iter(child.stdout.readline, b""):
+            stream = self.send(stream, line)
+        status = child.wait()
+        self.send(stream, b"@bigmachine@ exited %d\n" % status)
+        self.finish(status if status >= 0 else 128 - status)
+
+    @staticmethod
+    def send(stream, line):
+        """Write a line of the machine's output to the instance's own log and to the driver's
+        stream: that stream, or None once it broke (the driver went: the log goes on)."""
+        import sys
+        sys.stdout.buffer.write(line)
+        sys.stdout.buffer.flush()
+        if stream is not None:
+            try:
+                stream.write(line)
+            except OSError:
+                return None
+        return stream
+
+    @staticmethod
+    def keep_alive(connection):
+        """Keep the stream alive through NATs and notice a driver that vanished."""
+        import socket
+        for option, value in (("SO_KEEPALIVE", 1), ("TCP_KEEPIDLE", 60),
+                              ("TCP_KEEPINTVL", 20), ("TCP_KEEPCNT", 6)):
+            if hasattr(socket, option):
+                level = socket.SOL_SOCKET if option == "SO_KEEPALIVE" else socket.IPPROTO_TCP
+                try:
+                    connection.setsockopt(level, getattr(socket, option), value)
+                except OSError:
+                    pass
+
+    def post_key(self, handler, request):
+        """POST key: make the machine's key, once, from a bundle the driver sent."""
+        import json
+        import traceback
+        with self.lock:
+            if self.starting.is_set() or self.made:
+                return handler.reply(409, b"the machine has its key already\n")
+            if request.get("bundle") not in self.bundles:
+                return handler.reply(409, b"no such bundle: PUT it first\n")
+            try:
+                public = self.make_key(request)
+            except Exception:
+                return handler.reply(500, traceback.format_exc().encode())
+        return handler.reply(200, json.dumps({"public_key": public}).encode(),
+                             "application/json")
+
+    def post_start(self, handler, request):
+        """POST start: stop accepting connections, start the machine, stream its output."""
+        import traceback
+        with self.lock:
+            if self.starting.is_set():
+                return handler.reply(409, b"the machine was started already\n")
+            if request.get("bundle") not in self.bundles:
+                return handler.reply(409, b"no such bundle: PUT it first\n")
+            self.starting.set()
+        self.stopped.wait()
+        try:
+            child = self.run_machine(request)
+        except Exception:
+            handler.reply(500, traceback.format_exc().encode())
+            return self.finish(1)
+        self.stream(handler, child)
+
+
+def _ec2_boot_handler(boot):
+    """The HTTP handler class of an `_EC2Bootstrap`'s connections: pages under its prefix."""
+    import http.server
+    import json
+    import sys
 
     class Handler(http.server.BaseHTTPRequestHandler):
         protocol_version = "HTTP/1.1"
@@ -9280,138 +9623,35 @@ def _ec2_boot(settings):
             return self.rfile.read(int(self.headers.get("Content-Length") or 0))
 
         def do_GET(self):
-            if self.path != prefix + "boot":
+            if self.path != boot.prefix + "boot":
                 return self.reply(404, b"no such page\n")
             self.reply(200, json.dumps({
                 "python": "%d.%d" % sys.version_info[:2], "executable": sys.executable,
-                "instance": instance}).encode(), "application/json")
+                "instance": boot.instance}).encode(), "application/json")
 
         def do_PUT(self):
             data = self.body()
-            if not self.path.startswith(prefix + "bundle/"):
+            if not self.path.startswith(boot.prefix + "bundle/"):
                 return self.reply(404, b"no such page\n")
-            sha256 = self.path[len(prefix + "bundle/"):]
             try:
-                path = _bundle_install(root, sha256, lambda: data)
+                boot.install(self.path[len(boot.prefix + "bundle/"):], data)
             except ValueError as e:
                 return self.reply(400, ("%s\n" % e).encode())
-            with lock:
-                bundles[sha256] = path
             self.reply(200, b"installed\n")
 
         def do_POST(self):
             data = self.body()
-            if self.path not in (prefix + "start", prefix + "key"):
+            if self.path not in (boot.prefix + "start", boot.prefix + "key"):
                 return self.reply(404, b"no such page\n")
             try:
                 request = json.loads(data.decode())
             except ValueError:
                 return self.reply(400, b"not JSON\n")
-            if self.path == prefix + "key":
-                with lock:
-                    if starting.is_set() or made:
-                        return self.reply(409, b"the machine has its key already\n")
-                    if request.get("bundle") not in bundles:
-                        return self.reply(409, b"no such bundle: PUT it first\n")
-                    try:
-                        public = make_key(request)
-                    except Exception:
-                        return self.reply(500, traceback.format_exc().encode())
-                return self.reply(200, json.dumps({"public_key": public}).encode(),
-                                  "application/json")
-            with lock:
-                if starting.is_set():
-                    return self.reply(409, b"the machine was started already\n")
-                if request.get("bundle") not in bundles:
-                    return self.reply(409, b"no such bundle: PUT it first\n")
-                starting.set()
-            stopped.wait()
-            try:
-                child = run_machine(request)
-            except Exception:
-                self.reply(500, traceback.format_exc().encode())
-                return finish(1)
-            self.send_response(200)
-            self.send_header("Content-Type", "text/plain; charset=utf-8")
-            self.send_header("Connection", "close")
-            self.end_headers()
-            self.close_connection = True
-            stream = [self.wfile]
-            self.connection.settimeout(None)
-            # Keep the stream alive through NATs and notice a driver that vanished.
-            for option, value in (("SO_KEEPALIVE", 1), ("TCP_KEEPIDLE", 60),
-                                  ("TCP_KEEPINTVL", 20), ("TCP_KEEPCNT", 6)):
-                if hasattr(socket, option):
-                    level = socket.SOL_SOCKET if option == "SO_KEEPALIVE" else socket.IPPROTO_TCP
-                    try:
-                        self.connection.setsockopt(level, getattr(socket, option), value)
-                    except OSError:
-                        pass
+            if self.path == boot.prefix + "key":
+                return boot.post_key(self, request)
+            boot.post_start(self, request)
 
-            def send(line):
-                sys.stdout.buffer.write(line)         # the instance's own log, too
-                sys.stdout.buffer.flush()
-                if stream:
-                    try:
-                        stream[0].write(line)
-                    except OSError:
-                        del stream[:]                   # the driver went: keep the log only
-
-            send(b"@bigmachine@ started %d\n" % child.pid)
-            for line in iter(child.stdout.readline, b""):
-                send(line)
-            status = child.wait()
-            send(b"@bigmachine@ exited %d\n" % status)
-            finish(status if status >= 0 else 128 - status)
-
-    def serve(raw, peer):
-        try:
-            raw.settimeout(10)
-            try:
-                conn = context.wrap_socket(raw, server_side=True)
-            except (OSError, ValueError) as e:
-                say("refused %s: %s" % (peer[0], e))
-                return
-            with conn:
-                if hashlib.sha256(conn.getpeercert(True)).hexdigest() != settings["driver"]:
-                    say("refused %s: a certificate of the session, but not its driver's" % peer[0])
-                    return
-                with lock:
-                    heard[:] = [time.monotonic(), heard[1] + 1]
-                try:
-                    Handler(conn, peer, None)
-                finally:
-                    with lock:
-                        heard[:] = [time.monotonic(), heard[1] - 1]
-        except Exception as e:
-            say("connection from %s failed: %s" % (peer[0], e))
-        finally:
-            raw.close()
-            slots.release()
-
-    while not starting.is_set():
-        with lock:
-            silent = not heard[1] and time.monotonic() - heard[0] > settings["wait"]
-        if silent:
-            say("no word from the driver for %ds: giving up" % settings["wait"])
-            listener.close()
-            return 1
-        if not select.select([listener], [], [], 0.2)[0] or starting.is_set():
-            continue
-        try:
-            raw, peer = listener.accept()
-        except OSError:
-            continue
-        if not slots.acquire(False):
-            raw.close()
-            continue
-        threading.Thread(target=serve, args=(raw, peer), daemon=True).start()
-    stopped.set()
-    done.wait()
-    return ended[0]
-
-
-_ec2_boot_functions = None
+    return Handler
 
 
 def _ec2_user_data(session, port, wait, driver_pem, credentials, boot="", keep=False):
@@ -9420,22 +9660,14 @@ def _ec2_user_data(session, port, wait, driver_pem, credentials, boot="", keep=F
     shell run before the bootstrap (`EC2System._boot_section`); keep leaves the instance up
     when the machine exits."""
     import hashlib
-    global _ec2_boot_functions
-    if _ec2_boot_functions is None:
-        # The functions' source, compressed: as text it would not leave room under the limit.
-        import inspect
-        import zlib
-        source = "".join(inspect.getsource(f) + "\n" for f in (
-            _load_pem_chain, _pinned_context, _bundle_root, _bundle_install, _bundle_unpack,
-            _machine_workdir, _ec2_boot))
-        _ec2_boot_functions = base64.encodebytes(zlib.compress(source.encode(), 9)).decode()
     settings = {
         "session": session, "port": port, "wait": wait,
         "driver": hashlib.sha256(ssl.PEM_cert_to_DER_cert(driver_pem)).hexdigest(),
         "cert": credentials.cert_pem, "key": credentials.key_pem, "ca": credentials.ca_pem,
     }
+    # The functions' source, compressed: as text it would not leave room under the limit.
     bootstrap = ('import base64, sys, zlib\nexec(zlib.decompress(base64.b64decode("""\n%s""")))\n'
-                 'sys.exit(_ec2_boot(%r))\n' % (_ec2_boot_functions, settings))
+                 'sys.exit(_ec2_boot(%r))\n' % (_shipped_source("ec2", packed=True), settings))
     text = (_EC2_USER_DATA.replace("@SESSION@", session).replace("@PYTHON@", PYTHON)
             .replace("@KEEP@", "1" if keep else "0").replace("@BOOT@", boot)
             .replace("@BOOTSTRAP@", bootstrap))
@@ -9592,11 +9824,9 @@ class EC2System(System):
         self.vcpus = None
         self._cond = threading.Condition()
         self._serial = itertools.count(1)
-        self._generation = 0              # one per session: a monitor serves one session
         self._reset()
 
     def _reset(self):
-        self._generation += 1
         self._closed = False
         self._pending = {}                # Machine -> (env, bundle, batch), until launched
         self._ids = {}                    # Machine -> instance id
@@ -9604,12 +9834,8 @@ class EC2System(System):
         self._stopping = set()            # Machines terminated (their launch may be under way)
         self._boots = {}                  # Machine -> _EC2Boot, while its output streams
         self._terminated = set()          # instance ids we terminated
-        self._seen = {}                   # instance id -> its latest description
-        self._wanted = set()              # instance ids to describe in the next round
-        self._fresh = {}                  # instance id -> the round that last described it
         self._markets = {}                # instance id -> "spot" or "on-demand", until launch
-        self._round = 0
-        self._monitor = None
+        self._monitor = _EC2Monitor(self)  # one per session
 
     def __repr__(self):
         return "<ec2 system: %s in %s>" % (self.instance_type, self.region)
@@ -9934,7 +10160,8 @@ class EC2System(System):
     def _await_address(self, machine, instance_id, deadline):
         """Wait until the instance runs and has an address: (host, port)."""
         while True:
-            instance = self._describe_soon(instance_id, max(0.1, deadline - time.monotonic()))
+            instance = self._monitor.describe_soon(instance_id,
+                                                   max(0.1, deadline - time.monotonic()))
             if machine.state is STOPPED or self._closed:
                 raise Error("machine %s was stopped while instance %s started"
                             % (machine.addr, instance_id))
@@ -9968,81 +10195,32 @@ class EC2System(System):
             instance.get("StateTransitionReason") or "no reason given"
         return "instance %s is %s: %s" % (instance["InstanceId"], instance["State"]["Name"], reason)
 
-    # -- watching (Go's monitor) --------------------------------------------------------------
+    # -- watching (Go's monitor: see _EC2Monitor) ----------------------------------------
 
-    def _describe_soon(self, instance_id, timeout):
-        """The instance's description from the next round of the monitor (None if it has none)."""
+    def _instances_dead(self, instances):
+        """The monitor found these instances shutting down or gone: their machines stop."""
         with self._cond:
-            self._want(instance_id)
-            asked = self._round
-            self._cond.wait_for(lambda: self._closed or self._fresh.get(instance_id, -1) > asked,
-                                timeout)
-            return self._seen.get(instance_id)
-
-    def _want(self, instance_id):
-        # Called with self._cond held.
-        if self._closed:
-            return
-        self._wanted.add(instance_id)
-        if self._monitor is None:
-            self._monitor = threading.Thread(target=self._watch_instances,
-                                             args=(self._generation,), daemon=True,
-                                             name="bigmachine-ec2-monitor")
-            self._monitor.start()
-        self._cond.notify_all()
-
-    def _watch_instances(self, generation):
-        def over():
-            return self._closed or self._generation != generation
-
-        while True:
-            with self._cond:
-                self._cond.wait_for(lambda: self._wanted or over())
-                if over():
-                    return
-                self._round += 1
-                round_, ids = self._round, sorted(self._wanted)
-                self._wanted.clear()
-            found = {}
-            try:
-                for i in range(0, len(ids), 200):
-                    pages = self.ec2.get_paginator("describe_instances").paginate(
-                        Filters=[{"Name": "instance-id", "Values": ids[i:i + 200]}])
-                    for page in pages:
-                        for reservation in page["Reservations"]:
-                            for instance in reservation["Instances"]:
-                                found[instance["InstanceId"]] = instance
-            except self._errors as e:
-                log.debug("describing instances %s: %s", ", ".join(ids), _aws_error(e))
-            with self._cond:
-                self._seen.update(found)
-                for instance_id in ids:
-                    self._fresh[instance_id] = round_
-                self._cond.notify_all()
-                gone = [(self._machines.get(i), instance) for i, instance in found.items()
-                        if instance["State"]["Name"] in _EC2_DEAD]
-            for machine, instance in gone:
-                if machine is not None and machine.state is not STOPPED:
-                    log.debug("%s: %s", machine.addr, self._dead(instance))
-                    machine.report_stopped(Error(self._dead(instance)))
-            with self._cond:
-                self._cond.wait_for(over, self.poll_interval)
+            gone = [(self._machines.get(instance["InstanceId"]), instance)
+                    for instance in instances]
+        for machine, instance in gone:
+            if machine is not None and machine.state is not STOPPED:
+                log.debug("%s: %s", machine.addr, self._dead(instance))
+                machine.report_stopped(Error(self._dead(instance)))
 
     def keepalive_failed(self, machine, error):
         # Go's monitor: a machine that does not answer may be an instance that is gone.
         with self._cond:
             instance_id = self._ids.get(machine)
-            if instance_id is not None:
-                self._want(instance_id)
+        if instance_id is not None:
+            self._monitor.want(instance_id)
 
     def lost(self, machine):
         with self._cond:
             instance_id = self._ids.get(machine)
-            if instance_id is None:
-                return False
-            self._want(instance_id)
-            state = (self._seen.get(instance_id) or {}).get("State", {}).get("Name")
-        return state in _EC2_DEAD
+        if instance_id is None:
+            return False
+        self._monitor.want(instance_id)
+        return self._monitor.state(instance_id) in _EC2_DEAD
 
     def _machine_ended(self, machine, instance_id, status, output=""):
         """The output stream of machine ended: with its exit status, or broken (None); output
@@ -10106,6 +10284,7 @@ class EC2System(System):
             self._cond.notify_all()
             ids = [i for i in self._machines if i not in self._terminated]
             boots = list(self._boots.values())
+        self._monitor.close()
         if ids:
             self._terminate(ids)
         # Anything else of this session's (a launch the driver did not hear back from, say).
@@ -10122,6 +10301,98 @@ class EC2System(System):
             self._terminate(left)
         for boot in boots:
             boot.close()
+
+
+class _EC2Monitor:
+    """The instances of one EC2System session, watched (Go: ec2system/internal/monitor).
+
+    One thread describes the instances someone asked about (`want`), in batches, at most once
+    every poll_interval seconds; `describe_soon` waits for the next round's description of
+    one. The instances it finds shutting down or gone go to the system's `_instances_dead`."""
+
+    _BATCH = 200                          # instance ids in one describe_instances filter
+
+    def __init__(self, system):
+        self.system = system
+        self._cond = threading.Condition()
+        self._closed = False
+        self._seen = {}                   # instance id -> its latest description
+        self._wanted = set()              # instance ids to describe in the next round
+        self._fresh = {}                  # instance id -> the round that last described it
+        self._round = 0
+        self._thread = None
+
+    def want(self, instance_id):
+        """Describe the instance in the next round."""
+        with self._cond:
+            self._want(instance_id)
+
+    def _want(self, instance_id):
+        # Called with self._cond held.
+        if self._closed:
+            return
+        self._wanted.add(instance_id)
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._watch, daemon=True,
+                                            name="bigmachine-ec2-monitor")
+            self._thread.start()
+        self._cond.notify_all()
+
+    def describe_soon(self, instance_id, timeout):
+        """The instance's description from the next round (None if it has none)."""
+        with self._cond:
+            self._want(instance_id)
+            asked = self._round
+            self._cond.wait_for(lambda: self._closed or self._fresh.get(instance_id, -1) > asked,
+                                timeout)
+            return self._seen.get(instance_id)
+
+    def state(self, instance_id):
+        """The instance's state ("running"...) when it was last described, or None."""
+        with self._cond:
+            return (self._seen.get(instance_id) or {}).get("State", {}).get("Name")
+
+    def close(self):
+        with self._cond:
+            self._closed = True
+            self._cond.notify_all()
+
+    def _watch(self):
+        while True:
+            with self._cond:
+                self._cond.wait_for(lambda: self._wanted or self._closed)
+                if self._closed:
+                    return
+                self._round += 1
+                round_, ids = self._round, sorted(self._wanted)
+                self._wanted.clear()
+            found = self._describe(ids)
+            with self._cond:
+                self._seen.update(found)
+                for instance_id in ids:
+                    self._fresh[instance_id] = round_
+                self._cond.notify_all()
+            dead = [instance for instance in found.values()
+                    if instance["State"]["Name"] in _EC2_DEAD]
+            if dead:
+                self.system._instances_dead(dead)
+            with self._cond:
+                self._cond.wait_for(lambda: self._closed, self.system.poll_interval)
+
+    def _describe(self, ids):
+        """{instance id: its description} for those of ids that EC2 describes."""
+        found, system = {}, self.system
+        try:
+            for i in range(0, len(ids), self._BATCH):
+                pages = system.ec2.get_paginator("describe_instances").paginate(
+                    Filters=[{"Name": "instance-id", "Values": ids[i:i + self._BATCH]}])
+                for page in pages:
+                    for reservation in page["Reservations"]:
+                        for instance in reservation["Instances"]:
+                            found[instance["InstanceId"]] = instance
+        except system._errors as e:
+            log.debug("describing instances %s: %s", ", ".join(ids), _aws_error(e))
+        return found
 
 
 class _EC2Boot:
@@ -10181,7 +10452,7 @@ class _EC2Boot:
                                           % (self.host, self.port, e))
             except (OSError, EOFError, ValueError) as e:
                 why = e
-            instance = self.system._describe_soon(self.instance_id, 0)
+            instance = self.system._monitor.describe_soon(self.instance_id, 0)
             if instance is not None and instance["State"]["Name"] in _EC2_DEAD:
                 raise Error("%s, before its bootstrap answered (its console output may say why: "
                             "aws ec2 get-console-output --instance-id %s)"
@@ -10475,19 +10746,10 @@ def _enrolled(conn, rfile, code, workdir):
     return status if status >= 0 else 128 - status
 
 
-_enrol_functions = None
-
-
 def _enrol_source():
     """The enrolment stage's source, compressed, as a Python expression that defines it."""
-    global _enrol_functions
-    if _enrol_functions is None:
-        import inspect
-        import zlib
-        source = "".join(inspect.getsource(f) + "\n" for f in (
-            _bundle_root, _bundle_install, _bundle_unpack, _machine_workdir, _enrol_stage))
-        _enrol_functions = base64.b64encode(zlib.compress(source.encode(), 9)).decode()
-    return "exec(zlib.decompress(base64.b64decode(%r)))" % _enrol_functions
+    packed = _shipped_source("enrol", packed=True).replace("\n", "")     # one line
+    return "exec(zlib.decompress(base64.b64decode(%r)))" % packed
 
 
 def _enrol_program(settings, pick=None):
@@ -11339,10 +11601,6 @@ class Counter:
         return "Counter(%r)" % (self._value,)
 
 
-_published = {}                      # name -> value, Counter or callable
-_published_lock = threading.Lock()
-
-
 _Value = typing.TypeVar("_Value")
 
 
@@ -11684,16 +11942,13 @@ def _merge_profiles(results):
 # Memory: tracemalloc
 # --------------------------------------------------------------------------------------
 
-_tracemalloc_since = None            # time.time() when this module started tracemalloc
-
-
 def _heap(limit=200, stop=False, trace=False, seconds=1.0):
     """The allocation sites holding the most memory now, from tracemalloc. Tracing slows
-    allocation down (a job ran 3.5x slower with it on), so a look leaves it as it found it: if
-    it is not running, it runs for seconds (a call's cancellation ends that early) and is
-    stopped again, and the snapshot shows what was allocated in that time and is still held.
-    trace=True starts it for good, so that later looks see everything from then on; stop=True
-    stops it after this look."""
+    allocation down (several times, for allocation-heavy code), so a look leaves it as it
+    found it: if it is not running, it runs for seconds (a call's cancellation ends that early)
+    and is stopped again, and the snapshot shows what was allocated in that time and is still
+    held. trace=True starts it for good, so that later looks see everything from then on;
+    stop=True stops it after this look."""
     global _tracemalloc_since
     import linecache
     import tracemalloc
@@ -11772,16 +12027,6 @@ def _format_heap(results, limit=50):
         if text:
             rows.append("%30s%s" % ("", text))
     return "\n".join(head + lines + [""] + rows) + "\n"
-
-
-def _bytes(n):
-    """n bytes for people: 512 B, 1.5 KiB, 2.0 GiB."""
-    if n is None:
-        return "?"
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if abs(n) < 1024 or unit == "TiB":
-            return ("%d %s" if unit == "B" else "%.1f %s") % (n, unit)
-        n /= 1024.0
 
 
 # --------------------------------------------------------------------------------------
@@ -12041,12 +12286,10 @@ def _resolves_to_loopback(host):
         ipaddress.ip_address(info[4][0].partition("%")[0]).is_loopback for info in infos)
 
 
-_debug_classes = None
-
-
 def _debug_server(b, host, port, allow_remote):
     """A running HTTP server of the debug pages. http.server is imported here, not with the
-    module: it is a large import (~25 ms) that machines never need."""
+    module: it is a large import (bench/'s process-start floor shows what imports cost) that
+    machines never need."""
     global _debug_classes
     if _debug_classes is None:
         import http.server
@@ -12785,9 +13028,6 @@ class _SelftestService:
     def sleep(self, seconds):
         context = current_call()
         return context.wait(seconds) if context else time.sleep(seconds)
-
-    def whoami(self):
-        return os.getpid()
 
     def burn(self):
         """Pure Python until cancelled: what a profile must find."""

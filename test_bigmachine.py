@@ -61,6 +61,26 @@ PYENV = os.path.join(os.environ.get("PYENV_ROOT", os.path.expanduser("~/.pyenv")
 # Short keepalive settings: tests are about behaviour, not Go's minutes.
 FAST = dict(keepalive_period=0.5, keepalive_timeout=2.0, keepalive_rpc_timeout=0.5, lease=5.0)
 
+# An elapsed-time bound in a test says "this ended, bounded in time, rather than hung", never
+# how fast (bench/ measures that). A loaded machine stretches every such bound alike, so each
+# upper bound is written within(seconds), and so are the waits of `eventually`:
+# BIGMACHINE_TEST_TIME_SCALE (default 1) multiplies them all, read here and nowhere else.
+# Lower bounds ("it waited for the lease") are not scaled: a slow machine does not shorten them.
+TIME_SCALE = float(os.environ.get("BIGMACHINE_TEST_TIME_SCALE") or 1)
+
+
+def within(seconds):
+    """An upper bound on elapsed time, in seconds, scaled by TIME_SCALE."""
+    return seconds * TIME_SCALE
+
+
+# A background job of a non-interactive shell starts with Ctrl-C ignored, and an ignored
+# signal stays ignored in every program it runs: the Ctrl-C tests (in this process and in
+# drivers of their own) would then wait for an interrupt that never comes. Caught here,
+# SIGINT is back to its default in the processes the tests start.
+if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+
 
 # ======================================================================================
 # Services used by the tests (top level, so that machine processes can import them)
@@ -297,8 +317,13 @@ def check_remote_cluster(machines, pids, tag, message):
         assert f.read() == data
 
 
+def _read_text(path):
+    with open(path) as f:
+        return f.read()
+
+
 def eventually(predicate, timeout=10.0, what="condition"):
-    deadline = time.monotonic() + timeout
+    deadline = time.monotonic() + within(timeout)
     while time.monotonic() < deadline:
         if predicate():
             return
@@ -492,7 +517,7 @@ def test_init_raising_stops_machine_fast(tb):
     began = time.monotonic()
     m, = tb.start(1, {"Bad": InitFails()})
     assert m.wait(RUNNING, timeout=30) is STOPPED
-    assert time.monotonic() - began < 10
+    assert time.monotonic() - began < within(10)
     assert isinstance(m.err, CustomError) and m.err.code == 3
     with pytest.raises(bigmachine.MachineStopped) as info:
         m.call("Bad.echo", 1)
@@ -506,7 +531,7 @@ def test_call_timeout_cancels_on_machine(tb):
     with pytest.raises(bigmachine.Timeout) as info:
         view.call("Echo.spin", "t1")
     assert isinstance(info.value, TimeoutError)
-    assert 0.25 < time.monotonic() - began < 5
+    assert 0.25 < time.monotonic() - began < within(5)
     eventually(lambda: ("interrupted", "t1", "_Interrupt") in m.call("Echo.get_events"),
                what="the call to be interrupted on the machine")
     assert m.call("Echo.echo", 3) == 3                       # the pool is not poisoned
@@ -549,7 +574,7 @@ def test_in_flight_calls_fail_when_machine_stops(tb):
         with pytest.raises(bigmachine.MachineStopped) as info:
             f.result(5)
         assert info.value.__cause__ is m.err
-    assert time.monotonic() - began < 3
+    assert time.monotonic() - began < within(3)
     with pytest.raises(bigmachine.MachineStopped):
         m.call("Echo.echo", 1)
     assert m not in tb.machines()
@@ -741,7 +766,7 @@ def test_keepalive_renews_lease(tb):
     m, = running(tb)
     eventually(lambda: len(m.keepalive_replies) >= 2, what="two keepalives")
     assert m.next_keepalive > time.time()
-    assert all(0 <= t < 1 for t in m.keepalive_replies)
+    assert all(0 <= t < within(1) for t in m.keepalive_replies)
 
 
 def test_watchdog_ends_machine_without_keepalives():
@@ -800,7 +825,7 @@ def test_shutdown_is_bounded_idempotent_and_final():
     began = time.monotonic()
     b.shutdown()
     b.shutdown()
-    assert time.monotonic() - began < 1
+    assert time.monotonic() - began < within(1)
     with pytest.raises(bigmachine.MachineStopped):
         machines[1].call("Echo.echo", 1)
     with pytest.raises(bigmachine.Error, match="shut down"):
@@ -970,7 +995,7 @@ def test_local_child_exit_noticed_at_once(lb):
     with pytest.raises(bigmachine.MachineStopped):
         future.result(10)
     assert m1.wait(STOPPED, timeout=10) is STOPPED
-    assert time.monotonic() - began < 3
+    assert time.monotonic() - began < within(3)
     assert "SIGKILL" in str(m1.err)
     assert m2.call("Echo.echo", 1) == 1
 
@@ -1060,7 +1085,7 @@ def test_driver_killed_machines_exit(tmp_path):
             eventually(lambda: not any(_alive(p) for p in pids), timeout=10,
                        what="machines to exit after %s" % how)
             took = time.monotonic() - began
-            assert took < (5 if how == "SIGSTOP" else 2), took
+            assert took < within(5 if how == "SIGSTOP" else 2), took
             if how == "SIGSTOP":
                 assert took > 1.0                              # it was the lease, not a pipe
         finally:
@@ -1305,6 +1330,7 @@ def test_ssh_bigpi(sshd):
     assert machine_dirs(sshd) == []
 
 
+@pytest.mark.slow
 def test_ssh_driver_killed_machines_exit(sshd, tmp_path):
     script = tmp_path / "driver.py"
     script.write_text(textwrap.dedent("""
@@ -1343,7 +1369,7 @@ def test_ssh_driver_killed_machines_exit(sshd, tmp_path):
             took = time.monotonic() - began
             assert not any(os.path.exists(w) for w in workdirs)
             if how == "SIGSTOP":
-                assert 1.0 < took < 10                         # it was the lease (2s)
+                assert 1.0 < took < within(10)                         # it was the lease (2s)
             else:
                 eventually(lambda: ssh_clients(sshd) == [], timeout=10,
                            what="the orphaned ssh clients to exit")
@@ -2051,12 +2077,13 @@ def test_ec2_instance_terminated_behind_our_back_is_noticed_fast(ec2):
         ec2.ec2.terminate_instances(InstanceIds=[instance_id])     # a spot reclaim, say
         assert m.wait(STOPPED, timeout=30) is STOPPED
         took = time.monotonic() - began
-        assert took < 5, took
+        assert took < within(5), took
         assert "instance %s is terminated" % instance_id in str(m.err), m.err
         with pytest.raises(bigmachine.MachineStopped):
             m.call("Echo.echo", 1)
 
 
+@pytest.mark.slow
 def test_ec2_driver_killed_instances_terminate_themselves(ec2, tmp_path):
     script = tmp_path / "driver.py"
     script.write_text(textwrap.dedent("""
@@ -2086,7 +2113,7 @@ def test_ec2_driver_killed_instances_terminate_themselves(ec2, tmp_path):
         eventually(lambda: all_terminated(ec2, session) and not ec2.alive(), timeout=20,
                    what="the instances to terminate themselves")
         took = time.monotonic() - began
-        assert 1.0 < took < 3.0 + 3, took                          # within the lease
+        assert 1.0 < took < within(3.0 + 3), took                          # within the lease
         for instance in ec2.session(session):
             assert "watchdog expired" in ec2.log(instance["InstanceId"])
     finally:
@@ -2224,6 +2251,7 @@ def test_ec2_version_mismatch_names_both(ec2):
     eventually(lambda: all_terminated(ec2, system.session), what="the instance to be terminated")
 
 
+@pytest.mark.slow
 def test_ec2_list_and_kill_leftovers(ec2):
     ami = ssm_parameter(AMI_PARAMETER)
 
@@ -2272,6 +2300,7 @@ def test_ec2_list_and_kill_leftovers(ec2):
     ec2.ec2.terminate_instances(InstanceIds=[other])
 
 
+@pytest.mark.slow
 def test_ec2_bigpi(ec2):
     result = subprocess.run(
         [sys.executable, os.path.join(HERE, "examples", "bigpi.py"), "-n", "2000000",
@@ -2825,6 +2854,10 @@ def test_nothing_printed_is_lost_at_shutdown(tmp_path):
 # behind, no one gets in. Every fault is real: real processes, real signals, real sockets.
 # ======================================================================================
 
+# --------------------------------------------------------------------------------------
+# The section's service and helpers
+# --------------------------------------------------------------------------------------
+
 class Victim:
     """The service the fault tests torment. Calls record how they ended in files, which the
     test can read even after the machine is gone."""
@@ -3017,7 +3050,7 @@ class _Steady:
 
 
 # --------------------------------------------------------------------------------------
-# Faults
+# Faults: machines that die, hang, stop answering or restart
 # --------------------------------------------------------------------------------------
 
 def test_fault_sigkill_mid_calls(lb, tmp_path):
@@ -3052,8 +3085,8 @@ def test_fault_sigkill_mid_calls(lb, tmp_path):
     for name, (value, when) in outcomes.items():
         assert isinstance(value, bigmachine.MachineStopped), (name, value)
         assert value.__cause__ is m1.err, name
-        assert when - began < 3, (name, when - began)
-    assert ended - began < 3
+        assert when - began < within(3), (name, when - began)
+    assert ended - began < within(3)
     assert m1.state is STOPPED and "killed by signal SIGKILL" in str(m1.err)
     assert m1.err.exit_code == -signal.SIGKILL
     # Later calls of every kind fail at once, and the same way.
@@ -3064,13 +3097,13 @@ def test_fault_sigkill_mid_calls(lb, tmp_path):
         t = time.monotonic()
         with pytest.raises(bigmachine.MachineStopped, match="killed by signal SIGKILL"):
             later()
-        assert time.monotonic() - t < 0.5
+        assert time.monotonic() - t < within(0.5)
     ok, failures = steady.stop()
     assert failures == [] and ok > 10
     assert m2.call("Victim.echo", "still here") == "still here"
     t = time.monotonic()
     lb.shutdown()
-    assert time.monotonic() - t < 5
+    assert time.monotonic() - t < within(5)
 
 
 def test_fault_stream_source_errors_are_not_connection_breaks(tb):
@@ -3103,15 +3136,15 @@ def test_fault_machine_stops_answering(lb, tmp_path):
         began = time.monotonic()
         with pytest.raises(bigmachine.Timeout):
             m1.options(timeout=0.5).call("Victim.echo", 1)
-        assert 0.45 < time.monotonic() - began < 1.5
+        assert 0.45 < time.monotonic() - began < within(1.5)
         m1._peer.reset()            # no idle connection: the deadline runs out in the handshake
         t = time.monotonic()
         with pytest.raises(bigmachine.Timeout, match="deadline passed while connecting"):
             m1.options(timeout=0.5).call("Victim.echo", 1)
-        assert 0.45 < time.monotonic() - t < 1.5
+        assert 0.45 < time.monotonic() - t < within(1.5)
         assert m1.wait(STOPPED, timeout=budget + 5) is STOPPED
         took = time.monotonic() - began
-        assert took < budget, (took, budget)
+        assert took < within(budget), (took, budget)
         assert "keepalive failed after" in str(m1.err) and "timed out" in str(m1.err)
         assert isinstance(future.exception(5), bigmachine.MachineStopped)
         with pytest.raises(bigmachine.MachineStopped, match="keepalive failed"):
@@ -3120,7 +3153,7 @@ def test_fault_machine_stops_answering(lb, tmp_path):
         assert failures == [] and ok > 10
         t = time.monotonic()
         lb.shutdown()                                  # ends the stopped process too
-        assert time.monotonic() - t < 5
+        assert time.monotonic() - t < within(5)
         eventually(lambda: not _alive(pid), timeout=10, what="the stopped machine to be ended")
     finally:
         with contextlib.suppress(ProcessLookupError):
@@ -3137,7 +3170,7 @@ def test_fault_hung_machine_times_out_and_pool_stays_clean(system):
         began = time.monotonic()
         with pytest.raises(bigmachine.Timeout, match="timed out after 0.3s"):
             m.options(timeout=0.3).call("Victim.hang", 1.0, "h1")    # blocked in C
-        assert 0.28 < time.monotonic() - began < 0.8
+        assert 0.28 < time.monotonic() - began < within(0.8)
         eventually(lambda: ("cancelled", "h1", True, "_Interrupt") in m.call("Victim.get_events"),
                    timeout=5, what="the hung call to be cancelled when it woke")
         with pytest.raises(bigmachine.Timeout):
@@ -3216,6 +3249,10 @@ def test_fault_restarted_machine_and_stale_connections(tb):
         second.exited.set()
         second.server.close()
 
+
+# --------------------------------------------------------------------------------------
+# Faults: Ctrl-C, to the driver's process group, its main thread, a call in flight
+# --------------------------------------------------------------------------------------
 
 # A driver for the Ctrl-C tests, run as its own process group as a terminal would run it.
 CTRL_C_DRIVER = """
@@ -3357,7 +3394,7 @@ def test_fault_ctrl_c_to_the_drivers_process_group(tmp_path):
             out, err = driver.finish(timeout=15)
             took = time.monotonic() - began
             assert "interrupted" in out, out + err
-            assert took < 5, took
+            assert took < within(5), took
             eventually(lambda: not _tagged_processes(tag), timeout=5,
                        what="no machine process left")
             if mode == "idle":
@@ -3406,7 +3443,7 @@ def test_fault_ctrl_c_with_calls_in_flight(tmp_path):
         out, err = driver.finish(timeout=15)
         took = time.monotonic() - began
         assert "interrupted" in out, out + err
-        assert took < 5, took
+        assert took < within(5), took
         for name in calls:
             assert driver.ended(name) == "_Interrupt", (name, out, err)
         assert out.count("future: MachineStopped") == 2, out
@@ -3432,7 +3469,7 @@ def test_fault_second_ctrl_c_exits_at_once(tmp_path):
         began = driver.ctrl_c()
         out, err = driver.finish(timeout=10)
         took = time.monotonic() - began
-        assert took < 1.5, took
+        assert took < within(1.5), took
         assert "interrupted" in out, out + err
         eventually(lambda: not any(_alive(p) for p in driver.pids), timeout=2,
                    what="every machine killed")
@@ -3461,7 +3498,9 @@ def test_fault_ctrl_c_in_a_call_discards_its_connection(tb, tmp_path):
     interrupt_when(lambda: os.path.exists(held + ".started"))
     with pytest.raises(KeyboardInterrupt):
         m.call("Victim.hold", held)
-    eventually(lambda: os.path.exists(held), what="the call to be cancelled on the machine")
+    # The file exists as soon as it is opened for writing: wait for what it says.
+    eventually(lambda: os.path.exists(held) and _read_text(held),
+               what="the call to be cancelled on the machine")
     with open(held) as f:
         assert f.read() == "_Interrupt"
     assert [m.call("Victim.echo", i) for i in range(20)] == list(range(20))
@@ -3474,7 +3513,7 @@ def test_fault_ctrl_c_in_a_call_discards_its_connection(tb, tmp_path):
         interrupt_when(lambda: time.monotonic() - began > 0.3)
         with pytest.raises(KeyboardInterrupt):
             m.call("Victim.size", pickle.PickleBuffer(blob))
-        assert time.monotonic() - began < 2.5                # long before the send could end
+        assert time.monotonic() - began < within(2.5)                # long before the send could end
     with contextlib.suppress(BufferError):          # a traceback may still hold a view
         blob.close()
     assert all(conn.sock.fileno() >= 0 for conn in m._peer._idle)
@@ -3622,6 +3661,7 @@ def test_bad_input_calls_after_shutdown():
     assert b.machines() == []
 
 
+@pytest.mark.slow
 def test_bad_input_two_gibibyte_argument():
     """2 GiB in one argument: a machine that can hold it takes it. A message larger than a
     process accepts (BIGMACHINE_MAX_MESSAGE, or half its memory available) is refused clearly
@@ -3789,7 +3829,7 @@ def test_attacks_are_refused_and_nothing_is_unpickled(lb, tmp_path):
     assert len(outcomes) == len(attacks) == 15
     for outcome in outcomes:
         assert outcome["result"] == "closed" or outcome["result"].startswith("refused"), outcome
-        assert outcome["seconds"] < 4, outcome                 # by the deadline at the latest
+        assert outcome["seconds"] < within(4), outcome                 # by the deadline at the latest
     assert not marker.exists()                                 # nothing was unpickled
     assert failures == [] and ok > 10                          # the real client was served
     assert m.call("Victim.pid") == pid
@@ -3939,7 +3979,7 @@ def test_attack_slowloris_connections_do_not_exhaust_the_machine(lb, tmp_path):
             finally:
                 client.close()
             assert m.call("Victim.echo", i) == i
-            assert time.monotonic() - t < 1.0
+            assert time.monotonic() - t < within(1.0)
         report = json.loads(attacker.stdout.readline())
     finally:
         attacker.kill()
@@ -3947,7 +3987,7 @@ def test_attack_slowloris_connections_do_not_exhaust_the_machine(lb, tmp_path):
     assert report["open"] == []
     kinds = collections.Counter(kind for kind, _ in report["closed"])
     assert kinds == {"raw": 300, "tls": 30, "trickle": 10}
-    assert max(seconds for _, seconds in report["closed"]) < timeout + 2.5, report
+    assert max(seconds for _, seconds in report["closed"]) < within(timeout + 2.5), report
     eventually(lambda: m.call("Victim.resources")["threads"] <= baseline["threads"] + 2 and
                m.call("Victim.resources")["fds"] <= baseline["fds"] + 2, timeout=10,
                what="the machine's threads and files to come back")
@@ -4169,6 +4209,7 @@ def test_fuzz_authenticated_connection(capfd):
 # Load and soak
 # --------------------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_load_64_threads_by_1000_calls_nothing_lost_or_duplicated():
     """64 threads make 1,000 calls each across 2 machines: small and 1 MiB arguments, one
     call in 13 raising. Every result is right, every error is the right one, and each machine
@@ -4223,7 +4264,7 @@ def test_load_64_threads_by_1000_calls_nothing_lost_or_duplicated():
         assert all(m.state is RUNNING for m in machines)
     print("load: %d calls (%s) in %.1fs, %.0f calls/s" % (
         threads_n * calls_n, dict(counts), took, threads_n * calls_n / took))
-    assert took < 60
+    assert took < within(60)
 
 
 def _driver_resources():
@@ -4261,6 +4302,7 @@ def _soak_round(kind, tmp_path, rnd):
         assert m2.call("Victim.size", bytearray(1 << 20)) == 1 << 20
 
 
+@pytest.mark.slow
 def test_soak_calls_starts_and_kills_leave_nothing_behind(tmp_path, monkeypatch):
     """Rounds of starts, calls, timeouts, cancels, streams and kills for
     BIGMACHINE_SOAK_SECONDS (15 by default): afterwards the driver's threads, open files and
@@ -7266,6 +7308,7 @@ def test_ssh_packages_for_another_platform_stop_the_machine(sshd, packages_venv,
                what="the machines and their ssh clients to go")
 
 
+@pytest.mark.slow
 def test_ssh_packages_installed_by_pip_on_the_machine(sshd, packages_venv, tmp_path):
     shutil.rmtree(os.path.join(host_dir(sshd), "packages", "pip"), ignore_errors=True)
     # The driver's pip finds the wheels in a directory (its "index" here: no network).
@@ -7316,6 +7359,7 @@ def test_ssh_unwritable_package_cache_is_a_clear_error(sshd, packages_venv, tmp_
                what="the machines and their ssh clients to go")
 
 
+@pytest.mark.slow
 def test_ec2_machine_imports_the_drivers_packages(ec2, packages_venv, tmp_path):
     settings = {"system": "ec2"}
     first, err = run_packages_driver(packages_venv, settings, tmp_path)
@@ -7881,3 +7925,204 @@ def test_map_chunks_quick_inputs_itself_and_still_answers_one_input_at_a_time(lb
         # An endless input still works: chunks are read as the results are consumed.
         assert list(itertools.islice(ex.map(task_square, itertools.count()), 5000))[-1] \
             == 4999 * 4999
+
+
+# ======================================================================================
+# The maintainer's pass (issue 18): the file's rules, each checked
+# ======================================================================================
+
+_STARTER_EVENTS = []
+
+
+def _start_threads_for_ever():
+    while True:
+        thread = threading.Thread(target=int)
+        thread.start()
+        thread.join()
+
+
+class ThreadStarter:
+    """A method that does nothing but start threads, so that a cancel finds it doing so."""
+
+    def run(self, key):
+        _STARTER_EVENTS.append(("start", key))
+        try:
+            _start_threads_for_ever()
+        finally:
+            _STARTER_EVENTS.append(("end", key))
+
+
+def test_a_cancel_interrupts_the_method_not_a_thread_it_is_starting(tb, monkeypatch):
+    # Before Python 3.12, a thread being started carries its parent's ident until it runs,
+    # and an interrupt raised by ident went to it: it died before it began ("exception
+    # ignored in thread started by") and the method waited for it for ever. On those
+    # versions nearly every one of these cancels found the method inside Thread.start().
+    lost = []
+    monkeypatch.setattr(sys, "unraisablehook", lambda u: lost.append(repr(u.exc_value)))
+    monkeypatch.setattr(threading, "excepthook", lambda a: lost.append(repr(a.exc_value)))
+    m, = running(tb, 1, {"Starter": ThreadStarter()})
+    for key in range(20):
+        future = m.call_async("Starter.run", key)
+        eventually(lambda: ("start", key) in _STARTER_EVENTS, what="the method to run")
+        time.sleep(random.uniform(0, 0.003))
+        future.cancel()
+        eventually(lambda: ("end", key) in _STARTER_EVENTS, timeout=10,
+                   what="cancelled call %d to end on the machine" % key)
+    assert not lost, lost
+
+
+def test_an_interrupt_waits_while_a_thread_is_starting_then_lands():
+    # The same race without the network: many cancels, each at a random moment of a thread
+    # that starts threads; every one ends the loop in that thread and nowhere else.
+    lost = []
+    hook, sys.unraisablehook = sys.unraisablehook, lambda u: lost.append(repr(u.exc_value))
+    try:
+        for i in range(200):
+            box, ready, ended = {}, threading.Event(), []
+
+            def serve():
+                context = box["context"] = bigmachine.CallContext("T.m", i, None)
+                ready.set()
+                try:
+                    try:
+                        _start_threads_for_ever()
+                    finally:
+                        context._leave()
+                except bigmachine._Interrupt:
+                    ended.append(i)
+
+            server = threading.Thread(target=serve, daemon=True)
+            server.start()
+            ready.wait()
+            time.sleep(random.uniform(0, 0.002))
+            box["context"].cancel()
+            server.join(10)
+            assert not server.is_alive(), "trial %d: the thread hangs in Thread.start()" % i
+            assert ended == [i] and not lost, (i, ended, lost)
+    finally:
+        sys.unraisablehook = hook
+
+
+def _banner_sections(source):
+    """The titles of the module's top-level banners, in order ('Errors', 'Wire'...)."""
+    lines, titles = source.splitlines(), []
+    for i, line in enumerate(lines[:-2]):
+        if line.startswith("# =====") and lines[i + 2].startswith("# ====="):
+            titles.append(re.split(r":| \(", lines[i + 1][2:])[0].strip())
+    return titles
+
+
+def test_the_module_docstring_names_every_section_in_order():
+    with open(os.path.join(HERE, "bigmachine.py")) as f:
+        sections = _banner_sections(f.read())
+    lines = bigmachine.__doc__.splitlines()
+    headings = [re.split(r":| \(", line)[0].strip()              # a line, then an indented one
+                for line, after in zip(lines, lines[1:])
+                if line[:1].isalpha() and after.startswith("    ") and after.strip()]
+    assert len(sections) >= 10, sections
+    assert [h for h in headings if h in sections] == sections, (headings, sections)
+
+
+def test_help_on_machine_shows_its_attributes():
+    import pydoc
+    text = pydoc.render_doc(bigmachine.Machine, renderer=pydoc.plaintext)
+    for name in ("addr", "err", "maxprocs", "hostname", "owned"):
+        assert re.search(r"^[ |]+%s +\S" % name, text, re.M), name
+    assert "API.md" not in text
+
+
+def _global_names(code):
+    """The global names code (and the code nested in it) reads, by the opcodes that read them."""
+    import dis
+    import types
+    instructions = list(dis.get_instructions(code))
+    stored = {i.argval for i in instructions if i.opname == "STORE_NAME"}
+    names = {i.argval for i in instructions if i.opname == "LOAD_GLOBAL" or
+             (i.opname == "LOAD_NAME" and i.argval not in stored)}     # a class body's
+    for const in code.co_consts:
+        if isinstance(const, types.CodeType):
+            names |= _global_names(const)
+    return names
+
+
+def _writes_globals(code):
+    import dis
+    import types
+    return any(i.opname in ("STORE_GLOBAL", "DELETE_GLOBAL") for i in dis.get_instructions(code)) \
+        or any(_writes_globals(c) for c in code.co_consts if isinstance(c, types.CodeType))
+
+
+@pytest.mark.parametrize("group", sorted(bigmachine._SHIPPED_AS_SOURCE))
+def test_shipped_functions_are_self_contained(group):
+    # What a host runs before bigmachine.py is there: the group's source alone, executed with
+    # nothing but the builtins, defines the group's functions and nothing else, and each of
+    # them needs nothing but the builtins and the others.
+    import ast
+    import builtins
+    names = bigmachine._SHIPPED_AS_SOURCE[group]
+    source = bigmachine._shipped_source(group)
+    assert all(isinstance(node, (ast.FunctionDef, ast.ClassDef))
+               for node in ast.parse(source).body)
+    namespace = {"__builtins__": builtins}
+    code = compile(source, "<shipped %s>" % group, "exec")
+    exec(code, namespace)
+    assert set(namespace) - {"__builtins__"} == set(names)
+    needs = _global_names(code) - set(dir(builtins)) - set(names)
+    assert not needs, "the %s group needs %s" % (group, sorted(needs))
+    assert not _writes_globals(code), "a function of the %s group sets a global" % group
+    # The packed form is the same text.
+    packed = bigmachine._shipped_source(group, packed=True)
+    assert zlib.decompress(base64.b64decode(packed)).decode() == source
+
+
+def test_module_level_imports_are_one_block_of_the_standard_library():
+    # The rule of the file's top: every process imports this file, so at module level it
+    # imports only standard-library modules, all in the one block under the docstring (and
+    # pstats for type checkers alone); the rest is imported where it is used.
+    import ast
+    with open(os.path.join(HERE, "bigmachine.py")) as f:
+        tree = ast.parse(f.read())
+    block, elsewhere = [], []
+    for index, node in enumerate(tree.body):
+        if isinstance(node, (ast.Import, ast.ImportFrom)):
+            (block if index <= 40 else elsewhere).append(node)
+        elif isinstance(node, ast.If) and "TYPE_CHECKING" not in ast.dump(node.test) \
+                and "__main__" not in ast.dump(node.test):
+            elsewhere += [n for n in ast.walk(node) if isinstance(n, (ast.Import, ast.ImportFrom))]
+        elif isinstance(node, (ast.Try, ast.With)):
+            elsewhere += [n for n in ast.walk(node) if isinstance(n, (ast.Import, ast.ImportFrom))]
+    assert not elsewhere, [ast.dump(n) for n in elsewhere]
+    modules = {alias.name for node in block if isinstance(node, ast.Import)
+               for alias in node.names}
+    assert modules, "no import block"
+    if hasattr(sys, "stdlib_module_names"):
+        assert {m.split(".")[0] for m in modules} <= set(sys.stdlib_module_names), modules
+    assert not modules & {"subprocess", "hashlib", "random", "secrets", "urllib.parse",
+                          "inspect", "zlib", "http.server", "boto3", "ctypes", "shutil"}
+
+
+def test_no_function_is_longer_than_120_lines():
+    # The file's rule: a longer function is several steps, which get names of their own.
+    import ast
+    with open(os.path.join(HERE, "bigmachine.py")) as f:
+        tree = ast.parse(f.read())
+    long = ["%s (line %d): %d lines" % (node.name, node.lineno, node.end_lineno - node.lineno + 1)
+            for node in ast.walk(tree)
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef))
+            and node.end_lineno - node.lineno + 1 > 120]
+    assert not long, long
+
+
+def test_bigoom_example(tmp_path):
+    # Driver and machine in a memory cgroup of their own, as the example's docstring says to
+    # run it: the machine eats until the OOM killer ends it, and the driver says so.
+    with memory_cgroup(200 << 20) as cgroup:
+        wrapper = tmp_path / "in-cgroup"
+        wrapper.write_text("#!/bin/sh\necho $$ > %s/cgroup.procs\nexec %s %s \"$@\"\n" % (
+            cgroup, sys.executable, os.path.join(HERE, "examples", "bigoom.py")))
+        wrapper.chmod(0o755)
+        result = subprocess.run([str(wrapper)], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stdout + result.stderr
+    line, = result.stdout.splitlines()
+    assert ": OutOfMemory: machine https://" in line and "ran out of memory" in line, line
+    assert "oom_kill 1" in line, line
