@@ -10127,6 +10127,8 @@ class _EnrolmentServer:
                    hello.get("executable"))))
             return None
         bundle = enrolment._bundle
+        if isinstance(bundle, concurrent.futures.Future):
+            bundle = bundle.result()          # a system that enrols while it is being made
         magic, compiled = _compiled_library(bundle)
         send({"bundle": bundle.sha256, "size": len(bundle.data), "library": bundle.library,
               "magic": magic, "compiled_size": len(compiled)})
@@ -10199,6 +10201,14 @@ class _EnrolmentServer:
             enrolment._done.set()
 
 
+def _resolve(future, fn, *args):
+    """Run fn(*args) into future (in a thread of its own)."""
+    try:
+        future.set_result(fn(*args))
+    except BaseException as e:
+        future.set_exception(e)
+
+
 def _sha256_hex(data):
     import hashlib
     return hashlib.sha256(data).hexdigest()
@@ -10219,12 +10229,32 @@ def _compiled_library(bundle):
         try:
             with zipfile.ZipFile(io.BytesIO(bundle.data)) as archive:
                 source = archive.read(name)              # exactly what the machine unpacks
-            found = marshal.dumps(compile(source, name, "exec", dont_inherit=True))
+            found = _own_compiled_code(source)
+            if found is None:
+                found = marshal.dumps(compile(source, name, "exec", dont_inherit=True))
         except (KeyError, SyntaxError, ValueError):
             found = b""
         _compiled.clear()                 # the newest bundle's only
         _compiled[bundle.sha256] = found
     return importlib.util.MAGIC_NUMBER.hex(), found
+
+
+def _own_compiled_code(source):
+    """This module's compiled code (marshalled) if source is this module's own, from the cache
+    on disk that Local machines load theirs from (see `_compiled_module`): compiling it takes
+    longer than starting a machine does, and the file is there from any earlier driver of this
+    version. None if source is another or there is no such file."""
+    try:
+        with open(os.path.abspath(__file__), "rb") as f:
+            if f.read() != source:
+                return None
+        path = _compiled_module()
+        if path is None:
+            return None
+        with open(path, "rb") as f:
+            return f.read()
+    except OSError:
+        return None
 
 
 def _enrolled_exit(machine, status, output):
@@ -10282,6 +10312,62 @@ _SLURM_LIVE = ("PENDING", "CONFIGURING", "RUNNING", "SUSPENDED", "REQUEUED", "RE
                "REQUEUE_FED", "RESIZING", "SIGNALING", "STAGE_OUT", "RESV_DEL_HOLD")
 
 
+#: What srun runs on the node: the enrolment program follows on its stdin, as one line.
+_SRUN_LOADER = "import sys; exec(sys.stdin.readline())"
+
+
+def _srun_job(line):
+    """The job id in srun's words for it (--verbose), or None: "srun: jobid 12: nodes(1):..."
+    once allocated, "srun: job 12 queued and waiting for resources" while pending."""
+    words = line.split()
+    if len(words) > 3 and words[0] == "srun:" and words[1] in ("job", "jobid"):
+        job = words[2].rstrip(":")
+        if job.isdigit() and (words[1] == "jobid" or words[3] == "queued"):
+            return job
+    return None
+
+
+#: Variables that would make srun start a step of the driver's own job instead of a new job.
+_SLURM_ALLOCATION_VARIABLES = ("SLURM_JOB_ID", "SLURM_JOBID", "SLURM_STEP_ID", "SLURM_STEPID",
+                               "SLURM_NTASKS", "SLURM_NPROCS", "SLURM_NNODES", "SLURM_NODELIST",
+                               "SLURM_JOB_NODELIST", "SLURM_JOB_NUM_NODES")
+
+
+class _Srun:
+    """One machine's srun process (submit="srun"): its job id once srun says it, and what it
+    said that was not chatter."""
+
+    def __init__(self, proc):
+        self.proc = proc
+        self.job = None
+        self.known = threading.Event()        # the job id is known, or srun ended
+        self.tail = collections.deque(maxlen=20)
+        self.settled = threading.Event()      # b.start has its machines, or has given up
+
+    def said(self):
+        return "; ".join(self.tail)
+
+    def signal(self):
+        """Ask srun to end its job: on SIGTERM it cancels a pending allocation, or ends the
+        running step and releases the job."""
+        if self.proc.poll() is None:
+            with contextlib.suppress(OSError):
+                self.proc.terminate()
+
+    def end(self, deadline):
+        """End srun and its job by deadline; False if it had to be killed (its job may live)."""
+        import subprocess
+        self.signal()
+        try:
+            self.proc.wait(max(0.1, deadline - time.monotonic()))
+            return True
+        except subprocess.TimeoutExpired:
+            with contextlib.suppress(OSError):
+                self.proc.kill()
+            self.proc.wait()
+            return False
+
+
 def _slurm_run(args, what, input=None, timeout=60.0):
     """Run a Slurm command; its stdout, or an Error naming what failed and why."""
     import shutil
@@ -10329,8 +10415,11 @@ class SlurmSystem(System):
 
     def __init__(self, *, partition=None, cpus=1, mem=None, time_limit=None, account=None,
                  sbatch_args=(), python=None, driver_host=None, driver_port=0,
-                 output="/dev/null", setup="", **keepalive):
+                 output="/dev/null", setup="", submit="srun", **keepalive):
         super().__init__(**keepalive)
+        if submit not in ("srun", "sbatch"):
+            raise ValueError("submit must be 'srun' (a job per machine, each started as soon as "
+                             "it is allocated) or 'sbatch' (one job array), not %r" % (submit,))
         for name, value in (("cpus", cpus), ("mem", mem), ("time_limit", time_limit)):
             if value is not None and (isinstance(value, bool) or not isinstance(value, int)
                                       or value < 1):
@@ -10351,6 +10440,7 @@ class SlurmSystem(System):
         self.driver_port = int(driver_port or 0)
         self.output = output
         self.setup = str(setup or "")
+        self.submit = submit
         self.session = None
         self._b = None
         self._cond = threading.Condition()
@@ -10366,6 +10456,8 @@ class SlurmSystem(System):
         self._running_since = {}          # Machine -> time.monotonic() its task began running
         self._ending = set()              # Machines terminated: their job's end is expected
         self._gone = set()                # Machines whose process is known to have ended
+        self._sruns = {}                  # Machine -> its srun process (submit="srun")
+        self._submitted = False
         self._serial = itertools.count()  # provisional addresses, unique in the session
         self._monitor = None
         self._wake = threading.Event()
@@ -10382,7 +10474,8 @@ class SlurmSystem(System):
             return _flag_or_variable(argv, environ, "bigm.slurm." + flag,
                                      "BIGMACHINE_SLURM_" + flag.upper())
 
-        for flag in ("partition", "account", "python", "driver_host", "output", "setup"):
+        for flag in ("partition", "account", "python", "driver_host", "output", "setup",
+                     "submit"):
             given = value(flag)
             if given:
                 options[flag] = given
@@ -10420,9 +10513,10 @@ class SlurmSystem(System):
         """What sbatch may accept and leave pending for ever, refused here with a clear error:
         a partition that does not exist, more CPUs or memory than any of its nodes has."""
         import shutil
-        if shutil.which("sbatch") is None:
-            raise Error("the Slurm system needs sbatch, which is not on PATH: run the driver "
-                        "where the cluster's commands are (a login node), or put them on PATH")
+        if shutil.which(self.submit) is None:
+            raise Error("the Slurm system needs %s, which is not on PATH: run the driver where "
+                        "the cluster's commands are (a login node), or put them on PATH"
+                        % self.submit)
         out = _slurm_run(["sinfo", "--noheader", "--format=%P|%c|%m"],
                          "reading the cluster's partitions", timeout=30.0)
         partitions, default = {}, None
@@ -10457,8 +10551,21 @@ class SlurmSystem(System):
     def start(self, b, n, env):
         if self._closed:
             raise Error("the Slurm system was shut down")
-        self._check_request()
-        bundle = _make_bundle(self.packages)
+        # The enrolments send the machines this module compiled: have it at hand by then (from
+        # the cache on disk, or compiled once per version) while the cluster is asked whether
+        # it can run the request and the code bundle is made.
+        threading.Thread(target=_compiled_module, name="bigmachine-compile",
+                         daemon=True).start()
+        # Nor is the code bundle needed before the first machine enrols: it is made while
+        # the jobs are submitted and allocated, and b.start waits for it only once they are.
+        bundle = concurrent.futures.Future()
+        threading.Thread(target=_resolve, args=(bundle, _make_bundle, self.packages),
+                         name="bigmachine-bundle", daemon=True).start()
+        try:
+            self._check_request()
+        except BaseException:
+            bundle.exception()            # made or failed: nothing left running
+            raise
         machines, enrolments = [], []
         for _ in range(n):
             m = Machine(b, "https://slurm-%s-%d.pending:0/" % (self.session, next(self._serial)),
@@ -10466,6 +10573,9 @@ class SlurmSystem(System):
             enrolments.append(b.enrol(m, env=env, bundle=bundle, host=self.driver_host,
                                       port=self.driver_port, on_exit=self._machine_exited))
             machines.append(m)
+        if self.submit == "srun":
+            self._start_sruns(machines, enrolments, bundle)
+            return machines
         # One script for the whole array; each task picks its own token.
         settings = enrolments[0].settings(wait=min(self.lease, self.boot_timeout))
         settings.pop("token")
@@ -10477,9 +10587,45 @@ class SlurmSystem(System):
                       n, "s" if n > 1 else "", self.session,
                       self.setup.rstrip("\n") + "\n" if self.setup else "",
                       shlex.quote(self.python), shlex.quote(program)))
-        args = ["sbatch", "--parsable", "--job-name=" + self.job_name,
-                "--comment=" + self._comment(), "--array=0-%d" % (n - 1), "--ntasks=1",
-                "--cpus-per-task=%d" % self.cpus, "--no-requeue", "--output=" + self.output]
+        args = ["sbatch", "--parsable", "--array=0-%d" % (n - 1),
+                "--no-requeue"] + self._allocation_args()
+        job = None
+        try:
+            out = _slurm_run(args, "submitting %d machine%s" % (n, "s" if n > 1 else ""),
+                             input=script.encode())
+            job = out.strip().split(";")[0]
+            if not job.isdigit():
+                job = None
+                raise Error("sbatch said %r, not a job id" % out.strip())
+            bundle.result()               # the code bundle could not be made: cancel the job
+        except BaseException:
+            for e in enrolments:
+                e.revoke()
+            if job is not None:
+                with contextlib.suppress(Error):
+                    _slurm_run(["scancel", job], "cancelling job %s" % job)
+            raise
+        with self._cond:
+            self._submitted = True
+            for i, (m, e) in enumerate(zip(machines, enrolments)):
+                task = "%s_%d" % (job, i)
+                self._jobs[m], self._machines[task], self._enrolments[m] = task, m, e
+                m.report_status("Slurm job %s submitted" % task)
+            self._start_monitor()
+        log.debug("submitted Slurm job %s: %d machines", job, n)
+        self._wake.set()
+        return machines
+
+    def _start_monitor(self):
+        if self._monitor is None:
+            self._monitor = threading.Thread(target=self._watch, args=(self._generation,),
+                                             name="bigmachine-slurm", daemon=True)
+            self._monitor.start()
+
+    def _allocation_args(self):
+        """The options that say what each machine's job gets, for sbatch and srun alike."""
+        args = ["--job-name=" + self.job_name, "--comment=" + self._comment(), "--ntasks=1",
+                "--cpus-per-task=%d" % self.cpus, "--output=" + self.output]
         if self.mem is not None:
             args.append("--mem=%dM" % self.mem)
         if self.time_limit is not None:
@@ -10488,29 +10634,102 @@ class SlurmSystem(System):
             args.append("--partition=" + self.partition)
         if self.account:
             args.append("--account=" + self.account)
-        args += list(self.sbatch_args)
+        return args + list(self.sbatch_args)
+
+    # -- submit="srun": a job per machine, allocated at once ------------------------------
+
+    def _start_sruns(self, machines, enrolments, bundle):
+        """One `srun` per machine, all at once: each asks the controller for its job's
+        allocation and gets it there and then if the nodes are free, where a batch job waits
+        for the scheduler's next pass. Returns once every job has been allocated or queued
+        (srun says its job id), so that whatever Slurm refuses is refused here, with srun's
+        own words, and nothing is left."""
+        import subprocess
+        args = ["srun", "--verbose"] + self._allocation_args()
+        # The program comes on stdin (see _SRUN_LOADER): the token is in no process's arguments
+        # and in nothing the controller stores.
+        loader = [self.python, "-u", "-c", _SRUN_LOADER]
+        if self.setup:
+            import shlex
+            loader = ["/bin/sh", "-c", "%s\nexec %s" % (self.setup.rstrip("\n"),
+                                                       " ".join(map(shlex.quote, loader)))]
+        # A driver that runs inside a job of its own (an salloc, a batch job) still submits a
+        # job per machine, not steps of its own job: srun would take these for its allocation.
+        env = {k: v for k, v in os.environ.items() if k not in _SLURM_ALLOCATION_VARIABLES}
+        started = []
         try:
-            out = _slurm_run(args, "submitting %d machine%s" % (n, "s" if n > 1 else ""),
-                             input=script.encode())
-            job = out.strip().split(";")[0]
-            if not job.isdigit():
-                raise Error("sbatch said %r, not a job id" % out.strip())
+            for m, e in zip(machines, enrolments):
+                proc = subprocess.Popen(args + loader, stdin=subprocess.PIPE,
+                                        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                                        start_new_session=True, env=env)
+                srun = _Srun(proc)
+                started.append((m, e, srun))
+                with self._cond:
+                    self._submitted = True
+                    self._sruns[m], self._enrolments[m] = srun, e
+                m.report_status("Slurm job submitted (srun)")
+                threading.Thread(target=self._follow_srun, args=(m, srun), daemon=True,
+                                 name="bigmachine-srun").start()
+            deadline = time.monotonic() + 60.0
+            for m, e, srun in started:
+                if not srun.known.wait(max(0.0, deadline - time.monotonic())):
+                    raise Error("srun did not answer in 60s (submitting %d machines): is the "
+                                "Slurm controller up?" % len(machines))
+                if srun.job is None:
+                    raise Error("srun failed (submitting %d machine%s): %s" % (
+                        len(machines), "s" if len(machines) > 1 else "",
+                        srun.said() or _exit_reason(srun.proc.returncode)))
+            bundle.result()               # the code bundle could not be made: end them all
         except BaseException:
+            for m, e, srun in started:
+                with self._cond:
+                    self._ending.add(m)
+                    self._sruns.pop(m, None)
+                    self._enrolments.pop(m, None)
+                srun.end(time.monotonic() + 5.0)
             for e in enrolments:
                 e.revoke()
             raise
+        finally:
+            for m, e, srun in started:
+                srun.settled.set()
         with self._cond:
-            for i, (m, e) in enumerate(zip(machines, enrolments)):
-                task = "%s_%d" % (job, i)
-                self._jobs[m], self._machines[task], self._enrolments[m] = task, m, e
-                m.report_status("Slurm job %s submitted" % task)
-            if self._monitor is None:
-                self._monitor = threading.Thread(target=self._watch, args=(self._generation,),
-                                                 name="bigmachine-slurm", daemon=True)
-                self._monitor.start()
-        log.debug("submitted Slurm job %s: %d machines", job, n)
+            self._start_monitor()
+        log.debug("srun: %d machines, jobs %s", len(machines),
+                  " ".join(srun.job for _, _, srun in started))
         self._wake.set()
-        return machines
+
+    def _follow_srun(self, m, srun):
+        """Read what srun says: its job id, as soon as the job is allocated or queued, and its
+        errors; when srun ends, so has the job: stop the machine with how it ended."""
+        _block_async_signals()
+        for raw in srun.proc.stderr:
+            line = raw.decode("utf-8", "replace").rstrip()
+            job = _srun_job(line)
+            if job and srun.job is None:
+                srun.job = job
+                with self._cond:
+                    if m in self._sruns:
+                        self._jobs[m], self._machines[srun.job] = srun.job, m
+                        m.report_status("Slurm job %s %s" % (srun.job, "is PENDING" if
+                                                             "queued" in line else "allocated"))
+                srun.known.set()
+            elif "error" in line.lower() or not line.startswith("srun: "):
+                srun.tail.append(line)
+        srun.proc.wait()
+        srun.known.set()
+        srun.settled.wait()               # a failed b.start says what failed, once
+        with self._cond:
+            ours = self._sruns.get(m) is srun
+            expected = m in self._ending or self._closed or self._b.closed
+        if not ours or expected or m.state is STOPPED:
+            return
+        if srun.job is not None:
+            self._job_ended(m, srun.job, None)    # scontrol says how; else the monitor will
+            self._wake.set()
+        else:
+            m.report_stopped(Error("machine %s: srun failed: %s" % (
+                m.addr, srun.said() or _exit_reason(srun.proc.returncode))))
 
     def _comment(self):
         program = os.path.basename(sys.argv[0] if sys.argv and sys.argv[0] else "python")
@@ -10523,6 +10742,15 @@ class SlurmSystem(System):
             task = self._jobs.get(machine)
         if enrolment is None:
             raise Error("machine %s was stopped before it started" % machine.addr)
+        with self._cond:
+            srun = self._sruns.get(machine)
+        if srun is not None:
+            program = _enrol_program(enrolment.settings(wait=min(self.lease, self.boot_timeout)))
+            try:
+                srun.proc.stdin.write(b"exec(%s)\n" % repr(program).encode())
+                srun.proc.stdin.close()
+            except OSError:
+                pass                      # srun ended: its follower says how
         while not enrolment.wait(self.poll_interval):
             if enrolment._done.is_set():      # its process ended before it served
                 machine.wait(STOPPED, 10 * self.poll_interval)
@@ -10651,6 +10879,10 @@ class SlurmSystem(System):
             self._ending.add(machine)
         if enrolment is not None:
             enrolment.revoke()
+        with self._cond:
+            srun = self._sruns.pop(machine, None)
+        if srun is not None and srun.end(deadline):
+            return                        # srun ended its job (SIGTERM: srun's way to cancel)
         if task is not None:
             try:
                 _slurm_run(["scancel", task], "cancelling job %s" % task,
@@ -10665,11 +10897,17 @@ class SlurmSystem(System):
                 return
             self._closed = True
             enrolments = list(self._enrolments.values())
-            submitted = bool(self._jobs)
+            submitted = self._submitted
+            sruns, self._sruns = list(self._sruns.values()), {}
             self._cond.notify_all()
         self._wake.set()
         for enrolment in enrolments:
             enrolment.revoke()
+        deadline = time.monotonic() + 10.0
+        for srun in sruns:
+            srun.signal()
+        for srun in sruns:
+            srun.end(deadline)
         if submitted:
             try:
                 _slurm_run(["scancel", "--name=" + self.job_name], "cancelling the session's "

@@ -6678,8 +6678,13 @@ def test_slurm_pending_jobs_wait_and_say_why_and_ended_jobs_stop_their_machines(
     # Each machine takes every CPU of the one node: the second waits for the first's.
     system = slurm_system(cpus=slurm.cpus)
     with bigmachine.start(system) as b:
-        m1, m2 = b.start(2, {"Echo": Echo()})
-        assert m1.wait(RUNNING, timeout=60) is RUNNING, m1.err
+        machines = b.start(2, {"Echo": Echo()})
+        # Which of the two jobs the controller allocates first is its choice (srun: each
+        # machine asks for its own allocation at once).
+        eventually(lambda: RUNNING in {m.state for m in machines} or
+                   STOPPED in {m.state for m in machines}, 60, "a machine to run")
+        m1, m2 = sorted(machines, key=lambda m: m.state is not RUNNING)
+        assert m1.state is RUNNING, m1.err
         assert m2.wait(RUNNING, timeout=1) is STARTING          # returns: it does not hang
         eventually(lambda: "PENDING (Resources)" in m2.status, 10, "Slurm's reason")
         job1, job2 = (system._jobs[m] for m in (m1, m2))
@@ -6716,24 +6721,25 @@ def test_slurm_job_held_forever_does_not_hang_and_shutdown_cancels_it(slurm):
     eventually(lambda: slurm.jobs(system.job_name) == {}, 15, "the job to be cancelled")
 
 
-def test_slurm_bad_input_is_refused_before_anything_runs(slurm, tmp_path):
+@pytest.mark.parametrize("submit", ["srun", "sbatch"])
+def test_slurm_bad_input_is_refused_before_anything_runs(slurm, tmp_path, submit):
     cases = [
         (dict(partition="nosuchpartition"), "no partition 'nosuchpartition' .*it has: debug"),
         (dict(cpus=1000), "cpus=1000: no node of partition debug has more than 8 CPUs"),
         (dict(mem=10 ** 8), "no node of partition debug has more than 4000 MiB"),
-        # What only sbatch itself judges: its own message.
-        (dict(sbatch_args=["--mem=99999999"]), "sbatch failed .submitting 1 machine.*Memory"),
-        (dict(sbatch_args=["--partition=nosuch"]), "sbatch failed .*invalid partition"),
+        # What only sbatch (srun) itself judges: its own message.
+        (dict(sbatch_args=["--mem=99999999"]), "%s failed .submitting 1 machine.*Memory" % submit),
+        (dict(sbatch_args=["--partition=nosuch"]), "%s failed .*[Ii]nvalid partition" % submit),
     ]
     for options, message in cases:
-        system = slurm_system(**options)
+        system = slurm_system(submit=submit, **options)
         with bigmachine.start(system) as b:
             with pytest.raises(bigmachine.Error, match=message):
                 b.start(1, {"Echo": Echo()})
             assert b.machines() == [] and slurm.jobs(system.job_name) == {}
     # A job that sbatch accepts but that can never run (this cluster does not enforce its
     # partitions' limits at submission): its machine stops, saying why, and it is cancelled.
-    system = slurm_system(sbatch_args=["--partition=debug", "--cpus-per-task=1000"])
+    system = slurm_system(submit=submit, sbatch_args=["--partition=debug", "--cpus-per-task=1000"])
     with bigmachine.start(system) as b:
         m, = b.start(1, {"Echo": Echo()})
         assert m.wait(RUNNING, timeout=30) is STOPPED
@@ -6743,8 +6749,8 @@ def test_slurm_bad_input_is_refused_before_anything_runs(slurm, tmp_path):
     saved = dict(os.environ)
     try:
         os.environ["PATH"] = str(tmp_path)
-        with bigmachine.start(slurm_system()) as b:
-            with pytest.raises(bigmachine.Error, match="needs sbatch, which is not on PATH"):
+        with bigmachine.start(slurm_system(submit=submit)) as b:
+            with pytest.raises(bigmachine.Error, match="needs %s, which is not on PATH" % submit):
                 b.start(1, {"Echo": Echo()})
         os.environ.update(PATH=saved["PATH"], SLURM_CONF=str(tmp_path / "nowhere.conf"))
         with bigmachine.start(slurm_system()) as b:
@@ -6758,7 +6764,7 @@ def test_slurm_bad_input_is_refused_before_anything_runs(slurm, tmp_path):
 
 
 def test_slurm_job_script_holds_only_a_one_time_token(slurm, tmp_path):
-    system = slurm_system()
+    system = slurm_system(submit="sbatch")
     with bigmachine.start(system) as b:
         m, = running(b)
         job = system._jobs[m]
