@@ -6564,7 +6564,8 @@ def _run_machine(config):
         process.exited.wait()
         return exit_code[0] if exit_code else 0
     if config.get("code"):
-        preparation = _bundle_preparation(preparation, config["code"], workdir)
+        preparation = _bundle_preparation(preparation, config["code"], workdir,
+                                          config.get("packages_path"))
     process.main_preparation = preparation
     _load_main(preparation)
     process.server.start()
@@ -9876,6 +9877,18 @@ def _enrolled(conn, rfile, code, workdir):
         return 1
     config = dict(reply["config"], fd=listener.fileno(), announce_serving=True, credentials={
         "cert_pem": reply["cert"], "key_pem": _private_key_pem(key), "ca_pem": reply["ca"]})
+    main = config["main"]
+    if main.get("packages") and reply.get("dists") is not None:
+        # The driver's distributions (see Packages): when this host has them all already, or
+        # their files from an earlier machine, the machine loads main at once, without the
+        # driver's round trips of the package stage; else that stage gets what is missing.
+        try:
+            stage = _PackageStage(os.path.dirname(workdir), main["packages"])
+            if not stage.missing({"dists": reply["dists"]}):
+                config["packages_path"] = stage._assemble() or ""
+                config["main"] = dict(main, packages=None)
+        except Exception as e:
+            _write_stderr("bigmachine enrolment: the package cache: %s\n" % e)
     # The machine is a child of this process, forked: it has bigmachine loaded already (no
     # second interpreter to start), and this process stays to tell the driver how it ended.
     # Its stdin is a pipe from here: EOF means this process died, and the machine exits.
@@ -10154,7 +10167,9 @@ class _EnrolmentServer:
         env = dict(enrolment._env, BIGMACHINE_MODE="machine",
                    BIGMACHINE_SYSTEM=self.b.system.name)
         config = _machine_bootstrap(self.b.system, None, bundle.main, addr=addr, env=env)
-        send({"cert": credentials.cert_pem, "ca": credentials.ca_pem, "config": config})
+        shipped = bundle.packages
+        send({"cert": credentials.cert_pem, "ca": credentials.ca_pem, "config": config,
+              "dists": shipped.manifest if shipped and shipped.kind == "files" else None})
         line = rfile.readline()
         if not line.startswith(_MARK.encode() + b" started "):
             raise Error("the machine did not start: %r" % line[:200])
