@@ -7530,3 +7530,93 @@ def test_ssh_machines_share_one_compiled_copy_of_the_library(sshd):
     assert files == [os.path.basename(cached)] and files[0].endswith(".marshal")
     assert os.stat(compiled).st_mode & 0o777 == 0o700
     assert inodes[0] == inodes[1]          # loaded again, not written again (that renames)
+
+
+# ======================================================================================
+# Slurm: machines submitted with srun, and how their jobs end (issue #19, start-up speed)
+# ======================================================================================
+
+def proc_contains(pid, name, needle):
+    """Does /proc/PID/NAME (cmdline, environ) hold needle? False for a process gone."""
+    try:
+        with open("/proc/%d/%s" % (pid, name), "rb") as f:
+            return needle.encode() in f.read()
+    except OSError:
+        return False
+
+
+def test_slurm_srun_machines_keep_their_token_out_of_arguments_and_the_controller(slurm):
+    system = slurm_system()
+    assert system.submit == "srun"
+    with bigmachine.start(system) as b:
+        m, = running(b)
+        job = system._jobs[m]
+        assert job.isdigit() and slurm.jobs(system.job_name) == {job: "RUNNING"}
+        token = system._enrolments[m].token
+        srun = system._sruns[m].proc
+        assert srun.poll() is None and srun.args[0] == "srun"
+        # Not in any process's arguments (srun's, the job's), nor in srun's environment (the
+        # job's, which slurmd is sent), nor in what the controller keeps of the job.
+        pids = [int(p) for p in os.listdir("/proc") if p.isdigit()]
+        assert not [p for p in pids if proc_contains(p, "cmdline", token)]
+        assert not proc_contains(srun.pid, "environ", token)
+        shown = slurm.run("scontrol", "show", "job", job).stdout
+        assert "JobName=" + system.job_name in shown and token not in shown
+        assert slurm.run("scontrol", "write", "batch_script", job, "-").stdout == ""
+        # Its token was used: it is refused to anyone who finds it now.
+        settings = system._enrolments[m].settings(wait=5)
+        replay = subprocess.run([sys.executable, "-c", bigmachine._enrol_program(settings)],
+                                capture_output=True, text=True, timeout=60)
+        assert replay.returncode == 1 and "used already" in replay.stderr
+        assert m.call("Echo.pid") > 0
+    # b.shutdown ended srun, and srun its job.
+    assert srun.wait(30) is not None
+    eventually(lambda: slurm.jobs(system.job_name) == {}, 15, "the job to end")
+
+
+def test_slurm_srun_from_inside_a_job_still_submits_jobs_of_its_own(slurm, monkeypatch):
+    # A driver running in an allocation (salloc, a batch job) has SLURM_JOB_ID and the like;
+    # srun would take them to mean a step of that job (here: one that does not exist).
+    monkeypatch.setenv("SLURM_JOB_ID", "999999")
+    monkeypatch.setenv("SLURM_JOBID", "999999")
+    monkeypatch.setenv("SLURM_NTASKS", "3")
+    system = slurm_system()
+    with bigmachine.start(system) as b:
+        m, = running(b)
+        assert m.call("Echo.environ", "SLURM_JOB_ID") == system._jobs[m] != "999999"
+    eventually(lambda: slurm.jobs(system.job_name) == {}, 15, "the job to end")
+
+
+@pytest.mark.parametrize("submit", ["srun", "sbatch"])
+def test_slurm_node_failure_stops_machines_saying_node_fail(slurm, submit):
+    system = slurm_system(submit=submit)
+    try:
+        with bigmachine.start(system) as b:
+            m1, m2 = running(b, 2)
+            jobs = {system._jobs[m] for m in (m1, m2)}
+            down = slurm.run("scontrol", "update", "NodeName=localhost", "State=DOWN",
+                             "Reason=bigmachine test")
+            assert down.returncode == 0, down.stderr
+            for m in (m1, m2):
+                assert m.wait(STOPPED, timeout=30) is STOPPED
+                assert system._jobs[m] in str(m.err) and "NODE_FAIL" in str(m.err), m.err
+            assert jobs == {system._jobs[m] for m in (m1, m2)}
+    finally:
+        slurm.run("scontrol", "update", "NodeName=localhost", "State=RESUME")
+        eventually(lambda: slurm.run("sinfo", "--noheader", "--format=%T").stdout.strip()
+                   == "idle", 30, "the node to be idle again")
+    eventually(lambda: slurm.jobs(system.job_name) == {}, 15, "the jobs to end")
+
+
+def test_enrolled_machines_on_a_host_with_the_drivers_packages_skip_the_package_stage():
+    # The driver (pytest's process) imported third-party distributions, which travel with its
+    # code; this host has them installed already, so the enrolling machine loads main at once
+    # and never waits for the driver to send packages.
+    assert bigmachine._make_bundle().packages is not None
+    system = ShellSystem(**FAST)
+    with bigmachine.start(system) as b:
+        m, = running(b, 1, {"Echo": Echo("shell")})
+        assert "packages" not in m.call("Supervisor.info")
+        with pytest.raises(bigmachine.Error, match="not waiting for packages"):
+            m.call("Supervisor.packages_ready")
+        assert m.call("Echo.get_tag") == "shell"
