@@ -10290,18 +10290,29 @@ def _enrolled_exit(machine, status, output):
 # --------------------------------------------------------------------------------------
 #
 # On a cluster the driver runs on a login node, and compute nodes are reached only through the
-# scheduler. `b.start(n)` submits one `sbatch` job array of n tasks, through the cluster's own
-# commands (so SLURM_CONF and the user's Slurm defaults apply), each task a machine with
-# `cpus` CPUs (its maxprocs), `mem` MiB, a `time_limit` in minutes, in `partition` under
-# `account`, plus any `sbatch_args`. A task that starts enrols (see Enrolment): its job script
-# holds the enrolment stage, the driver's address and certificate hash, and one one-time token
-# per task -- nothing that outlives the machine's start -- and the code bundle, the machine's
-# certificate and its configuration travel over the enrolment's TLS connection, whether or
-# not the cluster shares a filesystem. The machine reports its address as it enrols, and the
-# other machines reach it there, as the driver does.
+# scheduler. Each machine is a job, submitted through the cluster's own commands (so SLURM_CONF
+# and the user's Slurm defaults apply), with `cpus` CPUs (its maxprocs), `mem` MiB, a
+# `time_limit` in minutes, in `partition` under `account`, plus any `sbatch_args`. How:
+#   submit="srun" (the default): `b.start(n)` runs n `srun`s at once, one job each. srun asks
+#     the controller for its allocation and gets it in that call if nodes are free, and starts
+#     the job's process at once: a machine's start costs what a bare srun costs, and the
+#     driver learns that the job ended the moment its srun exits. The job's command is a
+#     one-line loader; the enrolment program with the machine's token follows on srun's stdin,
+#     which Slurm forwards to the job and never stores, and which is in no process's
+#     arguments. The price: an srun process on the login node per machine.
+#   submit="sbatch": one `sbatch` job array of n tasks, each task a machine, whose script
+#     holds the enrolment program with one token per task. One command and no process left
+#     on the login node, however large n; but batch jobs start at slurmctld's next scheduling
+#     pass, which comes at most every batch_sched_delay (3 s by default), not at submission.
+# A job that starts enrols (see Enrolment): what it carries is nothing that outlives the
+# machine's start, and the code bundle, the machine's certificate and its configuration travel
+# over the enrolment's TLS connection, whether or not the cluster shares a filesystem. The
+# bundle is made while the jobs are being allocated: a machine needs it only once it enrols.
+# The machine reports its address as it enrols, and the other machines reach it there, as the
+# driver does.
 #
 # Watching. One thread per session asks `squeue` about the session's jobs every
-# poll_interval seconds. A pending task's machine is STARTING, and says why it waits (Slurm's
+# poll_interval seconds (it is not on the way to RUNNING: a machine is up when it enrols). A pending task's machine is STARTING, and says why it waits (Slurm's
 # reason: Resources, Priority...) on the status page; a task that has run for boot_timeout
 # without enrolling is cancelled and its token revoked. A task that leaves the queue (or shows
 # an ending state) stops its machine with an error naming the job and Slurm's state and reason
@@ -10309,7 +10320,8 @@ def _enrolled_exit(machine, status, output):
 # job`, which remembers a job for MinJobAge (300 s by default) after it ends. A machine whose
 # process exits while its job goes on says how it exited.
 #
-# Ending. `b.shutdown()` cancels every job of the session (`scancel --name`); a machine whose
+# Ending. `b.shutdown()` ends every srun (on SIGTERM srun cancels a pending allocation, or
+# ends its running job) and cancels every job of the session (`scancel --name`); a machine whose
 # driver is killed ends within its lease (its watchdog), and its job with it; a task that
 # starts after its driver is gone finds no driver and ends. Jobs are named
 # bigmachine-SESSION, with the user's program in their comment, and `python bigmachine.py
@@ -10410,8 +10422,9 @@ def _slurm_run(args, what, input=None, timeout=60.0):
 
 
 class SlurmSystem(System):
-    """Machines as jobs on a Slurm cluster: one sbatch job array per `b.start`, a task per
-    machine. See the section's introduction and the README's Slurm section.
+    """Machines as jobs on a Slurm cluster: one srun (a job) per machine, or with
+    submit="sbatch" one sbatch job array per `b.start`, a task per machine. See the section's
+    introduction and the README's Slurm section.
 
     cpus is each machine's CPUs (--cpus-per-task, its maxprocs), mem its memory in MiB (--mem),
     time_limit its time in minutes (--time), partition and account as for sbatch; sbatch_args
@@ -10419,10 +10432,12 @@ class SlurmSystem(System):
     major.minor as the driver's; default python3). driver_host is the driver's address as the
     compute nodes reach it (default: this host's fully qualified name) and driver_port the
     port it serves enrolments on (default: any free one). output is where the jobs' own output
-    goes (sbatch --output; the machines' output comes to the driver anyway). setup is shell
-    code the job runs first (`module load python/3.11`, activating an environment). On the command
-    line: --bigm.system=slurm with --bigm.slurm.partition=P, --bigm.slurm.cpus=N and so on, or
-    the variables BIGMACHINE_SLURM_PARTITION and so on."""
+    goes (--output; the machines' output comes to the driver anyway). setup is shell
+    code the job runs first (`module load python/3.11`, activating an environment). submit is
+    "srun" (the default: sbatch_args then go to srun, which takes the same options for what a
+    job gets) or "sbatch". On the command line: --bigm.system=slurm with
+    --bigm.slurm.partition=P, --bigm.slurm.cpus=N and so on, or the variables
+    BIGMACHINE_SLURM_PARTITION and so on."""
 
     name = "slurm"
     #: seconds between two looks at the session's jobs (squeue)
