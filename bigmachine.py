@@ -10367,6 +10367,7 @@ class _Srun:
     def __init__(self, proc):
         self.proc = proc
         self.job = None
+        self.pending = False                  # the job waits in the queue
         self.known = threading.Event()        # the job id is known, or srun ended
         self.tail = collections.deque(maxlen=20)
         self.settled = threading.Event()      # b.start has its machines, or has given up
@@ -10729,6 +10730,13 @@ class SlurmSystem(System):
                   " ".join(srun.job for _, _, srun in started))
         self._wake.set()
 
+    def _job_allocated(self, m, srun):
+        """(Under the lock) srun says its job has its nodes: its machine is coming up."""
+        enrolment = self._enrolments.get(m)
+        if enrolment is not None and not enrolment.enrolled:
+            self._running_since.setdefault(m, time.monotonic())
+            m.report_status("Slurm job %s is RUNNING; its machine is coming up" % srun.job)
+
     def _follow_srun(self, m, srun):
         """Read what srun says: its job id, as soon as the job is allocated or queued, and its
         errors; when srun ends, so has the job: stop the machine with how it ended."""
@@ -10738,12 +10746,22 @@ class SlurmSystem(System):
             job = _srun_job(line)
             if job and srun.job is None:
                 srun.job = job
+                srun.pending = "queued" in line
                 with self._cond:
                     if m in self._sruns:
                         self._jobs[m], self._machines[srun.job] = srun.job, m
-                        m.report_status("Slurm job %s %s" % (srun.job, "is PENDING" if
-                                                             "queued" in line else "allocated"))
+                        if srun.pending:
+                            m.report_status("Slurm job %s is PENDING" % srun.job)
+                        else:
+                            self._job_allocated(m, srun)
                 srun.known.set()
+                if srun.pending:
+                    self._wake.set()      # its reason, from squeue
+            elif job or (srun.pending and "allocated resources" in line):
+                with self._cond:
+                    srun.pending = False
+                    if m in self._sruns:
+                        self._job_allocated(m, srun)
             elif "error" in line.lower() or not line.startswith("srun: "):
                 srun.tail.append(line)
         srun.proc.wait()
@@ -10828,7 +10846,11 @@ class SlurmSystem(System):
             with self._cond:
                 if self._closed or self._generation != generation:
                     return
-                watched = dict(self._machines)
+                # An srun says when its job is allocated and when it ends: squeue is asked
+                # about the jobs that wait in the queue (their reason), those whose machine's
+                # process is gone (srun may take a while to end after them), and the array's.
+                watched = {task: m for task, m in self._machines.items()
+                           if m not in self._sruns or self._sruns[m].pending or m in self._gone}
             if not watched:
                 continue
             try:
