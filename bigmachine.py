@@ -10592,11 +10592,22 @@ class SlurmSystem(System):
         bundle = concurrent.futures.Future()
         threading.Thread(target=_resolve, args=(bundle, _make_bundle, self.packages),
                          name="bigmachine-bundle", daemon=True).start()
-        try:
-            self._check_request()
-        except BaseException:
-            bundle.exception()            # made or failed: nothing left running
-            raise
+        # With srun, what the cluster is asked about the partition is asked while the jobs are
+        # being allocated (a job it would refuse is one srun refuses too, or one that waits:
+        # it is cancelled); sbatch's one command waits for the answer, as does an srun that
+        # could not even start (not on PATH, SLURM_CONF naming no file).
+        import shutil
+        checked = concurrent.futures.Future()
+        conf = os.environ.get("SLURM_CONF")
+        if self.submit == "srun" and shutil.which("srun") and (not conf or os.access(conf,
+                                                                                 os.R_OK)):
+            threading.Thread(target=_resolve, args=(checked, self._check_request),
+                             name="bigmachine-slurm-check", daemon=True).start()
+        else:
+            _resolve(checked, self._check_request)
+            if checked.exception() is not None:
+                bundle.exception()        # made or failed: nothing left running
+                raise checked.exception()
         machines, enrolments = [], []
         for _ in range(n):
             m = Machine(b, "https://slurm-%s-%d.pending:0/" % (self.session, next(self._serial)),
@@ -10605,7 +10616,7 @@ class SlurmSystem(System):
                                       port=self.driver_port, on_exit=self._machine_exited))
             machines.append(m)
         if self.submit == "srun":
-            self._start_sruns(machines, enrolments, bundle)
+            self._start_sruns(machines, enrolments, bundle, checked)
             return machines
         # One script for the whole array; each task picks its own token.
         settings = enrolments[0].settings(wait=min(self.lease, self.boot_timeout))
@@ -10669,7 +10680,7 @@ class SlurmSystem(System):
 
     # -- submit="srun": a job per machine, allocated at once ------------------------------
 
-    def _start_sruns(self, machines, enrolments, bundle):
+    def _start_sruns(self, machines, enrolments, bundle, checked):
         """One `srun` per machine, all at once: each asks the controller for its job's
         allocation and gets it there and then if the nodes are free, where a batch job waits
         for the scheduler's next pass. Returns once every job has been allocated or queued
@@ -10707,10 +10718,12 @@ class SlurmSystem(System):
                     raise Error("srun did not answer in 60s (submitting %d machines): is the "
                                 "Slurm controller up?" % len(machines))
                 if srun.job is None:
+                    checked.result()      # the clearer reason, if the cluster gave one
                     raise Error("srun failed (submitting %d machine%s): %s" % (
                         len(machines), "s" if len(machines) > 1 else "",
                         srun.said() or _exit_reason(srun.proc.returncode)))
-            bundle.result()               # the code bundle could not be made: end them all
+            checked.result()              # the partition cannot run them: end them all
+            bundle.result()               # the code bundle could not be made: likewise
         except BaseException:
             for m, e, srun in started:
                 with self._cond:
