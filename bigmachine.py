@@ -9784,6 +9784,9 @@ def _enrol_stage(settings):
         try:
             raw = socket.create_connection((host, port), timeout=30)
             try:
+                # Its messages are small and each waits for an answer: none may wait for the
+                # ACK of the one before (Nagle's algorithm against delayed ACKs: 40 ms each).
+                raw.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
                 conn = context.wrap_socket(raw)
             except BaseException:
                 raw.close()
@@ -10078,6 +10081,8 @@ class _EnrolmentServer:
         enrolment = conn = None
         try:
             raw.settimeout(30)
+            with contextlib.suppress(OSError):
+                raw.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)    # as the stage's
             try:
                 conn = self._context.wrap_socket(raw, server_side=True)
             except (OSError, ValueError) as e:
