@@ -10735,7 +10735,10 @@ class SlurmSystem(System):
                     self._ending.add(m)
                     self._sruns.pop(m, None)
                     self._enrolments.pop(m, None)
-                srun.end(time.monotonic() + 5.0)
+                srun.signal()
+            deadline = time.monotonic() + 5.0
+            for m, e, srun in started:
+                srun.end(deadline)
             for e in enrolments:
                 e.revoke()
             raise

@@ -7546,10 +7546,11 @@ def proc_contains(pid, name, needle):
 
 
 def test_slurm_srun_machines_keep_their_token_out_of_arguments_and_the_controller(slurm):
-    system = slurm_system()
+    system = slurm_system(setup="export BIGMACHINE_TEST_SETUP=ran")
     assert system.submit == "srun"
     with bigmachine.start(system) as b:
         m, = running(b)
+        assert m.call("Echo.environ", "BIGMACHINE_TEST_SETUP") == "ran"
         job = system._jobs[m]
         assert job.isdigit() and slurm.jobs(system.job_name) == {job: "RUNNING"}
         token = system._enrolments[m].token
