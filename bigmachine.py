@@ -10791,6 +10791,8 @@ class SlurmSystem(System):
         with self._cond:
             ours = self._sruns.get(m) is srun
             expected = m in self._ending or self._closed or self._b.closed
+            if ours:
+                self._gone.add(m)         # and the monitor looks at its job from now on
         if not ours or expected or m.state is STOPPED:
             return
         if srun.job is not None:

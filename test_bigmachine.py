@@ -7621,3 +7621,16 @@ def test_enrolled_machines_on_a_host_with_the_drivers_packages_skip_the_package_
         with pytest.raises(bigmachine.Error, match="not waiting for packages"):
             m.call("Supervisor.packages_ready")
         assert m.call("Echo.get_tag") == "shell"
+
+
+@pytest.mark.parametrize("submit", ["srun", "sbatch"])
+def test_slurm_job_that_fails_before_its_machine_enrols_stops_it_saying_failed(slurm, tmp_path,
+                                                                               submit):
+    missing = str(tmp_path / "no-python-here")
+    system = slurm_system(submit=submit, python=missing)
+    with bigmachine.start(system) as b:
+        m, = b.start(1, {"Echo": Echo()})
+        assert m.wait(RUNNING, timeout=30) is STOPPED
+        job = system._jobs[m]
+        assert job in str(m.err) and "FAILED" in str(m.err), m.err
+    eventually(lambda: slurm.jobs(system.job_name) == {}, 15, "the job to end")
