@@ -10350,11 +10350,17 @@ _SRUN_LOADER = "import sys; exec(sys.stdin.readline())"
 
 def _srun_job(line):
     """The job id in srun's words for it (--verbose), or None: "srun: jobid 12: nodes(1):..."
-    once allocated, "srun: job 12 queued and waiting for resources" while pending."""
+    once allocated, "srun: job 12 queued and waiting for resources" while pending, and as it
+    starts the job's process "srun: launching StepId=12.0 on host..." ("12.0" before Slurm
+    21)."""
     words = line.split()
     if len(words) > 3 and words[0] == "srun:" and words[1] in ("job", "jobid"):
         job = words[2].rstrip(":")
         if job.isdigit() and (words[1] == "jobid" or words[3] == "queued"):
+            return job
+    if len(words) > 2 and words[:2] == ["srun:", "launching"]:
+        job = words[2].split("=")[-1].split(".")[0]
+        if job.isdigit():
             return job
     return None
 
