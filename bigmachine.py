@@ -7516,6 +7516,69 @@ def _package_stage_info(process):
     return {"packages": {"digest": stage.digest, "platform": _platform_facts()}}
 
 
+class _DistInfo:
+    """A distribution installed in a directory of sys.path (its .dist-info), with what
+    `_PackageStage._host_has` asks of importlib.metadata's: found without importing
+    importlib.metadata, which costs a starting machine more than the rest of its check."""
+
+    def __init__(self, site, name):
+        self._site = site
+        self._path = os.path.join(site, name)
+        self.version = ""
+        with open(os.path.join(self._path, "METADATA"), encoding="utf-8",
+                  errors="replace") as f:
+            for line in f:
+                if not line.strip():
+                    break
+                key, _, value = line.partition(":")
+                if key.strip().lower() == "version":
+                    self.version = value.strip()
+                    break
+
+    def read_text(self, name):
+        try:
+            with open(os.path.join(self._path, name), encoding="utf-8") as f:
+                return f.read()
+        except FileNotFoundError:
+            return None
+
+    def locate_file(self, rel):
+        return os.path.join(self._site, rel)
+
+
+def _installed_distribution(name):
+    """The distribution name as importlib.metadata.distribution finds it: the first directory
+    of sys.path that has it. Found directly where that is one .dist-info in a plain directory;
+    anything else (an egg, a zip on sys.path, two candidates) is importlib.metadata's to say."""
+
+    def normal(text):
+        out = []
+        for c in text.lower():
+            c = "_" if c in "-_." else c
+            if not (c == "_" and out and out[-1] == "_"):
+                out.append(c)
+        return "".join(out)
+
+    wanted = normal(name)
+    for entry in sys.path:
+        try:
+            names = os.listdir(entry or ".")
+        except FileNotFoundError:
+            continue
+        except OSError:
+            break                         # a zip, say
+        found = [n for n in names if n.lower().endswith((".dist-info", ".egg-info", ".egg"))
+                 and normal(n.rpartition(".")[0].partition("-")[0]) == wanted]
+        if not found:
+            continue
+        if len(found) == 1 and found[0].endswith(".dist-info"):
+            with contextlib.suppress(OSError):
+                return _DistInfo(entry or ".", found[0])
+        break
+    import importlib.metadata
+    return importlib.metadata.distribution(name)
+
+
 def _site_packages_index(path):
     """Where in path (a sys.path) the host's installed packages begin: len(path) if nowhere."""
     for i, entry in enumerate(path):
@@ -7583,9 +7646,8 @@ class _PackageStage:
         not match their RECORD (edited after they were installed) hash the same here."""
         import csv
         import hashlib
-        import importlib.metadata
         try:
-            found = importlib.metadata.distribution(dist["name"])
+            found = _installed_distribution(dist["name"])
             record = found.read_text("RECORD")
         except Exception:
             return False
