@@ -10655,16 +10655,16 @@ class SlurmSystem(System):
     def start(self, b, n, env):
         if self._closed:
             raise Error("the Slurm system was shut down")
-        # The enrolments send the machines this module compiled: have it at hand by then (from
-        # the cache on disk, or compiled once per version) while the cluster is asked whether
-        # it can run the request and the code bundle is made.
-        threading.Thread(target=_compiled_module, name="bigmachine-compile",
-                         daemon=True).start()
-        # Nor is the code bundle needed before the first machine enrols: it is made while
-        # the jobs are submitted and allocated, and b.start waits for it only once they are.
+        # The code bundle is not needed before the first machine enrols: it is made (and this
+        # module's compiled code, which the enrolments send, found in the cache on disk or
+        # compiled once per version) while the jobs are being allocated, by threads started
+        # once they are submitted (the submission first: both hold the interpreter's lock for
+        # long), and b.start waits for it only once the jobs are allocated or queued.
         bundle = concurrent.futures.Future()
-        threading.Thread(target=_resolve, args=(bundle, _make_bundle, self.packages),
-                         name="bigmachine-bundle", daemon=True).start()
+        preparing = [threading.Thread(target=_resolve, args=(bundle, _make_bundle, self.packages),
+                                      name="bigmachine-bundle", daemon=True),
+                     threading.Thread(target=_compiled_module, name="bigmachine-compile",
+                                      daemon=True)]
         # With srun, what the cluster is asked about the partition is asked while the jobs are
         # being allocated (a job it would refuse is one srun refuses too, or one that waits:
         # it is cancelled); sbatch's one command waits for the answer, as does an srun that
@@ -10679,7 +10679,6 @@ class SlurmSystem(System):
         else:
             _resolve(checked, self._check_request)
             if checked.exception() is not None:
-                bundle.exception()        # made or failed: nothing left running
                 raise checked.exception()
         machines, enrolments = [], []
         for _ in range(n):
@@ -10689,7 +10688,7 @@ class SlurmSystem(System):
                                       port=self.driver_port, on_exit=self._machine_exited))
             machines.append(m)
         if self.submit == "srun":
-            self._start_sruns(machines, enrolments, bundle, checked)
+            self._start_sruns(machines, enrolments, bundle, checked, preparing)
             return machines
         # One script for the whole array; each task picks its own token.
         settings = enrolments[0].settings(wait=min(self.lease, self.boot_timeout))
@@ -10712,6 +10711,8 @@ class SlurmSystem(System):
             if not job.isdigit():
                 job = None
                 raise Error("sbatch said %r, not a job id" % out.strip())
+            for thread in preparing:
+                thread.start()
             bundle.result()               # the code bundle could not be made: cancel the job
         except BaseException:
             for e in enrolments:
@@ -10753,7 +10754,7 @@ class SlurmSystem(System):
 
     # -- submit="srun": a job per machine, allocated at once ------------------------------
 
-    def _start_sruns(self, machines, enrolments, bundle, checked):
+    def _start_sruns(self, machines, enrolments, bundle, checked, preparing):
         """One `srun` per machine, all at once: each asks the controller for its job's
         allocation and gets it there and then if the nodes are free, where a batch job waits
         for the scheduler's next pass. Returns once every job has been allocated or queued
@@ -10785,6 +10786,8 @@ class SlurmSystem(System):
                 m.report_status("Slurm job submitted (srun)")
                 threading.Thread(target=self._follow_srun, args=(m, srun), daemon=True,
                                  name="bigmachine-srun").start()
+            for thread in preparing:
+                thread.start()
             deadline = time.monotonic() + 60.0
             for m, e, srun in started:
                 if not srun.known.wait(max(0.0, deadline - time.monotonic())):
