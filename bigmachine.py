@@ -10366,7 +10366,9 @@ def _enrolled_exit(machine, status, output):
 #     driver learns that the job ended the moment its srun exits. The job's command is a
 #     one-line loader; the enrolment program with the machine's token follows on srun's stdin,
 #     which Slurm forwards to the job and never stores, and which is in no process's
-#     arguments. The price: an srun process on the login node per machine.
+#     arguments. The price: an srun process on the login node per machine, which ends its job
+#     when the machine ends (its lease, when the driver is gone); an srun killed outright
+#     leaves its job to the cluster's InactiveLimit (or to `slurm kill`).
 #   submit="sbatch": one `sbatch` job array of n tasks, each task a machine, whose script
 #     holds the enrolment program with one token per task. One command and no process left
 #     on the login node, however large n; but batch jobs start at slurmctld's next scheduling
