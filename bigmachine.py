@@ -10781,6 +10781,13 @@ class SlurmSystem(System):
                                         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                                         start_new_session=True, env=env)
                 srun = _Srun(proc)
+                # The program waits in the pipe (a few KiB) for the job to read it.
+                program = _enrol_program(e.settings(wait=min(self.lease, self.boot_timeout)))
+                try:
+                    proc.stdin.write(b"exec(%s)\n" % repr(program).encode())
+                    proc.stdin.close()
+                except OSError:
+                    pass                  # srun ended: what it said is the error
                 started.append((m, e, srun))
                 with self._cond:
                     self._submitted = True
@@ -10886,15 +10893,6 @@ class SlurmSystem(System):
             task = self._jobs.get(machine)
         if enrolment is None:
             raise Error("machine %s was stopped before it started" % machine.addr)
-        with self._cond:
-            srun = self._sruns.get(machine)
-        if srun is not None:
-            program = _enrol_program(enrolment.settings(wait=min(self.lease, self.boot_timeout)))
-            try:
-                srun.proc.stdin.write(b"exec(%s)\n" % repr(program).encode())
-                srun.proc.stdin.close()
-            except OSError:
-                pass                      # srun ended: its follower says how
         while not enrolment.wait(self.poll_interval):
             if enrolment._done.is_set():      # its process ended before it served
                 machine.wait(STOPPED, 10 * self.poll_interval)
