@@ -7634,3 +7634,13 @@ def test_slurm_job_that_fails_before_its_machine_enrols_stops_it_saying_failed(s
         job = system._jobs[m]
         assert job in str(m.err) and "FAILED" in str(m.err), m.err
     eventually(lambda: slurm.jobs(system.job_name) == {}, 15, "the job to end")
+
+
+def test_slurm_submit_is_chosen_by_option_flag_or_variable_and_checked():
+    assert bigmachine.SlurmSystem().submit == "srun"
+    options = bigmachine.SlurmSystem._command_line_options(["--bigm.slurm.submit=sbatch"], {})
+    assert options == {"submit": "sbatch"}
+    options = bigmachine.SlurmSystem._command_line_options([], {"BIGMACHINE_SLURM_SUBMIT": "srun"})
+    assert bigmachine.SlurmSystem(**options).submit == "srun"
+    with pytest.raises(ValueError, match="submit must be 'srun' .* or 'sbatch' .*not 'qsub'"):
+        bigmachine.SlurmSystem(submit="qsub")
