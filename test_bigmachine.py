@@ -7638,9 +7638,11 @@ def test_slurm_job_that_fails_before_its_machine_enrols_stops_it_saying_failed(s
 
 def test_slurm_submit_is_chosen_by_option_flag_or_variable_and_checked():
     assert bigmachine.SlurmSystem().submit == "srun"
-    options = bigmachine.SlurmSystem._command_line_options(["--bigm.slurm.submit=sbatch"], {})
+    options = bigmachine.SlurmSystem._command_line_options(
+        ["driver.py", "--bigm.slurm.submit=sbatch"], {})
     assert options == {"submit": "sbatch"}
-    options = bigmachine.SlurmSystem._command_line_options([], {"BIGMACHINE_SLURM_SUBMIT": "srun"})
+    options = bigmachine.SlurmSystem._command_line_options(
+        ["driver.py"], {"BIGMACHINE_SLURM_SUBMIT": "srun"})
     assert bigmachine.SlurmSystem(**options).submit == "srun"
     with pytest.raises(ValueError, match="submit must be 'srun' .* or 'sbatch' .*not 'qsub'"):
         bigmachine.SlurmSystem(submit="qsub")
