@@ -7281,7 +7281,8 @@ def _run_machine(config):
         process.exited.wait()
         return exit_code[0] if exit_code else 0
     if config.get("code"):
-        preparation = _bundle_preparation(preparation, config["code"], workdir)
+        preparation = _bundle_preparation(preparation, config["code"], workdir,
+                                          config.get("packages_path"))
     process.main_preparation = preparation
     _load_main(preparation)
     process.server.start()
@@ -8235,6 +8236,69 @@ def _package_stage_info(process):
     return {"packages": {"digest": stage.digest, "platform": _platform_facts()}}
 
 
+class _DistInfo:
+    """A distribution installed in a directory of sys.path (its .dist-info), with what
+    `_PackageStage._host_has` asks of importlib.metadata's: found without importing
+    importlib.metadata, which costs a starting machine more than the rest of its check."""
+
+    def __init__(self, site, name):
+        self._site = site
+        self._path = os.path.join(site, name)
+        self.version = ""
+        with open(os.path.join(self._path, "METADATA"), encoding="utf-8",
+                  errors="replace") as f:
+            for line in f:
+                if not line.strip():
+                    break
+                key, _, value = line.partition(":")
+                if key.strip().lower() == "version":
+                    self.version = value.strip()
+                    break
+
+    def read_text(self, name):
+        try:
+            with open(os.path.join(self._path, name), encoding="utf-8") as f:
+                return f.read()
+        except FileNotFoundError:
+            return None
+
+    def locate_file(self, rel):
+        return os.path.join(self._site, rel)
+
+
+def _installed_distribution(name):
+    """The distribution name as importlib.metadata.distribution finds it: the first directory
+    of sys.path that has it. Found directly where that is one .dist-info in a plain directory;
+    anything else (an egg, a zip on sys.path, two candidates) is importlib.metadata's to say."""
+
+    def normal(text):
+        out = []
+        for c in text.lower():
+            c = "_" if c in "-_." else c
+            if not (c == "_" and out and out[-1] == "_"):
+                out.append(c)
+        return "".join(out)
+
+    wanted = normal(name)
+    for entry in sys.path:
+        try:
+            names = os.listdir(entry or ".")
+        except FileNotFoundError:
+            continue
+        except OSError:
+            break                         # a zip, say
+        found = [n for n in names if n.lower().endswith((".dist-info", ".egg-info", ".egg"))
+                 and normal(n.rpartition(".")[0].partition("-")[0]) == wanted]
+        if not found:
+            continue
+        if len(found) == 1 and found[0].endswith(".dist-info"):
+            with contextlib.suppress(OSError):
+                return _DistInfo(entry or ".", found[0])
+        break
+    import importlib.metadata
+    return importlib.metadata.distribution(name)
+
+
 def _site_packages_index(path):
     """Where in path (a sys.path) the host's installed packages begin: len(path) if nowhere."""
     for i, entry in enumerate(path):
@@ -8302,9 +8366,8 @@ class _PackageStage:
         not match their RECORD (edited after they were installed) hash the same here."""
         import csv
         import hashlib
-        import importlib.metadata
         try:
-            found = importlib.metadata.distribution(dist["name"])
+            found = _installed_distribution(dist["name"])
             record = found.read_text("RECORD")
         except Exception:
             return False
@@ -10599,6 +10662,9 @@ def _enrol_stage(settings):
         try:
             raw = socket.create_connection((host, port), timeout=30)
             try:
+                # Its messages are small and each waits for an answer: none may wait for the
+                # ACK of the one before (Nagle's algorithm against delayed ACKs: 40 ms each).
+                raw.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
                 conn = context.wrap_socket(raw)
             except BaseException:
                 raw.close()
@@ -10692,6 +10758,18 @@ def _enrolled(conn, rfile, code, workdir):
         return 1
     config = dict(reply["config"], fd=listener.fileno(), announce_serving=True, credentials={
         "cert_pem": reply["cert"], "key_pem": _private_key_pem(key), "ca_pem": reply["ca"]})
+    main = config["main"]
+    if main.get("packages") and reply.get("dists") is not None:
+        # The driver's distributions (see Packages): when this host has them all already, or
+        # their files from an earlier machine, the machine loads main at once, without the
+        # driver's round trips of the package stage; else that stage gets what is missing.
+        try:
+            stage = _PackageStage(os.path.dirname(workdir), main["packages"])
+            if not stage.missing({"dists": reply["dists"]}):
+                config["packages_path"] = stage._assemble() or ""
+                config["main"] = dict(main, packages=None)
+        except Exception as e:
+            _write_stderr("bigmachine enrolment: the package cache: %s\n" % e)
     # The machine is a child of this process, forked: it has bigmachine loaded already (no
     # second interpreter to start), and this process stays to tell the driver how it ended.
     # Its stdin is a pipe from here: EOF means this process died, and the machine exits.
@@ -10872,6 +10950,8 @@ class _EnrolmentServer:
         enrolment = conn = None
         try:
             raw.settimeout(30)
+            with contextlib.suppress(OSError):
+                raw.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)    # as the stage's
             try:
                 conn = self._context.wrap_socket(raw, server_side=True)
             except (OSError, ValueError) as e:
@@ -10934,6 +11014,8 @@ class _EnrolmentServer:
                    hello.get("executable"))))
             return None
         bundle = enrolment._bundle
+        if isinstance(bundle, concurrent.futures.Future):
+            bundle = bundle.result()          # a system that enrols while it is being made
         magic, compiled = _compiled_library(bundle)
         send({"bundle": bundle.sha256, "size": len(bundle.data), "library": bundle.library,
               "magic": magic, "compiled_size": len(compiled)})
@@ -10959,7 +11041,9 @@ class _EnrolmentServer:
         env = dict(enrolment._env, BIGMACHINE_MODE="machine",
                    BIGMACHINE_SYSTEM=self.b.system.name)
         config = _machine_bootstrap(self.b.system, None, bundle.main, addr=addr, env=env)
-        send({"cert": credentials.cert_pem, "ca": credentials.ca_pem, "config": config})
+        shipped = bundle.packages
+        send({"cert": credentials.cert_pem, "ca": credentials.ca_pem, "config": config,
+              "dists": shipped.manifest if shipped and shipped.kind == "files" else None})
         line = rfile.readline()
         if not line.startswith(_MARK.encode() + b" started "):
             raise Error("the machine did not start: %r" % line[:200])
@@ -11006,6 +11090,14 @@ class _EnrolmentServer:
             enrolment._done.set()
 
 
+def _resolve(future, fn, *args):
+    """Run fn(*args) into future (in a thread of its own)."""
+    try:
+        future.set_result(fn(*args))
+    except BaseException as e:
+        future.set_exception(e)
+
+
 def _sha256_hex(data):
     import hashlib
     return hashlib.sha256(data).hexdigest()
@@ -11026,12 +11118,32 @@ def _compiled_library(bundle):
         try:
             with zipfile.ZipFile(io.BytesIO(bundle.data)) as archive:
                 source = archive.read(name)              # exactly what the machine unpacks
-            found = marshal.dumps(compile(source, name, "exec", dont_inherit=True))
+            found = _own_compiled_code(source)
+            if found is None:
+                found = marshal.dumps(compile(source, name, "exec", dont_inherit=True))
         except (KeyError, SyntaxError, ValueError):
             found = b""
         _compiled.clear()                 # the newest bundle's only
         _compiled[bundle.sha256] = found
     return importlib.util.MAGIC_NUMBER.hex(), found
+
+
+def _own_compiled_code(source):
+    """This module's compiled code (marshalled) if source is this module's own, from the cache
+    on disk that Local machines load theirs from (see `_compiled_module`): compiling it takes
+    longer than starting a machine does, and the file is there from any earlier driver of this
+    version. None if source is another or there is no such file."""
+    try:
+        with open(os.path.abspath(__file__), "rb") as f:
+            if f.read() != source:
+                return None
+        path = _compiled_module()
+        if path is None:
+            return None
+        with open(path, "rb") as f:
+            return f.read()
+    except OSError:
+        return None
 
 
 def _enrolled_exit(machine, status, output):
@@ -11052,18 +11164,31 @@ def _enrolled_exit(machine, status, output):
 # --------------------------------------------------------------------------------------
 #
 # On a cluster the driver runs on a login node, and compute nodes are reached only through the
-# scheduler. `b.start(n)` submits one `sbatch` job array of n tasks, through the cluster's own
-# commands (so SLURM_CONF and the user's Slurm defaults apply), each task a machine with
-# `cpus` CPUs (its maxprocs), `mem` MiB, a `time_limit` in minutes, in `partition` under
-# `account`, plus any `sbatch_args`. A task that starts enrols (see Enrolment): its job script
-# holds the enrolment stage, the driver's address and certificate hash, and one one-time token
-# per task -- nothing that outlives the machine's start -- and the code bundle, the machine's
-# certificate and its configuration travel over the enrolment's TLS connection, whether or
-# not the cluster shares a filesystem. The machine reports its address as it enrols, and the
-# other machines reach it there, as the driver does.
+# scheduler. Each machine is a job, submitted through the cluster's own commands (so SLURM_CONF
+# and the user's Slurm defaults apply), with `cpus` CPUs (its maxprocs), `mem` MiB, a
+# `time_limit` in minutes, in `partition` under `account`, plus any `sbatch_args`. How:
+#   submit="srun" (the default): `b.start(n)` runs n `srun`s at once, one job each. srun asks
+#     the controller for its allocation and gets it in that call if nodes are free, and starts
+#     the job's process at once: a machine's start costs what a bare srun costs, and the
+#     driver learns that the job ended the moment its srun exits. The job's command is a
+#     one-line loader; the enrolment program with the machine's token follows on srun's stdin,
+#     which Slurm forwards to the job and never stores, and which is in no process's
+#     arguments. The price: an srun process on the login node per machine, which ends its job
+#     when the machine ends (its lease, when the driver is gone); an srun killed outright
+#     leaves its job to the cluster's InactiveLimit (or to `slurm kill`).
+#   submit="sbatch": one `sbatch` job array of n tasks, each task a machine, whose script
+#     holds the enrolment program with one token per task. One command and no process left
+#     on the login node, however large n; but batch jobs start at slurmctld's next scheduling
+#     pass, which comes at most every batch_sched_delay (3 s by default), not at submission.
+# A job that starts enrols (see Enrolment): what it carries is nothing that outlives the
+# machine's start, and the code bundle, the machine's certificate and its configuration travel
+# over the enrolment's TLS connection, whether or not the cluster shares a filesystem. The
+# bundle is made while the jobs are being allocated: a machine needs it only once it enrols.
+# The machine reports its address as it enrols, and the other machines reach it there, as the
+# driver does.
 #
 # Watching. One thread per session asks `squeue` about the session's jobs every
-# poll_interval seconds. A pending task's machine is STARTING, and says why it waits (Slurm's
+# poll_interval seconds (it is not on the way to RUNNING: a machine is up when it enrols). A pending task's machine is STARTING, and says why it waits (Slurm's
 # reason: Resources, Priority...) on the status page; a task that has run for boot_timeout
 # without enrolling is cancelled and its token revoked. A task that leaves the queue (or shows
 # an ending state) stops its machine with an error naming the job and Slurm's state and reason
@@ -11071,7 +11196,8 @@ def _enrolled_exit(machine, status, output):
 # job`, which remembers a job for MinJobAge (300 s by default) after it ends. A machine whose
 # process exits while its job goes on says how it exited.
 #
-# Ending. `b.shutdown()` cancels every job of the session (`scancel --name`); a machine whose
+# Ending. `b.shutdown()` ends every srun (on SIGTERM srun cancels a pending allocation, or
+# ends its running job) and cancels every job of the session (`scancel --name`); a machine whose
 # driver is killed ends within its lease (its watchdog), and its job with it; a task that
 # starts after its driver is gone finds no driver and ends. Jobs are named
 # bigmachine-SESSION, with the user's program in their comment, and `python bigmachine.py
@@ -11087,6 +11213,69 @@ _SLURM_NEVER = ("PartitionConfig", "PartitionNodeLimit", "PartitionTimeLimit", "
 #: Job states in which a task is still on its way or running (squeue's long names).
 _SLURM_LIVE = ("PENDING", "CONFIGURING", "RUNNING", "SUSPENDED", "REQUEUED", "REQUEUE_HOLD",
                "REQUEUE_FED", "RESIZING", "SIGNALING", "STAGE_OUT", "RESV_DEL_HOLD")
+
+
+#: What srun runs on the node: the enrolment program follows on its stdin, as one line.
+_SRUN_LOADER = "import sys; exec(sys.stdin.readline())"
+
+
+def _srun_job(line):
+    """The job id in srun's words for it (--verbose), or None: "srun: jobid 12: nodes(1):..."
+    once allocated, "srun: job 12 queued and waiting for resources" while pending, and as it
+    starts the job's process "srun: launching StepId=12.0 on host..." ("12.0" before Slurm
+    21)."""
+    words = line.split()
+    if len(words) > 3 and words[0] == "srun:" and words[1] in ("job", "jobid"):
+        job = words[2].rstrip(":")
+        if job.isdigit() and (words[1] == "jobid" or words[3] == "queued"):
+            return job
+    if len(words) > 2 and words[:2] == ["srun:", "launching"]:
+        job = words[2].split("=")[-1].split(".")[0]
+        if job.isdigit():
+            return job
+    return None
+
+
+#: Variables that would make srun start a step of the driver's own job instead of a new job.
+_SLURM_ALLOCATION_VARIABLES = ("SLURM_JOB_ID", "SLURM_JOBID", "SLURM_STEP_ID", "SLURM_STEPID",
+                               "SLURM_NTASKS", "SLURM_NPROCS", "SLURM_NNODES", "SLURM_NODELIST",
+                               "SLURM_JOB_NODELIST", "SLURM_JOB_NUM_NODES")
+
+
+class _Srun:
+    """One machine's srun process (submit="srun"): its job id once srun says it, and what it
+    said that was not chatter."""
+
+    def __init__(self, proc):
+        self.proc = proc
+        self.job = None
+        self.pending = False                  # the job waits in the queue
+        self.known = threading.Event()        # the job id is known, or srun ended
+        self.tail = collections.deque(maxlen=20)
+        self.settled = threading.Event()      # b.start has its machines, or has given up
+
+    def said(self):
+        return "; ".join(self.tail)
+
+    def signal(self):
+        """Ask srun to end its job: on SIGTERM it cancels a pending allocation, or ends the
+        running step and releases the job."""
+        if self.proc.poll() is None:
+            with contextlib.suppress(OSError):
+                self.proc.terminate()
+
+    def end(self, deadline):
+        """End srun and its job by deadline; False if it had to be killed (its job may live)."""
+        import subprocess
+        self.signal()
+        try:
+            self.proc.wait(max(0.1, deadline - time.monotonic()))
+            return True
+        except subprocess.TimeoutExpired:
+            with contextlib.suppress(OSError):
+                self.proc.kill()
+            self.proc.wait()
+            return False
 
 
 def _slurm_run(args, what, input=None, timeout=60.0):
@@ -11116,8 +11305,9 @@ def _slurm_run(args, what, input=None, timeout=60.0):
 
 
 class SlurmSystem(System):
-    """Machines as jobs on a Slurm cluster: one sbatch job array per `b.start`, a task per
-    machine. See the section's introduction and the README's Slurm section.
+    """Machines as jobs on a Slurm cluster: one srun (a job) per machine, or with
+    submit="sbatch" one sbatch job array per `b.start`, a task per machine. See the section's
+    introduction and the README's Slurm section.
 
     cpus is each machine's CPUs (--cpus-per-task, its maxprocs), mem its memory in MiB (--mem),
     time_limit its time in minutes (--time), partition and account as for sbatch; sbatch_args
@@ -11125,10 +11315,12 @@ class SlurmSystem(System):
     major.minor as the driver's; default python3). driver_host is the driver's address as the
     compute nodes reach it (default: this host's fully qualified name) and driver_port the
     port it serves enrolments on (default: any free one). output is where the jobs' own output
-    goes (sbatch --output; the machines' output comes to the driver anyway). setup is shell
-    code the job runs first (`module load python/3.11`, activating an environment). On the command
-    line: --bigm.system=slurm with --bigm.slurm.partition=P, --bigm.slurm.cpus=N and so on, or
-    the variables BIGMACHINE_SLURM_PARTITION and so on."""
+    goes (--output; the machines' output comes to the driver anyway). setup is shell
+    code the job runs first (`module load python/3.11`, activating an environment). submit is
+    "srun" (the default: sbatch_args then go to srun, which takes the same options for what a
+    job gets) or "sbatch". On the command line: --bigm.system=slurm with
+    --bigm.slurm.partition=P, --bigm.slurm.cpus=N and so on, or the variables
+    BIGMACHINE_SLURM_PARTITION and so on."""
 
     name = "slurm"
     #: seconds between two looks at the session's jobs (squeue)
@@ -11136,8 +11328,11 @@ class SlurmSystem(System):
 
     def __init__(self, *, partition=None, cpus=1, mem=None, time_limit=None, account=None,
                  sbatch_args=(), python=None, driver_host=None, driver_port=0,
-                 output="/dev/null", setup="", **keepalive):
+                 output="/dev/null", setup="", submit="srun", **keepalive):
         super().__init__(**keepalive)
+        if submit not in ("srun", "sbatch"):
+            raise ValueError("submit must be 'srun' (a job per machine, each started as soon as "
+                             "it is allocated) or 'sbatch' (one job array), not %r" % (submit,))
         for name, value in (("cpus", cpus), ("mem", mem), ("time_limit", time_limit)):
             if value is not None and (isinstance(value, bool) or not isinstance(value, int)
                                       or value < 1):
@@ -11158,6 +11353,7 @@ class SlurmSystem(System):
         self.driver_port = int(driver_port or 0)
         self.output = output
         self.setup = str(setup or "")
+        self.submit = submit
         self.session = None
         self._b = None
         self._cond = threading.Condition()
@@ -11173,6 +11369,8 @@ class SlurmSystem(System):
         self._running_since = {}          # Machine -> time.monotonic() its task began running
         self._ending = set()              # Machines terminated: their job's end is expected
         self._gone = set()                # Machines whose process is known to have ended
+        self._sruns = {}                  # Machine -> its srun process (submit="srun")
+        self._submitted = False
         self._serial = itertools.count()  # provisional addresses, unique in the session
         self._monitor = None
         self._wake = threading.Event()
@@ -11189,7 +11387,8 @@ class SlurmSystem(System):
             return _flag_or_variable(argv, environ, "bigm.slurm." + flag,
                                      "BIGMACHINE_SLURM_" + flag.upper())
 
-        for flag in ("partition", "account", "python", "driver_host", "output", "setup"):
+        for flag in ("partition", "account", "python", "driver_host", "output", "setup",
+                     "submit"):
             given = value(flag)
             if given:
                 options[flag] = given
@@ -11227,9 +11426,10 @@ class SlurmSystem(System):
         """What sbatch may accept and leave pending for ever, refused here with a clear error:
         a partition that does not exist, more CPUs or memory than any of its nodes has."""
         import shutil
-        if shutil.which("sbatch") is None:
-            raise Error("the Slurm system needs sbatch, which is not on PATH: run the driver "
-                        "where the cluster's commands are (a login node), or put them on PATH")
+        if shutil.which(self.submit) is None:
+            raise Error("the Slurm system needs %s, which is not on PATH: run the driver where "
+                        "the cluster's commands are (a login node), or put them on PATH"
+                        % self.submit)
         out = _slurm_run(["sinfo", "--noheader", "--format=%P|%c|%m"],
                          "reading the cluster's partitions", timeout=30.0)
         partitions, default = {}, None
@@ -11264,8 +11464,31 @@ class SlurmSystem(System):
     def start(self, b, n, env):
         if self._closed:
             raise Error("the Slurm system was shut down")
-        self._check_request()
-        bundle = _make_bundle(self.packages)
+        # The code bundle is not needed before the first machine enrols: it is made (and this
+        # module's compiled code, which the enrolments send, found in the cache on disk or
+        # compiled once per version) while the jobs are being allocated, by threads started
+        # once they are submitted (the submission first: both hold the interpreter's lock for
+        # long), and b.start waits for it only once the jobs are allocated or queued.
+        bundle = concurrent.futures.Future()
+        preparing = [threading.Thread(target=_resolve, args=(bundle, _make_bundle, self.packages),
+                                      name="bigmachine-bundle", daemon=True),
+                     threading.Thread(target=_compiled_module, name="bigmachine-compile",
+                                      daemon=True)]
+        # With srun, what the cluster is asked about the partition is asked while the jobs are
+        # being allocated (a job it would refuse is one srun refuses too, or one that waits:
+        # it is cancelled); sbatch's one command waits for the answer, as does an srun that
+        # could not even start (not on PATH, SLURM_CONF naming no file).
+        import shutil
+        checked = concurrent.futures.Future()
+        conf = os.environ.get("SLURM_CONF")
+        if self.submit == "srun" and shutil.which("srun") and (not conf or os.access(conf,
+                                                                                 os.R_OK)):
+            threading.Thread(target=_resolve, args=(checked, self._check_request),
+                             name="bigmachine-slurm-check", daemon=True).start()
+        else:
+            _resolve(checked, self._check_request)
+            if checked.exception() is not None:
+                raise checked.exception()
         machines, enrolments = [], []
         for _ in range(n):
             m = Machine(b, "https://slurm-%s-%d.pending:0/" % (self.session, next(self._serial)),
@@ -11273,6 +11496,9 @@ class SlurmSystem(System):
             enrolments.append(b.enrol(m, env=env, bundle=bundle, host=self.driver_host,
                                       port=self.driver_port, on_exit=self._machine_exited))
             machines.append(m)
+        if self.submit == "srun":
+            self._start_sruns(machines, enrolments, bundle, checked, preparing)
+            return machines
         # One script for the whole array; each task picks its own token.
         settings = enrolments[0].settings(wait=min(self.lease, self.boot_timeout))
         settings.pop("token")
@@ -11284,9 +11510,47 @@ class SlurmSystem(System):
                       n, "s" if n > 1 else "", self.session,
                       self.setup.rstrip("\n") + "\n" if self.setup else "",
                       shlex.quote(self.python), shlex.quote(program)))
-        args = ["sbatch", "--parsable", "--job-name=" + self.job_name,
-                "--comment=" + self._comment(), "--array=0-%d" % (n - 1), "--ntasks=1",
-                "--cpus-per-task=%d" % self.cpus, "--no-requeue", "--output=" + self.output]
+        args = ["sbatch", "--parsable", "--array=0-%d" % (n - 1),
+                "--no-requeue"] + self._allocation_args()
+        job = None
+        try:
+            out = _slurm_run(args, "submitting %d machine%s" % (n, "s" if n > 1 else ""),
+                             input=script.encode())
+            job = out.strip().split(";")[0]
+            if not job.isdigit():
+                job = None
+                raise Error("sbatch said %r, not a job id" % out.strip())
+            for thread in preparing:
+                thread.start()
+            bundle.result()               # the code bundle could not be made: cancel the job
+        except BaseException:
+            for e in enrolments:
+                e.revoke()
+            if job is not None:
+                with contextlib.suppress(Error):
+                    _slurm_run(["scancel", job], "cancelling job %s" % job)
+            raise
+        with self._cond:
+            self._submitted = True
+            for i, (m, e) in enumerate(zip(machines, enrolments)):
+                task = "%s_%d" % (job, i)
+                self._jobs[m], self._machines[task], self._enrolments[m] = task, m, e
+                m.report_status("Slurm job %s submitted" % task)
+            self._start_monitor()
+        log.debug("submitted Slurm job %s: %d machines", job, n)
+        self._wake.set()
+        return machines
+
+    def _start_monitor(self):
+        if self._monitor is None:
+            self._monitor = threading.Thread(target=self._watch, args=(self._generation,),
+                                             name="bigmachine-slurm", daemon=True)
+            self._monitor.start()
+
+    def _allocation_args(self):
+        """The options that say what each machine's job gets, for sbatch and srun alike."""
+        args = ["--job-name=" + self.job_name, "--comment=" + self._comment(), "--ntasks=1",
+                "--cpus-per-task=%d" % self.cpus, "--output=" + self.output]
         if self.mem is not None:
             args.append("--mem=%dM" % self.mem)
         if self.time_limit is not None:
@@ -11295,29 +11559,135 @@ class SlurmSystem(System):
             args.append("--partition=" + self.partition)
         if self.account:
             args.append("--account=" + self.account)
-        args += list(self.sbatch_args)
+        return args + list(self.sbatch_args)
+
+    # -- submit="srun": a job per machine, allocated at once ------------------------------
+
+    def _start_sruns(self, machines, enrolments, bundle, checked, preparing):
+        """One `srun` per machine, all at once: each asks the controller for its job's
+        allocation and gets it there and then if the nodes are free, where a batch job waits
+        for the scheduler's next pass. Returns once every job has been allocated or queued
+        (srun says its job id), so that whatever Slurm refuses is refused here, with srun's
+        own words, and nothing is left."""
+        import subprocess
+        args = ["srun", "--verbose"] + self._allocation_args()
+        # The program comes on stdin (see _SRUN_LOADER): the token is in no process's arguments
+        # and in nothing the controller stores.
+        loader = [self.python, "-u", "-c", _SRUN_LOADER]
+        if self.setup:
+            import shlex
+            loader = ["/bin/sh", "-c", "%s\nexec %s" % (self.setup.rstrip("\n"),
+                                                       " ".join(map(shlex.quote, loader)))]
+        # A driver that runs inside a job of its own (an salloc, a batch job) still submits a
+        # job per machine, not steps of its own job: srun would take these for its allocation.
+        env = {k: v for k, v in os.environ.items() if k not in _SLURM_ALLOCATION_VARIABLES}
+        started = []
         try:
-            out = _slurm_run(args, "submitting %d machine%s" % (n, "s" if n > 1 else ""),
-                             input=script.encode())
-            job = out.strip().split(";")[0]
-            if not job.isdigit():
-                raise Error("sbatch said %r, not a job id" % out.strip())
+            for m, e in zip(machines, enrolments):
+                proc = subprocess.Popen(args + loader, stdin=subprocess.PIPE,
+                                        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                                        start_new_session=True, env=env)
+                srun = _Srun(proc)
+                # The program waits in the pipe (a few KiB) for the job to read it.
+                program = _enrol_program(e.settings(wait=min(self.lease, self.boot_timeout)))
+                try:
+                    proc.stdin.write(b"exec(%s)\n" % repr(program).encode())
+                    proc.stdin.close()
+                except OSError:
+                    pass                  # srun ended: what it said is the error
+                started.append((m, e, srun))
+                with self._cond:
+                    self._submitted = True
+                    self._sruns[m], self._enrolments[m] = srun, e
+                m.report_status("Slurm job submitted (srun)")
+                threading.Thread(target=self._follow_srun, args=(m, srun), daemon=True,
+                                 name="bigmachine-srun").start()
+            for thread in preparing:
+                thread.start()
+            deadline = time.monotonic() + 60.0
+            for m, e, srun in started:
+                if not srun.known.wait(max(0.0, deadline - time.monotonic())):
+                    raise Error("srun did not answer in 60s (submitting %d machines): is the "
+                                "Slurm controller up?" % len(machines))
+                if srun.job is None:
+                    checked.result()      # the clearer reason, if the cluster gave one
+                    raise Error("srun failed (submitting %d machine%s): %s" % (
+                        len(machines), "s" if len(machines) > 1 else "",
+                        srun.said() or _exit_reason(srun.proc.returncode)))
+            checked.result()              # the partition cannot run them: end them all
+            bundle.result()               # the code bundle could not be made: likewise
         except BaseException:
+            for m, e, srun in started:
+                with self._cond:
+                    self._ending.add(m)
+                    self._sruns.pop(m, None)
+                    self._enrolments.pop(m, None)
+                srun.signal()
+            deadline = time.monotonic() + 5.0
+            for m, e, srun in started:
+                srun.end(deadline)
             for e in enrolments:
                 e.revoke()
             raise
+        finally:
+            for m, e, srun in started:
+                srun.settled.set()
         with self._cond:
-            for i, (m, e) in enumerate(zip(machines, enrolments)):
-                task = "%s_%d" % (job, i)
-                self._jobs[m], self._machines[task], self._enrolments[m] = task, m, e
-                m.report_status("Slurm job %s submitted" % task)
-            if self._monitor is None:
-                self._monitor = threading.Thread(target=self._watch, args=(self._generation,),
-                                                 name="bigmachine-slurm", daemon=True)
-                self._monitor.start()
-        log.debug("submitted Slurm job %s: %d machines", job, n)
+            self._start_monitor()
+        log.debug("srun: %d machines, jobs %s", len(machines),
+                  " ".join(srun.job for _, _, srun in started))
         self._wake.set()
-        return machines
+
+    def _job_allocated(self, m, srun):
+        """(Under the lock) srun says its job has its nodes: its machine is coming up."""
+        enrolment = self._enrolments.get(m)
+        if enrolment is not None and not enrolment.enrolled:
+            self._running_since.setdefault(m, time.monotonic())
+            m.report_status("Slurm job %s is RUNNING; its machine is coming up" % srun.job)
+
+    def _follow_srun(self, m, srun):
+        """Read what srun says: its job id, as soon as the job is allocated or queued, and its
+        errors; when srun ends, so has the job: stop the machine with how it ended."""
+        _block_async_signals()
+        for raw in srun.proc.stderr:
+            line = raw.decode("utf-8", "replace").rstrip()
+            job = _srun_job(line)
+            if job and srun.job is None:
+                srun.job = job
+                srun.pending = "queued" in line
+                with self._cond:
+                    if m in self._sruns:
+                        self._jobs[m], self._machines[srun.job] = srun.job, m
+                        if srun.pending:
+                            m.report_status("Slurm job %s is PENDING" % srun.job)
+                        else:
+                            self._job_allocated(m, srun)
+                srun.known.set()
+                if srun.pending:
+                    self._wake.set()      # its reason, from squeue
+            elif job or (srun.pending and "allocated resources" in line):
+                with self._cond:
+                    srun.pending = False
+                    if m in self._sruns:
+                        self._job_allocated(m, srun)
+            elif "error" in line.lower() or not line.startswith("srun: "):
+                srun.tail.append(line)
+        srun.proc.wait()
+        srun.known.set()
+        srun.settled.wait()               # a failed b.start says what failed, once
+        with self._cond:
+            ours = self._sruns.get(m) is srun
+            expected = m in self._ending or self._closed or self._b.closed
+            if ours:
+                self._gone.add(m)         # and the monitor looks at its job from now on
+        if not ours or expected or m.state is STOPPED:
+            return
+        if srun.job is not None:
+            self._job_ended(m, srun.job, None)    # scontrol says how; else the monitor will
+            self._wake.set()
+        else:
+            m.report_stopped(Error("machine %s: srun failed: %s" % (
+                m.addr, srun.said() or _exit_reason(srun.proc.returncode))))
 
     def _comment(self):
         program = os.path.basename(sys.argv[0] if sys.argv and sys.argv[0] else "python")
@@ -11377,7 +11747,11 @@ class SlurmSystem(System):
             with self._cond:
                 if self._closed or self._generation != generation:
                     return
-                watched = dict(self._machines)
+                # An srun says when its job is allocated and when it ends: squeue is asked
+                # about the jobs that wait in the queue (their reason), those whose machine's
+                # process is gone (srun may take a while to end after them), and the array's.
+                watched = {task: m for task, m in self._machines.items()
+                           if m not in self._sruns or self._sruns[m].pending or m in self._gone}
             if not watched:
                 continue
             try:
@@ -11458,6 +11832,10 @@ class SlurmSystem(System):
             self._ending.add(machine)
         if enrolment is not None:
             enrolment.revoke()
+        with self._cond:
+            srun = self._sruns.pop(machine, None)
+        if srun is not None and srun.end(deadline):
+            return                        # srun ended its job (SIGTERM: srun's way to cancel)
         if task is not None:
             try:
                 _slurm_run(["scancel", task], "cancelling job %s" % task,
@@ -11472,11 +11850,17 @@ class SlurmSystem(System):
                 return
             self._closed = True
             enrolments = list(self._enrolments.values())
-            submitted = bool(self._jobs)
+            submitted = self._submitted
+            sruns, self._sruns = list(self._sruns.values()), {}
             self._cond.notify_all()
         self._wake.set()
         for enrolment in enrolments:
             enrolment.revoke()
+        deadline = time.monotonic() + 10.0
+        for srun in sruns:
+            srun.signal()
+        for srun in sruns:
+            srun.end(deadline)
         if submitted:
             try:
                 _slurm_run(["scancel", "--name=" + self.job_name], "cancelling the session's "

@@ -6738,8 +6738,13 @@ def test_slurm_pending_jobs_wait_and_say_why_and_ended_jobs_stop_their_machines(
     # Each machine takes every CPU of the one node: the second waits for the first's.
     system = slurm_system(cpus=slurm.cpus)
     with bigmachine.start(system) as b:
-        m1, m2 = b.start(2, {"Echo": Echo()})
-        assert m1.wait(RUNNING, timeout=60) is RUNNING, m1.err
+        machines = b.start(2, {"Echo": Echo()})
+        # Which of the two jobs the controller allocates first is its choice (srun: each
+        # machine asks for its own allocation at once).
+        eventually(lambda: RUNNING in {m.state for m in machines} or
+                   STOPPED in {m.state for m in machines}, 60, "a machine to run")
+        m1, m2 = sorted(machines, key=lambda m: m.state is not RUNNING)
+        assert m1.state is RUNNING, m1.err
         assert m2.wait(RUNNING, timeout=1) is STARTING          # returns: it does not hang
         eventually(lambda: "PENDING (Resources)" in m2.status, 10, "Slurm's reason")
         job1, job2 = (system._jobs[m] for m in (m1, m2))
@@ -6776,24 +6781,25 @@ def test_slurm_job_held_forever_does_not_hang_and_shutdown_cancels_it(slurm):
     eventually(lambda: slurm.jobs(system.job_name) == {}, 15, "the job to be cancelled")
 
 
-def test_slurm_bad_input_is_refused_before_anything_runs(slurm, tmp_path):
+@pytest.mark.parametrize("submit", ["srun", "sbatch"])
+def test_slurm_bad_input_is_refused_before_anything_runs(slurm, tmp_path, submit):
     cases = [
         (dict(partition="nosuchpartition"), "no partition 'nosuchpartition' .*it has: debug"),
         (dict(cpus=1000), "cpus=1000: no node of partition debug has more than 8 CPUs"),
         (dict(mem=10 ** 8), "no node of partition debug has more than 4000 MiB"),
-        # What only sbatch itself judges: its own message.
-        (dict(sbatch_args=["--mem=99999999"]), "sbatch failed .submitting 1 machine.*Memory"),
-        (dict(sbatch_args=["--partition=nosuch"]), "sbatch failed .*invalid partition"),
+        # What only sbatch (srun) itself judges: its own message.
+        (dict(sbatch_args=["--mem=99999999"]), "%s failed .submitting 1 machine.*Memory" % submit),
+        (dict(sbatch_args=["--partition=nosuch"]), "%s failed .*[Ii]nvalid partition" % submit),
     ]
     for options, message in cases:
-        system = slurm_system(**options)
+        system = slurm_system(submit=submit, **options)
         with bigmachine.start(system) as b:
             with pytest.raises(bigmachine.Error, match=message):
                 b.start(1, {"Echo": Echo()})
             assert b.machines() == [] and slurm.jobs(system.job_name) == {}
     # A job that sbatch accepts but that can never run (this cluster does not enforce its
     # partitions' limits at submission): its machine stops, saying why, and it is cancelled.
-    system = slurm_system(sbatch_args=["--partition=debug", "--cpus-per-task=1000"])
+    system = slurm_system(submit=submit, sbatch_args=["--partition=debug", "--cpus-per-task=1000"])
     with bigmachine.start(system) as b:
         m, = b.start(1, {"Echo": Echo()})
         assert m.wait(RUNNING, timeout=30) is STOPPED
@@ -6803,8 +6809,8 @@ def test_slurm_bad_input_is_refused_before_anything_runs(slurm, tmp_path):
     saved = dict(os.environ)
     try:
         os.environ["PATH"] = str(tmp_path)
-        with bigmachine.start(slurm_system()) as b:
-            with pytest.raises(bigmachine.Error, match="needs sbatch, which is not on PATH"):
+        with bigmachine.start(slurm_system(submit=submit)) as b:
+            with pytest.raises(bigmachine.Error, match="needs %s, which is not on PATH" % submit):
                 b.start(1, {"Echo": Echo()})
         os.environ.update(PATH=saved["PATH"], SLURM_CONF=str(tmp_path / "nowhere.conf"))
         with bigmachine.start(slurm_system()) as b:
@@ -6818,7 +6824,7 @@ def test_slurm_bad_input_is_refused_before_anything_runs(slurm, tmp_path):
 
 
 def test_slurm_job_script_holds_only_a_one_time_token(slurm, tmp_path):
-    system = slurm_system()
+    system = slurm_system(submit="sbatch")
     with bigmachine.start(system) as b:
         m, = running(b)
         job = system._jobs[m]
@@ -8126,3 +8132,120 @@ def test_bigoom_example(tmp_path):
     line, = result.stdout.splitlines()
     assert ": OutOfMemory: machine https://" in line and "ran out of memory" in line, line
     assert "oom_kill 1" in line, line
+
+
+# ======================================================================================
+# Slurm: machines submitted with srun, and how their jobs end (issue #19, start-up speed)
+# ======================================================================================
+
+def proc_contains(pid, name, needle):
+    """Does /proc/PID/NAME (cmdline, environ) hold needle? False for a process gone."""
+    try:
+        with open("/proc/%d/%s" % (pid, name), "rb") as f:
+            return needle.encode() in f.read()
+    except OSError:
+        return False
+
+
+def test_slurm_srun_machines_keep_their_token_out_of_arguments_and_the_controller(slurm):
+    system = slurm_system(setup="export BIGMACHINE_TEST_SETUP=ran")
+    assert system.submit == "srun"
+    with bigmachine.start(system) as b:
+        m, = running(b)
+        assert m.call("Echo.environ", "BIGMACHINE_TEST_SETUP") == "ran"
+        job = system._jobs[m]
+        assert job.isdigit() and slurm.jobs(system.job_name) == {job: "RUNNING"}
+        token = system._enrolments[m].token
+        srun = system._sruns[m].proc
+        assert srun.poll() is None and srun.args[0] == "srun"
+        # Not in any process's arguments (srun's, the job's), nor in srun's environment (the
+        # job's, which slurmd is sent), nor in what the controller keeps of the job.
+        pids = [int(p) for p in os.listdir("/proc") if p.isdigit()]
+        assert not [p for p in pids if proc_contains(p, "cmdline", token)]
+        assert not proc_contains(srun.pid, "environ", token)
+        shown = slurm.run("scontrol", "show", "job", job).stdout
+        assert "JobName=" + system.job_name in shown and token not in shown
+        assert slurm.run("scontrol", "write", "batch_script", job, "-").stdout == ""
+        # Its token was used: it is refused to anyone who finds it now.
+        settings = system._enrolments[m].settings(wait=5)
+        replay = subprocess.run([sys.executable, "-c", bigmachine._enrol_program(settings)],
+                                capture_output=True, text=True, timeout=60)
+        assert replay.returncode == 1 and "used already" in replay.stderr
+        assert m.call("Echo.pid") > 0
+    # b.shutdown ended srun, and srun its job.
+    assert srun.wait(30) is not None
+    eventually(lambda: slurm.jobs(system.job_name) == {}, 15, "the job to end")
+
+
+def test_slurm_srun_from_inside_a_job_still_submits_jobs_of_its_own(slurm, monkeypatch):
+    # A driver running in an allocation (salloc, a batch job) has SLURM_JOB_ID and the like;
+    # srun would take them to mean a step of that job (here: one that does not exist).
+    monkeypatch.setenv("SLURM_JOB_ID", "999999")
+    monkeypatch.setenv("SLURM_JOBID", "999999")
+    monkeypatch.setenv("SLURM_NTASKS", "3")
+    system = slurm_system()
+    with bigmachine.start(system) as b:
+        m, = running(b)
+        assert m.call("Echo.environ", "SLURM_JOB_ID") == system._jobs[m] != "999999"
+    eventually(lambda: slurm.jobs(system.job_name) == {}, 15, "the job to end")
+
+
+@pytest.mark.parametrize("submit", ["srun", "sbatch"])
+def test_slurm_node_failure_stops_machines_saying_node_fail(slurm, submit):
+    system = slurm_system(submit=submit)
+    try:
+        with bigmachine.start(system) as b:
+            m1, m2 = running(b, 2)
+            jobs = {system._jobs[m] for m in (m1, m2)}
+            down = slurm.run("scontrol", "update", "NodeName=localhost", "State=DOWN",
+                             "Reason=bigmachine test")
+            assert down.returncode == 0, down.stderr
+            for m in (m1, m2):
+                assert m.wait(STOPPED, timeout=30) is STOPPED
+                assert system._jobs[m] in str(m.err) and "NODE_FAIL" in str(m.err), m.err
+            assert jobs == {system._jobs[m] for m in (m1, m2)}
+    finally:
+        slurm.run("scontrol", "update", "NodeName=localhost", "State=RESUME")
+        eventually(lambda: slurm.run("sinfo", "--noheader", "--format=%T").stdout.strip()
+                   == "idle", 30, "the node to be idle again")
+    eventually(lambda: slurm.jobs(system.job_name) == {}, 15, "the jobs to end")
+
+
+def test_enrolled_machines_on_a_host_with_the_drivers_packages_skip_the_package_stage():
+    # The driver (pytest's process) imported third-party distributions, which travel with its
+    # code; this host has them installed already, so the enrolling machine loads main at once
+    # and never waits for the driver to send packages.
+    assert bigmachine._make_bundle().packages is not None
+    system = ShellSystem(**FAST)
+    with bigmachine.start(system) as b:
+        m, = running(b, 1, {"Echo": Echo("shell")})
+        assert "packages" not in m.call("Supervisor.info")
+        with pytest.raises(bigmachine.Error, match="not waiting for packages"):
+            m.call("Supervisor.packages_ready")
+        assert m.call("Echo.get_tag") == "shell"
+
+
+@pytest.mark.parametrize("submit", ["srun", "sbatch"])
+def test_slurm_job_that_fails_before_its_machine_enrols_stops_it_saying_failed(slurm, tmp_path,
+                                                                               submit):
+    missing = str(tmp_path / "no-python-here")
+    system = slurm_system(submit=submit, python=missing)
+    with bigmachine.start(system) as b:
+        m, = b.start(1, {"Echo": Echo()})
+        assert m.wait(RUNNING, timeout=30) is STOPPED
+        job = system._jobs[m]
+        assert job in str(m.err) and "FAILED" in str(m.err), m.err
+    eventually(lambda: slurm.jobs(system.job_name) == {}, 15, "the job to end")
+
+
+def test_slurm_submit_is_chosen_by_option_flag_or_variable_and_checked():
+    assert bigmachine.SlurmSystem().submit == "srun"
+    options = bigmachine.SlurmSystem._command_line_options(
+        ["driver.py", "--bigm.slurm.submit=sbatch"], {})
+    assert options == {"submit": "sbatch"}
+    options = bigmachine.SlurmSystem._command_line_options(
+        ["driver.py"], {"BIGMACHINE_SLURM_SUBMIT": "srun"})
+    assert bigmachine.SlurmSystem(**options).submit == "srun"
+    with pytest.raises(ValueError, match="submit must be 'srun' .* or 'sbatch' .*not 'qsub'"):
+        bigmachine.SlurmSystem(submit="qsub")
+
