@@ -197,14 +197,14 @@ PYTHON = "%d.%d" % sys.version_info[:2]
 _SHIPPED_AS_SOURCE = {
     # SSH's stage 1, sent down the ssh channel (see SSH)
     "ssh": ("_bundle_root", "_bundle_install", "_bundle_unpack", "_machine_workdir",
-            "_import_compiled", "_ssh_stage1"),
+            "_exec_module", "_import_compiled", "_ssh_stage1"),
     # EC2's bootstrap, in the instance's user data (see EC2)
     "ec2": ("_load_pem_chain", "_pinned_context", "_bundle_root", "_bundle_install",
             "_bundle_unpack", "_machine_workdir", "_ec2_boot", "_ec2_say", "_ec2_instance_id",
             "_EC2Bootstrap", "_ec2_boot_handler"),
     # The enrolment stage, in a job script or a command line (see Enrolment)
     "enrol": ("_bundle_root", "_bundle_install", "_bundle_unpack", "_machine_workdir",
-              "_enrol_stage"),
+              "_exec_module", "_enrol_stage"),
 }
 #
 # No function is longer than 120 lines: a longer one is several steps, which get names.
@@ -6171,18 +6171,17 @@ class TestSystem(System):
         return self._maxprocs
 
     def start(self, b, n, env):
-        machines = []
-        for _ in range(n):
-            credentials = b.issue_certificate("bigmachine test machine",
-                                              ip_addresses=["127.0.0.1"])
-            process = _MachineProcess(b, credentials, None, self.lease, self.watchdog_tick,
-                                      exit=None)
-            process._exit = functools.partial(self._exited, process)
-            m = Machine(b, process.addr, owned=True, maxprocs=self._maxprocs)
-            with self._lock:
-                self._live[m.addr] = (m, process)
-            machines.append(m)
-        return machines
+        return [self._new_machine(b) for _ in range(n)]
+
+    def _new_machine(self, b):
+        """A machine of this process: its server listens at once, and serves once launched."""
+        credentials = b.issue_certificate("bigmachine test machine", ip_addresses=["127.0.0.1"])
+        process = _MachineProcess(b, credentials, None, self.lease, self.watchdog_tick, exit=None)
+        process._exit = functools.partial(self._exited, process)
+        m = Machine(b, process.addr, owned=True, maxprocs=self._maxprocs)
+        with self._lock:
+            self._live[m.addr] = (m, process)
+        return m
 
     def launch(self, b, machine):
         with self._lock:
@@ -6309,15 +6308,17 @@ class Local(System):
                              "number of processors, not %r" % (maxprocs,)) from None
 
     def start(self, b, n, env):
-        machines = []
-        for _ in range(n):
-            sock = socket.create_server(("127.0.0.1", 0), backlog=512)
-            m = Machine(b, "https://127.0.0.1:%d/" % sock.getsockname()[1], owned=True,
-                        maxprocs=self._maxprocs)
-            with self._lock:
-                self._sockets[m.addr] = (sock, env)
-            machines.append(m)
-        return machines
+        return [self._new_machine(b, env) for _ in range(n)]
+
+    def _new_machine(self, b, env):
+        """A machine whose listening socket is made here, so that its address is known before
+        its process starts (the process is handed the socket)."""
+        sock = socket.create_server(("127.0.0.1", 0), backlog=512)
+        m = Machine(b, "https://127.0.0.1:%d/" % sock.getsockname()[1], owned=True,
+                    maxprocs=self._maxprocs)
+        with self._lock:
+            self._sockets[m.addr] = (sock, env)
+        return m
 
     def launch(self, b, machine):
         with self._lock:
@@ -8963,8 +8964,17 @@ def _import_compiled(root, directory, name):
                 os.unlink(partial)
             except OSError:
                 pass
+    return _exec_module(name, source_path, code, cached=path)
+
+
+def _exec_module(name, source_path, code, cached=None):
+    """Module name, made by running code (compiled from source_path) as an import would: it
+    is in sys.modules while it runs, and gone again if it fails. Self-contained."""
+    import importlib.util
+    import sys
     spec = importlib.util.spec_from_file_location(name, source_path)
-    spec.cached = path
+    if cached is not None:
+        spec.cached = cached
     module = importlib.util.module_from_spec(spec)
     sys.modules[name] = module
     try:
@@ -10721,16 +10731,9 @@ def _enrol_stage(settings):
             import _imp
             import marshal
             path = os.path.join(code, name + ".py")
-            library = importlib.util.module_from_spec(
-                importlib.util.spec_from_file_location(name, path))
             program = marshal.loads(compiled)
             _imp._fix_co_filename(program, path)
-            sys.modules[name] = library
-            try:
-                exec(program, library.__dict__)
-            except BaseException:
-                del sys.modules[name]
-                raise
+            library = _exec_module(name, path, program)
         if library is None:
             library = importlib.import_module(name)
         return library._enrolled(conn, rfile, code, workdir)
@@ -10939,11 +10942,11 @@ class _EnrolmentServer:
                 raw, peer = self._listener.accept()
             except OSError:
                 return
-            if not self._slots.acquire(False):
-                raw.close()
-                continue
-            threading.Thread(target=self._serve, args=(raw, peer), name="bigmachine-enrol",
-                             daemon=True).start()
+            if self._slots.acquire(False):
+                threading.Thread(target=self._serve, args=(raw, peer), name="bigmachine-enrol",
+                                 daemon=True).start()
+            else:
+                raw.close()               # as many handshakes at once as it will take
 
     def _serve(self, raw, peer):
         _block_async_signals()

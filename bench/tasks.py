@@ -211,15 +211,18 @@ def run_bigmachine(opts, out):
                                            opts.ncpu, r, "cpu_map")
             r["cpu_map_threads"] = p.peak
         m.call("Burner.burn", R1)
-        one = min(timed(lambda: m.call("Burner.burn", rounds(opts.pooled_ms))) for _ in range(2))
+        # Best of 5 each, as the transfers are: on this kind of VM one of two processes that
+        # run at once now and then gets a third less work done per CPU-second than alone
+        # (multiprocessing.Pool's processes alike), which one run would take for ours.
+        one = min(timed(lambda: m.call("Burner.burn", rounds(opts.pooled_ms))) for _ in range(5))
         two = min(timed(lambda: [f.result() for f in [
-            m.call_async("Burner.burn", rounds(opts.pooled_ms)) for _ in range(2)]]) for _ in range(2))
+            m.call_async("Burner.burn", rounds(opts.pooled_ms)) for _ in range(2)]]) for _ in range(5))
         r["pooled_speedup"] = 2 * one / two
         n = opts.pi
-        serial = timed(lambda: CirclePI().sample(n))
+        serial = min(timed(lambda: CirclePI().sample(n)) for _ in range(5))
         m.call("PI.sample", 1000)
-        pooled = timed(lambda: sum(f.result() for f in [
-            m.call_async("PI.sample", n // 2) for _ in range(2)]))
+        pooled = min(timed(lambda: sum(f.result() for f in [
+            m.call_async("PI.sample", n // 2) for _ in range(2)])) for _ in range(5))
         r["bigpi_speedup"] = serial / pooled
     out.update(r)
 
