@@ -10848,12 +10848,8 @@ class Enrolment:
     Enrolment section of bigmachine.py."""
 
     def __init__(self, server, machine, token, bundle, env, on_exit):
-        self.machine = machine
-        self.token = token
-        self._server = server
-        self._bundle = bundle
-        self._env = env
-        self._on_exit = on_exit
+        self.machine, self.token = machine, token
+        self._server, self._bundle, self._env, self._on_exit = server, bundle, env, on_exit
         self._enrolled = threading.Event()
         self._done = threading.Event()        # enrolled, refused or revoked: no waiting more
         self.error = None                     # why it was refused, if it was
