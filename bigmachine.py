@@ -11368,6 +11368,7 @@ class SlurmSystem(System):
         self._running_since = {}          # Machine -> time.monotonic() its task began running
         self._ending = set()              # Machines terminated: their job's end is expected
         self._gone = set()                # Machines whose process is known to have ended
+        self._signalled = {}              # Machine -> its err, if a signal ended its process
         self._sruns = {}                  # Machine -> its srun process (submit="srun")
         self._submitted = False
         self._serial = itertools.count()  # provisional addresses, unique in the session
@@ -11733,6 +11734,14 @@ class SlurmSystem(System):
             machine.addr, task, _exit_reason(status),
             "; its last output:\n" + output if output and machine.state < RUNNING else ""))
         err.exit_code = status
+        if status < 0 or status in (128 + signal.SIGTERM, 128 + signal.SIGKILL):
+            # Slurm signals a job's processes when it ends the job (a node failed, the time
+            # limit, preemption), and the signal may be heard before the job's state says
+            # so: the job's own end is the better reason, and this one stands if it has none.
+            with self._cond:
+                self._signalled[machine] = err
+            self._wake.set()
+            return
         machine.report_stopped(err)
 
     # -- watching -------------------------------------------------------------------------
@@ -11809,6 +11818,11 @@ class SlurmSystem(System):
         if state in _SLURM_LIVE or state == "COMPLETING":
             # squeue and scontrol disagree for a moment, or the job's processes are still
             # being ended, after which scontrol says how it ended: look again next round.
+            return
+        with self._cond:
+            signalled = self._signalled.pop(m, None)
+        if signalled is not None and state in ("COMPLETED", "FAILED", "gone"):
+            m.report_stopped(signalled)   # the job ended because its machine did
             return
         details = ", ".join("%s %s" % (k.lower(), info[k]) for k in ("Reason", "ExitCode")
                             if info.get(k) and info[k] != "None")
