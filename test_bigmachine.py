@@ -7548,12 +7548,20 @@ def test_a_caller_that_spins_in_vain_backs_off_and_gets_its_replies():
     # business (bench/ measures it); the results are the same either way. Only a lone call
     # spins, so the keepalive, which calls the same machine, is kept out of the way: slow,
     # and its first call over before the test's begin.
+    with _machine_without_keepalives_in_the_way() as m:
+        _spin_backoff_checks(m)
+
+
+@contextlib.contextmanager
+def _machine_without_keepalives_in_the_way():
+    """A test machine whose keepalive is slow, and whose first one is over: the calls of the
+    test are alone on its connections."""
     with bigmachine.start(bigmachine.TestSystem(
             keepalive_period=60, keepalive_timeout=120, keepalive_rpc_timeout=10,
             lease=120)) as b:
         m, = running(b)
         eventually(lambda: len(m.keepalive_replies) >= 1, what="the first keepalive")
-        _spin_backoff_checks(m)
+        yield m
 
 
 def _spin_backoff_checks(m):
@@ -7609,12 +7617,8 @@ def test_every_kind_of_call_takes_one_path_with_the_same_results_and_statistics(
     # and one whose argument is a stream all go through _Peer.call: each gets the same result,
     # each is counted once with its bytes (an error reply as an error), and afterwards every
     # connection is back in the pool, none left marked busy.
-    with bigmachine.start(bigmachine.TestSystem(
-            keepalive_period=60, keepalive_timeout=120, keepalive_rpc_timeout=10,
-            lease=120)) as b:
-        m, = running(b)
-        eventually(lambda: len(m.keepalive_replies) >= 1, what="the first keepalive")
-        peer, stats = m._peer, b._client.stats
+    with _machine_without_keepalives_in_the_way() as m:
+        peer, stats = m._peer, m._b._client.stats
         payload = b"p" * 1000
         ways = [
             ("plain", lambda: m.call("Echo.echo", payload)),
