@@ -7063,6 +7063,21 @@ def test_slurm_machine_that_exits_says_how_and_its_job_ends(slurm):
         assert other.call("Echo.echo", 1) == 1 and other.state is RUNNING
 
 
+@pytest.mark.parametrize("submit", ["srun", "sbatch"])
+def test_slurm_machine_killed_by_a_signal_of_its_own_says_so(slurm, submit):
+    # A signal death waits for the job's state (Slurm signals a job's processes when it ends
+    # the job, NODE_FAIL say); a job that merely ended after its machine did leaves the
+    # signal as the reason.
+    with bigmachine.start(slurm_system(submit=submit)) as b:
+        m, other = running(b, 2, {"Victim": Victim()})
+        job = b.system._jobs[m]
+        os.kill(m.call("Victim.pid"), signal.SIGKILL)    # the one-node cluster is this host
+        assert m.wait(STOPPED, timeout=30) is STOPPED
+        assert "killed by signal SIGKILL" in str(m.err) and job in str(m.err), m.err
+        assert m.err.exit_code == -signal.SIGKILL
+        assert other.call("Victim.echo", 1) == 1 and other.state is RUNNING
+
+
 # ======================================================================================
 # Packages: the driver's distributions on machines whose Python lacks them
 # ======================================================================================
