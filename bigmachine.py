@@ -225,6 +225,8 @@ _SHIPPED_AS_SOURCE = {
 #   _task_functions             task functions unpickled in this process (Many tasks)
 #   _compiled_lock, _compiled_path, _stderr_lock    Local's compiled library, stderr
 #   _compiled                   the compiled library enrolling machines get (Enrolment)
+#   _madvise                    libc's madvise, looked up at the first large read (Wire)
+#   _busy_workers               worker processes running a request: no spin (Many tasks)
 # and the exit hook that shuts down the sessions left open, `atexit.register(
 # _shutdown_sessions)`, which follows its function (B).
 
