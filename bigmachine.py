@@ -162,7 +162,8 @@ log = logging.getLogger("bigmachine")
 #: The wire protocol's version. Peers that differ refuse each other with `VersionMismatch`.
 #: 2: a connection carries nothing after a frame until that frame's reply (CANCEL frames
 #: travel on a connection of their own), which machines' frame loops rely on.
-PROTOCOL = 2
+#: 3: a CALL may carry a batch of calls (`_BATCH`), answered by one or two REPLY frames.
+PROTOCOL = 3
 
 #: Python's major.minor: pickles are exchanged only between interpreters that agree on it.
 PYTHON = "%d.%d" % sys.version_info[:2]
@@ -220,7 +221,7 @@ _SHIPPED_AS_SOURCE = {
 # goes with it. A few are made beside their code: objects of classes defined further down,
 # and the state of parts that change often --
 #   _threads, _background       the background thread pool (Supervisor: `_ThreadPool`)
-#   _stall_watch                calls to machines that stopped answering (Machine)
+#   _stall_watch                queued calls and batches that may be stuck (Supervisor)
 #   _sinks                      each thread's pickler (Pickling)
 #   _task_functions             task functions unpickled in this process (Many tasks)
 #   _compiled_lock, _compiled_path, _stderr_lock    Local's compiled library, stderr
@@ -1367,6 +1368,12 @@ def _mark_remote(error, machines):
 # call's own connection is busy; it travels on a connection of its own, which is then closed,
 # because a connection carries nothing after a frame until that frame's reply.
 #
+# Batches: calls that queue up on the caller (call_async's, see `_CallQueue`) go several to a
+# CALL frame flagged BATCH, whose body is a pickled (budget, [(call id, method, pickled
+# arguments)]); the machine runs them one after the other and answers with one REPLY of
+# their outcomes, or with two when one of them runs long: first the outcomes so far, then
+# that call's (see `_Dispatcher.serve_batch`). Each call keeps its own id, for CANCEL.
+#
 # Streams: a reply that is a file or an iterator of bytes is sent as REPLY(streamed), DATA...,
 # END (or STREAM_ERROR, which the reader raises when it reads past the data that arrived). An
 # argument that is a readable binary file is sent the same way right after the CALL frame, by a
@@ -1377,6 +1384,7 @@ _LENGTH = struct.Struct("!Q")
 CALL, REPLY, ERROR, CANCEL, DATA, END, STREAM_ERROR = range(1, 8)
 _UNPICKLED = -1               # not a frame kind: a reply already unpickled from the connection
 _STREAMED = 1                 # flag: REPLY is followed by a stream; CALL carries a stream argument
+_BATCH = 2                    # flag: CALL carries a batch of calls (see _Dispatcher.serve_batch)
 _MAX_META = 4096
 _SMALL = 1 << 16              # frames below this size go out in one write
 _CHUNK = 1 << 20              # stream chunk size
@@ -2039,7 +2047,7 @@ class _InFlight:
 
     def detach(self):
         with self.lock:
-            self.conn = None
+            self.peer = self.conn = None
 
     def cancel(self):
         with self.lock:
@@ -2047,8 +2055,9 @@ class _InFlight:
                 return
             self.cancelled = True
             peer, conn, call_id = self.peer, self.conn, self.call_id
-        if conn is not None:
-            conn.interrupt()
+        if peer is not None:
+            if conn is not None:      # (None: a call in a batch, whose connection is shared)
+                conn.interrupt()
             peer.cancel_remote(call_id)
 
 
@@ -2326,6 +2335,55 @@ class _Peer:
             except Exception:
                 pass                      # _result says what went wrong
         return self._result(method, kind, reply, reply_buffers)
+
+    def call_batch(self, calls, inflights, budget, settle, release):
+        """Make calls, a list of (call id, method, pickled (args, kwargs, None)), in one frame
+        (see `_Dispatcher.serve_batch`), each attached to its inflight already. Each outcome
+        goes to settle(index, ok, value) as it arrives; release(index) hears that the calls
+        from index on will not run there while one before them runs long. Returns the index
+        of the first call that was not run (len(calls) if all were)."""
+        began = time.perf_counter()
+        body = pickle.dumps((budget, calls), _PICKLE_PROTOCOL)
+        conn = self.checkout(None)
+        done, released = 0, False
+        try:
+            conn.settimeout(None)
+            _send_frame(conn.writer, CALL, next(self.client._ids), body=body, flags=_BATCH)
+            while True:
+                kind, _, nbuffers, _, _, body_len = _read_header(conn.rfile)
+                reply, buffers = _read_body(conn.rfile, nbuffers, body_len)
+                if kind == ERROR and type(reply) is bytes:
+                    raise _rebuild_error(reply)
+                if kind != REPLY:
+                    _discard(reply)
+                    raise _ProtocolError("a batch of calls answered with a frame of kind %d"
+                                         % kind)
+                outcomes, follows = _loads(reply, buffers, "the results of a batch of calls "
+                                                           "from %s" % self.addr)
+                for ok, value in outcomes:
+                    self.client.stats.record((self.addr, calls[done][1]),
+                                             time.perf_counter() - began, len(calls[done][2]),
+                                             0, ok is False)
+                    settle(done, ok, value)
+                    done += 1
+                if follows is None:
+                    break
+                # Released: the call running there is now this connection's only one.
+                release(follows + 1)
+                released = True
+                if not inflights[follows].attach(self, conn, calls[follows][0]):
+                    raise OSError("cancelled")
+        except (OSError, EOFError, _ProtocolError) as e:
+            self.discard(conn)
+            if released and inflights[done].cancelled:
+                raise Cancelled("call %s on %s was cancelled" % (calls[done][1], self.addr))
+            raise NetworkError("a batch of calls (%s, ...) on %s failed: %s"
+                               % (calls[done][1], self.addr, e or type(e).__name__)) from e
+        except BaseException:
+            self.discard(conn)
+            raise
+        self.checkin(conn)
+        return done
 
     def _alarm(self, conn, deadline):
         """A timer that breaks conn at deadline, for a call with a deadline and a streamed
@@ -2876,6 +2934,9 @@ def _serve_frame(sock, rfile, dispatcher):
                     return False
             if len(meta) != meta_len:
                 return False
+            if flags & _BATCH:
+                dispatcher.serve_batch(sock, call_id, body, buffers)
+                return True
             dispatcher.serve_call(sock, rfile, meta, call_id, body, buffers, flags)
             return True
         if kind == CANCEL and not body_len:
@@ -3203,6 +3264,44 @@ _threads = _ThreadPool()
 _background = _threads.submit
 
 
+# Some work waits on something that may never happen: calls that wait for each other, queued
+# behind one that is stuck. One thread, while anything needs watching, looks at each such
+# thing every _TICK seconds (its tick(now), which says whether it still needs watching), so
+# that it can tell a stall from slow work and make room; it ends when nothing needs watching.
+
+class _StallWatch:
+    _TICK = 0.05
+
+    def __init__(self):
+        self._watched = set()
+        self._lock = threading.Lock()
+        self._running = False
+
+    def watch(self, thing):
+        with self._lock:
+            self._watched.add(thing)
+            if self._running:
+                return
+            self._running = True
+        _background(self._run)
+
+    def _run(self):
+        while True:
+            time.sleep(self._TICK)
+            now = time.monotonic()
+            with self._lock:
+                watched = list(self._watched)
+            done = [thing for thing in watched if not thing.tick(now)]
+            with self._lock:
+                self._watched.difference_update(done)
+                if not self._watched:
+                    self._running = False
+                    return
+
+
+_stall_watch = _StallWatch()
+
+
 # ======================================================================================
 # Services and the Supervisor (Go: supervisor.go, rpc/server.go)
 # ======================================================================================
@@ -3361,6 +3460,9 @@ class _Dispatcher:
         self.services = {}
         self._methods = {}                   # "Name.method" -> bound method (a cache)
         self._calls = {}                     # call id -> CallContext, for CANCEL
+        self._batched = {}                   # call id -> the _Batch it waits in, for CANCEL
+        self.batches = [0, 0]                # batches served, and the calls they carried
+        self._parked = {}                    # call id -> (a batched call's stream, when)
         self._lock = threading.Lock()
         self.stats = _RPCStats()             # the calls served, per method
 
@@ -3391,11 +3493,22 @@ class _Dispatcher:
 
     def cancel(self, call_id, reason="cancelled"):
         context = self._calls.get(call_id)
-        if context is not None:
-            context.cancel(reason)
+        if context is None:
+            batch = self._batched.get(call_id)
+            if batch is None:
+                return
+            with batch.lock:                 # see _Batch.enter: it has begun, or it never will
+                context = self._calls.get(call_id)
+                if context is None:
+                    batch.cancelled[call_id] = reason
+                    return
+        context.cancel(reason)
 
     def cancel_all(self, reason, wait=0.0):
-        """Cancel every call in progress; wait up to wait seconds for them to end."""
+        """Cancel every call in progress, and those waiting in batches; wait up to wait
+        seconds for them to end."""
+        for batch in set(self._batched.values()):
+            batch.ending = reason
         for context in list(self._calls.values()):
             context.cancel(reason)
         deadline = time.monotonic() + wait
@@ -3492,6 +3605,204 @@ class _Dispatcher:
         else:
             sock.sendall(_HEADER.pack(REPLY, 0, 0, 0, call_id, sent) + reply[0])
         self.stats.record(method, time.perf_counter() - began, received, sent, False)
+
+
+    # -- batches --------------------------------------------------------------------------
+    #
+    # A batch is the calls that queued up for this machine on a caller (see `_CallQueue`),
+    # sent in one frame so that many short calls cost few round trips. They run one after the
+    # other in the thread that serves the frame, each with a CallContext of its own (so each
+    # can be cancelled by its id, and current_call() is its own), and their outcomes go back
+    # in one REPLY: (outcomes, None), an outcome per call run, in order -- (True, result),
+    # (False, error payload), or (None, its id) for a result to stream, which the caller then
+    # takes with `Supervisor.take_stream`. Calls past the budget (seconds) are not run: the
+    # caller queues them again, so that a batch of calls longer than expected does not keep
+    # them from an idle lane.
+    #
+    # Calls in one batch may wait for each other, or for a call the caller has yet to send,
+    # which one after the other would never end. So a call that runs longer than
+    # `_Batch.LONG` (or four times the calls before it) *releases* the batch: the calls not
+    # yet begun will not be, the outcomes so far go back at once as (outcomes, i), and the
+    # long call i sends its own in a second REPLY when it ends, ([outcome], None). The caller
+    # queues the rest again (for other lanes) and settles what it got.
+
+    def serve_batch(self, sock, call_id, body, buffers):
+        """Run a batch of calls that arrived on a connection and send their outcomes."""
+        try:
+            budget, members = _loads(body, buffers, "a batch of calls")
+        except Exception as e:
+            _send_frame(sock, ERROR, call_id, body=_error_payload(e, self.where))
+            return
+        batch = _Batch(sock, call_id, self.where)
+        batched = self._batched
+        with self._lock:
+            self.batches[0] += 1
+            self.batches[1] += len(members)
+        for member in members:
+            batched[member[0]] = batch
+        _stall_watch.watch(batch)
+        try:
+            for i, (member_id, method, payload) in enumerate(members):
+                if not batch.enter(i, budget):
+                    break
+                outcome = self._serve_member(batch, member_id, method, payload)
+                if batch.leave(outcome):
+                    return
+            batch.end()
+        finally:
+            for member in members:
+                batched.pop(member[0], None)
+
+    def _serve_member(self, batch, call_id, method, payload):
+        """Run one call of a batch: its outcome (see the batches' essay above)."""
+        began = time.perf_counter()
+        context = None
+        try:
+            fn = self._methods.get(method) or self.lookup(method)
+            args, kwargs, _ = _loads(payload, (), "the arguments of %s" % method)
+            context = CallContext(method, call_id, None)
+            with batch.lock:
+                self._calls[call_id] = context
+                self._batched.pop(call_id, None)     # (what waits in batches: not it)
+                cancelled = batch.cancelled.get(call_id) or batch.ending
+            if cancelled:
+                raise Cancelled("call %s on %s was %s" % (method, self.where, cancelled))
+            _calls.context = context
+            try:
+                result = fn(*args, **kwargs)
+            finally:
+                context._leave()
+                _calls.context = None
+                del self._calls[call_id]
+            context = None
+            if type(result) not in _PLAIN_TYPES and (
+                    _is_binary_file(result) or isinstance(result, collections.abc.Iterator)):
+                self._park(call_id, result)
+                outcome = (None, call_id)
+            else:
+                outcome = (True, result)
+        except BaseException as e:
+            if context is not None:
+                context._leave()
+                if self._calls.get(call_id) is context:
+                    del self._calls[call_id]
+            if isinstance(e, _Interrupt):
+                e = Cancelled("call %s on %s was %s"
+                              % (method, self.where, context.reason or "cancelled"))
+            outcome = (False, _error_payload(e, self.where, _not_passed_on(e)))
+        self.stats.record(method, time.perf_counter() - began, len(payload), 0,
+                          outcome[0] is False)
+        return outcome
+
+    # A batched call's result that is to be streamed waits here until its caller takes it
+    # (it does so as soon as the batch's reply arrives); one that nobody takes in this long
+    # (its caller went away) is closed.
+    _PARKED_FOR = 60.0
+
+    def _park(self, call_id, stream):
+        now = time.monotonic()
+        with self._lock:
+            stale = [k for k, (_, since) in self._parked.items()
+                     if now - since > self._PARKED_FOR]
+            gone = [self._parked.pop(k)[0] for k in stale]
+            self._parked[call_id] = (stream, now)
+        for old in gone:
+            with contextlib.suppress(Exception):
+                getattr(old, "close", lambda: None)()
+
+    def take_parked(self, call_id):
+        with self._lock:
+            found = self._parked.pop(call_id, None)
+        if found is None:
+            raise NotFound("no streamed result of call %d waits on %s (it is taken once, "
+                           "within %.0fs)" % (call_id, self.where, self._PARKED_FOR))
+        return found[0]
+
+
+class _Batch:
+    """A batch of calls being served on one connection: see `_Dispatcher.serve_batch`."""
+
+    LONG = 0.1                        # seconds a call of a batch may run before it releases it
+
+    __slots__ = ("sock", "call_id", "where", "lock", "cancelled", "ending", "outcomes",
+                 "current", "started", "began", "released", "finished")
+
+    def __init__(self, sock, call_id, where):
+        self.sock, self.call_id, self.where = sock, call_id, where
+        self.lock = threading.Lock()
+        self.cancelled = {}           # call id -> why: cancelled before it began
+        self.ending = None            # why every call not yet begun is cancelled (cancel_all)
+        self.outcomes = []
+        self.current = None           # the index of the call running, if one is
+        self.started = self.began = time.monotonic()
+        self.released = self.finished = False
+
+    def enter(self, i, budget):
+        """Whether call i is to run (the batch has not run past its budget)."""
+        now = time.monotonic()
+        if i and now - self.began >= budget:
+            return False
+        with self.lock:
+            self.current, self.started = i, now
+        return True
+
+    def leave(self, outcome):
+        """Call `current` ended. True if that was the batch's last: it was released, so this
+        outcome goes back on its own."""
+        with self.lock:
+            self.current = None
+            if not self.released:
+                self.outcomes.append(outcome)
+                return False
+            self.finished = True
+            self._send([outcome], None)
+            return True
+
+    def end(self):
+        with self.lock:
+            self.finished = True
+            self._send(self.outcomes, None)
+
+    def tick(self, now):
+        """From `_StallWatch`: release the batch if its call has run long (see the essay)."""
+        with self.lock:
+            if self.finished or self.released:
+                return False
+            if self.current is None:
+                return True
+            done = len(self.outcomes)
+            usual = (self.started - self.began) / done if done else 0.0
+            if now - self.started < max(self.LONG, 4 * usual):
+                return True
+            self.released = True
+            self._send(self.outcomes, self.current)
+            return False
+
+    def _send(self, outcomes, follows):
+        """Send outcomes (under the lock: the two replies of a released batch go in order)."""
+        try:
+            body = pickle.dumps((outcomes, follows), _PICKLE_PROTOCOL)
+        except Exception:
+            body = pickle.dumps((_pickled_outcomes(outcomes, self.where), follows),
+                                _PICKLE_PROTOCOL)
+        try:
+            _send_frame(self.sock, REPLY, self.call_id, body=body)
+        except OSError as e:          # the caller went: its calls are over either way
+            log.debug("the reply to a batch of calls was not sent: %s", e)
+
+
+def _pickled_outcomes(outcomes, where, what="the result of a call on %s"):
+    """outcomes ((ok, value) pairs), with each value that does not pickle replaced by a
+    SerializationError's payload that says which part of it would not."""
+    fixed = list(outcomes)
+    for i, (ok, value) in enumerate(outcomes):
+        if ok:
+            try:
+                pickle.dumps(value, _PICKLE_PROTOCOL)
+            except Exception as e:
+                error = SerializationError(_describe_pickling_failure(value, what % where, e))
+                fixed[i] = (False, _error_payload(error, where))
+    return fixed
 
 
 def _not_passed_on(exc):
@@ -3675,6 +3986,8 @@ class Supervisor:
                      or context.method == "Supervisor.run_tasks"]
         facts["in_flight"] = len(in_flight)
         facts["in_flight_calls"] = sorted(in_flight, key=lambda c: -c[1])[:50]
+        facts["waiting_in_batches"] = len(dispatcher._batched)
+        facts["batches"], facts["batched_calls"] = dispatcher.batches
         facts["workers"] = len(self.worker_pids())
         return facts
 
@@ -3690,6 +4003,11 @@ class Supervisor:
         seconds have gone by running them, no further payload starts, and those left out of
         the replies were not run (at least one always is)."""
         return _machine_run_tasks(self._machine, payloads, slots, method, budget)
+
+    def take_stream(self, call_id):
+        """The streamed result of a batched call (see `_Dispatcher.serve_batch`): its caller
+        takes it, once, right after the batch's reply."""
+        return self._machine.dispatcher.take_parked(call_id)
 
     def worker_pids(self):
         """The process ids of this machine's worker processes (Executor tasks and Pooled)."""
@@ -3970,6 +4288,15 @@ class _CallFuture(concurrent.futures.Future):
         self._invoke_callbacks()
         return True
 
+    def _requeue(self):
+        """Back to PENDING from RUNNING: taken for a batch that did not run it (see
+        `_CallQueue`). False if it was cancelled meanwhile."""
+        with self._condition:
+            if self._state != concurrent.futures._base.RUNNING:
+                return False
+            self._state = concurrent.futures._base.PENDING
+            return True
+
     def _settle(self, result=None, error=None):
         with self._condition:
             if self._state in _FINISHED_STATES:
@@ -3994,14 +4321,24 @@ class _CallQueue:
     the machine has its next call at hand while a reply travels back. So the driver's threads
     grow with its machines, not with the calls in flight.
 
+    A round trip per call would cost more than a short call itself, on both ends (a thread
+    woken per reply, the GIL handed back and forth). So while calls wait, a lane takes several
+    at once, as one *batch* (see `_Dispatcher.serve_batch`): as many as run in about
+    `_BATCH_TIME` by the calls' usual length so far, and no more than the lane's share of the
+    queue. Calls with a deadline, a streamed argument or large arguments go alone, as does the
+    first, until a call's length is known.
+
     Fixed lanes would deadlock calls that wait for one another (a barrier, a call blocked
     until a later call arrives), which a thread per call never did. So a lane is added when
     the queue has made no progress -- no call started or finished -- for several times the
     usual length of a call (`_StallWatch`), up to `_MAX_LANES`: calls that merely take long
-    get few lanes, calls that are stuck get more. A cancelled call still in the deque is
-    dropped when its turn comes (its future is already CANCELLED)."""
+    get few lanes, calls that are stuck get more. (A batch whose call runs long hands the
+    calls it has not begun back to the queue, for the same reason.) A cancelled call still
+    in the deque is dropped when its turn comes (its future is already CANCELLED)."""
 
     _MAX_LANES = 64
+    _BATCH_TIME = 0.02                # seconds of calls a batch aims at
+    _MAX_BATCH = 256
 
     __slots__ = ("machine", "pending", "lock", "lanes", "progress", "typical")
 
@@ -4016,14 +4353,27 @@ class _CallQueue:
     def put(self, item):
         with self.lock:
             self.pending.append(item)
-            if self.lanes < (self.machine.maxprocs or 1) + 1:
-                self.lanes += 1
-            else:
-                _stall_watch.watch(self)
-                return
-        _background(self._drain)
+            self._add_lane()
 
-    def grow(self, now):
+    def requeue(self, items):
+        """Put calls taken for a batch that did not run them back at the head of the queue."""
+        with self.lock:
+            for item in reversed(items):
+                if item[0]._requeue():
+                    self.pending.appendleft(item)
+            if self.pending:
+                self._add_lane()
+
+    def _add_lane(self):
+        """(Under the lock.) Start a lane if the machine has fewer than it gets, else let the
+        stall watch see to the queue."""
+        if self.lanes < (self.machine.maxprocs or 1) + 1:
+            self.lanes += 1
+            _background(self._drain)
+        else:
+            _stall_watch.watch(self)
+
+    def tick(self, now):
         """Called by `_StallWatch`: add a lane if the queue is stuck. Returns whether the
         queue still needs watching."""
         with self.lock:
@@ -4037,7 +4387,7 @@ class _CallQueue:
         return True
 
     def _drain(self):
-        run = self.machine._run_future
+        machine = self.machine
         pending, lock = self.pending, self.lock
         while True:
             with lock:
@@ -4045,50 +4395,24 @@ class _CallQueue:
                     self.lanes -= 1
                     return
                 item = pending.popleft()
+                n = 1
+                if pending and 0 < self.typical < self._BATCH_TIME / 2:
+                    n = min(int(self._BATCH_TIME / self.typical), self._MAX_BATCH,
+                            -(-(len(pending) + 1) // max(1, self.lanes)))
+                if n > 1:
+                    item = [item]
+                    item.extend(pending.popleft() for _ in range(min(n, len(pending) + 1) - 1))
                 began = self.progress = time.monotonic()
-            run(*item)
+            if n > 1:
+                n = machine._run_batch(item, self) or 1
+            else:
+                machine._run_future(*item)
             del item
             now = self.progress = time.monotonic()
-            self.typical += (now - began - self.typical) / 8
+            self.typical += ((now - began) / n - self.typical) / 8
 
     def __len__(self):
         return len(self.pending)
-
-
-class _StallWatch:
-    """One thread, while any call queue has calls waiting beyond its lanes, that lets a stuck
-    queue grow (see `_CallQueue`); it ends when no queue needs watching."""
-
-    _TICK = 0.05
-
-    def __init__(self):
-        self._queues = set()
-        self._lock = threading.Lock()
-        self._running = False
-
-    def watch(self, queue):
-        with self._lock:
-            self._queues.add(queue)
-            if self._running:
-                return
-            self._running = True
-        _background(self._run)
-
-    def _run(self):
-        while True:
-            time.sleep(self._TICK)
-            now = time.monotonic()
-            with self._lock:
-                queues = list(self._queues)
-            done = [q for q in queues if not q.grow(now)]
-            with self._lock:
-                self._queues.difference_update(done)
-                if not self._queues:
-                    self._running = False
-                    return
-
-
-_stall_watch = _StallWatch()
 
 
 class _Calls:
@@ -4321,10 +4645,7 @@ class Machine(_Calls):
         if self._state is not RUNNING:
             self._await_running(method, deadline)
         if self._inject and not method.startswith("Supervisor."):
-            import random
-            if random.random() < self._inject:
-                raise NetworkError("call %s on %s failed: an injected failure (TestSystem("
-                                   "inject_failures=%g))" % (method, self.addr, self._inject))
+            self._injected_failure(method)
         try:
             return self._peer.call(method, args, kwargs, deadline, inflight)
         except _TooLarge as e:
@@ -4332,6 +4653,13 @@ class Machine(_Calls):
         except (NetworkError, Cancelled):
             self._check_stopped(method)
             raise
+
+    def _injected_failure(self, method):
+        """Fail a call as TestSystem(inject_failures=p) asks: with probability p."""
+        import random
+        if random.random() < self._inject:
+            raise NetworkError("call %s on %s failed: an injected failure (TestSystem("
+                               "inject_failures=%g))" % (method, self.addr, self._inject))
 
     def _stream_broken(self, error):
         """What reading a reply stream raises when its connection broke: MachineStopped if the
@@ -4387,6 +4715,86 @@ class Machine(_Calls):
             future._settle(error=e)
         else:
             future._settle(result)
+
+    def _run_batch(self, items, queue):
+        """Make queued calls of call_async, (future, method, args, kwargs, deadline) each, as
+        one batch (see `_CallQueue`); those that must go alone go after it. Returns how many
+        calls ran."""
+        peer = self._peer
+        calls, batched, alone = [], [], []
+        for item in items:
+            future, method, args, kwargs, deadline = item
+            try:
+                if deadline is not None or _split_stream_argument(args, kwargs)[0] is not None:
+                    raise ValueError
+                payload = pickle.dumps((args, kwargs, None), _PICKLE_PROTOCOL)
+            except Exception:         # (alone, the call says what is wrong with its arguments)
+                payload = None
+            if payload is None or len(payload) >= _SMALL:
+                alone.append(item)
+            elif future.set_running_or_notify_cancel():
+                if self._inject and not method.startswith("Supervisor."):
+                    try:
+                        self._injected_failure(method)
+                    except NetworkError as e:
+                        future._settle(error=e)
+                        continue
+                call_id = next(peer.client._ids)
+                if future._inflight.attach(peer, None, call_id):
+                    calls.append((call_id, method, payload))
+                    batched.append(item)
+        ran = 0
+        if calls:
+            ran = self._call_batch(calls, batched, queue)
+        for item in alone:
+            self._run_future(*item)
+        return ran + len(alone)
+
+    def _call_batch(self, calls, items, queue):
+        settled = [False] * len(calls)
+
+        def settle(i, ok, value):
+            settled[i] = True
+            future = items[i][0]
+            if ok is None:            # a result to stream, which waits on the machine
+                try:
+                    future._settle(self._call("Supervisor.take_stream", (value,), {}, None,
+                                              future._inflight))
+                except BaseException as e:
+                    future._settle(error=e)
+            elif ok:
+                future._settle(value)
+            else:
+                future._settle(error=_rebuild_error(value))
+
+        def release(i):
+            queue.requeue(items[i:])
+            settled[i:] = [True] * (len(items) - i)
+
+        try:
+            if self._state is not RUNNING:
+                self._await_running(calls[0][1], None)
+            ran = self._peer.call_batch(calls, [item[0]._inflight for item in items],
+                                        2 * queue._BATCH_TIME, settle, release)
+        except BaseException as e:
+            error = e
+            if isinstance(e, (NetworkError, Cancelled)):
+                try:
+                    self._check_stopped(calls[0][1])
+                except MachineStopped as stopped:
+                    error = stopped
+            elif self._state is STOPPED and not isinstance(e, Error):
+                error = self._stopped_error(calls[0][1])
+                error.__context__ = e
+            for i, item in enumerate(items):
+                if not settled[i]:
+                    item[0]._settle(error=error)
+            return len(calls)
+        finally:
+            for item in items:
+                item[0]._inflight.detach()
+        queue.requeue(items[ran:])
+        return ran
 
     def _boot_call(self, method, *args, timeout):
         """A call made while booting (the state is not RUNNING yet)."""
@@ -5119,16 +5527,8 @@ def _run_items(fn, items, kwargs, where):
     try:
         return pickle.dumps(outcomes, _PICKLE_PROTOCOL)
     except Exception:
-        pass
-    for i, (ok, value) in enumerate(outcomes):     # say which result would not pickle
-        if ok:
-            try:
-                pickle.dumps(value, _PICKLE_PROTOCOL)
-            except Exception as e:
-                error = SerializationError(_describe_pickling_failure(
-                    value, "the result of a task on %s" % where, e))
-                outcomes[i] = (False, _error_payload(error, where))
-    return pickle.dumps(outcomes, _PICKLE_PROTOCOL)
+        return pickle.dumps(_pickled_outcomes(outcomes, where, "the result of a task on %s"),
+                            _PICKLE_PROTOCOL)
 
 
 _task_functions = {}          # pickled function -> function, in a machine or worker
@@ -13195,6 +13595,9 @@ def _in_flight_html(result):
     lines = ["<div class='dim in-flight'>%s &times;%d, oldest %s</div>" % (
         html.escape(method), count, _duration(oldest))
         for method, (count, oldest) in sorted(by_method.items(), key=lambda i: -i[1][1])]
+    if result.get("waiting_in_batches"):
+        lines.append("<div class=dim>%d calls waiting in batches</div>"
+                     % result["waiting_in_batches"])
     if result.get("workers"):
         lines.append("<div class=dim>%d worker processes</div>" % result["workers"])
     return "".join(lines)

@@ -4520,6 +4520,172 @@ def test_call_async_calls_of_a_cancelled_machine_fail_with_machine_stopped(lb):
         assert isinstance(f.exception(30), bigmachine.MachineStopped), f.exception()
 
 
+_BATCH_MARKS = []        # what Batched.mark ran, in machines of this very process (TestSystem)
+
+
+class Batched:
+    """A service for batches of call_async: quick calls that say which call they were, and
+    calls that wait for a go or hold a lane."""
+
+    def init(self, b):
+        self.go, self.holds_end = threading.Event(), threading.Event()
+        self.ran = []
+
+    def who(self, i):
+        self.ran.append(i)
+        return i, bigmachine.current_call().call_id
+
+    def fail(self, i):
+        raise CustomError(i, "call %d failed" % i)
+
+    def unpicklable(self):
+        return {"ok": 1, "lock": threading.Lock()}
+
+    def lines(self, n):
+        return iter([b"%d\n" % k for k in range(n)])
+
+    def size(self, data):
+        return len(data if isinstance(data, bytes) else data.read())
+
+    def hold(self):
+        return self.holds_end.wait(30)
+
+    def end_holds(self):
+        self.holds_end.set()
+
+    def wait_go(self):
+        deadline = time.monotonic() + 30
+        while not self.go.wait(0.01):        # (short waits: a cancel's interrupt lands)
+            if time.monotonic() > deadline:
+                return False
+        return True
+
+    def go_now(self):
+        self.go.set()
+
+    def mark(self, key):
+        _BATCH_MARKS.append(key)
+        self.ran.append(key)
+
+    def marks(self):
+        return list(self.ran)
+
+
+def _queue_behind_holds(m, calls):
+    """call_async each of calls ((method, args) pairs) while both of m's lanes are held, so
+    that they queue up; then let the lanes go. The futures, in order."""
+    holds = [m.call_async("S.hold") for _ in range(2)]
+    eventually(lambda: m.call("Supervisor.status")["in_flight"] == 2)
+    futures = [m.call_async(method, *args) for method, args in calls]
+    m.call("S.end_holds")
+    assert all(f.result(30) for f in holds)
+    return futures
+
+
+def test_call_async_batches_queued_calls_each_with_its_own_outcome(lb, monkeypatch):
+    m, = running(lb, 1, {"S": Batched()})
+    for f in [m.call_async("S.who", -1) for _ in range(4)]:
+        f.result(30)
+    # As if the calls so far had been quick (a loaded host can make them look slow).
+    m._queue.typical = 0.0005
+    futures = []
+    for i in range(300):
+        kind = ("fail", "unpicklable", "stream")[i % 10 - 3] if i % 10 in (3, 4, 5) else "who"
+        method, args = {"fail": ("S.fail", (i,)), "unpicklable": ("S.unpicklable", ()),
+                        "stream": ("S.lines", (i % 4 + 1,)), "who": ("S.who", (i,))}[kind]
+        futures.append((kind, i, m.call_async(method, *args)))
+    ids = set()
+    for kind, i, f in futures:
+        if kind == "who":
+            got, call_id = f.result(30)
+            assert got == i
+            ids.add(call_id)
+        elif kind == "fail":
+            with pytest.raises(CustomError, match="call %d failed" % i):
+                f.result(30)
+        elif kind == "unpicklable":
+            with pytest.raises(bigmachine.SerializationError, match="lock"):
+                f.result(30)
+        else:
+            with f.result(30) as lines:
+                assert lines.read() == b"".join(b"%d\n" % k for k in range(i % 4 + 1))
+    assert len(ids) == sum(kind == "who" for kind, _, _ in futures)   # an id each, for CANCEL
+    status = m.call("Supervisor.status")
+    assert status["batches"] > 0 and status["batched_calls"] > status["batches"], status
+    assert status["waiting_in_batches"] == 0
+    with pytest.raises(bigmachine.NotFound, match="no streamed result of call 12345"):
+        m.call("Supervisor.take_stream", 12345)
+
+
+def test_call_async_a_batch_whose_call_waits_for_a_later_one_hands_back_the_rest(lb,
+                                                                                 monkeypatch):
+    # Every queued call batched, as many to a batch as a lane's share of the queue.
+    monkeypatch.setattr(bigmachine._CallQueue, "_BATCH_TIME", 60.0)
+    m, = running(lb, 1, {"S": Batched()})
+    waiting, *quick = _queue_behind_holds(m, [("S.wait_go", ())] + [("S.who", (i,))
+                                                                    for i in range(5)])
+    # The first batch is [wait_go, who 0, who 1]: wait_go runs long, so the batch hands who 0
+    # and who 1 back, and they run while wait_go still waits for the go they lead to.
+    assert [f.result(30)[0] for f in quick] == list(range(5))
+    assert not waiting.done()
+    m.call("S.go_now")
+    assert waiting.result(30) is True
+    assert m.call("Supervisor.status")["batches"] > 0
+
+
+def test_call_async_a_cancel_reaches_a_call_waiting_in_a_batch(tb, monkeypatch):
+    monkeypatch.setattr(bigmachine._CallQueue, "_BATCH_TIME", 60.0)
+    monkeypatch.setattr(bigmachine._Batch, "LONG", 60.0)      # no release: the calls wait
+    m, = running(tb, 1, {"S": Batched()})
+    futures = _queue_behind_holds(m, [("S.wait_go", ())] + [("S.mark", (k,)) for k in "abcdefg"])
+    eventually(lambda: m.call("Supervisor.status")["waiting_in_batches"] >= 3)
+    assert futures[2].running() and futures[2].cancel()                 # mark b, in the batch
+    dispatcher = tb.system._live[m.addr][1].dispatcher                 # (in this process)
+    eventually(lambda: any(batch.cancelled for batch in list(dispatcher._batched.values())),
+               what="the cancel to reach the machine")
+    m.call("S.go_now")
+    assert futures[0].result(30) is True
+    assert [f.result(30) for f in futures[1:2] + futures[3:]] == [None] * 6
+    assert futures[2].cancelled()
+    assert sorted(m.call("S.marks")) == list("acdefg")
+
+
+def test_call_async_calls_waiting_in_a_batch_end_with_their_machine(tb, monkeypatch):
+    monkeypatch.setattr(bigmachine._CallQueue, "_BATCH_TIME", 60.0)
+    monkeypatch.setattr(bigmachine._Batch, "LONG", 60.0)
+    m, = running(tb, 1, {"S": Batched()})
+    del _BATCH_MARKS[:]
+    futures = _queue_behind_holds(m, [("S.wait_go", ())] + [("S.mark", ("gone",))] * 5)
+    eventually(lambda: m.call("Supervisor.status")["waiting_in_batches"] >= 2)
+    m.cancel()
+    errors = [f.exception(30) for f in futures]
+    assert all(e is None or isinstance(e, bigmachine.MachineStopped) for e in errors), errors
+    stopped = sum(e is not None for e in errors)
+    time.sleep(0.2)                  # (the machine's threads, in this process, are done)
+    # wait_go and the calls behind it in its batch never ran (another lane's batch may have).
+    assert errors[0] is not None and stopped >= 3, errors
+    assert _BATCH_MARKS == ["gone"] * (len(futures) - stopped)
+
+
+def test_call_async_calls_with_a_deadline_a_stream_or_large_arguments_go_alone(lb,
+                                                                               monkeypatch):
+    monkeypatch.setattr(bigmachine._CallQueue, "_BATCH_TIME", 60.0)
+    m, = running(lb, 1, {"S": Batched()})
+    before = m.call("Supervisor.status")["batched_calls"]
+    big = b"x" * (1 << 18)
+    holds = [m.call_async("S.hold") for _ in range(2)]
+    eventually(lambda: m.call("Supervisor.status")["in_flight"] == 2)
+    plain = [m.call_async("S.who", i) for i in range(4)]
+    alone = [m.options(timeout=30).call_async("S.who", 9), m.call_async("S.size", big),
+             m.call_async("S.size", io.BytesIO(b"streamed")), m.call_async("S.who", Batched)]
+    m.call("S.end_holds")
+    assert all(f.result(30) for f in holds)
+    assert [f.result(30)[0] for f in plain] == [0, 1, 2, 3]
+    assert alone[0].result(30)[0] == 9 and alone[1].result(30) == len(big)
+    assert alone[2].result(30) == 8 and alone[3].result(30)[0] is Batched
+    assert m.call("Supervisor.status")["batched_calls"] - before <= len(plain)
+
+
 def test_executor_submit_map_and_bad_input(lb, tmp_path):
     m1, m2 = running(lb, 2)
     with lb.executor(progress=False) as ex:
