@@ -3630,6 +3630,12 @@ class _Dispatcher:
         """Run a batch of calls that arrived on a connection and send their outcomes."""
         try:
             budget, members = _loads(body, buffers, "a batch of calls")
+            if not (type(budget) in (int, float) and 0 <= budget <= threading.TIMEOUT_MAX
+                    and type(members) is list and all(
+                        type(m) is tuple and len(m) == 3 and type(m[0]) is int
+                        and type(m[1]) is str and type(m[2]) is bytes for m in members)):
+                raise ValueError("a malformed batch of calls: (budget in seconds, [(call id, "
+                                 "method, pickled arguments), ...]) expected")
         except Exception as e:
             _send_frame(sock, ERROR, call_id, body=_error_payload(e, self.where))
             return

@@ -4078,9 +4078,18 @@ def _fuzz_strategies():
                                                       _pickled((args, {}, timeout)), [], None),
         st.sampled_from([b"Victim.echo", b"Supervisor.ping"]), st.tuples(small),
         st.one_of(st.none(), st.floats(0.5, 60), small), st.integers(0, 2**64 - 1))
+    batches = st.builds(                                         # batches, good and bad
+        lambda budget, members, call_id: _frame(bigmachine.CALL, bigmachine._BATCH, b"",
+                                                call_id, _pickled((budget, members)), [], None),
+        st.one_of(st.floats(0, 1), small),
+        st.one_of(st.lists(st.tuples(
+            st.integers(0, 2**64 - 1),
+            st.sampled_from(["Victim.echo", "Nope.echo", "Victim._private", "Victim.init"]),
+            arguments), max_size=4), small, st.lists(small, max_size=2)),
+        st.integers(0, 2**64 - 1))
     upgrade = (b"GET /bigrpc HTTP/1.1\r\nHost: x\r\nConnection: Upgrade\r\nUpgrade: bigrpc/1\r\n"
-               b"Bigmachine-Python: %s\r\nBigmachine-Protocol: 2\r\n\r\n"
-               % bigmachine.PYTHON.encode())
+               b"Bigmachine-Python: %s\r\nBigmachine-Protocol: %d\r\n\r\n"
+               % (bigmachine.PYTHON.encode(), bigmachine.PROTOCOL))
     lengths = st.one_of(st.sampled_from([b"-1", b"-99999", b"abc", b"", b"1e3", b"0x10",
                                          b"99999999999999999999"]),
                         st.integers(0, 2**64).map(lambda n: str(n).encode()))
@@ -4101,7 +4110,8 @@ def _fuzz_strategies():
                                                 b"Content-Length: -5", b"X: " + b"y" * 70000]),
                                st.binary(max_size=30)), max_size=5)),
     )
-    return st.one_of(st.tuples(st.just(upgrade), st.lists(calls | frames, min_size=1, max_size=4)),
+    return st.one_of(st.tuples(st.just(upgrade), st.lists(calls | frames | batches, min_size=1,
+                                                          max_size=4)),
                      st.tuples(requests, st.just([])))
 
 
