@@ -3507,7 +3507,7 @@ class _Dispatcher:
     def cancel_all(self, reason, wait=0.0):
         """Cancel every call in progress, and those waiting in batches; wait up to wait
         seconds for them to end."""
-        for batch in set(self._batched.values()):
+        for batch in list(self._batched.values()):
             batch.ending = reason
         for context in list(self._calls.values()):
             context.cancel(reason)
@@ -3656,8 +3656,11 @@ class _Dispatcher:
                     return
             batch.end()
         finally:
+            with batch.lock:          # (ended by an exception: no tick may reply any more)
+                batch.finished = True
             for member in members:
-                batched.pop(member[0], None)
+                if batched.get(member[0]) is batch:
+                    del batched[member[0]]
 
     def _serve_member(self, batch, call_id, method, payload):
         """Run one call of a batch: its outcome (see the batches' essay above)."""
@@ -3669,7 +3672,8 @@ class _Dispatcher:
             context = CallContext(method, call_id, None)
             with batch.lock:
                 self._calls[call_id] = context
-                self._batched.pop(call_id, None)     # (what waits in batches: not it)
+                if self._batched.get(call_id) is batch:
+                    del self._batched[call_id]       # (what waits in batches: not it)
                 cancelled = batch.cancelled.get(call_id) or batch.ending
             if cancelled:
                 raise Cancelled("call %s on %s was %s" % (method, self.where, cancelled))
@@ -4773,9 +4777,12 @@ class Machine(_Calls):
             else:
                 future._settle(error=_rebuild_error(value))
 
+        released = []
+
         def release(i):
             queue.requeue(items[i:])
             settled[i:] = [True] * (len(items) - i)
+            released.append(i)
 
         try:
             if self._state is not RUNNING:
@@ -4799,7 +4806,8 @@ class Machine(_Calls):
         finally:
             for item in items:
                 item[0]._inflight.detach()
-        queue.requeue(items[ran:])
+        if not released:              # (those after a released batch's long call went back then)
+            queue.requeue(items[ran:])
         return ran
 
     def _boot_call(self, method, *args, timeout):

@@ -4640,6 +4640,7 @@ def test_call_async_a_batch_whose_call_waits_for_a_later_one_hands_back_the_rest
     assert not waiting.done()
     m.call("S.go_now")
     assert waiting.result(30) is True
+    assert sorted(m.call("S.marks")) == list(range(5))         # each ran once
     assert m.call("Supervisor.status")["batches"] > 0
 
 
