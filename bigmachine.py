@@ -6220,7 +6220,10 @@ class Executor(concurrent.futures.Executor):
         return starts
 
     _BATCH = 64                        # tasks at most in one call (see _take)
-    _BATCH_TIME = 0.02                 # seconds a call of a batch aims to take (see _take)
+    # Seconds a call of a batch aims to take (see _take): each call costs both ends a few
+    # hundred µs (a lane's wake-up, the GIL changing hands, two frames), which this spreads
+    # thin, and a batch that proves slower comes back after twice this.
+    _BATCH_TIME = 0.05
     _CHUNK_TIME = 0.005                # seconds of work in a chunk that map makes (see map)
 
     def _per_time(self, key, seconds):
