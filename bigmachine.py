@@ -3497,7 +3497,7 @@ class _Dispatcher:
             batch = self._batched.get(call_id)
             if batch is None:
                 return
-            with batch.lock:                 # see _Batch.enter: it has begun, or it never will
+            with batch.lock:                 # (see _serve_member: it has begun, or never will)
                 context = self._calls.get(call_id)
                 if context is None:
                     batch.cancelled[call_id] = reason
