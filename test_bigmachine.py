@@ -4592,7 +4592,7 @@ def _queue_behind_holds(m, calls):
     return futures
 
 
-def test_call_async_batches_queued_calls_each_with_its_own_outcome(lb, monkeypatch):
+def test_call_async_batches_queued_calls_each_with_its_own_outcome(lb):
     m, = running(lb, 1, {"S": Batched()})
     for f in [m.call_async("S.who", -1) for _ in range(4)]:
         f.result(30)
