@@ -23,14 +23,13 @@ process under it (machines, workers, pool processes): unlike wall-clock times it
 a loaded host, and against tasks_serial_1ms_cpu_us it says what each task costs beyond its
 own work.
 
-Each time is the best of --repeats runs (3; 1 with --quick), the one process's as much as the
-pools': on this kind of VM the host now and then slows a processor by a third for a few
-seconds, which a single run would charge to whoever ran then. The one process runs again
-after each participant, and its best time of all is the reference: a slow spell at the
-start must not make every ideal look easy. The peak thread count is the highest over all
+Each workload runs --repeats times (3; 1 with --quick), between runs of one process doing
+half the same tasks (its time doubled is the reference): on this kind of VM the host slows a
+processor by a third now and then, for seconds at a time, so a reference measured once, at
+another moment, made whoever ran in a slow spell look worse than ideal allows and whoever
+ran in a fast one better. Of the runs, the fastest is kept, against the better of the one
+process's runs just before and just after it. The peak thread count is the highest over all
 the runs.
-
-The machine processes load this file as __mp_main__: module top level stays import-safe.
 """
 
 import concurrent.futures
@@ -148,62 +147,67 @@ def tree_cpu():
 REPEATS = [3]                # runs of each measure, the best kept (set by main)
 
 
-class _NoSampler:
-    peak = 0
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        pass
-
-
-def measure(out, key, n, fn, threads=True, repeats=None):
-    """Run fn, which does n tasks, REPEATS times, and put into out: key + "_s", the best
-    time; key + "_cpu_us", the CPU microseconds per task that this process and its
-    descendants spent in that run (processes still alive at the end are counted); key +
-    "_threads", the driver's peak thread count over the runs (unless threads is false: the
-    sampler's thread takes the GIL every half millisecond, which a task in this very process
-    would pay for). Returns the best time."""
-    best, peak = None, 0
-    for _ in range(repeats or REPEATS[0]):
-        with (_PeakThreads() if threads else _NoSampler()) as p:
+def measure(out, key, n, fn, serial):
+    """Run fn, which does n tasks, REPEATS times, between runs of serial() (the one process
+    doing the same work, which returns its time), and put into out, for the fastest run:
+    key + "_s", its time; key + "_serial_s", the better of the one process's just before and
+    just after it (the more demanding reference); key + "_eff",
+    the one process's time / 2 / its time; key + "_cpu_us", the CPU microseconds per task
+    that this process and its descendants spent (processes still alive at the end are
+    counted); and key + "_threads", the driver's peak thread count over all the runs."""
+    runs, peak = [], 0
+    ones = [serial()]
+    for _ in range(REPEATS[0]):
+        with _PeakThreads() as p:
             before = tree_cpu()
             took = timed(fn)
             after = tree_cpu()
+        ones.append(serial())
         peak = max(peak, p.peak)
-        if best is None or took < best[0]:
-            cpu = None if before is None or after is None else 1e6 * (after - before) / n
-            best = (took, cpu)
-    out[key + "_s"] = best[0]
-    if best[1] is not None:
-        out[key + "_cpu_us"] = best[1]
-    if threads:
-        out[key + "_threads"] = peak
-    return best[0]
+        cpu = None if before is None or after is None else 1e6 * (after - before) / n
+        runs.append((took, min(ones[-2:]), cpu))    # the one process just before, or after
+    best = min(runs)
+    out[key + "_s"], out[key + "_serial_s"] = best[0], best[1]
+    out[key + "_eff"] = best[1] / 2 / best[0]
+    if best[2] is not None:
+        out[key + "_cpu_us"] = best[2]
+    out[key + "_threads"] = peak
 
 
 R1 = R01 = R25 = None        # rounds of work of a 1 ms, 0.1 ms and 25 ms task, set by main
 SERIAL_CPU = {}              # "1ms_cpu_us": CPU microseconds a 1 ms task takes one process
+SERIAL_BEST = {}             # workload -> the one process's best time in the whole run
 
 
-def serial_times(opts, best=None, repeats=None):
-    """The one process's times of the workloads, and the best of these and those of best."""
-    global R1, R01, R25
-    if R1 is None:
-        R1, R01, R25 = rounds(1), rounds(0.1), rounds(25)
-    out = {}
-    times = {
-        "1ms": measure(out, "1ms", opts.n1, lambda: [busy(R1) for _ in range(opts.n1)],
-                       threads=False, repeats=repeats),
-        "0.1ms": measure(out, "0.1ms", opts.n01, lambda: [busy(R01) for _ in range(opts.n01)],
-                         threads=False, repeats=repeats),
-        "cpu": measure(out, "cpu", opts.ncpu, lambda: [busy(R25) for _ in range(opts.ncpu)],
-                       threads=False, repeats=repeats),
-    }
-    if "1ms_cpu_us" in out and (best is None or times["1ms"] < best["1ms"]):
-        SERIAL_CPU["1ms_cpu_us"] = out["1ms_cpu_us"]
-    return {k: min(v, best[k]) if best else v for k, v in times.items()}
+def one_process(workload, opts):
+    """A function that times one process doing half the tasks of workload, and returns
+    twice that (see the module's docstring); it keeps the best in SERIAL_BEST."""
+    rounds_of, n = {"1ms": (R1, opts.n1), "0.1ms": (R01, opts.n01),
+                    "cpu": (R25, opts.ncpu)}[workload]
+
+    def run():
+        before = tree_cpu()
+        took = 2 * timed(lambda: [busy(rounds_of) for _ in range(n // 2)])
+        after = tree_cpu()
+        if took < SERIAL_BEST.get(workload, float("inf")):
+            SERIAL_BEST[workload] = took
+            if workload == "1ms" and before is not None and after is not None:
+                SERIAL_CPU["1ms_cpu_us"] = 1e6 * (after - before) / (n // 2)
+        return took
+    return run
+
+
+def paired(make, fn, repeats=5):
+    """make(one, two): the ratio of fn(False)'s time (one call) and fn(True)'s (two at once),
+    for the fastest of repeats runs of fn(True), each between runs of fn(False), with the
+    better of those two (see `measure`)."""
+    ones, runs = [fn(False)], []
+    for _ in range(repeats):
+        two = fn(True)
+        ones.append(fn(False))
+        runs.append((two, min(ones[-2:])))
+    two, one = min(runs)
+    return make(one, two)
 
 
 def run_bigmachine(opts, out):
@@ -217,15 +221,17 @@ def run_bigmachine(opts, out):
                 raise m.err
         with b.executor(progress=False) as ex:
             list(ex.map(busy, [R1] * 20))                           # warm
-            measure(r, "1ms_map", opts.n1, lambda: list(ex.map(busy, [R1] * opts.n1)))
+            measure(r, "1ms_map", opts.n1, lambda: list(ex.map(busy, [R1] * opts.n1)),
+                    one_process("1ms", opts))
             measure(r, "0.1ms_chunked", opts.n01, lambda: list(
-                ex.map(busy, [R01] * opts.n01, chunksize=opts.n01 // 40)))
+                ex.map(busy, [R01] * opts.n01, chunksize=opts.n01 // 40)),
+                one_process("0.1ms", opts))
 
             def async_calls():
                 futures = [machines[i % 2].call_async("Burner.burn", R1) for i in range(opts.n1)]
                 for f in concurrent.futures.as_completed(futures):
                     f.result()
-            measure(r, "1ms_async", opts.n1, async_calls)
+            measure(r, "1ms_async", opts.n1, async_calls, one_process("1ms", opts))
             rss = C.PeakRSS(os.getpid())
             total = 0
             for x in ex.map(ident, range(opts.n6), chunksize=1000):
@@ -239,21 +245,18 @@ def run_bigmachine(opts, out):
             raise m.err
         with b.executor(progress=False) as ex:
             list(ex.map(busy, [R1] * 4))                            # the workers start
-            measure(r, "cpu_map", opts.ncpu, lambda: list(ex.map(busy, [R25] * opts.ncpu)))
+            measure(r, "cpu_map", opts.ncpu, lambda: list(ex.map(busy, [R25] * opts.ncpu)),
+                    one_process("cpu", opts))
         m.call("Burner.burn", R1)
-        # Best of 5 each, as the transfers are: on this kind of VM one of two processes that
-        # run at once now and then gets a third less work done per CPU-second than alone
-        # (multiprocessing.Pool's processes alike), which one run would take for ours.
-        one = min(timed(lambda: m.call("Burner.burn", rounds(opts.pooled_ms))) for _ in range(5))
-        two = min(timed(lambda: [f.result() for f in [
-            m.call_async("Burner.burn", rounds(opts.pooled_ms)) for _ in range(2)]]) for _ in range(5))
-        r["pooled_speedup"] = 2 * one / two
-        n = opts.pi
-        serial = min(timed(lambda: CirclePI().sample(n)) for _ in range(5))
+        n = rounds(opts.pooled_ms)
+        r["pooled_speedup"] = paired(lambda one, two: 2 * one / two, lambda both: timed(
+            lambda: [f.result() for f in [m.call_async("Burner.burn", n)
+                                          for _ in range(2 if both else 1)]]))
         m.call("PI.sample", 1000)
-        pooled = min(timed(lambda: sum(f.result() for f in [
-            m.call_async("PI.sample", n // 2) for _ in range(2)])) for _ in range(5))
-        r["bigpi_speedup"] = serial / pooled
+        r["bigpi_speedup"] = paired(lambda one, two: one / two, lambda both: timed(
+            lambda: sum(f.result() for f in [m.call_async("PI.sample", opts.pi // 2)
+                                             for _ in range(2)])) if both else timed(
+            lambda: CirclePI().sample(opts.pi)))
     out.update(r)
 
 
@@ -263,16 +266,19 @@ def run_stdlib(opts, out, name, make):
         submit = pool.submit if hasattr(pool, "submit") else pool.apply_async
         get = (lambda f: f.result()) if hasattr(pool, "submit") else (lambda f: f.get())
         list(pool.map(busy, [R1] * 20))                             # the workers start
-        measure(r, "1ms_map", opts.n1, lambda: list(pool.map(busy, [R1] * opts.n1)))
+        measure(r, "1ms_map", opts.n1, lambda: list(pool.map(busy, [R1] * opts.n1)),
+                one_process("1ms", opts))
 
         def each():
             for f in [submit(busy, (R1,)) if not hasattr(pool, "submit") else submit(busy, R1)
                       for _ in range(opts.n1)]:
                 get(f)
-        measure(r, "1ms_async", opts.n1, each)
+        measure(r, "1ms_async", opts.n1, each, one_process("1ms", opts))
         measure(r, "0.1ms_chunked", opts.n01, lambda: list(
-            pool.map(busy, [R01] * opts.n01, chunksize=opts.n01 // 40)))
-        measure(r, "cpu_map", opts.ncpu, lambda: list(pool.map(busy, [R25] * opts.ncpu)))
+            pool.map(busy, [R01] * opts.n01, chunksize=opts.n01 // 40)),
+            one_process("0.1ms", opts))
+        measure(r, "cpu_map", opts.ncpu, lambda: list(pool.map(busy, [R25] * opts.ncpu)),
+                one_process("cpu", opts))
     out.update({name + ":" + k: v for k, v in r.items()})
 
 
@@ -283,9 +289,9 @@ def run_dask(opts, out):
                       dashboard_address=None) as cluster, Client(cluster) as client:
         client.gather(client.map(busy, [R1] * 20, pure=False))
         measure(r, "1ms_map", opts.n1, lambda: client.gather(client.map(
-            busy, [R1] * opts.n1, pure=False)))
+            busy, [R1] * opts.n1, pure=False)), one_process("1ms", opts))
         measure(r, "cpu_map", opts.ncpu, lambda: client.gather(client.map(
-            busy, [R25] * opts.ncpu, pure=False)))
+            busy, [R25] * opts.ncpu, pure=False)), one_process("cpu", opts))
     out.update({"dask:" + k: v for k, v in r.items()})
 
 
@@ -297,17 +303,19 @@ def run_ray(opts, out):
         ray.get([remote.remote(R1) for _ in range(20)])
         r = {}
         measure(r, "1ms_map", opts.n1, lambda: ray.get([remote.remote(R1)
-                                                        for _ in range(opts.n1)]))
+                                                        for _ in range(opts.n1)]),
+                one_process("1ms", opts))
         measure(r, "cpu_map", opts.ncpu, lambda: ray.get([remote.remote(R25)
-                                                          for _ in range(opts.ncpu)]))
+                                                          for _ in range(opts.ncpu)]),
+                one_process("cpu", opts))
     finally:
         ray.shutdown()
     out.update({"ray:" + k: v for k, v in r.items()})
 
 
 def table(serial, results, n1, n01, ncpu):
-    """The workloads side by side, as markdown: seconds (and % of ideal), peak threads."""
-    ideal = {k: v / 2 for k, v in serial.items()}
+    """The workloads side by side, as markdown: seconds (and % of ideal: the one process's
+    time beside that run, halved), peak threads. serial: the one process's best times."""
     cols = [("bigmachine", ""), ("ProcessPoolExecutor", "ppe:"), ("multiprocessing.Pool", "pool:"),
             ("Dask", "dask:"), ("Ray", "ray:")]
     cols = [(t, p) for t, p in cols if any(k.startswith(p) and (p or ":" not in k)
@@ -316,7 +324,7 @@ def table(serial, results, n1, n01, ncpu):
             ("%d x 1 ms, one future each" % n1, "1ms_async", "1ms"),
             ("%d x 0.1 ms, chunksize %d" % (n01, n01 // 40), "0.1ms_chunked", "0.1ms"),
             ("%d x 25 ms CPU-bound, 1 machine of 2 processors" % ncpu, "cpu_map", "cpu")]
-    lines = ["| workload | one process | " + " | ".join(t for t, _ in cols) + " |",
+    lines = ["| workload | one process (best) | " + " | ".join(t for t, _ in cols) + " |",
              "|---" * (2 + len(cols)) + "|"]
     for label, key, w in rows:
         cells = []
@@ -327,8 +335,10 @@ def table(serial, results, n1, n01, ncpu):
                 continue
             th = results.get(prefix + key + "_threads")
             cells.append("%.2f s (%.0f%% of ideal)%s" % (
-                s, 100 * ideal[w] / s, ", %d threads" % th if th is not None else ""))
-        lines.append("| %s | %.2f s | %s |" % (label, serial[w], " | ".join(cells)))
+                s, 100 * results[prefix + key + "_eff"],
+                ", %d threads" % th if th is not None else ""))
+        lines.append("| %s | %s | %s |" % (
+            label, "%.2f s" % serial[w] if w in serial else "n/a", " | ".join(cells)))
     return "\n".join(lines)
 
 
@@ -339,7 +349,7 @@ def main():
     ap.add_argument("--json", action="store_true")
     ap.add_argument("--only", default="bigmachine,ppe,pool,dask,ray")
     ap.add_argument("--repeats", type=int, default=None,
-                    help="runs of each measure, the best kept (default 3; 1 with --quick)")
+                    help="runs of each workload, the fastest kept (default 3; 1 with --quick)")
     opts = ap.parse_args()
     REPEATS[0] = max(1, opts.repeats or (1 if opts.quick else 3))
     only = set(opts.only.split(","))
@@ -348,7 +358,8 @@ def main():
     if opts.quick:
         opts.n1, opts.n01, opts.ncpu, opts.n6, opts.pooled_ms, opts.pi = \
             400, 2000, 16, 10 ** 5, 200, 10 ** 6
-    serial = serial_times(opts)
+    global R1, R01, R25
+    R1, R01, R25 = rounds(1), rounds(0.1), rounds(25)
     results, notes = {}, []
     parts = [("bigmachine", run_bigmachine),
              ("ppe", lambda o, out: run_stdlib(
@@ -366,18 +377,18 @@ def main():
             continue
         except Exception as e:
             notes.append("%s: failed: %s: %s" % (name, type(e).__name__, e))
-        serial = serial_times(opts, serial, repeats=1)
+    serial = SERIAL_BEST
     tasks = {"tasks_serial_" + k: v for k, v in serial.items()}
     tasks.update(("tasks_serial_" + k, v) for k, v in SERIAL_CPU.items())
     tasks.update(("tasks_" + k.replace(":", "_"), v) for k, v in results.items())
     # The targets as ratios (see bench/run.py's TARGETS).
     if "1ms_map_s" in results:
-        tasks["tasks_1ms_map_eff"] = serial["1ms"] / 2 / results["1ms_map_s"]
-        tasks["tasks_1ms_async_eff"] = serial["1ms"] / 2 / results["1ms_async_s"]
+        tasks["tasks_1ms_map_eff"] = results["1ms_map_eff"]
+        tasks["tasks_1ms_async_eff"] = results["1ms_async_eff"]
         tasks["tasks_peak_threads"] = max(results[k] for k in results
                                           if k.endswith("_threads") and ":" not in k)
-        tasks["tasks_chunked_speedup"] = serial["0.1ms"] / results["0.1ms_chunked_s"]
-        tasks["tasks_cpu_map_speedup"] = serial["cpu"] / results["cpu_map_s"]
+        tasks["tasks_chunked_speedup"] = 2 * results["0.1ms_chunked_eff"]
+        tasks["tasks_cpu_map_speedup"] = 2 * results["cpu_map_eff"]
         tasks["tasks_pooled_speedup"] = results["pooled_speedup"]
         tasks["tasks_bigpi_speedup"] = results["bigpi_speedup"]
         tasks["tasks_1e6_rss_delta_MiB"] = results["1e6_rss_delta_MiB"]
