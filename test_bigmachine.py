@@ -4654,6 +4654,9 @@ def test_call_async_a_cancel_reaches_a_call_waiting_in_a_batch(tb, monkeypatch):
     dispatcher = tb.system._live[m.addr][1].dispatcher                 # (in this process)
     eventually(lambda: any(batch.cancelled for batch in list(dispatcher._batched.values())),
                what="the cancel to reach the machine")
+    addr = tb.serve_debug("127.0.0.1:0")
+    status, _, page = get(addr, "/debug/bigmachine/status")
+    assert status == 200 and re.search(rb"\d+ calls waiting in batches", page), page[-2000:]
     m.call("S.go_now")
     assert futures[0].result(30) is True
     assert [f.result(30) for f in futures[1:2] + futures[3:]] == [None] * 6
@@ -4667,7 +4670,13 @@ def test_call_async_calls_waiting_in_a_batch_end_with_their_machine(tb, monkeypa
     m, = running(tb, 1, {"S": Batched()})
     del _BATCH_MARKS[:]
     futures = _queue_behind_holds(m, [("S.wait_go", ())] + [("S.mark", ("gone",))] * 5)
-    eventually(lambda: m.call("Supervisor.status")["waiting_in_batches"] >= 2)
+
+    def only_the_batch_left():        # the other lane's calls are done, replies and all
+        status = m.call("Supervisor.status")
+        waiting = status["waiting_in_batches"]
+        return waiting >= 2 and status["in_flight"] == 1 and \
+            sum(f.done() for f in futures) == len(futures) - 1 - waiting
+    eventually(only_the_batch_left)
     m.cancel()
     errors = [f.exception(30) for f in futures]
     assert all(e is None or isinstance(e, bigmachine.MachineStopped) for e in errors), errors
