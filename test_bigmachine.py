@@ -667,7 +667,9 @@ def test_many_callers_few_machine_threads(lb):
         during.append(m.call("Burner.threads"))
     in_threads(caller, 32)
     assert len(during) == 32
-    assert max(during) < before + 16, (before, during)      # 32 connections open
+    # 32 connections open, far fewer threads: a few more on a loaded host, where a leader
+    # the kernel preempted in mid-call looks stuck to the monitor and is relieved.
+    assert max(during) < before + 24, (before, during)
 
 
 # ======================================================================================
