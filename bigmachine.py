@@ -4765,6 +4765,8 @@ class Machine(_Calls):
         return ran + len(alone)
 
     def _call_batch(self, calls, items, queue):
+        """Send the batch and settle its calls' futures as their outcomes come; those it did
+        not run go back to the queue. Returns how many it ran."""
         settled = [False] * len(calls)
 
         def settle(i, ok, value):
