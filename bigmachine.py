@@ -53,7 +53,9 @@ Wire (Go: rpc)
     connections wait for their next frame in one epoll set, served inline by one thread at a
     time (`_FrameLoop`, with a monitor like Go's sysmon for methods that block). No thread
     hands a call to another on either side, which is what makes a call cost little more than a
-    TLS round trip, and many callers at once cost the machine no context switches.
+    TLS round trip, and many callers at once cost the machine no context switches. Calls that
+    queue up (`call_async`'s) travel several to a frame, as a batch the machine runs one after
+    the other, each call still with its own id, outcome and cancel.
     Plain `POST /bigrpc/Service.method` works too, for curl and for people. Nothing is unpickled
     before the peer's certificate has been verified: the TLS handshake comes first.
 
