@@ -3463,6 +3463,7 @@ class _Dispatcher:
         self._methods = {}                   # "Name.method" -> bound method (a cache)
         self._calls = {}                     # call id -> CallContext, for CANCEL
         self._batched = {}                   # call id -> the _Batch it waits in, for CANCEL
+        self._early = {}                     # call id -> (why, when): cancels before their call
         self.batches = [0, 0]                # batches served, and the calls they carried
         self._parked = {}                    # call id -> (a batched call's stream, when)
         self._lock = threading.Lock()
@@ -3498,6 +3499,7 @@ class _Dispatcher:
         if context is None:
             batch = self._batched.get(call_id)
             if batch is None:
+                self._cancel_early(call_id, reason)
                 return
             with batch.lock:                 # (see _serve_member: it has begun, or never will)
                 context = self._calls.get(call_id)
@@ -3505,6 +3507,31 @@ class _Dispatcher:
                     batch.cancelled[call_id] = reason
                     return
         context.cancel(reason)
+
+    # A CANCEL travels on a connection of its own, so it can overtake the batch its call is
+    # in; it is kept here for a while, for the batch to find (see serve_batch). Ids are
+    # random 62-bit counters per caller: one kept for a call that has already ended harms
+    # nobody's.
+    _EARLY_FOR = 30.0
+
+    def _cancel_early(self, call_id, reason):
+        now = time.monotonic()
+        with self._lock:
+            if call_id in self._batched:     # its batch came meanwhile: cancel it there
+                batch = self._batched[call_id]
+            else:
+                early = self._early
+                if len(early) >= 1024:       # (oldest first: a dict keeps its order)
+                    for old in [k for k, (_, when) in early.items()
+                                if now - when > self._EARLY_FOR] or list(early)[:512]:
+                        del early[old]
+                early[call_id] = (reason, now)
+                return
+        with batch.lock:
+            if call_id not in self._calls:
+                batch.cancelled[call_id] = reason
+                return
+        self.cancel(call_id, reason)
 
     def cancel_all(self, reason, wait=0.0):
         """Cancel every call in progress, and those waiting in batches; wait up to wait
@@ -3614,7 +3641,8 @@ class _Dispatcher:
     # A batch is the calls that queued up for this machine on a caller (see `_CallQueue`),
     # sent in one frame so that many short calls cost few round trips. They run one after the
     # other in the thread that serves the frame, each with a CallContext of its own (so each
-    # can be cancelled by its id, and current_call() is its own), and their outcomes go back
+    # can be cancelled by its id, even before it begins or before its batch arrives, and
+    # current_call() is its own), and their outcomes go back
     # in one REPLY: (outcomes, None), an outcome per call run, in order -- (True, result),
     # (False, error payload), or (None, its id) for a result to stream, which the caller then
     # takes with `Supervisor.take_stream`. Calls past the budget (seconds) are not run: the
@@ -3642,12 +3670,14 @@ class _Dispatcher:
             _send_frame(sock, ERROR, call_id, body=_error_payload(e, self.where))
             return
         batch = _Batch(sock, call_id, self.where)
-        batched = self._batched
-        with self._lock:
+        batched, early = self._batched, self._early
+        with self._lock:                     # (see _cancel_early)
             self.batches[0] += 1
             self.batches[1] += len(members)
-        for member in members:
-            batched[member[0]] = batch
+            for member in members:
+                batched[member[0]] = batch
+                if early and member[0] in early:
+                    batch.cancelled[member[0]] = early.pop(member[0])[0]
         _stall_watch.watch(batch)
         try:
             for i, (member_id, method, payload) in enumerate(members):

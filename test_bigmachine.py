@@ -4666,6 +4666,32 @@ def test_call_async_a_cancel_reaches_a_call_waiting_in_a_batch(tb, monkeypatch):
     assert sorted(m.call("S.marks")) == list("acdefg")
 
 
+def test_a_cancel_that_overtakes_its_batch_still_counts(tb):
+    # A CANCEL travels on a connection of its own: it can reach the machine before the batch
+    # that carries its call. Here it is sent first, on purpose, and the batch then by hand.
+    m, = running(tb, 1, {"S": Batched()})
+    dispatcher = tb.system._live[m.addr][1].dispatcher                 # (in this process)
+    first, second, batch_id = [m._peer.client.next_call_id() for _ in range(3)]
+    m._peer._send_cancel(second)
+    eventually(lambda: second in dispatcher._early, what="the cancel to reach the machine")
+    members = [(first, "S.mark", _pickled((("a",), {}, None))),
+               (second, "S.mark", _pickled((("b",), {}, None)))]
+    conn = m._peer.checkout(None)
+    try:
+        bigmachine._send_frame(conn.writer, bigmachine.CALL, batch_id,
+                               body=_pickled((1.0, members)), flags=bigmachine._BATCH)
+        kind, _, nbuffers, _, reply_id, body_len = bigmachine._read_header(conn.rfile)
+        body, _ = bigmachine._read_body(conn.rfile, nbuffers, body_len)
+    finally:
+        m._peer.discard(conn)
+    assert kind == bigmachine.REPLY and reply_id == batch_id
+    outcomes, follows = pickle.loads(body)
+    assert follows is None and outcomes[0] == (True, None) and outcomes[1][0] is False
+    with pytest.raises(bigmachine.Cancelled, match="S.mark"):
+        raise bigmachine._rebuild_error(outcomes[1][1])
+    assert m.call("S.marks") == ["a"] and second not in dispatcher._early
+
+
 def test_call_async_calls_waiting_in_a_batch_end_with_their_machine(tb, monkeypatch):
     monkeypatch.setattr(bigmachine._CallQueue, "_BATCH_TIME", 60.0)
     monkeypatch.setattr(bigmachine._Batch, "LONG", 60.0)
