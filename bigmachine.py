@@ -3642,8 +3642,8 @@ class _Dispatcher:
     # sent in one frame so that many short calls cost few round trips. They run one after the
     # other in the thread that serves the frame, each with a CallContext of its own (so each
     # can be cancelled by its id, even before it begins or before its batch arrives, and
-    # current_call() is its own), and their outcomes go back
-    # in one REPLY: (outcomes, None), an outcome per call run, in order -- (True, result),
+    # current_call() is its own), and their outcomes go back in one REPLY: (outcomes,
+    # None), an outcome per call run, in order -- (True, result),
     # (False, error payload), or (None, its id) for a result to stream, which the caller then
     # takes with `Supervisor.take_stream`. Calls past the budget (seconds) are not run: the
     # caller queues them again, so that a batch of calls longer than expected does not keep
