@@ -4752,15 +4752,25 @@ class Machine(_Calls):
         try:
             result = self._call(method, args, kwargs, deadline, future._inflight)
         except BaseException as e:
-            if self._state is STOPPED and not isinstance(e, Error):
-                # Stopped from this side (cancel), the machine's connections are closed under
-                # their readers, which may then fail with something other than an Error.
-                stopped = self._stopped_error(method)
-                stopped.__context__ = e
-                e = stopped
-            future._settle(error=e)
+            future._settle(error=self._failure(method, e))
         else:
             future._settle(result)
+
+    def _failure(self, method, error):
+        """What a future whose call failed with error gets: MachineStopped if the machine
+        stopping is why."""
+        if isinstance(error, (NetworkError, Cancelled)):
+            try:
+                self._check_stopped(method)
+            except MachineStopped as stopped:
+                return stopped
+        elif self._state is STOPPED and not isinstance(error, Error):
+            # Stopped from this side (cancel), the machine's connections are closed under
+            # their readers, which may then fail with something other than an Error.
+            stopped = self._stopped_error(method)
+            stopped.__context__ = error
+            return stopped
+        return error
 
     def _run_batch(self, items, queue):
         """Make queued calls of call_async, (future, method, args, kwargs, deadline) each, as
@@ -4770,13 +4780,16 @@ class Machine(_Calls):
         calls, batched, alone = [], [], []
         for item in items:
             future, method, args, kwargs, deadline = item
+            payload = None
             try:
-                if deadline is not None or _split_stream_argument(args, kwargs)[0] is not None:
-                    raise ValueError
-                payload = pickle.dumps((args, kwargs, None), _PICKLE_PROTOCOL)
+                if deadline is None and _split_stream_argument(args, kwargs)[0] is None:
+                    # (_pickle: a large argument is not copied only to learn it goes alone)
+                    pieces, buffers = _pickle((args, kwargs, None))
+                    if not buffers and _size(pieces) < _SMALL:
+                        payload = b"".join(pieces)          # (bytes, whatever the pieces)
             except Exception:         # (alone, the call says what is wrong with its arguments)
-                payload = None
-            if payload is None or len(payload) >= _SMALL:
+                pass
+            if payload is None:
                 alone.append(item)
             elif future.set_running_or_notify_cancel():
                 if self._inject and not method.startswith("Supervisor."):
@@ -4828,15 +4841,7 @@ class Machine(_Calls):
             ran = self._peer.call_batch(calls, [item[0]._inflight for item in items],
                                         2 * queue._BATCH_TIME, settle, release)
         except BaseException as e:
-            error = e
-            if isinstance(e, (NetworkError, Cancelled)):
-                try:
-                    self._check_stopped(calls[0][1])
-                except MachineStopped as stopped:
-                    error = stopped
-            elif self._state is STOPPED and not isinstance(e, Error):
-                error = self._stopped_error(calls[0][1])
-                error.__context__ = e
+            error = self._failure(calls[0][1], e)
             for i, item in enumerate(items):
                 if not settled[i]:
                     item[0]._settle(error=error)

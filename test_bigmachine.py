@@ -4582,6 +4582,10 @@ class Batched:
     def marks(self):
         return list(self.ran)
 
+    def nap(self, key, seconds):
+        time.sleep(seconds)
+        self.ran.append(key)
+
 
 def _queue_behind_holds(m, calls):
     """call_async each of calls ((method, args) pairs) while both of m's lanes are held, so
@@ -4666,6 +4670,19 @@ def test_call_async_a_cancel_reaches_a_call_waiting_in_a_batch(tb, monkeypatch):
     assert sorted(m.call("S.marks")) == list("acdefg")
 
 
+def _send_batch(m, batch_id, budget, members):
+    """Send a batch by hand on a connection of m's and read its reply: (kind, id, body)."""
+    conn = m._peer.checkout(None)
+    try:
+        bigmachine._send_frame(conn.writer, bigmachine.CALL, batch_id,
+                               body=_pickled((budget, members)), flags=bigmachine._BATCH)
+        kind, _, nbuffers, _, reply_id, body_len = bigmachine._read_header(conn.rfile)
+        body, _ = bigmachine._read_body(conn.rfile, nbuffers, body_len)
+    finally:
+        m._peer.discard(conn)
+    return kind, reply_id, body
+
+
 def test_a_cancel_that_overtakes_its_batch_still_counts(tb):
     # A CANCEL travels on a connection of its own: it can reach the machine before the batch
     # that carries its call. Here it is sent first, on purpose, and the batch then by hand.
@@ -4676,20 +4693,25 @@ def test_a_cancel_that_overtakes_its_batch_still_counts(tb):
     eventually(lambda: second in dispatcher._early, what="the cancel to reach the machine")
     members = [(first, "S.mark", _pickled((("a",), {}, None))),
                (second, "S.mark", _pickled((("b",), {}, None)))]
-    conn = m._peer.checkout(None)
-    try:
-        bigmachine._send_frame(conn.writer, bigmachine.CALL, batch_id,
-                               body=_pickled((1.0, members)), flags=bigmachine._BATCH)
-        kind, _, nbuffers, _, reply_id, body_len = bigmachine._read_header(conn.rfile)
-        body, _ = bigmachine._read_body(conn.rfile, nbuffers, body_len)
-    finally:
-        m._peer.discard(conn)
+    kind, reply_id, body = _send_batch(m, batch_id, 1.0, members)
     assert kind == bigmachine.REPLY and reply_id == batch_id
     outcomes, follows = pickle.loads(body)
     assert follows is None and outcomes[0] == (True, None) and outcomes[1][0] is False
     with pytest.raises(bigmachine.Cancelled, match="S.mark"):
         raise bigmachine._rebuild_error(outcomes[1][1])
     assert m.call("S.marks") == ["a"] and second not in dispatcher._early
+
+
+def test_a_batch_past_its_budget_leaves_the_rest_unrun(tb):
+    m, = running(tb, 1, {"S": Batched()})
+    ids = [m._peer.client.next_call_id() for _ in range(5)]
+    members = [(i, "S.nap", _pickled(((k, 0.1), {}, None))) for i, k in zip(ids, "abcd")]
+    kind, reply_id, body = _send_batch(m, ids[4], 0.15, members)
+    outcomes, follows = pickle.loads(body)
+    # a starts at once and b at 0.1 s, within the budget; c would start at 0.2 s: not run.
+    assert kind == bigmachine.REPLY and reply_id == ids[4] and follows is None
+    assert outcomes == [(True, None), (True, None)]
+    assert m.call("S.marks") == ["a", "b"]
 
 
 def test_call_async_calls_waiting_in_a_batch_end_with_their_machine(tb, monkeypatch):
