@@ -2362,10 +2362,12 @@ class _Peer:
                                          % kind)
                 outcomes, follows = _loads(reply, buffers, "the results of a batch of calls "
                                                            "from %s" % self.addr)
+                now = time.perf_counter()    # each call counts its share of the wait
+                share, began = (now - began) / max(1, len(outcomes)), now
                 for ok, value in outcomes:
-                    self.client.stats.record((self.addr, calls[done][1]),
-                                             time.perf_counter() - began, len(calls[done][2]),
-                                             0, ok is False)
+                    self.client.stats.record((self.addr, calls[done][1]), share,
+                                             len(calls[done][2]),
+                                             len(value) if ok else 0, ok is False)
                     settle(done, ok, value)
                     done += 1
                 if follows is None:
@@ -3293,12 +3295,21 @@ class _StallWatch:
             now = time.monotonic()
             with self._lock:
                 watched = list(self._watched)
-            done = [thing for thing in watched if not thing.tick(now)]
+            done = [thing for thing in watched if not self._tick(thing, now)]
             with self._lock:
                 self._watched.difference_update(done)
                 if not self._watched:
                     self._running = False
                     return
+
+
+    @staticmethod
+    def _tick(thing, now):
+        try:
+            return thing.tick(now)
+        except Exception:             # one broken thing must not end the watch for all
+            log.exception("bigmachine: watching %r failed", thing)
+            return False
 
 
 _stall_watch = _StallWatch()
@@ -3498,13 +3509,16 @@ class _Dispatcher:
         context = self._calls.get(call_id)
         if context is None:
             batch = self._batched.get(call_id)
-            if batch is None:
-                self._cancel_early(call_id, reason)
-                return
-            with batch.lock:                 # (see _serve_member: it has begun, or never will)
-                context = self._calls.get(call_id)
+            if batch is not None:
+                with batch.lock:             # (see _serve_member: it has begun, or never will)
+                    context = self._calls.get(call_id)
+                    if context is None:
+                        batch.cancelled[call_id] = reason
+                        return
+            else:
+                context = self._calls.get(call_id)     # (it may have begun meanwhile)
                 if context is None:
-                    batch.cancelled[call_id] = reason
+                    self._cancel_early(call_id, reason)
                     return
         context.cancel(reason)
 
@@ -3643,7 +3657,7 @@ class _Dispatcher:
     # other in the thread that serves the frame, each with a CallContext of its own (so each
     # can be cancelled by its id, even before it begins or before its batch arrives, and
     # current_call() is its own), and their outcomes go back in one REPLY: (outcomes,
-    # None), an outcome per call run, in order -- (True, result),
+    # None), an outcome per call run, in order -- (True, its result pickled),
     # (False, error payload), or (None, its id) for a result to stream, which the caller then
     # takes with `Supervisor.take_stream`. Calls past the budget (seconds) are not run: the
     # caller queues them again, so that a batch of calls longer than expected does not keep
@@ -3695,11 +3709,13 @@ class _Dispatcher:
                     del batched[member[0]]
 
     def _serve_member(self, batch, call_id, method, payload):
-        """Run one call of a batch: its outcome (see the batches' essay above)."""
+        """Run one call of a batch: its outcome (see the batches' essay above), its result
+        pickled at once, as a lone call's is (the calls after it may change what it refers
+        to, and a released batch's outcomes are sent from another thread)."""
         began = time.perf_counter()
         context = None
         try:
-            fn = self._methods.get(method) or self.lookup(method)
+            fn = self.lookup(method)
             args, kwargs, _ = _loads(payload, (), "the arguments of %s" % method)
             context = CallContext(method, call_id, None)
             with batch.lock:
@@ -3716,13 +3732,13 @@ class _Dispatcher:
                 context._leave()
                 _calls.context = None
                 del self._calls[call_id]
-            context = None
             if type(result) not in _PLAIN_TYPES and (
                     _is_binary_file(result) or isinstance(result, collections.abc.Iterator)):
                 self._park(call_id, result)
                 outcome = (None, call_id)
             else:
-                outcome = (True, result)
+                outcome = (True, _dumps_in_band(result, "the result of %s on %s"
+                                                % (method, self.where)))
         except BaseException as e:
             if context is not None:
                 context._leave()
@@ -3732,8 +3748,8 @@ class _Dispatcher:
                 e = Cancelled("call %s on %s was %s"
                               % (method, self.where, context.reason or "cancelled"))
             outcome = (False, _error_payload(e, self.where, _not_passed_on(e)))
-        self.stats.record(method, time.perf_counter() - began, len(payload), 0,
-                          outcome[0] is False)
+        self.stats.record(method, time.perf_counter() - began, len(payload),
+                          len(outcome[1]) if outcome[0] else 0, outcome[0] is False)
         return outcome
 
     # A batched call's result that is to be streamed waits here until its caller takes it
@@ -3821,30 +3837,13 @@ class _Batch:
             return False
 
     def _send(self, outcomes, follows):
-        """Send outcomes (under the lock: the two replies of a released batch go in order)."""
-        try:
-            body = pickle.dumps((outcomes, follows), _PICKLE_PROTOCOL)
-        except Exception:
-            body = pickle.dumps((_pickled_outcomes(outcomes, self.where), follows),
-                                _PICKLE_PROTOCOL)
+        """Send outcomes (under the lock: the two replies of a released batch go in order).
+        They are bytes, ids and error payloads: they pickle."""
+        body = pickle.dumps((outcomes, follows), _PICKLE_PROTOCOL)
         try:
             _send_frame(self.sock, REPLY, self.call_id, body=body)
         except OSError as e:          # the caller went: its calls are over either way
             log.debug("the reply to a batch of calls was not sent: %s", e)
-
-
-def _pickled_outcomes(outcomes, where, what="the result of a call on %s"):
-    """outcomes ((ok, value) pairs), with each value that does not pickle replaced by a
-    SerializationError's payload that says which part of it would not."""
-    fixed = list(outcomes)
-    for i, (ok, value) in enumerate(outcomes):
-        if ok:
-            try:
-                pickle.dumps(value, _PICKLE_PROTOCOL)
-            except Exception as e:
-                error = SerializationError(_describe_pickling_failure(value, what % where, e))
-                fixed[i] = (False, _error_payload(error, where))
-    return fixed
 
 
 def _not_passed_on(exc):
@@ -4399,7 +4398,9 @@ class _CallQueue:
     def put(self, item):
         with self.lock:
             self.pending.append(item)
-            self._add_lane()
+            lane = self._add_lane()
+        if lane:
+            _background(self._drain)
 
     def requeue(self, items):
         """Put calls taken for a batch that did not run them back at the head of the queue."""
@@ -4407,17 +4408,18 @@ class _CallQueue:
             for item in reversed(items):
                 if item[0]._requeue():
                     self.pending.appendleft(item)
-            if self.pending:
-                self._add_lane()
+            lane = self.pending and self._add_lane()
+        if lane:
+            _background(self._drain)
 
     def _add_lane(self):
-        """(Under the lock.) Start a lane if the machine has fewer than it gets, else let the
-        stall watch see to the queue."""
+        """(Under the lock.) Whether to start a lane (counted already): yes if the machine
+        has fewer than it gets; if not, the stall watch sees to the queue."""
         if self.lanes < (self.machine.maxprocs or 1) + 1:
             self.lanes += 1
-            _background(self._drain)
-        else:
-            _stall_watch.watch(self)
+            return True
+        _stall_watch.watch(self)
+        return False
 
     def tick(self, now):
         """Called by `_StallWatch`: add a lane if the queue is stuck. Returns whether the
@@ -4447,7 +4449,7 @@ class _CallQueue:
                             -(-(len(pending) + 1) // max(1, self.lanes)))
                 if n > 1:
                     item = [item]
-                    item.extend(pending.popleft() for _ in range(min(n, len(pending) + 1) - 1))
+                    item.extend(pending.popleft() for _ in range(n - 1))
                 began = self.progress = time.monotonic()
             if n > 1:
                 n = machine._run_batch(item, self) or 1
@@ -4824,13 +4826,21 @@ class Machine(_Calls):
                 except BaseException as e:
                     future._settle(error=e)
             elif ok:
-                future._settle(value)
+                try:
+                    result = _loads(value, (), "the result of %s from %s"
+                                    % (calls[i][1], self.addr))
+                except Exception as e:
+                    future._settle(error=e)
+                else:
+                    future._settle(result)
             else:
                 future._settle(error=_rebuild_error(value))
 
         released = []
 
         def release(i):
+            for item in items[i:]:    # (before another lane attaches them anew)
+                item[0]._inflight.detach()
             queue.requeue(items[i:])
             settled[i:] = [True] * (len(items) - i)
             released.append(i)
@@ -4847,7 +4857,7 @@ class Machine(_Calls):
                     item[0]._settle(error=error)
             return len(calls)
         finally:
-            for item in items:
+            for item in items[:released[0] if released else len(items)]:
                 item[0]._inflight.detach()
         if not released:              # (those after a released batch's long call went back then)
             queue.requeue(items[ran:])
@@ -5570,6 +5580,20 @@ def _read_worker_frame(rfile):
     if len(body) != size:
         raise EOFError("the other end of the worker's socket closed")
     return kind, body
+
+
+def _pickled_outcomes(outcomes, where, what):
+    """outcomes ((ok, value) pairs), with each value that does not pickle replaced by a
+    SerializationError's payload that says which part of it would not."""
+    fixed = list(outcomes)
+    for i, (ok, value) in enumerate(outcomes):
+        if ok:
+            try:
+                pickle.dumps(value, _PICKLE_PROTOCOL)
+            except Exception as e:
+                error = SerializationError(_describe_pickling_failure(value, what % where, e))
+                fixed[i] = (False, _error_payload(error, where))
+    return fixed
 
 
 def _run_items(fn, items, kwargs, where):
@@ -6356,10 +6380,15 @@ class Executor(concurrent.futures.Executor):
             took = ran / max(1, sum(t.count for t in live[:len(replies)]))
             key = live[0].key
             before = self._took.get(key)
+            if before is None and len(self._took) >= 256:    # (keyed by pickles: bounded)
+                self._took.clear()
             self._took[key] = took if before is None else \
                 before + (took - before) / (2 if took > before else 4)
             left = live[len(replies):]
             live = live[:len(replies)]
+            for t in left:                # not run: waiting again, as they were
+                if t.future._requeue():
+                    t.started = False
             if left:
                 with self._cond:
                     self._queue.extendleft(reversed(left))
@@ -7438,6 +7467,10 @@ if hasattr(os, "register_at_fork"):
 def _fork_server_main(fd):
     """The life of the fork server: fork a machine for each request on the socket fd, report
     each one's exit there, and exit when the driver closes it."""
+    if hasattr(signal, "pthread_sigmask"):
+        # Started from a library thread perhaps, which blocks the signals a program handles:
+        # the mask is inherited, and the machines forked from here must die of SIGTERM.
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, _ASYNC_SIGNALS)
     sock = socket.socket(fileno=fd)
     _prepare_for_machines()
     wake_r, wake_w = os.pipe()
@@ -10362,6 +10395,9 @@ class EC2System(System):
         self._reset()
 
     def _reset(self):
+        old = getattr(self, "_monitor", None)
+        if old is not None:               # init again without a shutdown: the old one goes
+            old.close()
         self._closed = False
         self._pending = {}                # Machine -> (env, bundle, batch), until launched
         self._ids = {}                    # Machine -> instance id
